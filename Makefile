@@ -1,0 +1,24 @@
+# Set-up and entry points. `make demo` and `make test` work on a fresh machine: each creates the
+# virtual environment on first use (CPU torch pinned by constraints/cpu.txt, so no CUDA wheels).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test install bench clean
+
+$(VENV)/.installed: pyproject.toml constraints/cpu.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -c constraints/cpu.txt torch==2.13.0
+	$(BIN)/python -m pip install -q -c constraints/cpu.txt -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(BIN)/msnoop demo
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf demo_output .pytest_cache

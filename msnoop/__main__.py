@@ -1,0 +1,3 @@
+from msnoop.cli import app
+
+app(prog_name="msnoop")

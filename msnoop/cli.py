@@ -1,0 +1,258 @@
+"""The ``msnoop`` command line (typer). Thin: parse, validate, call the library, print."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from msnoop.config import ConfigError, EmbedJob, config_hash, config_to_yaml, load_config, parse_overrides
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Microscopy image embeddings at scale (Microsnoop on Ray).")
+logger = logging.getLogger("msnoop")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    for noisy in ("ray", "lancedb", "urllib3", "filelock", "asyncio"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False) -> None:
+    _setup_logging(verbose)
+
+
+def fail(message: str, code: int = 1) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override any config field: section.key=value (YAML value)")]
+
+
+def _embed_overrides(**given: Any) -> list[tuple[str, Any]]:
+    keys = {
+        "manifest": "input.manifest", "loaddata": "input.loaddata", "folder": "input.folder", "pattern": "input.pattern",
+        "channels": "input.channels", "limit": "input.limit", "id_column": "input.id_column", "model": "model",
+        "out": "output.dir", "table": "output.table", "name": "name", "mode": "preprocess.mode",
+        "batch_size": "runtime.batch_size", "actors": "runtime.actors", "address": "runtime.address",
+        "strict": "runtime.strict", "num_cpus": "runtime.num_cpus",
+    }
+    out: list[tuple[str, Any]] = []
+    for arg, value in given.items():
+        if value is None or value is False:
+            continue
+        if arg == "channels":
+            value = [c.strip() for c in str(value).split(",") if c.strip()]
+        out.append((keys[arg], str(value) if isinstance(value, Path) else value))
+    return out
+
+
+def load_job(config: Path | None, overrides: list[tuple[str, Any]], job: str | None = None) -> Any:
+    try:
+        return load_config(config, overrides=overrides, job=job if config is None else None)
+    except ConfigError as exc:
+        fail(str(exc), 2)
+
+
+def _print_embed_result(result: Any) -> None:
+    typer.echo(
+        f"\nEmbedded {result.n_embedded} images ({result.n_errors} errors, {result.n_skipped} already done) "
+        f"in {result.seconds:.1f} s ({result.images_per_s:.1f} images/s)."
+    )
+    typer.echo(f"Output: {result.out_dir.resolve()}  (Parquet: embeddings/, errors: errors/)")
+    typer.echo(f"Totals: {result.n_rows_total} embedded + {result.n_errors_total} errors = {result.n_input} input images")
+    if result.table:
+        typer.echo(f"LanceDB table: {result.table!r} in {result.out_dir.resolve() / 'lancedb'}")
+    if result.errors_preview:
+        typer.echo(f"\n{result.n_errors_total} images could not be embedded, e.g.:")
+        for image_id, reason in result.errors_preview:
+            typer.echo(f"  {image_id}: {reason}")
+
+
+@app.command()
+def embed(
+    config: Annotated[Path | None, typer.Argument(help="job YAML (optional when every field is given as an option)")] = None,
+    manifest: Annotated[Path | None, typer.Option(help="CSV/Parquet manifest: one path column per channel")] = None,
+    loaddata: Annotated[Path | None, typer.Option(help="CellProfiler LoadData CSV")] = None,
+    folder: Annotated[Path | None, typer.Option(help="image folder (with --pattern)")] = None,
+    pattern: Annotated[str | None, typer.Option(help="filename pattern, e.g. '{Metadata_Well}_{channel}.tif'")] = None,
+    channels: Annotated[str | None, typer.Option(help="comma-separated channel names, in embedding order")] = None,
+    model: Annotated[str | None, typer.Option(help="checkpoint path, 'default' or 'random:<arch>[:seed]'")] = None,
+    out: Annotated[Path | None, typer.Option(help="output folder")] = None,
+    name: Annotated[str | None, typer.Option(help="job name (default table name)")] = None,
+    table: Annotated[str | None, typer.Option(help="LanceDB table name")] = None,
+    mode: Annotated[str | None, typer.Option(help="native | rescale | tile")] = None,
+    limit: Annotated[int | None, typer.Option(help="only the first N images")] = None,
+    id_column: Annotated[str | None, typer.Option(help="manifest column with unique image ids")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="tiles per forward pass")] = None,
+    actors: Annotated[int | None, typer.Option(help="embedding actors (one GPU each where present)")] = None,
+    num_cpus: Annotated[int | None, typer.Option(help="CPUs of a local Ray cluster")] = None,
+    address: Annotated[str | None, typer.Option(help="Ray address (default RAY_ADDRESS or a local cluster)")] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="stop at the first bad image")] = False,
+    set_: SetOpt = None,
+) -> None:
+    """Embed images (one vector per image) into Parquet and a LanceDB table; re-runs resume."""
+    from msnoop.embed.pipeline import StrictModeError, run_embed
+
+    overrides = _embed_overrides(
+        manifest=manifest, loaddata=loaddata, folder=folder, pattern=pattern, channels=channels, model=model, out=out,
+        name=name, table=table, mode=mode, limit=limit, id_column=id_column, batch_size=batch_size, actors=actors,
+        num_cpus=num_cpus, address=address, strict=strict,
+    ) + parse_overrides(set_ or [])
+    cfg = load_job(config, overrides, job="embed")
+    if not isinstance(cfg, EmbedJob):
+        fail(f"{config} is a {cfg.job!r} job; use `msnoop run` or the matching command")
+    try:
+        result = run_embed(cfg)
+    except StrictModeError as exc:
+        fail(f"strict mode: {exc}")
+    except (ConfigError, ValueError, FileNotFoundError, KeyError) as exc:
+        fail(str(exc))
+    _print_embed_result(result)
+
+
+@app.command()
+def run(
+    config: Annotated[Path, typer.Argument(help="any msnoop job YAML (job: embed | pretrain | ...)")],
+    set_: SetOpt = None,
+) -> None:
+    """Run any job config in this process (the entrypoint that `msnoop submit` uses on the cluster)."""
+    from msnoop.jobs import run_job
+
+    cfg = load_job(config, parse_overrides(set_ or []))
+    try:
+        summary = run_job(cfg)
+    except (ConfigError, ValueError, FileNotFoundError, KeyError, RuntimeError) as exc:
+        fail(str(exc))
+    if summary:
+        typer.echo(summary)
+
+
+@app.command()
+def validate(config: Annotated[Path, typer.Argument()], set_: SetOpt = None) -> None:
+    """Validate a job config and print it resolved (no work is done)."""
+    cfg = load_job(config, parse_overrides(set_ or []))
+    typer.echo(f"# valid {cfg.job} config, hash {config_hash(cfg)}")
+    typer.echo(config_to_yaml(cfg))
+
+
+@app.command()
+def submit(
+    config: Annotated[Path, typer.Argument(help="job YAML")],
+    address: Annotated[str | None, typer.Option(help="Ray dashboard/Jobs address, e.g. http://HEAD:8265")] = None,
+    follow: Annotated[bool, typer.Option("--follow", help="stream logs until the job ends; exit 1 if it failed")] = False,
+    python: Annotated[str | None, typer.Option(help="interpreter on the cluster (default: this one for a local cluster)")] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Send a job to a Ray cluster with the Ray Jobs API."""
+    from msnoop.submit import follow_job, submit_job
+
+    cfg = load_job(config, parse_overrides(set_ or []))
+    try:
+        sub = submit_job(cfg, address=address, python=python)
+    except (ConnectionError, ValueError) as exc:
+        fail(str(exc))
+    typer.echo(f"Submitted job {sub.job_id} to {sub.address}")
+    typer.echo(f"Equivalent command:\n  {sub.equivalent_command}")
+    if follow:
+        status = follow_job(sub.address, sub.job_id)
+        typer.echo(f"\nJob {sub.job_id} {status}")
+        if status != "SUCCEEDED":
+            raise typer.Exit(1)
+    else:
+        typer.echo(f"Follow with: ray job logs --address {sub.address} --follow {sub.job_id}")
+
+
+@app.command()
+def search(
+    table: Annotated[str, typer.Argument(help="job output folder, or a LanceDB URI with --table")],
+    image_id: Annotated[str | None, typer.Option("--id", help="query by an image id in the table")] = None,
+    image: Annotated[list[Path] | None, typer.Option("--image", help="query image: one file per channel, in the table's order")] = None,
+    k: Annotated[int, typer.Option(help="neighbours to return")] = 10,
+    where: Annotated[str | None, typer.Option(help="SQL filter, e.g. \"Metadata_Plate = 'P1'\"")] = None,
+    table_name: Annotated[str | None, typer.Option("--table", help="table name inside a LanceDB URI")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON records")] = False,
+) -> None:
+    """Nearest images to an image in the table or to a new image (cosine distance)."""
+    import pandas as pd
+
+    from msnoop.query.search import open_results, search_by_id, search_image
+
+    if (image_id is None) == (not image):
+        fail("give exactly one of --id ID or --image PATH [--image PATH ...]", 2)
+    try:
+        ref = open_results(table, table_name)
+        hits = search_by_id(ref, image_id, k=k, where=where) if image_id is not None else search_image(ref, list(image or []), k=k, where=where)
+    except (KeyError, ValueError, FileNotFoundError) as exc:
+        fail(str(exc).strip("'\""))
+    hits = hits.drop(columns=[c for c in hits.columns if c.startswith("Metadata_Path_")])
+    if as_json:
+        typer.echo(hits.to_json(orient="records"))
+    else:
+        with pd.option_context("display.max_columns", 12, "display.width", 160):
+            typer.echo(hits.to_string(index=False))
+
+
+@app.command()
+def info(
+    table: Annotated[str, typer.Argument(help="job output folder, or a LanceDB URI with --table")],
+    table_name: Annotated[str | None, typer.Option("--table")] = None,
+) -> None:
+    """Describe a table: rows, dimensions, channels, model, preprocessing, errors."""
+    from msnoop.query.search import open_results
+    from msnoop.store import parts
+
+    try:
+        ref = open_results(table, table_name)
+    except (KeyError, ValueError, FileNotFoundError) as exc:
+        fail(str(exc).strip("'\""))
+    meta = ref.info
+    typer.echo(f"table      {ref.name} ({ref.uri})")
+    typer.echo(f"rows       {ref.table.count_rows()}")
+    typer.echo(f"dimensions {meta.get('embed_dim')} = {len(meta.get('channels', []))} channels x {meta.get('embed_dim_per_channel')}")
+    typer.echo(f"channels   {', '.join(meta.get('channels', []))}")
+    typer.echo(f"model      {meta.get('model')} ({meta.get('arch')}, sha256 {str(meta.get('model_sha256'))[:12]})")
+    typer.echo(f"preprocess {json.dumps(meta.get('preprocess'))}")
+    cols = [f.name for f in ref.table.schema if f.name.startswith("Metadata_") and not f.name.startswith("Metadata_Path_")]
+    typer.echo(f"metadata   {', '.join(cols)}")
+    out = Path(table)
+    if (out / parts.ERRORS).is_dir():
+        typer.echo(f"errors     {parts.count_rows(out / parts.ERRORS)} (see {out / parts.ERRORS})")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="folder for the synthetic data and results")] = Path("demo_output"),
+    n_per_class: Annotated[int, typer.Option(help="cells per class (4 classes)")] = 25,
+    model: Annotated[str | None, typer.Option(help="model reference (default: the shipped model)")] = None,
+) -> None:
+    """Generate synthetic cells, embed them with Ray into LanceDB, and search."""
+    from msnoop.demo import run_demo
+    from msnoop.query.search import open_results, search_by_id
+
+    result, cfg = run_demo(out, n_per_class=n_per_class, model=model)
+    _print_embed_result(result)
+    ref = open_results(cfg.output.dir)
+    first = ref.table.search().where("Metadata_Class = 'punctate'").select(["Metadata_ImageID"]).limit(1).to_arrow()
+    query_id = first.column("Metadata_ImageID")[0].as_py()
+    hits = search_by_id(ref, query_id, k=8)
+    typer.echo(f"\nNearest neighbours of {query_id} (class punctate), model {cfg.model}:")
+    typer.echo(hits[["Metadata_ImageID", "_distance", "Metadata_Class"]].to_string(index=False))
+    same = float((hits["Metadata_Class"] == "punctate").mean())
+    typer.echo(f"\n{same:.0%} of the 8 nearest neighbours share the query's class (chance 25%).")
+    typer.echo(f"Try: msnoop search {cfg.output.dir} --id {query_id} --k 5 --where \"Metadata_Class = 'membrane'\"")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,220 @@
+"""Typed job configs, loaded from YAML and validated before any work starts.
+
+Every job config is a pydantic model with ``extra="forbid"``: an unknown or missing key fails at load
+time with a message naming the key and the file. Any field can be overridden from the command line
+with ``--set section.key=value`` (values are parsed as YAML), and the resolved config is saved beside
+the job's outputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from msnoop.preprocess.presets import Preprocessing
+
+
+class ConfigError(ValueError):
+    """A job config is invalid; the message names the file and the offending key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class InputConfig(_Strict):
+    """Where the images are and how channels are named.
+
+    Exactly one source: ``manifest`` (CSV/Parquet, one row per image, one path column per channel),
+    ``loaddata`` (CellProfiler LoadData CSV with ``FileName_<Ch>``/``PathName_<Ch>``), or ``folder`` with a
+    filename ``pattern`` such as ``"{Metadata_Protein}/{name}_{channel}.tif"`` whose ``{channel}`` field
+    names the channel and whose other fields become ``Metadata_*`` columns.
+    """
+
+    manifest: Path | None = None
+    loaddata: Path | None = None
+    folder: Path | None = None
+    pattern: str | None = Field(None, description="filename pattern for folder inputs, relative to the folder")
+    channels: list[str] = Field(..., min_length=1, description="channel names, in the order they are embedded")
+    channel_columns: dict[str, str] | None = Field(None, description="manifest column holding each channel's path")
+    channel_values: dict[str, str] | None = Field(None, description="folder inputs: {channel} value of each channel")
+    id_column: str | None = Field(None, description="column with a unique image id; default derived from paths")
+    root: Path | None = Field(None, description="base folder for relative paths; default the manifest's folder")
+    limit: int | None = Field(None, ge=1, description="embed only the first N images (smoke runs)")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> InputConfig:
+        given = [k for k in ("manifest", "loaddata", "folder") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of input.manifest, input.loaddata, input.folder; found {given or 'none'}")
+        if self.folder is not None and not self.pattern:
+            raise ValueError("input.folder needs input.pattern, e.g. '{Metadata_Well}_{channel}.tif'")
+        if len(set(self.channels)) != len(self.channels):
+            raise ValueError(f"input.channels has duplicates: {self.channels}")
+        return self
+
+
+class PreprocessConfig(_Strict):
+    """Overrides of the checkpoint's preprocessing; ``None`` keeps the checkpoint's value."""
+
+    preset: Literal["microsnoop", "cytoimagenet"] | None = None
+    mode: Literal["native", "rescale", "tile"] = "native"
+    input_size: int | None = Field(None, ge=16)
+    tile_overlap: float = Field(0.1, ge=0.05, le=0.5)
+
+    def resolve(self, stored: Preprocessing | None = None) -> Preprocessing:
+        base = stored or Preprocessing()
+        return Preprocessing(
+            preset=self.preset or base.preset,
+            mode=self.mode,
+            input_size=self.input_size or base.input_size,
+            tile_overlap=self.tile_overlap,
+        )
+
+
+class OutputConfig(_Strict):
+    dir: Path = Field(..., description="folder for Parquet parts, errors, resolved config and the LanceDB database")
+    table: str | None = Field(None, description="LanceDB table name; default the job name")
+    lancedb: str | None = Field(None, description="LanceDB URI; default <dir>/lancedb (embedded)")
+    write_lance: bool = True
+
+
+class RuntimeConfig(_Strict):
+    address: str | None = Field(None, description="Ray address; None = RAY_ADDRESS or a local cluster started on demand")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs for a local cluster; default all")
+    object_store_mb: int | None = Field(None, ge=100)
+    batch_size: int = Field(64, ge=1, description="one-channel tiles per forward pass")
+    images_per_block: int = Field(64, ge=1, description="images per Ray Data block (read/preprocess task)")
+    actors: int = Field(1, ge=1, description="embedding actors in the pool (one GPU each where GPUs exist)")
+    actor_cpus: float | None = Field(None, gt=0, description="CPUs per embedding actor; default 1 with GPUs, else 0.5")
+    use_gpu: Literal["auto", "yes", "no"] = "auto"
+    strict: bool = Field(False, description="stop at the first bad image instead of recording it")
+    progress: bool = True
+
+
+class EmbedJob(_Strict):
+    """``msnoop embed``: images -> one vector per image, in Parquet and LanceDB."""
+
+    job: Literal["embed"] = "embed"
+    name: str = Field("embeddings", pattern=r"^[A-Za-z0-9_\-]+$")
+    input: InputConfig
+    model: str = Field(..., description="checkpoint path, 'default', or 'random:<arch>[:seed]'")
+    preprocess: PreprocessConfig = PreprocessConfig()
+    output: OutputConfig
+    runtime: RuntimeConfig = RuntimeConfig()
+
+    @property
+    def table_name(self) -> str:
+        return self.output.table or self.name
+
+    @property
+    def lancedb_uri(self) -> str:
+        return self.output.lancedb or str(self.output.dir / "lancedb")
+
+
+JOBS: dict[str, type[BaseModel]] = {"embed": EmbedJob}
+T = TypeVar("T", bound=BaseModel)
+
+
+def register_job(name: str, model: type[BaseModel]) -> None:
+    """Make a job config type loadable by :func:`load_config` under ``job: <name>``."""
+    JOBS[name] = model
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  unknown key {loc!r}")
+        elif e["type"] == "missing":
+            lines.append(f"  missing key {loc!r}")
+        else:
+            lines.append(f"  {loc}: {e['msg']} (found {e.get('input')!r})")
+    return f"invalid config {source}:\n" + "\n".join(lines)
+
+
+def set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``data['a']['b'] = value`` for ``dotted='a.b'``, creating sections as needed."""
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot set {dotted!r}: {key!r} is not a section")
+    node[keys[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
+    """Parse ``key.sub=value`` strings (value as YAML) into pairs."""
+    out = []
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. runtime.batch_size=32")
+        key, raw = item.split("=", 1)
+        out.append((key.strip(), yaml.safe_load(raw)))
+    return out
+
+
+def build_config(
+    data: dict[str, Any], *, source: str = "<command line>", overrides: list[tuple[str, Any]] | None = None, job: str | None = None
+) -> BaseModel:
+    """Validate a config dict (after overrides) into its job model."""
+    data = json.loads(json.dumps(data, default=str))  # deep copy, paths as strings
+    for key, value in overrides or []:
+        set_path(data, key, value)
+    kind = job or data.get("job")
+    if kind is None:
+        raise ConfigError(f"invalid config {source}: missing key 'job' (one of {', '.join(sorted(JOBS))})")
+    if kind not in JOBS:
+        raise ConfigError(f"invalid config {source}: unknown job {kind!r}; expected one of {', '.join(sorted(JOBS))}")
+    data.setdefault("job", kind)
+    try:
+        return JOBS[kind].model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def load_config(path: str | Path | None, *, overrides: list[tuple[str, Any]] | None = None, job: str | None = None) -> BaseModel:
+    """Load and validate a YAML job config; ``path=None`` builds it from overrides alone."""
+    data: dict[str, Any] = {}
+    source = "<command line>"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path}: expected a mapping of sections, found {type(loaded).__name__}")
+        data = loaded
+    return build_config(data, source=source, overrides=overrides, job=job)
+
+
+def config_to_yaml(cfg: BaseModel) -> str:
+    return yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False)
+
+
+def config_hash(cfg: BaseModel) -> str:
+    """Short stable hash of a resolved config (runtime settings excluded: they do not change results)."""
+    data = json.loads(cfg.model_dump_json())
+    data.pop("runtime", None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def save_resolved(cfg: BaseModel, out_dir: str | Path, name: str = "resolved_config.yaml") -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / name
+    path.write_text(config_to_yaml(cfg))
+    return path

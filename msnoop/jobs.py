@@ -1,0 +1,20 @@
+"""Dispatch a validated job config to its runner (used by ``msnoop run`` and Ray job entrypoints)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from msnoop.config import EmbedJob
+
+
+def run_job(cfg: Any) -> str:
+    """Run ``cfg`` according to its ``job`` kind; returns a one-paragraph summary."""
+    if isinstance(cfg, EmbedJob):
+        from msnoop.embed.pipeline import run_embed
+
+        r = run_embed(cfg)
+        return (
+            f"embedded {r.n_embedded} images ({r.n_errors} errors, {r.n_skipped} already done) in {r.seconds:.1f} s; "
+            f"totals {r.n_rows_total} + {r.n_errors_total} errors = {r.n_input}; output {r.out_dir.resolve()}"
+        )
+    raise ValueError(f"no runner for job kind {getattr(cfg, 'job', type(cfg).__name__)!r}")

@@ -1,0 +1,142 @@
+"""Checkpoint files: weights plus the architecture and preprocessing they were trained with.
+
+A checkpoint is a plain dict saved with ``torch.save`` and loaded with ``torch.load(weights_only=True)``::
+
+    {"format": "msnoop-checkpoint/1", "arch": "microsnoop_cnn", "arch_kwargs": {...},
+     "preprocess": {"preset": "microsnoop", ...}, "state_dict": {...}, "meta": {...}}
+
+Model references accepted by :func:`resolve_model`:
+
+* a path to such a file;
+* ``default``: the model shipped inside the package (``msnoop/weights/``);
+* ``random:<arch>[:seed]``: a randomly initialised network (a baseline), e.g. ``random:microsnoop_cnn:0``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from msnoop.models.registry import create_model, list_models
+from msnoop.preprocess.presets import Preprocessing
+
+FORMAT = "msnoop-checkpoint/1"
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+BUILTIN = {"default": WEIGHTS_DIR / "msnoop_default.pt"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, unreadable or inconsistent with the request."""
+
+
+@dataclass
+class LoadedModel:
+    """A network ready for embedding, with what produced it."""
+
+    net: nn.Module
+    arch: str
+    preprocess: Preprocessing
+    source: str
+    sha256: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def save_checkpoint(
+    path: str | Path,
+    net: nn.Module,
+    *,
+    arch: str,
+    preprocess: Preprocessing,
+    arch_kwargs: dict[str, Any] | None = None,
+    meta: dict[str, Any] | None = None,
+    half: bool = False,
+) -> Path:
+    """Write a checkpoint atomically; ``half`` stores floating weights as float16."""
+    state = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu() for k, v in net.state_dict().items()}
+    payload = {
+        "format": FORMAT,
+        "arch": arch,
+        "arch_kwargs": dict(arch_kwargs or {}),
+        "preprocess": preprocess.model_dump(),
+        "state_dict": state,
+        "meta": dict(meta or {}),
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+    return path
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_checkpoint(path: str | Path, *, preprocess: Preprocessing | None = None) -> LoadedModel:
+    """Load a checkpoint file into an eval-mode float32 network.
+
+    Args:
+        path: Checkpoint written by :func:`save_checkpoint`.
+        preprocess: The preprocessing the caller intends to use; its preset and input size must match
+            the checkpoint's (the mode may differ: native, tile and rescale share one normalisation).
+
+    Raises:
+        CheckpointError: The file is missing, not an msnoop checkpoint, or its preprocessing differs.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; give a checkpoint file, 'default' or 'random:<arch>'")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for corrupt files
+        raise CheckpointError(f"checkpoint {path} could not be read as a torch file: {exc}") from exc
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise CheckpointError(f"checkpoint {path}: expected format {FORMAT!r}, found {found!r}")
+    stored = Preprocessing(**payload["preprocess"])
+    if preprocess is not None and (preprocess.preset, preprocess.input_size) != (stored.preset, stored.input_size):
+        raise CheckpointError(
+            f"checkpoint {path} was trained with preprocessing preset {stored.preset!r} at input size "
+            f"{stored.input_size}, but the job asks for preset {preprocess.preset!r} at {preprocess.input_size}; "
+            "remove the preset/input_size from the job config to use the checkpoint's own"
+        )
+    net = create_model(payload["arch"], **payload.get("arch_kwargs", {}))
+    state = {k: v.float() if v.is_floating_point() else v for k, v in payload["state_dict"].items()}
+    net.load_state_dict(state)
+    net.eval()
+    spec = stored if preprocess is None else stored.model_copy(update={"mode": preprocess.mode, "tile_overlap": preprocess.tile_overlap})
+    return LoadedModel(
+        net=net, arch=payload["arch"], preprocess=spec, source=str(path.resolve()), sha256=file_sha256(path), meta=payload.get("meta", {})
+    )
+
+
+def resolve_model(ref: str, *, preprocess: Preprocessing | None = None) -> LoadedModel:
+    """Resolve a model reference (path, ``default`` or ``random:<arch>[:seed]``) to a loaded model."""
+    if ref.startswith("random:"):
+        parts = ref.split(":")
+        arch = parts[1] if len(parts) > 1 and parts[1] else "microsnoop_cnn"
+        if arch not in list_models():
+            raise CheckpointError(f"model {ref!r}: unknown architecture {arch!r}; registered: {', '.join(list_models())}")
+        seed = int(parts[2]) if len(parts) > 2 else 0
+        torch.manual_seed(seed)
+        net = create_model(arch).eval()
+        return LoadedModel(net=net, arch=arch, preprocess=preprocess or Preprocessing(), source=ref)
+    if ref in BUILTIN:
+        path = BUILTIN[ref]
+        if not path.is_file():
+            raise CheckpointError(
+                f"model {ref!r} resolves to {path}, which is not installed; train one with `msnoop pretrain` "
+                "or give a checkpoint path"
+            )
+        return load_checkpoint(path, preprocess=preprocess)
+    return load_checkpoint(ref, preprocess=preprocess)

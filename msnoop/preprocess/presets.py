@@ -1,0 +1,60 @@
+"""Preprocessing presets: how one channel of one image becomes model input tiles.
+
+``microsnoop`` follows Microsnoop's ``extract_embeddings`` exactly (ANCHORS 1.5):
+
+* ``native`` mode: an image whose sides fit the input size is zero-padded (centred) to it; a larger
+  image is cut into input-size tiles with 10 % overlap (tile mode switches on automatically).
+* ``rescale`` mode: zero-pad to a centred square, then bilinear resize to the input size.
+* ``tile`` mode: always tile (images smaller than a tile give one padded tile).
+* Every tile is normalised with ``normalize99`` (1st/99th percentile, no clipping) **after** padding,
+  so the zero padding takes part in the percentiles.
+
+``cytoimagenet`` is the same geometry with 0.1/99.9 percentiles and clipping to ``[0, 1]``.
+The embedding of an image channel is the mean of its tile embeddings.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from msnoop.preprocess.geometry import make_tiles, pad_center, pad_to_square, resize
+from msnoop.preprocess.normalize import normalize99
+
+PRESETS: dict[str, dict[str, float | bool]] = {
+    "microsnoop": {"lower": 1.0, "upper": 99.0, "clip": False},
+    "cytoimagenet": {"lower": 0.1, "upper": 99.9, "clip": True},
+}
+
+Mode = Literal["native", "rescale", "tile"]
+
+
+class Preprocessing(BaseModel):
+    """How images are turned into model inputs; recorded with every checkpoint and table."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    preset: Literal["microsnoop", "cytoimagenet"] = "microsnoop"
+    mode: Mode = Field("native", description="native: pad, tile if larger; rescale: pad to square + resize; tile: always tile")
+    input_size: int = Field(224, ge=16, description="side of the square model input; a multiple of 8")
+    tile_overlap: float = Field(0.1, ge=0.05, le=0.5)
+
+    def model_post_init(self, __context: object) -> None:
+        if self.input_size % 8:
+            raise ValueError(f"input_size must be a multiple of 8 (the U-Net pools three times), found {self.input_size}")
+
+
+def prepare_channel(image: np.ndarray, spec: Preprocessing) -> np.ndarray:
+    """Turn one ``[H, W]`` channel into normalised model inputs ``[n_tiles, S, S]`` float32."""
+    norm = PRESETS[spec.preset]
+    image = np.asarray(image, dtype=np.float32)
+    size = spec.input_size
+    if spec.mode == "rescale":
+        tiles = resize(pad_to_square(image), size)[None]
+    elif spec.mode == "tile" or max(image.shape) > size:
+        tiles = make_tiles(image, size, spec.tile_overlap)
+    else:
+        tiles = pad_center(image, size)[None]
+    return np.stack([normalize99(t, **norm) for t in tiles]).astype(np.float32, copy=False)  # type: ignore[arg-type]

@@ -1,0 +1,108 @@
+"""Similarity search over an embedding table: by image id or by a new image.
+
+A *table reference* is a job output folder (with ``run.json`` and its embedded LanceDB), or a LanceDB
+URI together with a table name. Vectors are compared by cosine distance.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from msnoop.io.readers import check_image, read_image
+from msnoop.models.checkpoint import CheckpointError, resolve_model
+from msnoop.preprocess.presets import Preprocessing
+from msnoop.store.lance import VECTOR, open_table, table_info
+from msnoop.store.parts import ID_COLUMN, RUN_FILE
+
+DISTANCE = "_distance"
+
+
+@dataclass
+class TableRef:
+    table: Any
+    info: dict[str, Any]
+    uri: str
+    name: str
+
+
+def open_results(target: str | Path, table: str | None = None) -> TableRef:
+    """Open the LanceDB table of a job output folder, or ``table`` in the LanceDB at ``target``."""
+    target_path = Path(target)
+    if (target_path / RUN_FILE).is_file():
+        import json
+
+        run = json.loads((target_path / RUN_FILE).read_text())
+        uri, name = run["lancedb"], table or run["table"]
+        if not Path(uri).is_absolute() and not Path(uri).exists():
+            uri = str(target_path / "lancedb")
+    else:
+        if table is None:
+            raise ValueError(f"{target} is not an msnoop output folder (no {RUN_FILE}); give a LanceDB URI with --table NAME")
+        uri, name = str(target), table
+    tbl = open_table(uri, name)
+    return TableRef(table=tbl, info=table_info(tbl), uri=uri, name=name)
+
+
+def _vector_of(ref: TableRef, image_id: str) -> np.ndarray:
+    quoted = image_id.replace("'", "''")
+    rows = ref.table.search().where(f"{ID_COLUMN} = '{quoted}'").select([VECTOR]).limit(1).to_arrow()
+    if rows.num_rows == 0:
+        raise KeyError(f"no image with {ID_COLUMN} = {image_id!r} in table {ref.name!r} ({ref.uri})")
+    return np.asarray(rows.column(VECTOR)[0].as_py(), dtype=np.float32)
+
+
+def search_vector(ref: TableRef, vector: np.ndarray, *, k: int = 10, where: str | None = None, exclude_id: str | None = None) -> pd.DataFrame:
+    """The ``k`` nearest rows to ``vector`` (cosine distance), without the vector column."""
+    limit = k + (1 if exclude_id is not None else 0)
+    q = ref.table.search(np.asarray(vector, dtype=np.float32)).distance_type("cosine").limit(limit)
+    if where:
+        q = q.where(where, prefilter=True)
+    df = q.to_pandas()
+    if exclude_id is not None:
+        df = df[df[ID_COLUMN] != exclude_id]
+    df = df.drop(columns=[VECTOR], errors="ignore").head(k).reset_index(drop=True)
+    cols = [ID_COLUMN, DISTANCE] + [c for c in df.columns if c not in (ID_COLUMN, DISTANCE)]
+    return df[cols]
+
+
+def search_by_id(ref: TableRef, image_id: str, *, k: int = 10, where: str | None = None) -> pd.DataFrame:
+    """Nearest neighbours of an image already in the table (the image itself excluded)."""
+    return search_vector(ref, _vector_of(ref, image_id), k=k, where=where, exclude_id=image_id)
+
+
+def embed_query(ref: TableRef, paths: list[str | Path]) -> np.ndarray:
+    """Embed a new image (one file per channel, in the table's channel order) with the table's model.
+
+    Raises:
+        ValueError: Wrong number of channel files.
+        CheckpointError: The table's checkpoint is gone or has changed since the table was built.
+    """
+    from msnoop.embed.embedder import Embedder
+
+    info = ref.info
+    channels = info.get("channels", [])
+    if len(paths) != len(channels):
+        raise ValueError(f"table {ref.name!r} has channels {channels}: give one --image per channel in that order, found {len(paths)}")
+    spec = Preprocessing(**info["preprocess"])
+    model = resolve_model(info["model"], preprocess=spec)
+    if info.get("model_sha256") and model.sha256 != info["model_sha256"]:
+        raise CheckpointError(
+            f"the checkpoint {model.source} has changed since table {ref.name!r} was built "
+            f"(sha256 {model.sha256[:12] if model.sha256 else None} != {info['model_sha256'][:12]}); re-embed the table"
+        )
+    model.preprocess = spec
+    images = []
+    for p in paths:
+        img = read_image(p)
+        check_image(img, p)
+        images.append(img)
+    return Embedder(model).embed_images([images])[0]
+
+
+def search_image(ref: TableRef, paths: list[str | Path], *, k: int = 10, where: str | None = None) -> pd.DataFrame:
+    return search_vector(ref, embed_query(ref, paths), k=k, where=where)

@@ -1,0 +1,101 @@
+"""Ray session management and run provenance (versions, device, config hash)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+LOOPBACK = "127.0.0.1"
+
+
+def _loopback_env() -> None:
+    # Measured here: with this variable set, every Ray listener of a local cluster binds 127.0.0.1.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
+def init_ray(
+    address: str | None = None,
+    *,
+    num_cpus: int | None = None,
+    object_store_memory: int | None = None,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """Connect to ``address`` (or ``RAY_ADDRESS``), else start a local cluster bound to loopback.
+
+    Returns:
+        ``ray.cluster_resources()``.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return ray.cluster_resources()
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    kwargs: dict[str, Any] = {"log_to_driver": not quiet, "configure_logging": True, "logging_level": logging.WARNING}
+    if address:
+        logger.info("connecting to Ray cluster at %s", address)
+        ray.init(address=address, **kwargs)
+    else:
+        _loopback_env()
+        ray.init(
+            num_cpus=num_cpus,
+            object_store_memory=object_store_memory,
+            include_dashboard=False,
+            _node_ip_address=LOOPBACK,
+            **kwargs,
+        )
+    if quiet:
+        from ray.data import DataContext
+
+        ctx = DataContext.get_current()
+        ctx.enable_progress_bars = False
+    return ray.cluster_resources()
+
+
+def shutdown_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def git_sha() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def provenance() -> dict[str, Any]:
+    """Versions and device of this process, for logs and output metadata."""
+    import numpy
+    import ray
+    import torch
+
+    from msnoop import __version__
+
+    info: dict[str, Any] = {
+        "msnoop": __version__,
+        "git": git_sha(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "ray": ray.__version__,
+        "numpy": numpy.__version__,
+        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        "host": platform.node(),
+    }
+    return info

@@ -1,0 +1,100 @@
+"""LanceDB tables built from Parquet parts: a ``vector`` column (fixed-size list of float32) + metadata."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from msnoop.store.parts import EMB_PREFIX, iter_batches, part_files
+
+logger = logging.getLogger(__name__)
+VECTOR = "vector"
+META_KEY = b"msnoop"
+
+os.environ.setdefault("LANCEDB_LOG", "error")
+
+
+def _vector_batches(folder: Path, dim: int, batch_size: int) -> Iterator[pa.RecordBatch]:
+    for batch in iter_batches(folder, batch_size=batch_size):
+        names = batch.schema.names
+        emb = [n for n in names if n.startswith(EMB_PREFIX)]
+        if len(emb) != dim:
+            raise ValueError(f"parts in {folder} have {len(emb)} embedding columns, expected {dim}")
+        values = np.column_stack([batch.column(n).to_numpy(zero_copy_only=False) for n in emb]).astype(np.float32)
+        vec = pa.FixedSizeListArray.from_arrays(pa.array(values.ravel()), dim)
+        meta_cols = [n for n in names if not n.startswith(EMB_PREFIX)]
+        arrays = [batch.column(n) for n in meta_cols] + [vec]
+        yield pa.RecordBatch.from_arrays(arrays, names=[*meta_cols, VECTOR])
+
+
+def build_table(uri: str, name: str, parts_folder: str | Path, *, dim: int, info: dict[str, Any], batch_size: int = 2048) -> int:
+    """(Re)build LanceDB table ``name`` from all parts, streaming; returns the row count.
+
+    The table's schema metadata carries ``info`` (model, preprocessing, channels) under the key ``msnoop``.
+    """
+    import lancedb
+
+    parts_folder = Path(parts_folder)
+    files = part_files(parts_folder)
+    db = lancedb.connect(uri)
+    if not files:
+        logger.warning("no embeddings in %s; LanceDB table %s not written", parts_folder, name)
+        return 0
+    batches = _vector_batches(parts_folder, dim, batch_size)
+    first = next(batches)
+    schema = first.schema.with_metadata({META_KEY: json.dumps(info, default=str).encode()})
+
+    def gen() -> Iterator[pa.RecordBatch]:
+        yield first.cast(schema) if first.schema != schema else first
+        for b in batches:
+            yield pa.RecordBatch.from_arrays(b.columns, schema=schema)
+
+    reader = pa.RecordBatchReader.from_batches(schema, gen())
+    table = db.create_table(name, data=reader, mode="overwrite")
+    n = table.count_rows()
+    logger.info("LanceDB table %s at %s: %d rows", name, uri, n)
+    return n
+
+
+def table_names(db: Any) -> list[str]:
+    """Names of all tables in a LanceDB connection (follows pagination)."""
+    names: list[str] = []
+    token = None
+    while True:
+        resp = db.list_tables(page_token=token) if token else db.list_tables()
+        names.extend(resp.tables)
+        token = getattr(resp, "page_token", None)
+        if not token:
+            return names
+
+
+def open_table(uri: str, name: str) -> Any:
+    import lancedb
+
+    db = lancedb.connect(uri)
+    names = table_names(db)
+    if name not in names:
+        raise KeyError(f"LanceDB at {uri} has no table {name!r}; tables: {sorted(names)}")
+    return db.open_table(name)
+
+
+def table_info(table: Any) -> dict[str, Any]:
+    """The ``msnoop`` metadata stored in a table's schema (empty dict if absent)."""
+    meta = table.schema.metadata or {}
+    raw = meta.get(META_KEY)
+    return json.loads(raw) if raw else {}
+
+
+def where_ids(ids: list[str], column: str = "Metadata_ImageID") -> str:
+    quoted = ", ".join("'" + i.replace("'", "''") + "'" for i in ids)
+    return f"{column} IN ({quoted})"
+
+
+__all__ = ["VECTOR", "build_table", "open_table", "table_info", "where_ids"]

@@ -1,0 +1,112 @@
+"""Parquet part files: the source of truth for a job's outputs.
+
+Layout of a job's output folder::
+
+    <dir>/embeddings/part-<uuid>.parquet   one row per image: Metadata_* + emb_0000 ... emb_<D-1>
+    <dir>/errors/part-<uuid>.parquet       one row per bad image: Metadata_ImageID, path, reason
+    <dir>/run.json                         model, preprocessing, channels, embed dim, provenance
+    <dir>/resolved_config.yaml             the validated job config
+    <dir>/lancedb/                         embedded LanceDB database built from the parts
+
+Parts are written to a hidden temporary name and renamed, so a killed run leaves only whole parts;
+a re-run reads the ids already present and skips them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+ID_COLUMN = "Metadata_ImageID"
+EMB_PREFIX = "emb_"
+EMBEDDINGS = "embeddings"
+ERRORS = "errors"
+RUN_FILE = "run.json"
+
+
+def emb_columns(dim: int) -> list[str]:
+    return [f"{EMB_PREFIX}{i:04d}" for i in range(dim)]
+
+
+def write_part(table: pa.Table, folder: str | Path) -> Path:
+    """Write ``table`` as a new part file atomically; returns its path."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"part-{uuid.uuid4().hex}.parquet"
+    tmp = folder / f".{name}.tmp"
+    pq.write_table(table, tmp)
+    final = folder / name
+    os.replace(tmp, final)
+    return final
+
+
+def part_files(folder: str | Path) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.glob("part-*.parquet"))
+
+
+def read_ids(folder: str | Path, column: str = ID_COLUMN) -> set[str]:
+    """Ids present in a part folder (reads one column only)."""
+    files = part_files(folder)
+    if not files:
+        return set()
+    ids: set[str] = set()
+    for f in files:
+        ids.update(pq.read_table(f, columns=[column]).column(column).to_pylist())
+    return ids
+
+
+def embeddings_frame(meta: pd.DataFrame, embeddings: np.ndarray) -> pa.Table:
+    """Metadata columns + one float32 column per embedding dimension."""
+    cols: dict[str, Any] = {c: meta[c].to_numpy() for c in meta.columns}
+    for i, name in enumerate(emb_columns(embeddings.shape[1])):
+        cols[name] = embeddings[:, i].astype(np.float32, copy=False)
+    return pa.Table.from_pydict(cols)
+
+
+def iter_batches(folder: str | Path, *, batch_size: int = 4096, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
+    """Stream record batches of all parts (bounded memory)."""
+    files = part_files(folder)
+    if not files:
+        return iter(())
+    dataset = pads.dataset([str(f) for f in files], format="parquet")
+    return dataset.to_batches(columns=columns, batch_size=batch_size)
+
+
+def count_rows(folder: str | Path) -> int:
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in part_files(folder))
+
+
+def read_frame(folder: str | Path, columns: list[str] | None = None) -> pd.DataFrame:
+    """All parts as one DataFrame (for analysis of tables that fit in memory)."""
+    files = part_files(folder)
+    if not files:
+        return pd.DataFrame()
+    return pads.dataset([str(f) for f in files], format="parquet").to_table(columns=columns).to_pandas()
+
+
+def write_run_info(out_dir: str | Path, info: dict[str, Any]) -> Path:
+    path = Path(out_dir) / RUN_FILE
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(info, indent=2, default=str))
+    os.replace(tmp, path)
+    return path
+
+
+def read_run_info(out_dir: str | Path) -> dict[str, Any]:
+    path = Path(out_dir) / RUN_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: {out_dir} is not an msnoop output folder (no run.json)")
+    return json.loads(path.read_text())

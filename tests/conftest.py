@@ -1,0 +1,46 @@
+"""Shared fixtures: a small session-wide local Ray cluster, paths to the shared real data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(os.environ.get("MSNOOP_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+def _shared_data(name: str) -> Path:
+    path = SHARED_DATA / name
+    if not path.exists():
+        pytest.skip(f"{path} is absent (real data lives in ../shared/data)")
+    return path
+
+
+@pytest.fixture
+def shared_data():
+    """``shared_data("yeast")`` -> path under ../shared/data, or skip the test when it is absent."""
+    return _shared_data
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One 2-CPU local Ray cluster for the whole session, on loopback, small object store."""
+    from msnoop.runtime import init_ray, shutdown_ray
+
+    init_ray(address=None, num_cpus=2, object_store_memory=600 * 1024**2, quiet=True)
+    yield
+    shutdown_ray()
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except Exception:  # pragma: no cover
+        has_cuda = False
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords and not has_cuda:
+            item.add_marker(skip_gpu)

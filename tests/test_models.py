@@ -1,0 +1,106 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from msnoop.embed.embedder import Embedder, combine_tiles
+from msnoop.models.checkpoint import CheckpointError, load_checkpoint, resolve_model, save_checkpoint
+from msnoop.models.registry import create_model, list_models
+from msnoop.preprocess.presets import Preprocessing
+
+
+def test_microsnoop_cnn_matches_published_architecture():
+    net = create_model("microsnoop_cnn")
+    n_params = sum(p.numel() for p in net.parameters())
+    n_encoder = sum(p.numel() for p in net.encoder.parameters())
+    assert n_params == pytest.approx(6.60e6, rel=0.01)  # ANCHORS 1.2: encoder ~2.79 M, total ~6.60 M
+    assert n_encoder == pytest.approx(2.79e6, rel=0.01)
+    assert net.depths == (32, 64, 128, 256) and net.embed_dim == 256
+
+
+def test_feature_maps_shapes_and_reconstruction_shape():
+    net = create_model("test_cnn").eval()
+    x = torch.randn(2, 1, 64, 64)
+    maps = net.encoder(x)
+    assert [tuple(m.shape) for m in maps] == [(2, 4, 64, 64), (2, 8, 32, 32), (2, 16, 16, 16), (2, 32, 8, 8)]
+    assert net(x).shape == (2, 1, 64, 64)
+
+
+def test_embedding_is_l2_normalised_global_average_of_deepest_map():
+    torch.manual_seed(0)
+    net = create_model("test_cnn").eval()
+    x = torch.randn(3, 1, 32, 32)
+    with torch.no_grad():
+        emb = net.embed(x)
+        deepest = net.encoder(x)[-1]
+    pooled = deepest.mean(dim=(2, 3))
+    torch.testing.assert_close(emb, pooled / pooled.norm(dim=1, keepdim=True))
+    torch.testing.assert_close(emb.norm(dim=1), torch.ones(3))
+
+
+def test_registry_errors_list_valid_names():
+    assert {"microsnoop_cnn", "test_cnn"} <= set(list_models())
+    with pytest.raises(KeyError, match="Unknown architecture 'resnet9'.*microsnoop_cnn"):
+        create_model("resnet9")
+
+
+def test_checkpoint_roundtrip_half_precision_and_weights_only(tmp_path):
+    torch.manual_seed(0)
+    net = create_model("test_cnn").eval()
+    path = save_checkpoint(tmp_path / "m.pt", net, arch="test_cnn", preprocess=Preprocessing(), meta={"steps": 3}, half=True)
+    raw = torch.load(path, weights_only=True)
+    assert raw["state_dict"]["encoder.down.0.proj.1.weight"].dtype == torch.float16
+    loaded = load_checkpoint(path)
+    assert loaded.meta == {"steps": 3} and loaded.arch == "test_cnn" and len(loaded.sha256) == 64
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.net.embed(x), net.embed(x), atol=5e-3, rtol=0)
+
+
+def test_checkpoint_refuses_other_preprocessing(tmp_path):
+    path = save_checkpoint(tmp_path / "m.pt", create_model("test_cnn"), arch="test_cnn", preprocess=Preprocessing(preset="cytoimagenet"))
+    with pytest.raises(CheckpointError, match="trained with preprocessing preset 'cytoimagenet'"):
+        load_checkpoint(path, preprocess=Preprocessing(preset="microsnoop"))
+    assert load_checkpoint(path, preprocess=Preprocessing(preset="cytoimagenet", mode="rescale")).preprocess.mode == "rescale"
+
+
+def test_bad_checkpoint_files(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        resolve_model(str(tmp_path / "missing.pt"))
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(CheckpointError, match="could not be read"):
+        load_checkpoint(tmp_path / "junk.pt")
+    torch.save({"model": {}}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="expected format 'msnoop-checkpoint/1'"):
+        load_checkpoint(tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="unknown architecture 'nope'"):
+        resolve_model("random:nope")
+
+
+def test_random_models_are_seeded():
+    a = resolve_model("random:test_cnn:3").net.state_dict()
+    b = resolve_model("random:test_cnn:3").net.state_dict()
+    c = resolve_model("random:test_cnn:4").net.state_dict()
+    key = "encoder.down.0.conv.0.2.weight"
+    assert torch.equal(a[key], b[key]) and not torch.equal(a[key], c[key])
+
+
+def test_embedder_concatenates_channels_and_averages_tiles():
+    emb = Embedder(resolve_model("random:test_cnn"), batch_size=3)
+    rng = np.random.default_rng(0)
+    small, large = rng.uniform(size=(40, 50)).astype(np.float32), rng.uniform(size=(300, 300)).astype(np.float32)
+    out = emb.embed_images([[small, large], [large, small]])
+    assert out.shape == (2, 64)
+    tiles_small, _ = emb.prepare([small])
+    tiles_large, _ = emb.prepare([large])
+    assert len(tiles_large) == 4
+    np.testing.assert_allclose(out[0, :32], emb.embed_tiles(tiles_small)[0], atol=1e-6)
+    np.testing.assert_allclose(out[0, 32:], emb.embed_tiles(tiles_large).mean(0), atol=1e-6)
+    np.testing.assert_allclose(out[1], np.concatenate([out[0, 32:], out[0, :32]]), atol=1e-6)
+
+
+def test_combine_tiles_layout():
+    tiles = np.arange(5 * 2, dtype=np.float32).reshape(5, 2)
+    out = combine_tiles(tiles, [np.array([1, 2]), np.array([1, 1])])
+    np.testing.assert_array_equal(out, [[0, 1, 3, 4], [6, 7, 8, 9]])
