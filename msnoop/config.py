@@ -201,6 +201,31 @@ def load_config(path: str | Path | None, *, overrides: list[tuple[str, Any]] | N
     return build_config(data, source=source, overrides=overrides, job=job)
 
 
+def absolutize(cfg: T) -> T:
+    """A copy of ``cfg`` with every relative path (and a model given as an existing file) made absolute.
+
+    Used before sending a config to a cluster, where the job runs in another working directory.
+    """
+
+    def fix(node: Any) -> Any:
+        if isinstance(node, BaseModel):
+            updates = {name: fix(getattr(node, name)) for name in type(node).model_fields}
+            return node.model_copy(update=updates)
+        if isinstance(node, Path):
+            return node.expanduser().resolve()
+        if isinstance(node, list):
+            return [fix(v) for v in node]
+        if isinstance(node, dict):
+            return {k: fix(v) for k, v in node.items()}
+        return node
+
+    out = fix(cfg)
+    model = getattr(out, "model", None)
+    if isinstance(model, str) and Path(model).expanduser().is_file():
+        out = out.model_copy(update={"model": str(Path(model).expanduser().resolve())})
+    return out
+
+
 def config_to_yaml(cfg: BaseModel) -> str:
     return yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False)
 

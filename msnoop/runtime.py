@@ -43,6 +43,7 @@ def init_ray(
     else:
         _loopback_env()
         ray.init(
+            address="local",  # never attach to a stray `ray start` cluster by accident
             num_cpus=num_cpus,
             object_store_memory=object_store_memory,
             include_dashboard=False,

@@ -12,10 +12,11 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel
 
-from msnoop.config import config_hash, config_to_yaml
+from msnoop.config import absolutize, config_hash, config_to_yaml
 
 logger = logging.getLogger(__name__)
 
@@ -46,11 +47,12 @@ def dashboard_address(address: str | None) -> str:
 
 
 def _client(address: str):  # type: ignore[no-untyped-def]
-    from ray.job_submission import JobSubmissionClient
-
+    # A local `ray.init()` writes ~/.ray/auth_token and a later `ray start` then requires it: send it.
     token = Path.home() / ".ray" / "auth_token"
     if token.is_file():
         os.environ.setdefault("RAY_AUTH_MODE", "token")
+    from ray.job_submission import JobSubmissionClient
+
     try:
         return JobSubmissionClient(address)
     except Exception as exc:
@@ -68,6 +70,7 @@ def submit_job(cfg: BaseModel, *, address: str | None = None, python: str | None
     ``python`` otherwise.
     """
     addr = dashboard_address(address)
+    cfg = absolutize(cfg)
     local = any(h in addr for h in ("127.0.0.1", "localhost"))
     interpreter = python or (sys.executable if local else "python")
     workdir = Path(tempfile.mkdtemp(prefix="msnoop_job_"))
@@ -85,9 +88,10 @@ def submit_job(cfg: BaseModel, *, address: str | None = None, python: str | None
     return Submission(job_id=job, address=addr, entrypoint=entrypoint, working_dir=str(workdir), equivalent_command=equivalent)
 
 
-def follow_job(address: str, job_id: str, *, out=sys.stdout, poll_s: float = 1.0) -> str:
+def follow_job(address: str, job_id: str, *, out: Any = None, poll_s: float = 1.0) -> str:
     """Stream a job's logs until it ends; returns the final status name (SUCCEEDED, FAILED, STOPPED)."""
     client = _client(address)
+    out = out or sys.stdout
 
     async def tail() -> None:
         async for lines in client.tail_job_logs(job_id):

@@ -164,7 +164,8 @@ def _resources(cfg: EmbedJob) -> tuple[bool, dict[str, Any]]:
     use_gpu = cfg.runtime.use_gpu == "yes" or (cfg.runtime.use_gpu == "auto" and total_gpus > 0)
     if cfg.runtime.use_gpu == "yes" and total_gpus == 0:
         raise RuntimeError("runtime.use_gpu is 'yes' but the Ray cluster has no GPU; set it to 'auto' or 'no'")
-    cpus = cfg.runtime.actor_cpus or (1.0 if use_gpu else 0.5)
+    total_cpus = ray.cluster_resources().get("CPU", 1)
+    cpus = cfg.runtime.actor_cpus or (1.0 if use_gpu else min(0.5, total_cpus / 4))
     res: dict[str, Any] = {"num_cpus": cpus}
     if use_gpu:
         res["num_gpus"] = 1
@@ -239,11 +240,16 @@ def run_embed(cfg: EmbedJob) -> EmbedResult:
         model_ref = ray.put(model)
         block = cfg.runtime.images_per_block
         frames = [todo.iloc[i : i + block] for i in range(0, len(todo), block)]
+        # Read/write tasks take a fraction of a CPU on small clusters, so that they and the actor pool
+        # always fit together (on 1-2 CPUs, whole-CPU tasks next to an actor would wait forever); their
+        # request differs from the actor's so Ray Data does not fuse reading into the embedding actor.
+        task_cpus = min(1.0, float(ray.cluster_resources().get("CPU", 1)) / 8)
         ds = ray.data.from_pandas(frames)
         ds = ds.map_batches(
             read_and_prepare,
             batch_format="pandas",
             batch_size=None,
+            num_cpus=task_cpus,
             fn_kwargs={"channels": channels, "spec": spec.model_dump(), "strict": cfg.runtime.strict},
         )
         ds = ds.map_batches(
@@ -258,7 +264,7 @@ def run_embed(cfg: EmbedJob) -> EmbedResult:
             },
             **res,
         )
-        ds = ds.map_batches(write_block, batch_size=None, fn_kwargs={"out_dir": str(out_dir.resolve()), "channels": channels})
+        ds = ds.map_batches(write_block, batch_size=None, num_cpus=task_cpus, fn_kwargs={"out_dir": str(out_dir.resolve()), "channels": channels})
         last = time.perf_counter()
         try:
             for row in ds.iter_rows():
