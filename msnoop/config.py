@@ -118,6 +118,8 @@ class EmbedJob(_Strict):
 
 
 JOBS: dict[str, type[BaseModel]] = {"embed": EmbedJob}
+# Job kinds defined in stage packages; imported on first use (they import this module).
+_JOB_MODULES = {"pretrain": "msnoop.train.config"}
 T = TypeVar("T", bound=BaseModel)
 
 
@@ -135,7 +137,9 @@ def _format_errors(err: ValidationError, source: str) -> str:
         elif e["type"] == "missing":
             lines.append(f"  missing key {loc!r}")
         else:
-            lines.append(f"  {loc}: {e['msg']} (found {e.get('input')!r})")
+            found = repr(e.get("input"))
+            found = found if len(found) <= 120 else found[:117] + "..."
+            lines.append(f"  {loc}: {e['msg']} (found {found})")
     return f"invalid config {source}:\n" + "\n".join(lines)
 
 
@@ -169,10 +173,14 @@ def build_config(
     for key, value in overrides or []:
         set_path(data, key, value)
     kind = job or data.get("job")
+    if kind in _JOB_MODULES and kind not in JOBS:
+        import importlib
+
+        importlib.import_module(_JOB_MODULES[kind])
     if kind is None:
-        raise ConfigError(f"invalid config {source}: missing key 'job' (one of {', '.join(sorted(JOBS))})")
+        raise ConfigError(f"invalid config {source}: missing key 'job' (one of {', '.join(sorted(set(JOBS) | set(_JOB_MODULES)))})")
     if kind not in JOBS:
-        raise ConfigError(f"invalid config {source}: unknown job {kind!r}; expected one of {', '.join(sorted(JOBS))}")
+        raise ConfigError(f"invalid config {source}: unknown job {kind!r}; expected one of {', '.join(sorted(set(JOBS) | set(_JOB_MODULES)))}")
     data.setdefault("job", kind)
     try:
         return JOBS[kind].model_validate(data)

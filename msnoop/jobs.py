@@ -17,4 +17,11 @@ def run_job(cfg: Any) -> str:
             f"embedded {r.n_embedded} images ({r.n_errors} errors, {r.n_skipped} already done) in {r.seconds:.1f} s; "
             f"totals {r.n_rows_total} + {r.n_errors_total} errors = {r.n_input}; output {r.out_dir.resolve()}"
         )
+    from msnoop.train.config import PretrainJob
+
+    if isinstance(cfg, PretrainJob):
+        from msnoop.train.ray_train import run_pretrain
+
+        res = run_pretrain(cfg)
+        return f"pretraining finished: {res}"
     raise ValueError(f"no runner for job kind {getattr(cfg, 'job', type(cfg).__name__)!r}")

@@ -1,0 +1,163 @@
+"""``msnoop pretrain`` job config: data pool, masking, optimiser, schedule, Ray Train runtime, outputs.
+
+Importing this module registers the job type, so ``load_config(path)`` accepts ``job: pretrain``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from msnoop.config import InputConfig, register_job
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SourceConfig(_Strict):
+    """One training source: every channel of every image becomes a one-channel sample."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_\-.]+$", description="short name used in the card and figure")
+    input: InputConfig
+    weight: float = Field(1.0, gt=0, description="multiplies the source's sampling probability")
+
+
+class AugmentConfig(_Strict):
+    flips: bool = Field(True, description="random horizontal/vertical flips")
+    rot90: bool = Field(True, description="random multiples of 90 degrees")
+    rotate: bool = Field(True, description="free rotation by a uniform angle (corners become zero)")
+    scale_jitter: float = Field(0.25, ge=0, le=0.9, description="zoom factor drawn log-uniformly in [1/(1+j), 1+j]")
+    intensity_jitter: float = Field(0.1, ge=0, le=1, description="after normalisation: gain in 1±j, offset in ±j/2")
+
+
+class FilterConfig(_Strict):
+    """CytoImageNet-style quality filters."""
+
+    drop_binary: bool = Field(True, description="drop images with at most two distinct values (label masks)")
+    drop_uniform: bool = Field(True, description="redraw crops whose content is constant")
+    drop_dim: bool = Field(True, description="redraw crops whose content has 75th percentile 0")
+    max_tries: int = Field(20, ge=1, description="redraws per sample before a filtered crop is accepted anyway")
+
+
+class DataConfig(_Strict):
+    sources: list[SourceConfig] = Field(..., min_length=1)
+    weighting: Literal["equal", "sqrt", "size"] = Field(
+        "sqrt", description="source probability ∝ 1, sqrt(n samples) or n samples, times the source weight"
+    )
+    crop_size: int = Field(224, ge=32, description="training crop side; multiple of the patch size (model is fully convolutional)")
+    preload_mb: int = Field(1024, ge=0, description="load every image into memory when the pool's estimated size fits")
+    augment: AugmentConfig = AugmentConfig()
+    filters: FilterConfig = FilterConfig()
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> DataConfig:
+        names = [s.name for s in self.sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"data.sources names must be unique, found {names}")
+        return self
+
+
+class ModelConfig(_Strict):
+    arch: str = Field("microsnoop_cnn", description="registered architecture (msnoop.models.registry)")
+    arch_kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class MaskConfig(_Strict):
+    ratio: float = Field(0.25, gt=0, lt=1, description="fraction of patches zero-filled (Microsnoop: 0.25)")
+    patch_size: int = Field(16, ge=1, description="patch side (Microsnoop: 16)")
+    loss: Literal["masked", "full"] = Field("masked", description="MSE on masked pixels, or on the whole image")
+
+
+class OptimConfig(_Strict):
+    lr: float = Field(1e-3, gt=0, description="peak learning rate (after warm-up)")
+    weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay (not applied to norms and biases)")
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int | None = Field(None, ge=0, description="default 5 % of train.steps")
+    min_lr_ratio: float = Field(0.01, ge=0, le=1, description="cosine decays to lr * min_lr_ratio")
+    grad_clip: float | None = Field(1.0, gt=0, description="clip the gradient norm; null disables")
+
+
+class TrainConfig(_Strict):
+    steps: int = Field(..., ge=1, description="optimiser steps (the schedule's length)")
+    batch_size: int = Field(16, ge=1, description="crops per worker per step (Microsnoop: 16)")
+    seed: int = 0
+    log_every: int = Field(10, ge=1)
+    checkpoint_every: int = Field(500, ge=1, description="steps between resumable checkpoints")
+    max_minutes: float | None = Field(None, gt=0, description="wall-clock budget; training stops cleanly and writes outputs")
+    amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU)")
+    prefetch: int = Field(2, ge=0, description="batches prepared ahead in background threads (0 = inline)")
+    loader_threads: int = Field(1, ge=1, description="threads preparing batches when prefetch > 0")
+
+
+class PretrainOutputConfig(_Strict):
+    dir: Path = Field(..., description="model.pt, MODEL_CARD.md, figures, train_log.jsonl, resolved config, Ray run dir")
+    half: bool = Field(True, description="store float16 weights in model.pt")
+    input_size: int = Field(224, ge=16, description="inference input size recorded in model.pt (Microsnoop: 224)")
+    figure_images: int = Field(3, ge=1, le=8, description="images per source in the reconstruction figure")
+    keep_checkpoints: int = Field(2, ge=1)
+
+
+class PretrainRuntimeConfig(_Strict):
+    address: str | None = Field(None, description="Ray address; None = RAY_ADDRESS or a local cluster")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of a local cluster; default all")
+    object_store_mb: int | None = Field(None, ge=100)
+    num_workers: int = Field(1, ge=0, description="Ray Train workers (0 = local mode: in the driver process)")
+    use_gpu: Literal["auto", "yes", "no"] = "auto"
+    cpus_per_worker: float = Field(1.0, gt=0)
+    max_failures: int = Field(2, ge=-1, description="worker-failure retries, each resuming from the latest checkpoint")
+
+
+class PretrainJob(_Strict):
+    """``msnoop pretrain``: masked-reconstruction pretraining of a one-channel CNN."""
+
+    job: Literal["pretrain"] = "pretrain"
+    name: str = Field("pretrain", pattern=r"^[A-Za-z0-9_\-]+$", description="run name; a rerun with the same name resumes")
+    data: DataConfig
+    model: ModelConfig = ModelConfig()
+    mask: MaskConfig = MaskConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig
+    output: PretrainOutputConfig
+    runtime: PretrainRuntimeConfig = PretrainRuntimeConfig()
+
+    @model_validator(mode="after")
+    def _geometry(self) -> PretrainJob:
+        p, s = self.mask.patch_size, self.data.crop_size
+        if s % p or s % 8:
+            raise ValueError(f"data.crop_size {s} must be a multiple of mask.patch_size {p} and of 8; e.g. {max(p, 8) * (s // max(p, 8))}")
+        if self.output.input_size % 8:
+            raise ValueError(f"output.input_size must be a multiple of 8, found {self.output.input_size}")
+        return self
+
+    @property
+    def warmup_steps(self) -> int:
+        if self.optim.warmup_steps is not None:
+            return min(self.optim.warmup_steps, self.train.steps)
+        return int(round(0.05 * self.train.steps))
+
+
+def absolutize(job: PretrainJob, base: Path | None = None) -> PretrainJob:
+    """Copy of ``job`` whose file paths are absolute (Ray workers may run in another folder)."""
+    base = (base or Path.cwd()).resolve()
+
+    def fix(p: Path | None) -> Path | None:
+        if p is None:
+            return None
+        p = p.expanduser()
+        return p if p.is_absolute() else (base / p).resolve()
+
+    sources = []
+    for src in job.data.sources:
+        inp = src.input.model_copy(
+            update={k: fix(getattr(src.input, k)) for k in ("manifest", "loaddata", "folder", "root")}
+        )
+        sources.append(src.model_copy(update={"input": inp}))
+    data = job.data.model_copy(update={"sources": sources})
+    output = job.output.model_copy(update={"dir": fix(job.output.dir)})
+    return job.model_copy(update={"data": data, "output": output})
+
+
+register_job("pretrain", PretrainJob)

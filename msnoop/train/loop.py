@@ -1,0 +1,241 @@
+"""Pure-PyTorch masked-reconstruction training: optimiser, schedule, loss, one step, a run of steps.
+
+Nothing here imports Ray: the Ray Train wrapper (:mod:`msnoop.train.ray_train`) and the benchmark's
+bare loop call the same :func:`train_steps`, and the tests exercise it directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from msnoop.models.registry import create_model
+from msnoop.train.config import OptimConfig, PretrainJob
+from msnoop.train.data import ChannelPool, batch_rng
+from msnoop.train.masking import mask_images
+
+logger = logging.getLogger(__name__)
+
+
+def unwrap(net: nn.Module) -> nn.Module:
+    """The bare network inside a DistributedDataParallel wrapper (or ``net`` itself)."""
+    return net.module if hasattr(net, "module") else net
+
+
+def build_optimizer(net: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW; norm weights and biases (1-D parameters) get no weight decay (MAE convention)."""
+    decay = [p for p in net.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in net.parameters() if p.requires_grad and p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+
+
+class WarmupCosine:
+    """LR multiplier: linear warm-up over ``warmup`` steps, then cosine decay to ``min_ratio`` at ``total``."""
+
+    def __init__(self, warmup: int, total: int, min_ratio: float) -> None:
+        self.warmup, self.total, self.min_ratio = warmup, total, min_ratio
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, job: PretrainJob) -> torch.optim.lr_scheduler.LambdaLR:
+    """Warm-up + cosine schedule over ``job.train.steps`` optimiser steps.
+
+    The multiplier is wrapped in a plain function so that a resumed run keeps the *job's* schedule
+    (LambdaLR would otherwise restore a callable object's attributes, e.g. the old total, from the checkpoint).
+    """
+    fn = WarmupCosine(job.warmup_steps, job.train.steps, job.optim.min_lr_ratio)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: fn(step))
+
+
+def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, mode: str = "masked") -> torch.Tensor:
+    """MSE between reconstruction and original.
+
+    Args:
+        pred: ``[N, 1, H, W]`` reconstruction.
+        target: ``[N, 1, H, W]`` unmasked input.
+        mask: ``[N, 1, H, W]``, 1 on masked pixels.
+        mode: ``masked`` (mean over masked pixels, MAE default) or ``full`` (mean over all pixels).
+    """
+    err = (pred.float() - target.float()) ** 2  # [N, 1, H, W]
+    if mode == "full":
+        return err.mean()
+    return (err * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+@dataclass
+class TrainState:
+    """Everything needed to continue a run exactly: network, optimiser, schedule, step, loss history."""
+
+    net: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    step: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": unwrap(self.net).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "step": self.step,
+            "history": list(self.history),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        unwrap(self.net).load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])
+        self.history = list(state.get("history", []))
+
+
+def build_state(job: PretrainJob, device: torch.device | str = "cpu") -> TrainState:
+    """A fresh network (seeded with ``job.train.seed``), AdamW and the warm-up/cosine schedule."""
+    torch.manual_seed(job.train.seed)
+    net = create_model(job.model.arch, **job.model.arch_kwargs).to(device)
+    optimizer = build_optimizer(net, job.optim)
+    return TrainState(net=net, optimizer=optimizer, scheduler=build_scheduler(optimizer, job))
+
+
+def make_batch(pool: ChannelPool, job: PretrainJob, *, rank: int, step: int) -> tuple[torch.Tensor, torch.Generator]:
+    """The crops of one step and the generator for its masks, both fixed by ``(seed, rank, step)``.
+
+    Returns:
+        ``([B, 1, S, S] float32 crops on CPU, torch generator)``.
+    """
+    rng = batch_rng(job.train.seed, rank, step)
+    crops, _ = pool.batch(job.train.batch_size, rng)  # [B, S, S]
+    gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+    return torch.from_numpy(crops)[:, None], gen
+
+
+def iter_batches(
+    pool: ChannelPool, job: PretrainJob, *, rank: int, start: int, until: int
+) -> Iterator[tuple[torch.Tensor, torch.Generator]]:
+    """Batches of steps ``start .. until-1``, prepared ``job.train.prefetch`` steps ahead in threads.
+
+    Every batch depends only on ``(seed, rank, step)``, so prefetching does not change the stream.
+    """
+    ahead = job.train.prefetch
+    if ahead == 0:
+        for step in range(start, until):
+            yield make_batch(pool, job, rank=rank, step=step)
+        return
+    with ThreadPoolExecutor(max_workers=job.train.loader_threads, thread_name_prefix="msnoop-batches") as ex:
+        pending: deque[Future[tuple[torch.Tensor, torch.Generator]]] = deque()
+        nxt = start
+        while nxt < until or pending:
+            while nxt < until and len(pending) <= ahead:
+                pending.append(ex.submit(make_batch, pool, job, rank=rank, step=nxt))
+                nxt += 1
+            yield pending.popleft().result()
+
+
+def train_step(state: TrainState, crops: torch.Tensor, job: PretrainJob, *, generator: torch.Generator) -> float:
+    """One optimiser step on a batch; returns the loss.
+
+    Args:
+        state: Network (train mode), optimiser and schedule; ``state.step`` is incremented.
+        crops: ``[B, 1, S, S]`` normalised crops on the network's device.
+        job: Masking, loss and optimiser settings.
+        generator: Randomness of the masks.
+
+    Raises:
+        FloatingPointError: The loss is NaN or infinite (lower optim.lr or enable grad_clip).
+    """
+    device = crops.device
+    masked, mask = mask_images(crops, job.mask.ratio, job.mask.patch_size, generator=generator)  # [B, 1, S, S] x2
+    use_amp = job.train.amp and device.type == "cuda"
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+        pred = state.net(masked)  # [B, 1, S, S]
+    loss = reconstruction_loss(pred, crops, mask, job.mask.loss)
+    if not torch.isfinite(loss):
+        raise FloatingPointError(
+            f"loss is {loss.item()} at step {state.step} (lr {state.scheduler.get_last_lr()[0]:.3g}); "
+            "lower optim.lr or set optim.grad_clip"
+        )
+    state.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if job.optim.grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(state.net.parameters(), job.optim.grad_clip)
+    state.optimizer.step()
+    state.scheduler.step()
+    state.step += 1
+    return float(loss.detach())
+
+
+def train_steps(
+    state: TrainState,
+    pool: ChannelPool,
+    job: PretrainJob,
+    *,
+    until: int,
+    rank: int = 0,
+    world_size: int = 1,
+    should_stop: Callable[[TrainState], bool] | None = None,
+    on_log: Callable[[dict[str, float]], None] | None = None,
+    on_checkpoint: Callable[[TrainState], None] | None = None,
+) -> str:
+    """Train from ``state.step`` until ``state.step == until`` (or ``should_stop`` says so).
+
+    Args:
+        state: Training state; updated in place.
+        pool: Source of crops.
+        job: The run's settings (batch size, masking, logging and checkpoint intervals).
+        until: Last step number to reach.
+        rank: Worker rank (selects the worker's own data stream).
+        world_size: Number of workers (for the global samples/s figure).
+        should_stop: Called after every step; ``True`` ends the run early (e.g. a time budget).
+        on_log: Receives ``{"step", "loss", "lr", "samples_per_s"}`` every ``log_every`` steps.
+        on_checkpoint: Called every ``checkpoint_every`` steps and once at the end.
+
+    Returns:
+        ``"steps"`` when ``until`` was reached, ``"stopped"`` when ``should_stop`` ended it.
+    """
+    device = next(state.net.parameters()).device
+    state.net.train()
+    losses: list[float] = []
+    t0, n0 = time.perf_counter(), state.step
+    reason = "steps"
+    batches = iter_batches(pool, job, rank=rank, start=state.step, until=until)
+    try:
+        for crops, gen in batches:
+            loss = train_step(state, crops.to(device, non_blocking=True), job, generator=gen)
+            losses.append(loss)
+            stop = should_stop(state) if should_stop is not None else False
+            if state.step % job.train.log_every == 0 or state.step == until or stop:
+                dt = time.perf_counter() - t0
+                record = {
+                    "step": state.step,
+                    "loss": float(np.mean(losses)),
+                    "lr": float(state.scheduler.get_last_lr()[0]),
+                    "samples_per_s": (state.step - n0) * job.train.batch_size * world_size / max(dt, 1e-9),
+                }
+                state.history.append({"step": record["step"], "loss": record["loss"], "lr": record["lr"]})
+                if on_log is not None:
+                    on_log(record)
+                losses, t0, n0 = [], time.perf_counter(), state.step
+            if on_checkpoint is not None and (state.step % job.train.checkpoint_every == 0 or stop or state.step == until):
+                on_checkpoint(state)
+            if stop:
+                reason = "stopped"
+                break
+    finally:
+        batches.close()  # also waits for batches prefetched before an early stop
+    return reason

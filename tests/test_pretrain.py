@@ -1,0 +1,304 @@
+"""Pretraining: data pool, loss/schedule, loss falls, exact resume, outputs, and a 2-worker Ray Train run."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+import torch
+
+from msnoop.config import ConfigError, build_config, load_config
+from msnoop.models.checkpoint import file_sha256, load_checkpoint
+from msnoop.preprocess.geometry import pad_center
+from msnoop.preprocess.normalize import normalize99
+from msnoop.train.config import PretrainJob
+from msnoop.train.data import ChannelPool, batch_rng, compact, is_binary
+from msnoop.train.loop import WarmupCosine, build_state, make_batch, reconstruction_loss, train_steps
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _blobs(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    yy, xx = np.mgrid[:h, :w]
+    img = np.full((h, w), 5.0)
+    for _ in range(max(2, h * w // 600)):
+        cy, cx, r = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(3, 7)
+        img += rng.uniform(50, 200) * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))
+    return (img + rng.normal(0, 1, img.shape)).clip(0).astype(np.uint16)
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two sources: ``cells`` (6 images x 2 channels, 80x80 and 24x24) and ``masks`` (one image + one label mask)."""
+    root = tmp_path_factory.mktemp("pool")
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(6):
+        side = 80 if i % 2 == 0 else 24
+        row = {}
+        for ch in ("dna", "gfp"):
+            tifffile.imwrite(root / f"c{i}_{ch}.tif", _blobs(rng, side, side))
+            row[f"{ch}_path"] = f"c{i}_{ch}.tif"
+        rows.append(row)
+    pd.DataFrame(rows).to_csv(root / "cells.csv", index=False)
+    label = np.zeros((40, 40), np.uint16)
+    label[5:20, 5:20] = 1
+    tifffile.imwrite(root / "m0.tif", _blobs(rng, 40, 40))
+    tifffile.imwrite(root / "m1.tif", label)
+    pd.DataFrame({"img_path": ["m0.tif", "m1.tif"]}).to_csv(root / "masks.csv", index=False)
+    return {"cells": root / "cells.csv", "masks": root / "masks.csv", "root": root}
+
+
+def _job(synthetic: dict[str, Path], out: Path, **train: Any) -> PretrainJob:
+    data = {
+        "job": "pretrain",
+        "name": "t",
+        "data": {
+            "crop_size": 32,
+            "sources": [
+                {"name": "cells", "input": {"manifest": str(synthetic["cells"]), "channels": ["dna", "gfp"]}},
+                {"name": "masks", "input": {"manifest": str(synthetic["masks"]), "channels": ["img"]}},
+            ],
+        },
+        "model": {"arch": "test_cnn"},
+        "optim": {"lr": 3e-3},
+        "train": {"steps": 30, "batch_size": 8, "log_every": 5, "checkpoint_every": 1000, **train},
+        "output": {"dir": str(out), "figure_images": 2},
+    }
+    job = build_config(data)
+    assert isinstance(job, PretrainJob)
+    return job
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread: on a small shared CPU, two threads contend and run several times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def pool(synthetic: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> ChannelPool:
+    return ChannelPool.from_config(_job(synthetic, tmp_path_factory.mktemp("o")).data)
+
+
+# -- config ------------------------------------------------------------------------------------
+
+
+def test_config_registered_and_validated(synthetic: dict[str, Path], tmp_path: Path) -> None:
+    job = _job(synthetic, tmp_path)
+    assert job.warmup_steps == 2  # 5 % of 30, rounded
+    bad = json.loads(job.model_dump_json())
+    bad["data"]["crop_size"] = 40
+    with pytest.raises(ConfigError, match="multiple of mask.patch_size"):
+        build_config(bad)
+    bad["data"]["crop_size"] = 32
+    bad["train"]["epochs"] = 3
+    with pytest.raises(ConfigError, match="unknown key 'train.epochs'"):
+        build_config(bad)
+
+
+@pytest.mark.parametrize("name", ["pretrain_default.yaml", "pretrain_smoke.yaml"])
+def test_shipped_configs_validate(name: str) -> None:
+    job = load_config(REPO / "configs" / name)
+    assert isinstance(job, PretrainJob)
+    assert job.data.crop_size % job.mask.patch_size == 0
+
+
+# -- data pool ---------------------------------------------------------------------------------
+
+
+def test_pool_counts_and_drops_binary_images(pool: ChannelPool) -> None:
+    desc = pool.describe()
+    cells, masks = desc["sources"]
+    assert (cells["n_images"], cells["n_samples"], cells["n_binary"]) == (6, 12, 0)
+    assert (masks["n_samples"], masks["n_binary"]) == (2, 1)
+    assert desc["n_samples"] == 13 and desc["preloaded"]
+    assert sum(s["probability"] for s in desc["sources"]) == pytest.approx(1.0)
+    # sqrt weighting: sqrt(12) : sqrt(1)
+    assert cells["probability"] / masks["probability"] == pytest.approx(np.sqrt(12))
+    for _ in range(20):  # the label mask is never drawn
+        crop, s = pool.crop(np.random.default_rng(_), source=1)
+        assert not is_binary(crop)
+
+
+def test_pool_batches_are_deterministic_and_finite(pool: ChannelPool) -> None:
+    a, sa = pool.batch(6, batch_rng(0, 0, 3))
+    b, sb = pool.batch(6, batch_rng(0, 0, 3))
+    c, _ = pool.batch(6, batch_rng(0, 1, 3))  # another rank: another stream
+    assert a.shape == (6, 32, 32) and a.dtype == np.float32 and np.isfinite(a).all()
+    assert np.array_equal(a, b) and np.array_equal(sa, sb)
+    assert not np.array_equal(a, c)
+
+
+def test_small_image_crop_is_inference_padding(pool: ChannelPool) -> None:
+    """Without augmentation, a 24 px image becomes exactly what inference feeds the network."""
+    i = pool.ids[0].index("1/dna") if "1/dna" in pool.ids[0] else 1
+    raw = pool.image(0, i)
+    assert raw is not None and raw.shape == (24, 24)
+    crop, valid = pool._window(raw, np.random.default_rng(0), augment=False)
+    expected = normalize99(pad_center(raw.astype(np.float32), 32))
+    np.testing.assert_allclose(normalize99(crop), expected, atol=1e-5)
+    assert valid.sum() == 24 * 24
+
+
+def test_lazy_reading_gives_the_same_crops(synthetic: dict[str, Path], tmp_path: Path, pool: ChannelPool) -> None:
+    lazy = ChannelPool.from_config(_job(synthetic, tmp_path).data.model_copy(update={"preload_mb": 0}))
+    assert not lazy.preloaded
+    rng_a, rng_b = batch_rng(0, 0, 9), batch_rng(0, 0, 9)
+    for _ in range(4):
+        np.testing.assert_array_equal(lazy.crop(rng_a, source=0)[0], pool.crop(rng_b, source=0)[0])
+
+
+def test_compact_dtypes() -> None:
+    assert compact(np.array([[0.0, 255.0]])).dtype == np.uint8
+    assert compact(np.array([[0.0, 4000.0]])).dtype == np.uint16
+    assert compact(np.array([[0.5, 1.0]])).dtype == np.float32
+
+
+# -- loop --------------------------------------------------------------------------------------
+
+
+def test_schedule_and_losses() -> None:
+    fn = WarmupCosine(warmup=4, total=20, min_ratio=0.1)
+    assert fn(0) == pytest.approx(0.25) and fn(3) == pytest.approx(1.0)
+    assert fn(4) == pytest.approx(1.0) and fn(20) == pytest.approx(0.1)
+    assert all(fn(s) >= fn(s + 1) for s in range(4, 20))
+    target = torch.zeros(1, 1, 4, 4)
+    pred = torch.ones(1, 1, 4, 4)
+    mask = torch.zeros(1, 1, 4, 4)
+    mask[..., :2, :] = 1
+    pred[..., :2, :] = 3.0  # error 9 on masked pixels, 1 elsewhere
+    assert float(reconstruction_loss(pred, target, mask, "masked")) == pytest.approx(9.0)
+    assert float(reconstruction_loss(pred, target, mask, "full")) == pytest.approx(5.0)
+
+
+def _eval_loss(state: Any, batch: torch.Tensor, job: PretrainJob) -> float:
+    from msnoop.train.masking import mask_images
+
+    masked, mask = mask_images(batch, job.mask.ratio, job.mask.patch_size, generator=torch.Generator().manual_seed(0))
+    state.net.eval()
+    with torch.no_grad():
+        loss = float(reconstruction_loss(state.net(masked), batch, mask))
+    state.net.train()
+    return loss
+
+
+def test_loss_falls_on_a_tiny_pool(synthetic: dict[str, Path], tmp_path: Path, pool: ChannelPool) -> None:
+    job = _job(synthetic, tmp_path, steps=40)
+    state = build_state(job)
+    batch, _ = make_batch(pool, job, rank=0, step=10_000)  # a fixed held-out batch
+    before = _eval_loss(state, batch, job)
+    logs: list[dict[str, float]] = []
+    assert train_steps(state, pool, job, until=40, on_log=logs.append) == "steps"
+    after = _eval_loss(state, batch, job)
+    assert state.step == 40 and len(logs) == 8 and len(state.history) == 8
+    assert after < 0.7 * before, (before, after)
+    assert logs[-1]["loss"] < logs[0]["loss"]
+
+
+def test_resume_equals_uninterrupted_run(synthetic: dict[str, Path], tmp_path: Path, pool: ChannelPool) -> None:
+    job = _job(synthetic, tmp_path, steps=8)
+    straight = build_state(job)
+    train_steps(straight, pool, job, until=8)
+
+    first = build_state(job)
+    train_steps(first, pool, job, until=3)
+    buf = io.BytesIO()
+    torch.save(first.state_dict(), buf)
+    del first
+    buf.seek(0)
+    resumed = build_state(job.model_copy(update={"train": job.train.model_copy(update={"seed": job.train.seed})}))
+    torch.manual_seed(123)  # a different global RNG state must not matter
+    resumed.load_state_dict(torch.load(buf, weights_only=True))
+    assert resumed.step == 3
+    train_steps(resumed, pool, job, until=8)
+
+    a, b = straight.net.state_dict(), resumed.net.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert resumed.scheduler.get_last_lr() == straight.scheduler.get_last_lr()
+
+
+def test_finalize_writes_loadable_model_card_and_figure(synthetic: dict[str, Path], tmp_path: Path, pool: ChannelPool) -> None:
+    from msnoop.train.ray_train import finalize
+
+    job = _job(synthetic, tmp_path, steps=4, log_every=2)
+    state = build_state(job)
+    train_steps(state, pool, job, until=4)
+    payload = {**state.state_dict(), "world_size": 1, "config": json.loads(job.model_dump_json()), "pool": pool.describe()}
+    res = finalize(job, payload, stop_reason="steps", elapsed_s=1.0)
+    loaded = load_checkpoint(res.model_path)
+    assert loaded.arch == "test_cnn" and loaded.preprocess.input_size == 224
+    assert loaded.meta["steps"] == 4 and loaded.meta["data"]["n_samples"] == 13
+    x = torch.rand(2, 1, 64, 64)
+    state.net.eval()
+    with torch.no_grad():  # fp16 storage: close to the trained float32 network
+        torch.testing.assert_close(loaded.net.embed(x), state.net.embed(x), atol=5e-3, rtol=5e-3)
+    card = res.card_path.read_text()
+    assert file_sha256(res.model_path) in card and "| cells | dna, gfp | 6 | 12 |" in card
+    assert res.figure_path is not None and res.figure_path.read_bytes()[:4] == b"\x89PNG"
+    assert res.loss_curve_path is not None and res.loss_curve_path.is_file()
+
+
+# -- Ray Train ---------------------------------------------------------------------------------
+
+
+def _local(job: PretrainJob, **updates: Any) -> PretrainJob:
+    """Ray Train local mode (``num_workers=0``): the training function runs in this process."""
+    train = job.train.model_copy(update=updates)
+    return job.model_copy(update={"train": train, "runtime": job.runtime.model_copy(update={"num_workers": 0, "use_gpu": "no"})})
+
+
+def test_driver_resumes_a_run_with_the_same_name(synthetic: dict[str, Path], tmp_path: Path) -> None:
+    from msnoop.train.ray_train import latest_checkpoint_dir, load_state_file, run_pretrain
+
+    job = _local(_job(synthetic, tmp_path / "out"), steps=4, log_every=2, checkpoint_every=2)
+    first = run_pretrain(job)
+    assert first.steps == 4 and first.stop_reason == "steps"
+    longer = job.model_copy(update={"train": job.train.model_copy(update={"steps": 6})})
+    second = run_pretrain(longer)  # same name and output dir: continues from step 4
+    assert second.steps == 6
+    payload = load_state_file(latest_checkpoint_dir(longer) / "state.pt")  # type: ignore[operator]
+    assert [h["step"] for h in payload["history"]] == [2, 4, 6]
+    assert len(list((tmp_path / "out" / "ray" / "t").glob("checkpoint_[0-9]*"))) == job.output.keep_checkpoints
+    other = longer.model_copy(update={"model": longer.model.model_copy(update={"arch": "microsnoop_cnn"})})
+    with pytest.raises(Exception, match="give the job a new name"):
+        run_pretrain(other)
+
+
+def test_time_budget_stops_cleanly_and_writes_outputs(synthetic: dict[str, Path], tmp_path: Path) -> None:
+    from msnoop.train.ray_train import run_pretrain
+
+    job = _local(_job(synthetic, tmp_path / "out"), steps=100_000, max_minutes=0.03, log_every=5)
+    res = run_pretrain(job)
+    assert res.stop_reason == "time budget" and 0 < res.steps < 100_000
+    assert load_checkpoint(res.model_path).meta["steps"] == res.steps
+    assert "stopped by: time budget" in res.card_path.read_text()
+    assert res.figure_path is not None and res.figure_path.is_file()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ray_train_two_workers_writes_a_loadable_checkpoint(synthetic: dict[str, Path], tmp_path: Path, ray_cluster: None) -> None:
+    from msnoop.train.ray_train import run_pretrain
+
+    runtime = {"num_workers": 2, "cpus_per_worker": 0.5, "use_gpu": "no", "max_failures": 0}
+    job = _job(synthetic, tmp_path / "out", steps=6, log_every=2, checkpoint_every=3)
+    job = job.model_copy(update={"runtime": job.runtime.model_copy(update=runtime)})
+    res = run_pretrain(job)
+    assert res.steps == 6 and res.stop_reason == "steps"
+    loaded = load_checkpoint(res.model_path)
+    assert loaded.arch == "test_cnn" and loaded.meta["world_size"] == 2 and loaded.meta["steps"] == 6
+    log = [json.loads(line) for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [2, 4, 6] and all(r["world_size"] == 2 for r in log)
+    assert sorted(p.name for p in (tmp_path / "out" / "ray" / "t").glob("checkpoint_[0-9]*")) == ["checkpoint_00000003", "checkpoint_00000006"]
