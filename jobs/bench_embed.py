@@ -1,0 +1,211 @@
+"""Benchmark: the Ray Data embedding pipeline vs a bare single-process PyTorch loop, and peak memory.
+
+Both sides embed the same synthetic 2-channel TIFF images with the same model and batch size and write
+Parquet. The Ray side is timed after ``ray.init`` (cluster start-up is reported separately). Peak memory
+is the sampled peak of the summed RSS of this process and all its children (Ray's raylet, workers and
+object store), measured in a fresh process for N and 10*N images.
+
+    python jobs/bench_embed.py --n 150 --arch microsnoop_cnn --mem-n 300 --mem-arch test_cnn
+
+Writes results/bench_embed.json and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+class PeakRSS:
+    """Samples the summed RSS of this process tree every ``interval`` seconds."""
+
+    def __init__(self, interval: float = 0.2) -> None:
+        import psutil
+
+        self.proc = psutil.Process()
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> int:
+        total = 0
+        for p in [self.proc, *self.proc.children(recursive=True)]:
+            try:
+                total += p.memory_info().rss
+            except Exception:
+                pass
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._sample())
+            time.sleep(self.interval)
+
+    def __enter__(self) -> PeakRSS:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def make_data(root: Path, n: int) -> Path:
+    from msnoop.data.synthetic import write_dataset
+
+    per_class = max(1, n // 4)
+    manifest = root / f"data_{n}" / "manifest.csv"
+    if not manifest.exists():
+        write_dataset(manifest.parent, n_per_class=per_class, size=64, seed=0)
+    return manifest
+
+
+def bare_loop(manifest: Path, arch: str, batch_size: int, out: Path) -> dict:
+    """Single process: read -> preprocess -> embed in batches -> write Parquet parts."""
+    import torch
+
+    from msnoop.config import InputConfig
+    from msnoop.embed.embedder import Embedder, combine_tiles
+    from msnoop.embed.pipeline import load_image
+    from msnoop.io.manifest import load_image_table
+    from msnoop.models.checkpoint import resolve_model
+    from msnoop.store import parts
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    table = load_image_table(InputConfig(manifest=manifest, channels=["dna", "protein"]))
+    embedder = Embedder(resolve_model(f"random:{arch}:0"), batch_size=batch_size, device="auto")
+    t0 = time.perf_counter()
+    block = 64
+    for start in range(0, len(table), block):
+        rows = table.iloc[start : start + block]
+        prepared = [embedder.prepare(load_image(r, ["dna", "protein"])) for _, r in rows.iterrows()]
+        emb = combine_tiles(embedder.embed_tiles(np.concatenate([t for t, _ in prepared])), [c for _, c in prepared])
+        parts.write_part(parts.embeddings_frame(rows.reset_index(drop=True), emb), out / "embeddings")
+    seconds = time.perf_counter() - t0
+    return {"images": len(table), "seconds": seconds, "images_per_s": len(table) / seconds}
+
+
+def ray_pipeline(manifest: Path, arch: str, batch_size: int, out: Path, num_cpus: int | None) -> dict:
+    from msnoop.config import build_config
+    from msnoop.embed.pipeline import run_embed
+    from msnoop.runtime import init_ray, shutdown_ray
+
+    t0 = time.perf_counter()
+    init_ray(None, num_cpus=num_cpus, quiet=True)
+    startup = time.perf_counter() - t0
+    cfg = build_config(
+        {
+            "job": "embed", "name": "bench",
+            "input": {"manifest": str(manifest), "channels": ["dna", "protein"]},
+            "model": f"random:{arch}:0",
+            "output": {"dir": str(out), "write_lance": False},
+            "runtime": {"batch_size": batch_size, "images_per_block": 64, "progress": False},
+        }
+    )
+    t1 = time.perf_counter()
+    result = run_embed(cfg)
+    seconds = time.perf_counter() - t1
+    shutdown_ray()
+    return {"images": result.n_embedded, "seconds": seconds, "images_per_s": result.n_embedded / seconds, "ray_startup_s": startup}
+
+
+def child(args: argparse.Namespace) -> None:
+    """One measurement in this fresh process; prints a JSON line."""
+    out = Path(args.work) / f"out_{args.mode}_{args.n}_{time.time_ns()}"
+    manifest = make_data(Path(args.work), args.n)
+    with PeakRSS() as mem:
+        if args.mode == "bare":
+            res = bare_loop(manifest, args.arch, args.batch_size, out)
+        else:
+            res = ray_pipeline(manifest, args.arch, args.batch_size, out, args.num_cpus)
+    res["peak_rss_mb"] = mem.peak / 2**20
+    print("RESULT " + json.dumps(res))
+
+
+def run_child(mode: str, n: int, arch: str, args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, __file__, "--child", "--mode", mode, "--n", str(n), "--arch", arch,
+           "--batch-size", str(args.batch_size), "--work", args.work]
+    if args.num_cpus:
+        cmd += ["--num-cpus", str(args.num_cpus)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env={**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"})
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if line is None:
+        raise RuntimeError(f"{mode} n={n} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    res = json.loads(line[len("RESULT "):])
+    logging.info("%s n=%d %s: %s", mode, n, arch, res)
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=150, help="images for the throughput comparison")
+    ap.add_argument("--arch", default="microsnoop_cnn")
+    ap.add_argument("--mem-n", type=int, default=300, help="N for the memory test (10*N is the large run)")
+    ap.add_argument("--mem-arch", default="test_cnn", help="a small network keeps the 10*N run short")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--num-cpus", type=int, default=None)
+    ap.add_argument("--work", default="/tmp/msnoop_bench_embed")
+    ap.add_argument("--out", default="results/bench_embed.json")
+    ap.add_argument("--only", choices=["throughput", "memory"], help="re-measure one part, keep the other from --out")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--mode", default="ray", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(args)
+        return
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    from msnoop.runtime import provenance
+
+    prov = provenance()
+    previous = json.loads(Path(args.out).read_text()) if args.only and Path(args.out).is_file() else {}
+    result = {"device": ", ".join(prov["gpus"]) or f"cpu ({os.cpu_count()} cores)", "git": prov["git"]}
+    if args.only != "memory":
+        bare = run_child("bare", args.n, args.arch, args)
+        ray = run_child("ray", args.n, args.arch, args)
+        result["throughput"] = {
+            "arch": args.arch, "images": args.n, "channels": 2, "input": "64x64 padded to 224", "batch_size": args.batch_size,
+            "bare_images_per_s": bare["images_per_s"], "ray_images_per_s": ray["images_per_s"],
+            "ratio_ray_over_bare": ray["images_per_s"] / bare["images_per_s"], "ray_startup_s": ray["ray_startup_s"],
+            "bare_peak_rss_mb": bare["peak_rss_mb"], "ray_peak_rss_mb": ray["peak_rss_mb"], "git": prov["git"],
+        }
+    else:
+        result["throughput"] = previous["throughput"]
+    if args.only != "throughput":
+        mem_small = run_child("ray", args.mem_n, args.mem_arch, args)
+        mem_large = run_child("ray", args.mem_n * 10, args.mem_arch, args)
+        result["memory"] = {
+            "arch": args.mem_arch, "n_small": args.mem_n, "n_large": args.mem_n * 10,
+            "peak_rss_mb_small": mem_small["peak_rss_mb"], "peak_rss_mb_large": mem_large["peak_rss_mb"],
+            "ratio_large_over_small": mem_large["peak_rss_mb"] / mem_small["peak_rss_mb"],
+            "images_per_s_small": mem_small["images_per_s"], "images_per_s_large": mem_large["images_per_s"], "git": prov["git"],
+        }
+    else:
+        result["memory"] = previous["memory"]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    t, m = result["throughput"], result["memory"]
+    print(f"\n| measure | value |\n|---|---|")
+    print(f"| bare PyTorch loop ({t['arch']}, {t['images']} images x 2 ch) | {t['bare_images_per_s']:.2f} images/s |")
+    print(f"| Ray Data pipeline, same work | {t['ray_images_per_s']:.2f} images/s |")
+    print(f"| ratio Ray / bare (goal >= 0.9) | {t['ratio_ray_over_bare']:.2f} |")
+    print(f"| Ray start-up (not in the ratio) | {t['ray_startup_s']:.1f} s |")
+    print(f"| peak RSS, {m['n_small']} images ({m['arch']}) | {m['peak_rss_mb_small']:.0f} MB |")
+    print(f"| peak RSS, {m['n_large']} images | {m['peak_rss_mb_large']:.0f} MB |")
+    print(f"| ratio (goal <= 1.3) | {m['ratio_large_over_small']:.2f} |")
+    print(f"\nwritten to {args.out} (device: {result['device']})")
+
+
+if __name__ == "__main__":
+    main()
