@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from msnoop.preprocess.presets import Preprocessing
+from msnoop.segment import SegmentationConfig
 
 
 class ConfigError(ValueError):
@@ -93,12 +94,51 @@ class RuntimeConfig(_Strict):
     actors: int = Field(1, ge=1, description="embedding actors in the pool (one GPU each where GPUs exist)")
     actor_cpus: float | None = Field(None, gt=0, description="CPUs per embedding actor; default 1 with GPUs, else 0.5")
     use_gpu: Literal["auto", "yes", "no"] = "auto"
+    inflight_mb: int = Field(512, ge=64, description="object-store budget for blocks in flight; bounds read-ahead memory")
     strict: bool = Field(False, description="stop at the first bad image instead of recording it")
     progress: bool = True
 
 
+class CellsConfig(_Strict):
+    """Full-field "cells" mode (Microsnoop's cell-region pipeline, ANCHORS 1.6 / 1.8).
+
+    Every image is segmented on its nucleus channel; each cell is cropped with the same window in all
+    channels (half-size ``ratio`` x the nucleus' larger bbox extent, capped at ``input_size // 2``,
+    zero-padded to ``input_size``), normalised per channel like the ``native`` preset (after padding)
+    and embedded. The job writes one row per cell to ``<out>/cells/`` and, in ``<out>/embeddings/``, the
+    **mean of the cell embeddings** per image with ``Metadata_CellCount`` (cells averaged) and
+    ``Metadata_CellsFound`` (cells kept before ``max_cells_per_image``).
+    """
+
+    segmentation: SegmentationConfig = Field(
+        default_factory=SegmentationConfig,
+        description="nucleus segmentation; segmentation.channel names the nucleus channel (one of input.channels)",
+    )
+    ratio: float = Field(2.0, gt=0, description="crop half-size / nucleus bbox extent (Microsnoop rsc_crop_ratio)")
+    skip_border: bool = Field(True, description="skip nuclei touching the image border (as Microsnoop)")
+    max_cells_per_image: int | None = Field(
+        None,
+        ge=1,
+        description="embed at most N cells per image: a random subset (seeded by `seed` and the image id, so "
+        "the same cells are picked on every run); None = all cells. A CPU-budget knob: the image vector is "
+        "then the mean over the subset",
+    )
+    seed: int = Field(0, description="seed of the max_cells_per_image subset")
+    save_masks: bool = Field(False, description="write each image's label mask as compressed TIFF under <out>/masks/")
+    empty: Literal["error", "zero"] = Field(
+        "error",
+        description="an image without any cell: 'error' records it in errors/; 'zero' writes a zero vector "
+        "(Microsnoop's BBBC021 convention) with Metadata_CellCount 0",
+    )
+    lance_cells_table: bool = Field(True, description="also build the LanceDB table <table>_cells (one row per cell)")
+
+
 class EmbedJob(_Strict):
-    """``msnoop embed``: images -> one vector per image, in Parquet and LanceDB."""
+    """``msnoop embed``: images -> one vector per image, in Parquet and LanceDB.
+
+    With a ``cells:`` section the job works per cell (segment, crop, embed each cell) and the image
+    vector is the mean of its cells' vectors; without it every image is embedded whole.
+    """
 
     job: Literal["embed"] = "embed"
     name: str = Field("embeddings", pattern=r"^[A-Za-z0-9_\-]+$")
@@ -107,6 +147,41 @@ class EmbedJob(_Strict):
     preprocess: PreprocessConfig = PreprocessConfig()
     output: OutputConfig
     runtime: RuntimeConfig = RuntimeConfig()
+    cells: CellsConfig | None = Field(None, description="full-field cells mode; absent = embed whole images")
+
+    @model_validator(mode="after")
+    def _check_cells(self) -> EmbedJob:
+        if self.cells is None:
+            return self
+        self.nucleus_channel  # raises ValueError with the reason
+        if self.preprocess.mode != "native":
+            raise ValueError(
+                f"cells mode crops every cell to the model input size; preprocess.mode must be 'native' "
+                f"(found {self.preprocess.mode!r}). Remove preprocess.mode or the cells section"
+            )
+        return self
+
+    @property
+    def nucleus_channel(self) -> str:
+        """Name of the channel segmented in cells mode (``cells.segmentation.channel``; None = the first)."""
+        if self.cells is None:
+            raise ValueError("no cells section: this job embeds whole images")
+        channels = list(self.input.channels)
+        ch = self.cells.segmentation.channel
+        if ch is None:
+            return channels[0]
+        if isinstance(ch, int):
+            if not 0 <= ch < len(channels):
+                raise ValueError(
+                    f"cells.segmentation.channel {ch} is out of range for input.channels {channels} (0..{len(channels) - 1})"
+                )
+            return channels[ch]
+        if ch not in channels:
+            raise ValueError(
+                f"cells.segmentation.channel {ch!r} is not one of input.channels {channels}; "
+                "name the nucleus (DNA/DAPI/Hoechst) channel"
+            )
+        return ch
 
     @property
     def table_name(self) -> str:
@@ -136,6 +211,8 @@ def _format_errors(err: ValidationError, source: str) -> str:
             lines.append(f"  unknown key {loc!r}")
         elif e["type"] == "missing":
             lines.append(f"  missing key {loc!r}")
+        elif not e["loc"] and e["type"] == "value_error":  # a whole-job check: the message says it all
+            lines.append(f"  {e['msg'].removeprefix('Value error, ')}")
         else:
             found = repr(e.get("input"))
             found = found if len(found) <= 120 else found[:117] + "..."
@@ -242,6 +319,8 @@ def config_hash(cfg: BaseModel) -> str:
     """Short stable hash of a resolved config (runtime settings excluded: they do not change results)."""
     data = json.loads(cfg.model_dump_json())
     data.pop("runtime", None)
+    if data.get("job") == "embed" and data.get("cells") is None:
+        data.pop("cells", None)  # hashes of whole-image jobs stay as they were before cells mode existed
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
 
 
