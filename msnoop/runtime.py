@@ -15,8 +15,18 @@ LOOPBACK = "127.0.0.1"
 
 
 def _loopback_env() -> None:
-    # Measured here: with this variable set, every Ray listener of a local cluster binds 127.0.0.1.
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    """Make a local cluster listen on 127.0.0.1 only (measured with ``ss -ltnp``).
+
+    Ray reads ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` when it is imported; with it off, the node address
+    resolves to loopback and every listener binds there. The variable reaches the cluster's processes
+    through the environment; in this process the constant is patched because ray may already be
+    imported. Only for clusters msnoop starts itself: a driver joining a multi-node cluster must
+    announce a routable address.
+    """
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
     # Ray starts workers at niceness 15; the embedding actors are this job's main work, so on a shared
     # machine they should not yield to every other process.
     os.environ.setdefault("RAY_worker_niceness", "0")
@@ -39,7 +49,6 @@ def init_ray(
     if ray.is_initialized():
         return ray.cluster_resources()
     address = address or os.environ.get("RAY_ADDRESS") or None
-    _loopback_env()
     kwargs: dict[str, Any] = {"log_to_driver": not quiet, "configure_logging": True, "logging_level": logging.WARNING}
     if address:
         logger.info("connecting to Ray cluster at %s", address)
@@ -47,6 +56,7 @@ def init_ray(
             os.environ.setdefault("RAY_AUTH_MODE", "token")  # a `ray start` cluster after a local ray.init wants it
         ray.init(address=address, **kwargs)
     else:
+        _loopback_env()
         ray.init(
             address="local",  # never attach to a stray `ray start` cluster by accident
             num_cpus=num_cpus,

@@ -111,7 +111,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def head_node(tmp_path_factory):
     """A real `ray start --head` on 127.0.0.1 with the dashboard (Jobs API), stopped afterwards."""
-    gcs, dash = _free_port(), _free_port()
+    gcs, dash, agent, agent_grpc, metrics, runtime_env, client = (_free_port() for _ in range(7))
     ray_bin = Path(sys.executable).with_name("ray")
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     env.pop("RAY_ADDRESS", None)
@@ -119,6 +119,9 @@ def head_node(tmp_path_factory):
     proc = subprocess.Popen(
         [str(ray_bin), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true", "--num-cpus=1",
+         # every port explicit, so this head can run beside the session's local cluster
+         f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+         f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}", f"--ray-client-server-port={client}",
          "--disable-usage-stats"],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
