@@ -72,6 +72,8 @@ def _print_embed_result(result: Any) -> None:
     )
     typer.echo(f"Output: {result.out_dir.resolve()}  (Parquet: embeddings/, errors: errors/)")
     typer.echo(f"Totals: {result.n_rows_total} embedded + {result.n_errors_total} errors = {result.n_input} input images")
+    if getattr(result, "n_cells_total", 0):
+        typer.echo(f"Cells: {result.n_cells} embedded in this run, {result.n_cells_total} in total (single-cell table: cells/)")
     if result.table:
         typer.echo(f"LanceDB table: {result.table!r} in {result.out_dir.resolve() / 'lancedb'}")
     if result.errors_preview:

@@ -173,7 +173,8 @@ class EmbedJob(_Strict):
         if isinstance(ch, int):
             if not 0 <= ch < len(channels):
                 raise ValueError(
-                    f"cells.segmentation.channel {ch} is out of range for input.channels {channels} (0..{len(channels) - 1})"
+                    f"cells.segmentation.channel {ch} is out of range for input.channels {channels} "
+                    f"(0..{len(channels) - 1})"
                 )
             return channels[ch]
         if ch not in channels:
