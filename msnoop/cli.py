@@ -185,6 +185,7 @@ def search(
     where: Annotated[str | None, typer.Option(help="SQL filter, e.g. \"Metadata_Plate = 'P1'\"")] = None,
     table_name: Annotated[str | None, typer.Option("--table", help="table name inside a LanceDB URI")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON records")] = False,
+    exact: Annotated[bool | None, typer.Option("--exact/--ann", help="force exact or index search (default: automatic)")] = None,
 ) -> None:
     """Nearest images to an image in the table or to a new image (cosine distance)."""
     import pandas as pd
@@ -195,7 +196,10 @@ def search(
         fail("give exactly one of --id ID or --image PATH [--image PATH ...]", 2)
     try:
         ref = open_results(table, table_name)
-        hits = search_by_id(ref, image_id, k=k, where=where) if image_id is not None else search_image(ref, list(image or []), k=k, where=where)
+        if image_id is not None:
+            hits = search_by_id(ref, image_id, k=k, where=where, exact=exact)
+        else:
+            hits = search_image(ref, list(image or []), k=k, where=where, exact=exact)
     except (KeyError, ValueError, FileNotFoundError) as exc:
         fail(str(exc).strip("'\""))
     hits = hits.drop(columns=[c for c in hits.columns if c.startswith("Metadata_Path_")])
@@ -260,11 +264,13 @@ def _register_library_commands() -> None:
     """Commands whose logic lives in the stage packages (thin typer wrappers there)."""
     from msnoop.correct.commands import profile_command
     from msnoop.evaluate.commands import knn_command, nsc_command
+    from msnoop.evaluate.report_commands import report_command
     from msnoop.train.commands import pretrain_command
 
     app.command("knn", help="kNN classification of any embedding/profile table (LOO, k-fold, leave-group-out).")(knn_command)
     app.command("nsc", help="BBBC021-style NSC/NSCB (1-NN, not-same-compound / not-same-batch) on a treatment table.")(nsc_command)
     app.command("pretrain", help="Masked-reconstruction pretraining on Ray Train (resumes from the last checkpoint).")(pretrain_command)
+    app.command("report", help="HTML report with PNGs: 2-D map by label/batch, kNN confusion matrix, neighbour galleries.")(report_command)
     app.command("profile", help="Sphere on controls, aggregate to wells/treatments (any profile table).")(profile_command)
 
 

@@ -83,6 +83,10 @@ class OutputConfig(_Strict):
     table: str | None = Field(None, description="LanceDB table name; default the job name")
     lancedb: str | None = Field(None, description="LanceDB URI; default <dir>/lancedb (embedded)")
     write_lance: bool = True
+    index: Literal["auto", "none", "ivf_sq", "ivf_pq", "hnsw"] = Field(
+        "auto", description="LanceDB vector index: auto builds one (IVF_SQ) from index_threshold rows on; smaller tables are searched exactly"
+    )
+    index_threshold: int = Field(100_000, ge=1, description="rows from which 'auto' builds a vector index")
 
 
 class RuntimeConfig(_Strict):

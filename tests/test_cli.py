@@ -176,3 +176,15 @@ def test_submit_follow_succeeds_and_failure_exits_nonzero(head_node, synthetic, 
         assert "FAILED" in result.output and "nuclear_0000_dna.tif: file not found" in result.output
     finally:
         (synthetic.parent / "images" / "moved.tif").rename(synthetic.parent / "images" / "nuclear_0000_dna.tif")
+
+
+def test_knn_and_report_on_an_embed_output(embedded, tmp_path):
+    out, _ = embedded
+    result = runner.invoke(app, ["knn", str(out), "--label", "Metadata_Class", "--k", "3", "--json", str(tmp_path / "knn.json")])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "knn.json").read_text())
+    assert metrics["n_classes"] == 4 and 0.0 <= metrics["accuracy"] <= 1.0
+    result = runner.invoke(app, ["report", str(out), "--label", "Metadata_Class", "--out", str(tmp_path / "report"), "--k", "3"])
+    assert result.exit_code == 0, result.output
+    html = (tmp_path / "report" / "report.html").read_text()
+    assert "confusion.png" in html and (tmp_path / "report" / "neighbours.png").stat().st_size > 10_000

@@ -544,7 +544,13 @@ def run_embed(cfg: EmbedJob) -> EmbedResult:
     n_err_total = parts.count_rows(out_dir / parts.ERRORS)
     n_cells_total = parts.count_rows(out_dir / CELLS) if cfg.cells is not None else 0
     if cfg.output.write_lance:
-        build_table(cfg.lancedb_uri, cfg.table_name, out_dir / parts.EMBEDDINGS, dim=info["embed_dim"], info=info)
+        n_rows = build_table(cfg.lancedb_uri, cfg.table_name, out_dir / parts.EMBEDDINGS, dim=info["embed_dim"], info=info)
+        if n_rows and cfg.output.index != "none":
+            from msnoop.query.index import ensure_index
+            from msnoop.store.lance import open_table
+
+            done = ensure_index(open_table(cfg.lancedb_uri, cfg.table_name), kind=cfg.output.index, threshold_rows=cfg.output.index_threshold)
+            logger.info("vector index: %s", done)
         if cfg.cells is not None and cfg.cells.lance_cells_table:
             build_table(cfg.lancedb_uri, f"{cfg.table_name}_cells", out_dir / CELLS, dim=info["embed_dim"], info=info)
     preview: list[tuple[str, str]] = []

@@ -70,9 +70,15 @@ def search_vector(ref: TableRef, vector: np.ndarray, *, k: int = 10, where: str 
     return df[cols]
 
 
-def search_by_id(ref: TableRef, image_id: str, *, k: int = 10, where: str | None = None) -> pd.DataFrame:
-    """Nearest neighbours of an image already in the table (the image itself excluded)."""
-    return search_vector(ref, _vector_of(ref, image_id), k=k, where=where, exclude_id=image_id)
+def search_by_id(ref: TableRef, image_id: str, *, k: int = 10, where: str | None = None, exact: bool | None = None) -> pd.DataFrame:
+    """Nearest neighbours of an image already in the table (the image itself excluded).
+
+    Large tables with a vector index are searched through it (see :mod:`msnoop.query.index`); small
+    tables, and filters that match few rows, are searched exactly. ``exact`` forces either way.
+    """
+    from msnoop.query.index import search_vector_ann
+
+    return search_vector_ann(ref, _vector_of(ref, image_id), k=k, where=where, exclude_id=image_id, exact=exact)
 
 
 def embed_query(ref: TableRef, paths: list[str | Path]) -> np.ndarray:
@@ -104,5 +110,8 @@ def embed_query(ref: TableRef, paths: list[str | Path]) -> np.ndarray:
     return Embedder(model).embed_images([images])[0]
 
 
-def search_image(ref: TableRef, paths: list[str | Path], *, k: int = 10, where: str | None = None) -> pd.DataFrame:
-    return search_vector(ref, embed_query(ref, paths), k=k, where=where)
+def search_image(ref: TableRef, paths: list[str | Path], *, k: int = 10, where: str | None = None, exact: bool | None = None) -> pd.DataFrame:
+    """Nearest neighbours of a new image embedded with the table's model (see :func:`embed_query`)."""
+    from msnoop.query.index import search_vector_ann
+
+    return search_vector_ann(ref, embed_query(ref, paths), k=k, where=where, exact=exact)

@@ -1,0 +1,580 @@
+"""An HTML report on an embedding (or profile) table: 2-D map, kNN confusion matrix, neighbour galleries.
+
+:func:`build_report` writes ``report.html`` and, beside it, the PNG figures it shows and
+``report.json`` (the numbers). The page has no external resources other than those PNGs.
+
+* **Map**: rows L2-normalised (``metric="cosine"``), then PCA to 50 dimensions and t-SNE for at most
+  :data:`TSNE_MAX_ROWS` rows, the first two principal components for more (the caption says which).
+  Coloured by ``label``, and in a second panel by ``batch`` when given.
+* **kNN**: :func:`msnoop.evaluate.knn.knn_cross_predict` (Microsnoop vote) +
+  :func:`~msnoop.evaluate.knn.classification_metrics`: the metrics table, the row-normalised confusion
+  matrix and the per-class accuracy.
+* **Galleries**: for ``n_queries`` random rows, the query image and its ``n_neighbours`` nearest rows
+  (same metric, the query itself excluded), read from the ``Metadata_Path_<channel>`` columns: one
+  channel in grey, two as magenta/green, three as red/green/blue, each channel scaled between its 1st
+  and 99.8th percentiles. Rows of a cell table (``Metadata_CentroidY``/``X``) show a window around
+  the cell. Tables without path columns (CellProfiler profiles) get a note instead.
+
+Uses matplotlib's Agg backend only.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from msnoop.evaluate.knn import classification_metrics, knn_cross_predict, knn_search, parse_cv
+from msnoop.evaluate.tables import feature_columns, read_table, split_table
+
+logger = logging.getLogger(__name__)
+
+PATH_PREFIX = "Metadata_Path_"
+TSNE_MAX_ROWS = 5000
+#: At most this many points are drawn on the map (a random subset beyond it).
+MAP_MAX_POINTS = 50_000
+THUMB = 128
+_CENTROID = ("Metadata_CentroidY", "Metadata_CentroidX")
+
+
+#: Below this many rows the numerical work runs on one thread: parallel start-up costs more than it
+#: saves, and OpenMP workers spinning on a busy machine made a 60-row t-SNE take 10-20 s instead of 0.1 s.
+SINGLE_THREAD_ROWS = 2000
+
+
+def _threads_for(n_rows: int) -> Any:
+    """Context limiting BLAS/OpenMP (scikit-learn, FAISS) to one thread for small tables."""
+    from contextlib import nullcontext
+
+    if n_rows >= SINGLE_THREAD_ROWS:
+        return nullcontext()
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=1)
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _colours(n: int) -> list[Any]:
+    from matplotlib import colormaps
+
+    if n <= 10:
+        return [colormaps["tab10"](i) for i in range(n)]
+    if n <= 20:
+        return [colormaps["tab20"](i) for i in range(n)]
+    return [colormaps["turbo"](x) for x in np.linspace(0.05, 0.95, n)]
+
+
+def _normalise_rows(X: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(X, axis=1, keepdims=True)
+    norms[norms == 0] = 1.0
+    return X / norms
+
+
+def embed_2d(X: np.ndarray, *, seed: int = 0, metric: str = "cosine") -> tuple[np.ndarray, str]:
+    """2-D coordinates of the rows of ``X`` and a sentence saying how they were computed.
+
+    PCA to ``min(50, D, N)`` dimensions then t-SNE (perplexity ``min(30, (N - 1) / 3)``) for at most
+    :data:`TSNE_MAX_ROWS` rows; the first two principal components for more.
+    """
+    from sklearn.decomposition import PCA
+
+    Z = _normalise_rows(X) if metric == "cosine" else np.asarray(X, dtype=np.float32)
+    prefix = "rows L2-normalised, " if metric == "cosine" else ""
+    n, d = Z.shape
+    if n < 3 or d < 2:
+        pad = np.zeros((n, 2), dtype=np.float32)
+        pad[:, : min(d, 2)] = Z[:, :2]
+        return pad, f"{prefix}first two features (too few rows or features for PCA)"
+    if n > TSNE_MAX_ROWS:
+        pca = PCA(n_components=2, random_state=seed).fit(Z)
+        ev = pca.explained_variance_ratio_
+        return pca.transform(Z), (
+            f"{prefix}PCA: first two principal components ({ev[0]:.0%} and {ev[1]:.0%} of the variance); "
+            f"t-SNE is used up to {TSNE_MAX_ROWS:,} rows, this table has {n:,}"
+        )
+    from sklearn.manifold import TSNE
+
+    m = min(50, d, n)
+    perplexity = float(min(30.0, max(2.0, (n - 1) / 3)))
+    with _threads_for(n):
+        Zp = PCA(n_components=m, random_state=seed).fit_transform(Z) if m < d else Z
+        xy = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(Zp)
+    reduced = f"PCA to {m} dimensions, then t-SNE" if m < d else f"t-SNE on the {d} features"
+    return xy, f"{prefix}{reduced} (perplexity {perplexity:g}, seed {seed})"
+
+
+def _scatter(ax: Any, xy: np.ndarray, values: pd.Series, title: str) -> None:
+    cats = pd.Series(values).astype(str).to_numpy()
+    names, codes = np.unique(cats, return_inverse=True)
+    cols = _colours(len(names))
+    size = float(np.clip(3000 / max(len(xy), 1), 1, 30))
+    for i, name in enumerate(names):
+        sel = codes == i
+        ax.scatter(
+            xy[sel, 0], xy[sel, 1], s=size, color=cols[i], label=f"{name} ({int(sel.sum())})", alpha=0.8, linewidths=0
+        )
+    ax.set_title(title)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if len(names) <= 25:
+        ax.legend(
+            loc="center left",
+            bbox_to_anchor=(1.0, 0.5),
+            fontsize=8,
+            markerscale=max(1.0, 6 / math.sqrt(size)),
+            frameon=False,
+        )
+
+
+def plot_map(xy: np.ndarray, df: pd.DataFrame, label: str, batch: str | None, path: Path, seed: int = 0) -> Path:
+    """Scatter of ``xy`` coloured by ``label`` (and by ``batch`` in a second panel)."""
+    plt = _pyplot()
+    idx = np.arange(len(xy))
+    if len(idx) > MAP_MAX_POINTS:
+        idx = np.sort(np.random.default_rng(seed).choice(len(idx), MAP_MAX_POINTS, replace=False))
+    cols = [c for c in (label, batch) if c]
+    fig, axes = plt.subplots(1, len(cols), figsize=(6.5 * len(cols), 5.2), squeeze=False)
+    for ax, col in zip(axes[0], cols, strict=True):
+        _scatter(ax, xy[idx], df[col].iloc[idx], f"coloured by {col}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_confusion(metrics: dict[str, Any], path: Path, counts: dict[str, int]) -> Path:
+    """Row-normalised confusion matrix (rows true, columns predicted) with per-class accuracy bars."""
+    plt = _pyplot()
+    labels = metrics["labels"]
+    cm = np.asarray(metrics["confusion_matrix"], dtype=float)
+    rows = cm.sum(axis=1, keepdims=True)
+    frac = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
+    c = len(labels)
+    side = float(np.clip(2.5 + 0.45 * c, 4.5, 22))
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(side + 3.5, side), gridspec_kw={"width_ratios": [side, 3.0]})
+    im = ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(c))
+    ax.set_yticks(range(c))
+    fs = 9 if c <= 15 else 7 if c <= 30 else 5
+    ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=fs)
+    ax.set_yticklabels(labels, fontsize=fs)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if c <= 20:
+        for i in range(c):
+            for j in range(c):
+                if cm[i, j]:
+                    ax.text(
+                        j,
+                        i,
+                        f"{int(cm[i, j])}",
+                        ha="center",
+                        va="center",
+                        fontsize=fs - 1,
+                        color="white" if frac[i, j] > 0.55 else "black",
+                    )
+    ax.set_title(f"kNN confusion (row-normalised; accuracy {metrics['accuracy']:.3f})")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
+    acc = [metrics["per_class_accuracy"].get(name, 0.0) for name in labels]
+    bx.barh(range(c), acc, color="#4c72b0")
+    bx.set_yticks(range(c))
+    bx.set_yticklabels([f"{name} (n={counts.get(name, 0)})" for name in labels], fontsize=fs)
+    bx.set_ylim(c - 0.5, -0.5)
+    bx.set_xlim(0, 1)
+    bx.axvline(1 / max(c, 1), color="grey", ls="--", lw=1, label="chance")
+    bx.set_title("per-class accuracy")
+    bx.legend(loc="upper center", bbox_to_anchor=(0.5, -0.06), fontsize=8, frameon=False)
+    for i, a in enumerate(acc):
+        inside = a > 0.2
+        bx.text(
+            a - 0.02 if inside else a + 0.02,
+            i,
+            f"{a:.2f}",
+            va="center",
+            ha="right" if inside else "left",
+            fontsize=fs,
+            color="white" if inside else "black",
+        )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def path_columns(df: pd.DataFrame) -> list[str]:
+    """``Metadata_Path_<channel>`` columns, in table order."""
+    return [str(c) for c in df.columns if str(c).startswith(PATH_PREFIX)]
+
+
+def _percentile_scale(img: np.ndarray) -> np.ndarray:
+    lo, hi = np.percentile(img, [1.0, 99.8])
+    if hi <= lo:
+        return np.zeros_like(img, dtype=np.float32)
+    return np.clip((img - lo) / (hi - lo), 0, 1).astype(np.float32)
+
+
+def _downsample(img: np.ndarray, size: int = THUMB * 2) -> np.ndarray:
+    step = math.ceil(max(img.shape) / size)
+    return img[::step, ::step] if step > 1 else img
+
+
+def _window(img: np.ndarray, row: pd.Series) -> np.ndarray:
+    """A window around the cell centroid of a cell-table row (else the whole image)."""
+    if not all(c in row.index and pd.notna(row[c]) for c in _CENTROID):
+        return img
+    area = float(row["Metadata_Area"]) if "Metadata_Area" in row.index and pd.notna(row.get("Metadata_Area")) else 400.0
+    half = int(np.clip(2.0 * math.sqrt(max(area, 1.0)), 16, 256))
+    cy, cx = round(float(row[_CENTROID[0]])), round(float(row[_CENTROID[1]]))
+    return img[max(cy - half, 0) : cy + half, max(cx - half, 0) : cx + half]
+
+
+#: Colours of the channels of a composite, by number of channels (RGB weights per channel).
+_COMPOSITE = {
+    1: [(1.0, 1.0, 1.0)],
+    2: [(1.0, 0.0, 1.0), (0.0, 1.0, 0.0)],
+    3: [(1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)],
+}
+_COLOUR_NAMES = {
+    (1.0, 1.0, 1.0): "grey",
+    (1.0, 0.0, 1.0): "magenta",
+    (0.0, 1.0, 0.0): "green",
+    (1.0, 0.0, 0.0): "red",
+    (0.0, 0.0, 1.0): "blue",
+}
+
+
+def thumbnail(row: pd.Series, columns: Sequence[str], *, root: Path | None = None) -> np.ndarray:
+    """``[H, W, 3]`` float image of one row: up to 3 channels composited, each percentile-scaled.
+
+    Raises:
+        msnoop.io.readers.ImageReadError: A file is missing or unreadable.
+    """
+    from msnoop.io.readers import read_image
+
+    cols = list(columns)[:3]
+    weights = _COMPOSITE[len(cols)]
+    planes = []
+    for col in cols:
+        p = Path(str(row[col]))
+        if root is not None and not p.is_absolute():
+            p = root / p
+        planes.append(_downsample(_window(read_image(p), row)))
+    h = min(pl.shape[0] for pl in planes)
+    w = min(pl.shape[1] for pl in planes)
+    rgb = np.zeros((h, w, 3), dtype=np.float32)
+    for pl, wt in zip(planes, weights, strict=True):
+        rgb += _percentile_scale(pl[:h, :w])[..., None] * np.asarray(wt, dtype=np.float32)
+    return np.clip(rgb, 0, 1)
+
+
+def channel_legend(columns: Sequence[str]) -> str:
+    cols = list(columns)[:3]
+    return ", ".join(
+        f"{c[len(PATH_PREFIX) :]} = {_COLOUR_NAMES[w]}" for c, w in zip(cols, _COMPOSITE[len(cols)], strict=True)
+    )
+
+
+def plot_galleries(
+    df: pd.DataFrame,
+    X: np.ndarray,
+    label: str,
+    columns: Sequence[str],
+    path: Path,
+    *,
+    n_queries: int,
+    n_neighbours: int,
+    metric: str,
+    seed: int,
+    root: Path | None = None,
+) -> tuple[Path, list[dict[str, Any]]]:
+    """One figure row per random query: the query image and its nearest neighbours' images."""
+    plt = _pyplot()
+    n = len(df)
+    nq = min(n_queries, n)
+    nn = min(n_neighbours, n - 1)
+    queries = np.sort(np.random.default_rng(seed).choice(n, nq, replace=False))
+    scores, idx = knn_search(X, X[queries], nn + 1, metric=metric)  # type: ignore[arg-type]
+    fig, axes = plt.subplots(nq, nn + 1, figsize=(1.9 * (nn + 1), 2.25 * nq), squeeze=False)
+    labels = df[label].astype(str).to_numpy()
+    id_col = "Metadata_ImageID" if "Metadata_ImageID" in df.columns else None
+    records: list[dict[str, Any]] = []
+    for r, q in enumerate(queries):
+        keep = [(int(j), float(s)) for j, s in zip(idx[r], scores[r], strict=True) if j != q][:nn]
+        cells = [(int(q), None)] + [(j, (1.0 - s) if metric == "cosine" else s) for j, s in keep]
+        rec = {"query": str(df[id_col].iloc[q]) if id_col else int(q), "label": labels[q], "neighbours": []}
+        for c, (j, dist) in enumerate(cells):
+            ax = axes[r, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            try:
+                ax.imshow(thumbnail(df.iloc[j], columns, root=root), interpolation="nearest")
+            except (OSError, ValueError) as exc:  # ImageReadError is a ValueError
+                ax.set_facecolor("#dddddd")
+                ax.text(0.5, 0.5, "image\nunreadable", ha="center", va="center", fontsize=8, transform=ax.transAxes)
+                logger.warning("gallery: %s", exc)
+            if dist is None:
+                ax.set_title(f"query\n{labels[j]}", fontsize=8, fontweight="bold")
+                for spine in ax.spines.values():
+                    spine.set_edgecolor("black")
+                    spine.set_linewidth(2.5)
+            else:
+                same = labels[j] == labels[q]
+                ax.set_title(f"#{c} {labels[j]}\nd={dist:.3f}", fontsize=8, color="#1a7f37" if same else "#c0392b")
+                rec["neighbours"].append(
+                    {"row": str(df[id_col].iloc[j]) if id_col else j, "label": labels[j], "distance": round(dist, 6)}
+                )
+        records.append(rec)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path, records
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.4f}"
+
+
+def _html_page(ctx: dict[str, Any]) -> str:
+    e = html.escape
+    m = ctx["metrics"]
+    rows = "".join(
+        f"<tr><td>{e(name)}</td><td>{_fmt(m[key])}</td></tr>"
+        for key, name in [
+            ("accuracy", "accuracy"),
+            ("balanced_accuracy", "balanced accuracy"),
+            ("macro_f1", "macro-F1"),
+            ("mcc", "MCC"),
+            ("chance", "chance (1 / classes)"),
+        ]
+    )
+    per_class = "".join(
+        f"<tr><td>{e(name)}</td><td>{ctx['counts'].get(name, 0)}</td><td>{_fmt(m['per_class_accuracy'].get(name, 0.0))}</td>"
+        f"<td>{_fmt(m['per_class_f1'].get(name, 0.0))}</td></tr>"
+        for name in m["labels"]
+        if name in m["per_class_accuracy"]
+    )
+    if ctx["gallery"]:
+        gallery = (
+            f'<figure><img src="{e(ctx["gallery"])}" alt="nearest-neighbour galleries">'
+            f"<figcaption>{ctx['n_queries']} random query rows (bold frame) and their {ctx['n_neighbours']} nearest "
+            f"neighbours ({e(ctx['metric'])} distance d, the query excluded); titles give the neighbour's "
+            f"{e(ctx['label'])} (green: same as the query, red: different). Channels: {e(ctx['channels'])}, each "
+            "scaled between its 1st and 99.8th percentiles.</figcaption></figure>"
+        )
+    else:
+        gallery = f"<p class=note>{e(ctx['gallery_note'])}</p>"
+    batch = f", batch column <code>{e(ctx['batch'])}</code>" if ctx["batch"] else ""
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>msnoop report: {e(ctx["title"])}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; max-width: 1200px; margin: 2em auto; padding: 0 1em; color: #222; }}
+table {{ border-collapse: collapse; margin: 0.5em 0 1.5em; }}
+td, th {{ border: 1px solid #ccc; padding: 0.25em 0.7em; text-align: right; }}
+td:first-child, th:first-child {{ text-align: left; }}
+figure {{ margin: 1em 0 2em; }} img {{ max-width: 100%; }}
+figcaption, .note {{ color: #555; font-size: 0.9em; }}
+code {{ background: #f3f3f3; padding: 0 0.2em; }}
+</style></head><body>
+<h1>msnoop report: {e(ctx["title"])}</h1>
+<p>Table <code>{e(ctx["source"])}</code>: {ctx["n_rows"]:,} rows, {ctx["n_features"]:,} features;
+label column <code>{e(ctx["label"])}</code> ({len(m["labels"])} classes){batch}.</p>
+<h2>kNN classification</h2>
+<p>k = {ctx["k"]}, cross-validation <code>{e(ctx["cv"])}</code>, {e(ctx["metric"])} distance, Microsnoop vote
+(the most common label among the neighbours if any repeats, else the nearest neighbour's).</p>
+<table><tr><th>metric</th><th>value</th></tr>{rows}</table>
+<figure><img src="{e(ctx["confusion"])}" alt="confusion matrix">
+<figcaption>Confusion matrix of the out-of-sample kNN predictions, each row divided by the class size
+(numbers in the cells are counts), and the accuracy of each true class.</figcaption></figure>
+<table><tr><th>class</th><th>n</th><th>accuracy</th><th>F1</th></tr>{per_class}</table>
+<h2>Map</h2>
+<figure><img src="{e(ctx["map"])}" alt="2-D map">
+<figcaption>{e(ctx["map_caption"])}.</figcaption></figure>
+<h2>Nearest neighbours</h2>
+{gallery}
+</body></html>
+"""
+
+
+def build_report(
+    table: str | Path | pd.DataFrame,
+    *,
+    label: str,
+    batch: str | None = None,
+    out_dir: str | Path,
+    k: int = 11,
+    cv: str = "loo",
+    n_queries: int = 4,
+    n_neighbours: int = 6,
+    seed: int = 0,
+    metric: str = "cosine",
+    image_root: str | Path | None = None,
+) -> Path:
+    """Write ``out_dir/report.html`` with its figures (PNG) and ``report.json``; returns the HTML path.
+
+    Args:
+        table: Feature table (anything :func:`~msnoop.evaluate.tables.read_table` reads) or a DataFrame.
+        label: Class column (kNN target, map colours, gallery titles).
+        batch: Optional batch column for a second map panel.
+        out_dir: Output folder (created).
+        k: kNN neighbours.
+        cv: ``"loo"``, ``"kfold:<n>"`` or ``"group:<column>"``.
+        n_queries: Gallery rows.
+        n_neighbours: Neighbours per gallery row.
+        seed: Seed of the t-SNE, the gallery queries and k-fold shuffling.
+        metric: ``"cosine"`` or ``"l2"``.
+        image_root: Folder that relative image paths are relative to (default: the table's folder).
+
+    Raises:
+        ValueError: Missing label/batch column, missing labels, no features, bad ``cv`` or too few rows.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if isinstance(table, pd.DataFrame):
+        df, source = table.reset_index(drop=True), "DataFrame"
+        root = Path(image_root) if image_root else None
+    else:
+        df, source = read_table(table).reset_index(drop=True), str(table)
+        tp = Path(table)
+        root = Path(image_root) if image_root else (tp if tp.is_dir() else tp.parent)
+    for col, what in [(label, "label"), (batch, "batch")]:
+        if col and col not in df.columns:
+            meta = [c for c in df.columns if str(c).startswith("Metadata_")]
+            raise ValueError(f"{what} column {col!r} is not in the table; metadata columns: {meta[:30]}")
+    if df[label].isna().any():
+        raise ValueError(
+            f"label column {label!r} has {int(df[label].isna().sum())} missing value(s); drop those rows first"
+        )
+    feats = [f for f in feature_columns(df) if f not in (label, batch)]
+    _, X = split_table(df, feats)
+    labels = df[label].to_numpy()
+    kind, arg = parse_cv(cv)
+    groups = None
+    if kind == "group":
+        if not arg or arg not in df.columns:
+            raise ValueError(f"cv={cv!r}: expected 'group:<column>' naming a column of the table")
+        groups = df[arg].astype(str).to_numpy()
+
+    with _threads_for(len(df)):
+        return _build(
+            df,
+            X,
+            labels,
+            groups,
+            source,
+            root,
+            out,
+            label=label,
+            batch=batch,
+            k=k,
+            cv=cv,
+            n_queries=n_queries,
+            n_neighbours=n_neighbours,
+            seed=seed,
+            metric=metric,
+        )
+
+
+def _build(
+    df: pd.DataFrame,
+    X: np.ndarray,
+    labels: np.ndarray,
+    groups: np.ndarray | None,
+    source: str,
+    root: Path | None,
+    out: Path,
+    *,
+    label: str,
+    batch: str | None,
+    k: int,
+    cv: str,
+    n_queries: int,
+    n_neighbours: int,
+    seed: int,
+    metric: str,
+) -> Path:
+    pred = knn_cross_predict(X, labels, k=k, cv=cv, groups=groups, metric=metric, seed=seed)  # type: ignore[arg-type]
+    metrics = classification_metrics(labels, pred)
+    n_classes = len(metrics["per_class_accuracy"])
+    metrics.update({"k": k, "cv": cv, "metric": metric, "n_classes": n_classes, "chance": 1.0 / max(n_classes, 1)})
+    counts = {str(key): int(v) for key, v in df[label].astype(str).value_counts().items()}
+    plot_confusion(metrics, out / "confusion.png", counts)
+
+    xy, how = embed_2d(X, seed=seed, metric=metric)
+    plot_map(xy, df, label, batch, out / "map.png", seed=seed)
+    drawn = f" ({MAP_MAX_POINTS:,} random rows drawn)" if len(df) > MAP_MAX_POINTS else ""
+    map_caption = f"{len(df):,} rows{drawn}; {how}; coloured by {label}" + (
+        f" (left) and by {batch} (right)" if batch else ""
+    )
+
+    pcols = path_columns(df)
+    gallery, gallery_note, records = None, "", []
+    if not pcols:
+        gallery_note = (
+            f"No image galleries: the table has no {PATH_PREFIX}<channel> columns (e.g. a CellProfiler profile "
+            "table or an aggregated table), so there are no images to show."
+        )
+    elif n_queries < 1 or len(df) < 2:
+        gallery_note = "No image galleries requested."
+    else:
+        gpath, records = plot_galleries(
+            df,
+            X,
+            label,
+            pcols,
+            out / "neighbours.png",
+            n_queries=n_queries,
+            n_neighbours=n_neighbours,
+            metric=metric,
+            seed=seed,
+            root=root,
+        )
+        gallery = gpath.name
+
+    ctx = {
+        "title": Path(source).name if source != "DataFrame" else "DataFrame",
+        "source": source,
+        "n_rows": len(df),
+        "n_features": X.shape[1],
+        "label": label,
+        "batch": batch,
+        "k": k,
+        "cv": cv,
+        "metric": metric,
+        "metrics": metrics,
+        "counts": counts,
+        "confusion": "confusion.png",
+        "map": "map.png",
+        "map_caption": map_caption,
+        "gallery": gallery,
+        "gallery_note": gallery_note,
+        "n_queries": len(records),
+        "n_neighbours": min(n_neighbours, len(df) - 1),
+        "channels": channel_legend(pcols) if pcols else "",
+    }
+    page = out / "report.html"
+    page.write_text(_html_page(ctx), encoding="utf-8")
+    summary = {
+        k_: ctx[k_] for k_ in ("source", "n_rows", "n_features", "label", "batch", "k", "cv", "metric", "map_caption")
+    }
+    summary |= {"metrics": metrics, "galleries": records, "gallery_note": gallery_note or None}
+    (out / "report.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    logger.info("report for %s written to %s", source, page)
+    return page
+
+
+__all__ = ["build_report", "embed_2d", "path_columns", "thumbnail"]

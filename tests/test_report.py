@@ -1,0 +1,128 @@
+"""HTML reports: figures written and valid, metrics on the page, galleries only when there are images."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+import typer
+from PIL import Image
+from typer.testing import CliRunner
+
+from msnoop.data.synthetic import CHANNELS, write_dataset
+from msnoop.evaluate.report import build_report, embed_2d, thumbnail
+from msnoop.evaluate.report_commands import report_command
+from msnoop.store.parts import emb_columns
+
+DIM = 16
+
+
+@pytest.fixture(scope="module")
+def image_table(tmp_path_factory) -> tuple[pd.DataFrame, str]:
+    """A synthetic image set with hand-made 16-d embeddings: one cluster per class, two fields."""
+    root = tmp_path_factory.mktemp("report_data")
+    manifest = pd.read_csv(write_dataset(root, n_per_class=10, size=32, seed=0))
+    rng = np.random.default_rng(0)
+    classes = sorted(manifest["Metadata_Class"].unique())
+    centres = {c: rng.normal(size=DIM) * 2 for c in classes}
+    emb = np.stack([centres[c] + rng.normal(size=DIM) for c in manifest["Metadata_Class"]]).astype(np.float32)
+    df = pd.DataFrame(
+        {
+            "Metadata_ImageID": [f"img{i:03d}" for i in range(len(manifest))],
+            "Metadata_Class": manifest["Metadata_Class"],
+            "Metadata_Field": manifest["Metadata_Field"].astype(str),
+            **{f"Metadata_Path_{ch}": [str(root / p) for p in manifest[ch]] for ch in CHANNELS},
+        }
+    )
+    df = pd.concat([df, pd.DataFrame(emb, columns=emb_columns(DIM))], axis=1)
+    path = root / "embeddings.parquet"
+    df.to_parquet(path, index=False)
+    return df, str(path)
+
+
+def _check_png(path, min_side: int = 200) -> None:
+    assert path.is_file() and path.stat().st_size > 5_000, path
+    with Image.open(path) as img:
+        img.verify()
+    with Image.open(path) as img:
+        assert min(img.size) >= min_side
+        arr = np.asarray(img.convert("L"), dtype=float)
+    assert arr.std() > 5  # not a blank canvas
+
+
+def test_report_with_images(image_table, tmp_path):
+    _, path = image_table
+    page = build_report(
+        path, label="Metadata_Class", batch="Metadata_Field", out_dir=tmp_path / "rep", k=3, n_queries=2, n_neighbours=4
+    )
+    assert page == tmp_path / "rep" / "report.html"
+    text = page.read_text()
+    for name in ("map.png", "confusion.png", "neighbours.png"):
+        _check_png(tmp_path / "rep" / name)
+        assert f'src="{name}"' in text
+    srcs = re.findall(r'src="([^"]+)"', text)
+    assert all((tmp_path / "rep" / s).is_file() for s in srcs)
+    assert "http" not in text  # self-contained apart from the PNGs beside it
+    for name in ("accuracy", "balanced accuracy", "macro-F1", "MCC", "t-SNE", "Metadata_Field", "dna = magenta"):
+        assert name in text
+    import json
+
+    summary = json.loads((tmp_path / "rep" / "report.json").read_text())
+    m = summary["metrics"]
+    assert f"{m['accuracy']:.4f}" in text and f"{m['macro_f1']:.4f}" in text
+    assert m["accuracy"] > 0.9  # well-separated clusters
+    assert len(summary["galleries"]) == 2 and len(summary["galleries"][0]["neighbours"]) == 4
+
+
+def test_report_without_paths(image_table, tmp_path):
+    df, _ = image_table
+    profiles = df.drop(columns=[c for c in df.columns if c.startswith("Metadata_Path_")])
+    csv = tmp_path / "profiles.csv"
+    profiles.to_csv(csv, index=False)
+    page = build_report(csv, label="Metadata_Class", batch=None, out_dir=tmp_path / "rep", k=3, cv="kfold:2")
+    text = page.read_text()
+    assert "No image galleries" in text and "neighbours.png" not in text
+    assert not (tmp_path / "rep" / "neighbours.png").exists()
+    _check_png(tmp_path / "rep" / "map.png")
+    _check_png(tmp_path / "rep" / "confusion.png")
+    assert "balanced accuracy" in text
+
+
+def test_thumbnail_composite(image_table):
+    df, _ = image_table
+    rgb = thumbnail(df.iloc[0], ["Metadata_Path_dna", "Metadata_Path_protein"])
+    assert rgb.shape == (32, 32, 3) and rgb.min() >= 0 and rgb.max() <= 1 and rgb.max() > 0.5
+    grey = thumbnail(df.iloc[0], ["Metadata_Path_dna"])
+    np.testing.assert_allclose(grey[..., 0], grey[..., 1])
+
+
+def test_map_switches_to_pca_for_large_tables(monkeypatch):
+    from msnoop.evaluate import report
+
+    X = np.random.default_rng(0).normal(size=(60, 8)).astype(np.float32)
+    xy, how = embed_2d(X)
+    assert xy.shape == (60, 2) and "t-SNE" in how
+    monkeypatch.setattr(report, "TSNE_MAX_ROWS", 50)
+    xy, how = embed_2d(X)
+    assert xy.shape == (60, 2) and how.startswith("rows L2-normalised, PCA")
+
+
+def test_bad_label_column(image_table, tmp_path):
+    df, _ = image_table
+    with pytest.raises(ValueError, match="Metadata_Nope"):
+        build_report(df, label="Metadata_Nope", out_dir=tmp_path)
+
+
+def test_report_command(image_table, tmp_path):
+    _, path = image_table
+    app = typer.Typer()
+    app.command()(report_command)
+    out = tmp_path / "cli"
+    res = CliRunner().invoke(app, [path, "--label", "Metadata_Class", "--out", str(out), "--k", "3", "--queries", "1"])
+    assert res.exit_code == 0, res.output
+    assert str(out / "report.html") in res.output
+    assert (out / "report.html").is_file()
+    res = CliRunner().invoke(app, [path, "--label", "Metadata_Nope", "--out", str(out)])
+    assert res.exit_code == 2 and "Metadata_Nope" in res.output
