@@ -8,25 +8,19 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import numpy as np
 import typer
 
 from msnoop.aggregate.profiles import aggregate_profiles
 from msnoop.correct.sphering import METHODS, query_mask, spherize_profiles
+from msnoop.cliutil import fail, split_list
 from msnoop.evaluate.tables import feature_columns, read_table, write_table
 
 logger = logging.getLogger(__name__)
 
 
-def _fail(message: str) -> NoReturn:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code=2)
-
-
-def _split_list(values: list[str] | None) -> list[str]:
-    return [v.strip() for item in values or [] for v in item.split(",") if v.strip()]
 
 
 def _parse_epsilon(value: str) -> float | str:
@@ -37,7 +31,7 @@ def _parse_epsilon(value: str) -> float | str:
     except ValueError:
         eps = float("nan")
     if not (np.isfinite(eps) and eps > 0):
-        _fail(f"expected --epsilon 'knee' or a positive number, found {value!r}")
+        fail(f"expected --epsilon 'knee' or a positive number, found {value!r}")
     return eps
 
 
@@ -96,16 +90,16 @@ def profile_command(
     try:
         df = read_table(table)
     except (ValueError, FileNotFoundError, OSError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     n_in = len(df)
     record: dict[str, Any] = {"input": str(table), "n_rows_in": n_in}
-    agg_by = _split_list(aggregate_by)
-    treat_by = _split_list(treatment_columns)
-    joins = _split_list(join)
+    agg_by = split_list(aggregate_by)
+    treat_by = split_list(treatment_columns)
+    joins = split_list(join)
     if aggregate_method not in ("mean", "median"):
-        _fail(f"expected --aggregate-method 'mean' or 'median', found {aggregate_method!r}")
+        fail(f"expected --aggregate-method 'mean' or 'median', found {aggregate_method!r}")
     if method != "none" and method not in METHODS:
-        _fail(f"expected --method in {', '.join(METHODS)} or 'none', found {method!r}")
+        fail(f"expected --method in {', '.join(METHODS)} or 'none', found {method!r}")
     eps = _parse_epsilon(epsilon)
     try:
         if agg_by:
@@ -145,7 +139,7 @@ def profile_command(
             }
             typer.echo(f"wrote {p_t.resolve()}  ({len(treatments)} treatments)")
     except ValueError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     p_json = out / "correction.json"
     p_json.write_text(json.dumps(record, indent=2) + "\n")
     typer.echo(f"wrote {p_json.resolve()}")

@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 import time
 import zlib
 from dataclasses import dataclass
@@ -483,6 +484,9 @@ def run_embed(cfg: EmbedJob) -> EmbedResult:
         use_gpu, res = _resources(cfg)
         # Bound how far reading runs ahead of embedding: memory stays flat however many images there are.
         ctx = ray.data.DataContext.get_current()
+        if not sys.stderr.isatty():
+            # In logs, Ray's per-operator progress dumps every 10 s drown the job's own progress lines.
+            ctx.enable_progress_bars = False
         ctx.execution_options.resource_limits = ray.data.ExecutionResources(object_store_memory=cfg.runtime.inflight_mb * 1024**2)
         n_cpus = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
         threads = None if use_gpu else max(1, n_cpus // cfg.runtime.actors)

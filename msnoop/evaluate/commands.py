@@ -8,26 +8,19 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import pandas as pd
 import typer
 
 from msnoop.evaluate.bbbc021 import nsc, nscb
 from msnoop.evaluate.knn import knn_evaluate, parse_cv
+from msnoop.cliutil import fail, split_list
 from msnoop.evaluate.tables import feature_columns, read_table, split_table
 
 logger = logging.getLogger(__name__)
 
 
-def _fail(message: str) -> NoReturn:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code=2)
-
-
-def _split_list(values: list[str] | None) -> list[str]:
-    """Repeated and/or comma-separated option values -> flat list."""
-    return [v.strip() for item in values or [] for v in item.split(",") if v.strip()]
 
 
 def _write_json(obj: dict[str, Any], path: Path | None) -> None:
@@ -42,12 +35,12 @@ def _load(table: Path, exclude: str | None = None) -> pd.DataFrame:
     try:
         df = read_table(table)
     except (ValueError, FileNotFoundError, OSError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if exclude:
         try:
             drop = df.eval(exclude).fillna(False).to_numpy(dtype=bool)
         except Exception as exc:  # pandas raises many types for a bad query
-            _fail(f"--exclude query {exclude!r} could not be evaluated: {exc}")
+            fail(f"--exclude query {exclude!r} could not be evaluated: {exc}")
         df = df[~drop].reset_index(drop=True)
     return df
 
@@ -69,24 +62,24 @@ def knn_command(
     """kNN classification of profiles (FAISS, Microsnoop vote): accuracy, balanced accuracy, MCC, macro-F1."""
     df = _load(table, exclude)
     if label not in df.columns:
-        _fail(
+        fail(
             f"label column {label!r} is not in {table}; "
             f"metadata columns: {[c for c in df.columns if str(c).startswith('Metadata_')]}"
         )
     if df[label].isna().any():
-        _fail(f"label column {label!r} has {int(df[label].isna().sum())} missing value(s); drop them with --exclude")
+        fail(f"label column {label!r} has {int(df[label].isna().sum())} missing value(s); drop them with --exclude")
     try:
         kind, arg = parse_cv(cv)
         groups = None
         if kind == "group":
             if not arg or arg not in df.columns:
-                _fail(f"cv={cv!r}: expected 'group:<column>' naming a column of the table")
+                fail(f"cv={cv!r}: expected 'group:<column>' naming a column of the table")
             groups = df[arg].astype(str).to_numpy()
         feats = [f for f in feature_columns(df) if f != label]
         _, X = split_table(df, feats)
         res = knn_evaluate(X, df[label].to_numpy(), k=k, cv=cv, groups=groups, metric=metric, seed=seed)  # type: ignore[arg-type]
     except ValueError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     res["table"] = str(table)
     res["label"] = label
     res["n_features"] = int(X.shape[1])
@@ -131,9 +124,9 @@ def nsc_command(
 ) -> None:
     """NSC / NSCB: 1-NN cosine MOA matching excluding the same compound (and the same batch)."""
     df = _load(table, exclude)
-    batches = _split_list(batch)
+    batches = split_list(batch)
     if batch_match not in ("equal", "overlap"):
-        _fail(f"expected --batch-match 'equal' or 'overlap', found {batch_match!r}")
+        fail(f"expected --batch-match 'equal' or 'overlap', found {batch_match!r}")
     drop = [m.strip() for m in drop_moas.split(",")] if drop_moas else None
     try:
         results: dict[str, Any] = {
@@ -151,7 +144,7 @@ def nsc_command(
                 batch_match=batch_match,  # type: ignore[arg-type]
             )
     except ValueError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     typer.echo(f"MOA matching on {table.name}: {len(df)} treatments, 1-NN cosine")
     for name, r in results.items():
         if not isinstance(r, dict):

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from msnoop.evaluate.commands import _fail
+from msnoop.cliutil import fail
 
 
 def report_command(
@@ -32,5 +32,5 @@ def report_command(
     try:
         page = build_report(table, label=label, batch=batch, out_dir=out, k=k, cv=cv, n_queries=queries)
     except (ValueError, FileNotFoundError, OSError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     typer.echo(str(page))
