@@ -33,20 +33,24 @@ import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 
 from msnoop.config import EmbedJob, config_hash, save_resolved
-from msnoop.embed.embedder import Embedder, combine_tiles
 from msnoop.io.manifest import ID_COLUMN, PATH_PREFIX, load_image_table
 from msnoop.io.readers import ImageReadError, check_image, read_image
-from msnoop.models.checkpoint import LoadedModel, resolve_model
 from msnoop.preprocess.presets import Preprocessing, prepare_channel
 from msnoop.store import parts
 from msnoop.store.lance import build_table
+
+if TYPE_CHECKING:
+    from msnoop.models.checkpoint import LoadedModel
+
+# torch-dependent modules (embedder, checkpoint) are imported inside the functions that need them:
+# read and write tasks start many worker processes, and importing torch costs each ~1.5 s of CPU.
 
 logger = logging.getLogger(__name__)
 
@@ -279,6 +283,8 @@ class EmbedActor:
         import ray
         import torch
 
+        from msnoop.embed.embedder import Embedder
+
         self.cells = cells
 
         if torch_threads:
@@ -298,6 +304,8 @@ class EmbedActor:
         if ok.any():
             stacked = np.concatenate([np.asarray(tiles[i], dtype=np.float32) for i in np.flatnonzero(ok)])
             tile_emb = self.embedder.embed_tiles(stacked)
+            from msnoop.embed.embedder import combine_tiles
+
             emb[ok] = combine_tiles(tile_emb, [counts[i] for i in np.flatnonzero(ok)])
         batch["embedding"] = emb
         return batch
@@ -437,6 +445,8 @@ def run_info(cfg: EmbedJob, model: LoadedModel, spec: Preprocessing) -> dict[str
 
 def prepare_model(cfg: EmbedJob) -> tuple[LoadedModel, Preprocessing]:
     """Resolve the model and the preprocessing the job will use (checkpoint's preset wins)."""
+    from msnoop.models.checkpoint import resolve_model
+
     probe = resolve_model(cfg.model)
     spec = cfg.preprocess.resolve(probe.preprocess if probe.sha256 else None)
     model = resolve_model(cfg.model, preprocess=spec)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 
 def pad_center(image: np.ndarray, size: int) -> np.ndarray:
@@ -32,6 +30,9 @@ def pad_to_square(image: np.ndarray) -> np.ndarray:
 
 def resize(image: np.ndarray, size: int) -> np.ndarray:
     """Bilinear resize of a square ``[S, S]`` image to ``[size, size]`` (half-pixel centres, like cv2)."""
+    import torch  # imported here: read/preprocess workers need no torch unless they rescale
+    import torch.nn.functional as F
+
     t = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
     return F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)[0, 0].numpy()
 
