@@ -263,13 +263,14 @@ def demo(
 def _register_library_commands() -> None:
     """Commands whose logic lives in the stage packages (thin typer wrappers there)."""
     from msnoop.correct.commands import profile_command
-    from msnoop.evaluate.commands import knn_command, nsc_command
+    from msnoop.evaluate.commands import knn_command, map_command, nsc_command
     from msnoop.evaluate.report_commands import report_command
     from msnoop.train.commands import pretrain_command
 
     app.command("knn", help="kNN classification of any embedding/profile table (LOO, k-fold, leave-group-out).")(knn_command)
     app.command("nsc", help="BBBC021-style NSC/NSCB (1-NN, not-same-compound / not-same-batch) on a treatment table.")(nsc_command)
     app.command("pretrain", help="Masked-reconstruction pretraining on Ray Train (resumes from the last checkpoint).")(pretrain_command)
+    app.command("map", help="mAP retrieval (copairs rules) with permutation p-values, BH and fraction retrieved.")(map_command)
     app.command("report", help="HTML report with PNGs: 2-D map by label/batch, kNN confusion matrix, neighbour galleries.")(report_command)
     app.command("profile", help="Sphere on controls, aggregate to wells/treatments (any profile table).")(profile_command)
 

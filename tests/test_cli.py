@@ -188,3 +188,16 @@ def test_knn_and_report_on_an_embed_output(embedded, tmp_path):
     assert result.exit_code == 0, result.output
     html = (tmp_path / "report" / "report.html").read_text()
     assert "confusion.png" in html and (tmp_path / "report" / "neighbours.png").stat().st_size > 10_000
+
+
+def test_map_on_an_embed_output(embedded, tmp_path):
+    out, _ = embedded
+    result = runner.invoke(
+        app, ["map", str(out), "--positive", "Metadata_Class", "--null-size", "200", "--json", str(tmp_path / "map.json")]
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "map.json").read_text())
+    assert summary["n_groups"] == 4 and summary["n_profiles"] == 16 and 0 < summary["mean_map"] <= 1
+    assert set(summary["per_group"]) == {"cytoplasmic", "membrane", "nuclear", "punctate"}
+    result = runner.invoke(app, ["map", str(out), "--positive", "Metadata_Nope"])
+    assert result.exit_code == 2 and "Metadata_Nope" in result.output

@@ -156,3 +156,38 @@ def nsc_command(
         )
         typer.echo(f"  {name:<28} {r['accuracy']:.4f}  ({r['n_correct']}/{r['n']}){extra}")
     _write_json(results, json_path)
+
+
+def map_command(
+    table: Annotated[Path, typer.Argument(help="Profile/embedding table: msnoop output folder, .parquet, .csv, .lance.")],
+    positive: Annotated[list[str], typer.Option("--positive", help="Positives share these columns, e.g. Metadata_moa.")],
+    pos_diff: Annotated[list[str] | None, typer.Option("--pos-diff", help="Positives must differ in these (e.g. the compound).")] = None,
+    neg_same: Annotated[list[str] | None, typer.Option("--neg-same", help="Negatives must share these (e.g. the plate).")] = None,
+    neg_diff: Annotated[list[str] | None, typer.Option("--neg-diff", help="Negatives must differ in these (default: --positive).")] = None,
+    exclude: Annotated[str | None, typer.Option(help="Drop rows matching this pandas query first, e.g. controls.")] = None,
+    null_size: Annotated[int, typer.Option(help="Random rankings per (n_pos, n_total) for the p-values.")] = 10000,
+    threshold: Annotated[float, typer.Option(help="Significance threshold (after BH correction).")] = 0.05,
+    seed: Annotated[int, typer.Option(help="Seed of the null distributions.")] = 0,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the summary as JSON here.")] = None,
+) -> None:
+    """Mean average precision of retrieval (copairs rules), permutation p-values, BH, fraction retrieved."""
+    from msnoop.evaluate.retrieval import average_precision, mean_average_precision, retrieval_summary
+
+    df = _load(table, exclude)
+    pos = split_list(positive)
+    rules = {"pos_sameby": pos, "pos_diffby": split_list(pos_diff), "neg_sameby": split_list(neg_same), "neg_diffby": split_list(neg_diff) or pos}
+    missing = sorted({c for cols in rules.values() for c in cols} - set(df.columns))
+    if missing:
+        fail(f"columns {missing} not in {table}; metadata columns: {[c for c in df.columns if c.startswith('Metadata_')]}")
+    meta, X = split_table(df)
+    ap = average_precision(meta, X, **rules)
+    scores = mean_average_precision(ap, sameby=pos, null_size=null_size, threshold=threshold, seed=seed)
+    summary = retrieval_summary(ap, scores)
+    summary.update({"table": str(table), "rules": rules, "null_size": null_size, "threshold": threshold})
+    typer.echo(
+        f"mAP on {table}: {summary['n_profiles']} profiles, {summary['n_groups']} groups by {', '.join(pos)}\n"
+        f"  mean AP            {summary['mean_ap']:.4f}\n"
+        f"  mean mAP           {summary['mean_map']:.4f}\n"
+        f"  fraction retrieved {summary['fraction_retrieved']:.4f}  (BH q < {threshold})"
+    )
+    _write_json(summary, json_path)
