@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
+from msnoop.preprocess.crop import check_label_image
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -78,22 +80,6 @@ class MatchResult:
         return np.where(denom > 0, self.tp / np.maximum(denom, 1), 1.0)
 
 
-def _check_labels(labels: np.ndarray, name: str) -> np.ndarray:
-    labels = np.asarray(labels)
-    if labels.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D label image [H, W]; found shape {labels.shape}")
-    if labels.dtype == bool:
-        return labels.astype(np.int64)
-    if not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(
-            f"{name} must have an integer dtype (0 = background, >0 = instance id); found {labels.dtype}. "
-            "Fix: pass labels.astype(np.int32) if the values are whole numbers."
-        )
-    if labels.size and labels.min() < 0:
-        raise ValueError(f"{name} has negative values (min {labels.min()}); expected 0 = background, >0 = ids")
-    return labels
-
-
 def iou_matrix(true: np.ndarray, pred: np.ndarray) -> np.ndarray:
     """IoU between every ground-truth and every predicted instance.
 
@@ -108,8 +94,8 @@ def iou_matrix(true: np.ndarray, pred: np.ndarray) -> np.ndarray:
     Raises:
         ValueError: The images are not 2-D, have different shapes, a non-integer dtype or negative ids.
     """
-    true = _check_labels(true, "true")
-    pred = _check_labels(pred, "pred")
+    true = check_label_image(true, "true")
+    pred = check_label_image(pred, "pred")
     if true.shape != pred.shape:
         raise ValueError(f"true and pred must have the same shape; found {true.shape} and {pred.shape}")
     # Map ids to 0..n (0 = background) so the contingency table stays small whatever the id values.

@@ -39,25 +39,34 @@ from scipy import ndimage as ndi
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CROP_TABLE_COLUMNS", "crop_cells", "crop_windows"]
+__all__ = ["CROP_TABLE_COLUMNS", "check_label_image", "crop_cells", "crop_windows"]
 
 CROP_TABLE_COLUMNS = ["cell_id", "centroid_y", "centroid_x", "area", "bbox", "window", "resized"]
 _MAX_DIRECT_LABEL = 1 << 22  # larger label values are compacted with np.unique before find_objects
 
 
-def _check_labels(labels: np.ndarray) -> np.ndarray:
+def check_label_image(labels: np.ndarray, name: str = "labels") -> np.ndarray:
+    """Validate an instance label image ``[H, W]`` (0 = background, > 0 = instance id).
+
+    Boolean masks are accepted as one instance.
+
+    Raises:
+        ValueError: Not 2-D, not an integer dtype, or negative values; the message names ``name``.
+    """
     labels = np.asarray(labels)
     if labels.ndim != 2:
-        raise ValueError(f"labels must be a 2-D label image [H, W]; found shape {labels.shape}")
+        raise ValueError(f"{name} must be a 2-D label image [H, W]; found shape {labels.shape}")
     if labels.dtype == bool:
         return labels.astype(np.int32)
     if not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(
-            f"labels must have an integer dtype (0 = background, >0 = instance id); found {labels.dtype}. "
+            f"{name} must have an integer dtype (0 = background, >0 = instance id); found {labels.dtype}. "
             "Fix: labels.astype(np.int32) if the values are whole numbers."
         )
     if labels.size and labels.min() < 0:
-        raise ValueError(f"labels must be >= 0 (0 = background); found min {labels.min()}")
+        raise ValueError(
+            f"{name} has negative values (min {labels.min()}); expected >= 0 (0 = background, >0 = instance ids)"
+        )
     return labels
 
 
@@ -69,7 +78,7 @@ def _check_inputs(image: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np
         raise ValueError(f"image must be [C, H, W] (or one channel [H, W]); found shape {image.shape}")
     if image.dtype == bool or not (np.issubdtype(image.dtype, np.integer) or np.issubdtype(image.dtype, np.floating)):
         raise ValueError(f"image must have an integer or float dtype; found {image.dtype}")
-    labels = _check_labels(labels)
+    labels = check_label_image(labels)
     if labels.shape != image.shape[1:]:
         raise ValueError(
             f"labels shape {labels.shape} does not match the image's spatial shape {image.shape[1:]} "
@@ -107,7 +116,7 @@ def crop_windows(
     Raises:
         ValueError: Bad ``labels``, ``ratio <= 0``, ``size < 1`` or an unknown ``oversize``.
     """
-    labels = _check_labels(labels)
+    labels = check_label_image(labels)
     if not ratio > 0:
         raise ValueError(f"ratio must be > 0; found {ratio!r}")
     if int(size) != size or size < 1:
