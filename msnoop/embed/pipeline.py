@@ -444,12 +444,16 @@ def run_info(cfg: EmbedJob, model: LoadedModel, spec: Preprocessing) -> dict[str
 
 
 def prepare_model(cfg: EmbedJob) -> tuple[LoadedModel, Preprocessing]:
-    """Resolve the model and the preprocessing the job will use (checkpoint's preset wins)."""
-    from msnoop.models.checkpoint import resolve_model
+    """Resolve the model and the preprocessing the job will use.
 
-    probe = resolve_model(cfg.model)
-    spec = cfg.preprocess.resolve(probe.preprocess if probe.sha256 else None)
-    model = resolve_model(cfg.model, preprocess=spec)
+    A checkpoint's preset and input size fill in what the job leaves unset and refuse a different one.
+    """
+    from msnoop.models.checkpoint import reconcile_preprocess, resolve_model
+
+    model = resolve_model(cfg.model)  # a checkpoint comes back with its stored preprocessing
+    spec = cfg.preprocess.resolve(model.preprocess if model.sha256 else None)
+    if model.sha256:
+        spec = reconcile_preprocess(model.preprocess, spec, source=model.source)
     model.preprocess = spec
     return model, spec
 

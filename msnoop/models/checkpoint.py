@@ -82,6 +82,21 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def reconcile_preprocess(stored: Preprocessing, requested: Preprocessing, *, source: str) -> Preprocessing:
+    """The checkpoint's preprocessing with the requested mode and tile overlap.
+
+    Raises:
+        CheckpointError: The requested preset or input size differs from the one the checkpoint was trained with.
+    """
+    if (requested.preset, requested.input_size) != (stored.preset, stored.input_size):
+        raise CheckpointError(
+            f"checkpoint {source} was trained with preprocessing preset {stored.preset!r} at input size "
+            f"{stored.input_size}, but the job asks for preset {requested.preset!r} at {requested.input_size}; "
+            "remove the preset/input_size from the job config to use the checkpoint's own"
+        )
+    return stored.model_copy(update={"mode": requested.mode, "tile_overlap": requested.tile_overlap})
+
+
 def load_checkpoint(path: str | Path, *, preprocess: Preprocessing | None = None) -> LoadedModel:
     """Load a checkpoint file into an eval-mode float32 network.
 
@@ -104,17 +119,11 @@ def load_checkpoint(path: str | Path, *, preprocess: Preprocessing | None = None
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise CheckpointError(f"checkpoint {path}: expected format {FORMAT!r}, found {found!r}")
     stored = Preprocessing(**payload["preprocess"])
-    if preprocess is not None and (preprocess.preset, preprocess.input_size) != (stored.preset, stored.input_size):
-        raise CheckpointError(
-            f"checkpoint {path} was trained with preprocessing preset {stored.preset!r} at input size "
-            f"{stored.input_size}, but the job asks for preset {preprocess.preset!r} at {preprocess.input_size}; "
-            "remove the preset/input_size from the job config to use the checkpoint's own"
-        )
+    spec = stored if preprocess is None else reconcile_preprocess(stored, preprocess, source=str(path))
     net = create_model(payload["arch"], **payload.get("arch_kwargs", {}))
     state = {k: v.float() if v.is_floating_point() else v for k, v in payload["state_dict"].items()}
     net.load_state_dict(state)
     net.eval()
-    spec = stored if preprocess is None else stored.model_copy(update={"mode": preprocess.mode, "tile_overlap": preprocess.tile_overlap})
     return LoadedModel(
         net=net, arch=payload["arch"], preprocess=spec, source=str(path.resolve()), sha256=file_sha256(path), meta=payload.get("meta", {})
     )

@@ -318,9 +318,8 @@ def search_vector_ann(
 ) -> pd.DataFrame:
     """The ``k`` nearest rows to ``vector``, through the vector index when that is safe.
 
-    Same result shape as :func:`msnoop.query.search.search_vector`: ``Metadata_ImageID``,
-    ``_distance``, then the other columns, without the vector column. ``df.attrs["search"]`` records
-    how the search was done (``exact``, ``nprobes``, ``refine_factor``, ``ef``, ``matches``).
+    Result: ``Metadata_ImageID``, ``_distance``, then the other columns, without the vector column.
+    ``df.attrs["search"]`` records how the search was done (``exact``, ``nprobes``, ``refine_factor``, ``ef``, ``matches``).
 
     Args:
         ref: :class:`~msnoop.query.search.TableRef` or LanceDB table.

@@ -19,7 +19,6 @@ from msnoop.preprocess.presets import Preprocessing
 from msnoop.store.lance import VECTOR, open_table, table_info
 from msnoop.store.parts import ID_COLUMN, RUN_FILE
 
-DISTANCE = "_distance"
 
 
 @dataclass
@@ -54,20 +53,6 @@ def _vector_of(ref: TableRef, image_id: str) -> np.ndarray:
     if rows.num_rows == 0:
         raise KeyError(f"no image with {ID_COLUMN} = {image_id!r} in table {ref.name!r} ({ref.uri})")
     return np.asarray(rows.column(VECTOR)[0].as_py(), dtype=np.float32)
-
-
-def search_vector(ref: TableRef, vector: np.ndarray, *, k: int = 10, where: str | None = None, exclude_id: str | None = None) -> pd.DataFrame:
-    """The ``k`` nearest rows to ``vector`` (cosine distance), without the vector column."""
-    limit = k + (1 if exclude_id is not None else 0)
-    q = ref.table.search(np.asarray(vector, dtype=np.float32)).distance_type("cosine").limit(limit)
-    if where:
-        q = q.where(where, prefilter=True)
-    df = q.to_pandas()
-    if exclude_id is not None:
-        df = df[df[ID_COLUMN] != exclude_id]
-    df = df.drop(columns=[VECTOR], errors="ignore").head(k).reset_index(drop=True)
-    cols = [ID_COLUMN, DISTANCE] + [c for c in df.columns if c not in (ID_COLUMN, DISTANCE)]
-    return df[cols]
 
 
 def search_by_id(ref: TableRef, image_id: str, *, k: int = 10, where: str | None = None, exact: bool | None = None) -> pd.DataFrame:
