@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from msnoop.evaluate.commands import knn_command
 from msnoop.evaluate.knn import (
+    choose_index,
     classification_metrics,
     knn_cross_predict,
     knn_evaluate,
@@ -178,3 +179,38 @@ def test_knn_command_prints_and_writes_json(tmp_path) -> None:
     assert data["cv"] == "group:Metadata_Field" and data["n"] == 60 and data["n_features"] == 8
     bad = CliRunner().invoke(app, [str(path), "--label", "Metadata_Nope"])
     assert bad.exit_code == 2 and "Metadata_Nope" in bad.output
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_ivf_probing_every_list_is_exact(metric: str) -> None:
+    X, _ = _blobs(n_per=60, n_classes=8, spread=0.8, seed=5)
+    es, ei = knn_search(X, X[:40], 7, metric=metric, index="exact")
+    s, i = knn_search(X, X[:40], 7, metric=metric, index="ivf", nlist=6, nprobe=6)
+    np.testing.assert_array_equal(i, ei)
+    np.testing.assert_allclose(s, es, rtol=1e-4, atol=1e-3)
+
+
+def test_ivf_loo_close_to_exact_and_auto_chooses_by_size() -> None:
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(20, 16))
+    y = rng.integers(0, 20, 6000)
+    X = ((centres[y] + 0.4 * rng.normal(size=(6000, 16))) @ rng.normal(size=(16, 64))).astype(np.float32)
+    _, exact = knn_search(X, X[:300], 11, index="exact")
+    _, approx = knn_search(X, X[:300], 11, index="ivf")  # default sizes: 153 lists, 8 probed
+    recall = np.mean([len(set(a) & set(b)) / 11 for a, b in zip(approx, exact, strict=True)])
+    assert 0.9 <= recall <= 1.0
+    assert knn_evaluate(X, y, k=11, cv="loo", index="ivf")["accuracy"] == pytest.approx(
+        knn_evaluate(X, y, k=11, cv="loo", index="exact")["accuracy"], abs=0.02
+    )
+    assert choose_index(6000, 6000, 64) == "exact"
+    assert choose_index(100_000, 100_000, 768) == "ivf"
+    with pytest.raises(ValueError, match="index"):
+        choose_index(10, 10, 4, "hnsw")
+
+
+def test_ivf_fills_short_lists_with_exact_search() -> None:
+    X, _ = _blobs(n_per=10, n_classes=4, spread=0.5, seed=2)
+    # 40 rows in 1 probed list of 4 (~10 rows each) cannot give 15 neighbours: falls back to exact
+    s, i = knn_search(X, X[:5], 15, index="ivf", nlist=4, nprobe=1)
+    np.testing.assert_array_equal(i, knn_search(X, X[:5], 15, index="exact")[1])
+    assert (i >= 0).all()

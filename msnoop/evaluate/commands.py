@@ -58,6 +58,9 @@ def knn_command(
         str | None, typer.Option(help="pandas query of rows to leave out, e.g. \"Metadata_Compound == 'DMSO'\".")
     ] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the metrics as JSON here.")] = None,
+    index: Annotated[
+        str, typer.Option(help="'auto' (IVF for large CPU runs, else exact), 'exact' or 'ivf' (approximate).")
+    ] = "auto",
 ) -> None:
     """kNN classification of profiles (FAISS, Microsnoop vote): accuracy, balanced accuracy, MCC, macro-F1."""
     df = _load(table, exclude)
@@ -77,7 +80,7 @@ def knn_command(
             groups = df[arg].astype(str).to_numpy()
         feats = [f for f in feature_columns(df) if f != label]
         _, X = split_table(df, feats)
-        res = knn_evaluate(X, df[label].to_numpy(), k=k, cv=cv, groups=groups, metric=metric, seed=seed)  # type: ignore[arg-type]
+        res = knn_evaluate(X, df[label].to_numpy(), k=k, cv=cv, groups=groups, metric=metric, seed=seed, index=index)  # type: ignore[arg-type]
     except ValueError as exc:
         fail(str(exc))
     res["table"] = str(table)
