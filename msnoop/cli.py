@@ -181,23 +181,34 @@ def search(
     table: Annotated[str, typer.Argument(help="job output folder, or a LanceDB URI with --table")],
     image_id: Annotated[str | None, typer.Option("--id", help="query by an image id in the table")] = None,
     image: Annotated[list[Path] | None, typer.Option("--image", help="query image: one file per channel, in the table's order")] = None,
+    match: Annotated[
+        str | None,
+        typer.Option("--match", help="query by the mean of the rows this SQL filter selects, e.g. \"Metadata_Compound = 'taxol'\""),
+    ] = None,
     k: Annotated[int, typer.Option(help="neighbours to return")] = 10,
     where: Annotated[str | None, typer.Option(help="SQL filter, e.g. \"Metadata_Plate = 'P1'\"")] = None,
     table_name: Annotated[str | None, typer.Option("--table", help="table name inside a LanceDB URI")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON records")] = False,
     exact: Annotated[bool | None, typer.Option("--exact/--ann", help="force exact or index search (default: automatic)")] = None,
 ) -> None:
-    """Nearest images to an image in the table or to a new image (cosine distance)."""
+    """Nearest rows (cosine distance) to an image in the table, a new image, or a group of rows.
+
+    A group (--match) is, for example, a treatment in the batch-corrected table that `msnoop profile` writes:
+    msnoop search results/bbbc021_profiles --match "Metadata_compound = 'taxol'" --k 5
+    """
     import pandas as pd
 
-    from msnoop.query.search import open_results, search_by_id, search_image
+    from msnoop.query.search import open_results, search_by_id, search_by_match, search_image
 
-    if (image_id is None) == (not image):
-        fail("give exactly one of --id ID or --image PATH [--image PATH ...]", 2)
+    if sum([image_id is not None, bool(image), match is not None]) != 1:
+        fail("give exactly one of --id ID, --image PATH [--image PATH ...] or --match FILTER", 2)
     try:
         ref = open_results(table, table_name)
         if image_id is not None:
             hits = search_by_id(ref, image_id, k=k, where=where, exact=exact)
+        elif match is not None:
+            hits = search_by_match(ref, match, k=k, where=where, exact=exact)
+            typer.echo(f"query: mean of {hits.attrs['query_rows']} row(s) matching {match}")
         else:
             hits = search_image(ref, list(image or []), k=k, where=where, exact=exact)
     except (KeyError, ValueError, FileNotFoundError) as exc:

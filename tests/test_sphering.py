@@ -251,3 +251,37 @@ def test_profile_command_writes_profiles_treatments_and_record(tmp_path) -> None
         app, [str(src), "--control", "Metadata_Compound == 'DMSO'", "--epsilon", "-1", "--out", str(out)]
     )
     assert bad.exit_code == 2 and "epsilon" in bad.output
+
+
+def test_profile_tables_answer_treatment_queries(tmp_path) -> None:
+    from msnoop.query.search import open_results, search_by_match
+
+    df = _table()
+    src = tmp_path / "wells.parquet"
+    df.to_parquet(src)
+    app = typer.Typer()
+    app.command()(profile_command)
+    out = tmp_path / "out"
+    args = [str(src), "--control", "Metadata_Compound == 'DMSO'", "--treatment-columns", "Metadata_Compound"]
+    res = CliRunner().invoke(app, [*args, "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    treat = pd.read_parquet(out / "treatments.parquet")
+    ref = open_results(out)  # the treatments table by default, correction recorded
+    assert ref.name == "treatments" and ref.table.count_rows() == len(treat)
+    assert ref.info["correction"]["sphering"]["n_controls"] == int((df["Metadata_Compound"] == "DMSO").sum())
+    hits = search_by_match(ref, "Metadata_Compound = 'c0'", k=10)
+    assert hits.attrs["query_rows"] == 1 and "c0" not in set(hits["Metadata_Compound"])
+    assert len(hits) == len(treat) - 1 and hits["_distance"].is_monotonic_increasing
+    feats = [c for c in treat.columns if not c.startswith("Metadata_")]
+    X = treat[feats].to_numpy()
+    q = X[treat["Metadata_Compound"] == "c0"][0]
+    top = X[treat["Metadata_Compound"] == hits["Metadata_Compound"].iloc[0]][0]
+    cos = 1 - q @ top / np.linalg.norm(q) / np.linalg.norm(top)
+    assert hits["_distance"].iloc[0] == pytest.approx(cos, abs=1e-4)
+    # the well-level table: a treatment's query is the mean of its wells, all of them left out
+    wells = open_results(out, "profiles")
+    hits = search_by_match(wells, "Metadata_Compound = 'c1'", k=5, where="Metadata_Compound != 'DMSO'")
+    assert hits.attrs["query_rows"] == int((df["Metadata_Compound"] == "c1").sum())
+    assert not set(hits["Metadata_Compound"]) & {"c1", "DMSO"}
+    with pytest.raises(KeyError, match="matches"):
+        search_by_match(ref, "Metadata_Compound = 'nope'")

@@ -1,6 +1,7 @@
-"""Typer command function for batch correction + aggregation of profile tables (registered in ``msnoop.cli``).
+"""``msnoop profile``: batch correction and aggregation of profile tables (registered in ``msnoop.cli``).
 
-Proposed CLI name: ``msnoop profile`` (:func:`profile_command`).
+Writes Parquet (the source of truth), a JSON record of the correction, and LanceDB tables ``profiles``
+and ``treatments`` for queries (``msnoop search OUT --match "Metadata_Compound = 'taxol'"``).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
+import pandas as pd
 import typer
 
 from msnoop.aggregate.profiles import aggregate_profiles
@@ -33,6 +35,23 @@ def _parse_epsilon(value: str) -> float | str:
     if not (np.isfinite(eps) and eps > 0):
         fail(f"expected --epsilon 'knee' or a positive number, found {value!r}")
     return eps
+
+
+def write_profile_tables(out: Path, frames: dict[str, pd.DataFrame], record: dict[str, Any]) -> list[str]:
+    """LanceDB tables (one per frame) in ``out/lancedb`` plus ``out/run.json`` naming them.
+
+    The last frame (treatments when there are some) is the table that ``msnoop search OUT`` opens by
+    default; the correction record travels in every table's schema metadata.
+    """
+    from msnoop.store.lance import build_frame_table
+    from msnoop.store.parts import write_run_info
+
+    uri = str((out / "lancedb").resolve())
+    for name, frame in frames.items():
+        info = {"kind": "profiles", "level": name, "correction": record}
+        build_frame_table(uri, name, frame, feature_columns(frame), info=info)
+    write_run_info(out, {"job": "profile", "lancedb": uri, "table": list(frames)[-1], "tables": list(frames)})
+    return list(frames)
 
 
 def profile_command(
@@ -143,6 +162,11 @@ def profile_command(
     p_json = out / "correction.json"
     p_json.write_text(json.dumps(record, indent=2) + "\n")
     typer.echo(f"wrote {p_json.resolve()}")
+    try:
+        tables = write_profile_tables(out, {"profiles": sphered} | ({"treatments": treatments} if treat_by else {}), record)
+    except ValueError as exc:
+        fail(str(exc))
+    typer.echo(f"LanceDB {out / 'lancedb'}: tables {', '.join(tables)}; query with: msnoop search {out} --match \"...\"")
     if method != "none":
         typer.echo(
             f"sphering: {info['method']} epsilon={info['epsilon']} fit={info['fit']} on {info['n_controls']} controls; "

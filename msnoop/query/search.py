@@ -66,6 +66,33 @@ def search_by_id(ref: TableRef, image_id: str, *, k: int = 10, where: str | None
     return search_vector_ann(ref, _vector_of(ref, image_id), k=k, where=where, exclude_id=image_id, exact=exact)
 
 
+def search_by_match(
+    ref: TableRef, match: str, *, k: int = 10, where: str | None = None, exact: bool | None = None
+) -> pd.DataFrame:
+    """Nearest rows to the mean vector of the rows that ``match`` selects, those rows left out.
+
+    The query for a treatment (``"Metadata_Compound = 'taxol'"``) in a profiles table, for a well in an
+    image table, or for any group. ``df.attrs["query_rows"]`` is the number of rows averaged.
+
+    Raises:
+        KeyError: ``match`` selects no row.
+        ValueError: ``match`` is not a valid filter.
+    """
+    from msnoop.query.index import search_vector_ann
+
+    try:
+        rows = ref.table.search().where(match).select([VECTOR]).limit(None).to_arrow()
+    except Exception as exc:  # LanceDB raises several types for a bad SQL filter
+        raise ValueError(f"--match {match!r} is not a valid filter on table {ref.name!r}: {exc}") from exc
+    if rows.num_rows == 0:
+        raise KeyError(f"no row of table {ref.name!r} ({ref.uri}) matches {match!r}")
+    query = np.asarray(rows.column(VECTOR).to_pylist(), dtype=np.float32).mean(axis=0)
+    rest = f"NOT ({match})" + (f" AND ({where})" if where else "")
+    hits = search_vector_ann(ref, query, k=k, where=rest, exact=exact)
+    hits.attrs["query_rows"] = rows.num_rows
+    return hits
+
+
 def embed_query(ref: TableRef, paths: list[str | Path]) -> np.ndarray:
     """Embed a new image (one file per channel, in the table's channel order) with the table's model.
 

@@ -63,6 +63,33 @@ def build_table(uri: str, name: str, parts_folder: str | Path, *, dim: int, info
     return n
 
 
+def build_frame_table(uri: str, name: str, frame: Any, features: list[str], *, info: dict[str, Any]) -> int:
+    """(Re)build LanceDB table ``name`` from a feature frame (profiles): ``features`` -> ``vector``.
+
+    For aggregated tables (wells, treatments) that fit in memory; image-level embeddings stream from
+    their parts with :func:`build_table`. Every non-feature column is kept as metadata; ``info`` (plus
+    the feature names) goes into the schema metadata.
+
+    Raises:
+        ValueError: No features, or non-finite feature values.
+    """
+    import lancedb
+
+    if not features:
+        raise ValueError(f"table {name!r}: expected feature columns, found none")
+    values = frame[features].to_numpy(dtype=np.float32)
+    if not np.isfinite(values).all():
+        bad = [f for f, ok in zip(features, np.isfinite(values).all(axis=0), strict=True) if not ok]
+        raise ValueError(f"table {name!r}: features with NaN/inf values cannot be indexed: {bad[:5]}")
+    meta = frame[[c for c in frame.columns if c not in set(features)]].reset_index(drop=True)
+    vec = pa.FixedSizeListArray.from_arrays(pa.array(values.ravel()), len(features))
+    table = pa.Table.from_pandas(meta, preserve_index=False).append_column(VECTOR, vec)
+    table = table.replace_schema_metadata({META_KEY: json.dumps(info | {"features": features}, default=str).encode()})
+    tbl = lancedb.connect(uri).create_table(name, data=table, mode="overwrite")
+    logger.info("LanceDB table %s at %s: %d rows x %d features", name, uri, len(meta), len(features))
+    return int(tbl.count_rows())
+
+
 def table_names(db: Any) -> list[str]:
     """Names of all tables in a LanceDB connection (follows pagination)."""
     names: list[str] = []
@@ -97,4 +124,4 @@ def where_ids(ids: list[str], column: str = "Metadata_ImageID") -> str:
     return f"{column} IN ({quoted})"
 
 
-__all__ = ["VECTOR", "build_table", "open_table", "table_info", "where_ids"]
+__all__ = ["VECTOR", "build_frame_table", "build_table", "open_table", "table_info", "where_ids"]
