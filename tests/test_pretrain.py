@@ -302,3 +302,17 @@ def test_ray_train_two_workers_writes_a_loadable_checkpoint(synthetic: dict[str,
     log = [json.loads(line) for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [2, 4, 6] and all(r["world_size"] == 2 for r in log)
     assert sorted(p.name for p in (tmp_path / "out" / "ray" / "t").glob("checkpoint_[0-9]*")) == ["checkpoint_00000003", "checkpoint_00000006"]
+
+
+def test_nearly_uniform_crops_with_outliers_are_redrawn(pool: ChannelPool) -> None:
+    flat = np.full((32, 32), 10.0, dtype=np.float32)
+    flat[5, 7] = 4000.0  # one hot pixel: normalize99 would map it to ~1e3
+    valid = np.ones((32, 32), bool)
+    assert not pool._passes(flat, valid)
+    assert not pool._passes(np.full((32, 32), 3.0, np.float32), valid)
+    rng = np.random.default_rng(0)
+    cells = rng.gamma(2.0, 20.0, size=(32, 32)).astype(np.float32)
+    assert pool._passes(cells, valid)
+    for seed in range(10):  # accepted crops stay within the bound after normalisation
+        crop, _ = pool.crop(np.random.default_rng(seed))
+        assert float(np.ptp(crop)) <= 1.2 * 50.0

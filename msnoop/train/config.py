@@ -37,7 +37,9 @@ class FilterConfig(_Strict):
     """CytoImageNet-style quality filters."""
 
     drop_binary: bool = Field(True, description="drop images with at most two distinct values (label masks)")
-    drop_uniform: bool = Field(True, description="redraw crops whose content is constant")
+    drop_uniform: bool = Field(
+        True, description="redraw crops whose content is constant, or nearly so with outlier pixels (data.MAX_NORMALIZED)"
+    )
     drop_dim: bool = Field(True, description="redraw crops whose content has 75th percentile 0")
     max_tries: int = Field(20, ge=1, description="redraws per sample before a filtered crop is accepted anyway")
 
