@@ -142,6 +142,39 @@ def run(
 
 
 @app.command()
+def bench(
+    configs: Annotated[list[Path], typer.Argument(help="bench YAMLs (job: bench), e.g. configs/benchmarks/*.yaml")],
+    summary: Annotated[Path | None, typer.Option(help="also write all results tables into this Markdown file")] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Embed a dataset with several models, compute baselines, and compare them by kNN (Markdown + CSV table)."""
+    from msnoop.evaluate.bench import BenchJob, markdown, run_bench
+
+    jobs = [load_job(c, parse_overrides(set_ or [])) for c in configs]  # validate all before any work
+    for c, job in zip(configs, jobs, strict=True):
+        if not isinstance(job, BenchJob):
+            fail(f"{c} is a {job.job!r} config; msnoop bench takes job: bench configs")
+    sections = []
+    for job in jobs:
+        assert isinstance(job, BenchJob)
+        try:
+            rec = run_bench(job)
+        except (ConfigError, ValueError, FileNotFoundError, KeyError) as exc:
+            fail(f"bench {job.name}: {exc}")
+        if "skipped" in rec:
+            typer.echo(f"skipped: {rec['skipped']}")
+            sections.append(f"### {job.name}\n\nskipped: {rec['skipped']}\n")
+            continue
+        table = markdown(rec)
+        typer.echo(f"\n{job.name} (results in {job.output.dir}):\n{table}")
+        sections.append(f"### {job.name}\n\n{table}\n")
+    if summary is not None:
+        summary.parent.mkdir(parents=True, exist_ok=True)
+        summary.write_text("\n".join(sections))
+        typer.echo(f"wrote {summary}")
+
+
+@app.command()
 def validate(config: Annotated[Path, typer.Argument()], set_: SetOpt = None) -> None:
     """Validate a job config and print it resolved (no work is done)."""
     cfg = load_job(config, parse_overrides(set_ or []))

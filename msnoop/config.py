@@ -199,7 +199,7 @@ class EmbedJob(_Strict):
 
 JOBS: dict[str, type[BaseModel]] = {"embed": EmbedJob}
 # Job kinds defined in stage packages; imported on first use (they import this module).
-_JOB_MODULES = {"pretrain": "msnoop.train.config"}
+_JOB_MODULES = {"pretrain": "msnoop.train.config", "bench": "msnoop.evaluate.bench"}
 T = TypeVar("T", bound=BaseModel)
 
 

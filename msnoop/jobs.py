@@ -24,4 +24,13 @@ def run_job(cfg: Any) -> str:
 
         res = run_pretrain(cfg)
         return f"pretraining finished: {res}"
+    from msnoop.evaluate.bench import BenchJob
+
+    if isinstance(cfg, BenchJob):
+        from msnoop.evaluate.bench import markdown, run_bench
+
+        rec = run_bench(cfg)
+        if "skipped" in rec:
+            return f"skipped: {rec['skipped']}"
+        return f"bench {cfg.name}: results in {cfg.output.dir.resolve()}\n" + markdown(rec)
     raise ValueError(f"no runner for job kind {getattr(cfg, 'job', type(cfg).__name__)!r}")
