@@ -53,9 +53,9 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from msnoop.correct.sphering import spherize_profiles  # noqa: E402
-from msnoop.evaluate.screen import control_axis_readout, dose_response, z_prime  # noqa: E402
-from msnoop.evaluate.tables import feature_columns, read_table, split_table  # noqa: E402
+from msnoop.correct.sphering import spherize_profiles
+from msnoop.evaluate.screen import control_axis_readout, dose_response, z_prime
+from msnoop.evaluate.tables import feature_columns, read_table, split_table
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "bbbc013"
 N_WELLS = 96
@@ -100,7 +100,7 @@ def describe_layout(md: pd.DataFrame) -> dict[str, Any]:
             gg = g[g["SBS_Controls"] == code]
             cols = sorted(gg["Column"].unique())
             kinds[kind] = {
-                "n_wells": int(len(gg)),
+                "n_wells": len(gg),
                 "columns": cols,
                 "doses": sorted(int(d) for d in gg["SBS_Doses"].unique()),
             }
@@ -122,7 +122,7 @@ def score(readout: np.ndarray, md: pd.DataFrame) -> dict[str, Any]:
     """Z' and dose-response rho for one per-well readout aligned with ``md``."""
     ctrl = md["SBS_Controls"].to_numpy()
     pos, neg, sample = ctrl == 1, ctrl == -1, ctrl == 0
-    res: dict[str, Any] = {"n_wells": int(len(md)), "n_pos": int(pos.sum()), "n_neg": int(neg.sum())}
+    res: dict[str, Any] = {"n_wells": len(md), "n_pos": int(pos.sum()), "n_neg": int(neg.sum())}
     res["z_prime"] = z_prime(readout[pos], readout[neg]) if pos.sum() >= 2 and neg.sum() >= 2 else None
     dose = md["SBS_Doses"].to_numpy(dtype=float)
     series = md["series"].to_numpy()
@@ -164,14 +164,16 @@ def load_embedding(folder: str, md: pd.DataFrame, allow_partial: bool) -> pd.Dat
         n_wells = df.groupby(["Metadata_Row", "Metadata_Column"]).ngroups
         logger.warning("%s: %d rows for %d wells; averaging the rows of each well", folder, n_rows, n_wells)
         df = df.groupby(["Metadata_Row", "Metadata_Column"], as_index=False)[feats].mean()
-    lay = md.rename(columns={
-        "Row": "Metadata_Row",
-        "Column": "Metadata_Column",
-        "SBS_Doses": "Metadata_SBS_Doses",
-        "SBS_Controls": "Metadata_SBS_Controls",
-        "series": "Metadata_series",
-        "ImageNumber": "Metadata_PlateImageNumber",
-    })
+    lay = md.rename(
+        columns={
+            "Row": "Metadata_Row",
+            "Column": "Metadata_Column",
+            "SBS_Doses": "Metadata_SBS_Doses",
+            "SBS_Controls": "Metadata_SBS_Controls",
+            "series": "Metadata_series",
+            "ImageNumber": "Metadata_PlateImageNumber",
+        }
+    )
     joined = df.merge(lay, on=["Metadata_Row", "Metadata_Column"], how="left", validate="one_to_one")
     unmatched = joined["Metadata_SBS_Controls"].isna()
     if unmatched.any():
@@ -195,13 +197,15 @@ def load_embedding(folder: str, md: pd.DataFrame, allow_partial: bool) -> pd.Dat
 
 
 def _plate_md(df: pd.DataFrame) -> pd.DataFrame:
-    return pd.DataFrame({
-        "Row": df["Metadata_Row"].to_numpy(),
-        "Column": df["Metadata_Column"].to_numpy(),
-        "SBS_Doses": df["Metadata_SBS_Doses"].to_numpy(),
-        "SBS_Controls": df["Metadata_SBS_Controls"].to_numpy(),
-        "series": df["Metadata_series"].to_numpy(),
-    })
+    return pd.DataFrame(
+        {
+            "Row": df["Metadata_Row"].to_numpy(),
+            "Column": df["Metadata_Column"].to_numpy(),
+            "SBS_Doses": df["Metadata_SBS_Doses"].to_numpy(),
+            "SBS_Controls": df["Metadata_SBS_Controls"].to_numpy(),
+            "series": df["Metadata_series"].to_numpy(),
+        }
+    )
 
 
 def embedding_readouts(df: pd.DataFrame, method: str, epsilon: Any) -> dict[str, tuple[np.ndarray, dict]]:
@@ -271,11 +275,16 @@ def nc_ratio(md: pd.DataFrame, data: Path, ring: int) -> pd.DataFrame:
         if n == 0 or not cyto.any():
             raise SystemExit(f"no nuclei found in Channel2-{stem}; cannot compute the N/C ratio")
         areas = np.bincount(labels.ravel())[1:]
-        rows.append({
-            "Row": r.Row, "Column": r.Column, "n_nuclei": n,
-            "nucleus_diameter_px": float(np.median(np.sqrt(4 * areas[areas > 0] / np.pi))),
-            "gfp_nuclei": float(gfp[nuc].mean()), "gfp_ring": float(gfp[cyto].mean()),
-        })
+        rows.append(
+            {
+                "Row": r.Row,
+                "Column": r.Column,
+                "n_nuclei": n,
+                "nucleus_diameter_px": float(np.median(np.sqrt(4 * areas[areas > 0] / np.pi))),
+                "gfp_nuclei": float(gfp[nuc].mean()),
+                "gfp_ring": float(gfp[cyto].mean()),
+            }
+        )
     out = pd.DataFrame(rows)
     out["nc_ratio"] = out["gfp_nuclei"] / out["gfp_ring"]
     print(
@@ -321,8 +330,11 @@ def main() -> None:
         rows.append(row)
         key = f"{features} | {variant}"
         wells[key] = {f"{a}{b}": float(v) for a, b, v in zip(plate["Row"], plate["Column"], readout, strict=True)}
-        print(f"{features:28s} {variant:26s} Z' {_fmt(res['z_prime'])}  rho A-D {_fmt(res['rho']['A-D'])}  "
-              f"E-H {_fmt(res['rho']['E-H'])}  ({res['n_wells']} wells)", flush=True)
+        print(
+            f"{features:28s} {variant:26s} Z' {_fmt(res['z_prime'])}  rho A-D {_fmt(res['rho']['A-D'])}  "
+            f"E-H {_fmt(res['rho']['E-H'])}  ({res['n_wells']} wells)",
+            flush=True,
+        )
 
     for item in args.emb:
         if "=" not in item:
@@ -391,9 +403,7 @@ def main() -> None:
     for item in args.emb:
         name, folder = item.split("=", 1)
         r0 = next((r for r in rows if r["features"] == name), {})
-        notes.append(
-            f"{name}: {folder}, model {r0.get('model')}, mode {r0.get('mode')}, {r0.get('n_wells')} wells."
-        )
+        notes.append(f"{name}: {folder}, model {r0.get('model')}, mode {r0.get('mode')}, {r0.get('n_wells')} wells.")
     if baseline:
         notes.append(
             f"N/C baseline: built-in segmentation of the DNA channel, ring {args.ring} px; median "

@@ -107,7 +107,8 @@ def ray_pipeline(manifest: Path, arch: str, batch_size: int, out: Path, num_cpus
     startup = time.perf_counter() - t0
     cfg = build_config(
         {
-            "job": "embed", "name": "bench",
+            "job": "embed",
+            "name": "bench",
             "input": {"manifest": str(manifest), "channels": ["dna", "protein"]},
             "model": f"random:{arch}:0",
             "output": {"dir": str(out), "write_lance": False},
@@ -118,7 +119,12 @@ def ray_pipeline(manifest: Path, arch: str, batch_size: int, out: Path, num_cpus
     result = run_embed(cfg)
     seconds = time.perf_counter() - t1
     shutdown_ray()
-    return {"images": result.n_embedded, "seconds": seconds, "images_per_s": result.n_embedded / seconds, "ray_startup_s": startup}
+    return {
+        "images": result.n_embedded,
+        "seconds": seconds,
+        "images_per_s": result.n_embedded / seconds,
+        "ray_startup_s": startup,
+    }
 
 
 def child(args: argparse.Namespace) -> None:
@@ -135,15 +141,30 @@ def child(args: argparse.Namespace) -> None:
 
 
 def run_child(mode: str, n: int, arch: str, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, __file__, "--child", "--mode", mode, "--n", str(n), "--arch", arch,
-           "--batch-size", str(args.batch_size), "--work", args.work]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        "--mode",
+        mode,
+        "--n",
+        str(n),
+        "--arch",
+        arch,
+        "--batch-size",
+        str(args.batch_size),
+        "--work",
+        args.work,
+    ]
     if args.num_cpus:
         cmd += ["--num-cpus", str(args.num_cpus)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env={**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"})
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, check=False, env={**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    )
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if line is None:
         raise RuntimeError(f"{mode} n={n} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    res = json.loads(line[len("RESULT "):])
+    res = json.loads(line[len("RESULT ") :])
     logging.info("%s n=%d %s: %s", mode, n, arch, res)
     return res
 
@@ -175,10 +196,18 @@ def main() -> None:
         bare = run_child("bare", args.n, args.arch, args)
         ray = run_child("ray", args.n, args.arch, args)
         result["throughput"] = {
-            "arch": args.arch, "images": args.n, "channels": 2, "input": "64x64 padded to 224", "batch_size": args.batch_size,
-            "bare_images_per_s": bare["images_per_s"], "ray_images_per_s": ray["images_per_s"],
-            "ratio_ray_over_bare": ray["images_per_s"] / bare["images_per_s"], "ray_startup_s": ray["ray_startup_s"],
-            "bare_peak_rss_mb": bare["peak_rss_mb"], "ray_peak_rss_mb": ray["peak_rss_mb"], "git": prov["git"],
+            "arch": args.arch,
+            "images": args.n,
+            "channels": 2,
+            "input": "64x64 padded to 224",
+            "batch_size": args.batch_size,
+            "bare_images_per_s": bare["images_per_s"],
+            "ray_images_per_s": ray["images_per_s"],
+            "ratio_ray_over_bare": ray["images_per_s"] / bare["images_per_s"],
+            "ray_startup_s": ray["ray_startup_s"],
+            "bare_peak_rss_mb": bare["peak_rss_mb"],
+            "ray_peak_rss_mb": ray["peak_rss_mb"],
+            "git": prov["git"],
         }
     else:
         result["throughput"] = previous["throughput"]
@@ -186,17 +215,22 @@ def main() -> None:
         mem_small = run_child("ray", args.mem_n, args.mem_arch, args)
         mem_large = run_child("ray", args.mem_n * 10, args.mem_arch, args)
         result["memory"] = {
-            "arch": args.mem_arch, "n_small": args.mem_n, "n_large": args.mem_n * 10,
-            "peak_rss_mb_small": mem_small["peak_rss_mb"], "peak_rss_mb_large": mem_large["peak_rss_mb"],
+            "arch": args.mem_arch,
+            "n_small": args.mem_n,
+            "n_large": args.mem_n * 10,
+            "peak_rss_mb_small": mem_small["peak_rss_mb"],
+            "peak_rss_mb_large": mem_large["peak_rss_mb"],
             "ratio_large_over_small": mem_large["peak_rss_mb"] / mem_small["peak_rss_mb"],
-            "images_per_s_small": mem_small["images_per_s"], "images_per_s_large": mem_large["images_per_s"], "git": prov["git"],
+            "images_per_s_small": mem_small["images_per_s"],
+            "images_per_s_large": mem_large["images_per_s"],
+            "git": prov["git"],
         }
     else:
         result["memory"] = previous["memory"]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     t, m = result["throughput"], result["memory"]
-    print(f"\n| measure | value |\n|---|---|")
+    print("\n| measure | value |\n|---|---|")
     print(f"| bare PyTorch loop ({t['arch']}, {t['images']} images x 2 ch) | {t['bare_images_per_s']:.2f} images/s |")
     print(f"| Ray Data pipeline, same work | {t['ray_images_per_s']:.2f} images/s |")
     print(f"| ratio Ray / bare (goal >= 0.9) | {t['ratio_ray_over_bare']:.2f} |")

@@ -51,13 +51,27 @@ def _sources(tmp: Path) -> tuple[list[dict[str, Any]], str]:
     shared = REPO.parent / "shared" / "data"
     if (shared / "hpa_toy" / "hpa_labels.csv").is_file() and (shared / "bbbc013" / "images").is_dir():
         return [
-            {"name": "hpa_toy", "input": {"manifest": str(shared / "hpa_toy" / "hpa_labels.csv"), "channels": ["green", "blue", "red"],
-                                          "channel_columns": {"green": "green_path", "blue": "blue_path", "red": "red_path"}}},
-            {"name": "bbbc013", "input": {"folder": str(shared / "bbbc013"), "channels": ["gfp", "dna"],
-                                          "pattern": "images/Channel{channel}-{Metadata_Index}-{Metadata_Row}-{Metadata_Column}.tif",
-                                          "channel_values": {"gfp": "1", "dna": "2"}}},
+            {
+                "name": "hpa_toy",
+                "input": {
+                    "manifest": str(shared / "hpa_toy" / "hpa_labels.csv"),
+                    "channels": ["green", "blue", "red"],
+                    "channel_columns": {"green": "green_path", "blue": "blue_path", "red": "red_path"},
+                },
+            },
+            {
+                "name": "bbbc013",
+                "input": {
+                    "folder": str(shared / "bbbc013"),
+                    "channels": ["gfp", "dna"],
+                    "pattern": "images/Channel{channel}-{Metadata_Index}-{Metadata_Row}-{Metadata_Column}.tif",
+                    "channel_values": {"gfp": "1", "dna": "2"},
+                },
+            },
         ], "shared: hpa_toy + bbbc013"
-    return [{"name": "synthetic", "input": {"manifest": str(_synthetic_manifest(tmp)), "channels": ["img"]}}], "synthetic blobs"
+    return [
+        {"name": "synthetic", "input": {"manifest": str(_synthetic_manifest(tmp)), "channels": ["img"]}}
+    ], "synthetic blobs"
 
 
 def _steady(records: list[dict[str, float]], warmup: int, batch: int) -> float:
@@ -170,7 +184,14 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     shutil.rmtree(tmp, ignore_errors=True)
-    print(json.dumps({k: result[k] for k in ("bare_samples_per_s", "ray_samples_per_s", "ratio_ray_over_bare", "bare_wall_s", "ray_wall_s")}))
+    print(
+        json.dumps(
+            {
+                k: result[k]
+                for k in ("bare_samples_per_s", "ray_samples_per_s", "ratio_ray_over_bare", "bare_wall_s", "ray_wall_s")
+            }
+        )
+    )
     print(f"Wrote {args.out.resolve()}")
     return 0
 

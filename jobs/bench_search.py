@@ -311,7 +311,11 @@ def markdown(results: dict[str, Any]) -> str:
         lines += _search_lines(s)
     k = results.get("knn_loo")
     if k:
-        how = "faiss flat" if k.get("index", "exact") == "exact" else f"faiss IVF {k['nlist']} lists, nprobe {k['nprobe']}"
+        how = (
+            "faiss flat"
+            if k.get("index", "exact") == "exact"
+            else f"faiss IVF {k['nlist']} lists, nprobe {k['nprobe']}"
+        )
         notes = f"accuracy {k['accuracy']:.3f}, {k['classes']} classes"
         if "neighbour_recall_at_11" in k:
             notes += (

@@ -85,10 +85,20 @@ def run_set(folder: Path, name: str, limit: int | None) -> dict[str, Any]:
                 "ms_cpu": round(1000 * cpu, 1),
             }
         )
-        logger.info("%s: AP@0.5 %.3f (tp %d fp %d fn %d) %.0f ms", rows[-1]["image"], r.ap[0], r.tp[0], r.fp[0],
-                    r.fn[0], 1000 * wall)
-    return {"n_images": len(rows), "n_without_mask": len(images) - len(with_mask) if limit is None else None,
-            "images": rows}
+        logger.info(
+            "%s: AP@0.5 %.3f (tp %d fp %d fn %d) %.0f ms",
+            rows[-1]["image"],
+            r.ap[0],
+            r.tp[0],
+            r.fp[0],
+            r.fn[0],
+            1000 * wall,
+        )
+    return {
+        "n_images": len(rows),
+        "n_without_mask": len(images) - len(with_mask) if limit is None else None,
+        "images": rows,
+    }
 
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -114,14 +124,16 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     """Run both sets, write the JSON, print the table; returns the exit code (2: data absent)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", type=Path, default=None,
-                        help="coelho2009_nuclei folder (default ../shared/data/coelho2009_nuclei)")
+    parser.add_argument(
+        "--data", type=Path, default=None, help="coelho2009_nuclei folder (default ../shared/data/coelho2009_nuclei)"
+    )
     parser.add_argument("--out", type=Path, default=REPO / "results" / "bench_segmentation.json")
     parser.add_argument("--limit", type=int, default=None, help="first N images per set (smoke runs)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every image")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     folder = args.data or default_data_dir()
     missing = [folder / sub / s for sub in ("images", "masks") for s in SETS if not (folder / sub / s).is_dir()]
     if missing:
@@ -140,13 +152,15 @@ def main(argv: list[str] | None = None) -> int:
         "method": "msnoop.segment.builtin.segment_nuclei, default parameters (diameter estimated per image)",
         "metric": "AP = TP / (TP + FP + FN) per image, optimal one-to-one matching at IoU >= threshold; "
         "mean = mean over images, pooled = from summed counts",
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                    "load_avg_1min_at_end": None},
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_avg_1min_at_end": None},
         "sets": {name: summarize(s["images"]) for name, s in per_set.items()},
         "overall": summarize(all_rows),
         "splits": {sp: summarize([r for r in all_rows if r["split"] == sp]) for sp in ("dev", "holdout")},
-        "split_sets": {f"{name}/{sp}": summarize([r for r in s["images"] if r["split"] == sp])
-                       for name, s in per_set.items() for sp in ("dev", "holdout")},
+        "split_sets": {
+            f"{name}/{sp}": summarize([r for r in s["images"] if r["split"] == sp])
+            for name, s in per_set.items()
+            for sp in ("dev", "holdout")
+        },
         "images_without_mask": {name: s["n_without_mask"] for name, s in per_set.items()},
         "images": all_rows,
     }
@@ -163,16 +177,23 @@ def main(argv: list[str] | None = None) -> int:
     print("Built-in nucleus segmentation on Coelho 2009 (hand-drawn masks)")
     print(header)
     print("-" * len(header))
-    table = {**results["sets"], "overall": results["overall"],
-             **{f"  {k}": v for k, v in results["split_sets"].items()}}
+    table = {
+        **results["sets"],
+        "overall": results["overall"],
+        **{f"  {k}": v for k, v in results["split_sets"].items()},
+    }
     for name, s in table.items():
         if not s.get("n_images"):
             continue
-        print(f"{name:<16} {s['n_images']:>6} {s['mean_ap@0.5']:>7.3f} {s['pooled_ap@0.5']:>7.3f}"
-              f" {s['mean_ap@0.75']:>8.3f} {s['min_ap@0.5']:>7.3f} {s['ms_per_image_wall']:>7.1f}"
-              f" {s['ms_per_image_cpu']:>7.1f}")
-    print(f"(dev = even positions used to choose the defaults, holdout = odd; load average at end "
-          f"{results['machine']['load_avg_1min_at_end']} on {os.cpu_count()} CPUs)")
+        print(
+            f"{name:<16} {s['n_images']:>6} {s['mean_ap@0.5']:>7.3f} {s['pooled_ap@0.5']:>7.3f}"
+            f" {s['mean_ap@0.75']:>8.3f} {s['min_ap@0.5']:>7.3f} {s['ms_per_image_wall']:>7.1f}"
+            f" {s['ms_per_image_cpu']:>7.1f}"
+        )
+    print(
+        f"(dev = even positions used to choose the defaults, holdout = odd; load average at end "
+        f"{results['machine']['load_avg_1min_at_end']} on {os.cpu_count()} CPUs)"
+    )
     print(f"wrote {args.out} in {results['seconds']} s")
     return 0
 

@@ -19,11 +19,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from msnoop.config import InputConfig  # noqa: E402
-from msnoop.evaluate.baselines import intensity_features, pixels_pca  # noqa: E402
-from msnoop.evaluate.knn import knn_evaluate  # noqa: E402
-from msnoop.evaluate.tables import read_table, split_table  # noqa: E402
-from msnoop.io.manifest import load_image_table  # noqa: E402
+from msnoop.config import InputConfig
+from msnoop.evaluate.baselines import intensity_features, pixels_pca
+from msnoop.evaluate.knn import knn_evaluate
+from msnoop.evaluate.tables import read_table, split_table
+from msnoop.io.manifest import load_image_table
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "yeast"
 TASKS = {"protein": "Metadata_protein", "localisation": "Metadata_localization_yeastgfp"}
@@ -32,10 +32,15 @@ TASKS = {"protein": "Metadata_protein", "localisation": "Metadata_localization_y
 def evaluate(name: str, X: np.ndarray, meta, k: int) -> dict:
     row = {"features": name, "dim": int(X.shape[1])}
     for task, col in TASKS.items():
-        res = knn_evaluate(X, meta[col].astype(str).to_numpy(), k=k, cv="group:field", groups=meta["Metadata_field"].to_numpy())
+        res = knn_evaluate(
+            X, meta[col].astype(str).to_numpy(), k=k, cv="group:field", groups=meta["Metadata_field"].to_numpy()
+        )
         row[f"{task}_balanced_accuracy"] = res["balanced_accuracy"]
         row[f"{task}_macro_f1"] = res["macro_f1"]
-    print(f"{name:28s} protein bal.acc {row['protein_balanced_accuracy']:.3f}  localisation bal.acc {row['localisation_balanced_accuracy']:.3f}", flush=True)
+    print(
+        f"{name:28s} protein bal.acc {row['protein_balanced_accuracy']:.3f}  localisation bal.acc {row['localisation_balanced_accuracy']:.3f}",
+        flush=True,
+    )
     return row
 
 
@@ -65,8 +70,13 @@ def main() -> None:
         rows.append(evaluate("intensity statistics", intensity_features(table, ["gfp", "rfp"]), table, args.k))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"protocol": f"{args.k}-NN cosine, leave-one-field-out, Microsnoop vote", "rows": rows}, indent=2))
-    lines = ["| features | dim | protein bal. acc. | protein macro-F1 | localisation bal. acc. | localisation macro-F1 |", "|---|---|---|---|---|---|"]
+    out.with_suffix(".json").write_text(
+        json.dumps({"protocol": f"{args.k}-NN cosine, leave-one-field-out, Microsnoop vote", "rows": rows}, indent=2)
+    )
+    lines = [
+        "| features | dim | protein bal. acc. | protein macro-F1 | localisation bal. acc. | localisation macro-F1 |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
         lines.append(
             f"| {r['features']} | {r['dim']} | {r['protein_balanced_accuracy']:.3f} | {r['protein_macro_f1']:.3f} | "

@@ -12,7 +12,9 @@ import typer
 
 from msnoop.config import ConfigError, EmbedJob, config_hash, config_to_yaml, load_config, parse_overrides
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Microscopy image embeddings at scale (Microsnoop on Ray).")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Microscopy image embeddings at scale (Microsnoop on Ray)."
+)
 logger = logging.getLogger("msnoop")
 
 
@@ -37,16 +39,30 @@ def fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
-SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override any config field: section.key=value (YAML value)")]
+SetOpt = Annotated[
+    list[str] | None, typer.Option("--set", help="override any config field: section.key=value (YAML value)")
+]
 
 
 def _embed_overrides(**given: Any) -> list[tuple[str, Any]]:
     keys = {
-        "manifest": "input.manifest", "loaddata": "input.loaddata", "folder": "input.folder", "pattern": "input.pattern",
-        "channels": "input.channels", "limit": "input.limit", "id_column": "input.id_column", "model": "model",
-        "out": "output.dir", "table": "output.table", "name": "name", "mode": "preprocess.mode",
-        "batch_size": "runtime.batch_size", "actors": "runtime.actors", "address": "runtime.address",
-        "strict": "runtime.strict", "num_cpus": "runtime.num_cpus",
+        "manifest": "input.manifest",
+        "loaddata": "input.loaddata",
+        "folder": "input.folder",
+        "pattern": "input.pattern",
+        "channels": "input.channels",
+        "limit": "input.limit",
+        "id_column": "input.id_column",
+        "model": "model",
+        "out": "output.dir",
+        "table": "output.table",
+        "name": "name",
+        "mode": "preprocess.mode",
+        "batch_size": "runtime.batch_size",
+        "actors": "runtime.actors",
+        "address": "runtime.address",
+        "strict": "runtime.strict",
+        "num_cpus": "runtime.num_cpus",
     }
     out: list[tuple[str, Any]] = []
     for arg, value in given.items():
@@ -71,9 +87,13 @@ def _print_embed_result(result: Any) -> None:
         f"in {result.seconds:.1f} s ({result.images_per_s:.1f} images/s)."
     )
     typer.echo(f"Output: {result.out_dir.resolve()}  (Parquet: embeddings/, errors: errors/)")
-    typer.echo(f"Totals: {result.n_rows_total} embedded + {result.n_errors_total} errors = {result.n_input} input images")
+    typer.echo(
+        f"Totals: {result.n_rows_total} embedded + {result.n_errors_total} errors = {result.n_input} input images"
+    )
     if getattr(result, "n_cells_total", 0):
-        typer.echo(f"Cells: {result.n_cells} embedded in this run, {result.n_cells_total} in total (single-cell table: cells/)")
+        typer.echo(
+            f"Cells: {result.n_cells} embedded in this run, {result.n_cells_total} in total (single-cell table: cells/)"
+        )
     if result.table:
         typer.echo(f"LanceDB table: {result.table!r} in {result.out_dir.resolve() / 'lancedb'}")
     if result.errors_preview:
@@ -84,7 +104,9 @@ def _print_embed_result(result: Any) -> None:
 
 @app.command()
 def embed(
-    config: Annotated[Path | None, typer.Argument(help="job YAML (optional when every field is given as an option)")] = None,
+    config: Annotated[
+        Path | None, typer.Argument(help="job YAML (optional when every field is given as an option)")
+    ] = None,
     manifest: Annotated[Path | None, typer.Option(help="CSV/Parquet manifest: one path column per channel")] = None,
     loaddata: Annotated[Path | None, typer.Option(help="CellProfiler LoadData CSV")] = None,
     folder: Annotated[Path | None, typer.Option(help="image folder (with --pattern)")] = None,
@@ -108,9 +130,23 @@ def embed(
     from msnoop.embed.pipeline import StrictModeError, run_embed
 
     overrides = _embed_overrides(
-        manifest=manifest, loaddata=loaddata, folder=folder, pattern=pattern, channels=channels, model=model, out=out,
-        name=name, table=table, mode=mode, limit=limit, id_column=id_column, batch_size=batch_size, actors=actors,
-        num_cpus=num_cpus, address=address, strict=strict,
+        manifest=manifest,
+        loaddata=loaddata,
+        folder=folder,
+        pattern=pattern,
+        channels=channels,
+        model=model,
+        out=out,
+        name=name,
+        table=table,
+        mode=mode,
+        limit=limit,
+        id_column=id_column,
+        batch_size=batch_size,
+        actors=actors,
+        num_cpus=num_cpus,
+        address=address,
+        strict=strict,
     ) + parse_overrides(set_ or [])
     cfg = load_job(config, overrides, job="embed")
     if not isinstance(cfg, EmbedJob):
@@ -186,8 +222,12 @@ def validate(config: Annotated[Path, typer.Argument()], set_: SetOpt = None) -> 
 def submit(
     config: Annotated[Path, typer.Argument(help="job YAML")],
     address: Annotated[str | None, typer.Option(help="Ray dashboard/Jobs address, e.g. http://HEAD:8265")] = None,
-    follow: Annotated[bool, typer.Option("--follow", help="stream logs until the job ends; exit 1 if it failed")] = False,
-    python: Annotated[str | None, typer.Option(help="interpreter on the cluster (default: this one for a local cluster)")] = None,
+    follow: Annotated[
+        bool, typer.Option("--follow", help="stream logs until the job ends; exit 1 if it failed")
+    ] = False,
+    python: Annotated[
+        str | None, typer.Option(help="interpreter on the cluster (default: this one for a local cluster)")
+    ] = None,
     set_: SetOpt = None,
 ) -> None:
     """Send a job to a Ray cluster with the Ray Jobs API."""
@@ -213,16 +253,23 @@ def submit(
 def search(
     table: Annotated[str, typer.Argument(help="job output folder, or a LanceDB URI with --table")],
     image_id: Annotated[str | None, typer.Option("--id", help="query by an image id in the table")] = None,
-    image: Annotated[list[Path] | None, typer.Option("--image", help="query image: one file per channel, in the table's order")] = None,
+    image: Annotated[
+        list[Path] | None, typer.Option("--image", help="query image: one file per channel, in the table's order")
+    ] = None,
     match: Annotated[
         str | None,
-        typer.Option("--match", help="query by the mean of the rows this SQL filter selects, e.g. \"Metadata_Compound = 'taxol'\""),
+        typer.Option(
+            "--match",
+            help="query by the mean of the rows this SQL filter selects, e.g. \"Metadata_Compound = 'taxol'\"",
+        ),
     ] = None,
     k: Annotated[int, typer.Option(help="neighbours to return")] = 10,
     where: Annotated[str | None, typer.Option(help="SQL filter, e.g. \"Metadata_Plate = 'P1'\"")] = None,
     table_name: Annotated[str | None, typer.Option("--table", help="table name inside a LanceDB URI")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON records")] = False,
-    exact: Annotated[bool | None, typer.Option("--exact/--ann", help="force exact or index search (default: automatic)")] = None,
+    exact: Annotated[
+        bool | None, typer.Option("--exact/--ann", help="force exact or index search (default: automatic)")
+    ] = None,
 ) -> None:
     """Nearest rows (cosine distance) to an image in the table, a new image, or a group of rows.
 
@@ -270,11 +317,15 @@ def info(
     meta = ref.info
     typer.echo(f"table      {ref.name} ({ref.uri})")
     typer.echo(f"rows       {ref.table.count_rows()}")
-    typer.echo(f"dimensions {meta.get('embed_dim')} = {len(meta.get('channels', []))} channels x {meta.get('embed_dim_per_channel')}")
+    typer.echo(
+        f"dimensions {meta.get('embed_dim')} = {len(meta.get('channels', []))} channels x {meta.get('embed_dim_per_channel')}"
+    )
     typer.echo(f"channels   {', '.join(meta.get('channels', []))}")
     typer.echo(f"model      {meta.get('model')} ({meta.get('arch')}, sha256 {str(meta.get('model_sha256'))[:12]})")
     typer.echo(f"preprocess {json.dumps(meta.get('preprocess'))}")
-    cols = [f.name for f in ref.table.schema if f.name.startswith("Metadata_") and not f.name.startswith("Metadata_Path_")]
+    cols = [
+        f.name for f in ref.table.schema if f.name.startswith("Metadata_") and not f.name.startswith("Metadata_Path_")
+    ]
     typer.echo(f"metadata   {', '.join(cols)}")
     out = Path(table)
     if (out / parts.ERRORS).is_dir():
@@ -311,12 +362,24 @@ def _register_library_commands() -> None:
     from msnoop.evaluate.report_commands import report_command
     from msnoop.train.commands import pretrain_command
 
-    app.command("knn", help="kNN classification of any embedding/profile table (LOO, k-fold, leave-group-out).")(knn_command)
-    app.command("nsc", help="BBBC021-style NSC/NSCB (1-NN, not-same-compound / not-same-batch) on a treatment table.")(nsc_command)
-    app.command("pretrain", help="Masked-reconstruction pretraining on Ray Train (resumes from the last checkpoint).")(pretrain_command)
-    app.command("map", help="mAP retrieval (copairs rules) with permutation p-values, BH and fraction retrieved.")(map_command)
-    app.command("report", help="HTML report with PNGs: 2-D map by label/batch, kNN confusion matrix, neighbour galleries.")(report_command)
-    app.command("profile", help="Sphere on controls, aggregate to wells/treatments (any profile table).")(profile_command)
+    app.command("knn", help="kNN classification of any embedding/profile table (LOO, k-fold, leave-group-out).")(
+        knn_command
+    )
+    app.command("nsc", help="BBBC021-style NSC/NSCB (1-NN, not-same-compound / not-same-batch) on a treatment table.")(
+        nsc_command
+    )
+    app.command("pretrain", help="Masked-reconstruction pretraining on Ray Train (resumes from the last checkpoint).")(
+        pretrain_command
+    )
+    app.command("map", help="mAP retrieval (copairs rules) with permutation p-values, BH and fraction retrieved.")(
+        map_command
+    )
+    app.command(
+        "report", help="HTML report with PNGs: 2-D map by label/batch, kNN confusion matrix, neighbour galleries."
+    )(report_command)
+    app.command("profile", help="Sphere on controls, aggregate to wells/treatments (any profile table).")(
+        profile_command
+    )
 
 
 _register_library_commands()

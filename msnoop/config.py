@@ -52,7 +52,9 @@ class InputConfig(_Strict):
     def _one_source(self) -> InputConfig:
         given = [k for k in ("manifest", "loaddata", "folder") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError(f"give exactly one of input.manifest, input.loaddata, input.folder; found {given or 'none'}")
+            raise ValueError(
+                f"give exactly one of input.manifest, input.loaddata, input.folder; found {given or 'none'}"
+            )
         if self.folder is not None and not self.pattern:
             raise ValueError("input.folder needs input.pattern, e.g. '{Metadata_Well}_{channel}.tif'")
         if len(set(self.channels)) != len(self.channels):
@@ -84,13 +86,16 @@ class OutputConfig(_Strict):
     lancedb: str | None = Field(None, description="LanceDB URI; default <dir>/lancedb (embedded)")
     write_lance: bool = True
     index: Literal["auto", "none", "ivf_sq", "ivf_pq", "hnsw"] = Field(
-        "auto", description="LanceDB vector index: auto builds one (IVF_SQ) from index_threshold rows on; smaller tables are searched exactly"
+        "auto",
+        description="LanceDB vector index: auto builds one (IVF_SQ) from index_threshold rows on; smaller tables are searched exactly",
     )
     index_threshold: int = Field(100_000, ge=1, description="rows from which 'auto' builds a vector index")
 
 
 class RuntimeConfig(_Strict):
-    address: str | None = Field(None, description="Ray address; None = RAY_ADDRESS or a local cluster started on demand")
+    address: str | None = Field(
+        None, description="Ray address; None = RAY_ADDRESS or a local cluster started on demand"
+    )
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a local cluster; default all")
     object_store_mb: int | None = Field(None, ge=100)
     batch_size: int = Field(64, ge=1, description="one-channel tiles per forward pass")
@@ -98,7 +103,9 @@ class RuntimeConfig(_Strict):
     actors: int = Field(1, ge=1, description="embedding actors in the pool (one GPU each where GPUs exist)")
     actor_cpus: float | None = Field(None, gt=0, description="CPUs per embedding actor; default 1 with GPUs, else 0.5")
     use_gpu: Literal["auto", "yes", "no"] = "auto"
-    inflight_mb: int = Field(512, ge=64, description="object-store budget for blocks in flight; bounds read-ahead memory")
+    inflight_mb: int = Field(
+        512, ge=64, description="object-store budget for blocks in flight; bounds read-ahead memory"
+    )
     strict: bool = Field(False, description="stop at the first bad image instead of recording it")
     progress: bool = True
 
@@ -248,7 +255,11 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
 
 
 def build_config(
-    data: dict[str, Any], *, source: str = "<command line>", overrides: list[tuple[str, Any]] | None = None, job: str | None = None
+    data: dict[str, Any],
+    *,
+    source: str = "<command line>",
+    overrides: list[tuple[str, Any]] | None = None,
+    job: str | None = None,
 ) -> BaseModel:
     """Validate a config dict (after overrides) into its job model."""
     data = json.loads(json.dumps(data, default=str))  # deep copy, paths as strings
@@ -260,9 +271,13 @@ def build_config(
 
         importlib.import_module(_JOB_MODULES[kind])
     if kind is None:
-        raise ConfigError(f"invalid config {source}: missing key 'job' (one of {', '.join(sorted(set(JOBS) | set(_JOB_MODULES)))})")
+        raise ConfigError(
+            f"invalid config {source}: missing key 'job' (one of {', '.join(sorted(set(JOBS) | set(_JOB_MODULES)))})"
+        )
     if kind not in JOBS:
-        raise ConfigError(f"invalid config {source}: unknown job {kind!r}; expected one of {', '.join(sorted(set(JOBS) | set(_JOB_MODULES)))}")
+        raise ConfigError(
+            f"invalid config {source}: unknown job {kind!r}; expected one of {', '.join(sorted(set(JOBS) | set(_JOB_MODULES)))}"
+        )
     data.setdefault("job", kind)
     try:
         return JOBS[kind].model_validate(data)
@@ -270,7 +285,9 @@ def build_config(
         raise ConfigError(_format_errors(err, source)) from None
 
 
-def load_config(path: str | Path | None, *, overrides: list[tuple[str, Any]] | None = None, job: str | None = None) -> BaseModel:
+def load_config(
+    path: str | Path | None, *, overrides: list[tuple[str, Any]] | None = None, job: str | None = None
+) -> BaseModel:
     """Load and validate a YAML job config; ``path=None`` builds it from overrides alone."""
     data: dict[str, Any] = {}
     source = "<command line>"

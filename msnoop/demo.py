@@ -17,7 +17,9 @@ def demo_model() -> str:
     """The shipped default model when installed, else a seeded random network (logged)."""
     if BUILTIN["default"].is_file():
         return "default"
-    logger.warning("no trained default model is installed; the demo uses a randomly initialised network (random:microsnoop_cnn:0)")
+    logger.warning(
+        "no trained default model is installed; the demo uses a randomly initialised network (random:microsnoop_cnn:0)"
+    )
     return "random:microsnoop_cnn:0"
 
 
@@ -38,6 +40,8 @@ def demo_config(out_dir: Path, *, n_per_class: int, model: str | None, num_cpus:
     return cfg
 
 
-def run_demo(out_dir: Path, *, n_per_class: int = 25, model: str | None = None, num_cpus: int | None = None) -> tuple[EmbedResult, EmbedJob]:
+def run_demo(
+    out_dir: Path, *, n_per_class: int = 25, model: str | None = None, num_cpus: int | None = None
+) -> tuple[EmbedResult, EmbedJob]:
     cfg = demo_config(out_dir, n_per_class=n_per_class, model=model, num_cpus=num_cpus)
     return run_embed(cfg), cfg

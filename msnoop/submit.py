@@ -39,7 +39,9 @@ def dashboard_address(address: str | None) -> str:
     if not addr or addr == "auto":
         return DEFAULT_DASHBOARD
     if addr.startswith("ray://"):
-        raise ValueError(f"{addr} is a Ray Client address; the Jobs API needs the dashboard address, e.g. http://HEAD:8265")
+        raise ValueError(
+            f"{addr} is a Ray Client address; the Jobs API needs the dashboard address, e.g. http://HEAD:8265"
+        )
     if not addr.startswith(("http://", "https://")):
         host = addr.split(":")[0]
         return f"http://{host}:8265"
@@ -62,7 +64,9 @@ def _client(address: str):  # type: ignore[no-untyped-def]
         ) from None
 
 
-def submit_job(cfg: BaseModel, *, address: str | None = None, python: str | None = None, job_id: str | None = None) -> Submission:
+def submit_job(
+    cfg: BaseModel, *, address: str | None = None, python: str | None = None, job_id: str | None = None
+) -> Submission:
     """Submit ``cfg`` as a Ray job; the config travels in a small uploaded working dir.
 
     The entrypoint runs ``python -m msnoop run msnoop_job.yaml`` on the cluster, which must have msnoop
@@ -80,12 +84,16 @@ def submit_job(cfg: BaseModel, *, address: str | None = None, python: str | None
     sid = job_id or f"msnoop-{kind}-{config_hash(cfg)}-{int(time.time())}"
     runtime_env = {"working_dir": str(workdir), "env_vars": {"PYTHONUNBUFFERED": "1"}}
     client = _client(addr)
-    job = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=sid, metadata={"msnoop_job": str(kind)})
+    job = client.submit_job(
+        entrypoint=entrypoint, runtime_env=runtime_env, submission_id=sid, metadata={"msnoop_job": str(kind)}
+    )
     equivalent = (
         f"ray job submit --address {addr} --submission-id {sid} "
         f"--runtime-env-json {shlex.quote(json.dumps(runtime_env))} -- {entrypoint}"
     )
-    return Submission(job_id=job, address=addr, entrypoint=entrypoint, working_dir=str(workdir), equivalent_command=equivalent)
+    return Submission(
+        job_id=job, address=addr, entrypoint=entrypoint, working_dir=str(workdir), equivalent_command=equivalent
+    )
 
 
 def follow_job(address: str, job_id: str, *, out: Any = None, poll_s: float = 1.0) -> str:

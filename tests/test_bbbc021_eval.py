@@ -75,7 +75,7 @@ def _sklearn_reference(df: pd.DataFrame, exclude) -> float:
 
 def test_nsc_equals_sklearn_leave_compound_out(treatments: pd.DataFrame) -> None:
     res = nsc(treatments)
-    same_comp = lambda d, i: (d["Metadata_Compound"] == d["Metadata_Compound"].iloc[i]).to_numpy()  # noqa: E731
+    same_comp = lambda d, i: (d["Metadata_Compound"] == d["Metadata_Compound"].iloc[i]).to_numpy()
     assert res["accuracy"] == pytest.approx(_sklearn_reference(treatments, same_comp))
     assert res["n"] == 40 and res["n_correct"] == round(res["accuracy"] * 40)
     assert 0.2 < res["accuracy"] < 1.0  # informative fixture
@@ -86,7 +86,7 @@ def test_nsc_equals_sklearn_leave_compound_out(treatments: pd.DataFrame) -> None
 def test_nscb_equals_sklearn_with_batch_string_equality(treatments: pd.DataFrame, column: str) -> None:
     res = nscb(treatments, batch_column=column, drop_moas=[])
 
-    def excl(d, i):  # noqa: E306
+    def excl(d, i):
         return (
             (d["Metadata_Compound"] == d["Metadata_Compound"].iloc[i]) | (d[column] == d[column].iloc[i])
         ).to_numpy()

@@ -34,8 +34,23 @@ def embedded(synthetic, tmp_path_factory, ray_cluster):
     out = tmp_path_factory.mktemp("cli") / "results"
     result = runner.invoke(
         app,
-        ["embed", "--manifest", str(synthetic), "--channels", "dna,protein", "--model", "random:test_cnn",
-         "--out", str(out), "--name", "syn", "--set", "runtime.images_per_block=8", "--set", "runtime.progress=false"],
+        [
+            "embed",
+            "--manifest",
+            str(synthetic),
+            "--channels",
+            "dna,protein",
+            "--model",
+            "random:test_cnn",
+            "--out",
+            str(out),
+            "--name",
+            "syn",
+            "--set",
+            "runtime.images_per_block=8",
+            "--set",
+            "runtime.progress=false",
+        ],
     )
     assert result.exit_code == 0, result.output
     return out, result.output
@@ -66,7 +81,9 @@ def test_search_by_id_with_filter_and_json(embedded):
     hits = json.loads(result.output)
     assert len(hits) == 3 and all(h["Metadata_ImageID"] != "nuclear_0000_dna" for h in hits)
     assert [h["_distance"] for h in hits] == sorted(h["_distance"] for h in hits)
-    result = runner.invoke(app, ["search", str(out), "--id", "nuclear_0000_dna", "--where", "Metadata_Class = 'membrane'", "--json"])
+    result = runner.invoke(
+        app, ["search", str(out), "--id", "nuclear_0000_dna", "--where", "Metadata_Class = 'membrane'", "--json"]
+    )
     assert result.exit_code == 0, result.output
     assert {h["Metadata_Class"] for h in json.loads(result.output)} == {"membrane"}
 
@@ -75,7 +92,18 @@ def test_search_by_new_image_finds_itself(embedded, synthetic):
     out, _ = embedded
     root = synthetic.parent
     result = runner.invoke(
-        app, ["search", str(out), "--image", str(root / "images/punctate_0002_dna.tif"), "--image", str(root / "images/punctate_0002_protein.tif"), "--json", "--k", "2"]
+        app,
+        [
+            "search",
+            str(out),
+            "--image",
+            str(root / "images/punctate_0002_dna.tif"),
+            "--image",
+            str(root / "images/punctate_0002_protein.tif"),
+            "--json",
+            "--k",
+            "2",
+        ],
     )
     assert result.exit_code == 0, result.output
     top = json.loads(result.output)[0]
@@ -94,7 +122,9 @@ def test_search_errors_are_clear(embedded):
 
 def test_invalid_config_fails_before_any_work(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("job: embed\ninput: {manifest: m.csv, channels: [a]}\nmodel: x\noutput: {dir: o}\nruntime: {batchsize: 3}\n")
+    bad.write_text(
+        "job: embed\ninput: {manifest: m.csv, channels: [a]}\nmodel: x\noutput: {dir: o}\nruntime: {batchsize: 3}\n"
+    )
     result = runner.invoke(app, ["embed", str(bad)])
     assert result.exit_code == 2 and "bad.yaml" in result.output and "unknown key 'runtime.batchsize'" in result.output
     assert not (tmp_path / "o").exists()
@@ -117,13 +147,29 @@ def head_node(tmp_path_factory):
     env.pop("RAY_ADDRESS", None)
     log = open(tmp_path_factory.mktemp("head") / "head.log", "w")
     proc = subprocess.Popen(
-        [str(ray_bin), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true", "--num-cpus=1",
-         # every port explicit, so this head can run beside the session's local cluster
-         f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
-         f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}", f"--ray-client-server-port={client}",
-         "--disable-usage-stats"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            str(ray_bin),
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--port={gcs}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash}",
+            "--include-dashboard=true",
+            "--num-cpus=1",
+            # every port explicit, so this head can run beside the session's local cluster
+            f"--dashboard-agent-listen-port={agent}",
+            f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--metrics-export-port={metrics}",
+            f"--runtime-env-agent-port={runtime_env}",
+            f"--ray-client-server-port={client}",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     address = f"http://127.0.0.1:{dash}"
     deadline = time.time() + 90
@@ -153,9 +199,11 @@ def head_node(tmp_path_factory):
 @pytest.mark.slow
 def test_submit_follow_succeeds_and_failure_exits_nonzero(head_node, synthetic, tmp_path):
     cfg = {
-        "job": "embed", "name": "sub",
+        "job": "embed",
+        "name": "sub",
         "input": {"manifest": str(synthetic), "channels": ["dna", "protein"], "limit": 6},
-        "model": "random:test_cnn", "output": {"dir": str(tmp_path / "out")},
+        "model": "random:test_cnn",
+        "output": {"dir": str(tmp_path / "out")},
         "runtime": {"progress": False, "images_per_block": 3},
     }
     path = tmp_path / "sub.yaml"
@@ -180,11 +228,15 @@ def test_submit_follow_succeeds_and_failure_exits_nonzero(head_node, synthetic, 
 
 def test_knn_and_report_on_an_embed_output(embedded, tmp_path):
     out, _ = embedded
-    result = runner.invoke(app, ["knn", str(out), "--label", "Metadata_Class", "--k", "3", "--json", str(tmp_path / "knn.json")])
+    result = runner.invoke(
+        app, ["knn", str(out), "--label", "Metadata_Class", "--k", "3", "--json", str(tmp_path / "knn.json")]
+    )
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "knn.json").read_text())
     assert metrics["n_classes"] == 4 and 0.0 <= metrics["accuracy"] <= 1.0
-    result = runner.invoke(app, ["report", str(out), "--label", "Metadata_Class", "--out", str(tmp_path / "report"), "--k", "3"])
+    result = runner.invoke(
+        app, ["report", str(out), "--label", "Metadata_Class", "--out", str(tmp_path / "report"), "--k", "3"]
+    )
     assert result.exit_code == 0, result.output
     html = (tmp_path / "report" / "report.html").read_text()
     assert "confusion.png" in html and (tmp_path / "report" / "neighbours.png").stat().st_size > 10_000
@@ -193,7 +245,8 @@ def test_knn_and_report_on_an_embed_output(embedded, tmp_path):
 def test_map_on_an_embed_output(embedded, tmp_path):
     out, _ = embedded
     result = runner.invoke(
-        app, ["map", str(out), "--positive", "Metadata_Class", "--null-size", "200", "--json", str(tmp_path / "map.json")]
+        app,
+        ["map", str(out), "--positive", "Metadata_Class", "--null-size", "200", "--json", str(tmp_path / "map.json")],
     )
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "map.json").read_text())

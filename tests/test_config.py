@@ -27,7 +27,9 @@ def write(tmp_path, text, name="job.yaml"):
 
 
 def test_valid_config_and_overrides(tmp_path):
-    cfg = load_config(write(tmp_path, GOOD), overrides=parse_overrides(["runtime.batch_size=8", "preprocess.mode=tile"]))
+    cfg = load_config(
+        write(tmp_path, GOOD), overrides=parse_overrides(["runtime.batch_size=8", "preprocess.mode=tile"])
+    )
     assert isinstance(cfg, EmbedJob)
     assert cfg.runtime.batch_size == 8 and cfg.preprocess.mode == "tile" and cfg.input.channels == ["dna", "gfp"]
     assert cfg.lancedb_uri.endswith("out/lancedb") and cfg.table_name == "cells"
@@ -73,10 +75,21 @@ def _images(tmp_path, names):
 
 def test_manifest_columns_metadata_prefix_and_ids(tmp_path):
     pd.DataFrame(
-        {"dna_path": ["a/1_dna.tif", "a/2_dna.tif"], "gfp": ["a/1_gfp.tif", "a/2_gfp.tif"], "protein": ["P1", "P2"], "Metadata_Well": ["A01", "A02"]}
+        {
+            "dna_path": ["a/1_dna.tif", "a/2_dna.tif"],
+            "gfp": ["a/1_gfp.tif", "a/2_gfp.tif"],
+            "protein": ["P1", "P2"],
+            "Metadata_Well": ["A01", "A02"],
+        }
     ).to_csv(tmp_path / "m.csv", index=False)
     t = load_image_table(InputConfig(manifest=tmp_path / "m.csv", channels=["dna", "gfp"]))
-    assert list(t.columns) == ["Metadata_ImageID", "Metadata_protein", "Metadata_Well", "Metadata_Path_dna", "Metadata_Path_gfp"]
+    assert list(t.columns) == [
+        "Metadata_ImageID",
+        "Metadata_protein",
+        "Metadata_Well",
+        "Metadata_Path_dna",
+        "Metadata_Path_gfp",
+    ]
     assert t["Metadata_ImageID"].tolist() == ["1_dna", "2_dna"]
     assert t["Metadata_Path_gfp"][0] == str(tmp_path / "a/1_gfp.tif")
 
@@ -94,9 +107,12 @@ def test_manifest_parquet_and_explicit_columns_and_errors(tmp_path):
 def test_loaddata_csv(tmp_path):
     pd.DataFrame(
         {
-            "Metadata_Plate": ["P1"], "Metadata_Well": ["B03"],
-            "FileName_OrigDNA": ["b03_dna.tif"], "PathName_OrigDNA": [str(tmp_path / "img")],
-            "FileName_OrigER": ["b03_er.tif"], "PathName_OrigER": [str(tmp_path / "img")],
+            "Metadata_Plate": ["P1"],
+            "Metadata_Well": ["B03"],
+            "FileName_OrigDNA": ["b03_dna.tif"],
+            "PathName_OrigDNA": [str(tmp_path / "img")],
+            "FileName_OrigER": ["b03_er.tif"],
+            "PathName_OrigER": [str(tmp_path / "img")],
         }
     ).to_csv(tmp_path / "load_data.csv", index=False)
     t = load_image_table(InputConfig(loaddata=tmp_path / "load_data.csv", channels=["DNA", "ER"]))
@@ -107,8 +123,15 @@ def test_loaddata_csv(tmp_path):
 
 
 def test_folder_pattern_groups_channels_and_reports_missing(tmp_path):
-    _images(tmp_path, ["P1/A01_w1.tif", "P1/A01_w2.tif", "P1/A02_w1.tif", "P1/A02_w2.tif", "P1/A03_w1.tif", "P1/notes.txt"])
-    cfg = InputConfig(folder=tmp_path, pattern="{Metadata_Plate}/{Metadata_Well}_{channel}.tif", channels=["dna", "gfp"], channel_values={"dna": "w1", "gfp": "w2"})
+    _images(
+        tmp_path, ["P1/A01_w1.tif", "P1/A01_w2.tif", "P1/A02_w1.tif", "P1/A02_w2.tif", "P1/A03_w1.tif", "P1/notes.txt"]
+    )
+    cfg = InputConfig(
+        folder=tmp_path,
+        pattern="{Metadata_Plate}/{Metadata_Well}_{channel}.tif",
+        channels=["dna", "gfp"],
+        channel_values={"dna": "w1", "gfp": "w2"},
+    )
     t = load_image_table(cfg).sort_values("Metadata_Well").reset_index(drop=True)
     assert t["Metadata_Well"].tolist() == ["A01", "A02", "A03"] and (t["Metadata_Plate"] == "P1").all()
     assert t["Metadata_Path_gfp"][2] == ""  # missing channel: the pipeline reports it as an error row

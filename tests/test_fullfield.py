@@ -207,7 +207,10 @@ def test_mask_shape_mismatch_is_an_error_for_that_image(first_run, monkeypatch):
     _, spec = prepare_model(cfg)
     monkeypatch.setattr(SegmentationConfig, "run", lambda self, image: np.zeros((10, 10), np.int32))
     out = read_and_prepare(
-        load_image_table(cfg.input).head(1), channels=["dna", "gfp"], spec=spec.model_dump(), strict=False,
+        load_image_table(cfg.input).head(1),
+        channels=["dna", "gfp"],
+        spec=spec.model_dump(),
+        strict=False,
         cells=_cells_spec(cfg),
     )
     assert "segmentation mask has shape (10, 10) but the image is (160, 160)" in out["error"][0]

@@ -211,6 +211,6 @@ def test_ivf_loo_close_to_exact_and_auto_chooses_by_size() -> None:
 def test_ivf_fills_short_lists_with_exact_search() -> None:
     X, _ = _blobs(n_per=10, n_classes=4, spread=0.5, seed=2)
     # 40 rows in 1 probed list of 4 (~10 rows each) cannot give 15 neighbours: falls back to exact
-    s, i = knn_search(X, X[:5], 15, index="ivf", nlist=4, nprobe=1)
+    _, i = knn_search(X, X[:5], 15, index="ivf", nlist=4, nprobe=1)
     np.testing.assert_array_equal(i, knn_search(X, X[:5], 15, index="exact")[1])
     assert (i >= 0).all()

@@ -26,7 +26,9 @@ def test_n_masked_matches_microsnoop() -> None:
     assert n_masked(10, 0.33) == 10 - int(10 * 0.67)
 
 
-@pytest.mark.parametrize(("h", "w", "ratio"), [(32, 32, 0.25), (64, 48, 0.25), (224, 224, 0.25), (64, 64, 0.5), (48, 80, 0.1)])
+@pytest.mark.parametrize(
+    ("h", "w", "ratio"), [(32, 32, 0.25), (64, 48, 0.25), (224, 224, 0.25), (64, 64, 0.5), (48, 80, 0.1)]
+)
 def test_exact_masked_fraction_and_alignment(h: int, w: int, ratio: float) -> None:
     p = 16
     imgs = torch.rand(5, 1, h, w) + 0.5  # strictly positive, so zero means masked
@@ -35,7 +37,7 @@ def test_exact_masked_fraction_and_alignment(h: int, w: int, ratio: float) -> No
     length = (h // p) * (w // p)
     patch_mask = patchify(mask, p)  # [N, L, p*p]
     # every patch is fully masked or fully kept (aligned to the 16 px grid)
-    assert torch.all((patch_mask.amin(-1) == patch_mask.amax(-1)))
+    assert torch.all(patch_mask.amin(-1) == patch_mask.amax(-1))
     per_image = patch_mask[:, :, 0].sum(1)
     assert per_image.tolist() == [n_masked(length, ratio)] * 5
     assert float(mask.mean()) == pytest.approx(n_masked(length, ratio) / length)

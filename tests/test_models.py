@@ -48,7 +48,9 @@ def test_registry_errors_list_valid_names():
 def test_checkpoint_roundtrip_half_precision_and_weights_only(tmp_path):
     torch.manual_seed(0)
     net = create_model("test_cnn").eval()
-    path = save_checkpoint(tmp_path / "m.pt", net, arch="test_cnn", preprocess=Preprocessing(), meta={"steps": 3}, half=True)
+    path = save_checkpoint(
+        tmp_path / "m.pt", net, arch="test_cnn", preprocess=Preprocessing(), meta={"steps": 3}, half=True
+    )
     raw = torch.load(path, weights_only=True)
     assert raw["state_dict"]["encoder.down.0.proj.1.weight"].dtype == torch.float16
     loaded = load_checkpoint(path)
@@ -59,10 +61,15 @@ def test_checkpoint_roundtrip_half_precision_and_weights_only(tmp_path):
 
 
 def test_checkpoint_refuses_other_preprocessing(tmp_path):
-    path = save_checkpoint(tmp_path / "m.pt", create_model("test_cnn"), arch="test_cnn", preprocess=Preprocessing(preset="cytoimagenet"))
+    path = save_checkpoint(
+        tmp_path / "m.pt", create_model("test_cnn"), arch="test_cnn", preprocess=Preprocessing(preset="cytoimagenet")
+    )
     with pytest.raises(CheckpointError, match="trained with preprocessing preset 'cytoimagenet'"):
         load_checkpoint(path, preprocess=Preprocessing(preset="microsnoop"))
-    assert load_checkpoint(path, preprocess=Preprocessing(preset="cytoimagenet", mode="rescale")).preprocess.mode == "rescale"
+    assert (
+        load_checkpoint(path, preprocess=Preprocessing(preset="cytoimagenet", mode="rescale")).preprocess.mode
+        == "rescale"
+    )
 
 
 def test_bad_checkpoint_files(tmp_path):

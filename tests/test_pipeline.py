@@ -29,7 +29,9 @@ def dataset(tmp_path_factory):
         shape = (300, 260) if i == 0 else (48, 40)
         for ch, dtype in (("dna", np.uint16), ("gfp", np.uint8)):
             tifffile.imwrite(root / f"img{i}_{ch}.tif", rng.integers(0, 200, shape).astype(dtype))
-        rows.append({"dna": f"img{i}_dna.tif", "gfp": f"img{i}_gfp.tif", "Metadata_Well": f"W{i:02d}", "Metadata_Class": i % 2})
+        rows.append(
+            {"dna": f"img{i}_dna.tif", "gfp": f"img{i}_gfp.tif", "Metadata_Well": f"W{i:02d}", "Metadata_Class": i % 2}
+        )
 
     def bad(name, dna_writer):
         dna_writer(root / f"{name}_dna.tif")
@@ -40,7 +42,10 @@ def dataset(tmp_path_factory):
     bad("corrupt", lambda p: p.write_bytes(b"not a tiff at all"))
     good_bytes = (root / "img1_dna.tif").read_bytes()
     bad("truncated", lambda p: p.write_bytes(good_bytes[: len(good_bytes) // 2]))
-    bad("threeplanes", lambda p: tifffile.imwrite(p, rng.integers(0, 9, (3, 48, 40)).astype(np.uint16), photometric="minisblack"))
+    bad(
+        "threeplanes",
+        lambda p: tifffile.imwrite(p, rng.integers(0, 9, (3, 48, 40)).astype(np.uint16), photometric="minisblack"),
+    )
     bad("constant", lambda p: tifffile.imwrite(p, np.full((48, 40), 5, np.uint16)))
     bad("nan", lambda p: tifffile.imwrite(p, np.full((48, 40), np.nan, np.float32)))
     bad("shape", lambda p: tifffile.imwrite(p, rng.integers(0, 9, (40, 40)).astype(np.uint16)))
@@ -90,7 +95,9 @@ def test_embeddings_equal_calling_the_model_directly(first_run, dataset):
     assert len(emb_cols) == 64  # 2 channels x 32 (test_cnn)
     model, _ = prepare_model(cfg)
     embedder = Embedder(model)
-    images = [[read_image(df.loc[i, "Metadata_Path_dna"]), read_image(df.loc[i, "Metadata_Path_gfp"])] for i in df.index]
+    images = [
+        [read_image(df.loc[i, "Metadata_Path_dna"]), read_image(df.loc[i, "Metadata_Path_gfp"])] for i in df.index
+    ]
     direct = embedder.embed_images(images)
     assert np.abs(df[emb_cols].to_numpy() - direct).max() < 1e-5
     norms = np.linalg.norm(df[emb_cols].to_numpy()[:, :32], axis=1)
@@ -104,7 +111,9 @@ def test_outputs_lancedb_resolved_config_and_run_info(first_run):
     out = cfg.output.dir
     assert (out / "resolved_config.yaml").is_file()
     info = parts.read_run_info(out)
-    assert info["channels"] == ["dna", "gfp"] and info["embed_dim"] == 64 and info["preprocess"]["preset"] == "microsnoop"
+    assert (
+        info["channels"] == ["dna", "gfp"] and info["embed_dim"] == 64 and info["preprocess"]["preset"] == "microsnoop"
+    )
     table = open_table(str(out / "lancedb"), "cells")
     assert table.count_rows() == N_GOOD
     assert table.schema.field("vector").type.list_size == 64

@@ -107,7 +107,9 @@ def test_prepare_channel_rescale_and_forced_tile_modes():
     rescaled = prepare_channel(img, Preprocessing(mode="rescale"))
     assert rescaled.shape == (1, 224, 224)
     np.testing.assert_allclose(rescaled[0], normalize99(resize(pad_to_square(img), 224)), rtol=1e-5, atol=1e-6)
-    small = prepare_channel(np.random.default_rng(4).uniform(size=(50, 50)).astype(np.float32), Preprocessing(mode="tile"))
+    small = prepare_channel(
+        np.random.default_rng(4).uniform(size=(50, 50)).astype(np.float32), Preprocessing(mode="tile")
+    )
     assert small.shape == (1, 224, 224)
 
 

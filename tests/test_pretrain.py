@@ -229,13 +229,20 @@ def test_resume_equals_uninterrupted_run(synthetic: dict[str, Path], tmp_path: P
     assert resumed.scheduler.get_last_lr() == straight.scheduler.get_last_lr()
 
 
-def test_finalize_writes_loadable_model_card_and_figure(synthetic: dict[str, Path], tmp_path: Path, pool: ChannelPool) -> None:
+def test_finalize_writes_loadable_model_card_and_figure(
+    synthetic: dict[str, Path], tmp_path: Path, pool: ChannelPool
+) -> None:
     from msnoop.train.ray_train import finalize
 
     job = _job(synthetic, tmp_path, steps=4, log_every=2)
     state = build_state(job)
     train_steps(state, pool, job, until=4)
-    payload = {**state.state_dict(), "world_size": 1, "config": json.loads(job.model_dump_json()), "pool": pool.describe()}
+    payload = {
+        **state.state_dict(),
+        "world_size": 1,
+        "config": json.loads(job.model_dump_json()),
+        "pool": pool.describe(),
+    }
     res = finalize(job, payload, stop_reason="steps", elapsed_s=1.0)
     loaded = load_checkpoint(res.model_path)
     assert loaded.arch == "test_cnn" and loaded.preprocess.input_size == 224
@@ -256,7 +263,9 @@ def test_finalize_writes_loadable_model_card_and_figure(synthetic: dict[str, Pat
 def _local(job: PretrainJob, **updates: Any) -> PretrainJob:
     """Ray Train local mode (``num_workers=0``): the training function runs in this process."""
     train = job.train.model_copy(update=updates)
-    return job.model_copy(update={"train": train, "runtime": job.runtime.model_copy(update={"num_workers": 0, "use_gpu": "no"})})
+    return job.model_copy(
+        update={"train": train, "runtime": job.runtime.model_copy(update={"num_workers": 0, "use_gpu": "no"})}
+    )
 
 
 def test_driver_resumes_a_run_with_the_same_name(synthetic: dict[str, Path], tmp_path: Path) -> None:
@@ -289,7 +298,9 @@ def test_time_budget_stops_cleanly_and_writes_outputs(synthetic: dict[str, Path]
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_ray_train_two_workers_writes_a_loadable_checkpoint(synthetic: dict[str, Path], tmp_path: Path, ray_cluster: None) -> None:
+def test_ray_train_two_workers_writes_a_loadable_checkpoint(
+    synthetic: dict[str, Path], tmp_path: Path, ray_cluster: None
+) -> None:
     from msnoop.train.ray_train import run_pretrain
 
     runtime = {"num_workers": 2, "cpus_per_worker": 0.5, "use_gpu": "no", "max_failures": 0}
@@ -301,7 +312,10 @@ def test_ray_train_two_workers_writes_a_loadable_checkpoint(synthetic: dict[str,
     assert loaded.arch == "test_cnn" and loaded.meta["world_size"] == 2 and loaded.meta["steps"] == 6
     log = [json.loads(line) for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [2, 4, 6] and all(r["world_size"] == 2 for r in log)
-    assert sorted(p.name for p in (tmp_path / "out" / "ray" / "t").glob("checkpoint_[0-9]*")) == ["checkpoint_00000003", "checkpoint_00000006"]
+    assert sorted(p.name for p in (tmp_path / "out" / "ray" / "t").glob("checkpoint_[0-9]*")) == [
+        "checkpoint_00000003",
+        "checkpoint_00000006",
+    ]
 
 
 def test_nearly_uniform_crops_with_outliers_are_redrawn(pool: ChannelPool) -> None:

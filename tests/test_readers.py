@@ -35,7 +35,9 @@ def test_rgb_with_identical_planes_becomes_one_channel(tmp_path):
 def test_true_colour_and_stacks_are_rejected_with_shape(tmp_path):
     rgb = np.random.default_rng(0).integers(0, 255, (8, 8, 3), dtype=np.uint8)
     Image.fromarray(rgb).save(tmp_path / "rgb.png")
-    with pytest.raises(ImageReadError, match=r"rgb.png: expected one 2-D channel per file, found an array of shape \(8, 8, 3\)"):
+    with pytest.raises(
+        ImageReadError, match=r"rgb.png: expected one 2-D channel per file, found an array of shape \(8, 8, 3\)"
+    ):
         read_image(tmp_path / "rgb.png")
     tifffile.imwrite(tmp_path / "stack.tif", np.ones((2, 8, 8), np.uint16))
     with pytest.raises(ImageReadError, match=r"\(2, 8, 8\)"):

@@ -27,5 +27,7 @@ def test_local_cluster_listens_on_loopback_only(ray_cluster):
     pids = {me.pid} | {p.pid for p in me.children(recursive=True)}
     listening = [c for c in psutil.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN and c.pid in pids]
     assert listening, "found no listening sockets of the local Ray cluster"
-    exposed = [(c.laddr.ip, c.laddr.port, psutil.Process(c.pid).name()) for c in listening if not _is_loopback(c.laddr.ip)]
+    exposed = [
+        (c.laddr.ip, c.laddr.port, psutil.Process(c.pid).name()) for c in listening if not _is_loopback(c.laddr.ip)
+    ]
     assert not exposed, f"Ray listens beyond loopback: {exposed}"

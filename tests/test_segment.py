@@ -293,7 +293,11 @@ class TestDispatch:
     def test_cellpose_config_kwargs(self):
         cfg = SegmentationConfig(backend="cellpose", model="nuclei", params={"flow_threshold": 0.5})
         assert cfg.kwargs() == {
-            "backend": "cellpose", "diameter": None, "flow_threshold": 0.5, "model": "nuclei", "gpu": False
+            "backend": "cellpose",
+            "diameter": None,
+            "flow_threshold": 0.5,
+            "model": "nuclei",
+            "gpu": False,
         }
 
 

@@ -16,13 +16,11 @@ import pandas as pd
 import typer
 
 from msnoop.aggregate.profiles import aggregate_profiles
-from msnoop.correct.sphering import METHODS, query_mask, spherize_profiles
 from msnoop.cliutil import fail, split_list
+from msnoop.correct.sphering import METHODS, query_mask, spherize_profiles
 from msnoop.evaluate.tables import feature_columns, read_table, write_table
 
 logger = logging.getLogger(__name__)
-
-
 
 
 def _parse_epsilon(value: str) -> float | str:
@@ -163,10 +161,12 @@ def profile_command(
     p_json.write_text(json.dumps(record, indent=2) + "\n")
     typer.echo(f"wrote {p_json.resolve()}")
     try:
-        tables = write_profile_tables(out, {"profiles": sphered} | ({"treatments": treatments} if treat_by else {}), record)
+        tables = write_profile_tables(
+            out, {"profiles": sphered} | ({"treatments": treatments} if treat_by else {}), record
+        )
     except ValueError as exc:
         fail(str(exc))
-    typer.echo(f"LanceDB {out / 'lancedb'}: tables {', '.join(tables)}; query with: msnoop search {out} --match \"...\"")
+    typer.echo(f'LanceDB {out / "lancedb"}: tables {", ".join(tables)}; query with: msnoop search {out} --match "..."')
     if method != "none":
         typer.echo(
             f"sphering: {info['method']} epsilon={info['epsilon']} fit={info['fit']} on {info['n_controls']} controls; "

@@ -459,7 +459,7 @@ def spherize_profiles(
         "control_query": control_query,
         "fit": "per_batch" if per_batch else "global",
         "batch_column": batch_column,
-        "n_rows": int(len(df)),
+        "n_rows": len(df),
         "n_controls": n_ctrl,
         "n_features": len(kept),
         "dropped_features": dropped,

@@ -187,8 +187,11 @@ def prepare_cells(
     if not len(table) and cells["empty"] == "error":
         n_nuclei = int(np.count_nonzero(np.unique(labels)))
         why = (
-            f"all {n_nuclei} touch the image border (cells.skip_border)" if n_nuclei and cells["skip_border"] else
-            "none could be cropped" if n_nuclei else "segmentation found no nucleus"
+            f"all {n_nuclei} touch the image border (cells.skip_border)"
+            if n_nuclei and cells["skip_border"]
+            else "none could be cropped"
+            if n_nuclei
+            else "segmentation found no nucleus"
         )
         raise ImageReadError(
             path,
@@ -477,11 +480,20 @@ def run_embed(cfg: EmbedJob) -> EmbedResult:
     prov = provenance()
     logger.info(
         "msnoop %s | torch %s | ray %s | device %s | config %s",
-        prov["msnoop"], prov["torch"], prov["ray"], ", ".join(prov["gpus"]) or "cpu", config_hash(cfg),
+        prov["msnoop"],
+        prov["torch"],
+        prov["ray"],
+        ", ".join(prov["gpus"]) or "cpu",
+        config_hash(cfg),
     )
     logger.info(
         "%d images in %s; %d already done, %d to embed; model %s; preprocessing %s",
-        len(table), out_dir, len(table) - len(todo), len(todo), model.source, spec.model_dump(),
+        len(table),
+        out_dir,
+        len(table) - len(todo),
+        len(todo),
+        model.source,
+        spec.model_dump(),
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     save_resolved(cfg, out_dir)
@@ -492,16 +504,21 @@ def run_embed(cfg: EmbedJob) -> EmbedResult:
     masks_dir = str((out_dir / MASKS).resolve()) if cfg.cells is not None and cfg.cells.save_masks else None
     n_ok = n_err = n_cells = 0
     if len(todo):
-        init_ray(cfg.runtime.address, num_cpus=cfg.runtime.num_cpus,
-                 object_store_memory=cfg.runtime.object_store_mb * 1024**2 if cfg.runtime.object_store_mb else None,
-                 quiet=not cfg.runtime.progress)
+        init_ray(
+            cfg.runtime.address,
+            num_cpus=cfg.runtime.num_cpus,
+            object_store_memory=cfg.runtime.object_store_mb * 1024**2 if cfg.runtime.object_store_mb else None,
+            quiet=not cfg.runtime.progress,
+        )
         use_gpu, res = _resources(cfg)
         # Bound how far reading runs ahead of embedding: memory stays flat however many images there are.
         ctx = ray.data.DataContext.get_current()
         if not sys.stderr.isatty():
             # In logs, Ray's per-operator progress dumps every 10 s drown the job's own progress lines.
             ctx.enable_progress_bars = False
-        ctx.execution_options.resource_limits = ray.data.ExecutionResources(object_store_memory=cfg.runtime.inflight_mb * 1024**2)
+        ctx.execution_options.resource_limits = ray.data.ExecutionResources(
+            object_store_memory=cfg.runtime.inflight_mb * 1024**2
+        )
         n_cpus = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
         threads = None if use_gpu else max(1, n_cpus // cfg.runtime.actors)
         model_ref = ray.put(model)
@@ -518,8 +535,11 @@ def run_embed(cfg: EmbedJob) -> EmbedResult:
             batch_size=None,
             num_cpus=task_cpus,
             fn_kwargs={
-                "channels": channels, "spec": spec.model_dump(), "strict": cfg.runtime.strict,
-                "cells": cells, "masks_dir": masks_dir,
+                "channels": channels,
+                "spec": spec.model_dump(),
+                "strict": cfg.runtime.strict,
+                "cells": cells,
+                "masks_dir": masks_dir,
             },
         )
         ds = ds.map_batches(
@@ -535,7 +555,12 @@ def run_embed(cfg: EmbedJob) -> EmbedResult:
             },
             **res,
         )
-        ds = ds.map_batches(write_block, batch_size=None, num_cpus=task_cpus, fn_kwargs={"out_dir": str(out_dir.resolve()), "channels": channels, "cells": cells is not None})
+        ds = ds.map_batches(
+            write_block,
+            batch_size=None,
+            num_cpus=task_cpus,
+            fn_kwargs={"out_dir": str(out_dir.resolve()), "channels": channels, "cells": cells is not None},
+        )
         last = time.perf_counter()
         try:
             for row in ds.iter_rows():
@@ -562,12 +587,18 @@ def run_embed(cfg: EmbedJob) -> EmbedResult:
     n_err_total = parts.count_rows(out_dir / parts.ERRORS)
     n_cells_total = parts.count_rows(out_dir / CELLS) if cfg.cells is not None else 0
     if cfg.output.write_lance:
-        n_rows = build_table(cfg.lancedb_uri, cfg.table_name, out_dir / parts.EMBEDDINGS, dim=info["embed_dim"], info=info)
+        n_rows = build_table(
+            cfg.lancedb_uri, cfg.table_name, out_dir / parts.EMBEDDINGS, dim=info["embed_dim"], info=info
+        )
         if n_rows and cfg.output.index != "none":
             from msnoop.query.index import ensure_index
             from msnoop.store.lance import open_table
 
-            done = ensure_index(open_table(cfg.lancedb_uri, cfg.table_name), kind=cfg.output.index, threshold_rows=cfg.output.index_threshold)
+            done = ensure_index(
+                open_table(cfg.lancedb_uri, cfg.table_name),
+                kind=cfg.output.index,
+                threshold_rows=cfg.output.index_threshold,
+            )
             logger.info("vector index: %s", done)
         if cfg.cells is not None and cfg.cells.lance_cells_table:
             build_table(cfg.lancedb_uri, f"{cfg.table_name}_cells", out_dir / CELLS, dim=info["embed_dim"], info=info)
@@ -576,10 +607,18 @@ def run_embed(cfg: EmbedJob) -> EmbedResult:
         err = parts.read_frame(out_dir / parts.ERRORS, columns=[ID_COLUMN, "reason"]).head(5)
         preview = list(zip(err[ID_COLUMN], err["reason"], strict=True))
     return EmbedResult(
-        out_dir=out_dir, n_input=len(table), n_skipped=len(table) - len(todo), n_embedded=n_ok, n_errors=n_err,
-        n_rows_total=n_total, n_errors_total=n_err_total, seconds=time.perf_counter() - t0,
-        table=cfg.table_name if cfg.output.write_lance else None, errors_preview=preview,
-        n_cells=n_cells, n_cells_total=n_cells_total,
+        out_dir=out_dir,
+        n_input=len(table),
+        n_skipped=len(table) - len(todo),
+        n_embedded=n_ok,
+        n_errors=n_err,
+        n_rows_total=n_total,
+        n_errors_total=n_err_total,
+        seconds=time.perf_counter() - t0,
+        table=cfg.table_name if cfg.output.write_lance else None,
+        errors_preview=preview,
+        n_cells=n_cells,
+        n_cells_total=n_cells_total,
     )
 
 

@@ -162,7 +162,7 @@ def _summary(name: str, df: pd.DataFrame, res: pd.DataFrame, compound_column: st
         "metric": name,
         "accuracy": float(scored["correct"].mean()) if len(scored) else float("nan"),
         "n_correct": int(scored["correct"].sum()),
-        "n": int(len(scored)),
+        "n": len(scored),
         "n_unscored": int(len(res) - len(scored)),
         "per_moa": {str(k): float(v) for k, v in per_moa.items()},
         "mistakes": mistakes,

@@ -66,7 +66,9 @@ class BenchRuntime(_Strict):
 class BenchJob(_Strict):
     job: Literal["bench"] = "bench"
     name: str
-    dataset: Path = Field(..., description="an embedding config (job: embed) whose input and preprocessing are benchmarked")
+    dataset: Path = Field(
+        ..., description="an embedding config (job: embed) whose input and preprocessing are benchmarked"
+    )
     models: list[str] = Field(default_factory=lambda: ["default", "random:microsnoop_cnn:0"])
     baselines: list[Baseline] = Field(default_factory=lambda: ["pixels_pca", "intensity"])
     pixel_channels: list[str] | None = Field(None, description="channels for pixels_pca (default: all)")
@@ -90,10 +92,14 @@ def dataset_job(job: BenchJob, model: str) -> EmbedJob:
     if not isinstance(base, EmbedJob):
         raise ValueError(f"bench {job.name!r}: dataset {job.dataset} is a {base.job!r} config, expected job: embed")
     runtime = base.runtime.model_copy(
-        update={k: v for k, v in {"num_cpus": job.runtime.num_cpus, "address": job.runtime.address}.items() if v is not None}
+        update={
+            k: v for k, v in {"num_cpus": job.runtime.num_cpus, "address": job.runtime.address}.items() if v is not None
+        }
     )
     out = base.output.model_copy(update={"dir": job.output.dir / "embeddings" / slug(model), "lancedb": None})
-    return base.model_copy(update={"model": model, "output": out, "runtime": runtime, "name": f"{job.name}_{slug(model)}"})
+    return base.model_copy(
+        update={"model": model, "output": out, "runtime": runtime, "name": f"{job.name}_{slug(model)}"}
+    )
 
 
 def missing_inputs(cfg: EmbedJob) -> list[Path]:
@@ -102,13 +108,23 @@ def missing_inputs(cfg: EmbedJob) -> list[Path]:
     return [p for p in paths if not Path(p).exists()]
 
 
-def _evaluate(name: str, kind: str, X: np.ndarray, meta: pd.DataFrame, tasks: list[BenchTask], seconds: float) -> dict[str, Any]:
+def _evaluate(
+    name: str, kind: str, X: np.ndarray, meta: pd.DataFrame, tasks: list[BenchTask], seconds: float
+) -> dict[str, Any]:
     from msnoop.evaluate.knn import knn_evaluate, parse_cv
 
-    row: dict[str, Any] = {"features": name, "kind": kind, "dim": int(X.shape[1]), "n": int(len(X)), "seconds": round(seconds, 1)}
+    row: dict[str, Any] = {
+        "features": name,
+        "kind": kind,
+        "dim": int(X.shape[1]),
+        "n": len(X),
+        "seconds": round(seconds, 1),
+    }
     for t in tasks:
         if t.label not in meta.columns:
-            raise ValueError(f"task label {t.label!r} is not a column of the table; metadata: {[c for c in meta.columns if c.startswith('Metadata_')]}")
+            raise ValueError(
+                f"task label {t.label!r} is not a column of the table; metadata: {[c for c in meta.columns if c.startswith('Metadata_')]}"
+            )
         cv_kind, arg = parse_cv(t.cv)
         groups = meta[arg].astype(str).to_numpy() if cv_kind == "group" and arg else None
         res = knn_evaluate(X, meta[t.label].astype(str).to_numpy(), k=t.k, cv=t.cv, groups=groups, metric=t.metric)
@@ -167,7 +183,11 @@ def run_bench(job: BenchJob) -> dict[str, Any]:
         for kind in job.baselines:
             t0 = time.perf_counter()
             X = _baseline(job, kind, table, channels)
-            rows.append(_evaluate(_baseline_name(job, kind, channels), "baseline", X, table, job.tasks, time.perf_counter() - t0))
+            rows.append(
+                _evaluate(
+                    _baseline_name(job, kind, channels), "baseline", X, table, job.tasks, time.perf_counter() - t0
+                )
+            )
             logger.info("bench %s: baseline %s done", job.name, kind)
     record = {
         "name": job.name,
@@ -193,7 +213,14 @@ def markdown(record: dict[str, Any]) -> str:
         cells = [str(r["features"]), str(r["dim"])]
         cells += [f"{r[f'{t.title}_{m}']:.3f}" for t in tasks for m in ("balanced_accuracy", "macro_f1")]
         lines.append("| " + " | ".join(cells) + " |")
-    proto = "; ".join(f"{t.title}: {t.k}-NN {t.metric}, cv {t.cv}, chance {record['rows'][0][f'{t.title}_chance']:.3f}" for t in tasks) if record["rows"] else ""
+    proto = (
+        "; ".join(
+            f"{t.title}: {t.k}-NN {t.metric}, cv {t.cv}, chance {record['rows'][0][f'{t.title}_chance']:.3f}"
+            for t in tasks
+        )
+        if record["rows"]
+        else ""
+    )
     sha = (record.get("provenance") or {}).get("git_commit") or (record.get("provenance") or {}).get("git")
     lines.append("")
     lines.append(f"{record['name']}, {record['date']}" + (f", commit {str(sha)[:10]}" if sha else "") + f". {proto}.")

@@ -13,14 +13,12 @@ from typing import Annotated, Any
 import pandas as pd
 import typer
 
+from msnoop.cliutil import fail, split_list
 from msnoop.evaluate.bbbc021 import nsc, nscb
 from msnoop.evaluate.knn import knn_evaluate, parse_cv
-from msnoop.cliutil import fail, split_list
 from msnoop.evaluate.tables import feature_columns, read_table, split_table
 
 logger = logging.getLogger(__name__)
-
-
 
 
 def _write_json(obj: dict[str, Any], path: Path | None) -> None:
@@ -134,7 +132,7 @@ def nsc_command(
     try:
         results: dict[str, Any] = {
             "table": str(table),
-            "n_treatments": int(len(df)),
+            "n_treatments": len(df),
             "NSC": nsc(df, moa_column=moa, compound_column=compound),
         }
         for b in batches:
@@ -162,12 +160,24 @@ def nsc_command(
 
 
 def map_command(
-    table: Annotated[Path, typer.Argument(help="Profile/embedding table: msnoop output folder, .parquet, .csv, .lance.")],
-    positive: Annotated[list[str], typer.Option("--positive", help="Positives share these columns, e.g. Metadata_moa.")],
-    pos_diff: Annotated[list[str] | None, typer.Option("--pos-diff", help="Positives must differ in these (e.g. the compound).")] = None,
-    neg_same: Annotated[list[str] | None, typer.Option("--neg-same", help="Negatives must share these (e.g. the plate).")] = None,
-    neg_diff: Annotated[list[str] | None, typer.Option("--neg-diff", help="Negatives must differ in these (default: --positive).")] = None,
-    exclude: Annotated[str | None, typer.Option(help="Drop rows matching this pandas query first, e.g. controls.")] = None,
+    table: Annotated[
+        Path, typer.Argument(help="Profile/embedding table: msnoop output folder, .parquet, .csv, .lance.")
+    ],
+    positive: Annotated[
+        list[str], typer.Option("--positive", help="Positives share these columns, e.g. Metadata_moa.")
+    ],
+    pos_diff: Annotated[
+        list[str] | None, typer.Option("--pos-diff", help="Positives must differ in these (e.g. the compound).")
+    ] = None,
+    neg_same: Annotated[
+        list[str] | None, typer.Option("--neg-same", help="Negatives must share these (e.g. the plate).")
+    ] = None,
+    neg_diff: Annotated[
+        list[str] | None, typer.Option("--neg-diff", help="Negatives must differ in these (default: --positive).")
+    ] = None,
+    exclude: Annotated[
+        str | None, typer.Option(help="Drop rows matching this pandas query first, e.g. controls.")
+    ] = None,
     null_size: Annotated[int, typer.Option(help="Random rankings per (n_pos, n_total) for the p-values.")] = 10000,
     threshold: Annotated[float, typer.Option(help="Significance threshold (after BH correction).")] = 0.05,
     seed: Annotated[int, typer.Option(help="Seed of the null distributions.")] = 0,
@@ -178,10 +188,17 @@ def map_command(
 
     df = _load(table, exclude)
     pos = split_list(positive)
-    rules = {"pos_sameby": pos, "pos_diffby": split_list(pos_diff), "neg_sameby": split_list(neg_same), "neg_diffby": split_list(neg_diff) or pos}
+    rules = {
+        "pos_sameby": pos,
+        "pos_diffby": split_list(pos_diff),
+        "neg_sameby": split_list(neg_same),
+        "neg_diffby": split_list(neg_diff) or pos,
+    }
     missing = sorted({c for cols in rules.values() for c in cols} - set(df.columns))
     if missing:
-        fail(f"columns {missing} not in {table}; metadata columns: {[c for c in df.columns if c.startswith('Metadata_')]}")
+        fail(
+            f"columns {missing} not in {table}; metadata columns: {[c for c in df.columns if c.startswith('Metadata_')]}"
+        )
     meta, X = split_table(df)
     ap = average_precision(meta, X, **rules)
     scores = mean_average_precision(ap, sameby=pos, null_size=null_size, threshold=threshold, seed=seed)

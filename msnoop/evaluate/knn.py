@@ -144,7 +144,11 @@ def _ivf_search(
         if metric == "l2":
             sc = 2 * sc - q_sq[qs, None] - b_sq[None, rows]  # type: ignore[index]
         kk = min(k, len(rows))
-        top = np.argpartition(-sc, kk - 1, axis=1)[:, :kk] if kk < len(rows) else np.broadcast_to(np.arange(len(rows)), (len(qs), len(rows)))
+        top = (
+            np.argpartition(-sc, kk - 1, axis=1)[:, :kk]
+            if kk < len(rows)
+            else np.broadcast_to(np.arange(len(rows)), (len(qs), len(rows)))
+        )
         cand_s = np.concatenate([best_s[qs], np.take_along_axis(sc, top, axis=1)], axis=1)
         cand_i = np.concatenate([best_i[qs], rows[top]], axis=1)
         keep = np.argpartition(-cand_s, k - 1, axis=1)[:, :k]
@@ -187,7 +191,6 @@ def knn_search(
     Raises:
         ValueError: If ``k`` is out of range, the dimensions differ or ``index`` is unknown.
     """
-    import faiss
 
     xb = _prepare(train, metric)
     xq = _prepare(query, metric)
@@ -374,7 +377,9 @@ def knn_cross_predict(
 
         skf = StratifiedKFold(n_splits=int(arg), shuffle=True, random_state=seed)  # type: ignore[arg-type]
         for train, test in skf.split(X, codes):
-            pred[test] = knn_predict(X[train], codes[train], X[test], k=k, metric=metric, n_classes=n_classes, index=index)
+            pred[test] = knn_predict(
+                X[train], codes[train], X[test], k=k, metric=metric, n_classes=n_classes, index=index
+            )
     else:
         if groups is None:
             raise ValueError(f"cv={cv!r} needs groups (one group value per row, e.g. the column's values)")
@@ -389,7 +394,9 @@ def knn_cross_predict(
                 raise ValueError(
                     f"leave-one-group-out: only {int(train.sum())} rows outside group {g[test][0]!r}, expected >= k={k}"
                 )
-            pred[test] = knn_predict(X[train], codes[train], X[test], k=k, metric=metric, n_classes=n_classes, index=index)
+            pred[test] = knn_predict(
+                X[train], codes[train], X[test], k=k, metric=metric, n_classes=n_classes, index=index
+            )
     return classes[pred]
 
 
@@ -427,7 +434,7 @@ def classification_metrics(y_true: Sequence[Any] | np.ndarray, y_pred: Sequence[
         cm = confusion_matrix(t, p, labels=np.arange(len(classes)))
         f1 = f1_score(t, p, labels=present, average=None, zero_division=0)
         out = {
-            "n": int(len(t)),
+            "n": len(t),
             "labels": [str(c) for c in classes],
             "accuracy": float(accuracy_score(t, p)),
             "balanced_accuracy": float(balanced_accuracy_score(t, p)),

@@ -282,6 +282,6 @@ def retrieval_summary(ap: pd.DataFrame, map_scores: pd.DataFrame) -> dict[str, A
         "n_profiles": int(ap["average_precision"].notna().sum()),
         "mean_map": float(map_scores["mean_average_precision"].mean()),
         "fraction_retrieved": fraction_retrieved(map_scores),
-        "n_groups": int(len(map_scores)),
+        "n_groups": len(map_scores),
         "per_group": per_group,
     }

@@ -35,9 +35,9 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "MatchResult",
     "average_precision",
+    "evaluate_segmentation",
     "iou_matrix",
     "match_instances",
-    "evaluate_segmentation",
 ]
 
 
@@ -150,9 +150,7 @@ def match_instances(
     iou = iou_matrix(true, pred)
     n_true, n_pred = iou.shape
     tp = np.array([_n_matches(iou, float(t)) for t in ths], dtype=np.int64)
-    return MatchResult(
-        thresholds=ths, tp=tp, fp=n_pred - tp, fn=n_true - tp, n_true=int(n_true), n_pred=int(n_pred)
-    )
+    return MatchResult(thresholds=ths, tp=tp, fp=n_pred - tp, fn=n_true - tp, n_true=int(n_true), n_pred=int(n_pred))
 
 
 def average_precision(

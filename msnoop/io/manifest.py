@@ -57,7 +57,9 @@ def _from_manifest(cfg: InputConfig) -> pd.DataFrame:
     for ch in cfg.channels:
         if ch in mapping:
             if mapping[ch] not in df.columns:
-                raise ConfigError(f"manifest {cfg.manifest}: column {mapping[ch]!r} for channel {ch!r} not found; columns: {list(df.columns)}")
+                raise ConfigError(
+                    f"manifest {cfg.manifest}: column {mapping[ch]!r} for channel {ch!r} not found; columns: {list(df.columns)}"
+                )
             continue
         candidates = [ch, f"{ch}_path", f"path_{ch}", f"Path_{ch}", path_column(ch), f"FileName_{ch}"]
         found = next((c for c in candidates if c in df.columns), None)
@@ -92,7 +94,10 @@ def _from_loaddata(cfg: InputConfig) -> pd.DataFrame:
         fname, pname = f"FileName_{key}", f"PathName_{key}"
         used.update({fname, pname})
         if pname in df.columns:
-            joined = [str(Path(str(d)) / str(f)) if isinstance(f, str) else "" for d, f in zip(df[pname], df[fname], strict=True)]
+            joined = [
+                str(Path(str(d)) / str(f)) if isinstance(f, str) else ""
+                for d, f in zip(df[pname], df[fname], strict=True)
+            ]
         else:
             joined = [f if isinstance(f, str) else "" for f in df[fname]]
         paths[ch] = _absolute(pd.Series(joined, index=df.index), root)
@@ -170,7 +175,9 @@ def load_image_table(cfg: InputConfig) -> pd.DataFrame:
     elif ID_COLUMN not in df.columns:
         first = df[path_column(cfg.channels[0])]
         root = Path(_common_root([p for p in first if p]))
-        df[ID_COLUMN] = [str(Path(p).relative_to(root).with_suffix("")) if p else f"row{i}" for i, p in enumerate(first)]
+        df[ID_COLUMN] = [
+            str(Path(p).relative_to(root).with_suffix("")) if p else f"row{i}" for i, p in enumerate(first)
+        ]
     df[ID_COLUMN] = df[ID_COLUMN].astype(str)
     dup = df[ID_COLUMN][df[ID_COLUMN].duplicated()]
     if len(dup):

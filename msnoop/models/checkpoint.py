@@ -125,7 +125,12 @@ def load_checkpoint(path: str | Path, *, preprocess: Preprocessing | None = None
     net.load_state_dict(state)
     net.eval()
     return LoadedModel(
-        net=net, arch=payload["arch"], preprocess=spec, source=str(path.resolve()), sha256=file_sha256(path), meta=payload.get("meta", {})
+        net=net,
+        arch=payload["arch"],
+        preprocess=spec,
+        source=str(path.resolve()),
+        sha256=file_sha256(path),
+        meta=payload.get("meta", {}),
     )
 
 
@@ -135,7 +140,9 @@ def resolve_model(ref: str, *, preprocess: Preprocessing | None = None) -> Loade
         parts = ref.split(":")
         arch = parts[1] if len(parts) > 1 and parts[1] else "microsnoop_cnn"
         if arch not in list_models():
-            raise CheckpointError(f"model {ref!r}: unknown architecture {arch!r}; registered: {', '.join(list_models())}")
+            raise CheckpointError(
+                f"model {ref!r}: unknown architecture {arch!r}; registered: {', '.join(list_models())}"
+            )
         seed = int(parts[2]) if len(parts) > 2 else 0
         torch.manual_seed(seed)
         net = create_model(arch).eval()

@@ -115,9 +115,7 @@ class Decoder(nn.Module):
         super().__init__()
         nbase = [*depths, depths[-1]]  # e.g. [32, 64, 128, 256, 256]
         style_channels = depths[-1]
-        self.up = nn.Sequential(
-            *[ResUp(nbase[i], nbase[i - 1], style_channels, size) for i in range(1, len(nbase))]
-        )
+        self.up = nn.Sequential(*[ResUp(nbase[i], nbase[i - 1], style_channels, size) for i in range(1, len(nbase))])
         self.head = nn.Sequential(
             nn.BatchNorm2d(depths[0], eps=1e-5),
             nn.ReLU(inplace=True),

@@ -17,7 +17,9 @@ def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     """Register ``fn`` under its own name; warns loudly when a name is overwritten."""
     name = fn.__name__
     if name in _MODELS:
-        warnings.warn(f"Overwriting architecture {name!r} in the msnoop registry with {fn.__module__}.{name}.", stacklevel=2)
+        warnings.warn(
+            f"Overwriting architecture {name!r} in the msnoop registry with {fn.__module__}.{name}.", stacklevel=2
+        )
     _MODELS[name] = fn
     return fn
 

@@ -125,9 +125,12 @@ def crop_windows(
         raise ValueError(f"oversize must be 'drop' or 'resize'; found {oversize!r}")
     size = int(size)
     h, w = labels.shape
-    empty = pd.DataFrame({c: pd.Series(dtype=t) for c, t in zip(
-        CROP_TABLE_COLUMNS, ["int64", "float64", "float64", "int64", "object", "object", "bool"]
-    )})
+    empty = pd.DataFrame(
+        {
+            c: pd.Series(dtype=t)
+            for c, t in zip(CROP_TABLE_COLUMNS, ["int64", "float64", "float64", "int64", "object", "object", "bool"])
+        }
+    )
     if labels.size == 0 or labels.max() == 0:
         return empty
 

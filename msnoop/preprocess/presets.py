@@ -37,13 +37,17 @@ class Preprocessing(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     preset: Literal["microsnoop", "cytoimagenet"] = "microsnoop"
-    mode: Mode = Field("native", description="native: pad, tile if larger; rescale: pad to square + resize; tile: always tile")
+    mode: Mode = Field(
+        "native", description="native: pad, tile if larger; rescale: pad to square + resize; tile: always tile"
+    )
     input_size: int = Field(224, ge=16, description="side of the square model input; a multiple of 8")
     tile_overlap: float = Field(0.1, ge=0.05, le=0.5)
 
     def model_post_init(self, __context: object) -> None:
         if self.input_size % 8:
-            raise ValueError(f"input_size must be a multiple of 8 (the U-Net pools three times), found {self.input_size}")
+            raise ValueError(
+                f"input_size must be a multiple of 8 (the U-Net pools three times), found {self.input_size}"
+            )
 
 
 def prepare_channel(image: np.ndarray, spec: Preprocessing) -> np.ndarray:

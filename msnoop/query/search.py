@@ -20,7 +20,6 @@ from msnoop.store.lance import VECTOR, open_table, table_info
 from msnoop.store.parts import ID_COLUMN, RUN_FILE
 
 
-
 @dataclass
 class TableRef:
     table: Any
@@ -41,7 +40,9 @@ def open_results(target: str | Path, table: str | None = None) -> TableRef:
             uri = str(target_path / "lancedb")
     else:
         if table is None:
-            raise ValueError(f"{target} is not an msnoop output folder (no {RUN_FILE}); give a LanceDB URI with --table NAME")
+            raise ValueError(
+                f"{target} is not an msnoop output folder (no {RUN_FILE}); give a LanceDB URI with --table NAME"
+            )
         uri, name = str(target), table
     tbl = open_table(uri, name)
     return TableRef(table=tbl, info=table_info(tbl), uri=uri, name=name)
@@ -55,7 +56,9 @@ def _vector_of(ref: TableRef, image_id: str) -> np.ndarray:
     return np.asarray(rows.column(VECTOR)[0].as_py(), dtype=np.float32)
 
 
-def search_by_id(ref: TableRef, image_id: str, *, k: int = 10, where: str | None = None, exact: bool | None = None) -> pd.DataFrame:
+def search_by_id(
+    ref: TableRef, image_id: str, *, k: int = 10, where: str | None = None, exact: bool | None = None
+) -> pd.DataFrame:
     """Nearest neighbours of an image already in the table (the image itself excluded).
 
     Large tables with a vector index are searched through it (see :mod:`msnoop.query.index`); small
@@ -105,7 +108,9 @@ def embed_query(ref: TableRef, paths: list[str | Path]) -> np.ndarray:
     info = ref.info
     channels = info.get("channels", [])
     if len(paths) != len(channels):
-        raise ValueError(f"table {ref.name!r} has channels {channels}: give one --image per channel in that order, found {len(paths)}")
+        raise ValueError(
+            f"table {ref.name!r} has channels {channels}: give one --image per channel in that order, found {len(paths)}"
+        )
     spec = Preprocessing(**info["preprocess"])
     model = resolve_model(info["model"], preprocess=spec)
     if info.get("model_sha256") and model.sha256 != info["model_sha256"]:
@@ -122,7 +127,9 @@ def embed_query(ref: TableRef, paths: list[str | Path]) -> np.ndarray:
     return Embedder(model).embed_images([images])[0]
 
 
-def search_image(ref: TableRef, paths: list[str | Path], *, k: int = 10, where: str | None = None, exact: bool | None = None) -> pd.DataFrame:
+def search_image(
+    ref: TableRef, paths: list[str | Path], *, k: int = 10, where: str | None = None, exact: bool | None = None
+) -> pd.DataFrame:
     """Nearest neighbours of a new image embedded with the table's model (see :func:`embed_query`)."""
     from msnoop.query.index import search_vector_ann
 

@@ -278,9 +278,9 @@ def _solidity(mask: np.ndarray) -> float:
     rr, cc = np.nonzero(mask & ~inner)  # boundary pixels carry the hull
     if rr.size < 3:
         return 1.0
-    corners = np.concatenate(
-        [np.stack([rr + dr, cc + dc], axis=1) for dr in (0, 1) for dc in (0, 1)], axis=0
-    ).astype(np.float64)
+    corners = np.concatenate([np.stack([rr + dr, cc + dc], axis=1) for dr in (0, 1) for dc in (0, 1)], axis=0).astype(
+        np.float64
+    )
     try:
         hull_area = ConvexHull(corners).volume
     except QhullError:  # degenerate (a line of pixels)
@@ -349,9 +349,16 @@ def segment_nuclei(
     if not work_diameter > 0:
         raise ValueError(f"work_diameter must be > 0 pixels; found {work_diameter!r}")
     for name, val in (
-        ("smooth", smooth), ("background", background), ("noise_k", noise_k), ("noise_floor", noise_floor),
-        ("seed_sigma", seed_sigma), ("seed_h", seed_h), ("refine", refine), ("min_rel_area", min_rel_area),
-        ("min_rel_area_border", min_rel_area_border), ("min_solidity", min_solidity),
+        ("smooth", smooth),
+        ("background", background),
+        ("noise_k", noise_k),
+        ("noise_floor", noise_floor),
+        ("seed_sigma", seed_sigma),
+        ("seed_h", seed_h),
+        ("refine", refine),
+        ("min_rel_area", min_rel_area),
+        ("min_rel_area_border", min_rel_area_border),
+        ("min_solidity", min_solidity),
     ):
         if not (math.isfinite(val) and val >= 0):
             raise ValueError(f"{name} must be a finite number >= 0; found {val!r}")
@@ -418,8 +425,10 @@ def segment_nuclei(
     hs, ws = labels.shape
     border = np.array(
         [
-            slices[i - 1][0].start == 0 or slices[i - 1][1].start == 0
-            or slices[i - 1][0].stop == hs or slices[i - 1][1].stop == ws
+            slices[i - 1][0].start == 0
+            or slices[i - 1][1].start == 0
+            or slices[i - 1][0].stop == hs
+            or slices[i - 1][1].stop == ws
             for i in ids
         ]
     )
@@ -442,6 +451,10 @@ def segment_nuclei(
     small = lut[labels]
     logger.debug(
         "segment_nuclei: diameter %.1f px, working factor %d, threshold %.4g, %d of %d instances kept",
-        diam, f, thr, kept.size, ids.size,
+        diam,
+        f,
+        thr,
+        kept.size,
+        ids.size,
     )
     return _upsample_labels(small, f, shape).astype(np.int32, copy=False)

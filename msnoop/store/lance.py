@@ -34,7 +34,9 @@ def _vector_batches(folder: Path, dim: int, batch_size: int) -> Iterator[pa.Reco
         yield pa.RecordBatch.from_arrays(arrays, names=[*meta_cols, VECTOR])
 
 
-def build_table(uri: str, name: str, parts_folder: str | Path, *, dim: int, info: dict[str, Any], batch_size: int = 2048) -> int:
+def build_table(
+    uri: str, name: str, parts_folder: str | Path, *, dim: int, info: dict[str, Any], batch_size: int = 2048
+) -> int:
     """(Re)build LanceDB table ``name`` from all parts, streaming; returns the row count.
 
     The table's schema metadata carries ``info`` (model, preprocessing, channels) under the key ``msnoop``.

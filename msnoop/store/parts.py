@@ -76,7 +76,9 @@ def embeddings_frame(meta: pd.DataFrame, embeddings: np.ndarray) -> pa.Table:
     return pa.Table.from_pydict(cols)
 
 
-def iter_batches(folder: str | Path, *, batch_size: int = 4096, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
+def iter_batches(
+    folder: str | Path, *, batch_size: int = 4096, columns: list[str] | None = None
+) -> Iterator[pa.RecordBatch]:
     """Stream record batches of all parts (bounded memory)."""
     files = part_files(folder)
     if not files:

@@ -96,7 +96,7 @@ def reconstruction_figure(net: nn.Module, pool: ChannelPool, job: PretrainJob, p
             if c == 0:
                 ax.set_ylabel(f"{src}\n{name[-24:]}", fontsize=7)
             if c == 3:
-                ax.set_xlabel(f"MSE {float((err ** 2).mean()):.4f}", fontsize=7)
+                ax.set_xlabel(f"MSE {float((err**2).mean()):.4f}", fontsize=7)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path)
@@ -135,7 +135,10 @@ def write_model_card(
     history = payload.get("history", [])
     world = payload.get("world_size") or 1
     steps = int(payload["step"])
-    src_lines = ["| source | channels | images | samples (one-channel) | dropped (binary/constant) | unreadable | sampling prob. |", "|---|---|---:|---:|---:|---:|---:|"]
+    src_lines = [
+        "| source | channels | images | samples (one-channel) | dropped (binary/constant) | unreadable | sampling prob. |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
     for st in pool.get("sources", []):
         src_lines.append(
             f"| {st['name']} | {', '.join(st['channels'])} | {st['n_images']} | {st['n_samples']} | {st['n_binary']} "

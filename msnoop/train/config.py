@@ -38,7 +38,8 @@ class FilterConfig(_Strict):
 
     drop_binary: bool = Field(True, description="drop images with at most two distinct values (label masks)")
     drop_uniform: bool = Field(
-        True, description="redraw crops whose content is constant, or nearly so with outlier pixels (data.MAX_NORMALIZED)"
+        True,
+        description="redraw crops whose content is constant, or nearly so with outlier pixels (data.MAX_NORMALIZED)",
     )
     drop_dim: bool = Field(True, description="redraw crops whose content has 75th percentile 0")
     max_tries: int = Field(20, ge=1, description="redraws per sample before a filtered crop is accepted anyway")
@@ -49,7 +50,9 @@ class DataConfig(_Strict):
     weighting: Literal["equal", "sqrt", "size"] = Field(
         "sqrt", description="source probability ∝ 1, sqrt(n samples) or n samples, times the source weight"
     )
-    crop_size: int = Field(224, ge=32, description="training crop side; multiple of the patch size (model is fully convolutional)")
+    crop_size: int = Field(
+        224, ge=32, description="training crop side; multiple of the patch size (model is fully convolutional)"
+    )
     preload_mb: int = Field(1024, ge=0, description="load every image into memory when the pool's estimated size fits")
     augment: AugmentConfig = AugmentConfig()
     filters: FilterConfig = FilterConfig()
@@ -88,14 +91,18 @@ class TrainConfig(_Strict):
     seed: int = 0
     log_every: int = Field(10, ge=1)
     checkpoint_every: int = Field(500, ge=1, description="steps between resumable checkpoints")
-    max_minutes: float | None = Field(None, gt=0, description="wall-clock budget; training stops cleanly and writes outputs")
+    max_minutes: float | None = Field(
+        None, gt=0, description="wall-clock budget; training stops cleanly and writes outputs"
+    )
     amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU)")
     prefetch: int = Field(2, ge=0, description="batches prepared ahead in background threads (0 = inline)")
     loader_threads: int = Field(1, ge=1, description="threads preparing batches when prefetch > 0")
 
 
 class PretrainOutputConfig(_Strict):
-    dir: Path = Field(..., description="model.pt, MODEL_CARD.md, figures, train_log.jsonl, resolved config, Ray run dir")
+    dir: Path = Field(
+        ..., description="model.pt, MODEL_CARD.md, figures, train_log.jsonl, resolved config, Ray run dir"
+    )
     half: bool = Field(True, description="store float16 weights in model.pt")
     input_size: int = Field(224, ge=16, description="inference input size recorded in model.pt (Microsnoop: 224)")
     figure_images: int = Field(3, ge=1, le=8, description="images per source in the reconstruction figure")
@@ -116,7 +123,9 @@ class PretrainJob(_Strict):
     """``msnoop pretrain``: masked-reconstruction pretraining of a one-channel CNN."""
 
     job: Literal["pretrain"] = "pretrain"
-    name: str = Field("pretrain", pattern=r"^[A-Za-z0-9_\-]+$", description="run name; a rerun with the same name resumes")
+    name: str = Field(
+        "pretrain", pattern=r"^[A-Za-z0-9_\-]+$", description="run name; a rerun with the same name resumes"
+    )
     data: DataConfig
     model: ModelConfig = ModelConfig()
     mask: MaskConfig = MaskConfig()
@@ -129,7 +138,9 @@ class PretrainJob(_Strict):
     def _geometry(self) -> PretrainJob:
         p, s = self.mask.patch_size, self.data.crop_size
         if s % p or s % 8:
-            raise ValueError(f"data.crop_size {s} must be a multiple of mask.patch_size {p} and of 8; e.g. {max(p, 8) * (s // max(p, 8))}")
+            raise ValueError(
+                f"data.crop_size {s} must be a multiple of mask.patch_size {p} and of 8; e.g. {max(p, 8) * (s // max(p, 8))}"
+            )
         if self.output.input_size % 8:
             raise ValueError(f"output.input_size must be a multiple of 8, found {self.output.input_size}")
         return self

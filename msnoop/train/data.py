@@ -285,7 +285,9 @@ class ChannelPool:
             out = out * np.float32(rng.uniform(1 - j, 1 + j)) + np.float32(rng.uniform(-j / 2, j / 2))
         return out.astype(np.float32, copy=False)
 
-    def crop(self, rng: np.random.Generator, source: int | None = None, *, augment: bool = True) -> tuple[np.ndarray, int]:
+    def crop(
+        self, rng: np.random.Generator, source: int | None = None, *, augment: bool = True
+    ) -> tuple[np.ndarray, int]:
         """One normalised training crop ``[S, S]`` float32 and the index of its source."""
         s = int(rng.choice(len(self.paths), p=self.probabilities)) if source is None else source
         n = len(self.paths[s])

@@ -63,7 +63,9 @@ def build_scheduler(optimizer: torch.optim.Optimizer, job: PretrainJob) -> torch
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: fn(step))
 
 
-def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, mode: str = "masked") -> torch.Tensor:
+def reconstruction_loss(
+    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, mode: str = "masked"
+) -> torch.Tensor:
     """MSE between reconstruction and original.
 
     Args:
@@ -231,7 +233,9 @@ def train_steps(
                 if on_log is not None:
                     on_log(record)
                 losses, t0, n0 = [], time.perf_counter(), state.step
-            if on_checkpoint is not None and (state.step % job.train.checkpoint_every == 0 or stop or state.step == until):
+            if on_checkpoint is not None and (
+                state.step % job.train.checkpoint_every == 0 or stop or state.step == until
+            ):
                 on_checkpoint(state)
             if stop:
                 reason = "stopped"

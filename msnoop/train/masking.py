@@ -32,7 +32,9 @@ def patchify(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:
     n, c, h, w = imgs.shape
     p = patch_size
     if h % p or w % p:
-        raise ValueError(f"image side {h}x{w} is not a multiple of the patch size {p}; use crops that are multiples of {p}")
+        raise ValueError(
+            f"image side {h}x{w} is not a multiple of the patch size {p}; use crops that are multiples of {p}"
+        )
     x = imgs.reshape(n, c, h // p, p, w // p, p)  # [N, C, gh, p, gw, p]
     x = torch.einsum("nchpwq->nhwpqc", x)  # [N, gh, gw, p, p, C]
     return x.reshape(n, (h // p) * (w // p), p * p * c)

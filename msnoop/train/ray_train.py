@@ -157,7 +157,13 @@ def train_func(config: dict[str, Any]) -> None:
         line = {"time": time.time(), "elapsed_s": round(time.time() - t_start, 3), "world_size": world, **record}
         with open(log_path, "a") as fh:
             fh.write(json.dumps(line) + "\n")
-        logger.info("step %d loss %.5f lr %.3g %.1f samples/s", record["step"], record["loss"], record["lr"], record["samples_per_s"])
+        logger.info(
+            "step %d loss %.5f lr %.3g %.1f samples/s",
+            record["step"],
+            record["loss"],
+            record["lr"],
+            record["samples_per_s"],
+        )
 
     def on_checkpoint(st: TrainState) -> None:
         metrics = {"step": st.step, "loss": st.history[-1]["loss"] if st.history else float("nan")}
@@ -256,7 +262,13 @@ def finalize(job: PretrainJob, payload: dict[str, Any], *, stop_reason: str, ela
         "data": payload.get("pool"),
     }
     model_path = save_checkpoint(
-        out / "model.pt", net, arch=job.model.arch, preprocess=preprocess, arch_kwargs=job.model.arch_kwargs, meta=meta, half=job.output.half
+        out / "model.pt",
+        net,
+        arch=job.model.arch,
+        preprocess=preprocess,
+        arch_kwargs=job.model.arch_kwargs,
+        meta=meta,
+        half=job.output.half,
     )
     curve = loss_curve_figure(history, out / "loss_curve.png") if history else None
     figure = None
@@ -305,7 +317,9 @@ def run_pretrain(job: PretrainJob, *, base: Path | None = None) -> PretrainResul
     if job.runtime.num_workers > 0:
         obj = job.runtime.object_store_mb * 2**20 if job.runtime.object_store_mb else None
         init_ray(job.runtime.address, num_cpus=job.runtime.num_cpus, object_store_memory=obj)
-    logger.info("pretrain %s: %d steps, %d worker(s), outputs in %s", job.name, job.train.steps, job.runtime.num_workers, out)
+    logger.info(
+        "pretrain %s: %d steps, %d worker(s), outputs in %s", job.name, job.train.steps, job.runtime.num_workers, out
+    )
     result = build_trainer(job, deadline=deadline).fit()
     if result.checkpoint is not None:
         with result.checkpoint.as_directory() as d:
