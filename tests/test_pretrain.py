@@ -69,7 +69,7 @@ def _job(synthetic: dict[str, Path], out: Path, **train: Any) -> PretrainJob:
         "model": {"arch": "test_cnn"},
         "optim": {"lr": 3e-3},
         "train": {"steps": 30, "batch_size": 8, "log_every": 5, "checkpoint_every": 1000, **train},
-        "output": {"dir": str(out), "figure_images": 2},
+        "output": {"dir": str(out), "figure_images": 2, "bn_recalibration_batches": 1},
     }
     job = build_config(data)
     assert isinstance(job, PretrainJob)
@@ -247,12 +247,19 @@ def test_finalize_writes_loadable_model_card_and_figure(
     loaded = load_checkpoint(res.model_path)
     assert loaded.arch == "test_cnn" and loaded.preprocess.input_size == 224
     assert loaded.meta["steps"] == 4 and loaded.meta["data"]["n_samples"] == 13
-    x = torch.rand(2, 1, 64, 64)
-    state.net.eval()
-    with torch.no_grad():  # fp16 storage: close to the trained float32 network
-        torch.testing.assert_close(loaded.net.embed(x), state.net.embed(x), atol=5e-3, rtol=5e-3)
+    # weights as trained (fp16 storage), BatchNorm statistics re-estimated on 224 px crops (crop_size 32)
+    trained = dict(state.net.named_parameters())
+    for name, p in loaded.net.named_parameters():
+        torch.testing.assert_close(p, trained[name], atol=5e-3, rtol=5e-3)
+    assert loaded.meta["bn_recalibration"]["crop_size"] == 224 and loaded.meta["bn_recalibration"]["batches"] == 1
+    stats = dict(loaded.net.named_buffers())
+    assert not torch.allclose(
+        stats["encoder.down.0.proj.0.running_mean"],
+        dict(state.net.named_buffers())["encoder.down.0.proj.0.running_mean"],
+    )
     card = res.card_path.read_text()
     assert file_sha256(res.model_path) in card and "| cells | dna, gfp | 6 | 12 |" in card
+    assert "re-estimated at the inference size (224 px" in card
     assert res.figure_path is not None and res.figure_path.read_bytes()[:4] == b"\x89PNG"
     assert res.loss_curve_path is not None and res.loss_curve_path.is_file()
 
@@ -330,3 +337,23 @@ def test_nearly_uniform_crops_with_outliers_are_redrawn(pool: ChannelPool) -> No
     for seed in range(10):  # accepted crops stay within the bound after normalisation
         crop, _ = pool.crop(np.random.default_rng(seed))
         assert float(np.ptp(crop)) <= 1.2 * 50.0
+
+
+def test_batchnorm_recalibration_averages_inference_size_batches(synthetic: dict[str, Path], tmp_path: Path) -> None:
+    from msnoop.models.registry import create_model
+    from msnoop.train.recalibrate import recalibrate_batchnorm
+
+    job = _job(synthetic, tmp_path)
+    pool64 = ChannelPool.from_config(job.data.model_copy(update={"crop_size": 64}))
+    torch.manual_seed(0)
+    net = create_model("test_cnn")
+    weights = {k: v.clone() for k, v in net.state_dict().items() if "running" not in k and "num_batches" not in k}
+    rec = recalibrate_batchnorm(net, pool64, batches=3, batch_size=4, seed=5)
+    assert rec == {"batches": 3, "batch_size": 4, "crop_size": 64, "seed": 5, "layers": 41}
+    first = next(m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    crops = np.concatenate([pool64.batch(4, batch_rng(5, 0, b))[0] for b in range(3)])  # the same stream
+    # the first BatchNorm sees the input: its running mean is the mean of the 12 crops (equal-size batches)
+    assert float(first.running_mean[0]) == pytest.approx(float(crops.mean()), rel=1e-4)
+    assert not net.training and first.momentum == 0.1
+    after = net.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in weights.items())  # weights untouched

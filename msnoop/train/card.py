@@ -112,6 +112,17 @@ def _curve_table(history: list[dict[str, float]], points: int = 12) -> str:
     return "\n".join(lines) + "\n"
 
 
+def recal_text(rec: dict[str, Any] | None) -> str:
+    """The card's sentence on BatchNorm recalibration (empty when none was done)."""
+    if not rec:
+        return ""
+    return (
+        f" BatchNorm running statistics were then re-estimated at the inference size ({rec['crop_size']} px crops of"
+        f" the training pool, {rec['batches']} batches of {rec['batch_size']}, no weight changes;"
+        " `msnoop.train.recalibrate`)."
+    )
+
+
 def write_model_card(
     path: str | Path,
     *,
@@ -125,6 +136,7 @@ def write_model_card(
     preprocess: Preprocessing,
     figure: Path | None = None,
     loss_curve: Path | None = None,
+    bn_recalibration: dict[str, Any] | None = None,
 ) -> Path:
     """Markdown model card: architecture, preprocessing, data with counts, schedule, loss curve, sha256."""
     from msnoop.models.registry import create_model
@@ -161,7 +173,7 @@ separately and concatenated.
 ## Preprocessing (recorded in the checkpoint)
 `{preprocess.model_dump_json()}`: one-channel images, centred zero padding to {preprocess.input_size} px (tiles of
 {preprocess.input_size} with {int(preprocess.tile_overlap * 100)} % overlap for larger images), `normalize99` (1st/99th
-percentile, no clipping) after padding. Trained on {job.data.crop_size} px crops (the network is fully convolutional).
+percentile, no clipping) after padding. Trained on {job.data.crop_size} px crops (the network is fully convolutional).{recal_text(bn_recalibration)}
 
 ## Pretraining task
 Masked reconstruction: {job.mask.patch_size}x{job.mask.patch_size} patches, {job.mask.ratio:.0%} zero-filled per image

@@ -107,6 +107,11 @@ class PretrainOutputConfig(_Strict):
     input_size: int = Field(224, ge=16, description="inference input size recorded in model.pt (Microsnoop: 224)")
     figure_images: int = Field(3, ge=1, le=8, description="images per source in the reconstruction figure")
     keep_checkpoints: int = Field(2, ge=1)
+    bn_recalibration_batches: int = Field(
+        16,
+        ge=0,
+        description="batches of input_size crops to re-estimate BatchNorm statistics when crop_size differs (0: off)",
+    )
 
 
 class PretrainRuntimeConfig(_Strict):

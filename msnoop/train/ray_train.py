@@ -261,6 +261,18 @@ def finalize(job: PretrainJob, payload: dict[str, Any], *, stop_reason: str, ela
         "stop_reason": stop_reason,
         "data": payload.get("pool"),
     }
+    recal = None
+    if job.output.bn_recalibration_batches > 0 and job.data.crop_size != job.output.input_size:
+        from msnoop.train.recalibrate import recalibrate_batchnorm
+
+        try:
+            inference_pool = ChannelPool.from_config(job.data.model_copy(update={"crop_size": job.output.input_size}))
+            recal = recalibrate_batchnorm(
+                net, inference_pool, batches=job.output.bn_recalibration_batches, seed=job.train.seed + 1
+            )
+            meta["bn_recalibration"] = recal
+        except Exception as exc:  # never lose a trained model: save it with the training statistics
+            logger.warning("BatchNorm recalibration failed, saving the training statistics: %s", exc)
     model_path = save_checkpoint(
         out / "model.pt",
         net,
@@ -289,6 +301,7 @@ def finalize(job: PretrainJob, payload: dict[str, Any], *, stop_reason: str, ela
         figure=figure,
         loss_curve=curve,
         preprocess=preprocess,
+        bn_recalibration=recal,
     )
     return PretrainResult(model_path, card, figure, curve, int(payload["step"]), final_loss, stop_reason, elapsed_s)
 
