@@ -111,3 +111,29 @@ def test_combine_tiles_layout():
     tiles = np.arange(5 * 2, dtype=np.float32).reshape(5, 2)
     out = combine_tiles(tiles, [np.array([1, 2]), np.array([1, 1])])
     np.testing.assert_array_equal(out, [[0, 1, 3, 4], [6, 7, 8, 9]])
+
+
+def test_shipped_default_model_loads_matches_its_card_and_embeds():
+    import hashlib
+    import re
+
+    from msnoop.embed.embedder import Embedder
+    from msnoop.models.checkpoint import BUILTIN, resolve_model
+
+    path = BUILTIN["default"]
+    assert path.is_file(), "the package ships msnoop/weights/msnoop_default.pt"
+    assert path.stat().st_size <= 30 * 2**20
+    card = (path.parent / "MODEL_CARD.md").read_text()
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert re.search(r"sha256\*\*: `([0-9a-f]{64})`", card).group(1) == sha
+    model = resolve_model("default")
+    assert model.arch == "microsnoop_cnn" and model.preprocess.preset == "microsnoop"
+    assert model.sha256 == sha
+    rng = np.random.default_rng(0)
+    cells = [[rng.gamma(2.0, 50.0, (64, 64)).astype(np.float32) for _ in range(3)] for _ in range(2)]
+    emb = Embedder(model).embed_images(cells)
+    assert emb.shape == (2, 3 * 256) and np.isfinite(emb).all()
+    np.testing.assert_allclose(np.linalg.norm(emb[:, :256], axis=1), 1.0, atol=1e-4)
+    # trained weights, not a fresh initialisation
+    random = resolve_model("random:microsnoop_cnn:0")
+    assert not np.allclose(Embedder(random).embed_images(cells), emb, atol=1e-3)
