@@ -1,0 +1,127 @@
+"""Run every real-data benchmark in sequence and collect their tables into one dated Markdown file.
+
+    python jobs/bench_all.py                  # data benchmarks (reuses embeddings already computed)
+    python jobs/bench_all.py --perf           # also the speed/memory benchmarks (slow on 2 cores)
+
+Steps, each skipped with a message when its folder of ../shared/data is absent:
+``msnoop bench configs/benchmarks/*.yaml`` (yeast, hpa_toy), BBBC021 profiles (sphering, NSC/NSCB, mAP),
+Coelho nuclei segmentation AP, BBBC013 end to end (tile and cells embeddings, then the readout). With
+``--perf``: embedding throughput and memory, search and kNN, pretraining overhead. Every step is a
+subprocess; a failing step is recorded and the others still run.
+
+Writes ``results/BENCHMARKS.md`` (commit, date, per step: command, status, wall time, its printed
+tables) and ``results/bench_all.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("MSNOOP_SHARED_DATA", ROOT.parent / "shared" / "data"))
+PY = sys.executable
+MSNOOP = [PY, "-m", "msnoop"]
+
+STEPS: list[tuple[str, list[str], list[list[str]], bool]] = [
+    # (name, data folders needed, commands, perf-only)
+    (
+        "kNN benchmarks (msnoop bench)",
+        ["yeast", "hpa_toy"],
+        [
+            [
+                *MSNOOP,
+                "bench",
+                *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs/benchmarks").glob("*.yaml")),
+                "--summary",
+                "results/bench/summary.md",
+            ]
+        ],
+        False,
+    ),
+    ("BBBC021 profiles", ["bbbc021_profiles"], [[PY, "jobs/bench_bbbc021_profiles.py"]], False),
+    ("Coelho nuclei segmentation", ["coelho2009_nuclei"], [[PY, "jobs/bench_segmentation.py"]], False),
+    (
+        "BBBC013 end to end",
+        ["bbbc013"],
+        [
+            [*MSNOOP, "embed", "configs/bbbc013.yaml"],
+            [*MSNOOP, "embed", "configs/bbbc013_cells.yaml"],
+            [PY, "jobs/bench_bbbc013.py", "--emb", "tile=results/bbbc013", "--emb", "cells=results/bbbc013_cells"],
+        ],
+        False,
+    ),
+    ("embedding throughput and memory", [], [[PY, "jobs/bench_embed.py"]], True),
+    ("search and kNN", [], [[PY, "jobs/bench_search.py", "--n", "200000", "--knn-n", "100000"]], True),
+    ("pretraining overhead", [], [[PY, "jobs/bench_pretrain.py", "--threads", "2"]], True),
+]
+
+
+def table_lines(text: str) -> str:
+    """The Markdown table rows (and the line after each table) of a command's output."""
+    keep, out = False, []
+    for line in text.splitlines():
+        if line.startswith("|"):
+            out.append(line)
+            keep = True
+        elif keep:
+            out.append(line)
+            keep = False
+    return "\n".join(out).strip()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--perf", action="store_true", help="also run the speed and memory benchmarks")
+    ap.add_argument("--out", type=Path, default=ROOT / "results" / "BENCHMARKS.md")
+    args = ap.parse_args()
+    sha = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    record: dict = {"date": date.today().isoformat(), "commit": sha, "data": str(DATA), "steps": []}
+    md = [f"# msnoop benchmarks, {record['date']}, commit {sha}", ""]
+    for name, needs, commands, perf in STEPS:
+        if perf and not args.perf:
+            continue
+        missing = [d for d in needs if not (DATA / d).is_dir()]
+        step = {"name": name, "commands": [" ".join(["python", *c[1:]] if c[0] == PY else c) for c in commands]}
+        md += [f"## {name}", ""]
+        if missing:
+            step["status"] = f"skipped: {', '.join(str(DATA / d) for d in missing)} absent"
+            print(f"{name}: {step['status']}", flush=True)
+            md += [step["status"], ""]
+            record["steps"].append(step)
+            continue
+        t0, outputs, status = time.perf_counter(), [], "ok"
+        for cmd in commands:
+            print(f"$ {' '.join(cmd)}", flush=True)
+            res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+            outputs.append(res.stdout)
+            if res.returncode != 0:
+                status = f"failed (exit {res.returncode}): {res.stderr.strip().splitlines()[-1] if res.stderr.strip() else ''}"
+                break
+        step |= {"status": status, "wall_s": round(time.perf_counter() - t0, 1)}
+        print(f"{name}: {status} in {step['wall_s']} s", flush=True)
+        md += [f"`{'`; `'.join(step['commands'])}`: {status}, {step['wall_s']:.0f} s", ""]
+        text = "\n".join(outputs)
+        tables = table_lines(text)
+        if tables:
+            md += [tables, ""]
+        elif text.strip():  # a script that prints no table: its last lines
+            md += ["```", *text.strip().splitlines()[-15:], "```", ""]
+        record["steps"].append(step)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(md) + "\n")
+    args.out.with_name("bench_all.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 1 if any(s["status"].startswith("failed") for s in record["steps"]) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
