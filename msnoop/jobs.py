@@ -33,4 +33,10 @@ def run_job(cfg: Any) -> str:
         if "skipped" in rec:
             return f"skipped: {rec['skipped']}"
         return f"bench {cfg.name}: results in {cfg.output.dir.resolve()}\n" + markdown(rec)
+    from msnoop.correct.job import ProfileJob
+
+    if isinstance(cfg, ProfileJob):
+        from msnoop.correct.job import run_profile, summary
+
+        return summary(cfg, run_profile(cfg))
     raise ValueError(f"no runner for job kind {getattr(cfg, 'job', type(cfg).__name__)!r}")

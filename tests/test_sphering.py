@@ -285,3 +285,48 @@ def test_profile_tables_answer_treatment_queries(tmp_path) -> None:
     assert not set(hits["Metadata_Compound"]) & {"c1", "DMSO"}
     with pytest.raises(KeyError, match="matches"):
         search_by_match(ref, "Metadata_Compound = 'nope'")
+
+
+def test_profile_job_config_matches_options_and_is_saved(tmp_path) -> None:
+    """A ``job: profile`` YAML runs the same experiment as the options; it is validated and saved."""
+    import yaml
+
+    from msnoop.config import ConfigError, load_config
+    from msnoop.correct.job import ProfileJob, run_profile
+
+    df = _table()
+    src = tmp_path / "wells.parquet"
+    df.to_parquet(src)
+    app = typer.Typer()
+    app.command()(profile_command)
+    by_opts = tmp_path / "opts"
+    res = CliRunner().invoke(
+        app,
+        [str(src), "--control", "Metadata_Compound == 'DMSO'", "--batch-column", "Metadata_Plate"]
+        + ["--treatment-columns", "Metadata_Compound", "--out", str(by_opts)],
+    )
+    assert res.exit_code == 0, res.output
+    cfg = {
+        "job": "profile",
+        "name": "plate",
+        "input": str(src),
+        "control": "Metadata_Compound == 'DMSO'",
+        "batch_column": "Metadata_Plate",
+        "treatments": {"columns": ["Metadata_Compound"]},
+        "output": {"dir": str(tmp_path / "cfg")},
+    }
+    path = tmp_path / "profile.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    res = CliRunner().invoke(app, [str(path)])
+    assert res.exit_code == 0, res.output
+    a = pd.read_parquet(by_opts / "treatments.parquet")
+    b = pd.read_parquet(tmp_path / "cfg" / "treatments.parquet")
+    pd.testing.assert_frame_equal(a, b)
+    saved = load_config(tmp_path / "cfg" / "resolved_config.yaml")
+    assert isinstance(saved, ProfileJob) and saved.sphering.method == "ZCA-cor" and saved.sphering.epsilon == "knee"
+    # validated before any work: a typo in a key, then a column the table lacks (named with what exists)
+    with pytest.raises(ConfigError, match="sphereing"):
+        load_config(path, overrides=[("sphereing", {"method": "ZCA"})])
+    job = load_config(path, overrides=[("treatments.columns", ["Metadata_Dose"])])
+    with pytest.raises(ValueError, match=r"no column\(s\) \['Metadata_Dose'\].*Metadata_Compound"):
+        run_profile(job)

@@ -6,7 +6,6 @@ and ``treatments`` for queries (``msnoop search OUT --match "Metadata_Compound =
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Annotated, Any
@@ -14,11 +13,11 @@ from typing import Annotated, Any
 import numpy as np
 import pandas as pd
 import typer
+from pydantic import ValidationError
 
-from msnoop.aggregate.profiles import aggregate_profiles
 from msnoop.cliutil import fail, split_list
-from msnoop.correct.sphering import METHODS, query_mask, spherize_profiles
-from msnoop.evaluate.tables import feature_columns, read_table, write_table
+from msnoop.correct.sphering import METHODS
+from msnoop.evaluate.tables import feature_columns
 
 logger = logging.getLogger(__name__)
 
@@ -53,14 +52,20 @@ def write_profile_tables(out: Path, frames: dict[str, pd.DataFrame], record: dic
 
 
 def profile_command(
-    table: Annotated[Path, typer.Argument(help="Profile table: .parquet, .csv or .csv.gz (Metadata_* + features).")],
+    table: Annotated[
+        Path,
+        typer.Argument(
+            help="A job config (.yaml, job: profile), or a profile table: embed output folder, .parquet, .csv, .csv.gz."
+        ),
+    ],
     control: Annotated[
-        str,
+        str | None,
         typer.Option("--control", help="pandas query selecting control rows, e.g. \"Metadata_Compound == 'DMSO'\"."),
-    ],
+    ] = None,
     out: Annotated[
-        Path, typer.Option("--out", help="Output folder (profiles.parquet, treatments.parquet, correction.json).")
-    ],
+        Path | None,
+        typer.Option("--out", help="Output folder (profiles.parquet, treatments.parquet, correction.json)."),
+    ] = None,
     batch_column: Annotated[
         str | None, typer.Option("--batch-column", help="Column naming each row's batch (plate).")
     ] = None,
@@ -102,74 +107,55 @@ def profile_command(
             "--keep-controls/--drop-controls", help="Keep control rows in the treatment table (default: drop)."
         ),
     ] = False,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="config override KEY=VALUE (with a YAML), repeatable")
+    ] = None,
 ) -> None:
-    """Sphere a profile table on its controls and aggregate it; writes Parquet plus a JSON record of the correction."""
+    """Sphere a profile table on its controls and aggregate it; writes Parquet, LanceDB tables and a JSON record.
+
+    Give either a ``job: profile`` YAML (options then override nothing but --set) or a table plus options.
+    """
+    from msnoop.config import ConfigError, load_config, parse_overrides
+    from msnoop.correct.job import ProfileJob, run_profile, summary
+
     try:
-        df = read_table(table)
+        if table.suffix in (".yaml", ".yml"):
+            job = load_config(table, overrides=parse_overrides(set_ or []), job="profile")
+        else:
+            if control is None or out is None:
+                fail("with a table argument, --control and --out are required (or pass a job: profile YAML)")
+            if aggregate_method not in ("mean", "median"):
+                fail(f"expected --aggregate-method 'mean' or 'median', found {aggregate_method!r}")
+            if method != "none" and method not in METHODS:
+                fail(f"expected --method in {', '.join(METHODS)} or 'none', found {method!r}")
+            job = ProfileJob.model_validate(
+                {
+                    "input": table,
+                    "control": control,
+                    "batch_column": batch_column,
+                    "sphering": {
+                        "method": method,
+                        "epsilon": _parse_epsilon(epsilon),
+                        "fit": "per_batch" if per_batch else "global",
+                        "variance_floor": variance_floor,
+                    },
+                    "aggregate": {"before": split_list(aggregate_by), "method": aggregate_method},
+                    "treatments": {
+                        "columns": split_list(treatment_columns),
+                        "join": split_list(join),
+                        "keep_controls": keep_controls,
+                    },
+                    "output": {"dir": out},
+                }
+            )
+    except ConfigError as exc:
+        fail(str(exc))
+    except ValidationError as exc:
+        fail(f"invalid profile options: {exc}")
+    if not isinstance(job, ProfileJob):
+        fail(f"{table} is a {getattr(job, 'job', '?')!r} config; msnoop profile takes job: profile configs")
+    try:
+        record = run_profile(job)
     except (ValueError, FileNotFoundError, OSError) as exc:
         fail(str(exc))
-    n_in = len(df)
-    record: dict[str, Any] = {"input": str(table), "n_rows_in": n_in}
-    agg_by = split_list(aggregate_by)
-    treat_by = split_list(treatment_columns)
-    joins = split_list(join)
-    if aggregate_method not in ("mean", "median"):
-        fail(f"expected --aggregate-method 'mean' or 'median', found {aggregate_method!r}")
-    if method != "none" and method not in METHODS:
-        fail(f"expected --method in {', '.join(METHODS)} or 'none', found {method!r}")
-    eps = _parse_epsilon(epsilon)
-    try:
-        if agg_by:
-            df = aggregate_profiles(
-                df, agg_by, aggregate_method, join=[batch_column] if batch_column and batch_column not in agg_by else ()
-            )  # type: ignore[arg-type]
-            record["aggregate_by"] = {"columns": agg_by, "method": aggregate_method, "n_rows": len(df)}
-        if method == "none":
-            sphered, info = df, {"method": "none"}
-        else:
-            sphered, info = spherize_profiles(
-                df,
-                control_query=control,
-                batch_column=batch_column,
-                per_batch=per_batch,
-                method=method,  # type: ignore[arg-type]
-                epsilon=eps,  # type: ignore[arg-type]
-                variance_floor=variance_floor,
-            )
-        record["sphering"] = info
-        out.mkdir(parents=True, exist_ok=True)
-        p_rows = write_table(sphered, out / "profiles.parquet")
-        typer.echo(f"wrote {p_rows.resolve()}  ({len(sphered)} rows x {len(feature_columns(sphered))} features)")
-        if treat_by:
-            rows = sphered
-            if not keep_controls:
-                rows = sphered[~query_mask(sphered, control)]
-            tj = list(dict.fromkeys(([batch_column] if batch_column else []) + joins))
-            treatments = aggregate_profiles(rows, treat_by, aggregate_method, join=tj)  # type: ignore[arg-type]
-            p_t = write_table(treatments, out / "treatments.parquet")
-            record["treatments"] = {
-                "columns": treat_by,
-                "method": aggregate_method,
-                "joined": tj,
-                "controls_included": keep_controls,
-                "n_rows": len(treatments),
-            }
-            typer.echo(f"wrote {p_t.resolve()}  ({len(treatments)} treatments)")
-    except ValueError as exc:
-        fail(str(exc))
-    p_json = out / "correction.json"
-    p_json.write_text(json.dumps(record, indent=2) + "\n")
-    typer.echo(f"wrote {p_json.resolve()}")
-    try:
-        tables = write_profile_tables(
-            out, {"profiles": sphered} | ({"treatments": treatments} if treat_by else {}), record
-        )
-    except ValueError as exc:
-        fail(str(exc))
-    typer.echo(f'LanceDB {out / "lancedb"}: tables {", ".join(tables)}; query with: msnoop search {out} --match "..."')
-    if method != "none":
-        typer.echo(
-            f"sphering: {info['method']} epsilon={info['epsilon']} fit={info['fit']} on {info['n_controls']} controls; "
-            f"{info['n_features']} features"
-            + (f", dropped {len(info['dropped_features'])} constant" if info["dropped_features"] else "")
-        )
+    typer.echo(summary(job, record))

@@ -1,0 +1,189 @@
+"""The batch-experiment job (``job: profile``): sphere a profile table on its controls, then aggregate.
+
+One typed config names everything that a plate experiment needs: the input table (an ``msnoop embed``
+output folder, a LanceDB table, or any Parquet/CSV table with ``Metadata_*`` columns such as CellProfiler
+profiles), the control selector, the batch (plate) column, the sphering and the aggregation levels::
+
+    job: profile
+    name: bbbc021_profiles
+    input: ../shared/data/bbbc021_profiles/well_profiles.parquet
+    control: "Metadata_compound == 'DMSO'"
+    batch_column: Metadata_Plate
+    sphering: {method: ZCA-cor, epsilon: knee, fit: global}
+    treatments: {columns: [Metadata_compound, Metadata_concentration], join: [Metadata_moa]}
+    output: {dir: results/bbbc021_profiles}
+
+Run with ``msnoop profile CONFIG`` (or ``msnoop run`` / ``msnoop submit``). Outputs in ``output.dir``:
+``profiles.parquet`` (sphered rows), ``treatments.parquet`` (when ``treatments.columns`` is set),
+``correction.json`` (what was fitted), ``resolved_config.yaml`` and LanceDB tables ``profiles`` and
+``treatments`` for ``msnoop search OUT --match ...``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from msnoop.config import register_job, save_resolved
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ProfileJob", "run_profile"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SpheringConfig(_Strict):
+    method: Literal["ZCA", "ZCA-cor", "PCA", "PCA-cor", "none"] = Field(
+        "ZCA-cor", description="whitening of the controls' covariance (ZCA-cor: Microsnoop); 'none' skips it"
+    )
+    epsilon: float | Literal["knee"] = Field(
+        "knee", description="eigenvalue regulariser: 'knee' (Microsnoop's rule) or a positive number"
+    )
+    fit: Literal["global", "per_batch"] = Field(
+        "global", description="one transform fitted on all controls (Microsnoop) or one per batch"
+    )
+    variance_floor: float = Field(1e-3, gt=0, description="-cor methods: feature variances are clipped at this")
+
+    @field_validator("epsilon")
+    @classmethod
+    def _positive(cls, v: float | str) -> float | str:
+        if isinstance(v, float) and not v > 0:
+            raise ValueError(f"epsilon must be 'knee' or > 0, found {v}")
+        return v
+
+
+class AggregateConfig(_Strict):
+    before: list[str] = Field(
+        default_factory=list, description="aggregate rows BEFORE sphering by these columns (e.g. cells -> wells)"
+    )
+    method: Literal["mean", "median"] = "mean"
+
+
+class TreatmentConfig(_Strict):
+    columns: list[str] = Field(
+        default_factory=list, description="aggregate sphered rows AFTER sphering into treatments by these columns"
+    )
+    join: list[str] = Field(
+        default_factory=list, description="columns collapsed to comma-joined unique values (the batch column always is)"
+    )
+    keep_controls: bool = Field(False, description="keep control rows in the treatment table")
+
+
+class ProfileOutput(_Strict):
+    dir: Path
+    write_lance: bool = True
+
+
+class ProfileJob(_Strict):
+    """A batch experiment: correction fitted on controls, then well/treatment profiles."""
+
+    job: Literal["profile"] = "profile"
+    name: str = "profiles"
+    input: Path = Field(..., description="profile table: embed output folder, .lance, .parquet, .csv or .csv.gz")
+    control: str = Field(..., min_length=1, description="pandas query selecting the negative controls")
+    batch_column: str | None = Field(None, description="column naming each row's batch (plate)")
+    sphering: SpheringConfig = Field(default_factory=SpheringConfig)
+    aggregate: AggregateConfig = Field(default_factory=AggregateConfig)
+    treatments: TreatmentConfig = Field(default_factory=TreatmentConfig)
+    output: ProfileOutput
+
+
+register_job("profile", ProfileJob)
+
+
+def run_profile(job: ProfileJob) -> dict[str, Any]:
+    """Run a batch experiment; returns the correction record (also written to ``correction.json``).
+
+    Raises:
+        FileNotFoundError: The input table does not exist.
+        ValueError: Unreadable table, a column that is not there, no controls (in a batch), a control
+            query that does not parse; the message names the table and what was expected.
+    """
+    from msnoop.aggregate.profiles import aggregate_profiles
+    from msnoop.correct.sphering import query_mask, spherize_profiles
+    from msnoop.evaluate.tables import feature_columns, read_table, write_table
+
+    df = read_table(job.input)
+    record: dict[str, Any] = {"name": job.name, "input": str(job.input), "n_rows_in": len(df)}
+    needed = [*job.aggregate.before, *job.treatments.columns, *job.treatments.join]
+    if job.batch_column:
+        needed.append(job.batch_column)
+    missing = [c for c in dict.fromkeys(needed) if c not in df.columns]
+    if missing:
+        meta = [c for c in df.columns if str(c).startswith("Metadata_")]
+        raise ValueError(f"table {job.input}: no column(s) {missing}; its metadata columns are {meta}")
+    batch = job.batch_column
+    if job.aggregate.before:
+        join = [batch] if batch and batch not in job.aggregate.before else []
+        df = aggregate_profiles(df, job.aggregate.before, job.aggregate.method, join=join)
+        record["aggregate_by"] = {"columns": job.aggregate.before, "method": job.aggregate.method, "n_rows": len(df)}
+    sph = job.sphering
+    if sph.method == "none":
+        sphered, info = df, {"method": "none"}
+    else:
+        sphered, info = spherize_profiles(
+            df,
+            control_query=job.control,
+            batch_column=batch,
+            per_batch=sph.fit == "per_batch",
+            method=sph.method,
+            epsilon=sph.epsilon,
+            variance_floor=sph.variance_floor,
+        )
+    record["sphering"] = info
+    out = job.output.dir
+    out.mkdir(parents=True, exist_ok=True)
+    save_resolved(job, out)
+    write_table(sphered, out / "profiles.parquet")
+    frames: dict[str, pd.DataFrame] = {"profiles": sphered}
+    if job.treatments.columns:
+        rows = sphered if job.treatments.keep_controls else sphered[~query_mask(sphered, job.control)]
+        join = list(dict.fromkeys(([batch] if batch else []) + job.treatments.join))
+        treatments = aggregate_profiles(rows, job.treatments.columns, job.aggregate.method, join=join)
+        write_table(treatments, out / "treatments.parquet")
+        frames["treatments"] = treatments
+        record["treatments"] = {
+            "columns": job.treatments.columns,
+            "method": job.aggregate.method,
+            "joined": join,
+            "controls_included": job.treatments.keep_controls,
+            "n_rows": len(treatments),
+        }
+    record["n_features"] = len(feature_columns(sphered))
+    (out / "correction.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    if job.output.write_lance:
+        from msnoop.correct.commands import write_profile_tables
+
+        record["tables"] = write_profile_tables(out, frames, record)
+    logger.info("profile job %s: %s", job.name, {k: len(v) for k, v in frames.items()})
+    return record
+
+
+def summary(job: ProfileJob, record: dict[str, Any]) -> str:
+    """Human-readable lines about a finished profile job."""
+    out = job.output.dir
+    lines = [f"wrote {(out / 'profiles.parquet').resolve()}  ({record['n_rows_in']} rows in)"]
+    if "treatments" in record:
+        lines.append(f"wrote {(out / 'treatments.parquet').resolve()}  ({record['treatments']['n_rows']} treatments)")
+    lines.append(f"wrote {(out / 'correction.json').resolve()}")
+    info = record["sphering"]
+    if info.get("method") != "none":
+        dropped = info.get("dropped_features") or []
+        lines.append(
+            f"sphering: {info['method']} epsilon={info['epsilon']} fit={info['fit']} on {info['n_controls']} "
+            f"controls; {info['n_features']} features" + (f", dropped {len(dropped)} constant" if dropped else "")
+        )
+    if "tables" in record:
+        lines.append(
+            f"LanceDB {out / 'lancedb'}: tables {', '.join(record['tables'])}; "
+            f'query with: msnoop search {out} --match "..."'
+        )
+    return "\n".join(lines)
