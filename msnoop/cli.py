@@ -360,6 +360,7 @@ def _register_library_commands() -> None:
     from msnoop.correct.commands import profile_command
     from msnoop.evaluate.commands import knn_command, map_command, nsc_command
     from msnoop.evaluate.report_commands import report_command
+    from msnoop.segment.train import segtrain_command
     from msnoop.train.commands import pretrain_command
 
     app.command("knn", help="kNN classification of any embedding/profile table (LOO, k-fold, leave-group-out).")(
@@ -380,6 +381,9 @@ def _register_library_commands() -> None:
     app.command("profile", help="Sphere on controls, aggregate to wells/treatments (any profile table).")(
         profile_command
     )
+    app.command(
+        "segtrain", help="Train a cellpose 3.1 nucleus model offline on image/mask pairs; compare to built-in."
+    )(segtrain_command)
 
 
 _register_library_commands()

@@ -206,7 +206,12 @@ class EmbedJob(_Strict):
 
 JOBS: dict[str, type[BaseModel]] = {"embed": EmbedJob}
 # Job kinds defined in stage packages; imported on first use (they import this module).
-_JOB_MODULES = {"pretrain": "msnoop.train.config", "bench": "msnoop.evaluate.bench", "profile": "msnoop.correct.job"}
+_JOB_MODULES = {
+    "pretrain": "msnoop.train.config",
+    "bench": "msnoop.evaluate.bench",
+    "profile": "msnoop.correct.job",
+    "segtrain": "msnoop.segment.train",
+}
 T = TypeVar("T", bound=BaseModel)
 
 

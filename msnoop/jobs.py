@@ -39,4 +39,11 @@ def run_job(cfg: Any) -> str:
         from msnoop.correct.job import run_profile, summary
 
         return summary(cfg, run_profile(cfg))
+    from msnoop.segment.train import SegTrainJob
+
+    if isinstance(cfg, SegTrainJob):
+        from msnoop.segment.train import run_segtrain
+        from msnoop.segment.train import summary as seg_summary
+
+        return seg_summary(cfg, run_segtrain(cfg))
     raise ValueError(f"no runner for job kind {getattr(cfg, 'job', type(cfg).__name__)!r}")
