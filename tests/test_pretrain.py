@@ -357,3 +357,26 @@ def test_batchnorm_recalibration_averages_inference_size_batches(synthetic: dict
     assert not net.training and first.momentum == 0.1
     after = net.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in weights.items())  # weights untouched
+
+
+def test_model_init_continues_from_a_checkpoint(synthetic: dict[str, Path], tmp_path: Path, pool: ChannelPool) -> None:
+    """``model.init`` starts from saved weights (continued pretraining); a checkpoint of another arch is refused."""
+    from msnoop.models.checkpoint import save_checkpoint
+    from msnoop.preprocess.presets import Preprocessing
+
+    job = _job(synthetic, tmp_path, steps=6)
+    trained = build_state(job)
+    train_steps(trained, pool, job, until=6)
+    ckpt = save_checkpoint(tmp_path / "stage1.pt", trained.net, arch="test_cnn", preprocess=Preprocessing())
+    stage2 = build_config(
+        job.model_dump(mode="json") | {"model": {"arch": "test_cnn", "init": str(ckpt)}, "name": "stage2"}
+    )
+    cont = build_state(stage2)
+    fresh = build_state(job)
+    for k, v in trained.net.state_dict().items():
+        assert torch.equal(cont.net.state_dict()[k], v), k
+    assert any(not torch.equal(fresh.net.state_dict()[k], v) for k, v in trained.net.state_dict().items())
+    assert cont.step == 0 and cont.scheduler.last_epoch == 0  # the optimiser and schedule start fresh
+    other = build_config(stage2.model_dump(mode="json") | {"model": {"arch": "microsnoop_cnn", "init": str(ckpt)}})
+    with pytest.raises(ValueError, match="is a 'test_cnn' checkpoint; model.arch is 'microsnoop_cnn'"):
+        build_state(other)

@@ -157,11 +157,16 @@ def write_model_card(
             f"| {st['n_unreadable']} | {st['probability']:.3f} |"
         )
     aug = job.data.augment
+    init_text = (
+        f"\n- **Initialised from**: `{job.model.init}` (continued pretraining; this run's steps and time only)"
+        if job.model.init
+        else ""
+    )
     text = f"""# msnoop model card: `{model_path.name}`
 
 - **File**: `{model_path.name}` ({model_path.stat().st_size / 2**20:.1f} MiB, {"float16" if job.output.half else "float32"} weights)
 - **sha256**: `{sha256}`
-- **Run**: `{job.name}`, {steps} of {job.train.steps} planned steps (stopped by: {stop_reason}), {elapsed_s / 60:.1f} min wall-clock
+- **Run**: `{job.name}`, {steps} of {job.train.steps} planned steps (stopped by: {stop_reason}), {elapsed_s / 60:.1f} min wall-clock{init_text}
 - **Trained with**: msnoop {provenance.get("msnoop")} (git {provenance.get("git")}), torch {provenance.get("torch")}, ray {provenance.get("ray")}, devices: {", ".join(provenance.get("gpus") or []) or "CPU"}
 
 ## Architecture

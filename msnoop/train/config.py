@@ -68,6 +68,11 @@ class DataConfig(_Strict):
 class ModelConfig(_Strict):
     arch: str = Field("microsnoop_cnn", description="registered architecture (msnoop.models.registry)")
     arch_kwargs: dict[str, Any] = Field(default_factory=dict)
+    init: str | None = Field(
+        None,
+        description="start from these weights (a checkpoint path or 'default') instead of a random "
+        "initialisation: continued pretraining; the optimiser and schedule start fresh",
+    )
 
 
 class MaskConfig(_Strict):

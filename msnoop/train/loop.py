@@ -107,10 +107,38 @@ class TrainState:
         self.history = list(state.get("history", []))
 
 
+def init_weights(net: torch.nn.Module, job: PretrainJob) -> dict[str, Any]:
+    """Copy the weights of ``job.model.init`` (a checkpoint path or ``"default"``) into ``net``.
+
+    Returns:
+        ``{"source", "sha256"}`` of the checkpoint used.
+
+    Raises:
+        ValueError: The checkpoint is another architecture, or its tensors do not fit ``net``.
+    """
+    from msnoop.models.checkpoint import resolve_model
+
+    loaded = resolve_model(str(job.model.init))
+    if loaded.arch != job.model.arch:
+        raise ValueError(
+            f"model.init {job.model.init!r} is a {loaded.arch!r} checkpoint; model.arch is {job.model.arch!r}"
+        )
+    try:
+        net.load_state_dict(loaded.net.state_dict())
+    except RuntimeError as exc:
+        raise ValueError(
+            f"model.init {job.model.init!r} does not fit model.arch_kwargs {job.model.arch_kwargs}: {exc}"
+        ) from exc
+    return {"source": loaded.source, "sha256": loaded.sha256}
+
+
 def build_state(job: PretrainJob, device: torch.device | str = "cpu") -> TrainState:
-    """A fresh network (seeded with ``job.train.seed``), AdamW and the warm-up/cosine schedule."""
+    """A network (seeded with ``job.train.seed``, or ``job.model.init``'s weights), AdamW and the schedule."""
     torch.manual_seed(job.train.seed)
-    net = create_model(job.model.arch, **job.model.arch_kwargs).to(device)
+    net = create_model(job.model.arch, **job.model.arch_kwargs)
+    if job.model.init:
+        init_weights(net, job)
+    net = net.to(device)
     optimizer = build_optimizer(net, job.optim)
     return TrainState(net=net, optimizer=optimizer, scheduler=build_scheduler(optimizer, job))
 
