@@ -12,13 +12,22 @@ $(VENV)/.installed: pyproject.toml constraints/cpu.txt
 	$(BIN)/python -m pip install -q -c constraints/cpu.txt -e '.[dev]'
 	touch $@
 
+# cellpose 3.1 pins numpy<2.1, so its tests run in a second environment (the main one keeps current numpy).
+CP_VENV ?= .venv-cellpose
+$(CP_VENV)/.installed: pyproject.toml constraints/cpu.txt
+	$(PYTHON) -m venv $(CP_VENV)
+	$(CP_VENV)/bin/python -m pip install -q -c constraints/cpu.txt torch==2.13.0
+	$(CP_VENV)/bin/python -m pip install -q -c constraints/cpu.txt -e '.[dev,cellpose]'
+	touch $@
+
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(BIN)/msnoop demo
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed $(CP_VENV)/.installed
 	$(BIN)/python -m pytest
+	$(CP_VENV)/bin/python -m pytest -m cellpose -p no:cacheprovider
 
 clean:
 	rm -rf demo_output .pytest_cache

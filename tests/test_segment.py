@@ -364,6 +364,7 @@ class TestCellposeBackend:
         with pytest.raises(ValueError, match=r"found shape \(2, 8, 8\)"):
             cpb.segment_cellpose(np.zeros((2, 8, 8)), model="nuclei")
 
+    @pytest.mark.cellpose
     def test_real_eval_with_local_weights(self, tmp_path, model_dir):
         pytest.importorskip("cellpose", reason="cellpose 3.1 not installed (pip install 'msnoop[cellpose]')")
         from cellpose import models

@@ -92,6 +92,7 @@ def test_cellpose_absent_is_a_clear_error(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.cellpose
 def test_real_training_run_writes_weights_the_backend_uses(tmp_path):
     pytest.importorskip("cellpose", reason="cellpose 3.1 not installed (pip install 'msnoop[cellpose]')")
     from msnoop.segment import cellpose_backend as cpb
