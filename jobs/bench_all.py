@@ -10,7 +10,9 @@ Coelho nuclei segmentation AP, BBBC013 end to end (tile and cells embeddings, th
 subprocess; a failing step is recorded and the others still run.
 
 Writes ``results/BENCHMARKS.md`` (commit, date, per step: command, status, wall time, its printed
-tables) and ``results/bench_all.json``.
+tables) and ``results/bench_all.json``, then regenerates the README's results table (between
+``<!-- results:start -->`` and ``<!-- results:end -->``) from the result files
+(:mod:`msnoop.evaluate.headline`); ``--readme-only`` does only that, ``--no-readme`` skips it.
 """
 
 from __future__ import annotations
@@ -76,14 +78,29 @@ def table_lines(text: str) -> str:
     return "\n".join(out).strip()
 
 
+def update_readme(readme: Path, sha: str) -> None:
+    """Rewrite the README's results table from the result files under results/."""
+    from msnoop.evaluate.headline import headline_rows, markdown, replace_section
+
+    block = markdown(headline_rows(ROOT / "results"), commit=sha, date=date.today().isoformat())
+    readme.write_text(replace_section(readme.read_text(), block))
+    print(f"rewrote the results table in {readme}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--perf", action="store_true", help="also run the speed and memory benchmarks")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "BENCHMARKS.md")
+    ap.add_argument("--readme", type=Path, default=ROOT / "README.md", help="README whose results table is rewritten")
+    ap.add_argument("--no-readme", action="store_true", help="do not touch the README")
+    ap.add_argument("--readme-only", action="store_true", help="only regenerate the README table from results/")
     args = ap.parse_args()
     sha = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
     ).stdout.strip()
+    if args.readme_only:
+        update_readme(args.readme, sha)
+        return 0
     record: dict = {"date": date.today().isoformat(), "commit": sha, "data": str(DATA), "steps": []}
     md = [f"# msnoop benchmarks, {record['date']}, commit {sha}", ""]
     for name, needs, commands, perf in STEPS:
@@ -120,6 +137,8 @@ def main() -> int:
     args.out.write_text("\n".join(md) + "\n")
     args.out.with_name("bench_all.json").write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {args.out}")
+    if not args.no_readme:
+        update_readme(args.readme, sha)
     return 1 if any(s["status"].startswith("failed") for s in record["steps"]) else 0
 
 

@@ -49,7 +49,7 @@ def test_pairs_split_by_image_within_each_folder(tmp_path):
     assert [p.relative_to(images).as_posix() for p in unmatched] == ["b/dna-3.png"]
     assert all(m == masks / p.relative_to(images) for p, m in pairs)
     train, held = split_pairs(pairs)
-    names = lambda ps: [p.relative_to(images).as_posix() for p, _ in ps]  # noqa: E731
+    names = lambda ps: [p.relative_to(images).as_posix() for p, _ in ps]
     assert names(train) == ["a/dna-0.png", "a/dna-2.png", "b/dna-0.png", "b/dna-2.png"]
     assert names(held) == ["a/dna-1.png", "a/dna-3.png", "b/dna-1.png"]
     assert not set(names(train)) & set(names(held))

@@ -1,0 +1,76 @@
+"""The README results table is generated from the result files, and the committed README matches them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from msnoop.evaluate.headline import END, START, headline_rows, markdown, replace_section
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _write(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
+
+
+def _bench(default: float, others: dict[str, float], task: str = "protein") -> dict:
+    rows = [{"features": "default", f"{task}_balanced_accuracy": default}]
+    rows += [{"features": f, f"{task}_balanced_accuracy": v} for f, v in others.items()]
+    return {"date": "2026-01-01", "provenance": {"git": "abc1234"}, "rows": rows}
+
+
+def test_rows_compare_the_default_with_every_other_row(tmp_path: Path) -> None:
+    _write(tmp_path / "bench" / "yeast" / "results.json", _bench(0.70, {"random": 0.65, "pca": 0.4}))
+    _write(tmp_path / "bench" / "hpa_toy" / "results.json", _bench(0.80, {"intensity": 0.9}, task="gene"))
+    rows = headline_rows(tmp_path)
+    yeast = next(r for r in rows if r.area == "yeast")
+    assert yeast.met is True and yeast.reference.startswith("0.650 (random)") and "abc1234" in yeast.source
+    hpa = next(r for r in rows if r.area == "hpa_toy")
+    assert hpa.met is False and "intensity" in hpa.reference
+    # absent files give rows that say so, never a number
+    absent = [r for r in rows if r.msnoop == "not run"]
+    assert {r.area for r in absent} == {"bbbc013", "bbbc021_profiles", "coelho2009_nuclei"}
+    assert all(r.met is None for r in absent)
+
+
+def test_goal_below_threshold_is_not_met(tmp_path: Path) -> None:
+    _write(tmp_path / "bench" / "yeast" / "results.json", _bench(0.55, {"random": 0.5}))
+    yeast = next(r for r in headline_rows(tmp_path) if r.area == "yeast")
+    assert yeast.met is False  # above every row, but under the 0.60 goal
+
+
+def test_segmentation_and_perf_rows(tmp_path: Path) -> None:
+    _write(
+        tmp_path / "bench_segmentation.json",
+        {"overall": {"mean_ap@0.5": 0.84, "n_images": 3}, "sets": {"a": {"mean_ap@0.5": 0.84}}},
+    )
+    _write(
+        tmp_path / "bench_pretrain.json",
+        {"ratio_ray_over_bare": 0.95, "ray_samples_per_s": 9.5, "bare_samples_per_s": 10.0, "goal_ratio": 0.9},
+    )
+    rows = {r.area + r.measure[:12]: r for r in headline_rows(tmp_path)}
+    seg = next(r for k, r in rows.items() if k.startswith("coelho"))
+    assert seg.met is False and seg.msnoop.startswith("0.840")
+    pre = next(r for r in rows.values() if "pretraining" in r.measure)
+    assert pre.met is True
+
+
+def test_replace_section_needs_both_markers() -> None:
+    text = f"intro\n{START}\nold\n{END}\nrest\n"
+    assert replace_section(text, "new table") == f"intro\n{START}\nnew table\n{END}\nrest\n"
+    with pytest.raises(ValueError, match="no results section"):
+        replace_section("no markers here", "x")
+
+
+def test_committed_readme_table_matches_the_result_files() -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index(START) + len(START) : readme.index(END)]
+    expected = markdown(headline_rows(ROOT / "results"), commit="-", date="-")
+    table = lambda s: [ln for ln in s.splitlines() if ln.startswith("|")]
+    assert table(section) == table(expected), (
+        "README results table is stale: run python jobs/bench_all.py --readme-only"
+    )
