@@ -377,6 +377,13 @@ def test_model_init_continues_from_a_checkpoint(synthetic: dict[str, Path], tmp_
         assert torch.equal(cont.net.state_dict()[k], v), k
     assert any(not torch.equal(fresh.net.state_dict()[k], v) for k, v in trained.net.state_dict().items())
     assert cont.step == 0 and cont.scheduler.last_epoch == 0  # the optimiser and schedule start fresh
+    # a relative path is resolved on the driver (Ray workers run elsewhere); a missing one fails before any work
+    from msnoop.train.config import absolutize
+
+    rel = build_config(stage2.model_dump(mode="json") | {"model": {"arch": "test_cnn", "init": "stage1.pt"}})
+    assert absolutize(rel, tmp_path).model.init == str(ckpt.resolve())
+    with pytest.raises(FileNotFoundError, match="model.init 'nope.pt': no checkpoint at"):
+        absolutize(rel.model_copy(update={"model": rel.model.model_copy(update={"init": "nope.pt"})}), tmp_path)
     other = build_config(stage2.model_dump(mode="json") | {"model": {"arch": "microsnoop_cnn", "init": str(ckpt)}})
     with pytest.raises(ValueError, match="is a 'test_cnn' checkpoint; model.arch is 'microsnoop_cnn'"):
         build_state(other)

@@ -180,7 +180,16 @@ def absolutize(job: PretrainJob, base: Path | None = None) -> PretrainJob:
         sources.append(src.model_copy(update={"input": inp}))
     data = job.data.model_copy(update={"sources": sources})
     output = job.output.model_copy(update={"dir": fix(job.output.dir)})
-    return job.model_copy(update={"data": data, "output": output})
+    model = job.model
+    init = model.init
+    if init and init != "default" and not init.startswith("random:"):
+        path = fix(Path(init))
+        if path is None or not path.is_file():
+            raise FileNotFoundError(
+                f"model.init {init!r}: no checkpoint at {path}; give a checkpoint file (relative to {base}) or 'default'"
+            )
+        model = model.model_copy(update={"init": str(path)})
+    return job.model_copy(update={"data": data, "output": output, "model": model})
 
 
 register_job("pretrain", PretrainJob)
