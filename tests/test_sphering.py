@@ -330,3 +330,42 @@ def test_profile_job_config_matches_options_and_is_saved(tmp_path) -> None:
     job = load_config(path, overrides=[("treatments.columns", ["Metadata_Dose"])])
     with pytest.raises(ValueError, match=r"no column\(s\) \['Metadata_Dose'\].*Metadata_Compound"):
         run_profile(job)
+
+
+def test_profile_job_joins_a_plate_map(tmp_path) -> None:
+    """Embeddings carry only well ids: the plate map adds controls and doses (as text keys, '01' stays '01')."""
+    from msnoop.correct.job import ProfileJob, run_profile
+
+    rng = np.random.default_rng(3)
+    wells = [(r, f"{c:02d}") for r in "AB" for c in range(1, 13)]
+    emb = pd.DataFrame({"Metadata_Row": [w[0] for w in wells], "Metadata_Column": [w[1] for w in wells]})
+    for j in range(6):
+        emb[f"emb_{j}"] = rng.normal(size=len(wells))
+    src = tmp_path / "emb.parquet"
+    emb.to_parquet(src)
+    plate = pd.DataFrame(
+        {
+            "Row": [w[0] for w in wells],
+            "Column": [w[1] for w in wells],
+            "Controls": [-1 if c in ("01", "02", "12") else 0 for _, c in wells],
+            "Dose": [int(c) % 12 for _, c in wells],
+        }
+    )
+    plate.to_csv(tmp_path / "plate.csv", index=False)
+    spec = {
+        "input": str(src),
+        "metadata": {"table": str(tmp_path / "plate.csv"), "keys": {"Metadata_Row": "Row", "Metadata_Column": "Column"}},
+        "control": "Metadata_Controls == -1",
+        "sphering": {"method": "ZCA", "epsilon": 0.1},
+        "treatments": {"columns": ["Metadata_Dose"]},
+        "output": {"dir": str(tmp_path / "out")},
+    }
+    rec = run_profile(ProfileJob.model_validate(spec))
+    rows = pd.read_parquet(tmp_path / "out" / "profiles.parquet")
+    assert {"Metadata_Controls", "Metadata_Dose"} <= set(rows.columns)
+    assert [c for c in rows.columns if not c.startswith("Metadata_")] == [f"emb_{j}" for j in range(6)]
+    assert rec["sphering"]["n_controls"] == 6 and rec["treatments"]["n_rows"] == 9  # doses 3..11 (controls dropped)
+    plate.loc[plate["Column"] == "05", "Column"] = "5"  # a plate map that writes columns differently
+    plate.to_csv(tmp_path / "plate.csv", index=False)
+    with pytest.raises(ValueError, match=r"2 row\(s\) of .*emb.parquet have no match in .*plate.csv.*'A/05', 'B/05'"):
+        run_profile(ProfileJob.model_validate(spec))

@@ -77,6 +77,16 @@ class TreatmentConfig(_Strict):
     keep_controls: bool = Field(False, description="keep control rows in the treatment table")
 
 
+class MetadataJoin(_Strict):
+    """A plate map (CSV/Parquet) joined onto the profile rows before anything else."""
+
+    table: Path = Field(..., description="plate map: .csv, .csv.gz or .parquet")
+    keys: dict[str, str] = Field(
+        ..., min_length=1, description="profile column -> plate-map column, compared as text, e.g. {Metadata_Row: Row}"
+    )
+    prefix: str = Field("Metadata_", description="prefix given to plate-map columns that lack it")
+
+
 class ProfileOutput(_Strict):
     dir: Path
     write_lance: bool = True
@@ -90,6 +100,7 @@ class ProfileJob(_Strict):
     input: Path = Field(..., description="profile table: embed output folder, .lance, .parquet, .csv or .csv.gz")
     control: str = Field(..., min_length=1, description="pandas query selecting the negative controls")
     batch_column: str | None = Field(None, description="column naming each row's batch (plate)")
+    metadata: MetadataJoin | None = Field(None, description="plate map joined onto the rows (e.g. controls, doses)")
     sphering: SpheringConfig = Field(default_factory=SpheringConfig)
     aggregate: AggregateConfig = Field(default_factory=AggregateConfig)
     treatments: TreatmentConfig = Field(default_factory=TreatmentConfig)
@@ -97,6 +108,55 @@ class ProfileJob(_Strict):
 
 
 register_job("profile", ProfileJob)
+
+
+def join_metadata(df: pd.DataFrame, spec: MetadataJoin, *, source: str) -> pd.DataFrame:
+    """``df`` with the plate map's columns added (prefixed ``spec.prefix``), matched on ``spec.keys`` as text.
+
+    Raises:
+        ValueError: A join column is missing, the plate map has duplicate keys, or rows find no match
+            (the message names the table and the first unmatched keys).
+    """
+    path = spec.table
+    if not path.is_file():
+        raise FileNotFoundError(f"plate map {path} does not exist")
+    right_cols = list(spec.keys.values())
+    if path.suffix == ".parquet":
+        plate = pd.read_parquet(path)
+    else:
+        plate = pd.read_csv(path, dtype=dict.fromkeys(right_cols, str))
+    missing_left = [c for c in spec.keys if c not in df.columns]
+    missing_right = [c for c in right_cols if c not in plate.columns]
+    if missing_left or missing_right:
+        raise ValueError(
+            f"metadata join: {source} lacks {missing_left} (has {[c for c in df.columns if str(c).startswith('Metadata_')]})"
+            if missing_left
+            else f"metadata join: plate map {path} lacks {missing_right} (has {list(plate.columns)})"
+        )
+    rename = {c: (c if str(c).startswith(spec.prefix) else f"{spec.prefix}{c}") for c in plate.columns}
+    plate = plate.rename(columns=rename)
+    keys = [rename[c] for c in right_cols]
+    for c in keys:
+        plate[c] = plate[c].astype(str).str.strip()
+    if plate.duplicated(keys).any():
+        raise ValueError(f"metadata join: plate map {path} has duplicate keys {keys}")
+    left = df.copy()
+    tmp = [f"__key{i}" for i in range(len(keys))]
+    for t, c in zip(tmp, spec.keys, strict=True):
+        left[t] = left[c].astype(str).str.strip()
+    plate = plate.rename(columns=dict(zip(keys, tmp, strict=True)))
+    clash = [c for c in plate.columns if c in left.columns and c not in tmp]
+    if clash:
+        plate = plate.drop(columns=clash)  # the profile table's own values win
+        logger.info("metadata join: kept the profile table's %s", clash)
+    out = left.merge(plate, on=tmp, how="left", indicator=True)
+    unmatched = out["_merge"] != "both"
+    if unmatched.any():
+        bad = out.loc[unmatched, list(spec.keys)].astype(str).agg("/".join, axis=1).unique().tolist()
+        raise ValueError(
+            f"metadata join: {int(unmatched.sum())} row(s) of {source} have no match in {path} on {spec.keys}: {bad[:10]}"
+        )
+    return out.drop(columns=[*tmp, "_merge"])
 
 
 def run_profile(job: ProfileJob) -> dict[str, Any]:
@@ -113,6 +173,9 @@ def run_profile(job: ProfileJob) -> dict[str, Any]:
 
     df = read_table(job.input)
     record: dict[str, Any] = {"name": job.name, "input": str(job.input), "n_rows_in": len(df)}
+    if job.metadata is not None:
+        df = join_metadata(df, job.metadata, source=str(job.input))
+        record["metadata"] = {"table": str(job.metadata.table), "keys": job.metadata.keys}
     needed = [*job.aggregate.before, *job.treatments.columns, *job.treatments.join]
     if job.batch_column:
         needed.append(job.batch_column)
