@@ -359,6 +359,29 @@ def test_batchnorm_recalibration_averages_inference_size_batches(synthetic: dict
     assert all(torch.equal(v, after[k]) for k, v in weights.items())  # weights untouched
 
 
+def test_recalibrate_checkpoint_keeps_precision_arch_and_weights(synthetic: dict[str, Path], tmp_path: Path) -> None:
+    from msnoop.models.checkpoint import save_checkpoint
+    from msnoop.models.registry import create_model
+    from msnoop.preprocess.presets import Preprocessing
+    from msnoop.train.recalibrate import recalibrate_checkpoint
+
+    job = _job(synthetic, tmp_path)
+    torch.manual_seed(0)
+    net = create_model("test_cnn")
+    src = save_checkpoint(
+        tmp_path / "src.pt", net, arch="test_cnn", preprocess=Preprocessing(input_size=64), meta={"run": "t"}, half=True
+    )
+    rec = recalibrate_checkpoint(src, tmp_path / "dst.pt", job, batches=2, seed=3)
+    a, b = load_checkpoint(src), load_checkpoint(tmp_path / "dst.pt")
+    assert rec["crop_size"] == 64 and b.half and a.half and b.arch == "test_cnn"
+    assert b.meta["run"] == "t" and b.meta["bn_recalibration"] == rec
+    sa, sb = a.net.state_dict(), b.net.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa if "running" not in k and "num_batches" not in k)
+    assert not torch.equal(
+        sa[next(k for k in sa if k.endswith("running_mean"))], sb[next(k for k in sb if k.endswith("running_mean"))]
+    )
+
+
 def test_model_init_continues_from_a_checkpoint(synthetic: dict[str, Path], tmp_path: Path, pool: ChannelPool) -> None:
     """``model.init`` starts from saved weights (continued pretraining); a checkpoint of another arch is refused."""
     from msnoop.models.checkpoint import save_checkpoint

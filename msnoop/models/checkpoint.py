@@ -44,6 +44,8 @@ class LoadedModel:
     source: str
     sha256: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    half: bool = False  # the file stores float16 weights
 
 
 def save_checkpoint(
@@ -131,6 +133,8 @@ def load_checkpoint(path: str | Path, *, preprocess: Preprocessing | None = None
         source=str(path.resolve()),
         sha256=file_sha256(path),
         meta=payload.get("meta", {}),
+        arch_kwargs=dict(payload.get("arch_kwargs") or {}),
+        half=any(v.dtype == torch.float16 for v in payload["state_dict"].values()),
     )
 
 

@@ -87,16 +87,14 @@ def recalibrate_checkpoint(
     pool = ChannelPool.from_config(job.data.model_copy(update={"crop_size": size}))
     n = batches if batches is not None else job.output.bn_recalibration_batches
     rec = recalibrate_batchnorm(model.net, pool, batches=n, seed=job.train.seed + 1 if seed is None else seed)
-    raw = torch.load(src, map_location="cpu", weights_only=True)
-    half = any(v.dtype == torch.float16 for v in raw["state_dict"].values())
     save_checkpoint(
         dst,
         model.net,
         arch=model.arch,
         preprocess=model.preprocess,
-        arch_kwargs=raw.get("arch_kwargs"),
+        arch_kwargs=model.arch_kwargs,
         meta=dict(model.meta) | {"bn_recalibration": rec},
-        half=half,
+        half=model.half,
     )
     logger.info("recalibrated BatchNorm statistics of %s at %d px (%d batches): %s", src, size, n, dst)
     return rec
