@@ -213,13 +213,18 @@ def test_bad_arguments() -> None:
     assert sph.transform(np.zeros((2, 3), dtype=np.float32)).dtype == np.float32
 
 
+def _profile_app() -> typer.Typer:
+    app = typer.Typer()
+    app.command()(profile_command)
+    return app
+
+
 def test_profile_command_writes_profiles_treatments_and_record(tmp_path) -> None:
     df = _table()
     df["Metadata_Well"] = [f"W{i % 20}" for i in range(len(df))]
     src = tmp_path / "cells.csv"
     df.to_csv(src, index=False)
-    app = typer.Typer()
-    app.command()(profile_command)
+    app = _profile_app()
     out = tmp_path / "out"
     res = CliRunner().invoke(
         app,
@@ -259,8 +264,7 @@ def test_profile_tables_answer_treatment_queries(tmp_path) -> None:
     df = _table()
     src = tmp_path / "wells.parquet"
     df.to_parquet(src)
-    app = typer.Typer()
-    app.command()(profile_command)
+    app = _profile_app()
     out = tmp_path / "out"
     args = [str(src), "--control", "Metadata_Compound == 'DMSO'", "--treatment-columns", "Metadata_Compound"]
     res = CliRunner().invoke(app, [*args, "--out", str(out)])
@@ -297,8 +301,7 @@ def test_profile_job_config_matches_options_and_is_saved(tmp_path) -> None:
     df = _table()
     src = tmp_path / "wells.parquet"
     df.to_parquet(src)
-    app = typer.Typer()
-    app.command()(profile_command)
+    app = _profile_app()
     by_opts = tmp_path / "opts"
     res = CliRunner().invoke(
         app,
