@@ -55,7 +55,21 @@ STEPS: list[tuple[str, list[str], list[list[str]], bool]] = [
         [
             [*MSNOOP, "embed", "configs/bbbc013.yaml"],
             [*MSNOOP, "embed", "configs/bbbc013_cells.yaml"],
-            [PY, "jobs/bench_bbbc013.py", "--emb", "tile=results/bbbc013", "--emb", "cells=results/bbbc013_cells"],
+            [
+                *MSNOOP,
+                "embed",
+                "configs/bbbc013_cells.yaml",
+                "--set",
+                "model=default",
+                "--set",
+                "output.dir=results/bbbc013_cells_default",
+            ],
+            [
+                PY,
+                "jobs/bench_bbbc013.py",
+                *("--emb", "tile=results/bbbc013", "--emb", "cells=results/bbbc013_cells"),
+                *("--emb", "cells_default=results/bbbc013_cells_default"),
+            ],
         ],
         False,
     ),
@@ -96,7 +110,7 @@ def main() -> int:
     ap.add_argument("--readme-only", action="store_true", help="only regenerate the README table from results/")
     args = ap.parse_args()
     sha = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ["git", "rev-parse", "--short", "HEAD"], check=False, cwd=ROOT, capture_output=True, text=True
     ).stdout.strip()
     if args.readme_only:
         update_readme(args.readme, sha)
@@ -118,7 +132,7 @@ def main() -> int:
         t0, outputs, status = time.perf_counter(), [], "ok"
         for cmd in commands:
             print(f"$ {' '.join(cmd)}", flush=True)
-            res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+            res = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True)
             outputs.append(res.stdout)
             if res.returncode != 0:
                 status = f"failed (exit {res.returncode}): {res.stderr.strip().splitlines()[-1] if res.stderr.strip() else ''}"
