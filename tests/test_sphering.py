@@ -372,3 +372,18 @@ def test_profile_job_joins_a_plate_map(tmp_path) -> None:
     plate.to_csv(tmp_path / "plate.csv", index=False)
     with pytest.raises(ValueError, match=r"2 row\(s\) of .*emb.parquet have no match in .*plate.csv.*'A/05', 'B/05'"):
         run_profile(ProfileJob.model_validate(spec))
+
+
+def test_run_job_dispatches_profile_jobs(tmp_path) -> None:
+    """``msnoop run`` / ``msnoop submit`` entrypoint: a profile job runs and summarises itself."""
+    from msnoop.correct.job import ProfileJob
+    from msnoop.jobs import run_job
+
+    src = tmp_path / "wells.parquet"
+    _table().to_parquet(src)
+    job = ProfileJob.model_validate(
+        {"input": str(src), "control": "Metadata_Compound == 'DMSO'", "output": {"dir": str(tmp_path / "o")}}
+    )
+    text = run_job(job)
+    assert "profiles.parquet" in text and "sphering: ZCA-cor" in text
+    assert (tmp_path / "o" / "correction.json").is_file() and not (tmp_path / "o" / "treatments.parquet").exists()
