@@ -24,8 +24,13 @@ class ConfigError(ValueError):
     """A job config is invalid; the message names the file and the offending key."""
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
+    """Base of every config section: unknown keys are errors (a typo never passes silently)."""
+
     model_config = ConfigDict(extra="forbid")
+
+
+_Strict = StrictModel
 
 
 class InputConfig(_Strict):

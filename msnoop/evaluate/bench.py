@@ -29,17 +29,14 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from msnoop.config import EmbedJob, load_config, register_job, save_resolved
+from msnoop.config import StrictModel as _Strict
 
 logger = logging.getLogger(__name__)
 
 Baseline = Literal["pixels_pca", "intensity"]
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 class BenchTask(_Strict):

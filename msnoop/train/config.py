@@ -8,13 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from msnoop.config import InputConfig, register_job
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+from msnoop.config import StrictModel as _Strict
 
 
 class SourceConfig(_Strict):
