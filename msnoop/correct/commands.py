@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import numpy as np
-import pandas as pd
 import typer
 from pydantic import ValidationError
 
 from msnoop.cliutil import fail, split_list
 from msnoop.correct.sphering import METHODS
-from msnoop.evaluate.tables import feature_columns
 
 logger = logging.getLogger(__name__)
 
@@ -32,23 +30,6 @@ def _parse_epsilon(value: str) -> float | str:
     if not (np.isfinite(eps) and eps > 0):
         fail(f"expected --epsilon 'knee' or a positive number, found {value!r}")
     return eps
-
-
-def write_profile_tables(out: Path, frames: dict[str, pd.DataFrame], record: dict[str, Any]) -> list[str]:
-    """LanceDB tables (one per frame) in ``out/lancedb`` plus ``out/run.json`` naming them.
-
-    The last frame (treatments when there are some) is the table that ``msnoop search OUT`` opens by
-    default; the correction record travels in every table's schema metadata.
-    """
-    from msnoop.store.lance import build_frame_table
-    from msnoop.store.parts import write_run_info
-
-    uri = str((out / "lancedb").resolve())
-    for name, frame in frames.items():
-        info = {"kind": "profiles", "level": name, "correction": record}
-        build_frame_table(uri, name, frame, feature_columns(frame), info=info)
-    write_run_info(out, {"job": "profile", "lancedb": uri, "table": list(frames)[-1], "tables": list(frames)})
-    return list(frames)
 
 
 def profile_command(

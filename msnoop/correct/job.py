@@ -27,17 +27,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
+from msnoop.config import StrictModel as _Strict
 from msnoop.config import register_job, save_resolved
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ProfileJob", "run_profile"]
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+__all__ = ["ProfileJob", "join_metadata", "run_profile", "write_profile_tables"]
 
 
 class SpheringConfig(_Strict):
@@ -125,14 +122,11 @@ def join_metadata(df: pd.DataFrame, spec: MetadataJoin, *, source: str) -> pd.Da
         plate = pd.read_parquet(path)
     else:
         plate = pd.read_csv(path, dtype=dict.fromkeys(right_cols, str))
-    missing_left = [c for c in spec.keys if c not in df.columns]
-    missing_right = [c for c in right_cols if c not in plate.columns]
-    if missing_left or missing_right:
-        raise ValueError(
-            f"metadata join: {source} lacks {missing_left} (has {[c for c in df.columns if str(c).startswith('Metadata_')]})"
-            if missing_left
-            else f"metadata join: plate map {path} lacks {missing_right} (has {list(plate.columns)})"
-        )
+    if missing := [c for c in spec.keys if c not in df.columns]:
+        meta = [c for c in df.columns if str(c).startswith("Metadata_")]
+        raise ValueError(f"metadata join: {source} lacks {missing} (has {meta})")
+    if missing := [c for c in right_cols if c not in plate.columns]:
+        raise ValueError(f"metadata join: plate map {path} lacks {missing} (has {list(plate.columns)})")
     rename = {c: (c if str(c).startswith(spec.prefix) else f"{spec.prefix}{c}") for c in plate.columns}
     plate = plate.rename(columns=rename)
     keys = [rename[c] for c in right_cols]
@@ -157,6 +151,24 @@ def join_metadata(df: pd.DataFrame, spec: MetadataJoin, *, source: str) -> pd.Da
             f"metadata join: {int(unmatched.sum())} row(s) of {source} have no match in {path} on {spec.keys}: {bad[:10]}"
         )
     return out.drop(columns=[*tmp, "_merge"])
+
+
+def write_profile_tables(out: Path, frames: dict[str, pd.DataFrame], record: dict[str, Any]) -> list[str]:
+    """LanceDB tables (one per frame) in ``out/lancedb`` plus ``out/run.json`` naming them.
+
+    The last frame (treatments when there are some) is the table that ``msnoop search OUT`` opens by
+    default; the correction record travels in every table's schema metadata.
+    """
+    from msnoop.evaluate.tables import feature_columns
+    from msnoop.store.lance import build_frame_table
+    from msnoop.store.parts import write_run_info
+
+    uri = str((out / "lancedb").resolve())
+    for name, frame in frames.items():
+        info = {"kind": "profiles", "level": name, "correction": record}
+        build_frame_table(uri, name, frame, feature_columns(frame), info=info)
+    write_run_info(out, {"job": "profile", "lancedb": uri, "table": list(frames)[-1], "tables": list(frames)})
+    return list(frames)
 
 
 def run_profile(job: ProfileJob) -> dict[str, Any]:
@@ -223,8 +235,6 @@ def run_profile(job: ProfileJob) -> dict[str, Any]:
     record["n_features"] = len(feature_columns(sphered))
     (out / "correction.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
     if job.output.write_lance:
-        from msnoop.correct.commands import write_profile_tables
-
         record["tables"] = write_profile_tables(out, frames, record)
     logger.info("profile job %s: %s", job.name, {k: len(v) for k, v in frames.items()})
     return record
