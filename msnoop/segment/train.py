@@ -29,8 +29,9 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 import typer
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from msnoop.config import StrictModel as _Strict
 from msnoop.config import register_job, save_resolved
 
 logger = logging.getLogger(__name__)
@@ -39,10 +40,6 @@ __all__ = ["SegTrainJob", "find_pairs", "run_segtrain", "split_pairs"]
 
 THRESHOLDS = (0.5, 0.75, 0.9)
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff")
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 class SegTrainData(_Strict):
@@ -162,20 +159,31 @@ def _use_gpu(setting: str) -> bool:
     return setting != "no" and torch.cuda.is_available()
 
 
-def _score(pairs: list[tuple[Path, Path]], root: Path, segment_fn: Any, name: str) -> list[dict[str, Any]]:
+def read_pair(img_path: Path, mask_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """An image and its int32 instance labels.
+
+    Raises:
+        ValueError: Their shapes differ, or the mask is not a label image; the message names both files.
+    """
+    img, gt = read_label_or_image(img_path), read_mask(mask_path)
+    if img.shape != gt.shape:
+        raise ValueError(f"{mask_path}: mask shape {gt.shape} differs from image {img_path} shape {img.shape}")
+    return img, gt
+
+
+def _score(pairs: list[tuple[Path, Path]], root: Path, backends: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """Per-image AP of every backend (``name -> image -> labels``); each pair is read once."""
     from msnoop.evaluate.segmentation import match_instances
 
-    rows = []
+    rows: dict[str, list[dict[str, Any]]] = {name: [] for name in backends}
     for img_path, mask_path in pairs:
-        img, gt = read_label_or_image(img_path), read_mask(mask_path)
-        if img.shape != gt.shape:
-            raise ValueError(f"{mask_path}: mask shape {gt.shape} differs from image {img_path} shape {img.shape}")
-        t0 = time.perf_counter()
-        pred = segment_fn(img)
-        ms = 1000 * (time.perf_counter() - t0)
-        r = match_instances(gt, pred, THRESHOLDS)
-        rows.append(
-            {
+        img, gt = read_pair(img_path, mask_path)
+        for name, segment_fn in backends.items():
+            t0 = time.perf_counter()
+            pred = segment_fn(img)
+            ms = 1000 * (time.perf_counter() - t0)
+            r = match_instances(gt, pred, THRESHOLDS)
+            row = {
                 "image": str(img_path.relative_to(root)),
                 "backend": name,
                 "n_true": r.n_true,
@@ -183,8 +191,8 @@ def _score(pairs: list[tuple[Path, Path]], root: Path, segment_fn: Any, name: st
                 "ap": [round(float(a), 4) for a in r.ap],
                 "ms": round(ms, 1),
             }
-        )
-        logger.info("%s %s: AP@0.5 %.3f (%d true, %d predicted)", name, rows[-1]["image"], r.ap[0], r.n_true, r.n_pred)
+            rows[name].append(row)
+            logger.info("%s %s: AP@0.5 %.3f (%d true, %d predicted)", name, row["image"], r.ap[0], r.n_true, r.n_pred)
     return rows
 
 
@@ -286,11 +294,9 @@ def run_segtrain(job: SegTrainJob) -> dict[str, Any]:
         len(train_pairs),
         len(held_pairs),
     )
-    images = [read_label_or_image(p).astype(np.float32) for p, _ in train_pairs]
-    labels = [read_mask(m) for _, m in train_pairs]
-    for (p, m), x, y in zip(train_pairs, images, labels, strict=True):
-        if x.shape != y.shape:
-            raise ValueError(f"{m}: mask shape {y.shape} differs from image {p} shape {x.shape}")
+    train_data = [read_pair(p, m) for p, m in train_pairs]
+    images = [x.astype(np.float32) for x, _ in train_data]
+    labels = [y for _, y in train_data]
     out = job.output.dir
     out.mkdir(parents=True, exist_ok=True)
     save_resolved(job, out)
@@ -328,9 +334,12 @@ def run_segtrain(job: SegTrainJob) -> dict[str, Any]:
 
     from msnoop.models.checkpoint import file_sha256
 
-    cp_rows = _score(held_pairs, job.data.images, lambda im: segment_cellpose(im, model=weights, gpu=gpu), "cellpose")
-    bi_rows = _score(held_pairs, job.data.images, segment_nuclei, "builtin")
-    holdout = {"cellpose": _summarise(cp_rows), "builtin": _summarise(bi_rows)}
+    scored = _score(
+        held_pairs,
+        job.data.images,
+        {"cellpose": lambda im: segment_cellpose(im, model=weights, gpu=gpu), "builtin": segment_nuclei},
+    )
+    holdout = {name: _summarise(rows) for name, rows in scored.items()}
     better = holdout["cellpose"]["mean_ap@0.5"] > holdout["builtin"]["mean_ap@0.5"]
     rec: dict[str, Any] = {
         "name": job.name,
@@ -348,7 +357,7 @@ def run_segtrain(job: SegTrainJob) -> dict[str, Any]:
         "weights": str(weights),
         "sha256": file_sha256(weights),
         "holdout": holdout,
-        "holdout_images": cp_rows + bi_rows,
+        "holdout_images": scored["cellpose"] + scored["builtin"],
         "beats_builtin": bool(better),
     }
     if job.output.ship_to is not None:
