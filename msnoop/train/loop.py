@@ -107,11 +107,8 @@ class TrainState:
         self.history = list(state.get("history", []))
 
 
-def init_weights(net: torch.nn.Module, job: PretrainJob) -> dict[str, Any]:
+def init_weights(net: torch.nn.Module, job: PretrainJob) -> None:
     """Copy the weights of ``job.model.init`` (a checkpoint path or ``"default"``) into ``net``.
-
-    Returns:
-        ``{"source", "sha256"}`` of the checkpoint used.
 
     Raises:
         ValueError: The checkpoint is another architecture, or its tensors do not fit ``net``.
@@ -129,7 +126,6 @@ def init_weights(net: torch.nn.Module, job: PretrainJob) -> dict[str, Any]:
         raise ValueError(
             f"model.init {job.model.init!r} does not fit model.arch_kwargs {job.model.arch_kwargs}: {exc}"
         ) from exc
-    return {"source": loaded.source, "sha256": loaded.sha256}
 
 
 def build_state(job: PretrainJob, device: torch.device | str = "cpu") -> TrainState:

@@ -263,13 +263,10 @@ def finalize(job: PretrainJob, payload: dict[str, Any], *, stop_reason: str, ela
     }
     recal = None
     if job.output.bn_recalibration_batches > 0 and job.data.crop_size != job.output.input_size:
-        from msnoop.train.recalibrate import recalibrate_batchnorm
+        from msnoop.train.recalibrate import recalibrate_on_job_pool
 
         try:
-            inference_pool = ChannelPool.from_config(job.data.model_copy(update={"crop_size": job.output.input_size}))
-            recal = recalibrate_batchnorm(
-                net, inference_pool, batches=job.output.bn_recalibration_batches, seed=job.train.seed + 1
-            )
+            recal = recalibrate_on_job_pool(net, job, size=job.output.input_size)
             meta["bn_recalibration"] = recal
         except Exception as exc:  # never lose a trained model: save it with the training statistics
             logger.warning("BatchNorm recalibration failed, saving the training statistics: %s", exc)

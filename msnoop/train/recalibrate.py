@@ -71,6 +71,19 @@ def recalibrate_batchnorm(
     }
 
 
+def recalibrate_on_job_pool(
+    net: nn.Module, job: PretrainJob, *, size: int, batches: int | None = None, seed: int | None = None
+) -> dict[str, Any]:
+    """Recalibrate ``net`` on ``job``'s data pool cropped at ``size`` px.
+
+    Defaults: ``job.output.bn_recalibration_batches`` batches, seed ``job.train.seed + 1`` (a stream
+    independent of training).
+    """
+    pool = ChannelPool.from_config(job.data.model_copy(update={"crop_size": size}))
+    n = batches if batches is not None else job.output.bn_recalibration_batches
+    return recalibrate_batchnorm(net, pool, batches=n, seed=job.train.seed + 1 if seed is None else seed)
+
+
 def recalibrate_checkpoint(
     src: str | Path, dst: str | Path, job: PretrainJob, *, batches: int | None = None, seed: int | None = None
 ) -> dict[str, Any]:
@@ -84,9 +97,7 @@ def recalibrate_checkpoint(
     """
     model = load_checkpoint(src)
     size = model.preprocess.input_size
-    pool = ChannelPool.from_config(job.data.model_copy(update={"crop_size": size}))
-    n = batches if batches is not None else job.output.bn_recalibration_batches
-    rec = recalibrate_batchnorm(model.net, pool, batches=n, seed=job.train.seed + 1 if seed is None else seed)
+    rec = recalibrate_on_job_pool(model.net, job, size=size, batches=batches, seed=seed)
     save_checkpoint(
         dst,
         model.net,
@@ -96,8 +107,8 @@ def recalibrate_checkpoint(
         meta=dict(model.meta) | {"bn_recalibration": rec},
         half=model.half,
     )
-    logger.info("recalibrated BatchNorm statistics of %s at %d px (%d batches): %s", src, size, n, dst)
+    logger.info("recalibrated BatchNorm statistics of %s at %d px (%d batches): %s", src, size, rec["batches"], dst)
     return rec
 
 
-__all__ = ["recalibrate_batchnorm", "recalibrate_checkpoint"]
+__all__ = ["recalibrate_batchnorm", "recalibrate_checkpoint", "recalibrate_on_job_pool"]
