@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from msnoop.evaluate.commands import knn_command
 from msnoop.evaluate.knn import (
+    _loo_neighbors,
     choose_index,
     classification_metrics,
     knn_cross_predict,
@@ -93,6 +94,17 @@ def test_loo_drops_the_query_itself_among_exact_duplicates() -> None:
     pred2 = knn_cross_predict(X, y, k=2, cv="loo", metric="l2")
     # the two twins carry distinct labels -> nearest twin's label, never the query's own
     assert all(pred2[i] != y[i] for i in (10, 11, 12))
+
+
+@pytest.mark.parametrize("index", ["exact", "ivf"])
+def test_loo_neighbours_of_a_sample_equal_those_rows_of_the_full_search(index: str) -> None:
+    X, _ = _blobs(n_per=300, n_classes=4, seed=3)
+    X[7] = X[8]  # a duplicate pair: the query itself must still be the row left out
+    rows = np.array([8, 7, 0, 599, 1199])
+    full = _loo_neighbors(X, 5, "cosine", index)
+    sample = _loo_neighbors(X, 5, "cosine", index, rows=rows)
+    np.testing.assert_array_equal(sample, full[rows])
+    assert all(r not in nb for r, nb in zip(rows, sample, strict=True))
 
 
 def test_kfold_equals_sklearn_on_the_same_splits() -> None:

@@ -300,12 +300,16 @@ def knn_predict(
     return microsnoop_vote(np.asarray(train_codes)[idx], n_classes)
 
 
-def _loo_neighbors(X: np.ndarray, k: int, metric: Metric, index: IndexKind = "auto") -> np.ndarray:
+def _loo_neighbors(
+    X: np.ndarray, k: int, metric: Metric, index: IndexKind = "auto", rows: np.ndarray | None = None
+) -> np.ndarray:
+    """The ``k`` nearest other rows of each row of ``X`` (of the given ``rows`` only, if set)."""
     n = len(X)
     if n < k + 1:
         raise ValueError(f"leave-one-out with k={k} needs at least {k + 1} rows, found {n}")
-    _, idx = knn_search(X, X, k + 1, metric=metric, index=index)
-    not_self = idx != np.arange(n)[:, None]
+    rows = np.arange(n) if rows is None else np.asarray(rows, dtype=np.int64)
+    _, idx = knn_search(X, X[rows], k + 1, metric=metric, index=index)
+    not_self = idx != rows[:, None]
     # keep the first k hits that are not the query itself (if the query was not returned, e.g. among
     # exact duplicates, the (k+1)-th hit is dropped instead)
     order = np.argsort(~not_self, axis=1, kind="stable")[:, :k]
