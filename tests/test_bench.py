@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -13,6 +14,7 @@ from msnoop.cli import app
 from msnoop.config import ConfigError, load_config
 from msnoop.data.synthetic import CHANNELS, write_dataset
 from msnoop.evaluate.bench import BenchJob, dataset_job, run_bench, slug
+from msnoop.store import parts
 
 
 def _configs(tmp_path, manifest, models=("random:test_cnn:0",)):
@@ -89,6 +91,25 @@ def test_bench_embeds_evaluates_and_writes_the_table(tmp_path, ray_cluster) -> N
     # a second run reuses the embeddings (the pipeline resumes) and gives the same numbers
     again = run_bench(load_config(bench))
     assert [r["class_balanced_accuracy"] for r in again["rows"]] == table["class_balanced_accuracy"].tolist()
+
+
+@pytest.mark.ray
+def test_bench_embeds_again_when_its_cached_embeddings_come_from_another_model(tmp_path, ray_cluster) -> None:
+    from msnoop.embed.pipeline import run_embed
+
+    manifest = write_dataset(tmp_path / "data", n_per_class=6, seed=0)
+    _, bench = _configs(tmp_path, manifest)
+    job = load_config(bench)
+    cached = dataset_job(job, "random:test_cnn:0")
+    # what a retrained model leaves behind: the bench's folder for this model holds other embeddings
+    run_embed(cached.model_copy(update={"model": "random:test_cnn:1"}))
+    stale = parts.read_frame(cached.output.dir / "embeddings").sort_values("Metadata_ImageID")
+    run_bench(job)
+    fresh = parts.read_frame(cached.output.dir / "embeddings").sort_values("Metadata_ImageID")
+    assert json.loads((cached.output.dir / "run.json").read_text())["model_source"] == "random:test_cnn:0"
+    assert len(fresh) == len(stale) == 24
+    emb = [c for c in fresh.columns if c.startswith("emb_")]
+    assert not np.allclose(fresh[emb].to_numpy(), stale[emb].to_numpy())
 
 
 def test_bench_refuses_other_job_kinds(tmp_path) -> None:

@@ -9,7 +9,7 @@ import tifffile
 
 from msnoop.config import build_config
 from msnoop.embed.embedder import Embedder
-from msnoop.embed.pipeline import StrictModeError, prepare_model, run_embed
+from msnoop.embed.pipeline import OutputMismatchError, StrictModeError, prepare_model, run_embed
 from msnoop.io.readers import read_image
 from msnoop.store import parts
 from msnoop.store.lance import open_table
@@ -132,6 +132,20 @@ def test_rerun_resumes_without_duplicates(first_run, dataset):
     ids = parts.read_frame(cfg.output.dir / "embeddings", columns=["Metadata_ImageID"])["Metadata_ImageID"]
     assert len(ids) == N_GOOD and ids.is_unique
     assert open_table(str(cfg.output.dir / "lancedb"), "cells").count_rows() == N_GOOD
+
+
+def test_another_model_or_preprocessing_is_refused_and_the_folder_kept(first_run, dataset):
+    cfg, _ = first_run
+    info_before = (cfg.output.dir / "run.json").read_text()
+    rows_before = parts.count_rows(cfg.output.dir / "embeddings")
+    other_model = cfg.model_copy(update={"model": "random:test_cnn:1"})
+    with pytest.raises(OutputMismatchError, match=r"model random:test_cnn:0 there, random:test_cnn:1 now"):
+        run_embed(other_model)
+    data = cfg.model_dump(mode="json") | {"preprocess": {"mode": "rescale"}}
+    with pytest.raises(OutputMismatchError, match=r"preprocess .*'native'.* there, .*'rescale'.* now"):
+        run_embed(build_config(data))
+    assert (cfg.output.dir / "run.json").read_text() == info_before
+    assert parts.count_rows(cfg.output.dir / "embeddings") == rows_before
 
 
 def test_strict_mode_stops_with_the_image_message(dataset, tmp_path, ray_cluster):

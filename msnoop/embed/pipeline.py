@@ -472,7 +472,8 @@ def run_embed(cfg: EmbedJob) -> EmbedResult:
     model, spec = prepare_model(cfg)
     table = load_image_table(cfg.input)
     channels = list(cfg.input.channels)
-    _check_same_mode(cfg, out_dir)
+    info = run_info(cfg, model, spec)
+    _check_resumable(cfg, out_dir, info)
     done = parts.read_ids(out_dir / parts.EMBEDDINGS) | parts.read_ids(out_dir / parts.ERRORS)
     if cfg.cells is not None:
         _drop_orphan_cells(out_dir, parts.read_ids(out_dir / parts.EMBEDDINGS))
@@ -497,7 +498,6 @@ def run_embed(cfg: EmbedJob) -> EmbedResult:
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     save_resolved(cfg, out_dir)
-    info = run_info(cfg, model, spec)
     parts.write_run_info(out_dir, info)
 
     cells = _cells_spec(cfg)
@@ -622,20 +622,42 @@ def run_embed(cfg: EmbedJob) -> EmbedResult:
     )
 
 
-def _check_same_mode(cfg: EmbedJob, out_dir: Path) -> None:
-    """Refuse to resume a whole-image output folder in cells mode or the reverse (tables would mix)."""
+class OutputMismatchError(ValueError):
+    """An output folder holds embeddings made by another model, preprocessing, channel list or mode."""
+
+
+def _check_resumable(cfg: EmbedJob, out_dir: Path, info: dict[str, Any]) -> None:
+    """Refuse to resume into a folder whose embeddings were made differently (one table would mix them).
+
+    Compared with the folder's ``run.json``: whole-image vs cells mode, the model (by sha256 for a
+    checkpoint, by name for a random network), the preprocessing and the channels.
+    """
     if not parts.part_files(out_dir / parts.EMBEDDINGS):
         return
     try:
-        before = "cells" in parts.read_run_info(out_dir)
+        before = parts.read_run_info(out_dir)
     except FileNotFoundError:
         return
-    now = cfg.cells is not None
-    if before != now:
+    diffs = []
+    was_cells, is_cells = "cells" in before, cfg.cells is not None
+    if was_cells != is_cells:
         mode = {True: "cells mode", False: "whole-image mode"}
-        raise ValueError(
-            f"{out_dir} holds embeddings from a {mode[before]} run; this job is in {mode[now]}. "
-            "Use another output.dir (or remove the old outputs)"
+        diffs.append(f"it holds a {mode[was_cells]} run; this job is in {mode[is_cells]}")
+    if before.get("model_sha256") or info["model_sha256"]:
+        if before.get("model_sha256") != info["model_sha256"]:
+            diffs.append(
+                f"model {before.get('model_source')} (sha256 {str(before.get('model_sha256'))[:12]}) there, "
+                f"{info['model_source']} (sha256 {str(info['model_sha256'])[:12]}) now"
+            )
+    elif "model_source" in before and before["model_source"] != info["model_source"]:
+        diffs.append(f"model {before['model_source']} there, {info['model_source']} now")
+    for key in ("preprocess", "channels"):
+        if key in before and before[key] != info[key]:
+            diffs.append(f"{key} {before[key]} there, {info[key]} now")
+    if diffs:
+        raise OutputMismatchError(
+            f"{out_dir} holds embeddings made differently ({'; '.join(diffs)}): resuming would mix them in "
+            "one table. Use another output.dir (or remove the old outputs)"
         )
 
 
