@@ -95,6 +95,11 @@ class OutputConfig(_Strict):
         description="LanceDB vector index: auto builds one (IVF_SQ) from index_threshold rows on; smaller tables are searched exactly",
     )
     index_threshold: int = Field(100_000, ge=1, description="rows from which 'auto' builds a vector index")
+    on_mismatch: Literal["error", "replace"] = Field(
+        "error",
+        description="dir holds embeddings of another model, preprocessing, channel list or mode: "
+        "stop with an error, or replace them (their parts are removed and every image is embedded again)",
+    )
 
 
 class RuntimeConfig(_Strict):

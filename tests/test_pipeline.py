@@ -148,6 +148,21 @@ def test_another_model_or_preprocessing_is_refused_and_the_folder_kept(first_run
     assert parts.count_rows(cfg.output.dir / "embeddings") == rows_before
 
 
+def test_on_mismatch_replace_embeds_everything_again_with_the_new_model(dataset, tmp_path, ray_cluster):
+    first = make_cfg(dataset, tmp_path / "out")
+    run_embed(first)
+    before = parts.read_frame(first.output.dir / "embeddings").set_index("Metadata_ImageID").sort_index()
+    data = first.model_dump(mode="json")
+    data["model"] = "random:test_cnn:1"
+    data["output"]["on_mismatch"] = "replace"
+    again = run_embed(build_config(data))
+    after = parts.read_frame(first.output.dir / "embeddings").set_index("Metadata_ImageID").sort_index()
+    assert again.n_embedded == len(before) == len(after) and after.index.is_unique
+    emb = [c for c in after.columns if c.startswith("emb_")]
+    assert not np.allclose(after[emb].to_numpy(), before[emb].to_numpy())
+    assert parts.read_run_info(first.output.dir)["model_source"] == "random:test_cnn:1"
+
+
 def test_strict_mode_stops_with_the_image_message(dataset, tmp_path, ray_cluster):
     cfg = make_cfg(dataset, tmp_path / "strict", strict=True)
     with pytest.raises(StrictModeError, match=r"_dna.tif: "):

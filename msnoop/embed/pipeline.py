@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import sys
 import time
 import zlib
@@ -473,7 +474,14 @@ def run_embed(cfg: EmbedJob) -> EmbedResult:
     table = load_image_table(cfg.input)
     channels = list(cfg.input.channels)
     info = run_info(cfg, model, spec)
-    _check_resumable(cfg, out_dir, info)
+    try:
+        _check_resumable(cfg, out_dir, info)
+    except OutputMismatchError as exc:
+        if cfg.output.on_mismatch != "replace":
+            raise
+        logger.warning("%s; output.on_mismatch is 'replace': removing them and embedding again", exc)
+        for sub in (parts.EMBEDDINGS, parts.ERRORS, CELLS, MASKS):
+            shutil.rmtree(out_dir / sub, ignore_errors=True)
     done = parts.read_ids(out_dir / parts.EMBEDDINGS) | parts.read_ids(out_dir / parts.ERRORS)
     if cfg.cells is not None:
         _drop_orphan_cells(out_dir, parts.read_ids(out_dir / parts.EMBEDDINGS))
@@ -657,7 +665,7 @@ def _check_resumable(cfg: EmbedJob, out_dir: Path, info: dict[str, Any]) -> None
     if diffs:
         raise OutputMismatchError(
             f"{out_dir} holds embeddings made differently ({'; '.join(diffs)}): resuming would mix them in "
-            "one table. Use another output.dir (or remove the old outputs)"
+            "one table. Use another output.dir, remove the old outputs, or set output.on_mismatch: replace"
         )
 
 

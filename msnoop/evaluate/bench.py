@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import shutil
 import time
 from datetime import date
 from pathlib import Path
@@ -94,7 +93,10 @@ def dataset_job(job: BenchJob, model: str) -> EmbedJob:
             k: v for k, v in {"num_cpus": job.runtime.num_cpus, "address": job.runtime.address}.items() if v is not None
         }
     )
-    out = base.output.model_copy(update={"dir": job.output.dir / "embeddings" / slug(model), "lancedb": None})
+    # the bench's own cache: embeddings of an older model (e.g. a retrained `default`) are made again
+    out = base.output.model_copy(
+        update={"dir": job.output.dir / "embeddings" / slug(model), "lancedb": None, "on_mismatch": "replace"}
+    )
     return base.model_copy(
         update={"model": model, "output": out, "runtime": runtime, "name": f"{job.name}_{slug(model)}"}
     )
@@ -152,7 +154,7 @@ def run_bench(job: BenchJob) -> dict[str, Any]:
     Returns:
         The results record (also in ``results.json``); ``{"skipped": reason}`` when the dataset is absent.
     """
-    from msnoop.embed.pipeline import OutputMismatchError, run_embed
+    from msnoop.embed.pipeline import run_embed
     from msnoop.evaluate.tables import read_table, split_table
     from msnoop.io.manifest import load_image_table
     from msnoop.runtime import provenance
@@ -169,13 +171,7 @@ def run_bench(job: BenchJob) -> dict[str, Any]:
     for model in job.models:
         cfg = dataset_job(job, model)
         t0 = time.perf_counter()
-        try:
-            res = run_embed(cfg)
-        except OutputMismatchError as exc:
-            # the bench's own cache: embeddings from an older model (e.g. a retrained `default`) are redone
-            logger.warning("bench %s: %s; embedding again", job.name, exc)
-            shutil.rmtree(cfg.output.dir)
-            res = run_embed(cfg)
+        res = run_embed(cfg)
         if res.n_rows_total == 0:
             raise ValueError(f"bench {job.name!r}: model {model!r} embedded no image (see {cfg.output.dir}/errors)")
         meta, X = split_table(read_table(cfg.output.dir))
