@@ -651,12 +651,13 @@ def _check_resumable(cfg: EmbedJob, out_dir: Path, info: dict[str, Any]) -> None
     if was_cells != is_cells:
         mode = {True: "cells mode", False: "whole-image mode"}
         diffs.append(f"it holds a {mode[was_cells]} run; this job is in {mode[is_cells]}")
+    def model(run: dict[str, Any]) -> str:
+        sha = run.get("model_sha256")
+        return f"{run.get('model_source')}" + (f" (sha256 {sha[:12]})" if sha else "")
+
     if before.get("model_sha256") or info["model_sha256"]:
         if before.get("model_sha256") != info["model_sha256"]:
-            diffs.append(
-                f"model {before.get('model_source')} (sha256 {str(before.get('model_sha256'))[:12]}) there, "
-                f"{info['model_source']} (sha256 {str(info['model_sha256'])[:12]}) now"
-            )
+            diffs.append(f"model {model(before)} there, {model(info)} now")
     elif "model_source" in before and before["model_source"] != info["model_source"]:
         diffs.append(f"model {before['model_source']} there, {info['model_source']} now")
     for key in ("preprocess", "channels"):
