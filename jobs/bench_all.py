@@ -96,11 +96,12 @@ def table_lines(text: str) -> str:
 
 def update_readme(readme: Path, sha: str) -> None:
     """Rewrite the README's results table from the result files under results/."""
-    from msnoop.evaluate.headline import headline_rows, markdown, replace_section
+    from msnoop.evaluate.headline import headline_rows, markdown, replace_section, write_csv
 
-    block = markdown(headline_rows(ROOT / "results"), commit=sha, date=date.today().isoformat())
-    readme.write_text(replace_section(readme.read_text(), block))
-    print(f"rewrote the results table in {readme}")
+    rows, today = headline_rows(ROOT / "results"), date.today().isoformat()
+    readme.write_text(replace_section(readme.read_text(), markdown(rows, commit=sha, date=today)))
+    csv_path = write_csv(rows, ROOT / "results" / "headline.csv", commit=sha, date=today)
+    print(f"rewrote the results table in {readme} and {csv_path}")
 
 
 def main() -> int:

@@ -74,3 +74,16 @@ def test_committed_readme_table_matches_the_result_files() -> None:
     assert table(section) == table(expected), (
         "README results table is stale: run python jobs/bench_all.py --readme-only"
     )
+
+
+def test_committed_csv_has_the_rows_of_the_readme_table() -> None:
+    import pandas as pd
+
+    table = pd.read_csv(ROOT / "results" / "headline.csv", keep_default_na=False)
+    rows = headline_rows(ROOT / "results")
+    assert table[["area", "measure", "msnoop", "source"]].values.tolist() == [
+        [r.area, r.measure, r.msnoop, r.source] for r in rows
+    ], "results/headline.csv is stale: run python jobs/bench_all.py --readme-only"
+    assert table["met"].tolist() == [{True: "yes", False: "no", None: "-"}[r.met] for r in rows]
+    assert table["date"].nunique() == 1 and table["commit"].nunique() == 1
+

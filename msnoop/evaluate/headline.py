@@ -7,7 +7,8 @@ is met. A file that is absent gives a row that says so; nothing is typed in by h
     python jobs/bench_all.py            # runs the benchmarks, then rewrites the README section
     python jobs/bench_all.py --readme-only
 
-The section sits between ``<!-- results:start -->`` and ``<!-- results:end -->`` in README.md.
+The section sits between ``<!-- results:start -->`` and ``<!-- results:end -->`` in README.md; the same
+rows, dated and with the commit, go to ``results/headline.csv``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
-__all__ = ["END", "START", "Row", "headline_rows", "markdown", "replace_section"]
+__all__ = ["END", "START", "Row", "headline_rows", "markdown", "replace_section", "write_csv"]
 
 
 @dataclass(frozen=True)
@@ -272,6 +273,21 @@ def markdown(rows: list[Row], *, commit: str, date: str) -> str:
         cells = [r.area, r.measure, r.msnoop, r.reference or "-", r.goal or "-", mark[r.met], r.source]
         lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
     return "\n".join(lines)
+
+
+def write_csv(rows: list[Row], path: str | Path, *, commit: str, date: str) -> Path:
+    """The same rows as :func:`markdown`, one per line, with the date and commit on each (``met``: yes/no/-)."""
+    import csv
+
+    mark = {True: "yes", False: "no", None: "-"}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["date", "commit", "area", "measure", "msnoop", "reference", "goal", "met", "source"])
+        for r in rows:
+            w.writerow([date, commit, r.area, r.measure, r.msnoop, r.reference, r.goal, mark[r.met], r.source])
+    return path
 
 
 def replace_section(text: str, block: str) -> str:
