@@ -634,6 +634,11 @@ class OutputMismatchError(ValueError):
     """An output folder holds embeddings made by another model, preprocessing, channel list or mode."""
 
 
+def _model_label(run: dict[str, Any]) -> str:
+    sha = run.get("model_sha256")
+    return f"{run.get('model_source')}" + (f" (sha256 {sha[:12]})" if sha else "")
+
+
 def _check_resumable(cfg: EmbedJob, out_dir: Path, info: dict[str, Any]) -> None:
     """Refuse to resume into a folder whose embeddings were made differently (one table would mix them).
 
@@ -651,15 +656,10 @@ def _check_resumable(cfg: EmbedJob, out_dir: Path, info: dict[str, Any]) -> None
     if was_cells != is_cells:
         mode = {True: "cells mode", False: "whole-image mode"}
         diffs.append(f"it holds a {mode[was_cells]} run; this job is in {mode[is_cells]}")
-    def model(run: dict[str, Any]) -> str:
-        sha = run.get("model_sha256")
-        return f"{run.get('model_source')}" + (f" (sha256 {sha[:12]})" if sha else "")
-
-    if before.get("model_sha256") or info["model_sha256"]:
-        if before.get("model_sha256") != info["model_sha256"]:
-            diffs.append(f"model {model(before)} there, {model(info)} now")
-    elif "model_source" in before and before["model_source"] != info["model_source"]:
-        diffs.append(f"model {before['model_source']} there, {info['model_source']} now")
+    # a checkpoint is known by its sha256 (its path may differ between machines), a random network by its name
+    identity = [run.get("model_sha256") or run.get("model_source") for run in (before, info)]
+    if identity[0] is not None and identity[0] != identity[1]:
+        diffs.append(f"model {_model_label(before)} there, {_model_label(info)} now")
     for key in ("preprocess", "channels"):
         if key in before and before[key] != info[key]:
             diffs.append(f"{key} {before[key]} there, {info[key]} now")
