@@ -7,7 +7,10 @@ object store), measured in a fresh process for N and 10*N images.
 
     python jobs/bench_embed.py --n 256 --repeats 3 --arch microsnoop_cnn --mem-n 256 --mem-arch test_cnn
 
-The throughput runs alternate bare, Ray, bare, Ray, ... and the medians are compared.
+The throughput runs alternate bare, Ray, bare, Ray, ... and the medians are compared. ``--amp auto`` runs both
+sides under bf16 autocast on a CPU with native bf16 (AVX512-BF16 or AMX):
+
+    python jobs/bench_embed.py --n 256 --repeats 3 --amp auto --only throughput --out results/bench_embed_bf16.json
 
 Writes results/bench_embed.json and prints a Markdown table.
 """
@@ -74,7 +77,7 @@ def make_data(root: Path, n: int) -> Path:
     return manifest
 
 
-def bare_loop(manifest: Path, arch: str, batch_size: int, out: Path) -> dict:
+def bare_loop(manifest: Path, arch: str, batch_size: int, out: Path, amp: str = "cuda") -> dict:
     """Single process: read -> preprocess -> embed in batches -> write Parquet parts."""
     import torch
 
@@ -87,7 +90,7 @@ def bare_loop(manifest: Path, arch: str, batch_size: int, out: Path) -> dict:
 
     torch.set_num_threads(os.cpu_count() or 1)
     table = load_image_table(InputConfig(manifest=manifest, channels=["dna", "protein"]))
-    embedder = Embedder(resolve_model(f"random:{arch}:0"), batch_size=batch_size, device="auto")
+    embedder = Embedder(resolve_model(f"random:{arch}:0"), batch_size=batch_size, device="auto", amp=amp)
     t0 = time.perf_counter()
     block = 64
     for start in range(0, len(table), block):
@@ -99,7 +102,9 @@ def bare_loop(manifest: Path, arch: str, batch_size: int, out: Path) -> dict:
     return {"images": len(table), "seconds": seconds, "images_per_s": len(table) / seconds}
 
 
-def ray_pipeline(manifest: Path, arch: str, batch_size: int, out: Path, num_cpus: int | None) -> dict:
+def ray_pipeline(
+    manifest: Path, arch: str, batch_size: int, out: Path, num_cpus: int | None, amp: str = "cuda"
+) -> dict:
     from msnoop.config import build_config
     from msnoop.embed.pipeline import run_embed
     from msnoop.runtime import init_ray, shutdown_ray
@@ -114,7 +119,7 @@ def ray_pipeline(manifest: Path, arch: str, batch_size: int, out: Path, num_cpus
             "input": {"manifest": str(manifest), "channels": ["dna", "protein"]},
             "model": f"random:{arch}:0",
             "output": {"dir": str(out), "write_lance": False},
-            "runtime": {"batch_size": batch_size, "images_per_block": 64, "progress": False},
+            "runtime": {"batch_size": batch_size, "images_per_block": 64, "progress": False, "amp": amp},
         }
     )
     t1 = time.perf_counter()
@@ -135,9 +140,9 @@ def child(args: argparse.Namespace) -> None:
     manifest = make_data(Path(args.work), args.n)
     with PeakRSS() as mem:
         if args.mode == "bare":
-            res = bare_loop(manifest, args.arch, args.batch_size, out)
+            res = bare_loop(manifest, args.arch, args.batch_size, out, args.amp)
         else:
-            res = ray_pipeline(manifest, args.arch, args.batch_size, out, args.num_cpus)
+            res = ray_pipeline(manifest, args.arch, args.batch_size, out, args.num_cpus, args.amp)
     res["peak_rss_mb"] = mem.peak / 2**20
     print("RESULT " + json.dumps(res))
 
@@ -157,6 +162,8 @@ def run_child(mode: str, n: int, arch: str, args: argparse.Namespace) -> dict:
         str(args.batch_size),
         "--work",
         args.work,
+        "--amp",
+        args.amp,
     ]
     if args.num_cpus:
         cmd += ["--num-cpus", str(args.num_cpus)]
@@ -171,6 +178,14 @@ def run_child(mode: str, n: int, arch: str, args: argparse.Namespace) -> dict:
     return res
 
 
+def _bf16_used(amp: str) -> bool:
+    import torch
+
+    from msnoop.runtime import uses_bf16
+
+    return uses_bf16(amp, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=256, help="images for the throughput comparison")
@@ -180,6 +195,12 @@ def main() -> None:
     ap.add_argument("--mem-arch", default="test_cnn", help="a small network keeps the 10*N run short")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--num-cpus", type=int, default=None)
+    ap.add_argument(
+        "--amp",
+        choices=["cuda", "auto", "off"],
+        default="cuda",
+        help="bf16 autocast on both sides (runtime.amp): 'auto' also on CPUs with native bf16",
+    )
     ap.add_argument("--work", default="/tmp/msnoop_bench_embed")
     ap.add_argument("--out", default="results/bench_embed.json")
     ap.add_argument("--only", choices=["throughput", "memory"], help="re-measure one part, keep the other from --out")
@@ -209,6 +230,8 @@ def main() -> None:
             "channels": 2,
             "input": "64x64 padded to 224",
             "batch_size": args.batch_size,
+            "amp": args.amp,
+            "bf16": _bf16_used(args.amp),
             "repeats": args.repeats,
             "bare_images_per_s": bare_rate,
             "ray_images_per_s": ray_rate,
@@ -237,19 +260,23 @@ def main() -> None:
             "git": prov["git"],
         }
     else:
-        result["memory"] = previous["memory"]
+        result["memory"] = previous.get("memory")  # absent when --out is a new file
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     t, m = result["throughput"], result["memory"]
     print("\n| measure | value |\n|---|---|")
     reps = f"median of {t['repeats']}" if "repeats" in t else "one run"
-    print(f"| bare PyTorch loop ({t['arch']}, {t['images']} images x 2 ch, {reps}) | {t['bare_images_per_s']:.2f} images/s |")
+    reps += ", bf16 autocast" if t.get("bf16") else ", float32"
+    print(
+        f"| bare PyTorch loop ({t['arch']}, {t['images']} images x 2 ch, {reps}) | {t['bare_images_per_s']:.2f} images/s |"
+    )
     print(f"| Ray Data pipeline, same work ({reps}) | {t['ray_images_per_s']:.2f} images/s |")
     print(f"| ratio Ray / bare (goal >= 0.9) | {t['ratio_ray_over_bare']:.2f} |")
     print(f"| Ray start-up (not in the ratio) | {t['ray_startup_s']:.1f} s |")
-    print(f"| peak RSS, {m['n_small']} images ({m['arch']}) | {m['peak_rss_mb_small']:.0f} MB |")
-    print(f"| peak RSS, {m['n_large']} images | {m['peak_rss_mb_large']:.0f} MB |")
-    print(f"| ratio (goal <= 1.3) | {m['ratio_large_over_small']:.2f} |")
+    if m:
+        print(f"| peak RSS, {m['n_small']} images ({m['arch']}) | {m['peak_rss_mb_small']:.0f} MB |")
+        print(f"| peak RSS, {m['n_large']} images | {m['peak_rss_mb_large']:.0f} MB |")
+        print(f"| ratio (goal <= 1.3) | {m['ratio_large_over_small']:.2f} |")
     print(f"\nwritten to {args.out} (device: {result['device']})")
 
 

@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from msnoop.preprocess.presets import Preprocessing
+from msnoop.runtime import AMP_HELP
 from msnoop.segment import SegmentationConfig
 
 
@@ -113,6 +114,7 @@ class RuntimeConfig(_Strict):
     actors: int = Field(1, ge=1, description="embedding actors in the pool (one GPU each where GPUs exist)")
     actor_cpus: float | None = Field(None, gt=0, description="CPUs per embedding actor; default 1 with GPUs, else 0.5")
     use_gpu: Literal["auto", "yes", "no"] = "auto"
+    amp: Literal["cuda", "auto", "off"] = Field("cuda", description=AMP_HELP)
     inflight_mb: int = Field(
         512, ge=64, description="object-store budget for blocks in flight; bounds read-ahead memory"
     )

@@ -107,6 +107,24 @@ def test_embedder_concatenates_channels_and_averages_tiles():
     np.testing.assert_allclose(out[1], np.concatenate([out[0, 32:], out[0, :32]]), atol=1e-6)
 
 
+def test_embedder_bf16_autocast_on_cpu_is_opt_in_and_close_to_fp32(monkeypatch: pytest.MonkeyPatch) -> None:
+    import msnoop.runtime
+
+    monkeypatch.setattr(msnoop.runtime, "cpu_has_native_bf16", lambda: True)  # emulated elsewhere: same numerics
+    model = resolve_model("random:test_cnn")
+    cells = [[np.random.default_rng(i).uniform(size=(48, 48)).astype(np.float32)] for i in range(4)]
+    fp32, bf16 = Embedder(model, device="cpu"), Embedder(model, device="cpu", amp="auto")
+    assert not fp32.use_amp and bf16.use_amp
+    dtypes: list[torch.dtype] = []
+    hook = model.net.encoder.register_forward_hook(lambda _m, _i, out: dtypes.append(out[-1].dtype))
+    a = fp32.embed_images(cells)
+    b = bf16.embed_images(cells)
+    hook.remove()
+    assert dtypes == [torch.float32, torch.bfloat16] and b.dtype == np.float32
+    cosine = (a * b).sum(1)  # rows are L2-normalised
+    assert cosine.min() > 0.99 and not np.array_equal(a, b)
+
+
 def test_combine_tiles_layout():
     tiles = np.arange(5 * 2, dtype=np.float32).reshape(5, 2)
     out = combine_tiles(tiles, [np.array([1, 2]), np.array([1, 1])])

@@ -13,13 +13,14 @@ import pytest
 import tifffile
 import torch
 
+import msnoop.runtime
 from msnoop.config import ConfigError, build_config, load_config
 from msnoop.models.checkpoint import file_sha256, load_checkpoint
 from msnoop.preprocess.geometry import pad_center
 from msnoop.preprocess.normalize import normalize99
 from msnoop.train.config import PretrainJob
 from msnoop.train.data import ChannelPool, batch_rng, compact, is_binary
-from msnoop.train.loop import WarmupCosine, build_state, make_batch, reconstruction_loss, train_steps
+from msnoop.train.loop import WarmupCosine, build_state, make_batch, reconstruction_loss, train_steps, uses_bf16
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -203,6 +204,39 @@ def test_loss_falls_on_a_tiny_pool(synthetic: dict[str, Path], tmp_path: Path, p
     assert state.step == 40 and len(logs) == 8 and len(state.history) == 8
     assert after < 0.7 * before, (before, after)
     assert logs[-1]["loss"] < logs[0]["loss"]
+
+
+def test_amp_setting_picks_bf16_per_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(msnoop.runtime, "cpu_has_native_bf16", lambda: True)
+    assert [uses_bf16(a, cpu) for a in ("cuda", "auto", "off")] == [False, True, False]
+    assert [uses_bf16(a, cuda) for a in ("cuda", "auto", "off")] == [True, True, False]
+    monkeypatch.setattr(msnoop.runtime, "cpu_has_native_bf16", lambda: False)  # emulated bf16 would be slower than fp32
+    assert not uses_bf16("auto", cpu)
+
+
+@pytest.mark.parametrize(("given", "stored"), [(True, "cuda"), (False, "off"), ("auto", "auto")])
+def test_amp_accepts_the_old_booleans(synthetic: dict[str, Path], tmp_path: Path, given: Any, stored: str) -> None:
+    assert _job(synthetic, tmp_path, amp=given).train.amp == stored
+    with pytest.raises(ConfigError, match="amp"):
+        _job(synthetic, tmp_path, amp="fp8")
+
+
+def test_loss_falls_under_cpu_bf16_autocast(
+    synthetic: dict[str, Path], tmp_path: Path, pool: ChannelPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(
+        msnoop.runtime, "cpu_has_native_bf16", lambda: True
+    )  # emulated where the CPU lacks it: same numerics
+    seen: list[torch.dtype] = []
+    job = _job(synthetic, tmp_path, steps=40, amp="auto")
+    state = build_state(job)
+    state.net.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+    batch, _ = make_batch(pool, job, rank=0, step=10_000)
+    before = _eval_loss(state, batch, job)
+    assert train_steps(state, pool, job, until=40) == "steps"
+    assert set(seen[1:]) == {torch.bfloat16}  # the training forwards ran in bf16 (seen[0] is the fp32 eval)
+    assert _eval_loss(state, batch, job) < 0.7 * before
 
 
 def test_resume_equals_uninterrupted_run(synthetic: dict[str, Path], tmp_path: Path, pool: ChannelPool) -> None:

@@ -14,6 +14,7 @@ import torch
 
 from msnoop.models.checkpoint import LoadedModel
 from msnoop.preprocess.presets import Preprocessing, prepare_channel
+from msnoop.runtime import uses_bf16
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -30,14 +31,15 @@ class Embedder:
         model: Network and preprocessing from :func:`msnoop.models.checkpoint.resolve_model`.
         batch_size: Tiles per forward pass.
         device: ``auto``, ``cpu`` or ``cuda[:i]``.
+        amp: bf16 autocast: ``cuda`` (GPUs only), ``auto`` (also CPUs with native bf16) or ``off``.
     """
 
-    def __init__(self, model: LoadedModel, *, batch_size: int = 64, device: str = "auto") -> None:
+    def __init__(self, model: LoadedModel, *, batch_size: int = 64, device: str = "auto", amp: str = "cuda") -> None:
         self.model = model
         self.device = pick_device(device)
         self.net = model.net.to(self.device).eval()
         self.batch_size = batch_size
-        self.use_amp = self.device.type == "cuda"
+        self.use_amp = uses_bf16(amp, self.device)
 
     @property
     def preprocess(self) -> Preprocessing:
@@ -54,7 +56,7 @@ class Embedder:
         for start in range(0, len(tiles), self.batch_size):
             chunk = torch.from_numpy(np.ascontiguousarray(tiles[start : start + self.batch_size]))[:, None]
             chunk = chunk.to(self.device, non_blocking=True)
-            with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=self.use_amp):
+            with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
                 emb = self.net.embed(chunk)  # type: ignore[operator]
             emb = emb.float()
             emb = emb / emb.norm(dim=1, keepdim=True).clamp_min(1e-12)

@@ -282,7 +282,14 @@ class EmbedActor:
     """
 
     def __init__(
-        self, model: Any, *, batch_size: int, device: str, torch_threads: int | None, cells: bool = False
+        self,
+        model: Any,
+        *,
+        batch_size: int,
+        device: str,
+        torch_threads: int | None,
+        cells: bool = False,
+        amp: str = "cuda",
     ) -> None:
         import ray
         import torch
@@ -294,7 +301,7 @@ class EmbedActor:
         if torch_threads:
             torch.set_num_threads(torch_threads)
         loaded: LoadedModel = ray.get(model) if isinstance(model, ray.ObjectRef) else model
-        self.embedder = Embedder(loaded, batch_size=batch_size, device=device)
+        self.embedder = Embedder(loaded, batch_size=batch_size, device=device, amp=amp)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         tiles = batch.pop("tiles")
@@ -436,6 +443,7 @@ def run_info(cfg: EmbedJob, model: LoadedModel, spec: Preprocessing) -> dict[str
         "model_sha256": model.sha256,
         "arch": model.arch,
         "preprocess": spec.model_dump(),
+        "amp": cfg.runtime.amp,  # bf16 autocast setting; rows differ from float32 ones by bf16 rounding only
         "channels": list(cfg.input.channels),
         "embed_dim_per_channel": int(model.net.embed_dim),  # type: ignore[arg-type]
         "embed_dim": int(model.net.embed_dim) * len(cfg.input.channels),  # type: ignore[arg-type]
@@ -560,6 +568,7 @@ def run_embed(cfg: EmbedJob) -> EmbedResult:
                 "device": "cuda" if use_gpu else "cpu",
                 "torch_threads": threads,
                 "cells": cells is not None,
+                "amp": cfg.runtime.amp,
             },
             **res,
         )

@@ -8,10 +8,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from msnoop.config import InputConfig, register_job
 from msnoop.config import StrictModel as _Strict
+from msnoop.runtime import AMP_HELP
 
 
 class SourceConfig(_Strict):
@@ -96,7 +97,19 @@ class TrainConfig(_Strict):
     max_minutes: float | None = Field(
         None, gt=0, description="wall-clock budget; training stops cleanly and writes outputs"
     )
-    amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU)")
+    amp: Literal["cuda", "auto", "off"] = Field(
+        "cuda",
+        description=AMP_HELP + "; true/false mean 'cuda'/'off'",
+    )
+
+    @field_validator("amp", mode="before")
+    @classmethod
+    def _amp_from_bool(cls, value: Any) -> Any:
+        """Configs written before 'auto' existed say ``amp: true`` (CUDA only) or ``amp: false``."""
+        if isinstance(value, bool):
+            return "cuda" if value else "off"
+        return value
+
     prefetch: int = Field(2, ge=0, description="batches prepared ahead in background threads (0 = inline)")
     loader_threads: int = Field(1, ge=1, description="threads preparing batches when prefetch > 0")
 

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from msnoop.models.registry import create_model
+from msnoop.runtime import uses_bf16
 from msnoop.train.config import OptimConfig, PretrainJob
 from msnoop.train.data import ChannelPool, batch_rng
 from msnoop.train.masking import mask_images
@@ -187,8 +188,7 @@ def train_step(state: TrainState, crops: torch.Tensor, job: PretrainJob, *, gene
     """
     device = crops.device
     masked, mask = mask_images(crops, job.mask.ratio, job.mask.patch_size, generator=generator)  # [B, 1, S, S] x2
-    use_amp = job.train.amp and device.type == "cuda"
-    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=uses_bf16(job.train.amp, device)):
         pred = state.net(masked)  # [B, 1, S, S]
     loss = reconstruction_loss(pred, crops, mask, job.mask.loss)
     if not torch.isfinite(loss):
