@@ -114,9 +114,17 @@ def test_outputs_lancedb_resolved_config_and_run_info(first_run):
     assert (
         info["channels"] == ["dna", "gfp"] and info["embed_dim"] == 64 and info["preprocess"]["preset"] == "microsnoop"
     )
+    assert info["amp"] == "cuda"  # bf16 autocast only on GPUs unless runtime.amp says auto
     table = open_table(str(out / "lancedb"), "cells")
     assert table.count_rows() == N_GOOD
     assert table.schema.field("vector").type.list_size == 64
+
+
+def test_ray_data_memory_advice_is_not_repeated_every_30_s(first_run):
+    import ray.data
+
+    detectors = ray.data.DataContext.get_current().issue_detectors_config
+    assert detectors.high_memory_detector_config.detection_time_interval_s == 600
 
 
 def test_rerun_resumes_without_duplicates(first_run, dataset):

@@ -535,6 +535,11 @@ def run_embed(cfg: EmbedJob) -> EmbedResult:
         ctx.execution_options.resource_limits = ray.data.ExecutionResources(
             object_store_memory=cfg.runtime.inflight_mb * 1024**2
         )
+        # The actors request no memory (a fixed request could keep them off small machines), so Ray Data's
+        # high-memory detector repeats the same advice every 30 s; once every 10 minutes is enough in a log.
+        detectors = getattr(ctx, "issue_detectors_config", None)
+        if detectors is not None and hasattr(detectors, "high_memory_detector_config"):
+            detectors.high_memory_detector_config.detection_time_interval_s = 600
         n_cpus = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
         threads = None if use_gpu else max(1, n_cpus // cfg.runtime.actors)
         model_ref = ray.put(model)
