@@ -168,7 +168,12 @@ def run_child(mode: str, n: int, arch: str, args: argparse.Namespace) -> dict:
     if args.num_cpus:
         cmd += ["--num-cpus", str(args.num_cpus)]
     proc = subprocess.run(
-        cmd, capture_output=True, text=True, check=False, env={**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+        cmd,
+        capture_output=True,
+        text=True,
+        check=False,
+        # both sides with the OpenMP wait policy that msnoop's CPU actors use (sleeping, not spinning, threads)
+        env={**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "OMP_WAIT_POLICY": "PASSIVE"},
     )
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if line is None:
