@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -59,6 +60,18 @@ def test_segmentation_and_perf_rows(tmp_path: Path) -> None:
     assert pre.met is True
 
 
+def test_a_ratio_just_under_its_goal_does_not_print_as_the_goal(tmp_path: Path) -> None:
+    def row(ratio: float) -> Any:
+        throughput = {"ratio_ray_over_bare": ratio, "ray_images_per_s": 2.72, "bare_images_per_s": 3.02}
+        memory = {"n_small": 256, "n_large": 2560, "ratio_large_over_small": 1.05}
+        _write(tmp_path / "bench_embed.json", {"device": "cpu", "throughput": throughput, "memory": memory})
+        return next(r for r in headline_rows(tmp_path) if "Ray Data" in r.measure)
+
+    assert (row(0.8998).msnoop.split()[0], row(0.8998).met) == ("0.8998", False)
+    assert (row(0.9004).msnoop.split()[0], row(0.9004).met) == ("0.90", True)
+    assert row(0.81).msnoop.split()[0] == "0.81"
+
+
 def test_replace_section_needs_both_markers() -> None:
     text = f"intro\n{START}\nold\n{END}\nrest\n"
     assert replace_section(text, "new table") == f"intro\n{START}\nnew table\n{END}\nrest\n"
@@ -86,4 +99,3 @@ def test_committed_csv_has_the_rows_of_the_readme_table() -> None:
     ], "results/headline.csv is stale: run python jobs/bench_all.py --readme-only"
     assert table["met"].tolist() == [{True: "yes", False: "no", None: "-"}[r.met] for r in rows]
     assert table["date"].nunique() == 1 and table["commit"].nunique() == 1
-

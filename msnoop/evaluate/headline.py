@@ -48,6 +48,13 @@ def _fmt(x: float, nd: int = 3) -> str:
     return f"{x:.{nd}f}"
 
 
+def _vs_goal(x: float, goal: float, nd: int = 2) -> str:
+    """``x`` with enough decimals (up to 4) that it does not print as the goal it misses, e.g. 0.8998 vs 0.9."""
+    while nd < 4 and (round(x, nd) >= goal) != (x >= goal):
+        nd += 1
+    return f"{x:.{nd}f}"
+
+
 def _bench_rows(res: Path, name: str, tasks: list[tuple[str, str, float | None]]) -> list[Row]:
     """kNN rows of one ``msnoop bench`` result: the default model against every other row."""
     src = f"results/bench/{name}/results.json"
@@ -175,7 +182,8 @@ def _perf(res: Path) -> list[Row]:
             Row(
                 "performance",
                 f"embedding, Ray Data / bare PyTorch loop ({e.get('device', '?')})",
-                f"{t['ratio_ray_over_bare']:.2f} ({t['ray_images_per_s']:.2f} vs {t['bare_images_per_s']:.2f} img/s)",
+                f"{_vs_goal(t['ratio_ray_over_bare'], 0.9)} ({t['ray_images_per_s']:.2f} vs "
+                f"{t['bare_images_per_s']:.2f} img/s)",
                 "",
                 ">= 0.9",
                 t["ratio_ray_over_bare"] >= 0.9,
