@@ -18,9 +18,10 @@ from msnoop.config import ConfigError, build_config, load_config
 from msnoop.models.checkpoint import file_sha256, load_checkpoint
 from msnoop.preprocess.geometry import pad_center
 from msnoop.preprocess.normalize import normalize99
+from msnoop.runtime import uses_bf16
 from msnoop.train.config import PretrainJob
 from msnoop.train.data import ChannelPool, batch_rng, compact, is_binary
-from msnoop.train.loop import WarmupCosine, build_state, make_batch, reconstruction_loss, train_steps, uses_bf16
+from msnoop.train.loop import WarmupCosine, build_state, make_batch, reconstruction_loss, train_steps
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -225,9 +226,8 @@ def test_amp_accepts_the_old_booleans(synthetic: dict[str, Path], tmp_path: Path
 def test_loss_falls_under_cpu_bf16_autocast(
     synthetic: dict[str, Path], tmp_path: Path, pool: ChannelPool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(
-        msnoop.runtime, "cpu_has_native_bf16", lambda: True
-    )  # emulated where the CPU lacks it: same numerics
+    # bf16 is emulated where the CPU lacks it: the same numerics, only slower
+    monkeypatch.setattr(msnoop.runtime, "cpu_has_native_bf16", lambda: True)
     seen: list[torch.dtype] = []
     job = _job(synthetic, tmp_path, steps=40, amp="auto")
     state = build_state(job)

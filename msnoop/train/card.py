@@ -148,8 +148,8 @@ def write_model_card(
     history = payload.get("history", [])
     world = payload.get("world_size") or 1
     steps = int(payload["step"])
-    device = torch.device("cuda" if provenance.get("gpus") else "cpu")
-    bf16 = uses_bf16(job.train.amp, device)
+    on_gpu = bool(provenance.get("gpus"))
+    bf16 = uses_bf16(job.train.amp, torch.device("cuda" if on_gpu else "cpu"))
     src_lines = [
         "| source | channels | images | samples (one-channel) | dropped (binary/constant) | unreadable | sampling prob. |",
         "|---|---|---:|---:|---:|---:|---:|",
@@ -190,7 +190,7 @@ Masked reconstruction: {job.mask.patch_size}x{job.mask.patch_size} patches, {job
 {tuple(job.optim.betas)}, weight decay {job.optim.weight_decay:g}, no decay on norms/biases), {job.warmup_steps} warm-up
 steps then cosine decay to {job.optim.min_lr_ratio:g}x, gradient clipping {job.optim.grad_clip}; batch
 {job.train.batch_size} per worker x {world} worker(s); seed {job.train.seed}; bf16 autocast `amp: {job.train.amp}`
-({"used" if bf16 else "not used"} on this {"GPU" if provenance.get("gpus") else "CPU"}).
+({"used" if bf16 else "not used"} on this {"GPU" if on_gpu else "CPU"}).
 
 Augmentation: flips {aug.flips}, 90° rotations {aug.rot90}, free rotation {aug.rotate}, scale jitter
 ±{aug.scale_jitter:g}, intensity jitter ±{aug.intensity_jitter:g}. Quality filters (CytoImageNet): binary images dropped
