@@ -293,7 +293,7 @@ class EmbedActor:
     ) -> None:
         if device == "cpu" and "torch" not in sys.modules:
             # OpenMP threads that spin while they wait lose their core to every other process on a small
-            # machine; sleeping instead embedded 5.0 instead of 4.5 images/s on 2 cores (read before torch loads)
+            # machine, so they sleep instead (libgomp reads this when torch loads, hence before the import)
             os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         import ray
         import torch
@@ -553,8 +553,9 @@ def run_embed(cfg: EmbedJob) -> EmbedResult:
         # always fit together (on 1-2 CPUs, whole-CPU tasks next to an actor would wait forever).
         task_cpus = min(1.0, float(ray.cluster_resources().get("CPU", 1)) / 8)
         # Without GPUs, reading asks for what the actor asks for, so Ray Data fuses it into the actor: tiles
-        # never cross processes and no reader process competes with the actor's torch threads (on 2 cores:
-        # 5.2 instead of 5.0 images/s). With GPUs, CPU tasks read so that the GPU actors only embed.
+        # never cross processes and no reader process competes with the actor's torch threads (with the
+        # sleeping OpenMP threads above, jobs/bench_embed.py's Ray / bare ratio went from 0.81 to 0.90 on
+        # 2 cores). With GPUs, CPU tasks read so that the GPU actors only embed.
         read_cpus = task_cpus if use_gpu else float(res["num_cpus"])
         ds = ray.data.from_pandas(frames)
         ds = ds.map_batches(
