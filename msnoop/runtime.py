@@ -15,7 +15,7 @@ LOOPBACK = "127.0.0.1"
 
 AMP_HELP = (
     "bf16 autocast: 'cuda' on GPUs only; 'auto' also on CPUs with native bf16 (AVX512-BF16 or AMX), "
-    "2-2.5x faster there (measured: embedding 2x, a training step 2.5x); 'off' never"
+    "about 2x faster there (measured: embedding 2x, training 2.3x per crop); 'off' never"
 )
 
 
