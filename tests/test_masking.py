@@ -70,3 +70,31 @@ def test_patchify_round_trip_and_errors() -> None:
     assert torch.equal(unpatchify(patchify(imgs, 16), 16, 48, 32), imgs)
     with pytest.raises(ValueError, match="multiple of the patch size"):
         patchify(torch.rand(1, 1, 40, 32), 16)
+
+
+def test_content_select_masks_only_the_image_not_its_zero_canvas() -> None:
+    """A 64 px cell centred in a 224 px zero canvas: 25 % of its 16 patches are masked, none of the canvas."""
+    p = 16
+    imgs = torch.zeros(3, 1, 224, 224)
+    imgs[:, :, 80:144, 80:144] = torch.rand(3, 1, 64, 64) + 0.5  # on the 16 px grid: 4x4 content patches
+    masked, mask = mask_images(imgs, 0.25, p, generator=torch.Generator().manual_seed(0), select="content")
+    patch_mask = patchify(mask, p)[:, :, 0]  # [N, L]
+    content = patchify(imgs, p).amax(-1) > 0  # [N, L]
+    assert patch_mask.sum(1).tolist() == [n_masked(16, 0.25)] * 3  # 4 of 16, not 49 of 196
+    assert torch.all(patch_mask[~content] == 0)
+    assert torch.all(masked[mask == 1] == 0)
+    assert torch.equal(masked[mask == 0], imgs[mask == 0])
+    # reproducible, and the Microsnoop default still spreads 49 masks over the whole canvas
+    _, again = mask_images(imgs, 0.25, p, generator=torch.Generator().manual_seed(0), select="content")
+    assert torch.equal(mask, again)
+    _, spread = mask_images(imgs, 0.25, p, generator=torch.Generator().manual_seed(0))
+    assert patchify(spread, p)[:, :, 0].sum(1).tolist() == [49] * 3
+
+
+def test_content_select_equals_microsnoop_when_every_patch_has_content() -> None:
+    imgs = torch.rand(4, 1, 64, 64) + 0.5
+    _, ours = mask_images(imgs, 0.25, generator=torch.Generator().manual_seed(5), select="content")
+    _, ref = mask_images(imgs, 0.25, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(ours, ref)
+    with pytest.raises(ValueError, match="'all' or 'content'"):
+        mask_images(imgs, 0.25, select="foreground")

@@ -181,6 +181,16 @@ def test_schedule_and_losses() -> None:
     pred[..., :2, :] = 3.0  # error 9 on masked pixels, 1 elsewhere
     assert float(reconstruction_loss(pred, target, mask, "masked")) == pytest.approx(9.0)
     assert float(reconstruction_loss(pred, target, mask, "full")) == pytest.approx(5.0)
+    # two images: one with 2 masked pixels of error 1, one with 8 masked pixels of error 4
+    target2 = torch.zeros(2, 1, 4, 4)
+    pred2 = torch.stack([torch.ones(1, 4, 4), torch.full((1, 4, 4), 2.0)])
+    mask2 = torch.zeros(2, 1, 4, 4)
+    mask2[0, 0, 0, :2] = 1
+    mask2[1, 0, :2, :] = 1
+    assert float(reconstruction_loss(pred2, target2, mask2, "masked", "batch")) == pytest.approx((2 + 32) / 10)
+    assert float(reconstruction_loss(pred2, target2, mask2, "masked", "image")) == pytest.approx((1 + 4) / 2)
+    mask2[0] = 0  # an image with nothing masked does not count
+    assert float(reconstruction_loss(pred2, target2, mask2, "masked", "image")) == pytest.approx(4.0)
 
 
 def _eval_loss(state: Any, batch: torch.Tensor, job: PretrainJob) -> float:

@@ -62,7 +62,9 @@ def reconstruct(net: nn.Module, crops: np.ndarray, job: PretrainJob, seed: int =
     """
     device = next(net.parameters()).device
     x = torch.from_numpy(crops)[:, None].to(device)  # [K, 1, S, S]
-    masked, _ = mask_images(x, job.mask.ratio, job.mask.patch_size, generator=torch.Generator().manual_seed(seed))
+    masked, _ = mask_images(
+        x, job.mask.ratio, job.mask.patch_size, generator=torch.Generator().manual_seed(seed), select=job.mask.select
+    )
     pred = net.eval()(masked).float()
     return masked[:, 0].cpu().numpy(), pred[:, 0].cpu().numpy()
 
@@ -122,6 +124,23 @@ def recal_text(rec: dict[str, Any] | None) -> str:
         f" the training pool, {rec['batches']} batches of {rec['batch_size']}, no weight changes;"
         " `msnoop.train.recalibrate`)."
     )
+
+
+def mask_text(job: PretrainJob) -> str:
+    """How the masked patches were chosen (``mask.select``)."""
+    if job.mask.select == "content":
+        return (
+            "(exactly `E - int(E*(1-r))` of the `E` patches that are not constant, so the zero canvas around a small"
+            " image is never masked: `mask.select: content`)"
+        )
+    return "(exactly `L - int(L*(1-r))` patches, Microsnoop's `random_masking_keep_shape`)"
+
+
+def average_text(job: PretrainJob) -> str:
+    """How the loss was averaged (``mask.average``)."""
+    if job.mask.average == "image":
+        return "averaged per image, then over images (`mask.average: image`)"
+    return "averaged over the batch"
 
 
 def write_model_card(
@@ -185,8 +204,8 @@ percentile, no clipping) after padding. Trained on {job.data.crop_size} px crops
 
 ## Pretraining task
 Masked reconstruction: {job.mask.patch_size}x{job.mask.patch_size} patches, {job.mask.ratio:.0%} zero-filled per image
-(exactly `L - int(L*(1-r))` patches, Microsnoop's `random_masking_keep_shape`); loss = MSE on
-{"masked pixels" if job.mask.loss == "masked" else "the whole image"}. AdamW (lr {job.optim.lr:g}, betas
+{mask_text(job)}; loss = MSE on
+{"masked pixels" if job.mask.loss == "masked" else "the whole image"}, {average_text(job)}. AdamW (lr {job.optim.lr:g}, betas
 {tuple(job.optim.betas)}, weight decay {job.optim.weight_decay:g}, no decay on norms/biases), {job.warmup_steps} warm-up
 steps then cosine decay to {job.optim.min_lr_ratio:g}x, gradient clipping {job.optim.grad_clip}; batch
 {job.train.batch_size} per worker x {world} worker(s); seed {job.train.seed}; bf16 autocast `amp: {job.train.amp}`

@@ -77,6 +77,16 @@ class MaskConfig(_Strict):
     ratio: float = Field(0.25, gt=0, lt=1, description="fraction of patches zero-filled (Microsnoop: 0.25)")
     patch_size: int = Field(16, ge=1, description="patch side (Microsnoop: 16)")
     loss: Literal["masked", "full"] = Field("masked", description="MSE on masked pixels, or on the whole image")
+    select: Literal["all", "content"] = Field(
+        "all",
+        description="patches that may be masked: all (Microsnoop), or content only (not the constant zero canvas "
+        "around a small image)",
+    )
+    average: Literal["batch", "image"] = Field(
+        "batch",
+        description="loss mean over the batch's masked pixels, or per image then over images (a small cell in a "
+        "padded canvas then weighs as much as a full field)",
+    )
 
 
 class OptimConfig(_Strict):

@@ -65,7 +65,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, job: PretrainJob) -> torch
 
 
 def reconstruction_loss(
-    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, mode: str = "masked"
+    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, mode: str = "masked", average: str = "batch"
 ) -> torch.Tensor:
     """MSE between reconstruction and original.
 
@@ -74,11 +74,16 @@ def reconstruction_loss(
         target: ``[N, 1, H, W]`` unmasked input.
         mask: ``[N, 1, H, W]``, 1 on masked pixels.
         mode: ``masked`` (mean over masked pixels, MAE default) or ``full`` (mean over all pixels).
+        average: ``batch`` (one mean over every pixel of the batch) or ``image`` (a mean per image, then over
+            the images that have any pixel in the loss).
     """
     err = (pred.float() - target.float()) ** 2  # [N, 1, H, W]
-    if mode == "full":
-        return err.mean()
-    return (err * mask).sum() / mask.sum().clamp_min(1.0)
+    weight = torch.ones_like(err) if mode == "full" else mask.float()
+    if average == "batch":
+        return (err * weight).sum() / weight.sum().clamp_min(1.0)
+    per_image = (err * weight).flatten(1).sum(1) / weight.flatten(1).sum(1).clamp_min(1.0)  # [N]
+    counted = (weight.flatten(1).sum(1) > 0).float()  # [N]
+    return (per_image * counted).sum() / counted.sum().clamp_min(1.0)
 
 
 @dataclass
@@ -187,10 +192,12 @@ def train_step(state: TrainState, crops: torch.Tensor, job: PretrainJob, *, gene
         FloatingPointError: The loss is NaN or infinite (lower optim.lr or enable grad_clip).
     """
     device = crops.device
-    masked, mask = mask_images(crops, job.mask.ratio, job.mask.patch_size, generator=generator)  # [B, 1, S, S] x2
+    masked, mask = mask_images(
+        crops, job.mask.ratio, job.mask.patch_size, generator=generator, select=job.mask.select
+    )  # [B, 1, S, S] x2
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=uses_bf16(job.train.amp, device)):
         pred = state.net(masked)  # [B, 1, S, S]
-    loss = reconstruction_loss(pred, crops, mask, job.mask.loss)
+    loss = reconstruction_loss(pred, crops, mask, job.mask.loss, job.mask.average)
     if not torch.isfinite(loss):
         raise FloatingPointError(
             f"loss is {loss.item()} at step {state.step} (lr {state.scheduler.get_last_lr()[0]:.3g}); "

@@ -257,6 +257,8 @@ def finalize(job: PretrainJob, payload: dict[str, Any], *, stop_reason: str, ela
         "mask_ratio": job.mask.ratio,
         "patch_size": job.mask.patch_size,
         "loss": job.mask.loss,
+        "mask_select": job.mask.select,
+        "loss_average": job.mask.average,
         "final_loss": final_loss,
         "stop_reason": stop_reason,
         "data": payload.get("pool"),
