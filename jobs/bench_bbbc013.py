@@ -149,7 +149,11 @@ def _fmt(x: float | None) -> str:
 
 def load_embedding(folder: str, md: pd.DataFrame, allow_partial: bool) -> pd.DataFrame:
     """One row per well: the embedding joined with the plate metadata (``Metadata_SBS_*``, ``Metadata_series``)."""
-    df = read_table(folder)
+    return join_layout(read_table(folder), folder, md, allow_partial)
+
+
+def join_layout(df: pd.DataFrame, folder: str, md: pd.DataFrame, allow_partial: bool) -> pd.DataFrame:
+    """:func:`load_embedding` on a table already read (rows of one well are averaged)."""
     for col in ("Metadata_Row", "Metadata_Column"):
         if col not in df.columns:
             raise SystemExit(
@@ -250,6 +254,77 @@ def embedding_readouts(df: pd.DataFrame, method: str, epsilon: Any) -> dict[str,
     return out
 
 
+# --------------------------------------------------------------------------- cells per well
+
+
+def cells_curve(
+    folder: str, md: pd.DataFrame, method: str, epsilon: Any, counts: list[int], repeats: int
+) -> dict[str, Any] | None:
+    """Z' and rho against the number of cells averaged per well, from a cells-mode output's per-cell rows.
+
+    For each count ``k`` and each of ``repeats`` seeded draws, ``k`` cells of every well (all of them when a
+    well has fewer) are averaged into the well profile, sphered on the negative controls and read out as in
+    the main table (in-fit sphering, no leave-one-out). Returns ``None`` when ``folder`` has no ``cells/``.
+    """
+    cells_dir = Path(folder) / "cells"
+    if not cells_dir.is_dir():
+        return None
+    cells = pd.read_parquet(cells_dir)
+    cells["Metadata_Row"] = cells["Metadata_Row"].astype(str).str.strip().str.upper()
+    cells["Metadata_Column"] = cells["Metadata_Column"].map(_norm_column)
+    feats = feature_columns(cells)
+    per_well = cells.groupby(["Metadata_Row", "Metadata_Column"]).size()
+    points = []
+    for k in counts:
+        for rep in range(repeats if k < per_well.max() else 1):  # every draw of the largest count is the same
+            rng = np.random.default_rng(rep)
+            sub = cells.iloc[rng.permutation(len(cells))].groupby(["Metadata_Row", "Metadata_Column"]).head(k)
+            well = sub.groupby(["Metadata_Row", "Metadata_Column"], as_index=False)[feats].mean()
+            df = join_layout(well, folder, md, allow_partial=False)
+            plate = _plate_md(df)
+            ctrl = df["Metadata_SBS_Controls"].to_numpy()
+            sph, _ = spherize_profiles(df, control_query=NEG_QUERY, method=method, epsilon=epsilon)
+            res = score(control_axis_readout(split_table(sph)[1], ctrl == 1, ctrl == -1), plate)
+            points.append(
+                {"cells": k, "draw": rep, "z_prime": res["z_prime"], **{f"rho {s}": res["rho"][s] for s in SERIES}}
+            )
+    table = pd.DataFrame(points)
+    summary = table.groupby("cells").median(numeric_only=True).drop(columns="draw").reset_index()
+    return {
+        "cells_per_well": {"min": int(per_well.min()), "median": float(per_well.median()), "max": int(per_well.max())},
+        "repeats": repeats,
+        "points": points,
+        "median": summary.to_dict(orient="records"),
+    }
+
+
+def plot_cells_curves(curves: dict[str, dict[str, Any]], baseline_z: float | None, path: Path) -> Path:
+    """Z' (median of the draws, with each draw as a dot) against cells per well, one line per embedding."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, curve in curves.items():
+        pts = pd.DataFrame(curve["points"])
+        med = pd.DataFrame(curve["median"])
+        (line,) = ax.plot(med["cells"], med["z_prime"], marker="o", label=name)
+        ax.scatter(pts["cells"], pts["z_prime"], s=8, alpha=0.4, color=line.get_color())
+    if baseline_z is not None:
+        ax.axhline(baseline_z, color="k", ls="--", lw=1, label=f"N/C GFP ratio (all nuclei): {baseline_z:.2f}")
+    ax.axhline(0.7, color="grey", ls=":", lw=1, label="target Z' 0.70")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("cells averaged per well")
+    ax.set_ylabel("Z' (ZCA-cor knee, control-axis readout)")
+    ax.set_title("BBBC013: Z' against cells per well")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 # --------------------------------------------------------------------------- N/C baseline
 
 
@@ -309,6 +384,12 @@ def main() -> None:
     ap.add_argument("--ring", type=int, default=3, help="cytoplasmic ring width in px for the N/C baseline (default 3)")
     ap.add_argument("--no-baseline", action="store_true", help="skip the N/C ratio baseline (segments 96 images)")
     ap.add_argument("--allow-partial", action="store_true", help="score an embedding folder with fewer than 96 wells")
+    ap.add_argument(
+        "--cells-curve",
+        default="1,2,4,8,16",
+        help="cell counts per well for the Z' curve of cells-mode outputs ('' to skip; default 1,2,4,8,16)",
+    )
+    ap.add_argument("--curve-repeats", type=int, default=5, help="random draws per cell count (default 5)")
     ap.add_argument("--out", default="results/bench_bbbc013")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -350,6 +431,18 @@ def main() -> None:
         for variant, (readout, info) in embedding_readouts(df, args.method, epsilon).items():
             add(name, variant, readout, plate, {**run, **info})
 
+    counts = [int(c) for c in args.cells_curve.split(",") if c.strip()]
+    curves: dict[str, dict[str, Any]] = {}
+    for item in args.emb if counts else []:
+        name, folder = item.split("=", 1)
+        curve = cells_curve(folder, md, args.method, epsilon, counts, args.curve_repeats)
+        if curve is not None:
+            curves[name] = curve
+            print(
+                f"{name}: Z' by cells per well "
+                + ", ".join(f"{r['cells']}: {_fmt(r['z_prime'])}" for r in curve["median"])
+            )
+
     baseline = None
     if not args.no_baseline:
         nc = nc_ratio(md, args.data, args.ring).merge(md, on=["Row", "Column"], validate="one_to_one")
@@ -383,8 +476,21 @@ def main() -> None:
         f"epsilon={args.epsilon} fitted on negative-control wells ({NEG_QUERY}). Positive controls (dose 10) "
         "define the readout's direction; rho is reported with its sign as measured."
     )
-    report = {"protocol": protocol, "layout": layout, "baseline": baseline, "rows": rows, "per_well_readout": wells}
+    report = {
+        "protocol": protocol,
+        "layout": layout,
+        "baseline": baseline,
+        "rows": rows,
+        "cells_curve": curves,
+        "per_well_readout": wells,
+    }
     out.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    if curves:
+        nc_z = next(
+            (r["z_prime"] for r in rows if r["features"] == "N/C GFP ratio" and r["sphering"] == "raw value"), None
+        )
+        plot = plot_cells_curves(curves, nc_z, out.with_name(out.name + "_cells.png"))
+        logger.warning("wrote %s", plot)
     lines = [
         "| features | sphering | dim | wells | Z' | rho A-D | rho E-H | rho A-D (+ctrl) | rho E-H (+ctrl) |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -404,6 +510,14 @@ def main() -> None:
         name, folder = item.split("=", 1)
         r0 = next((r for r in rows if r["features"] == name), {})
         notes.append(f"{name}: {folder}, model {r0.get('model')}, mode {r0.get('mode')}, {r0.get('n_wells')} wells.")
+    for name, curve in curves.items():
+        med = ", ".join(
+            f"{r['cells']}: {_fmt(r['z_prime'])} ({_fmt(r['rho A-D'])} / {_fmt(r['rho E-H'])})" for r in curve["median"]
+        )
+        notes.append(
+            f"{name}, Z' (rho A-D / E-H) by cells averaged per well, median of {curve['repeats']} draws, ZCA-cor "
+            f"knee in-fit: {med}."
+        )
     if baseline:
         notes.append(
             f"N/C baseline: built-in segmentation of the DNA channel, ring {args.ring} px; median "

@@ -1,0 +1,73 @@
+"""jobs/bench_bbbc013.py's curve of Z' against the number of cells averaged per well, on a synthetic plate."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_bbbc013", ROOT / "jobs" / "bench_bbbc013.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _layout(tmp_path: Path) -> Path:
+    """BBBC013's layout: A-D negatives in 01-02, positives in 12; E-H positives in 01, negatives in 02 and 12."""
+    rows = []
+    for r in "ABCDEFGH":
+        for c in range(1, 13):
+            if r in "ABCD":
+                ctrl, dose = (-1, 0) if c <= 2 else (1, 10) if c == 12 else (0, c - 2)
+            else:
+                ctrl, dose = (1, 10) if c == 1 else (-1, 0) if c in (2, 12) else (0, c - 2)
+            rows.append(
+                {"ImageNumber": len(rows) + 1, "Row": r, "Column": f"{c:02d}", "SBS_Doses": dose, "SBS_Controls": ctrl}
+            )
+    pd.DataFrame(rows).to_csv(tmp_path / "1049_Metadata.csv", index=False)
+    return tmp_path
+
+
+def _cells(folder: Path, md: pd.DataFrame, n_cells: int, noise: float, seed: int = 0) -> Path:
+    """Per-cell rows: the dose (0-10, scaled to 0-1) on the first feature, plus independent noise per cell."""
+    rng = np.random.default_rng(seed)
+    parts = []
+    for w in md.itertuples(index=False):
+        x = rng.normal(0.0, noise, size=(n_cells, 6))
+        x[:, 0] += w.SBS_Doses / 10.0
+        part = pd.DataFrame(x, columns=[f"emb_{i:04d}" for i in range(6)])
+        part.insert(0, "Metadata_Row", w.Row)
+        part.insert(1, "Metadata_Column", w.Column)
+        parts.append(part)
+    (folder / "cells").mkdir(parents=True)
+    pd.concat(parts, ignore_index=True).to_parquet(folder / "cells" / "part-0.parquet")
+    return folder
+
+
+def test_z_prime_rises_with_cells_per_well(bench, tmp_path: Path) -> None:
+    md = bench.load_layout(_layout(tmp_path))
+    folder = _cells(tmp_path / "emb", md, n_cells=64, noise=0.5)
+    curve = bench.cells_curve(str(folder), md, "ZCA-cor", "knee", [1, 4, 64], repeats=3)
+    assert curve["cells_per_well"] == {"min": 64, "median": 64.0, "max": 64}
+    assert [p["cells"] for p in curve["points"]] == [1, 1, 1, 4, 4, 4, 64]  # one draw of all the cells
+    z = {r["cells"]: r["z_prime"] for r in curve["median"]}
+    # the noise of a well mean falls as 1/sqrt(k): Z' = 1 - 3 * 2 * 0.5 / sqrt(k) under ideal conditions
+    assert z[1] < 0 < z[64]
+    assert z[1] < z[4] < z[64]
+    assert next(r for r in curve["median"] if r["cells"] == 64)["rho A-D"] > 0.8
+    png = bench.plot_cells_curves({"synthetic": curve}, 0.8, tmp_path / "curve.png")
+    assert png.stat().st_size > 0
+
+
+def test_no_curve_without_per_cell_rows(bench, tmp_path: Path) -> None:
+    md = bench.load_layout(_layout(tmp_path))
+    (tmp_path / "tile").mkdir()
+    assert bench.cells_curve(str(tmp_path / "tile"), md, "ZCA-cor", "knee", [1, 2], repeats=2) is None
