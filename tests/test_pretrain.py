@@ -454,3 +454,28 @@ def test_model_init_continues_from_a_checkpoint(synthetic: dict[str, Path], tmp_
     other = build_config(stage2.model_dump(mode="json") | {"model": {"arch": "microsnoop_cnn", "init": str(ckpt)}})
     with pytest.raises(ValueError, match="is a 'test_cnn' checkpoint; model.arch is 'microsnoop_cnn'"):
         build_state(other)
+
+
+def test_mask_select_and_average_reach_the_step_and_the_card(
+    synthetic: dict[str, Path], tmp_path: Path, pool: ChannelPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import msnoop.train.loop as loop
+    from msnoop.train.card import average_text, fidelity_text, mask_text
+
+    seen: list[str | None] = []
+    real = loop.mask_images
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.append(kwargs.get("select"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "mask_images", spy)
+    plain = _job(synthetic, tmp_path, steps=5)
+    job = plain.model_copy(update={"mask": plain.mask.model_copy(update={"select": "content", "average": "image"})})
+    state = build_state(job)
+    assert train_steps(state, pool, job, until=5) == "steps"
+    assert seen == ["content"] * 5
+    assert state.history and all(np.isfinite(h["loss"]) for h in state.history)
+    assert "not constant" in mask_text(job) and "per image" in average_text(job)
+    assert "changes" in fidelity_text(job) and "exactly" in fidelity_text(plain)
+    assert "random_masking_keep_shape" in mask_text(plain) and "over the batch" in average_text(plain)

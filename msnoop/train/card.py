@@ -143,6 +143,18 @@ def average_text(job: PretrainJob) -> str:
     return "averaged over the batch"
 
 
+def fidelity_text(job: PretrainJob) -> str:
+    """How closely the masking follows Microsnoop's (for the card's limitations)."""
+    changes = []
+    if job.mask.select != "all":
+        changes.append("masks drawn on image content only")
+    if job.mask.average != "batch":
+        changes.append("a per-image loss mean")
+    if not changes:
+        return "the published masking and network exactly"
+    return f"the published network and masking ratio, with msnoop's changes ({' and '.join(changes)})"
+
+
 def write_model_card(
     path: str | Path,
     *,
@@ -232,7 +244,7 @@ Final logged loss: {history[-1]["loss"] if history else float("nan"):.5f}.
 
 ## Limitations
 Microsnoop's training script, data list (bioRxiv Supplementary Table 1) and optimiser settings are not public; this
-model follows the published masking and network exactly, with MAE-style optimiser defaults, and is trained on the
+model follows {fidelity_text(job)}, with MAE-style optimiser defaults, and is trained on the
 small data set listed above rather than Microsnoop's corpus. Its embeddings are not expected to match the published
 Microsnoop checkpoint.
 """
