@@ -262,8 +262,8 @@ def cells_curve(
 ) -> dict[str, Any] | None:
     """Z' and rho against the number of cells averaged per well, from a cells-mode output's per-cell rows.
 
-    For each count ``k`` and each of ``repeats`` seeded draws, ``k`` cells of every well (all of them when a
-    well has fewer) are averaged into the well profile, sphered on the negative controls and read out as in
+    For each count ``k`` up to the most cells any well has, and each of ``repeats`` seeded draws, ``k`` cells of
+    every well (all of them when a well has fewer) are averaged into the well profile, sphered on the negative controls and read out as in
     the main table (in-fit sphering, no leave-one-out). Returns ``None`` when ``folder`` has no ``cells/``.
     """
     cells_dir = Path(folder) / "cells"
@@ -275,7 +275,7 @@ def cells_curve(
     feats = feature_columns(cells)
     per_well = cells.groupby(["Metadata_Row", "Metadata_Column"]).size()
     points = []
-    for k in counts:
+    for k in [c for c in counts if c <= per_well.max()]:  # a larger count would repeat the largest one
         for rep in range(repeats if k < per_well.max() else 1):  # every draw of the largest count is the same
             rng = np.random.default_rng(rep)
             sub = cells.iloc[rng.permutation(len(cells))].groupby(["Metadata_Row", "Metadata_Column"]).head(k)
@@ -386,8 +386,8 @@ def main() -> None:
     ap.add_argument("--allow-partial", action="store_true", help="score an embedding folder with fewer than 96 wells")
     ap.add_argument(
         "--cells-curve",
-        default="1,2,4,8,16",
-        help="cell counts per well for the Z' curve of cells-mode outputs ('' to skip; default 1,2,4,8,16)",
+        default="1,2,4,8,16,32,64,128",
+        help="cell counts per well for the Z' curve of cells-mode outputs, up to the most a well has ('' to skip)",
     )
     ap.add_argument("--curve-repeats", type=int, default=5, help="random draws per cell count (default 5)")
     ap.add_argument("--out", default="results/bench_bbbc013")
