@@ -152,8 +152,8 @@ def load_embedding(folder: str, md: pd.DataFrame, allow_partial: bool) -> pd.Dat
     return join_layout(read_table(folder), folder, md, allow_partial)
 
 
-def join_layout(df: pd.DataFrame, folder: str, md: pd.DataFrame, allow_partial: bool) -> pd.DataFrame:
-    """:func:`load_embedding` on a table already read (rows of one well are averaged)."""
+def well_keys(df: pd.DataFrame, folder: str) -> pd.DataFrame:
+    """A copy of ``df`` with ``Metadata_Row`` ("A".."H") and ``Metadata_Column`` ("01".."12") normalised."""
     for col in ("Metadata_Row", "Metadata_Column"):
         if col not in df.columns:
             raise SystemExit(
@@ -162,6 +162,12 @@ def join_layout(df: pd.DataFrame, folder: str, md: pd.DataFrame, allow_partial: 
     df = df.copy()
     df["Metadata_Row"] = df["Metadata_Row"].astype(str).str.strip().str.upper()
     df["Metadata_Column"] = df["Metadata_Column"].map(_norm_column)
+    return df
+
+
+def join_layout(df: pd.DataFrame, folder: str, md: pd.DataFrame, allow_partial: bool) -> pd.DataFrame:
+    """:func:`load_embedding` on a table already read (rows of one well are averaged)."""
+    df = well_keys(df, folder)
     feats = feature_columns(df)
     n_rows = len(df)
     if df.duplicated(["Metadata_Row", "Metadata_Column"]).any():
@@ -212,6 +218,18 @@ def _plate_md(df: pd.DataFrame) -> pd.DataFrame:
     )
 
 
+def sphered_readout(df: pd.DataFrame, method: str, epsilon: Any) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Control-axis readout after sphering fitted on the negative-control wells.
+
+    Returns:
+        ``(readout [N], sphered features [N, D], sphering info)``.
+    """
+    ctrl = df["Metadata_SBS_Controls"].to_numpy()
+    sph, info = spherize_profiles(df, control_query=NEG_QUERY, method=method, epsilon=epsilon)
+    _, Y = split_table(sph)
+    return control_axis_readout(Y, ctrl == 1, ctrl == -1), Y, info
+
+
 def embedding_readouts(df: pd.DataFrame, method: str, epsilon: Any) -> dict[str, tuple[np.ndarray, dict]]:
     """Readouts for the three sphering variants: ``{variant: (readout [N], info)}``."""
     ctrl = df["Metadata_SBS_Controls"].to_numpy()
@@ -220,9 +238,7 @@ def embedding_readouts(df: pd.DataFrame, method: str, epsilon: Any) -> dict[str,
     out: dict[str, tuple[np.ndarray, dict]] = {"none": (control_axis_readout(X, pos, neg), {"dim": int(X.shape[1])})}
 
     tag = f"{method} {epsilon}"
-    sph, info = spherize_profiles(df, control_query=NEG_QUERY, method=method, epsilon=epsilon)
-    _, Y = split_table(sph)
-    r_in = control_axis_readout(Y, pos, neg)
+    r_in, Y, info = sphered_readout(df, method, epsilon)
     m = info["models"]["all"]
     summary = {
         "dim": int(Y.shape[1]),
@@ -263,15 +279,14 @@ def cells_curve(
     """Z' and rho against the number of cells averaged per well, from a cells-mode output's per-cell rows.
 
     For each count ``k`` up to the most cells any well has, and each of ``repeats`` seeded draws, ``k`` cells of
-    every well (all of them when a well has fewer) are averaged into the well profile, sphered on the negative controls and read out as in
-    the main table (in-fit sphering, no leave-one-out). Returns ``None`` when ``folder`` has no ``cells/``.
+    every well (all of them when a well has fewer) are averaged into the well profile, sphered on the negative
+    controls and read out as in the main table (in-fit sphering, no leave-one-out). Returns ``None`` when
+    ``folder`` has no ``cells/``.
     """
     cells_dir = Path(folder) / "cells"
     if not cells_dir.is_dir():
         return None
-    cells = pd.read_parquet(cells_dir)
-    cells["Metadata_Row"] = cells["Metadata_Row"].astype(str).str.strip().str.upper()
-    cells["Metadata_Column"] = cells["Metadata_Column"].map(_norm_column)
+    cells = well_keys(pd.read_parquet(cells_dir), str(cells_dir))
     feats = feature_columns(cells)
     per_well = cells.groupby(["Metadata_Row", "Metadata_Column"]).size()
     points = []
@@ -281,10 +296,7 @@ def cells_curve(
             sub = cells.iloc[rng.permutation(len(cells))].groupby(["Metadata_Row", "Metadata_Column"]).head(k)
             well = sub.groupby(["Metadata_Row", "Metadata_Column"], as_index=False)[feats].mean()
             df = join_layout(well, folder, md, allow_partial=False)
-            plate = _plate_md(df)
-            ctrl = df["Metadata_SBS_Controls"].to_numpy()
-            sph, _ = spherize_profiles(df, control_query=NEG_QUERY, method=method, epsilon=epsilon)
-            res = score(control_axis_readout(split_table(sph)[1], ctrl == 1, ctrl == -1), plate)
+            res = score(sphered_readout(df, method, epsilon)[0], _plate_md(df))
             points.append(
                 {"cells": k, "draw": rep, "z_prime": res["z_prime"], **{f"rho {s}": res["rho"][s] for s in SERIES}}
             )
