@@ -81,8 +81,9 @@ def reconstruction_loss(
     weight = torch.ones_like(err) if mode == "full" else mask.float()
     if average == "batch":
         return (err * weight).sum() / weight.sum().clamp_min(1.0)
-    per_image = (err * weight).flatten(1).sum(1) / weight.flatten(1).sum(1).clamp_min(1.0)  # [N]
-    counted = (weight.flatten(1).sum(1) > 0).float()  # [N]
+    pixels = weight.flatten(1).sum(1)  # [N] pixels of each image in the loss
+    per_image = (err * weight).flatten(1).sum(1) / pixels.clamp_min(1.0)  # [N]
+    counted = (pixels > 0).float()  # [N]
     return (per_image * counted).sum() / counted.sum().clamp_min(1.0)
 
 
