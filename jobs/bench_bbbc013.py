@@ -312,12 +312,9 @@ def cells_curve(
 
 def plot_cells_curves(curves: dict[str, dict[str, Any]], baseline_z: float | None, path: Path) -> Path:
     """Z' (median of the draws, with each draw as a dot) against cells per well, one line per embedding."""
-    import matplotlib
+    from msnoop.plotting import save, subplots
 
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = subplots(figsize=(6, 4))
     for name, curve in curves.items():
         pts = pd.DataFrame(curve["points"])
         med = pd.DataFrame(curve["median"])
@@ -331,10 +328,7 @@ def plot_cells_curves(curves: dict[str, dict[str, Any]], baseline_z: float | Non
     ax.set_ylabel("Z' (ZCA-cor knee, control-axis readout)")
     ax.set_title("BBBC013: Z' against cells per well")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save(fig, path, dpi=120)
 
 
 # --------------------------------------------------------------------------- N/C baseline

@@ -31,9 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
-from msnoop.evaluate.segmentation import match_instances
+from msnoop.evaluate.segmentation import match_instances, read_pair, summarize_ap
 from msnoop.segment.builtin import segment_nuclei
 
 logger = logging.getLogger("bench_segmentation")
@@ -50,12 +49,6 @@ def default_data_dir() -> Path:
     return base / "coelho2009_nuclei"
 
 
-def read_gray(path: Path) -> np.ndarray:
-    """``[H, W]`` array of a PNG (the first plane if it has several)."""
-    arr = np.asarray(Image.open(path))
-    return arr[..., 0] if arr.ndim == 3 else arr
-
-
 def run_set(folder: Path, name: str, limit: int | None) -> dict[str, Any]:
     """Segment and score every image of one set that has a mask."""
     images = sorted((folder / "images" / name).glob("*.png"))
@@ -64,8 +57,7 @@ def run_set(folder: Path, name: str, limit: int | None) -> dict[str, Any]:
         with_mask = with_mask[:limit]
     rows = []
     for pos, path in enumerate(with_mask):
-        img = read_gray(path)
-        gt = read_gray(folder / "masks" / name / path.name)
+        img, gt = read_pair(path, folder / "masks" / name / path.name)
         w0, c0 = time.perf_counter(), time.process_time()
         pred = segment_nuclei(img)
         wall, cpu = time.perf_counter() - w0, time.process_time() - c0
@@ -102,22 +94,12 @@ def run_set(folder: Path, name: str, limit: int | None) -> dict[str, Any]:
 
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean per-image AP, pooled AP and timing of a list of per-image rows."""
-    if not rows:
-        return {"n_images": 0}
-    ap = np.array([r["ap"] for r in rows])
-    tp, fp, fn = (np.sum([r[k] for r in rows], axis=0) for k in ("tp", "fp", "fn"))
-    pooled = tp / np.maximum(tp + fp + fn, 1)
-    out: dict[str, Any] = {"n_images": len(rows)}
-    for i, t in enumerate(THRESHOLDS):
-        out[f"mean_ap@{t}"] = round(float(ap[:, i].mean()), 4)
-        out[f"pooled_ap@{t}"] = round(float(pooled[i]), 4)
-    out["min_ap@0.5"] = round(float(ap[:, 0].min()), 4)
-    out["n_true"] = int(sum(r["n_true"] for r in rows))
-    out["n_pred"] = int(sum(r["n_pred"] for r in rows))
-    out["ms_per_image_wall"] = round(float(np.mean([r["ms_wall"] for r in rows])), 1)
-    out["ms_per_image_wall_median"] = round(float(np.median([r["ms_wall"] for r in rows])), 1)
-    out["ms_per_image_cpu"] = round(float(np.mean([r["ms_cpu"] for r in rows])), 1)
+    """Mean per-image AP, pooled AP and counts (:func:`summarize_ap`), plus timing, of per-image rows."""
+    out = summarize_ap(rows, THRESHOLDS)
+    if rows:
+        out["ms_per_image_wall"] = round(float(np.mean([r["ms_wall"] for r in rows])), 1)
+        out["ms_per_image_wall_median"] = round(float(np.median([r["ms_wall"] for r in rows])), 1)
+        out["ms_per_image_cpu"] = round(float(np.mean([r["ms_cpu"] for r in rows])), 1)
     return out
 
 

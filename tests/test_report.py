@@ -126,3 +126,24 @@ def test_report_command(image_table, tmp_path):
     assert (out / "report.html").is_file()
     res = CliRunner().invoke(app, [path, "--label", "Metadata_Nope", "--out", str(out)])
     assert res.exit_code == 2 and "Metadata_Nope" in res.output
+
+
+def test_report_leaves_the_callers_matplotlib_alone(image_table, tmp_path):
+    """In a notebook the report must not switch the interactive backend or leave figures open in pyplot."""
+    import os
+    import subprocess
+    import sys
+
+    _, path = image_table
+    code = (
+        "import sys, matplotlib\n"
+        "from msnoop.evaluate.report import build_report\n"
+        f"build_report({path!r}, label='Metadata_Class', out_dir={str(tmp_path / 'rep')!r}, k=3, "
+        "n_queries=1, n_neighbours=2)\n"
+        "print(matplotlib.get_backend(), 'matplotlib.pyplot' in sys.modules)\n"
+    )
+    env = {**os.environ, "MPLBACKEND": "svg"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split()[-2:] == ["svg", "False"]
+    _check_png(tmp_path / "rep" / "neighbours.png")

@@ -9,7 +9,15 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from msnoop.evaluate.segmentation import average_precision, evaluate_segmentation, iou_matrix, match_instances
+from msnoop.evaluate.segmentation import (
+    average_precision,
+    evaluate_segmentation,
+    iou_matrix,
+    match_instances,
+    read_mask,
+    read_pair,
+    summarize_ap,
+)
 from msnoop.segment import SegmentationConfig, segment
 from msnoop.segment import cellpose_backend as cpb
 from msnoop.segment.builtin import estimate_diameter, segment_nuclei
@@ -137,6 +145,42 @@ class TestAveragePrecision:
         assert res["pooled"][0] == pytest.approx(2 / 3)
         with pytest.raises(ValueError, match="at least one"):
             evaluate_segmentation([])
+
+    def test_summarize_ap_by_hand(self):
+        rows = [
+            {"image": "a/1.png", "ap": [1.0, 0.5], "tp": [2, 1], "fp": [0, 1], "fn": [0, 1], "n_true": 2, "n_pred": 2},
+            {"image": "a/2.png", "ap": [0.5, 0.0], "tp": [1, 0], "fp": [0, 0], "fn": [1, 2], "n_true": 2, "n_pred": 1},
+            {"image": "b/1.png", "ap": [0.0, 0.0], "tp": [0, 0], "fp": [1, 1], "fn": [0, 0], "n_true": 0, "n_pred": 1},
+        ]
+        out = summarize_ap(rows, (0.5, 0.75))
+        assert out["n_images"] == 3 and out["n_true"] == 4 and out["n_pred"] == 4
+        assert out["mean_ap@0.5"] == pytest.approx(0.5) and out["mean_ap@0.75"] == pytest.approx(0.1667)
+        assert out["pooled_ap@0.5"] == pytest.approx(0.6) and out["pooled_ap@0.75"] == pytest.approx(1 / 6, abs=1e-4)
+        assert out["min_ap@0.5"] == 0.0
+        assert out["mean_ap@0.5_by_folder"] == {"a": 0.75, "b": 0.0}
+        # rows without counts (segtrain's) get means only; a threshold count that does not match is an error
+        bare = summarize_ap([{"image": "x.png", "ap": [0.25, 0.5]}], (0.5, 0.75))
+        assert "pooled_ap@0.5" not in bare and bare["mean_ap@0.75"] == 0.5
+        with pytest.raises(ValueError, match="one per threshold"):
+            summarize_ap(rows, (0.5,))
+        assert summarize_ap([], (0.5,)) == {"n_images": 0}
+
+    def test_read_mask_rejects_an_intensity_image(self, tmp_path):
+        from PIL import Image
+
+        img = np.full((8, 8), 0.5, np.float32)
+        np.save(tmp_path / "soft.npy", img)
+        with pytest.raises(ValueError, match=r"soft\.npy.*instance label image"):
+            read_mask(tmp_path / "soft.npy")
+        labels = np.zeros((8, 8), np.uint8)
+        labels[2:5, 2:5] = 3
+        Image.fromarray(labels).save(tmp_path / "m.png")
+        Image.fromarray((labels * 40).astype(np.uint8)).save(tmp_path / "i.png")
+        img2, gt = read_pair(tmp_path / "i.png", tmp_path / "m.png")
+        assert gt.dtype == np.int32 and gt.max() == 3 and img2.shape == gt.shape
+        Image.fromarray(np.zeros((4, 8), np.uint8)).save(tmp_path / "small.png")
+        with pytest.raises(ValueError, match=r"small\.png.*\(4, 8\).*i\.png"):
+            read_pair(tmp_path / "i.png", tmp_path / "small.png")
 
     @pytest.mark.parametrize(
         ("true", "pred", "match"),

@@ -15,7 +15,7 @@
   and 99.8th percentiles. Rows of a cell table (``Metadata_CentroidY``/``X``) show a window around
   the cell. Tables without path columns (CellProfiler profiles) get a note instead.
 
-Uses matplotlib's Agg backend only.
+Figures are drawn on their own Agg canvases (:mod:`msnoop.plotting`), so pyplot's backend is left alone.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import pandas as pd
 
 from msnoop.evaluate.knn import classification_metrics, knn_cross_predict, knn_search, parse_cv
 from msnoop.evaluate.tables import feature_columns, read_table, split_table
+from msnoop.plotting import save, subplots
 
 logger = logging.getLogger(__name__)
 
@@ -58,15 +59,6 @@ def _threads_for(n_rows: int) -> Any:
     from threadpoolctl import threadpool_limits
 
     return threadpool_limits(limits=1)
-
-
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _colours(n: int) -> list[Any]:
@@ -143,30 +135,26 @@ def _scatter(ax: Any, xy: np.ndarray, values: pd.Series, title: str) -> None:
 
 def plot_map(xy: np.ndarray, df: pd.DataFrame, label: str, batch: str | None, path: Path, seed: int = 0) -> Path:
     """Scatter of ``xy`` coloured by ``label`` (and by ``batch`` in a second panel)."""
-    plt = _pyplot()
     idx = np.arange(len(xy))
     if len(idx) > MAP_MAX_POINTS:
         idx = np.sort(np.random.default_rng(seed).choice(len(idx), MAP_MAX_POINTS, replace=False))
     cols = [c for c in (label, batch) if c]
-    fig, axes = plt.subplots(1, len(cols), figsize=(6.5 * len(cols), 5.2), squeeze=False)
+    fig, axes = subplots(1, len(cols), figsize=(6.5 * len(cols), 5.2), squeeze=False)
     for ax, col in zip(axes[0], cols, strict=True):
         _scatter(ax, xy[idx], df[col].iloc[idx], f"coloured by {col}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, dpi=110)
     return path
 
 
 def plot_confusion(metrics: dict[str, Any], path: Path, counts: dict[str, int]) -> Path:
     """Row-normalised confusion matrix (rows true, columns predicted) with per-class accuracy bars."""
-    plt = _pyplot()
     labels = metrics["labels"]
     cm = np.asarray(metrics["confusion_matrix"], dtype=float)
     rows = cm.sum(axis=1, keepdims=True)
     frac = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
     c = len(labels)
     side = float(np.clip(2.5 + 0.45 * c, 4.5, 22))
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(side + 3.5, side), gridspec_kw={"width_ratios": [side, 3.0]})
+    fig, (ax, bx) = subplots(1, 2, figsize=(side + 3.5, side), gridspec_kw={"width_ratios": [side, 3.0]})
     im = ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(c))
     ax.set_yticks(range(c))
@@ -210,9 +198,7 @@ def plot_confusion(metrics: dict[str, Any], path: Path, counts: dict[str, int]) 
             fontsize=fs,
             color="white" if inside else "black",
         )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, dpi=110)
     return path
 
 
@@ -303,13 +289,12 @@ def plot_galleries(
     root: Path | None = None,
 ) -> tuple[Path, list[dict[str, Any]]]:
     """One figure row per random query: the query image and its nearest neighbours' images."""
-    plt = _pyplot()
     n = len(df)
     nq = min(n_queries, n)
     nn = min(n_neighbours, n - 1)
     queries = np.sort(np.random.default_rng(seed).choice(n, nq, replace=False))
     scores, idx = knn_search(X, X[queries], nn + 1, metric=metric)  # type: ignore[arg-type]
-    fig, axes = plt.subplots(nq, nn + 1, figsize=(1.9 * (nn + 1), 2.25 * nq), squeeze=False)
+    fig, axes = subplots(nq, nn + 1, figsize=(1.9 * (nn + 1), 2.25 * nq), squeeze=False)
     labels = df[label].astype(str).to_numpy()
     id_col = "Metadata_ImageID" if "Metadata_ImageID" in df.columns else None
     records: list[dict[str, Any]] = []
@@ -339,9 +324,7 @@ def plot_galleries(
                     {"row": str(df[id_col].iloc[j]) if id_col else j, "label": labels[j], "distance": round(dist, 6)}
                 )
         records.append(rec)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save(fig, path, dpi=100)
     return path, records
 
 

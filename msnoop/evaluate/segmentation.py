@@ -24,6 +24,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
@@ -38,6 +40,10 @@ __all__ = [
     "evaluate_segmentation",
     "iou_matrix",
     "match_instances",
+    "read_label_or_image",
+    "read_mask",
+    "read_pair",
+    "summarize_ap",
 ]
 
 
@@ -203,3 +209,84 @@ def evaluate_segmentation(
     denom = tp + fp + fn
     pooled = np.where(denom > 0, tp / np.maximum(denom, 1), 1.0)
     return {"per_image": per_image, "mean": per_image.mean(axis=0), "pooled": pooled, "tp": tp, "fp": fp, "fn": fn}
+
+
+def summarize_ap(rows: Sequence[dict[str, Any]], thresholds: Sequence[float]) -> dict[str, Any]:
+    """Summary of per-image scores: mean AP per threshold, and pooled AP, the lowest AP and counts when known.
+
+    Args:
+        rows: One dict per image with ``image`` (a relative path; its folder groups the images) and ``ap``
+            (one value per threshold); ``tp``/``fp``/``fn`` lists and ``n_true``/``n_pred`` where recorded.
+        thresholds: The IoU thresholds behind ``ap``, in the same order.
+
+    Returns:
+        ``n_images``, ``mean_ap@t`` (and ``pooled_ap@t`` with counts) for every threshold, ``min_ap@t0``,
+        ``n_true``/``n_pred`` sums and ``mean_ap@t0_by_folder``, where ``t0`` is the first threshold;
+        only ``n_images`` (0) for no rows.
+    """
+    if not rows:
+        return {"n_images": 0}
+    ap = np.array([r["ap"] for r in rows], dtype=np.float64)
+    if ap.shape[1] != len(thresholds):
+        raise ValueError(f"rows have {ap.shape[1]} AP values each; expected one per threshold {tuple(thresholds)}")
+    counted = all(k in r for r in rows for k in ("tp", "fp", "fn"))
+    if counted:
+        tp, fp, fn = (np.sum([r[k] for r in rows], axis=0) for k in ("tp", "fp", "fn"))
+        pooled = tp / np.maximum(tp + fp + fn, 1)
+    out: dict[str, Any] = {"n_images": len(rows)}
+    for i, t in enumerate(thresholds):
+        out[f"mean_ap@{t}"] = round(float(ap[:, i].mean()), 4)
+        if counted:
+            out[f"pooled_ap@{t}"] = round(float(pooled[i]), 4)
+    t0 = thresholds[0]
+    out[f"min_ap@{t0}"] = round(float(ap[:, 0].min()), 4)
+    for key in ("n_true", "n_pred"):
+        if all(key in r for r in rows):
+            out[key] = int(sum(r[key] for r in rows))
+    groups: dict[str, list[float]] = {}
+    for r in rows:
+        groups.setdefault(str(Path(r["image"]).parent), []).append(r["ap"][0])
+    out[f"mean_ap@{t0}_by_folder"] = {k: round(float(np.mean(v)), 4) for k, v in sorted(groups.items())}
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- files
+
+
+def read_label_or_image(path: Path) -> np.ndarray:
+    """``[H, W]`` array of an image or label file (the first plane of an RGB PNG)."""
+    from msnoop.io.readers import read_image
+
+    arr = np.asarray(read_image(path))
+    if arr.ndim == 3:
+        arr = arr[..., 0] if arr.shape[-1] in (3, 4) else arr[0]
+    if arr.ndim != 2:
+        raise ValueError(f"{path}: expected a 2-D image, found shape {arr.shape}")
+    return arr
+
+
+def read_mask(path: Path) -> np.ndarray:
+    """``[H, W]`` int32 instance labels (0 = background) from an image file.
+
+    Raises:
+        ValueError: Negative or fractional values (not a label image); the message names the file.
+    """
+    arr = read_label_or_image(path)
+    if arr.size and (arr.min() < 0 or not np.array_equal(arr, np.round(arr))):
+        raise ValueError(
+            f"{path}: expected an instance label image (whole numbers >= 0, 0 = background); "
+            f"found values in [{arr.min()}, {arr.max()}] with fractions"
+        )
+    return arr.astype(np.int32)
+
+
+def read_pair(img_path: Path, mask_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """An image and its int32 instance labels.
+
+    Raises:
+        ValueError: Their shapes differ, or the mask is not a label image; the message names both files.
+    """
+    img, gt = read_label_or_image(img_path), read_mask(mask_path)
+    if img.shape != gt.shape:
+        raise ValueError(f"{mask_path}: mask shape {gt.shape} differs from image {img_path} shape {img.shape}")
+    return img, gt

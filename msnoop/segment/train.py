@@ -79,33 +79,6 @@ class SegTrainJob(_Strict):
 register_job("segtrain", SegTrainJob)
 
 
-def read_label_or_image(path: Path) -> np.ndarray:
-    """``[H, W]`` array of an image or label file (the first plane of an RGB PNG)."""
-    from msnoop.io.readers import read_image
-
-    arr = np.asarray(read_image(path))
-    if arr.ndim == 3:
-        arr = arr[..., 0] if arr.shape[-1] in (3, 4) else arr[0]
-    if arr.ndim != 2:
-        raise ValueError(f"{path}: expected a 2-D image, found shape {arr.shape}")
-    return arr
-
-
-def read_mask(path: Path) -> np.ndarray:
-    """``[H, W]`` int32 instance labels (0 = background) from an image file.
-
-    Raises:
-        ValueError: Negative or fractional values (not a label image); the message names the file.
-    """
-    arr = read_label_or_image(path)
-    if arr.size and (arr.min() < 0 or not np.array_equal(arr, np.round(arr))):
-        raise ValueError(
-            f"{path}: expected an instance label image (whole numbers >= 0, 0 = background); "
-            f"found values in [{arr.min()}, {arr.max()}] with fractions"
-        )
-    return arr.astype(np.int32)
-
-
 def find_pairs(images: Path, masks: Path, *, limit: int | None = None) -> tuple[list[tuple[Path, Path]], list[Path]]:
     """``(image, mask)`` pairs with the same relative path, sorted; and the images without a mask.
 
@@ -159,21 +132,9 @@ def _use_gpu(setting: str) -> bool:
     return setting != "no" and torch.cuda.is_available()
 
 
-def read_pair(img_path: Path, mask_path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """An image and its int32 instance labels.
-
-    Raises:
-        ValueError: Their shapes differ, or the mask is not a label image; the message names both files.
-    """
-    img, gt = read_label_or_image(img_path), read_mask(mask_path)
-    if img.shape != gt.shape:
-        raise ValueError(f"{mask_path}: mask shape {gt.shape} differs from image {img_path} shape {img.shape}")
-    return img, gt
-
-
 def _score(pairs: list[tuple[Path, Path]], root: Path, backends: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     """Per-image AP of every backend (``name -> image -> labels``); each pair is read once."""
-    from msnoop.evaluate.segmentation import match_instances
+    from msnoop.evaluate.segmentation import match_instances, read_pair
 
     rows: dict[str, list[dict[str, Any]]] = {name: [] for name in backends}
     for img_path, mask_path in pairs:
@@ -196,34 +157,16 @@ def _score(pairs: list[tuple[Path, Path]], root: Path, backends: dict[str, Any])
     return rows
 
 
-def _summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    ap = np.array([r["ap"] for r in rows], dtype=np.float64)
-    out: dict[str, Any] = {"n_images": len(rows)}
-    for i, t in enumerate(THRESHOLDS):
-        out[f"mean_ap@{t}"] = round(float(ap[:, i].mean()), 4)
-    out["ms_per_image_median"] = round(float(np.median([r["ms"] for r in rows])), 1)
-    groups: dict[str, list[float]] = {}
-    for r in rows:
-        groups.setdefault(str(Path(r["image"]).parent), []).append(r["ap"][0])
-    out["mean_ap@0.5_by_folder"] = {k: round(float(np.mean(v)), 4) for k, v in sorted(groups.items())}
-    return out
-
-
 def _loss_figure(losses: np.ndarray, path: Path) -> None:
-    import matplotlib
+    from msnoop.plotting import save, subplots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
+    fig, ax = subplots(figsize=(5, 3.2))
     ax.plot(np.arange(1, len(losses) + 1), losses)
     ax.set_xlabel("epoch")
     ax.set_ylabel("cellpose training loss")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save(fig, path, dpi=120)
 
 
 def _to_half(path: Path) -> None:
@@ -277,6 +220,7 @@ def run_segtrain(job: SegTrainJob) -> dict[str, Any]:
     """
     import torch
 
+    from msnoop.evaluate.segmentation import read_pair, summarize_ap
     from msnoop.segment.builtin import segment_nuclei
     from msnoop.segment.cellpose_backend import _cellpose_version, _import_cellpose_models, segment_cellpose
 
@@ -339,7 +283,13 @@ def run_segtrain(job: SegTrainJob) -> dict[str, Any]:
         job.data.images,
         {"cellpose": lambda im: segment_cellpose(im, model=weights, gpu=gpu), "builtin": segment_nuclei},
     )
-    holdout = {name: _summarise(rows) for name, rows in scored.items()}
+    holdout = {
+        name: {
+            **summarize_ap(rows, THRESHOLDS),
+            "ms_per_image_median": round(float(np.median([r["ms"] for r in rows])), 1),
+        }
+        for name, rows in scored.items()
+    }
     better = holdout["cellpose"]["mean_ap@0.5"] > holdout["builtin"]["mean_ap@0.5"]
     rec: dict[str, Any] = {
         "name": job.name,
