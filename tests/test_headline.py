@@ -72,6 +72,19 @@ def test_a_ratio_just_under_its_goal_does_not_print_as_the_goal(tmp_path: Path) 
     assert row(0.81).msnoop.split()[0] == "0.81"
 
 
+def test_the_steady_state_ratio_is_shown_but_the_goal_is_judged_on_the_whole_job(tmp_path: Path) -> None:
+    throughput = {
+        "ratio_ray_over_bare": 0.88,
+        "ray_images_per_s": 2.64,
+        "bare_images_per_s": 3.0,
+        "ratio_ray_over_bare_steady": 0.97,
+    }
+    memory = {"n_small": 256, "n_large": 2560, "ratio_large_over_small": 1.05}
+    _write(tmp_path / "bench_embed.json", {"device": "cpu", "throughput": throughput, "memory": memory})
+    row = next(r for r in headline_rows(tmp_path) if "Ray Data" in r.measure)
+    assert row.met is False and "0.970 from the first part written to the last" in row.msnoop
+
+
 def test_replace_section_needs_both_markers() -> None:
     text = f"intro\n{START}\nold\n{END}\nrest\n"
     assert replace_section(text, "new table") == f"intro\n{START}\nnew table\n{END}\nrest\n"

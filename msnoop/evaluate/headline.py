@@ -183,7 +183,12 @@ def _perf(res: Path) -> list[Row]:
                 "performance",
                 f"embedding, Ray Data / bare PyTorch loop ({e.get('device', '?')})",
                 f"{_vs_goal(t['ratio_ray_over_bare'], 0.9)} ({t['ray_images_per_s']:.2f} vs "
-                f"{t['bare_images_per_s']:.2f} img/s)",
+                f"{t['bare_images_per_s']:.2f} img/s)"
+                + (
+                    f"; {t['ratio_ray_over_bare_steady']:.3f} from the first part written to the last"
+                    if t.get("ratio_ray_over_bare_steady") is not None
+                    else ""
+                ),
                 "",
                 ">= 0.9",
                 t["ratio_ray_over_bare"] >= 0.9,

@@ -1,0 +1,42 @@
+"""jobs/bench_embed.py's steady-state rate: images after the first part over the time from first to last part."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_embed", ROOT / "jobs" / "bench_embed.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _part(folder: Path, name: str, rows: int, mtime: float) -> None:
+    path = folder / f"part-{name}.parquet"
+    pd.DataFrame({"Metadata_ImageID": [f"{name}{i}" for i in range(rows)]}).to_parquet(path)
+    os.utime(path, (mtime, mtime))
+
+
+def test_steady_rate_counts_images_after_the_first_part(bench, tmp_path):
+    # written in the order c (t=100), a (t=104), b (t=110): names do not decide the order, times do
+    _part(tmp_path, "a", 64, 104.0)
+    _part(tmp_path, "b", 32, 110.0)
+    _part(tmp_path, "c", 64, 100.0)
+    res = bench.steady_rate(tmp_path)
+    assert res["parts"] == 3 and res["images"] == 96 and res["seconds"] == pytest.approx(10.0)
+    assert res["images_per_s"] == pytest.approx(9.6)
+
+
+def test_steady_rate_needs_two_parts(bench, tmp_path):
+    assert bench.steady_rate(tmp_path) is None
+    _part(tmp_path, "a", 64, 100.0)
+    assert bench.steady_rate(tmp_path) is None
