@@ -1,4 +1,4 @@
-"""Model card, loss curve and reconstruction figure of a pretraining run (matplotlib Agg, no pyplot)."""
+"""Model card, loss curve and reconstruction figure of a pretraining run (on Agg canvases, see msnoop.plotting)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from msnoop.plotting import new_figure, save
 from msnoop.preprocess.presets import Preprocessing
 from msnoop.runtime import uses_bf16
 from msnoop.train.config import PretrainJob
@@ -20,19 +21,10 @@ from msnoop.train.masking import mask_images
 logger = logging.getLogger(__name__)
 
 
-def _figure(width: float, height: float) -> Any:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=100)
-    FigureCanvasAgg(fig)
-    return fig
-
-
 def loss_curve_figure(history: list[dict[str, float]], path: str | Path) -> Path:
     """Plot training loss (and learning rate) against step; ``history`` rows have step/loss/lr."""
     steps = [h["step"] for h in history]
-    fig = _figure(6, 3.5)
+    fig = new_figure(6, 3.5)
     ax = fig.add_subplot(1, 1, 1)
     ax.plot(steps, [h["loss"] for h in history], color="tab:blue", lw=1.2)
     ax.set_xlabel("step")
@@ -41,10 +33,7 @@ def loss_curve_figure(history: list[dict[str, float]], path: str | Path) -> Path
     ax2 = ax.twinx()
     ax2.plot(steps, [h["lr"] for h in history], color="tab:gray", lw=0.8, ls="--")
     ax2.set_ylabel("learning rate", color="tab:gray")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    return path
+    return save(fig, path)
 
 
 @torch.no_grad()
@@ -81,7 +70,7 @@ def reconstruction_figure(net: nn.Module, pool: ChannelPool, job: PretrainJob, p
     if not rows:
         logger.warning("no usable crops for the reconstruction figure")
         return None
-    fig = _figure(8.4, 2.1 * len(rows))
+    fig = new_figure(8.4, 2.1 * len(rows))
     titles = ("original", "masked input", "reconstruction", "|error|")
     for r, (src, name, orig, inp, rec) in enumerate(rows):
         lo, hi = float(np.percentile(orig, 0.5)), float(np.percentile(orig, 99.5))
@@ -100,10 +89,7 @@ def reconstruction_figure(net: nn.Module, pool: ChannelPool, job: PretrainJob, p
                 ax.set_ylabel(f"{src}\n{name[-24:]}", fontsize=7)
             if c == 3:
                 ax.set_xlabel(f"MSE {float((err**2).mean()):.4f}", fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    return path
+    return save(fig, path)
 
 
 def _curve_table(history: list[dict[str, float]], points: int = 12) -> str:
