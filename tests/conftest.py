@@ -1,9 +1,11 @@
-"""Shared fixtures: a small session-wide local Ray cluster, paths to the shared real data."""
+"""Shared fixtures: a small session-wide local Ray cluster, paths to the shared real data, scripts under jobs/."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -21,6 +23,19 @@ def _shared_data(name: str) -> Path:
 def shared_data():
     """``shared_data("yeast")`` -> path under ../shared/data, or skip the test when it is absent."""
     return _shared_data
+
+
+def _load_job_script(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "jobs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def job_script():
+    """``job_script("bench_embed")`` -> ``jobs/bench_embed.py`` imported as a module (jobs/ is not a package)."""
+    return _load_job_script
 
 
 @pytest.fixture(scope="session")
