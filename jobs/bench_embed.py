@@ -8,8 +8,8 @@ object store), measured in a fresh process for N and 10*N images.
     python jobs/bench_embed.py --n 256 --repeats 3 --arch microsnoop_cnn --mem-n 256 --mem-arch test_cnn
 
 The throughput runs alternate bare, Ray, bare, Ray, ... and the medians are compared, over the whole job and
-from the first Parquet part written to the last (the rate once both sides are running; see ``steady_rate``). ``--amp auto`` runs both
-sides under bf16 autocast on a CPU with native bf16 (AVX512-BF16 or AMX):
+from the first Parquet part written to the last (the rate once both sides are running; see ``steady_rate``).
+``--amp auto`` runs both sides under bf16 autocast on a CPU with native bf16 (AVX512-BF16 or AMX):
 
     python jobs/bench_embed.py --n 256 --repeats 3 --amp auto --only throughput --out results/bench_embed_bf16.json
 
@@ -139,7 +139,8 @@ def steady_rate(folder: Path) -> dict | None:
     """Images/s between the first and the last Parquet part written (their modification times).
 
     This leaves out what happens before the first block is out (start-up of actors, model load, the first
-    block's read) on both sides alike, so it is the rate a long job runs at; ``None`` with fewer than 2 parts.
+    block's read) on both sides alike, so it is the rate a long job runs at; ``None`` with fewer than 2 parts
+    or when they carry the same time (nothing to divide by).
     """
     import pyarrow.parquet as pq
 
@@ -148,6 +149,8 @@ def steady_rate(folder: Path) -> dict | None:
         return None
     rows = [pq.read_metadata(f).num_rows for f in files]
     seconds = files[-1].stat().st_mtime - files[0].stat().st_mtime
+    if seconds <= 0:
+        return None
     images = sum(rows[1:])
     return {"parts": len(files), "images": images, "seconds": seconds, "images_per_s": images / seconds}
 

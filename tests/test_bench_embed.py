@@ -30,7 +30,9 @@ def test_steady_rate_counts_images_after_the_first_part(bench, tmp_path):
     assert res["images_per_s"] == pytest.approx(9.6)
 
 
-def test_steady_rate_needs_two_parts(bench, tmp_path):
+def test_steady_rate_needs_two_parts_at_two_times(bench, tmp_path):
     assert bench.steady_rate(tmp_path) is None
     _part(tmp_path, "a", 64, 100.0)
+    assert bench.steady_rate(tmp_path) is None
+    _part(tmp_path, "b", 64, 100.0)  # two parts with one time: no interval to divide by
     assert bench.steady_rate(tmp_path) is None

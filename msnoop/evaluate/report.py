@@ -142,8 +142,7 @@ def plot_map(xy: np.ndarray, df: pd.DataFrame, label: str, batch: str | None, pa
     fig, axes = subplots(1, len(cols), figsize=(6.5 * len(cols), 5.2), squeeze=False)
     for ax, col in zip(axes[0], cols, strict=True):
         _scatter(ax, xy[idx], df[col].iloc[idx], f"coloured by {col}")
-    save(fig, path, dpi=110)
-    return path
+    return save(fig, path, dpi=110)
 
 
 def plot_confusion(metrics: dict[str, Any], path: Path, counts: dict[str, int]) -> Path:
@@ -198,8 +197,7 @@ def plot_confusion(metrics: dict[str, Any], path: Path, counts: dict[str, int]) 
             fontsize=fs,
             color="white" if inside else "black",
         )
-    save(fig, path, dpi=110)
-    return path
+    return save(fig, path, dpi=110)
 
 
 def path_columns(df: pd.DataFrame) -> list[str]:
