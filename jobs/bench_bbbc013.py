@@ -29,6 +29,13 @@ between the positive and negative control wells; Spearman rho of the readout aga
 doses 0 and 10). The direction is set by the positive controls (dose 10), so a positive rho means the
 readout moves towards the positive controls with dose; rho is reported as measured.
 
+Cells-mode outputs (a ``cells/`` folder of per-cell rows) are also read out per cell:
+:func:`msnoop.evaluate.screen.cell_classifier_readout`, a logistic regression trained on the cells of the control
+wells (leave-one-well-out for control wells, C chosen by grouped cross-validation of the cell-level log loss), a
+well being the mean over its cells of P(positive) (``cell classifier, P(positive)``: the share of responding
+cells, the readout declared for this plate) or of the logit (``cell classifier, logit``). It is told only which
+wells are controls, as the control-axis readout is.
+
 Hand-made baseline: the DNA channel is segmented with :func:`msnoop.segment.segment` (built-in backend),
 nuclei = the instance mask, cytoplasm = a ring of ``--ring`` px around the nuclei (binary dilation with a
 disk, minus the nuclei); per well, the ratio mean GFP in nuclei / mean GFP in the ring. Reported as is
@@ -54,7 +61,7 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from msnoop.correct.sphering import spherize_profiles
-from msnoop.evaluate.screen import control_axis_readout, dose_response, z_prime
+from msnoop.evaluate.screen import cell_classifier_readout, control_axis_readout, dose_response, z_prime
 from msnoop.evaluate.tables import feature_columns, read_table, split_table
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "bbbc013"
@@ -270,23 +277,69 @@ def embedding_readouts(df: pd.DataFrame, method: str, epsilon: Any) -> dict[str,
     return out
 
 
-# --------------------------------------------------------------------------- cells per well
+# --------------------------------------------------------------------------- per-cell classifier
+
+CLASSIFIER_READOUTS = {"probability": "cell classifier, P(positive)", "logit": "cell classifier, logit"}
 
 
-def cells_curve(
-    folder: str, md: pd.DataFrame, method: str, epsilon: Any, counts: list[int], repeats: int
-) -> dict[str, Any] | None:
-    """Z' and rho against the number of cells averaged per well, from a cells-mode output's per-cell rows.
-
-    For each count ``k`` up to the most cells any well has, and each of ``repeats`` seeded draws, ``k`` cells of
-    every well (all of them when a well has fewer) are averaged into the well profile, sphered on the negative
-    controls and read out as in the main table (in-fit sphering, no leave-one-out). Returns ``None`` when
-    ``folder`` has no ``cells/``.
-    """
+def read_cells(folder: str, md: pd.DataFrame) -> pd.DataFrame | None:
+    """The per-cell rows of a cells-mode output with a ``Metadata_Well`` id ("A01"), or ``None`` without ``cells/``."""
     cells_dir = Path(folder) / "cells"
     if not cells_dir.is_dir():
         return None
     cells = well_keys(pd.read_parquet(cells_dir), str(cells_dir))
+    cells["Metadata_Well"] = cells["Metadata_Row"] + cells["Metadata_Column"]
+    known = set(md["Row"] + md["Column"])
+    unknown = sorted(set(cells["Metadata_Well"]) - known)
+    if unknown:
+        raise SystemExit(f"{cells_dir}: {len(unknown)} well(s) not in 1049_Metadata.csv: {unknown[:10]}")
+    return cells
+
+
+def classifier_readouts(
+    cells: pd.DataFrame, md: pd.DataFrame, C: float | str = "cv"
+) -> tuple[pd.DataFrame, dict[str, tuple[np.ndarray, dict[str, Any]]]]:
+    """Per-cell classifier readouts of the wells that have cells: ``(plate md, {readout name: (readout, info)})``.
+
+    The regularisation is chosen once (``C="cv"``) and reused for the logit readout.
+    """
+    plate = md.assign(Well=md["Row"] + md["Column"])
+    plate = plate[plate["Well"].isin(set(cells["Metadata_Well"]))].sort_values(["Row", "Column"])
+    plate = plate.reset_index(drop=True)
+    X = cells[feature_columns(cells)].to_numpy(np.float64)
+    ctrl = plate["SBS_Controls"].to_numpy()
+    args = (X, cells["Metadata_Well"].to_numpy(), plate["Well"].to_numpy(), ctrl == 1, ctrl == -1)
+    out = {}
+    for aggregate, name in CLASSIFIER_READOUTS.items():
+        readout, info = cell_classifier_readout(*args, C=C, aggregate=aggregate)
+        C = info["C"]
+        out[name] = (readout, info)
+    return plate, out
+
+
+# --------------------------------------------------------------------------- cells per well
+
+
+def cells_curve(
+    folder: str,
+    md: pd.DataFrame,
+    method: str,
+    epsilon: Any,
+    counts: list[int],
+    repeats: int,
+    classifier_C: float | None = None,
+) -> dict[str, Any] | None:
+    """Z' and rho against the number of cells per well, from a cells-mode output's per-cell rows.
+
+    For each count ``k`` up to the most cells any well has, and each of ``repeats`` seeded draws, ``k`` cells of
+    every well (all of them when a well has fewer) are averaged into the well profile, sphered on the negative
+    controls and read out as in the main table (``control axis``: in-fit sphering, no leave-one-out). With
+    ``classifier_C`` the same cells are also read out by the per-cell classifier (``cell classifier``, mean
+    P(positive), that fixed C). Returns ``None`` when ``folder`` has no ``cells/``.
+    """
+    cells = read_cells(folder, md)
+    if cells is None:
+        return None
     feats = feature_columns(cells)
     per_well = cells.groupby(["Metadata_Row", "Metadata_Column"]).size()
     points = []
@@ -296,38 +349,59 @@ def cells_curve(
             sub = cells.iloc[rng.permutation(len(cells))].groupby(["Metadata_Row", "Metadata_Column"]).head(k)
             well = sub.groupby(["Metadata_Row", "Metadata_Column"], as_index=False)[feats].mean()
             df = join_layout(well, folder, md, allow_partial=False)
-            res = score(sphered_readout(df, method, epsilon)[0], _plate_md(df))
-            points.append(
-                {"cells": k, "draw": rep, "z_prime": res["z_prime"], **{f"rho {s}": res["rho"][s] for s in SERIES}}
-            )
+            results = {"control axis": score(sphered_readout(df, method, epsilon)[0], _plate_md(df))}
+            if classifier_C is not None:
+                plate, readouts = classifier_readouts(sub, md, C=classifier_C)
+                results["cell classifier"] = score(readouts[CLASSIFIER_READOUTS["probability"]][0], plate)
+            for readout, res in results.items():
+                points.append(
+                    {
+                        "readout": readout,
+                        "cells": k,
+                        "draw": rep,
+                        "z_prime": res["z_prime"],
+                        **{f"rho {s}": res["rho"][s] for s in SERIES},
+                    }
+                )
     table = pd.DataFrame(points)
-    summary = table.groupby("cells").median(numeric_only=True).drop(columns="draw").reset_index()
+    summary = table.groupby(["readout", "cells"], sort=False).median(numeric_only=True).drop(columns="draw")
     return {
         "cells_per_well": {"min": int(per_well.min()), "median": float(per_well.median()), "max": int(per_well.max())},
         "repeats": repeats,
+        "classifier_C": classifier_C,
         "points": points,
-        "median": summary.to_dict(orient="records"),
+        "median": summary.reset_index().to_dict(orient="records"),
     }
 
 
 def plot_cells_curves(curves: dict[str, dict[str, Any]], baseline_z: float | None, path: Path) -> Path:
-    """Z' (median of the draws, with each draw as a dot) against cells per well, one line per embedding."""
+    """Z' (median of the draws, each draw a dot) against cells per well: one panel per readout, a line per embedding."""
     from msnoop.plotting import save, subplots
 
-    fig, ax = subplots(figsize=(6, 4))
-    for name, curve in curves.items():
-        pts = pd.DataFrame(curve["points"])
-        med = pd.DataFrame(curve["median"])
-        (line,) = ax.plot(med["cells"], med["z_prime"], marker="o", label=name)
-        ax.scatter(pts["cells"], pts["z_prime"], s=8, alpha=0.4, color=line.get_color())
-    if baseline_z is not None:
-        ax.axhline(baseline_z, color="k", ls="--", lw=1, label=f"N/C GFP ratio (all nuclei): {baseline_z:.2f}")
-    ax.axhline(0.7, color="grey", ls=":", lw=1, label="target Z' 0.70")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("cells averaged per well")
-    ax.set_ylabel("Z' (ZCA-cor knee, control-axis readout)")
-    ax.set_title("BBBC013: Z' against cells per well")
-    ax.legend(fontsize=7)
+    readouts = list(dict.fromkeys(p["readout"] for c in curves.values() for p in c["points"]))
+    fig, axes = subplots(1, len(readouts), figsize=(6 * len(readouts), 4), squeeze=False, sharey=True)
+    for ax, readout in zip(axes[0], readouts, strict=True):
+        for name, curve in curves.items():
+            pts = pd.DataFrame(curve["points"])
+            med = pd.DataFrame(curve["median"])
+            pts, med = pts[pts["readout"] == readout], med[med["readout"] == readout]
+            if med.empty:
+                continue
+            (line,) = ax.plot(med["cells"], med["z_prime"], marker="o", label=name)
+            ax.scatter(pts["cells"], pts["z_prime"], s=8, alpha=0.4, color=line.get_color())
+        if baseline_z is not None:
+            ax.axhline(baseline_z, color="k", ls="--", lw=1, label=f"N/C GFP ratio (all nuclei): {baseline_z:.2f}")
+        ax.axhline(0.7, color="grey", ls=":", lw=1, label="target Z' 0.70")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("cells per well")
+        ax.set_title(
+            "control-axis readout (ZCA-cor knee on well means)"
+            if readout == "control axis"
+            else "per-cell classifier, mean P(positive)"
+        )
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("Z'")
+    fig.suptitle("BBBC013: Z' against cells per well")
     return save(fig, path, dpi=120)
 
 
@@ -410,15 +484,18 @@ def main() -> None:
 
     rows: list[dict[str, Any]] = []
     wells: dict[str, dict[str, float]] = {}
+    classifier_c: dict[str, float] = {}
 
-    def add(features: str, variant: str, readout: np.ndarray, plate: pd.DataFrame, extra: dict) -> None:
+    def add(
+        features: str, variant: str, readout: np.ndarray, plate: pd.DataFrame, extra: dict, how: str = "control axis"
+    ) -> None:
         res = score(readout, plate)
-        row = {"features": features, "sphering": variant, **extra, **res}
+        row = {"features": features, "readout": how, "sphering": variant, **extra, **res}
         rows.append(row)
-        key = f"{features} | {variant}"
+        key = f"{features} | {how} | {variant}"
         wells[key] = {f"{a}{b}": float(v) for a, b, v in zip(plate["Row"], plate["Column"], readout, strict=True)}
         print(
-            f"{features:28s} {variant:26s} Z' {_fmt(res['z_prime'])}  rho A-D {_fmt(res['rho']['A-D'])}  "
+            f"{features:16s} {how:30s} {variant:24s} Z' {_fmt(res['z_prime'])}  rho A-D {_fmt(res['rho']['A-D'])}  "
             f"E-H {_fmt(res['rho']['E-H'])}  ({res['n_wells']} wells)",
             flush=True,
         )
@@ -436,27 +513,45 @@ def main() -> None:
             run = {"model": rj.get("model"), "mode": (rj.get("preprocess") or {}).get("mode"), "folder": folder}
         for variant, (readout, info) in embedding_readouts(df, args.method, epsilon).items():
             add(name, variant, readout, plate, {**run, **info})
+        cells = read_cells(folder, md)
+        if cells is not None:
+            t0 = time.perf_counter()
+            cplate, readouts = classifier_readouts(cells, md)
+            for how, (readout, info) in readouts.items():
+                per_well = np.asarray(info["cells_per_well"])
+                extra = {
+                    **run,
+                    "dim": len(feature_columns(cells)),
+                    "C": info["C"],
+                    "cv_log_loss": info.get("cv_log_loss"),
+                    "fits": info["fits"],
+                    "cells_per_well": {"min": int(per_well.min()), "median": float(np.median(per_well))},
+                }
+                add(name, "none (cells standardised)", readout, cplate, extra, how=how)
+            classifier_c[name] = readouts[CLASSIFIER_READOUTS["probability"]][1]["C"]
+            logger.info("%s: per-cell classifier readouts in %.0f s", name, time.perf_counter() - t0)
 
     counts = [int(c) for c in args.cells_curve.split(",") if c.strip()]
     curves: dict[str, dict[str, Any]] = {}
     for item in args.emb if counts else []:
         name, folder = item.split("=", 1)
-        curve = cells_curve(folder, md, args.method, epsilon, counts, args.curve_repeats)
+        curve = cells_curve(folder, md, args.method, epsilon, counts, args.curve_repeats, classifier_c.get(name))
         if curve is not None:
             curves[name] = curve
-            print(
-                f"{name}: Z' by cells per well "
-                + ", ".join(f"{r['cells']}: {_fmt(r['z_prime'])}" for r in curve["median"])
-            )
+            for how in dict.fromkeys(r["readout"] for r in curve["median"]):
+                print(
+                    f"{name}, {how}: Z' by cells per well "
+                    + ", ".join(f"{r['cells']}: {_fmt(r['z_prime'])}" for r in curve["median"] if r["readout"] == how)
+                )
 
     baseline = None
     if not args.no_baseline:
         nc = nc_ratio(md, args.data, args.ring).merge(md, on=["Row", "Column"], validate="one_to_one")
         ratio = nc["nc_ratio"].to_numpy()
         ctrl = nc["SBS_Controls"].to_numpy()
-        add("N/C GFP ratio", "raw value", ratio, nc, {"dim": 1, "ring_px": args.ring})
+        add("N/C GFP ratio", "-", ratio, nc, {"dim": 1, "ring_px": args.ring}, how="raw value")
         axis_readout = control_axis_readout(ratio, ctrl == 1, ctrl == -1)
-        add("N/C GFP ratio", "control-axis readout", axis_readout, nc, {"dim": 1, "ring_px": args.ring})
+        add("N/C GFP ratio", "-", axis_readout, nc, {"dim": 1, "ring_px": args.ring})
         baseline = {
             "ring_px": args.ring,
             "median_nuclei_per_well": float(nc["n_nuclei"].median()),
@@ -480,7 +575,9 @@ def main() -> None:
         f"leave-one-out for control wells; Z' between positive (n=8) and negative (n=16) control wells; "
         f"Spearman rho vs SBS_Doses over sample wells (doses 1-9) of rows A-D and E-H; sphering {args.method} "
         f"epsilon={args.epsilon} fitted on negative-control wells ({NEG_QUERY}). Positive controls (dose 10) "
-        "define the readout's direction; rho is reported with its sign as measured."
+        "define the readout's direction; rho is reported with its sign as measured. Cells-mode outputs are also "
+        "read out by a per-cell logistic regression trained on the control wells' cells (leave-one-well-out for "
+        "control wells, C by grouped CV of the cell-level log loss): mean P(positive) or mean logit per well."
     )
     report = {
         "protocol": protocol,
@@ -493,17 +590,18 @@ def main() -> None:
     out.with_suffix(".json").write_text(json.dumps(report, indent=2))
     if curves:
         nc_z = next(
-            (r["z_prime"] for r in rows if r["features"] == "N/C GFP ratio" and r["sphering"] == "raw value"), None
+            (r["z_prime"] for r in rows if r["features"] == "N/C GFP ratio" and r["readout"] == "raw value"), None
         )
         plot = plot_cells_curves(curves, nc_z, out.with_name(out.name + "_cells.png"))
         logger.warning("wrote %s", plot)
     lines = [
-        "| features | sphering | dim | wells | Z' | rho A-D | rho E-H | rho A-D (+ctrl) | rho E-H (+ctrl) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| features | readout | sphering | dim | wells | Z' | rho A-D | rho E-H | rho A-D (+ctrl) | rho E-H (+ctrl) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['features']} | {r['sphering']} | {r['dim']} | {r['n_wells']} | {_fmt(r['z_prime'])} | "
+            f"| {r['features']} | {r['readout']} | {r['sphering']} | {r['dim']} | {r['n_wells']} | "
+            f"{_fmt(r['z_prime'])} | "
             f"{_fmt(r['rho']['A-D'])} | {_fmt(r['rho']['E-H'])} | {_fmt(r['rho_with_controls']['A-D'])} | "
             f"{_fmt(r['rho_with_controls']['E-H'])} |"
         )
@@ -517,13 +615,20 @@ def main() -> None:
         r0 = next((r for r in rows if r["features"] == name), {})
         notes.append(f"{name}: {folder}, model {r0.get('model')}, mode {r0.get('mode')}, {r0.get('n_wells')} wells.")
     for name, curve in curves.items():
-        med = ", ".join(
-            f"{r['cells']}: {_fmt(r['z_prime'])} ({_fmt(r['rho A-D'])} / {_fmt(r['rho E-H'])})" for r in curve["median"]
-        )
-        notes.append(
-            f"{name}, Z' (rho A-D / E-H) by cells averaged per well, median of {curve['repeats']} draws, ZCA-cor "
-            f"knee in-fit: {med}."
-        )
+        for how in dict.fromkeys(r["readout"] for r in curve["median"]):
+            med = ", ".join(
+                f"{r['cells']}: {_fmt(r['z_prime'])} ({_fmt(r['rho A-D'])} / {_fmt(r['rho E-H'])})"
+                for r in curve["median"]
+                if r["readout"] == how
+            )
+            how_text = (
+                "control axis on well means, ZCA-cor knee in-fit"
+                if how == "control axis"
+                else f"per-cell classifier, mean P(positive), C {curve['classifier_C']}"
+            )
+            notes.append(
+                f"{name}, Z' (rho A-D / E-H) by cells per well, median of {curve['repeats']} draws, {how_text}: {med}."
+            )
     if baseline:
         notes.append(
             f"N/C baseline: built-in segmentation of the DNA channel, ring {args.ring} px; median "

@@ -49,17 +49,46 @@ def _cells(folder: Path, md: pd.DataFrame, n_cells: int, noise: float, seed: int
 def test_z_prime_rises_with_cells_per_well(bench, tmp_path: Path) -> None:
     md = bench.load_layout(_layout(tmp_path))
     folder = _cells(tmp_path / "emb", md, n_cells=64, noise=0.5)
-    curve = bench.cells_curve(str(folder), md, "ZCA-cor", "knee", [1, 4, 64, 128], repeats=3)
+    curve = bench.cells_curve(str(folder), md, "ZCA-cor", "knee", [1, 4, 64, 128], repeats=3, classifier_C=1.0)
     assert curve["cells_per_well"] == {"min": 64, "median": 64.0, "max": 64}
     # one draw of all the cells; 128 is more than any well has, so it is left out
-    assert [p["cells"] for p in curve["points"]] == [1, 1, 1, 4, 4, 4, 64]
-    z = {r["cells"]: r["z_prime"] for r in curve["median"]}
-    # the noise of a well mean falls as 1/sqrt(k): Z' = 1 - 3 * 2 * 0.5 / sqrt(k) under ideal conditions
-    assert z[1] < 0 < z[64]
-    assert z[1] < z[4] < z[64]
-    assert next(r for r in curve["median"] if r["cells"] == 64)["rho A-D"] > 0.8
+    axis = [p for p in curve["points"] if p["readout"] == "control axis"]
+    assert [p["cells"] for p in axis] == [1, 1, 1, 4, 4, 4, 64]
+    assert [p["cells"] for p in curve["points"] if p["readout"] == "cell classifier"] == [1, 1, 1, 4, 4, 4, 64]
+    for readout in ("control axis", "cell classifier"):
+        med = [r for r in curve["median"] if r["readout"] == readout]
+        z = {r["cells"]: r["z_prime"] for r in med}
+        # the noise of a well mean falls as 1/sqrt(k): Z' = 1 - 3 * 2 * 0.5 / sqrt(k) under ideal conditions
+        assert z[1] < 0 < z[64], readout
+        assert z[1] < z[4] < z[64], readout
+        assert next(r for r in med if r["cells"] == 64)["rho A-D"] > 0.8, readout
     png = bench.plot_cells_curves({"synthetic": curve}, 0.8, tmp_path / "curve.png")
     assert png.stat().st_size > 0
+
+
+def test_classifier_readouts_of_a_cells_output(bench, tmp_path: Path) -> None:
+    md = bench.load_layout(_layout(tmp_path))
+    folder = _cells(tmp_path / "emb", md, n_cells=12, noise=0.25)
+    cells = bench.read_cells(str(folder), md)
+    plate, readouts = bench.classifier_readouts(cells, md)
+    assert list(readouts) == ["cell classifier, P(positive)", "cell classifier, logit"]
+    assert len(plate) == 96 and list(plate["Well"][:2]) == ["A01", "A02"]
+    prob, info = readouts["cell classifier, P(positive)"]
+    assert readouts["cell classifier, logit"][1]["C"] == info["C"]  # chosen once
+    res = bench.score(prob, plate)
+    # dose on one feature, per-cell noise 0.25 (controls 4 sd apart): the dose series orders the wells
+    assert res["z_prime"] > 0.5 and min(res["rho"].values()) > 0.9
+    assert ((prob >= 0) & (prob <= 1)).all()
+
+
+def test_cells_of_an_unknown_well_are_an_error(bench, tmp_path: Path) -> None:
+    md = bench.load_layout(_layout(tmp_path))
+    folder = _cells(tmp_path / "emb", md, n_cells=2, noise=0.5)
+    part = pd.read_parquet(folder / "cells" / "part-0.parquet")
+    part.loc[0, "Metadata_Row"] = "Z"
+    part.to_parquet(folder / "cells" / "part-0.parquet")
+    with pytest.raises(SystemExit, match="not in 1049_Metadata.*Z01"):
+        bench.read_cells(str(folder), md)
 
 
 def test_no_curve_without_per_cell_rows(bench, tmp_path: Path) -> None:

@@ -112,3 +112,28 @@ def test_committed_csv_has_the_rows_of_the_readme_table() -> None:
     ], "results/headline.csv is stale: run python jobs/bench_all.py --readme-only"
     assert table["met"].tolist() == [{True: "yes", False: "no", None: "-"}[r.met] for r in rows]
     assert table["date"].nunique() == 1 and table["commit"].nunique() == 1
+
+
+def _b013(model: str, readout: str, z: float, rho: float, cells: float | None = None) -> dict:
+    row = {"features": model, "model": model, "readout": readout, "sphering": "none", "z_prime": z}
+    row["rho"] = {"A-D": rho, "E-H": rho}
+    if cells is not None:
+        row["cells_per_well"] = {"min": cells, "median": cells}
+    return row
+
+
+def test_bbbc013_row_is_the_defaults_declared_readout(tmp_path: Path) -> None:
+    rows = [
+        _b013("random:microsnoop_cnn:0", "cell classifier, P(positive)", 0.95, 0.99, 16),  # not the default
+        _b013("default", "control axis", 0.9, 0.95),  # not the declared readout
+        _b013("default", "cell classifier, P(positive)", 0.75, 0.85, 32),
+        _b013("default", "cell classifier, P(positive)", 0.72, 0.91, 64),  # the most cells per well
+        {"features": "N/C GFP ratio", "readout": "raw value", "z_prime": 0.82, "rho": {"A-D": 0.93, "E-H": 0.95}},
+    ]
+    _write(tmp_path / "bench_bbbc013.json", {"rows": rows})
+    row = next(r for r in headline_rows(tmp_path) if r.area == "bbbc013")
+    assert row.msnoop.startswith("0.72 / 0.91 / 0.91 (shipped default, cell classifier, P(positive), 64 cells")
+    assert row.met is True and row.reference.startswith("0.82 / 0.93 / 0.95 (N/C GFP ratio)")
+    rows[3]["rho"]["A-D"] = 0.89
+    _write(tmp_path / "bench_bbbc013.json", {"rows": rows})
+    assert next(r for r in headline_rows(tmp_path) if r.area == "bbbc013").met is False

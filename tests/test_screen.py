@@ -1,4 +1,4 @@
-"""Screen readouts: Z', leave-one-out control-axis readout, dose-response Spearman rho, errors."""
+"""Screen readouts: Z', leave-one-out control-axis readout, per-cell classifier readout, dose-response rho, errors."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
-from msnoop.evaluate.screen import control_axis_readout, dose_response, z_prime
+from msnoop.evaluate.screen import cell_classifier_readout, control_axis_readout, dose_response, z_prime
 
 
 def test_z_prime_hand_computed():
@@ -128,3 +128,82 @@ def test_dose_response_errors_and_constant(caplog):
         dose_response([1.0, np.inf, 3.0, 4.0], dose, ["a"] * 4)
     rho = dose_response([1.0, 1.0, 1.0, 1.0], dose, ["a"] * 4)
     assert np.isnan(rho["a"])
+
+
+def _cell_plate(rng, fractions, n_pos=4, n_neg=6, cells=40, dim=8, shift=3.0):
+    """Cells of negative wells, positive wells and sample wells where ``fractions`` of the cells respond."""
+    wells, pos, neg, X, cw = [], [], [], [], []
+    share = [0.0] * n_neg + [1.0] * n_pos + list(fractions)
+    for i, f in enumerate(share):
+        wells.append(f"w{i}")
+        pos.append(n_neg <= i < n_neg + n_pos)
+        neg.append(i < n_neg)
+        x = rng.normal(size=(cells, dim))
+        x[: int(round(f * cells)), :2] += shift  # responding cells move along two of the features
+        X.append(x)
+        cw += [f"w{i}"] * cells
+    return np.vstack(X), np.array(cw), np.array(wells), np.array(pos), np.array(neg)
+
+
+def test_cell_classifier_reads_the_share_of_responding_cells():
+    fractions = [0.0, 0.25, 0.5, 0.75, 1.0]
+    X, cw, wells, pos, neg = _cell_plate(np.random.default_rng(0), fractions)
+    r, info = cell_classifier_readout(X, cw, wells, pos, neg)
+    samples = r[~(pos | neg)]
+    # well separated cells: the mean probability is close to the share of responding cells
+    np.testing.assert_allclose(samples, fractions, atol=0.08)
+    assert r[pos].min() > 0.9 and r[neg].max() < 0.1
+    assert z_prime(r[pos], r[neg]) > 0.7
+    assert set(info["cv_log_loss"]) == {1e-3, 1e-2, 1e-1, 1.0, 10.0}
+    assert info["C"] == min(info["cv_log_loss"], key=info["cv_log_loss"].get)
+    assert info["fits"] == 1 + 10 and info["cells_per_well"] == [40] * 15
+    # the logit readout ranks the sample wells the same way; a fixed C is used as given
+    r_logit, info_logit = cell_classifier_readout(X, cw, wells, pos, neg, C=0.5, aggregate="logit")
+    assert spearmanr(r_logit[~(pos | neg)], fractions).statistic == pytest.approx(1.0)
+    assert info_logit["C"] == 0.5 and "cv_log_loss" not in info_logit
+
+
+def test_cell_classifier_scores_control_wells_out_of_fit():
+    # many features, few cells, weak regularisation: a classifier that has seen a well memorises its cells.
+    # The last positive control holds cells that look like the negatives (a failed well): scored by a model
+    # fitted without it, it reads as negative; a model fitted with it would call its cells positive.
+    rng = np.random.default_rng(1)
+    X, cw, wells, pos, neg = _cell_plate(rng, [], n_pos=4, n_neg=4, cells=10, dim=60, shift=6.0)
+    failed = cw == wells[pos][-1]
+    X[failed] = rng.normal(size=(int(failed.sum()), 60))
+    r, _ = cell_classifier_readout(X, cw, wells, pos, neg, C=100.0)
+    assert r[np.flatnonzero(pos)[-1]] < 0.3
+    assert r[np.flatnonzero(pos)[:-1]].mean() > 0.7
+
+    from msnoop.evaluate.screen import _fit_cells, _logit
+
+    control = np.isin(cw, wells[pos | neg])
+    in_fit = _fit_cells(X[control], np.isin(cw, wells[pos])[control].astype(int), 100.0, 1000)
+    assert (1 / (1 + np.exp(-_logit(in_fit, X[failed])))).mean() > 0.7  # what leaving it out prevents
+
+
+def test_cell_classifier_errors():
+    X, cw, wells, pos, neg = _cell_plate(np.random.default_rng(2), [0.5], cells=5, dim=3)
+    with pytest.raises(ValueError, match="no cells"):
+        cell_classifier_readout(X, cw, np.append(wells, "empty"), np.append(pos, False), np.append(neg, False))
+    with pytest.raises(ValueError, match="not in wells"):
+        cell_classifier_readout(X, np.where(cw == "w0", "zz", cw), wells, pos, neg)
+    with pytest.raises(ValueError, match="boolean mask"):
+        cell_classifier_readout(X, cw, wells, pos.astype(int), neg)
+    with pytest.raises(ValueError, match="both positive and negative"):
+        cell_classifier_readout(X, cw, wells, pos | neg, neg)
+    only_one = pos & (np.cumsum(pos) == 1)
+    with pytest.raises(ValueError, match="at least 2 positive"):
+        cell_classifier_readout(X, cw, wells, only_one, neg)
+    with pytest.raises(ValueError, match="aggregate"):
+        cell_classifier_readout(X, cw, wells, pos, neg, aggregate="median")
+    with pytest.raises(ValueError, match="C to be a positive number"):
+        cell_classifier_readout(X, cw, wells, pos, neg, C=0)
+    with pytest.raises(ValueError, match="distinct"):
+        cell_classifier_readout(X, cw, np.append(wells, "w0"), np.append(pos, False), np.append(neg, False))
+    bad = X.copy()
+    bad[3, 1] = np.nan
+    with pytest.raises(ValueError, match="NaN/inf in 1 cell"):
+        cell_classifier_readout(bad, cw, wells, pos, neg)
+    with pytest.raises(ValueError, match=r"\[M\]"):
+        cell_classifier_readout(X, cw[:-1], wells, pos, neg)
