@@ -360,6 +360,7 @@ def _register_library_commands() -> None:
     from msnoop.correct.commands import profile_command
     from msnoop.evaluate.commands import knn_command, map_command, nsc_command
     from msnoop.evaluate.report_commands import report_command
+    from msnoop.evaluate.screen_job import screen_command
     from msnoop.segment.train import segtrain_command
     from msnoop.train.commands import pretrain_command
 
@@ -384,6 +385,9 @@ def _register_library_commands() -> None:
     app.command(
         "segtrain", help="Train a cellpose 3.1 nucleus model offline on image/mask pairs; compare to built-in."
     )(segtrain_command)
+    app.command(
+        "screen", help="Read a plate out per well from its cells (classifier on the controls): Z', dose response."
+    )(screen_command)
 
 
 _register_library_commands()

@@ -223,6 +223,7 @@ _JOB_MODULES = {
     "bench": "msnoop.evaluate.bench",
     "profile": "msnoop.correct.job",
     "segtrain": "msnoop.segment.train",
+    "screen": "msnoop.evaluate.screen_job",
 }
 T = TypeVar("T", bound=BaseModel)
 

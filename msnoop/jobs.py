@@ -46,4 +46,11 @@ def run_job(cfg: Any) -> str:
         from msnoop.segment.train import summary as seg_summary
 
         return seg_summary(cfg, run_segtrain(cfg))
+    from msnoop.evaluate.screen_job import ScreenJob
+
+    if isinstance(cfg, ScreenJob):
+        from msnoop.evaluate.screen_job import run_screen
+        from msnoop.evaluate.screen_job import summary as screen_summary
+
+        return screen_summary(cfg, run_screen(cfg))
     raise ValueError(f"no runner for job kind {getattr(cfg, 'job', type(cfg).__name__)!r}")
