@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -144,3 +146,12 @@ def test_pattern_needs_channel_and_repeated_fields_must_agree():
         pattern_regex("{Metadata_Well}.tif")
     rx = pattern_regex("{p}/{p}_{channel}.tif")
     assert rx.match("AAC1/AAC1_gfp.tif") and not rx.match("AAC1/ACT1_gfp.tif")
+
+
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml")), ids=lambda p: p.name
+)
+def test_every_shipped_config_validates(path: Path) -> None:
+    # validation only: paths may point at ../shared data or outputs that do not exist here
+    cfg = load_config(path)
+    assert cfg.job in {"embed", "pretrain", "bench", "profile", "segtrain", "screen"}
