@@ -66,15 +66,15 @@ def test_screen_reads_the_share_of_responding_cells(tmp_path: Path) -> None:
     rec = run_screen(job)
     out = tmp_path / "out"
     wells = pd.read_parquet(out / "wells.parquet")
-    assert len(wells) == 24 and (wells["Metadata_Cells"] == 20).all()
+    assert len(wells) == 24 and (wells["Metadata_Screen_Cells"] == 20).all()
     assert rec["wells"] == {"total": 24, "positive": 4, "negative": 4, "sample": 16}
     # a well's readout is close to the share of its cells that respond (dose / 5)
-    samples = wells[wells["Metadata_Control"] == "sample"]
-    np.testing.assert_allclose(samples["Metadata_Readout"], samples["Metadata_Dose"] / 5, atol=0.12)
+    samples = wells[wells["Metadata_Screen_Control"] == "sample"]
+    np.testing.assert_allclose(samples["Metadata_Screen_Readout"], samples["Metadata_Dose"] / 5, atol=0.12)
     assert rec["z_prime"] > 0.7
     assert set(rec["rho"]) == {"A-B", "C-D"} and min(rec["rho"].values()) > 0.9
     # the plate map's columns came along; per-cell columns did not
-    assert {"Metadata_Well", "Metadata_Row", "Metadata_Dose", "Metadata_Series"} <= set(wells.columns)
+    assert {"Metadata_Well", "Metadata_Row", "Metadata_Dose", "Metadata_Screen_Series"} <= set(wells.columns)
     assert "Metadata_CellID" not in wells.columns
     assert (out / "screen.png").stat().st_size > 0 and (out / "resolved_config.yaml").is_file()
     saved = json.loads((out / "screen.json").read_text())
@@ -105,6 +105,8 @@ def test_screen_errors(tmp_path: Path) -> None:
         run_screen(_job(tmp_path, emb, plate, well=["Metadata_Plate"]))
     with pytest.raises(ValueError, match="series queries overlap"):
         run_screen(_job(tmp_path, emb, plate, series={"x": "Metadata_Row in ['A', 'B']", "y": "Metadata_Row == 'B'"}))
+    with pytest.raises(ValueError, match="'Metadata_CellID' varies within a well"):
+        run_screen(_job(tmp_path, emb, plate, dose="Metadata_CellID"))
     with pytest.raises(ValueError, match="series column 'Metadata_Compound' is not in the table"):
         run_screen(_job(tmp_path, emb, plate, series="Metadata_Compound"))
     with pytest.raises(ConfigError, match="readout.C"):
@@ -118,3 +120,12 @@ def test_screen_errors(tmp_path: Path) -> None:
         read_cells_table(tmp_path / "nowhere")
     # nothing was written by the failed runs
     assert not (tmp_path / "out" / "wells.parquet").exists()
+
+
+def test_screen_without_doses_reads_controls_only(tmp_path: Path) -> None:
+    emb, plate = _plate(tmp_path, cells=6)
+    rec = run_screen(_job(tmp_path, emb, plate, dose=None, series=None, readout={"C": 1.0}))
+    assert "rho" not in rec and rec["z_prime"] > 0
+    wells = pd.read_parquet(tmp_path / "out" / "wells.parquet")
+    assert "Metadata_Screen_Series" not in wells.columns and (tmp_path / "out" / "screen.png").is_file()
+    assert wells["Metadata_Screen_Readout"].between(0, 1).all()

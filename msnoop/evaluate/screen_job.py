@@ -23,9 +23,10 @@ window (Z' between the control wells) and, with a dose column, the dose response
     output: {dir: results/bbbc013_screen}
 
 Run with ``msnoop screen CONFIG`` (or ``msnoop run`` / ``msnoop submit``). Outputs in ``output.dir``:
-``wells.parquet`` (one row per well: its metadata, ``Metadata_Control``, ``Metadata_Cells`` and the readout
-``Metadata_Readout``), ``screen.json`` (Z', rho, the classifier's C and cross-validation losses), ``screen.png``
-(control wells and dose-response curves) and ``resolved_config.yaml``.
+``wells.parquet`` (one row per well: the metadata that is constant within it, ``Metadata_Screen_Control``,
+``Metadata_Screen_Cells``, ``Metadata_Screen_Series`` and the readout ``Metadata_Screen_Readout``),
+``screen.json`` (Z', rho, the classifier's C and cross-validation losses), ``screen.png`` (control wells and
+dose-response curves) and ``resolved_config.yaml``.
 """
 
 from __future__ import annotations
@@ -191,9 +192,9 @@ def run_screen(job: ScreenJob) -> dict[str, Any]:
     constant = [c for c in meta_cols if cells.groupby(codes)[c].nunique(dropna=False).max() <= 1]
     table = cells.iloc[first][constant].reset_index(drop=True)
     table.insert(0, "Metadata_Well", wells)
-    table["Metadata_Control"] = np.where(pos, "positive", np.where(neg, "negative", "sample"))
-    table["Metadata_Cells"] = np.asarray(info["cells_per_well"])
-    table["Metadata_Readout"] = readout
+    table["Metadata_Screen_Control"] = np.where(pos, "positive", np.where(neg, "negative", "sample"))
+    table["Metadata_Screen_Cells"] = np.asarray(info["cells_per_well"])
+    table["Metadata_Screen_Readout"] = readout
 
     record: dict[str, Any] = {
         "name": job.name,
@@ -213,19 +214,21 @@ def run_screen(job: ScreenJob) -> dict[str, Any]:
     if "cv_log_loss" in info:
         record["readout"]["cv_log_loss"] = {str(c): v for c, v in info["cv_log_loss"].items()}
     if job.dose:
-        dose = pd.to_numeric(cells[job.dose], errors="coerce").to_numpy()
+        if job.dose not in constant:
+            raise ValueError(
+                f"cell table {source}: dose column {job.dose!r} varies within a well; expected one per well"
+            )
+        dose = pd.to_numeric(table[job.dose], errors="coerce").to_numpy()
         if np.isnan(dose).any():
             raise ValueError(f"cell table {source}: dose column {job.dose!r} has non-numeric or missing values")
-        table["Metadata_Dose"] = dose[first]
-        table["Metadata_Series"] = _series(cells, job.series)[first]
+        table["Metadata_Screen_Series"] = _series(cells, job.series)[first]
         sample = ~(pos | neg)
         if sample.sum() < 3:
             raise ValueError(
                 f"a dose response needs at least 3 sample wells (neither control), found {int(sample.sum())}"
             )
-        record["rho"] = dose_response(
-            readout[sample], table["Metadata_Dose"].to_numpy()[sample], table["Metadata_Series"].to_numpy()[sample]
-        )
+        record["dose_column"] = job.dose
+        record["rho"] = dose_response(readout[sample], dose[sample], table["Metadata_Screen_Series"].to_numpy()[sample])
 
     out = job.output.dir
     out.mkdir(parents=True, exist_ok=True)
@@ -238,33 +241,32 @@ def run_screen(job: ScreenJob) -> dict[str, Any]:
 
 
 def plot_screen(table: pd.DataFrame, record: dict[str, Any], path: Path) -> Path:
-    """Left: the control wells' readouts (Z' in the title); right: readout against dose per series."""
+    """Left: the control wells' readouts (Z' in the title); right, with a dose column: readout against dose."""
     from msnoop.plotting import save, subplots
 
-    has_dose = "Metadata_Dose" in table.columns
-    fig, axes = subplots(1, 2 if has_dose else 1, figsize=(11 if has_dose else 5, 4), squeeze=False, sharey=True)
+    dose_col = record.get("dose_column")
+    fig, axes = subplots(1, 2 if dose_col else 1, figsize=(11 if dose_col else 5, 4), squeeze=False, sharey=True)
     ax = axes[0][0]
     rng = np.random.default_rng(0)
     for x, kind in enumerate(("negative", "positive")):
-        vals = table.loc[table["Metadata_Control"] == kind, "Metadata_Readout"].to_numpy()
+        vals = table.loc[table["Metadata_Screen_Control"] == kind, "Metadata_Screen_Readout"].to_numpy()
         ax.scatter(x + rng.uniform(-0.15, 0.15, len(vals)), vals, s=14, label=f"{kind} ({len(vals)} wells)")
         ax.hlines([vals.mean()], x - 0.3, x + 0.3, color="k", lw=1)
     ax.set_xticks([0, 1], ["negative", "positive"])
     ax.set_ylabel(f"readout ({record['readout']['aggregate']})")
     ax.set_title(f"control wells: Z' = {record['z_prime']:.2f}")
-    if has_dose:
+    if dose_col:
         ax = axes[0][1]
-        sample = table[table["Metadata_Control"] == "sample"]
+        sample = table[table["Metadata_Screen_Control"] == "sample"]
         rho = record.get("rho", {})
-        for series, g in sample.groupby("Metadata_Series", sort=True):
-            mean = g.groupby("Metadata_Dose")["Metadata_Readout"].mean()
-            (line,) = ax.plot(
-                mean.index, mean.to_numpy(), marker="o", label=f"{series}: rho {rho.get(series, np.nan):.2f}"
-            )
-            ax.scatter(g["Metadata_Dose"], g["Metadata_Readout"], s=8, alpha=0.5, color=line.get_color())
+        for series, g in sample.groupby("Metadata_Screen_Series", sort=True):
+            mean = g.groupby(dose_col)["Metadata_Screen_Readout"].mean()
+            label = f"{series}: rho {rho.get(series, np.nan):.2f}"
+            (line,) = ax.plot(mean.index, mean.to_numpy(), marker="o", label=label)
+            ax.scatter(g[dose_col], g["Metadata_Screen_Readout"], s=8, alpha=0.5, color=line.get_color())
         for kind, ls in (("negative", ":"), ("positive", "--")):
             ax.axhline(record["mean_readout"][kind], color="grey", ls=ls, lw=1, label=f"{kind} controls (mean)")
-        ax.set_xlabel("dose")
+        ax.set_xlabel(dose_col)
         ax.set_title("dose response (sample wells)")
         ax.legend(fontsize=7)
     return save(fig, path, dpi=120)
