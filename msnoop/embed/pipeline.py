@@ -602,7 +602,16 @@ def run_embed(cfg: EmbedJob) -> EmbedResult:
                     done_n = n_ok + n_err
                     rate = done_n / (now - t0)
                     eta = (len(todo) - done_n) / rate if rate > 0 else float("nan")
-                    logger.info("%d/%d images (%d errors), %.1f img/s, ETA %.0f s", done_n, len(todo), n_err, rate, eta)
+                    cell_rate = f", {n_cells / (now - t0):.3g} cells/s" if cells is not None else ""
+                    logger.info(
+                        "%d/%d images (%d errors), %.3g img/s%s, ETA %.0f s",
+                        done_n,
+                        len(todo),
+                        n_err,
+                        rate,
+                        cell_rate,
+                        eta,
+                    )
                     last = now
         except Exception as exc:
             cause = _find_strict(exc)
