@@ -374,6 +374,9 @@ def cells_curve(
     }
 
 
+Z_FLOOR = -3.0  # lowest Z' drawn in the cells-per-well plot
+
+
 def plot_cells_curves(curves: dict[str, dict[str, Any]], baseline_z: float | None, path: Path) -> Path:
     """Z' (median of the draws, each draw a dot) against cells per well: one panel per readout, a line per embedding."""
     from msnoop.plotting import save, subplots
@@ -392,6 +395,10 @@ def plot_cells_curves(curves: dict[str, dict[str, Any]], baseline_z: float | Non
         if baseline_z is not None:
             ax.axhline(baseline_z, color="k", ls="--", lw=1, label=f"N/C GFP ratio (all nuclei): {baseline_z:.2f}")
         ax.axhline(0.7, color="grey", ls=":", lw=1, label="target Z' 0.70")
+        low = min(p["z_prime"] for c in curves.values() for p in c["points"] if p["readout"] == readout)
+        if low < Z_FLOOR:  # single-cell draws reach Z' -15: keep the range where the curves differ
+            ax.set_ylim(bottom=Z_FLOOR)
+            ax.text(0.02, 0.02, f"draws below {Z_FLOOR} not shown", transform=ax.transAxes, fontsize=7)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("cells per well")
         ax.set_title(

@@ -134,6 +134,11 @@ def test_bbbc013_row_is_the_defaults_declared_readout(tmp_path: Path) -> None:
     row = next(r for r in headline_rows(tmp_path) if r.area == "bbbc013")
     assert row.msnoop.startswith("0.72 / 0.91 / 0.91 (shipped default, cell classifier, P(positive), 64 cells")
     assert row.met is True and row.reference.startswith("0.82 / 0.93 / 0.95 (N/C GFP ratio)")
+    assert "random network" not in row.reference  # the random row has 16 cells, the default's 64
+    rows.append(_b013("random:microsnoop_cnn:0", "cell classifier, P(positive)", 0.8, 0.88, 64))
+    _write(tmp_path / "bench_bbbc013.json", {"rows": rows})
+    row = next(r for r in headline_rows(tmp_path) if r.area == "bbbc013")
+    assert row.reference.endswith("; 0.80 / 0.88 / 0.88 (random network, same readout and cells)")
     rows[3]["rho"]["A-D"] = 0.89
     _write(tmp_path / "bench_bbbc013.json", {"rows": rows})
     assert next(r for r in headline_rows(tmp_path) if r.area == "bbbc013").met is False
