@@ -328,6 +328,7 @@ def cells_curve(
     counts: list[int],
     repeats: int,
     classifier_C: float | None = None,
+    cells: pd.DataFrame | None = None,
 ) -> dict[str, Any] | None:
     """Z' and rho against the number of cells per well, from a cells-mode output's per-cell rows.
 
@@ -335,9 +336,11 @@ def cells_curve(
     every well (all of them when a well has fewer) are averaged into the well profile, sphered on the negative
     controls and read out as in the main table (``control axis``: in-fit sphering, no leave-one-out). With
     ``classifier_C`` the same cells are also read out by the per-cell classifier (``cell classifier``, mean
-    P(positive), that fixed C). Returns ``None`` when ``folder`` has no ``cells/``.
+    P(positive), that fixed C). ``cells`` are the rows :func:`read_cells` returned for ``folder`` when the caller
+    has them already. Returns ``None`` when ``folder`` has no ``cells/``.
     """
-    cells = read_cells(folder, md)
+    if cells is None:
+        cells = read_cells(folder, md)
     if cells is None:
         return None
     feats = feature_columns(cells)
@@ -492,6 +495,7 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     wells: dict[str, dict[str, float]] = {}
     classifier_c: dict[str, float] = {}
+    cell_rows: dict[str, pd.DataFrame] = {}  # per-cell rows of the cells-mode embeddings, read once
 
     def add(
         features: str, variant: str, readout: np.ndarray, plate: pd.DataFrame, extra: dict, how: str = "control axis"
@@ -522,6 +526,7 @@ def main() -> None:
             add(name, variant, readout, plate, {**run, **info})
         cells = read_cells(folder, md)
         if cells is not None:
+            cell_rows[name] = cells
             t0 = time.perf_counter()
             cplate, readouts = classifier_readouts(cells, md)
             for how, (readout, info) in readouts.items():
@@ -542,7 +547,9 @@ def main() -> None:
     curves: dict[str, dict[str, Any]] = {}
     for item in args.emb if counts else []:
         name, folder = item.split("=", 1)
-        curve = cells_curve(folder, md, args.method, epsilon, counts, args.curve_repeats, classifier_c.get(name))
+        curve = cells_curve(
+            folder, md, args.method, epsilon, counts, args.curve_repeats, classifier_c.get(name), cell_rows.get(name)
+        )
         if curve is not None:
             curves[name] = curve
             for how in dict.fromkeys(r["readout"] for r in curve["median"]):

@@ -85,7 +85,7 @@ def _print_embed_result(result: Any) -> None:
     typer.echo(
         f"\nEmbedded {result.n_embedded} images ({result.n_errors} errors, {result.n_skipped} already done) "
         f"in {result.seconds:.1f} s ({result.images_per_s:.3g} images/s"
-        + (f", {result.n_cells / result.seconds:.3g} cells/s)." if result.n_cells and result.seconds > 0 else ").")
+        + (f", {result.cells_per_s:.3g} cells/s)." if result.n_cells else ").")
     )
     typer.echo(f"Output: {result.out_dir.resolve()}  (Parquet: embeddings/, errors: errors/)")
     typer.echo(

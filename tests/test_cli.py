@@ -258,27 +258,27 @@ def test_map_on_an_embed_output(embedded, tmp_path):
 
 def test_embed_summary_keeps_slow_rates_readable(capsys):
     # a cells-mode CPU run embeds ~0.04 images/s: the summary must not print 0.0, and it gives cells/s
-    from types import SimpleNamespace
+    from dataclasses import replace
 
     from msnoop.cli import _print_embed_result
+    from msnoop.embed.pipeline import EmbedResult
 
-    res = SimpleNamespace(
+    res = EmbedResult(
+        out_dir=Path("out"),
+        n_input=96,
+        n_skipped=0,
         n_embedded=96,
         n_errors=0,
-        n_skipped=0,
-        seconds=2157.0,
-        images_per_s=96 / 2157.0,
-        out_dir=Path("out"),
         n_rows_total=96,
         n_errors_total=0,
-        n_input=96,
-        n_cells=6144,
-        n_cells_total=6144,
+        seconds=2157.0,
         table=None,
         errors_preview=[],
+        n_cells=6144,
+        n_cells_total=6144,
     )
     _print_embed_result(res)
     out = capsys.readouterr().out
     assert "(0.0445 images/s, 2.85 cells/s)" in out
-    _print_embed_result(SimpleNamespace(**{**vars(res), "n_cells": 0, "n_cells_total": 0}))
+    _print_embed_result(replace(res, n_cells=0, n_cells_total=0))
     assert "(0.0445 images/s)." in capsys.readouterr().out

@@ -85,6 +85,10 @@ class EmbedResult:
     def images_per_s(self) -> float:
         return (self.n_embedded + self.n_errors) / self.seconds if self.seconds > 0 else 0.0
 
+    @property
+    def cells_per_s(self) -> float:
+        return self.n_cells / self.seconds if self.seconds > 0 else 0.0
+
 
 def load_image(row: pd.Series, channels: list[str]) -> list[np.ndarray]:
     """Read and check all channels of one image row; raises ImageReadError naming the file."""

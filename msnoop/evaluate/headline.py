@@ -150,6 +150,16 @@ def _segmentation(res: Path) -> list[Row]:
 BBBC013_READOUT = "cell classifier, P(positive)"
 
 
+def _cells_per_well(row: dict[str, Any]) -> float | None:
+    """The median cells per well of a per-cell readout row (``None`` for other rows)."""
+    return (row.get("cells_per_well") or {}).get("median")
+
+
+def _z_rho(row: dict[str, Any]) -> str:
+    """``Z' / rho A-D / rho E-H`` of a BBBC013 result row."""
+    return f"{row['z_prime']:.2f} / {_fmt(row['rho']['A-D'], 2)} / {_fmt(row['rho']['E-H'], 2)}"
+
+
 def _bbbc013(res: Path) -> list[Row]:
     """The shipped default's declared readout (with the most cells per well it was run on) against the N/C ratio."""
     src = "results/bench_bbbc013.json"
@@ -163,38 +173,36 @@ def _bbbc013(res: Path) -> list[Row]:
     default = [r for r in emb if r["model"] == "default"]
     declared = [r for r in default if r.get("readout") == BBBC013_READOUT]
     if declared:
-        row = max(declared, key=lambda r: (r.get("cells_per_well") or {}).get("median", 0))
-        what = f"shipped default, {row['readout']}, {(row.get('cells_per_well') or {}).get('median', 0):.0f} cells/well"
+        row = max(declared, key=lambda r: _cells_per_well(r) or 0)
+        what = f"shipped default, {row['readout']}, {_cells_per_well(row) or 0:.0f} cells/well"
     else:  # a result file from before the per-cell readout: the best row of any model
         row = max(default or emb, key=lambda r: r["z_prime"])
         what = f"{row['features']}, {row.get('readout', 'control axis')}, {row['sphering']}, {row['model']}"
     nc = max(ref, key=lambda r: r["z_prime"]) if ref else None
     # the random network read out the same way on as many cells: the baseline an embedding has to beat
-    cells = (row.get("cells_per_well") or {}).get("median")
     random = [
         r
         for r in emb
         if str(r["model"]).startswith("random")
         and r.get("readout") == row.get("readout")
-        and (r.get("cells_per_well") or {}).get("median") == cells
+        and _cells_per_well(r) == _cells_per_well(row)
     ]
     refs = [
-        f"{r['z_prime']:.2f} / {_fmt(r['rho']['A-D'], 2)} / {_fmt(r['rho']['E-H'], 2)} ({label})"
+        f"{_z_rho(r)} ({label})"
         for r, label in (
             (nc, nc["features"] if nc else ""),
             (random[0] if random else None, "random network, same readout and cells"),
         )
         if r is not None
     ]
-    rho = row["rho"]
     return [
         Row(
             "bbbc013",
             "translocation plate end to end: Z' / rho A-D / rho E-H",
-            f"{row['z_prime']:.2f} / {_fmt(rho['A-D'], 2)} / {_fmt(rho['E-H'], 2)} ({what})",
+            f"{_z_rho(row)} ({what})",
             "; ".join(refs),
             "Z' >= 0.70, rho >= 0.90",
-            row["z_prime"] >= 0.70 and min(rho.values()) >= 0.90,
+            row["z_prime"] >= 0.70 and min(row["rho"].values()) >= 0.90,
             src,
         )
     ]
