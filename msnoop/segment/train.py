@@ -33,7 +33,6 @@ from pydantic import Field
 
 from msnoop.config import StrictModel as _Strict
 from msnoop.config import register_job, save_resolved
-from msnoop.runtime import AMP_HELP, uses_bf16
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +57,6 @@ class SegTrainParams(_Strict):
     nimg_per_epoch: int | None = Field(None, ge=1, description="images drawn per epoch; default all")
     min_train_masks: int = Field(5, ge=0, description="images with fewer masks are not trained on")
     seed: int = 0
-    amp: Literal["cuda", "auto", "off"] = Field("cuda", description=AMP_HELP)
 
 
 class SegTrainOutput(_Strict):
@@ -188,8 +186,7 @@ def _card(job: SegTrainJob, rec: dict[str, Any]) -> str:
             f"cellpose {rec['cellpose_version']}, on {rec['n_train']} images of `{job.data.images}` "
             f"({rec['n_train_masks']} hand-drawn nuclei); {job.train.epochs} epochs, batch {job.train.batch_size}, "
             f"crops {job.train.bsize} px, AdamW lr {job.train.learning_rate}, seed {job.train.seed}; "
-            f"{rec['train_minutes']:.1f} min on {rec['device']}"
-            + (" under bf16 autocast." if rec.get("bf16") else " in float32.")
+            f"{rec['train_minutes']:.1f} min on {rec['device']}."
         ),
         (
             f"- Mean diameter of the training nuclei: {rec['diam_labels']:.1f} px (`diameter: null` rescales inputs "
@@ -229,7 +226,6 @@ def run_segtrain(job: SegTrainJob) -> dict[str, Any]:
 
     models = _import_cellpose_models()
     import cellpose
-    from cellpose import dynamics
     from cellpose import train as cp_train
 
     pairs, unmatched = find_pairs(job.data.images, job.data.masks, limit=job.data.limit)
@@ -253,31 +249,24 @@ def run_segtrain(job: SegTrainJob) -> dict[str, Any]:
     torch.manual_seed(job.train.seed)
     np.random.seed(job.train.seed)
     model = models.CellposeModel(gpu=gpu, pretrained_model=False, mkldnn=False)
-    device = torch.device("cuda" if gpu else "cpu")
-    bf16 = uses_bf16(job.train.amp, device)
     t0 = time.perf_counter()
-    # The flow targets are computed once here, outside autocast, so they stay float32; train_seg takes
-    # precomputed flows as they are. It runs the network in this thread, so autocast reaches every
-    # forward pass; its losses (MSE on the flows, BCE on the cell probability) run in float32.
-    flows = dynamics.labels_to_flows(labels, device=device)
-    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-        filename, train_losses, _ = cp_train.train_seg(
-            model.net,
-            train_data=images,
-            train_labels=flows,
-            channels=[0, 0],
-            normalize=True,
-            n_epochs=job.train.epochs,
-            batch_size=job.train.batch_size,
-            learning_rate=job.train.learning_rate,
-            weight_decay=job.train.weight_decay,
-            bsize=job.train.bsize,
-            nimg_per_epoch=job.train.nimg_per_epoch,
-            min_train_masks=job.train.min_train_masks,
-            save_path=str(out),
-            save_every=max(1, job.train.epochs // 4),
-            model_name=job.name,
-        )
+    filename, train_losses, _ = cp_train.train_seg(
+        model.net,
+        train_data=images,
+        train_labels=labels,
+        channels=[0, 0],
+        normalize=True,
+        n_epochs=job.train.epochs,
+        batch_size=job.train.batch_size,
+        learning_rate=job.train.learning_rate,
+        weight_decay=job.train.weight_decay,
+        bsize=job.train.bsize,
+        nimg_per_epoch=job.train.nimg_per_epoch,
+        min_train_masks=job.train.min_train_masks,
+        save_path=str(out),
+        save_every=max(1, job.train.epochs // 4),
+        model_name=job.name,
+    )
     train_s = time.perf_counter() - t0
     weights = out / job.name
     shutil.move(str(filename), weights)
@@ -305,8 +294,7 @@ def run_segtrain(job: SegTrainJob) -> dict[str, Any]:
     rec: dict[str, Any] = {
         "name": job.name,
         "cellpose_version": _cellpose_version(cellpose),
-        "device": device.type,
-        "bf16": bf16,
+        "device": "cuda" if gpu else "cpu",
         "n_train": len(train_pairs),
         "n_holdout": len(held_pairs),
         "n_without_mask": len(unmatched),
