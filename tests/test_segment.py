@@ -374,7 +374,16 @@ class TestCellposeBackend:
         assert str(model_dir / "nucleitorch_0") in msg and str(model_dir / "nuclei") in msg
         assert "never downloads" in msg
 
-    def test_weights_resolution(self, tmp_path, model_dir):
+    def test_weights_resolution(self, tmp_path, model_dir, monkeypatch):
+        shipped = tmp_path / "pkg_weights"
+        shipped.mkdir()
+        (shipped / "msnoop_nuclei_coelho").write_bytes(b"x")
+        (model_dir / "msnoop_nuclei_coelho").write_bytes(b"x")
+        monkeypatch.setattr(cpb, "SHIPPED_DIR", shipped)
+        # a name that ships with msnoop wins over a file of the same name in cellpose's folder
+        assert cpb.resolve_cellpose_weights("msnoop_nuclei_coelho") == shipped / "msnoop_nuclei_coelho"
+        with pytest.raises(FileNotFoundError, match=str(shipped / "nuclei")):
+            cpb.resolve_cellpose_weights("nuclei")  # not yet in either folder: both places are listed
         (model_dir / "nucleitorch_0").write_bytes(b"x")
         (model_dir / "cyto3").write_bytes(b"x")
         own = tmp_path / "own.pth"
@@ -420,6 +429,20 @@ class TestCellposeBackend:
         labels = segment(img, backend="cellpose", model=str(weights), diameter=18)
         assert labels.shape == img.shape and labels.dtype == np.int32
         assert cpb.load_cellpose_model(weights) is cpb.load_cellpose_model(weights)  # cached
+
+    def test_shipped_nucleus_model_is_found_by_name(self, model_dir):
+        weights = cpb.resolve_cellpose_weights("msnoop_nuclei_coelho")
+        assert weights == cpb.SHIPPED_DIR / "msnoop_nuclei_coelho"
+        card = weights.with_name(weights.name + ".md").read_text()
+        assert "Shipped: yes" in card and "| cellpose (this model) |" in card
+
+    @pytest.mark.slow
+    @pytest.mark.cellpose
+    def test_shipped_nucleus_model_segments_discs(self, model_dir):
+        pytest.importorskip("cellpose", reason="cellpose 3.1 not installed (pip install 'msnoop[cellpose]')")
+        img, gt = disc_image(GRID, radius=9)
+        labels = segment(img, backend="cellpose", model="msnoop_nuclei_coelho", diameter=18)
+        assert average_precision(gt, labels, 0.5)[0] >= 7 / 8  # trained on Hoechst nuclei, it finds bright discs
 
 
 # ---------------------------------------------------------------------------------------------------

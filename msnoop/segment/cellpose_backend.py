@@ -8,6 +8,8 @@ Weights (``model=``):
 
 * a path to a cellpose 3.x model file (e.g. trained with ``cellpose.train.train_seg`` or
   ``python -m cellpose --train``), or
+* the name of a model that ships inside msnoop (``msnoop/weights/``): ``"msnoop_nuclei_coelho"``, the nucleus
+  model that ``msnoop segtrain configs/segtrain_coelho.yaml`` trained from scratch (see its card there), or
 * a name in cellpose's model folder (``$CELLPOSE_LOCAL_MODELS_PATH``, default ``~/.cellpose/models``):
   ``"nuclei"`` -> ``nucleitorch_0``, ``"cyto"``/``"cyto2"`` -> ``<name>torch_0``, any other name
   (``"cyto3"``, a custom model) -> the file of that name.
@@ -37,6 +39,8 @@ __all__ = [
 ]
 
 CELLPOSE_REQUIREMENT = "cellpose>=3.1,<3.2"
+#: Segmentation weights that ship inside the package, looked up by name before cellpose's model folder.
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "weights"
 _TORCH_SUFFIX_NAMES = ("cyto", "cyto2", "nuclei")  # cellpose stores these as "<name>torch_0"
 
 
@@ -55,7 +59,7 @@ def _weights_candidates(model: str | os.PathLike[str]) -> list[Path]:
         return [path]
     folder = cellpose_model_dir()
     names = [f"{text}torch_0"] if text in _TORCH_SUFFIX_NAMES else []
-    return [folder / n for n in names] + [folder / text]
+    return [SHIPPED_DIR / text] + [folder / n for n in names] + [folder / text]
 
 
 def resolve_cellpose_weights(model: str | os.PathLike[str]) -> Path:

@@ -13,7 +13,7 @@ train and odd positions are held out. These are the same halves as ``jobs/bench_
 Outputs in ``output.dir``: the weights (``<name>``, a cellpose 3.x model file), ``segtrain.json``
 (per-image AP of both backends, losses, timing), ``SEGMENTATION_CARD.md``, ``loss_curve.png`` and
 ``resolved_config.yaml``. With ``output.ship_to`` set, the weights are copied there only if they beat
-the built-in backend's mean AP@0.5 on the held-out images.
+the built-in backend's mean AP@0.5 on the held-out images, with the card beside them (``<ship_to>.md``).
 
 Use the weights with ``cells.segmentation: {backend: cellpose, model: <path>}`` in an embed config.
 """
@@ -192,6 +192,10 @@ def _card(job: SegTrainJob, rec: dict[str, Any]) -> str:
             f"- Mean diameter of the training nuclei: {rec['diam_labels']:.1f} px (`diameter: null` rescales inputs "
             "to it; pass the nucleus diameter of other data)."
         ),
+        (
+            "- Use: `cells.segmentation: {backend: cellpose, model: PATH}` with this file's path; a copy shipped "
+            "inside msnoop (`msnoop/weights/`) is also found by its file name."
+        ),
         f"- Final training loss {rec['final_loss']:.4f} (loss_curve.png). Weights sha256 `{rec['sha256']}`"
         + (" (float16)." if job.output.half else "."),
         "",
@@ -320,7 +324,11 @@ def run_segtrain(job: SegTrainJob) -> dict[str, Any]:
     else:
         rec["shipped"] = "not requested (output.ship_to unset)"
     (out / "segtrain.json").write_text(json.dumps(rec, indent=2) + "\n")
-    (out / "SEGMENTATION_CARD.md").write_text(_card(job, rec))
+    card = _card(job, rec)
+    (out / "SEGMENTATION_CARD.md").write_text(card)
+    if job.output.ship_to is not None and better:
+        # the card travels with the weights, so whoever finds the file finds how it was made and scored
+        job.output.ship_to.with_name(job.output.ship_to.name + ".md").write_text(card)
     logger.info("segtrain %s: %s", job.name, json.dumps(holdout))
     return rec
 
