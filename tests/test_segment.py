@@ -18,6 +18,7 @@ from msnoop.evaluate.segmentation import (
     read_pair,
     summarize_ap,
 )
+from msnoop.models import checkpoint
 from msnoop.segment import SegmentationConfig, segment
 from msnoop.segment import cellpose_backend as cpb
 from msnoop.segment.builtin import estimate_diameter, segment_nuclei
@@ -379,7 +380,7 @@ class TestCellposeBackend:
         shipped.mkdir()
         (shipped / "msnoop_nuclei_coelho").write_bytes(b"x")
         (model_dir / "msnoop_nuclei_coelho").write_bytes(b"x")
-        monkeypatch.setattr(cpb, "SHIPPED_DIR", shipped)
+        monkeypatch.setattr(checkpoint, "WEIGHTS_DIR", shipped)
         # a name that ships with msnoop wins over a file of the same name in cellpose's folder
         assert cpb.resolve_cellpose_weights("msnoop_nuclei_coelho") == shipped / "msnoop_nuclei_coelho"
         with pytest.raises(FileNotFoundError, match=str(shipped / "nuclei")):
@@ -432,7 +433,7 @@ class TestCellposeBackend:
 
     def test_shipped_nucleus_model_is_found_by_name(self, model_dir):
         weights = cpb.resolve_cellpose_weights("msnoop_nuclei_coelho")
-        assert weights == cpb.SHIPPED_DIR / "msnoop_nuclei_coelho"
+        assert weights == checkpoint.WEIGHTS_DIR / "msnoop_nuclei_coelho"
         card = weights.with_name(weights.name + ".md").read_text()
         assert "Shipped: yes" in card and "| cellpose (this model) |" in card
 

@@ -39,8 +39,6 @@ __all__ = [
 ]
 
 CELLPOSE_REQUIREMENT = "cellpose>=3.1,<3.2"
-#: Segmentation weights that ship inside the package, looked up by name before cellpose's model folder.
-SHIPPED_DIR = Path(__file__).resolve().parent.parent / "weights"
 _TORCH_SUFFIX_NAMES = ("cyto", "cyto2", "nuclei")  # cellpose stores these as "<name>torch_0"
 
 
@@ -57,9 +55,12 @@ def _weights_candidates(model: str | os.PathLike[str]) -> list[Path]:
     looks_like_path = any(sep in text for sep in separators) or text.startswith(("~", ".")) or bool(path.suffix)
     if looks_like_path:
         return [path]
+    from msnoop.models import checkpoint  # the package's weights folder; torch is needed from here on anyway
+
     folder = cellpose_model_dir()
     names = [f"{text}torch_0"] if text in _TORCH_SUFFIX_NAMES else []
-    return [SHIPPED_DIR / text] + [folder / n for n in names] + [folder / text]
+    # weights that ship inside msnoop come first, then cellpose's model folder
+    return [checkpoint.WEIGHTS_DIR / text] + [folder / n for n in names] + [folder / text]
 
 
 def resolve_cellpose_weights(model: str | os.PathLike[str]) -> Path:

@@ -314,21 +314,21 @@ def run_segtrain(job: SegTrainJob) -> dict[str, Any]:
         "holdout_images": scored["cellpose"] + scored["builtin"],
         "beats_builtin": bool(better),
     }
-    if job.output.ship_to is not None:
-        if better:
-            job.output.ship_to.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(weights, job.output.ship_to)
-            rec["shipped"] = f"yes, copied to `{job.output.ship_to}`"
-        else:
-            rec["shipped"] = "no: it does not beat the built-in backend on the held-out images"
-    else:
+    ship_to = job.output.ship_to if better else None
+    if job.output.ship_to is None:
         rec["shipped"] = "not requested (output.ship_to unset)"
+    elif ship_to is None:
+        rec["shipped"] = "no: it does not beat the built-in backend on the held-out images"
+    else:
+        rec["shipped"] = f"yes, copied to `{ship_to}`"
     (out / "segtrain.json").write_text(json.dumps(rec, indent=2) + "\n")
     card = _card(job, rec)
     (out / "SEGMENTATION_CARD.md").write_text(card)
-    if job.output.ship_to is not None and better:
+    if ship_to is not None:
+        ship_to.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(weights, ship_to)
         # the card travels with the weights, so whoever finds the file finds how it was made and scored
-        job.output.ship_to.with_name(job.output.ship_to.name + ".md").write_text(card)
+        ship_to.with_name(ship_to.name + ".md").write_text(card)
     logger.info("segtrain %s: %s", job.name, json.dumps(holdout))
     return rec
 
