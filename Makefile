@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 $(VENV)/.installed: pyproject.toml constraints/cpu.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -c constraints/cpu.txt torch==2.13.0
-	$(BIN)/python -m pip install -q -c constraints/cpu.txt -e '.[dev]'
+	$(BIN)/python -m pip install -q -c constraints/cpu.txt -e '.[cpu,dev]'
 	touch $@
 
 # cellpose 3.1 pins numpy<2.1, so its tests run in a second environment (the main one keeps current numpy).
@@ -17,7 +17,7 @@ CP_VENV ?= .venv-cellpose
 $(CP_VENV)/.installed: pyproject.toml constraints/cpu.txt
 	$(PYTHON) -m venv $(CP_VENV)
 	$(CP_VENV)/bin/python -m pip install -q -c constraints/cpu.txt torch==2.13.0
-	$(CP_VENV)/bin/python -m pip install -q -c constraints/cpu.txt -e '.[dev,cellpose]'
+	$(CP_VENV)/bin/python -m pip install -q -c constraints/cpu.txt -e '.[cpu,dev,cellpose]'
 	touch $@
 
 install: $(VENV)/.installed

@@ -12,7 +12,7 @@ subprocess; a failing step is recorded and the others still run.
 Writes ``results/BENCHMARKS.md`` (commit, date, per step: command, status, wall time, its printed
 tables) and ``results/bench_all.json``, then regenerates the README's results table (between
 ``<!-- results:start -->`` and ``<!-- results:end -->``) from the result files
-(:mod:`msnoop.evaluate.headline`); ``--readme-only`` does only that, ``--no-readme`` skips it.
+(``jobs/headline.py``); ``--readme-only`` does only that, ``--no-readme`` skips it.
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ def table_lines(text: str) -> str:
 
 def update_readme(readme: Path, sha: str) -> None:
     """Rewrite the README's results table from the result files under results/."""
-    from msnoop.evaluate.headline import headline_rows, markdown, replace_section, write_csv
+    from headline import headline_rows, markdown, replace_section, write_csv
 
     rows, today = headline_rows(ROOT / "results"), date.today().isoformat()
     readme.write_text(replace_section(readme.read_text(), markdown(rows, commit=sha, date=today)))

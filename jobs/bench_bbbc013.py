@@ -22,7 +22,7 @@ Protocol, for each embedding and for each sphering variant:
 * ``ZCA-cor knee, LOO fit``: the same, but each negative-control well is scored in a sphering fitted on
   the other 15 negative wells, so no well takes part in the transform it is scored with.
 
-Readout: :func:`msnoop.evaluate.screen.control_axis_readout`, the projection onto the (mean positive - mean
+Readout: :func:`msnoop.screen.readout.control_axis_readout`, the projection onto the (mean positive - mean
 negative) axis, leave-one-out for control wells (0 ~ negative, 1 ~ positive controls). Metrics: Z'
 between the positive and negative control wells; Spearman rho of the readout against SBS_Doses over the
 36 sample wells of rows A-D and of rows E-H (and, as a secondary number, with the control wells added as
@@ -30,7 +30,7 @@ doses 0 and 10). The direction is set by the positive controls (dose 10), so a p
 readout moves towards the positive controls with dose; rho is reported as measured.
 
 Cells-mode outputs (a ``cells/`` folder of per-cell rows) are also read out per cell:
-:func:`msnoop.evaluate.screen.cell_classifier_readout`, a logistic regression trained on the cells of the control
+:func:`msnoop.screen.readout.cell_classifier_readout`, a logistic regression trained on the cells of the control
 wells (leave-one-well-out for control wells, C chosen by grouped cross-validation of the cell-level log loss), a
 well being the mean over its cells of P(positive) (``cell classifier, P(positive)``: the share of responding
 cells, the readout declared for this plate) or of the logit (``cell classifier, logit``). It is told only which
@@ -61,8 +61,8 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from msnoop.correct.sphering import spherize_profiles
-from msnoop.evaluate.screen import cell_classifier_readout, control_axis_readout, dose_response, z_prime
-from msnoop.evaluate.tables import feature_columns, read_table, split_table
+from msnoop.screen.readout import cell_classifier_readout, control_axis_readout, dose_response, z_prime
+from msnoop.core.tables import feature_columns, read_table, split_table
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "bbbc013"
 N_WELLS = 96
@@ -382,7 +382,7 @@ Z_FLOOR = -3.0  # lowest Z' drawn in the cells-per-well plot
 
 def plot_cells_curves(curves: dict[str, dict[str, Any]], baseline_z: float | None, path: Path) -> Path:
     """Z' (median of the draws, each draw a dot) against cells per well: one panel per readout, a line per embedding."""
-    from msnoop.plotting import save, subplots
+    from msnoop.core.plotting import save, subplots
 
     readouts = list(dict.fromkeys(p["readout"] for c in curves.values() for p in c["points"]))
     fig, axes = subplots(1, len(readouts), figsize=(6 * len(readouts), 4), squeeze=False, sharey=True)

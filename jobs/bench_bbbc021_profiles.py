@@ -35,9 +35,9 @@ import pandas as pd
 
 from msnoop.aggregate.profiles import aggregate_profiles
 from msnoop.correct.sphering import spherize_profiles
-from msnoop.evaluate.bbbc021 import BBBC021_SINGLE_BATCH_MOAS, nsc, nscb, week_from_plate
-from msnoop.evaluate.retrieval import average_precision, mean_average_precision, retrieval_summary
-from msnoop.evaluate.tables import feature_columns
+from msnoop.evaluate.nsc import BBBC021_SINGLE_BATCH_MOAS, nsc, nscb, week_from_plate
+from msnoop.evaluate.map import average_precision, mean_average_precision, retrieval_summary
+from msnoop.core.tables import feature_columns
 
 logger = logging.getLogger("bench_bbbc021_profiles")
 

@@ -82,12 +82,12 @@ def bare_loop(manifest: Path, arch: str, batch_size: int, out: Path, amp: str = 
     """Single process: read -> preprocess -> embed in batches -> write Parquet parts."""
     import torch
 
-    from msnoop.config import InputConfig
+    from msnoop.io.config import InputConfig
     from msnoop.embed.embedder import Embedder, combine_tiles
-    from msnoop.embed.pipeline import load_image
+    from msnoop.embed.dataset import load_image
     from msnoop.io.manifest import load_image_table
     from msnoop.models.checkpoint import resolve_model
-    from msnoop.store import parts
+    from msnoop.core import parts
 
     torch.set_num_threads(os.cpu_count() or 1)
     table = load_image_table(InputConfig(manifest=manifest, channels=["dna", "protein"]))
@@ -106,9 +106,9 @@ def bare_loop(manifest: Path, arch: str, batch_size: int, out: Path, amp: str = 
 def ray_pipeline(
     manifest: Path, arch: str, batch_size: int, out: Path, num_cpus: int | None, amp: str = "cuda"
 ) -> dict:
-    from msnoop.config import build_config
-    from msnoop.embed.pipeline import run_embed
-    from msnoop.runtime import init_ray, shutdown_ray
+    from msnoop.jobs import build_config
+    from msnoop.jobs import run_embed_job as run_embed
+    from msnoop.core.runtime import init_ray, shutdown_ray
 
     t0 = time.perf_counter()
     init_ray(None, num_cpus=num_cpus, quiet=True)
@@ -208,7 +208,7 @@ def run_child(mode: str, n: int, arch: str, args: argparse.Namespace) -> dict:
 def _bf16_used(amp: str) -> bool:
     import torch
 
-    from msnoop.runtime import uses_bf16
+    from msnoop.core.runtime import uses_bf16
 
     return uses_bf16(amp, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
@@ -238,7 +238,7 @@ def main() -> None:
         child(args)
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    from msnoop.runtime import provenance
+    from msnoop.core.runtime import provenance
 
     prov = provenance()
     previous = json.loads(Path(args.out).read_text()) if args.only and Path(args.out).is_file() else {}

@@ -102,12 +102,12 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from msnoop.config import build_config
-    from msnoop.runtime import init_ray, provenance, shutdown_ray
+    from msnoop.jobs import build_config
+    from msnoop.core.runtime import init_ray, provenance, shutdown_ray
     from msnoop.train.config import PretrainJob
     from msnoop.train.data import ChannelPool
     from msnoop.train.loop import build_state, train_steps
-    from msnoop.train.ray_train import run_pretrain
+    from msnoop.train.pretrain import run_pretrain
 
     tmp = Path(tempfile.mkdtemp(prefix="msnoop_bench_"))
     sources, data_desc = _sources(tmp)

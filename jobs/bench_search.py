@@ -11,9 +11,9 @@ the same distribution (not rows of the table).
 Search section (``--n`` rows, 0 skips it):
 
 1. write the LanceDB table (streamed in chunks of 50,000 rows);
-2. :func:`msnoop.query.index.ensure_index` (``--kind``; ``auto`` builds IVF_SQ from 100,000 rows), timed;
+2. :func:`msnoop.store.index.ensure_index` (``--kind``; ``auto`` builds IVF_SQ from 100,000 rows), timed;
 3. ground truth: exact top-10 by inner product with ``faiss.IndexFlatIP`` over all rows;
-4. ANN path (:func:`msnoop.query.index.search_vector_ann`, default parameters): recall@10 and
+4. ANN path (:func:`msnoop.query.ann.search_vector_ann`, default parameters): recall@10 and
    per-query latency (median, p95; one warm-up query not counted);
 5. filtered searches: ``Metadata_Plate = 7`` (1 % of rows: exact path) and ``Metadata_Plate < 30``
    (30 %: ANN with widened nprobes), recall@10 against exact search over the matching rows;
@@ -53,9 +53,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from msnoop.query.index import ensure_index, search_vector_ann
+from msnoop.query.ann import search_vector_ann
+from msnoop.store.index import ensure_index
 from msnoop.store.lance import VECTOR
-from msnoop.store.parts import ID_COLUMN
+from msnoop.core.parts import ID_COLUMN
 
 logger = logging.getLogger("bench_search")
 

@@ -6,7 +6,7 @@ Input (``../shared/data/coelho2009_nuclei``, or ``--data``/``MSNOOP_SHARED_DATA`
 
 For every image: :func:`msnoop.segment.builtin.segment_nuclei` with its defaults (diameter estimated per
 image, no per-set tuning), then AP = TP / (TP + FP + FN) at IoU 0.5 (and 0.75, 0.9) with optimal one-to-one
-matching (:mod:`msnoop.evaluate.segmentation`). Reported per set and overall: mean of per-image AP, pooled AP
+matching (:mod:`msnoop.segment.metrics`). Reported per set and overall: mean of per-image AP, pooled AP
 (sum of counts), and milliseconds per image (wall and CPU time of the segmentation call only).
 
 The defaults were chosen by looking at the even positions of each set (lexicographic file order); the JSON
@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from msnoop.evaluate.segmentation import match_instances, read_pair, summarize_ap
+from msnoop.segment.metrics import match_instances, read_pair, summarize_ap
 from msnoop.segment.builtin import segment_nuclei
 
 logger = logging.getLogger("bench_segmentation")

@@ -19,10 +19,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from msnoop.config import InputConfig
+from msnoop.io.config import InputConfig
 from msnoop.evaluate.baselines import intensity_features, pixels_pca
 from msnoop.evaluate.knn import knn_evaluate
-from msnoop.evaluate.tables import read_table, split_table
+from msnoop.core.tables import read_table, split_table
 from msnoop.io.manifest import load_image_table
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "yeast"

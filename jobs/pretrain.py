@@ -7,9 +7,9 @@ import logging
 import sys
 from pathlib import Path
 
-from msnoop.config import ConfigError
-from msnoop.train.commands import load_pretrain_job
-from msnoop.train.ray_train import run_pretrain
+from msnoop.core.config import ConfigError
+from msnoop.cli.training import load_pretrain_job
+from msnoop.train.pretrain import run_pretrain
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -48,9 +48,9 @@ def main() -> None:
 
     from bench_embed import make_data
 
-    from msnoop.config import build_config
-    from msnoop.embed.pipeline import run_embed
-    from msnoop.runtime import init_ray, provenance, shutdown_ray
+    from msnoop.jobs import build_config
+    from msnoop.jobs import run_embed_job as run_embed
+    from msnoop.core.runtime import init_ray, provenance, shutdown_ray
 
     manifest = make_data(Path(args.work), args.n)
     init_ray(None, quiet=True)

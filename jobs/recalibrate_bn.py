@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from msnoop.models.checkpoint import file_sha256  # noqa: E402
-from msnoop.train.commands import load_pretrain_job  # noqa: E402
+from msnoop.cli.training import load_pretrain_job  # noqa: E402
 from msnoop.train.recalibrate import recalibrate_checkpoint  # noqa: E402
 
 

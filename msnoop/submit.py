@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from msnoop.config import absolutize, config_hash, config_to_yaml
+from msnoop.core.config import absolutize, config_hash, config_to_yaml
 
 logger = logging.getLogger(__name__)
 

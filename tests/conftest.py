@@ -41,7 +41,7 @@ def job_script():
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One 2-CPU local Ray cluster for the whole session, on loopback, small object store."""
-    from msnoop.runtime import init_ray, shutdown_ray
+    from msnoop.core.runtime import init_ray, shutdown_ray
 
     init_ray(address=None, num_cpus=2, object_store_memory=600 * 1024**2, quiet=True)
     yield

@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from msnoop.config import InputConfig
+from msnoop.io.config import InputConfig
 from msnoop.data.synthetic import write_dataset
 from msnoop.evaluate.baselines import intensity_features, pixels_pca
 from msnoop.evaluate.knn import knn_evaluate

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from msnoop.aggregate.profiles import aggregate_profiles
 from msnoop.correct.sphering import spherize_profiles
-from msnoop.evaluate.bbbc021 import (
+from msnoop.evaluate.nsc import (
     BBBC021_SINGLE_BATCH_MOAS,
     nearest_treatment,
     nsc,
@@ -21,7 +21,7 @@ from msnoop.evaluate.bbbc021 import (
     single_batch_moas,
     week_from_plate,
 )
-from msnoop.evaluate.commands import nsc_command
+from msnoop.cli.evaluate import nsc_command
 
 
 @pytest.fixture

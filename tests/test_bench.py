@@ -11,10 +11,11 @@ import yaml
 from typer.testing import CliRunner
 
 from msnoop.cli import app
-from msnoop.config import ConfigError, load_config
+from msnoop.core.config import ConfigError
+from msnoop.jobs import load_config
 from msnoop.data.synthetic import CHANNELS, write_dataset
 from msnoop.evaluate.bench import BenchJob, dataset_job, run_bench, slug
-from msnoop.store import parts
+from msnoop.core import parts
 
 
 def _configs(tmp_path, manifest, models=("random:test_cnn:0",)):
@@ -95,7 +96,7 @@ def test_bench_embeds_evaluates_and_writes_the_table(tmp_path, ray_cluster) -> N
 
 @pytest.mark.ray
 def test_bench_embeds_again_when_its_cached_embeddings_come_from_another_model(tmp_path, ray_cluster) -> None:
-    from msnoop.embed.pipeline import run_embed
+    from msnoop.jobs import run_embed_job as run_embed
 
     manifest = write_dataset(tmp_path / "data", n_per_class=6, seed=0)
     _, bench = _configs(tmp_path, manifest)

@@ -113,9 +113,9 @@ def test_search_by_new_image_finds_itself(embedded, synthetic):
 def test_search_errors_are_clear(embedded):
     out, _ = embedded
     result = runner.invoke(app, ["search", str(out), "--id", "nope"])
-    assert result.exit_code == 1 and "no image with Metadata_ImageID = 'nope'" in result.output
+    assert result.exit_code == 2 and "no image with Metadata_ImageID = 'nope'" in result.output
     result = runner.invoke(app, ["search", str(out), "--image", "a.tif"])
-    assert result.exit_code == 1 and "give one --image per channel" in result.output
+    assert result.exit_code == 2 and "give one --image per channel" in result.output
     result = runner.invoke(app, ["search", str(out)])
     assert result.exit_code == 2
 
@@ -260,8 +260,8 @@ def test_embed_summary_keeps_slow_rates_readable(capsys):
     # a cells-mode CPU run embeds ~0.04 images/s: the summary must not print 0.0, and it gives cells/s
     from dataclasses import replace
 
-    from msnoop.cli import _print_embed_result
-    from msnoop.embed.pipeline import EmbedResult
+    from msnoop.cli.embed import print_embed_result as _print_embed_result
+    from msnoop.embed.job import EmbedResult
 
     res = EmbedResult(
         out_dir=Path("out"),

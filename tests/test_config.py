@@ -7,7 +7,10 @@ import pandas as pd
 import pytest
 import tifffile
 
-from msnoop.config import ConfigError, EmbedJob, InputConfig, config_hash, load_config, parse_overrides
+from msnoop.core.config import ConfigError, config_hash, parse_overrides
+from msnoop.embed.config import EmbedJob
+from msnoop.io.config import InputConfig
+from msnoop.jobs import load_config
 from msnoop.io.manifest import load_image_table, pattern_regex
 
 GOOD = """

@@ -7,14 +7,20 @@ import pandas as pd
 import pytest
 import tifffile
 
-from msnoop.config import ConfigError, build_config
+from msnoop.core.config import ConfigError
+from msnoop.jobs import build_config
 from msnoop.embed.embedder import Embedder
-from msnoop.embed.pipeline import CELL_COLUMNS, CELLS, _cells_spec, prepare_model, read_and_prepare, run_embed
+from msnoop.embed.cells import CELL_COLUMNS, CELLS
+from msnoop.embed.cells import cells_spec as _cells_spec
+from msnoop.embed.dataset import read_and_prepare
+from msnoop.embed.job import prepare_model
+from msnoop.jobs import run_embed_job as run_embed
 from msnoop.io.manifest import load_image_table
 from msnoop.preprocess.crop import crop_cells, crop_windows
 from msnoop.preprocess.presets import prepare_channel
-from msnoop.segment import SegmentationConfig, segment
-from msnoop.store import parts
+from msnoop.segment import segment
+from msnoop.segment.config import SegmentationConfig
+from msnoop.core import parts
 from msnoop.store.lance import open_table
 
 pytestmark = pytest.mark.ray

@@ -6,17 +6,17 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from msnoop.query.index import (
+from msnoop.store.index import (
     AUTO_KIND,
     default_partitions,
     default_sub_vectors,
     ensure_index,
     search_params,
-    search_vector_ann,
     vector_index,
 )
+from msnoop.query.ann import search_vector_ann
 from msnoop.store.lance import VECTOR
-from msnoop.store.parts import ID_COLUMN
+from msnoop.core.parts import ID_COLUMN
 
 N, DIM = 3000, 32
 

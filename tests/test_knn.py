@@ -13,7 +13,7 @@ from sklearn.model_selection import LeaveOneOut, StratifiedKFold
 from sklearn.neighbors import KNeighborsClassifier
 from typer.testing import CliRunner
 
-from msnoop.evaluate.commands import knn_command
+from msnoop.cli.evaluate import knn_command
 from msnoop.evaluate.knn import (
     _loo_neighbors,
     choose_index,

@@ -108,9 +108,9 @@ def test_embedder_concatenates_channels_and_averages_tiles():
 
 
 def test_embedder_bf16_autocast_on_cpu_is_opt_in_and_close_to_fp32(monkeypatch: pytest.MonkeyPatch) -> None:
-    import msnoop.runtime
+    import msnoop.core.runtime
 
-    monkeypatch.setattr(msnoop.runtime, "cpu_has_native_bf16", lambda: True)  # emulated elsewhere: same numerics
+    monkeypatch.setattr(msnoop.core.runtime, "cpu_has_native_bf16", lambda: True)  # emulated elsewhere: same numerics
     model = resolve_model("random:test_cnn")
     cells = [[np.random.default_rng(i).uniform(size=(48, 48)).astype(np.float32)] for i in range(4)]
     fp32, bf16 = Embedder(model, device="cpu"), Embedder(model, device="cpu", amp="auto")

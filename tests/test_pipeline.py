@@ -7,11 +7,12 @@ import pandas as pd
 import pytest
 import tifffile
 
-from msnoop.config import build_config
+from msnoop.jobs import build_config
 from msnoop.embed.embedder import Embedder
-from msnoop.embed.pipeline import OutputMismatchError, StrictModeError, prepare_model, run_embed
+from msnoop.embed.job import OutputMismatchError, StrictModeError, prepare_model
+from msnoop.jobs import run_embed_job as run_embed
 from msnoop.io.readers import read_image
-from msnoop.store import parts
+from msnoop.core import parts
 from msnoop.store.lance import open_table
 
 pytestmark = pytest.mark.ray

@@ -13,12 +13,13 @@ import pytest
 import tifffile
 import torch
 
-import msnoop.runtime
-from msnoop.config import ConfigError, build_config, load_config
+import msnoop.core.runtime
+from msnoop.core.config import ConfigError
+from msnoop.jobs import build_config, load_config
 from msnoop.models.checkpoint import file_sha256, load_checkpoint
 from msnoop.preprocess.geometry import pad_center
 from msnoop.preprocess.normalize import normalize99
-from msnoop.runtime import uses_bf16
+from msnoop.core.runtime import uses_bf16
 from msnoop.train.config import PretrainJob
 from msnoop.train.data import ChannelPool, batch_rng, compact, is_binary
 from msnoop.train.loop import WarmupCosine, build_state, make_batch, reconstruction_loss, train_steps
@@ -219,10 +220,12 @@ def test_loss_falls_on_a_tiny_pool(synthetic: dict[str, Path], tmp_path: Path, p
 
 def test_amp_setting_picks_bf16_per_device(monkeypatch: pytest.MonkeyPatch) -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    monkeypatch.setattr(msnoop.runtime, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(msnoop.core.runtime, "cpu_has_native_bf16", lambda: True)
     assert [uses_bf16(a, cpu) for a in ("cuda", "auto", "off")] == [False, True, False]
     assert [uses_bf16(a, cuda) for a in ("cuda", "auto", "off")] == [True, True, False]
-    monkeypatch.setattr(msnoop.runtime, "cpu_has_native_bf16", lambda: False)  # emulated bf16 would be slower than fp32
+    monkeypatch.setattr(
+        msnoop.core.runtime, "cpu_has_native_bf16", lambda: False
+    )  # emulated bf16 would be slower than fp32
     assert not uses_bf16("auto", cpu)
 
 
@@ -237,7 +240,7 @@ def test_loss_falls_under_cpu_bf16_autocast(
     synthetic: dict[str, Path], tmp_path: Path, pool: ChannelPool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # bf16 is emulated where the CPU lacks it: the same numerics, only slower
-    monkeypatch.setattr(msnoop.runtime, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(msnoop.core.runtime, "cpu_has_native_bf16", lambda: True)
     seen: list[torch.dtype] = []
     job = _job(synthetic, tmp_path, steps=40, amp="auto")
     state = build_state(job)
@@ -276,7 +279,7 @@ def test_resume_equals_uninterrupted_run(synthetic: dict[str, Path], tmp_path: P
 def test_finalize_writes_loadable_model_card_and_figure(
     synthetic: dict[str, Path], tmp_path: Path, pool: ChannelPool
 ) -> None:
-    from msnoop.train.ray_train import finalize
+    from msnoop.train.pretrain import finalize
 
     job = _job(synthetic, tmp_path, steps=4, log_every=2)
     state = build_state(job)
@@ -320,7 +323,7 @@ def _local(job: PretrainJob, **updates: Any) -> PretrainJob:
 
 
 def test_driver_resumes_a_run_with_the_same_name(synthetic: dict[str, Path], tmp_path: Path) -> None:
-    from msnoop.train.ray_train import latest_checkpoint_dir, load_state_file, run_pretrain
+    from msnoop.train.pretrain import latest_checkpoint_dir, load_state_file, run_pretrain
 
     job = _local(_job(synthetic, tmp_path / "out"), steps=4, log_every=2, checkpoint_every=2)
     first = run_pretrain(job)
@@ -337,7 +340,7 @@ def test_driver_resumes_a_run_with_the_same_name(synthetic: dict[str, Path], tmp
 
 
 def test_time_budget_stops_cleanly_and_writes_outputs(synthetic: dict[str, Path], tmp_path: Path) -> None:
-    from msnoop.train.ray_train import run_pretrain
+    from msnoop.train.pretrain import run_pretrain
 
     job = _local(_job(synthetic, tmp_path / "out"), steps=100_000, max_minutes=0.03, log_every=5)
     res = run_pretrain(job)
@@ -352,7 +355,7 @@ def test_time_budget_stops_cleanly_and_writes_outputs(synthetic: dict[str, Path]
 def test_ray_train_two_workers_writes_a_loadable_checkpoint(
     synthetic: dict[str, Path], tmp_path: Path, ray_cluster: None
 ) -> None:
-    from msnoop.train.ray_train import run_pretrain
+    from msnoop.train.pretrain import run_pretrain
 
     runtime = {"num_workers": 2, "cpus_per_worker": 0.5, "use_gpu": "no", "max_failures": 0}
     job = _job(synthetic, tmp_path / "out", steps=6, log_every=2, checkpoint_every=3)

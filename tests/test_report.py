@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 
 from msnoop.data.synthetic import CHANNELS, write_dataset
 from msnoop.evaluate.report import build_report, embed_2d, thumbnail
-from msnoop.evaluate.report_commands import report_command
-from msnoop.store.parts import emb_columns
+from msnoop.cli.evaluate import report_command
+from msnoop.core.parts import emb_columns
 
 DIM = 16
 

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from scipy.stats import false_discovery_control
 
-from msnoop.evaluate.retrieval import (
+from msnoop.evaluate.map import (
     average_precision,
     benjamini_hochberg,
     fraction_retrieved,

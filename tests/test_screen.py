@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
-from msnoop.evaluate.screen import cell_classifier_readout, control_axis_readout, dose_response, z_prime
+from msnoop.screen.readout import cell_classifier_readout, control_axis_readout, dose_response, z_prime
 
 
 def test_z_prime_hand_computed():
@@ -175,7 +175,7 @@ def test_cell_classifier_scores_control_wells_out_of_fit():
     assert r[np.flatnonzero(pos)[-1]] < 0.3
     assert r[np.flatnonzero(pos)[:-1]].mean() > 0.7
 
-    from msnoop.evaluate.screen import _fit_cells, _logit
+    from msnoop.screen.readout import _fit_cells, _logit
 
     control = np.isin(cw, wells[pos | neg])
     in_fit = _fit_cells(X[control], np.isin(cw, wells[pos])[control].astype(int), 100.0, 1000)

@@ -11,8 +11,9 @@ import pytest
 from typer.testing import CliRunner
 
 from msnoop.cli import app
-from msnoop.config import ConfigError, build_config
-from msnoop.evaluate.screen_job import ScreenJob, read_cells_table, run_screen
+from msnoop.core.config import ConfigError
+from msnoop.jobs import build_config
+from msnoop.screen.job import ScreenJob, read_cells_table, run_screen
 
 
 def _plate(tmp_path: Path, cells: int = 20) -> tuple[Path, Path]:
@@ -85,7 +86,7 @@ def test_screen_command(tmp_path: Path) -> None:
     emb, plate = _plate(tmp_path, cells=10)
     cfg = tmp_path / "screen.yaml"
     job = _job(tmp_path, emb, plate, series="Metadata_Row", readout={"C": 1.0, "aggregate": "logit"})
-    from msnoop.config import config_to_yaml
+    from msnoop.core.config import config_to_yaml
 
     cfg.write_text(config_to_yaml(job))
     res = CliRunner().invoke(app, ["screen", str(cfg), "--set", "readout.C=0.5"])

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from msnoop.evaluate.segmentation import (
+from msnoop.segment.metrics import (
     average_precision,
     evaluate_segmentation,
     iou_matrix,
@@ -19,7 +19,8 @@ from msnoop.evaluate.segmentation import (
     summarize_ap,
 )
 from msnoop.models import checkpoint
-from msnoop.segment import SegmentationConfig, segment
+from msnoop.segment import segment
+from msnoop.segment.config import SegmentationConfig
 from msnoop.segment import cellpose_backend as cpb
 from msnoop.segment.builtin import estimate_diameter, segment_nuclei
 

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from msnoop.config import ConfigError, build_config
-from msnoop.segment.train import SegTrainJob, find_pairs, split_pairs
+from msnoop.core.config import ConfigError
+from msnoop.jobs import build_config
+from msnoop.segment.segtrain import SegTrainJob, find_pairs, split_pairs
 
 
 def _discs(seed: int, shape=(128, 128), n=7, radius=9) -> tuple[np.ndarray, np.ndarray]:
@@ -82,7 +83,7 @@ def test_config_is_validated_before_work(tmp_path):
 def test_cellpose_absent_is_a_clear_error(tmp_path, monkeypatch):
     import sys
 
-    from msnoop.segment.train import run_segtrain
+    from msnoop.segment.segtrain import run_segtrain
 
     images, masks = _dataset(tmp_path)
     monkeypatch.setitem(sys.modules, "cellpose", None)
@@ -97,7 +98,7 @@ def test_real_training_run_writes_weights_the_backend_uses(tmp_path):
     pytest.importorskip("cellpose", reason="cellpose 3.1 not installed (pip install 'msnoop[cellpose]')")
     from msnoop.segment import cellpose_backend as cpb
     from msnoop.segment import segment
-    from msnoop.segment.train import run_segtrain
+    from msnoop.segment.segtrain import run_segtrain
 
     images, masks = _dataset(tmp_path / "data")
     ship = tmp_path / "pkg" / "nuclei"

@@ -13,7 +13,7 @@ import typer
 from kneed import KneeLocator
 from typer.testing import CliRunner
 
-from msnoop.correct.commands import profile_command
+from msnoop.cli.profiles import profile_command
 from msnoop.correct.sphering import Spherize, knee_regulariser, spherize_profiles
 
 
@@ -160,7 +160,7 @@ def test_no_controls_raises_naming_the_query() -> None:
     df = _table()
     with pytest.raises(ValueError, match="Metadata_Compound == 'PBS'"):
         spherize_profiles(df, control_query="Metadata_Compound == 'PBS'")
-    with pytest.raises(ValueError, match="could not be evaluated"):
+    with pytest.raises(ValueError, match="not a valid SQL condition"):
         spherize_profiles(df, control_query="Metadata_Treatment == 'DMSO'")
 
 
@@ -295,8 +295,10 @@ def test_profile_job_config_matches_options_and_is_saved(tmp_path) -> None:
     """A ``job: profile`` YAML runs the same experiment as the options; it is validated and saved."""
     import yaml
 
-    from msnoop.config import ConfigError, load_config
-    from msnoop.correct.job import ProfileJob, run_profile
+    from msnoop.core.config import ConfigError
+    from msnoop.jobs import load_config
+    from msnoop.correct.profile import ProfileJob
+    from msnoop.jobs import run_profile_job as run_profile
 
     df = _table()
     src = tmp_path / "wells.parquet"
@@ -337,7 +339,8 @@ def test_profile_job_config_matches_options_and_is_saved(tmp_path) -> None:
 
 def test_profile_job_joins_a_plate_map(tmp_path) -> None:
     """Embeddings carry only well ids: the plate map adds controls and doses (as text keys, '01' stays '01')."""
-    from msnoop.correct.job import ProfileJob, run_profile
+    from msnoop.correct.profile import ProfileJob
+    from msnoop.jobs import run_profile_job as run_profile
 
     rng = np.random.default_rng(3)
     wells = [(r, f"{c:02d}") for r in "AB" for c in range(1, 13)]
@@ -357,7 +360,10 @@ def test_profile_job_joins_a_plate_map(tmp_path) -> None:
     plate.to_csv(tmp_path / "plate.csv", index=False)
     spec = {
         "input": str(src),
-        "metadata": {"table": str(tmp_path / "plate.csv"), "keys": {"Metadata_Row": "Row", "Metadata_Column": "Column"}},
+        "metadata": {
+            "table": str(tmp_path / "plate.csv"),
+            "keys": {"Metadata_Row": "Row", "Metadata_Column": "Column"},
+        },
         "control": "Metadata_Controls == -1",
         "sphering": {"method": "ZCA", "epsilon": 0.1},
         "treatments": {"columns": ["Metadata_Dose"]},
@@ -376,7 +382,7 @@ def test_profile_job_joins_a_plate_map(tmp_path) -> None:
 
 def test_run_job_dispatches_profile_jobs(tmp_path) -> None:
     """``msnoop run`` / ``msnoop submit`` entrypoint: a profile job runs and summarises itself."""
-    from msnoop.correct.job import ProfileJob
+    from msnoop.correct.profile import ProfileJob
     from msnoop.jobs import run_job
 
     src = tmp_path / "wells.parquet"
@@ -384,6 +390,6 @@ def test_run_job_dispatches_profile_jobs(tmp_path) -> None:
     job = ProfileJob.model_validate(
         {"input": str(src), "control": "Metadata_Compound == 'DMSO'", "output": {"dir": str(tmp_path / "o")}}
     )
-    text = run_job(job)
+    _, text = run_job(job)
     assert "profiles.parquet" in text and "sphering: ZCA-cor" in text
     assert (tmp_path / "o" / "correction.json").is_file() and not (tmp_path / "o" / "treatments.parquet").exists()

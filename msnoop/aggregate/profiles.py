@@ -9,7 +9,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from msnoop.evaluate.tables import METADATA_PREFIX, feature_columns
+from msnoop.core.tables import METADATA_PREFIX, feature_columns
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def aggregate_profiles(
         by: Grouping columns (e.g. ``["Metadata_Compound", "Metadata_Concentration"]``). Missing values
             form their own group.
         method: ``"mean"`` or ``"median"`` of every feature.
-        features: Feature columns; default :func:`~msnoop.evaluate.tables.feature_columns`.
+        features: Feature columns; default :func:`~msnoop.core.tables.feature_columns`.
         join: Columns collapsed to their sorted unique values joined by ``sep`` (e.g. ``Metadata_Plate``
             -> ``"Week1_22123,Week1_22141"``, the batch string Microsnoop's NSCB compares).
         sep: Separator for ``join``.

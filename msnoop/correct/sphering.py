@@ -20,7 +20,7 @@ Note the Microsnoop quirk kept by ``variance_floor=1e-3``: features whose contro
 controls are white only where every variance is above the floor. Set ``variance_floor=0`` for textbook
 ZCA-cor whitening.
 
-:func:`spherize_profiles` applies this to a feature table: fit on the rows selected by a pandas query
+:func:`spherize_profiles` applies this to a feature table: fit on the rows selected by a SQL condition
 (all controls of all batches, Microsnoop's behaviour, or one fit per batch), transform every row.
 """
 
@@ -34,12 +34,13 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from msnoop.evaluate.tables import check_finite, feature_columns
+from msnoop.core.filters import filter_mask
+from msnoop.core.tables import check_finite, feature_columns
+from msnoop.correct import METHODS
 
 logger = logging.getLogger(__name__)
 
 SpherizeMethod = Literal["ZCA", "ZCA-cor", "PCA", "PCA-cor"]
-METHODS: tuple[str, ...] = ("ZCA", "ZCA-cor", "PCA", "PCA-cor")
 
 
 def knee_regulariser(
@@ -292,24 +293,6 @@ class Spherize:
         }
 
 
-def query_mask(df: pd.DataFrame, query: str) -> np.ndarray:
-    """Boolean ``[N]`` row mask of a pandas query (missing -> False); errors name the query and the columns."""
-    try:
-        res = df.eval(query)
-    except Exception as exc:  # pandas raises many types (UndefinedVariableError, SyntaxError, ...)
-        raise ValueError(
-            f"control query {query!r} could not be evaluated ({type(exc).__name__}: {exc}); expected a pandas "
-            f"query over the table's columns, e.g. \"Metadata_Compound == 'DMSO'\"; metadata columns: "
-            f"{[c for c in df.columns if str(c).startswith('Metadata_')][:20]}"
-        ) from exc
-    if not isinstance(res, pd.Series) or not (pd.api.types.is_bool_dtype(res.dtype) or str(res.dtype) == "boolean"):
-        raise ValueError(
-            f"control query {query!r} must give one True/False per row, found {type(res).__name__}"
-            f"{'' if not isinstance(res, pd.Series) else ' of dtype ' + str(res.dtype)}"
-        )
-    return res.fillna(False).to_numpy(dtype=bool)
-
-
 def spherize_profiles(
     df: pd.DataFrame,
     *,
@@ -333,14 +316,14 @@ def spherize_profiles(
 
     Args:
         df: Feature table (``Metadata_*`` columns plus numeric features), ``N`` rows.
-        control_query: pandas query selecting the control rows, e.g. ``"Metadata_Compound == 'DMSO'"``.
+        control_query: SQL condition selecting the control rows, e.g. ``"Metadata_Compound = 'DMSO'"``.
         batch_column: Column naming the batch (plate, week...). Required for ``per_batch``; otherwise only
             used to record the number of controls per batch.
         per_batch: Fit one transform per batch instead of one on all controls.
         method: See :class:`Spherize`.
         epsilon: See :class:`Spherize`.
         variance_floor: See :class:`Spherize`.
-        features: Feature columns; default :func:`~msnoop.evaluate.tables.feature_columns`.
+        features: Feature columns; default :func:`~msnoop.core.tables.feature_columns`.
 
     Returns:
         ``(sphered, info)``: a new table with the same rows, index and non-feature columns (dropped
@@ -358,13 +341,13 @@ def spherize_profiles(
     Spherize(method, epsilon, variance_floor=variance_floor)  # validate arguments early
     feats = list(features) if features is not None else feature_columns(df)
     if not feats:
-        raise ValueError("expected numeric feature columns to sphere, found none; see msnoop.evaluate.tables")
+        raise ValueError("expected numeric feature columns to sphere, found none; see msnoop.core.tables")
     missing = [c for c in feats if c not in df.columns]
     if missing:
         raise ValueError(f"feature columns {missing[:10]} are not in the table")
     X = df[feats].to_numpy(dtype=np.float64)
     check_finite(X, feats)
-    ctrl = query_mask(df, control_query)
+    ctrl = filter_mask(df, control_query)
     n_ctrl = int(ctrl.sum())
     if n_ctrl == 0:
         raise ValueError(

@@ -12,9 +12,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from msnoop.core.runtime import uses_bf16
 from msnoop.models.checkpoint import LoadedModel
 from msnoop.preprocess.presets import Preprocessing, prepare_channel
-from msnoop.runtime import uses_bf16
 
 
 def pick_device(requested: str = "auto") -> torch.device:

@@ -31,8 +31,9 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from msnoop.config import EmbedJob, load_config, register_job, save_resolved
-from msnoop.config import StrictModel as _Strict
+from msnoop.core.config import StrictModel as _Strict
+from msnoop.core.config import read_yaml, save_resolved, validate_config
+from msnoop.embed.config import EmbedJob
 
 logger = logging.getLogger(__name__)
 
@@ -75,9 +76,6 @@ class BenchJob(_Strict):
     runtime: BenchRuntime = Field(default_factory=BenchRuntime)
 
 
-register_job("bench", BenchJob)
-
-
 def slug(model: str) -> str:
     """A folder name for a model reference (``random:microsnoop_cnn:0`` -> ``random_microsnoop_cnn_0``)."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(model).stem if model.endswith(".pt") else model).strip("_")
@@ -85,9 +83,10 @@ def slug(model: str) -> str:
 
 def dataset_job(job: BenchJob, model: str) -> EmbedJob:
     """The dataset's embedding config with ``model`` and an output folder inside the bench output."""
-    base = load_config(job.dataset)
-    if not isinstance(base, EmbedJob):
-        raise ValueError(f"bench {job.name!r}: dataset {job.dataset} is a {base.job!r} config, expected job: embed")
+    data = read_yaml(job.dataset)
+    if data.get("job", "embed") != "embed":
+        raise ValueError(f"bench {job.name!r}: dataset {job.dataset} is a {data['job']!r} config, expected job: embed")
+    base = validate_config(EmbedJob, data, source=str(job.dataset))
     runtime = base.runtime.model_copy(
         update={
             k: v for k, v in {"num_cpus": job.runtime.num_cpus, "address": job.runtime.address}.items() if v is not None
@@ -154,10 +153,10 @@ def run_bench(job: BenchJob) -> dict[str, Any]:
     Returns:
         The results record (also in ``results.json``); ``{"skipped": reason}`` when the dataset is absent.
     """
-    from msnoop.embed.pipeline import run_embed
-    from msnoop.evaluate.tables import read_table, split_table
+    from msnoop.core.runtime import provenance
+    from msnoop.core.tables import read_table, split_table
+    from msnoop.embed.job import run_embed
     from msnoop.io.manifest import load_image_table
-    from msnoop.runtime import provenance
 
     first = dataset_job(job, job.models[0] if job.models else "random:microsnoop_cnn:0")
     missing = missing_inputs(first)
@@ -227,4 +226,11 @@ def markdown(record: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["BenchJob", "BenchTask", "dataset_job", "markdown", "missing_inputs", "run_bench", "slug"]
+def summary(job: BenchJob, record: dict[str, Any]) -> str:
+    """What ``msnoop bench`` / ``msnoop run`` print for one bench: the results table, or why it was skipped."""
+    if "skipped" in record:
+        return f"skipped: {record['skipped']}"
+    return f"bench {job.name}: results in {job.output.dir.resolve()}\n" + markdown(record)
+
+
+__all__ = ["BenchJob", "BenchTask", "dataset_job", "markdown", "missing_inputs", "run_bench", "slug", "summary"]

@@ -15,7 +15,7 @@
   and 99.8th percentiles. Rows of a cell table (``Metadata_CentroidY``/``X``) show a window around
   the cell. Tables without path columns (CellProfiler profiles) get a note instead.
 
-Figures are drawn on their own Agg canvases (:mod:`msnoop.plotting`), so pyplot's backend is left alone.
+Figures are drawn on their own Agg canvases (:mod:`msnoop.core.plotting`), so pyplot's backend is left alone.
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from msnoop.core.plotting import save, subplots
+from msnoop.core.tables import feature_columns, read_table, split_table
 from msnoop.evaluate.knn import classification_metrics, knn_cross_predict, knn_search, parse_cv
-from msnoop.evaluate.tables import feature_columns, read_table, split_table
-from msnoop.plotting import save, subplots
 
 logger = logging.getLogger(__name__)
 
@@ -408,7 +408,7 @@ def build_report(
     """Write ``out_dir/report.html`` with its figures (PNG) and ``report.json``; returns the HTML path.
 
     Args:
-        table: Feature table (anything :func:`~msnoop.evaluate.tables.read_table` reads) or a DataFrame.
+        table: Feature table (anything :func:`~msnoop.core.tables.read_table` reads) or a DataFrame.
         label: Class column (kNN target, map colours, gallery titles).
         batch: Optional batch column for a second map panel.
         out_dir: Output folder (created).

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from msnoop.config import ConfigError, InputConfig
+from msnoop.core.config import ConfigError
+from msnoop.io.config import InputConfig
 
 logger = logging.getLogger(__name__)
 

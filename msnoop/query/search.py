@@ -13,11 +13,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from msnoop.core.parts import ID_COLUMN, RUN_FILE
 from msnoop.io.readers import check_image, read_image
 from msnoop.models.checkpoint import CheckpointError, resolve_model
 from msnoop.preprocess.presets import Preprocessing
 from msnoop.store.lance import VECTOR, open_table, table_info
-from msnoop.store.parts import ID_COLUMN, RUN_FILE
 
 
 @dataclass
@@ -61,10 +61,10 @@ def search_by_id(
 ) -> pd.DataFrame:
     """Nearest neighbours of an image already in the table (the image itself excluded).
 
-    Large tables with a vector index are searched through it (see :mod:`msnoop.query.index`); small
+    Large tables with a vector index are searched through it (see :mod:`msnoop.store.index`); small
     tables, and filters that match few rows, are searched exactly. ``exact`` forces either way.
     """
-    from msnoop.query.index import search_vector_ann
+    from msnoop.query.ann import search_vector_ann
 
     return search_vector_ann(ref, _vector_of(ref, image_id), k=k, where=where, exclude_id=image_id, exact=exact)
 
@@ -81,7 +81,7 @@ def search_by_match(
         KeyError: ``match`` selects no row.
         ValueError: ``match`` is not a valid filter.
     """
-    from msnoop.query.index import search_vector_ann
+    from msnoop.query.ann import search_vector_ann
 
     try:
         rows = ref.table.search().where(match).select([VECTOR]).limit(None).to_arrow()
@@ -131,6 +131,6 @@ def search_image(
     ref: TableRef, paths: list[str | Path], *, k: int = 10, where: str | None = None, exact: bool | None = None
 ) -> pd.DataFrame:
     """Nearest neighbours of a new image embedded with the table's model (see :func:`embed_query`)."""
-    from msnoop.query.index import search_vector_ann
+    from msnoop.query.ann import search_vector_ann
 
     return search_vector_ann(ref, embed_query(ref, paths), k=k, where=where, exact=exact)

@@ -16,23 +16,38 @@ from __future__ import annotations
 
 import inspect
 import logging
-from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-
-from msnoop.segment.builtin import estimate_diameter, segment_nuclei
+if TYPE_CHECKING:
+    import numpy as np
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["BACKENDS", "SegmentationConfig", "estimate_diameter", "segment", "segment_nuclei"]
+
+# scikit-image and scipy load with the builtin backend; the package stays light until a backend is used.
+_LAZY = {
+    "estimate_diameter": "msnoop.segment.builtin",
+    "segment_nuclei": "msnoop.segment.builtin",
+    "SegmentationConfig": "msnoop.segment.config",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 BACKENDS = ("builtin", "cellpose")
 
 
 def _backend_fn(backend: str):
     if backend == "builtin":
+        from msnoop.segment.builtin import segment_nuclei
+
         return segment_nuclei
     if backend == "cellpose":
         from msnoop.segment.cellpose_backend import segment_cellpose  # light: cellpose itself is imported lazily
@@ -71,56 +86,3 @@ def segment(image: np.ndarray, *, backend: Literal["builtin", "cellpose"] = "bui
             f"expected some of {sorted(_keyword_params(backend))}"
         )
     return fn(image, **params)
-
-
-class SegmentationConfig(BaseModel):
-    """How to segment nuclei before cell-region cropping (a section of a job config).
-
-    ``params`` holds the backend's other keyword options (checked against the backend's signature), e.g.
-    ``{"min_solidity": 0.7}`` for ``builtin`` or ``{"flow_threshold": 0.4}`` for ``cellpose``.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    backend: Literal["builtin", "cellpose"] = "builtin"
-    channel: str | int | None = Field(
-        None, description="nucleus channel: a name from input.channels or an index; None = the first channel"
-    )
-    diameter: float | None = Field(None, gt=0, description="expected nucleus diameter in pixels; None = estimate")
-    model: str | Path | None = Field(
-        None, description="cellpose only: weights file, or a model name in the cellpose model folder"
-    )
-    gpu: bool = Field(False, description="cellpose only: run on the GPU")
-    params: dict[str, Any] = Field(default_factory=dict, description="other keyword options of the backend")
-
-    @model_validator(mode="after")
-    def _check(self) -> SegmentationConfig:
-        if self.backend == "cellpose" and self.model is None:
-            raise ValueError(
-                "segmentation.model is required with backend 'cellpose': a weights file path or a model name "
-                "in ~/.cellpose/models (no download happens at run time)"
-            )
-        if self.backend == "builtin" and (self.model is not None or self.gpu):
-            raise ValueError("segmentation.model and segmentation.gpu apply to backend 'cellpose' only; remove them")
-        reserved = {"diameter", "model", "gpu"} & set(self.params)
-        if reserved:
-            raise ValueError(f"set {sorted(reserved)} as segmentation.<key>, not inside segmentation.params")
-        allowed = _keyword_params(self.backend)
-        unknown = set(self.params) - allowed
-        if unknown:
-            raise ValueError(
-                f"unknown segmentation.params {sorted(unknown)} for backend {self.backend!r}; "
-                f"expected some of {sorted(allowed - {'diameter', 'model', 'gpu'})}"
-            )
-        return self
-
-    def kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for :func:`segment` (backend included)."""
-        out: dict[str, Any] = {"backend": self.backend, "diameter": self.diameter, **self.params}
-        if self.backend == "cellpose":
-            out.update(model=str(self.model), gpu=self.gpu)
-        return out
-
-    def run(self, image: np.ndarray) -> np.ndarray:
-        """Segment one ``[H, W]`` nucleus channel with this configuration."""
-        return segment(image, **self.kwargs())

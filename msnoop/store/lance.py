@@ -12,10 +12,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from msnoop.store.parts import EMB_PREFIX, iter_batches, part_files
+from msnoop.core.parts import EMB_PREFIX, iter_batches, part_files
+from msnoop.core.tables import VECTOR
 
 logger = logging.getLogger(__name__)
-VECTOR = "vector"
 META_KEY = b"msnoop"
 
 os.environ.setdefault("LANCEDB_LOG", "error")

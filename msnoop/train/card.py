@@ -1,4 +1,4 @@
-"""Model card, loss curve and reconstruction figure of a pretraining run (on Agg canvases, see msnoop.plotting)."""
+"""Model card, loss curve and reconstruction figure of a pretraining run (on Agg canvases, see msnoop.core.plotting)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from msnoop.plotting import new_figure, save
+from msnoop.core.plotting import new_figure, save
+from msnoop.core.runtime import uses_bf16
 from msnoop.preprocess.presets import Preprocessing
-from msnoop.runtime import uses_bf16
 from msnoop.train.config import PretrainJob
 from msnoop.train.data import ChannelPool
 from msnoop.train.masking import mask_images

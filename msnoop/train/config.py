@@ -1,6 +1,6 @@
 """``msnoop pretrain`` job config: data pool, masking, optimiser, schedule, Ray Train runtime, outputs.
 
-Importing this module registers the job type, so ``load_config(path)`` accepts ``job: pretrain``.
+``job: pretrain`` configs validate into :class:`PretrainJob` (declared in :mod:`msnoop.jobs`).
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from msnoop.config import InputConfig, register_job
-from msnoop.config import StrictModel as _Strict
-from msnoop.runtime import AMP_HELP
+from msnoop.core.config import StrictModel as _Strict
+from msnoop.core.runtime import AMP_HELP
+from msnoop.io.config import InputConfig
 
 
 class SourceConfig(_Strict):
@@ -210,6 +210,3 @@ def absolutize(job: PretrainJob, base: Path | None = None) -> PretrainJob:
             )
         model = model.model_copy(update={"init": str(path)})
     return job.model_copy(update={"data": data, "output": output, "model": model})
-
-
-register_job("pretrain", PretrainJob)

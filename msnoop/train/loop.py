@@ -1,6 +1,6 @@
 """Pure-PyTorch masked-reconstruction training: optimiser, schedule, loss, one step, a run of steps.
 
-Nothing here imports Ray: the Ray Train wrapper (:mod:`msnoop.train.ray_train`) and the benchmark's
+Nothing here imports Ray: the Ray Train wrapper (:mod:`msnoop.train.pretrain`) and the benchmark's
 bare loop call the same :func:`train_steps`, and the tests exercise it directly.
 """
 
@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from msnoop.core.runtime import uses_bf16
 from msnoop.models.registry import create_model
-from msnoop.runtime import uses_bf16
 from msnoop.train.config import OptimConfig, PretrainJob
 from msnoop.train.data import ChannelPool, batch_rng
 from msnoop.train.masking import mask_images

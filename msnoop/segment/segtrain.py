@@ -25,14 +25,13 @@ import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
-import typer
 from pydantic import Field
 
-from msnoop.config import StrictModel as _Strict
-from msnoop.config import register_job, save_resolved
+from msnoop.core.config import StrictModel as _Strict
+from msnoop.core.config import save_resolved
 
 logger = logging.getLogger(__name__)
 
@@ -74,9 +73,6 @@ class SegTrainJob(_Strict):
     train: SegTrainParams = Field(default_factory=SegTrainParams)
     output: SegTrainOutput
     use_gpu: Literal["auto", "yes", "no"] = "auto"
-
-
-register_job("segtrain", SegTrainJob)
 
 
 def find_pairs(images: Path, masks: Path, *, limit: int | None = None) -> tuple[list[tuple[Path, Path]], list[Path]]:
@@ -134,7 +130,7 @@ def _use_gpu(setting: str) -> bool:
 
 def _score(pairs: list[tuple[Path, Path]], root: Path, backends: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     """Per-image AP of every backend (``name -> image -> labels``); each pair is read once."""
-    from msnoop.evaluate.segmentation import match_instances, read_pair
+    from msnoop.segment.metrics import match_instances, read_pair
 
     rows: dict[str, list[dict[str, Any]]] = {name: [] for name in backends}
     for img_path, mask_path in pairs:
@@ -158,7 +154,7 @@ def _score(pairs: list[tuple[Path, Path]], root: Path, backends: dict[str, Any])
 
 
 def _loss_figure(losses: np.ndarray, path: Path) -> None:
-    from msnoop.plotting import save, subplots
+    from msnoop.core.plotting import save, subplots
 
     fig, ax = subplots(figsize=(5, 3.2))
     ax.plot(np.arange(1, len(losses) + 1), losses)
@@ -224,9 +220,9 @@ def run_segtrain(job: SegTrainJob) -> dict[str, Any]:
     """
     import torch
 
-    from msnoop.evaluate.segmentation import read_pair, summarize_ap
     from msnoop.segment.builtin import segment_nuclei
     from msnoop.segment.cellpose_backend import _cellpose_version, _import_cellpose_models, segment_cellpose
+    from msnoop.segment.metrics import read_pair, summarize_ap
 
     models = _import_cellpose_models()
     import cellpose
@@ -341,28 +337,3 @@ def summary(job: SegTrainJob, rec: dict[str, Any]) -> str:
         f"held-out mean AP@0.5: cellpose {cp['mean_ap@0.5']:.3f}, built-in {bi['mean_ap@0.5']:.3f} "
         f"({rec['n_holdout']} images); shipped: {rec['shipped']}; outputs in {job.output.dir.resolve()}"
     )
-
-
-def segtrain_command(
-    config: Annotated[Path, typer.Argument(help="segtrain YAML (job: segtrain), e.g. configs/segtrain_coelho.yaml")],
-    set_: Annotated[
-        list[str] | None, typer.Option("--set", help="override a key, e.g. --set train.epochs=5 (repeatable)")
-    ] = None,
-) -> None:
-    """Train a cellpose 3.1 nucleus model on image/mask pairs and compare it with the built-in backend."""
-    from msnoop.cliutil import fail
-    from msnoop.config import ConfigError, load_config, parse_overrides
-
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        job = load_config(config, overrides=parse_overrides(set_ or []), job="segtrain")
-    except ConfigError as exc:
-        fail(str(exc))
-    if not isinstance(job, SegTrainJob):
-        fail(f"{config} is a {getattr(job, 'job', '?')!r} config; msnoop segtrain takes job: segtrain configs")
-    try:
-        rec = run_segtrain(job)
-    except (ImportError, FileNotFoundError, ValueError, RuntimeError) as exc:
-        fail(str(exc))
-    typer.echo(summary(job, rec))

@@ -38,16 +38,36 @@ def emb_columns(dim: int) -> list[str]:
     return [f"{EMB_PREFIX}{i:04d}" for i in range(dim)]
 
 
-def write_part(table: pa.Table, folder: str | Path) -> Path:
-    """Write ``table`` as a new part file atomically; returns its path."""
+#: Key of the provenance record in a part file's own Parquet key-value metadata.
+PROVENANCE_KEY = b"msnoop"
+
+
+def write_part(table: pa.Table, folder: str | Path, *, provenance: dict[str, Any] | None = None) -> Path:
+    """Write ``table`` as a new part file atomically; returns its path.
+
+    ``provenance`` (model, its sha256, preprocessing, channels: JSON-serialisable) is stored in the file's own
+    key-value metadata under ``msnoop``, so a part copied elsewhere still says how it was made
+    (:func:`read_part_provenance`).
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    if provenance is not None:
+        meta = dict(table.schema.metadata or {})
+        meta[PROVENANCE_KEY] = json.dumps(provenance, default=str).encode()
+        table = table.replace_schema_metadata(meta)
     name = f"part-{uuid.uuid4().hex}.parquet"
     tmp = folder / f".{name}.tmp"
     pq.write_table(table, tmp)
     final = folder / name
     os.replace(tmp, final)
     return final
+
+
+def read_part_provenance(path: str | Path) -> dict[str, Any]:
+    """The provenance record stored in a Parquet file's key-value metadata (empty dict if absent)."""
+    meta = pq.read_schema(path).metadata or {}
+    raw = meta.get(PROVENANCE_KEY)
+    return json.loads(raw) if raw else {}
 
 
 def part_files(folder: str | Path) -> list[Path]:

@@ -1,7 +1,7 @@
-"""``msnoop profile``: batch correction and aggregation of profile tables (registered in ``msnoop.cli``).
+"""CLI: batch-corrected profiles (``msnoop profile``) and plate screens read out per cell (``msnoop screen``).
 
-Writes Parquet (the source of truth), a JSON record of the correction, and LanceDB tables ``profiles``
-and ``treatments`` for queries (``msnoop search OUT --match "Metadata_Compound = 'taxol'"``).
+``profile`` writes Parquet (the source of truth), a JSON record of the correction, and LanceDB tables
+``profiles`` and ``treatments`` for queries (``msnoop search OUT --match "Metadata_Compound = 'taxol'"``).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import numpy as np
 import typer
 from pydantic import ValidationError
 
-from msnoop.cliutil import fail, split_list
-from msnoop.correct.sphering import METHODS
+from msnoop.cli.common import SetOpt, fail, load_job, split_list
+from msnoop.correct import METHODS
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def profile_command(
     ],
     control: Annotated[
         str | None,
-        typer.Option("--control", help="pandas query selecting control rows, e.g. \"Metadata_Compound == 'DMSO'\"."),
+        typer.Option("--control", help="SQL condition selecting control rows, e.g. \"Metadata_Compound = 'DMSO'\"."),
     ] = None,
     out: Annotated[
         Path | None,
@@ -96,12 +96,13 @@ def profile_command(
 
     Give either a ``job: profile`` YAML (options then override nothing but --set) or a table plus options.
     """
-    from msnoop.config import ConfigError, load_config, parse_overrides
-    from msnoop.correct.job import ProfileJob, run_profile, summary
+    from msnoop.core.config import ConfigError
+    from msnoop.correct.profile import ProfileJob, summary
+    from msnoop.jobs import run_profile_job
 
     try:
         if table.suffix in (".yaml", ".yml"):
-            job = load_config(table, overrides=parse_overrides(set_ or []), job="profile")
+            job = load_job(table, set_, job="profile")
         else:
             if control is None or out is None:
                 fail("with a table argument, --control and --out are required (or pass a job: profile YAML)")
@@ -136,7 +137,28 @@ def profile_command(
     if not isinstance(job, ProfileJob):
         fail(f"{table} is a {getattr(job, 'job', '?')!r} config; msnoop profile takes job: profile configs")
     try:
-        record = run_profile(job)
+        record = run_profile_job(job)
     except (ValueError, FileNotFoundError, OSError) as exc:
         fail(str(exc))
     typer.echo(summary(job, record))
+
+
+def screen(
+    config: Annotated[Path, typer.Argument(help="screen YAML (job: screen), e.g. configs/bbbc013_screen.yaml")],
+    set_: SetOpt = None,
+) -> None:
+    """Read a plate out per well from its cells with a classifier trained on the control wells."""
+    from msnoop.screen.job import run_screen, summary
+
+    job = load_job(config, set_, job="screen")
+    try:
+        rec = run_screen(job)
+    except (FileNotFoundError, ValueError) as exc:
+        fail(str(exc))
+    typer.echo(summary(job, rec))
+
+
+COMMANDS = [
+    ("profile", profile_command, "Sphere on controls, aggregate to wells/treatments (any profile table)."),
+    ("screen", screen, None),
+]

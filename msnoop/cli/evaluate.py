@@ -1,44 +1,35 @@
-"""Typer command functions for evaluation (registered in ``msnoop.cli``).
-
-Proposed CLI names: ``msnoop eval knn`` (:func:`knn_command`) and ``msnoop eval nsc`` (:func:`nsc_command`).
-"""
+"""CLI: evaluate a table: kNN classification, NSC/NSCB, mAP retrieval, HTML report, benchmark jobs."""
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import pandas as pd
 import typer
 
-from msnoop.cliutil import fail, split_list
-from msnoop.evaluate.bbbc021 import nsc, nscb
-from msnoop.evaluate.knn import knn_evaluate, parse_cv
-from msnoop.evaluate.tables import feature_columns, read_table, split_table
+from msnoop.cli.common import SetOpt, fail, load_job, split_list, write_json
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 logger = logging.getLogger(__name__)
 
 
-def _write_json(obj: dict[str, Any], path: Path | None) -> None:
-    if path is None:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-    typer.echo(f"wrote {path.resolve()}")
-
-
 def _load(table: Path, exclude: str | None = None) -> pd.DataFrame:
+    from msnoop.core.tables import read_table
+
     try:
         df = read_table(table)
     except (ValueError, FileNotFoundError, OSError) as exc:
         fail(str(exc))
     if exclude:
+        from msnoop.core.filters import FilterError, filter_mask
+
         try:
-            drop = df.eval(exclude).fillna(False).to_numpy(dtype=bool)
-        except Exception as exc:  # pandas raises many types for a bad query
-            fail(f"--exclude query {exclude!r} could not be evaluated: {exc}")
+            drop = filter_mask(df, exclude)
+        except FilterError as exc:
+            fail(f"--exclude: {exc}")
         df = df[~drop].reset_index(drop=True)
     return df
 
@@ -53,7 +44,7 @@ def knn_command(
     metric: Annotated[str, typer.Option(help="'cosine' or 'l2'.")] = "cosine",
     seed: Annotated[int, typer.Option(help="Shuffling seed for kfold.")] = 0,
     exclude: Annotated[
-        str | None, typer.Option(help="pandas query of rows to leave out, e.g. \"Metadata_Compound == 'DMSO'\".")
+        str | None, typer.Option(help="SQL condition of rows to leave out, e.g. \"Metadata_Compound = 'DMSO'\".")
     ] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the metrics as JSON here.")] = None,
     index: Annotated[
@@ -61,6 +52,9 @@ def knn_command(
     ] = "auto",
 ) -> None:
     """kNN classification of profiles (FAISS, Microsnoop vote): accuracy, balanced accuracy, MCC, macro-F1."""
+    from msnoop.core.tables import feature_columns, split_table
+    from msnoop.evaluate.knn import knn_evaluate, parse_cv
+
     df = _load(table, exclude)
     if label not in df.columns:
         fail(
@@ -99,7 +93,7 @@ def knn_command(
     counts = df[label].astype(str).value_counts()
     for name, acc in res["per_class_accuracy"].items():
         typer.echo(f"    {name:<30} {acc:.4f}  (n={int(counts.get(name, 0))})")
-    _write_json(res, json_path)
+    write_json(res, json_path)
 
 
 def nsc_command(
@@ -119,11 +113,13 @@ def nsc_command(
         ),
     ] = None,
     exclude: Annotated[
-        str | None, typer.Option(help="pandas query of rows to leave out, e.g. \"Metadata_Compound == 'DMSO'\".")
+        str | None, typer.Option(help="SQL condition of rows to leave out, e.g. \"Metadata_Compound = 'DMSO'\".")
     ] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON here.")] = None,
 ) -> None:
     """NSC / NSCB: 1-NN cosine MOA matching excluding the same compound (and the same batch)."""
+    from msnoop.evaluate.nsc import nsc, nscb
+
     df = _load(table, exclude)
     batches = split_list(batch)
     if batch_match not in ("equal", "overlap"):
@@ -156,7 +152,7 @@ def nsc_command(
             else ""
         )
         typer.echo(f"  {name:<28} {r['accuracy']:.4f}  ({r['n_correct']}/{r['n']}){extra}")
-    _write_json(results, json_path)
+    write_json(results, json_path)
 
 
 def map_command(
@@ -176,7 +172,7 @@ def map_command(
         list[str] | None, typer.Option("--neg-diff", help="Negatives must differ in these (default: --positive).")
     ] = None,
     exclude: Annotated[
-        str | None, typer.Option(help="Drop rows matching this pandas query first, e.g. controls.")
+        str | None, typer.Option(help="SQL condition of rows to leave out first, e.g. controls.")
     ] = None,
     null_size: Annotated[int, typer.Option(help="Random rankings per (n_pos, n_total) for the p-values.")] = 10000,
     threshold: Annotated[float, typer.Option(help="Significance threshold (after BH correction).")] = 0.05,
@@ -184,7 +180,8 @@ def map_command(
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the summary as JSON here.")] = None,
 ) -> None:
     """Mean average precision of retrieval (copairs rules), permutation p-values, BH, fraction retrieved."""
-    from msnoop.evaluate.retrieval import average_precision, mean_average_precision, retrieval_summary
+    from msnoop.core.tables import split_table
+    from msnoop.evaluate.map import average_precision, mean_average_precision, retrieval_summary
 
     df = _load(table, exclude)
     pos = split_list(positive)
@@ -210,4 +207,69 @@ def map_command(
         f"  mean mAP           {summary['mean_map']:.4f}\n"
         f"  fraction retrieved {summary['fraction_retrieved']:.4f}  (BH q < {threshold})"
     )
-    _write_json(summary, json_path)
+    write_json(summary, json_path)
+
+
+def report_command(
+    table: Annotated[
+        Path, typer.Argument(help="Feature table: msnoop output folder, .parquet, .csv, .csv.gz or .lance.")
+    ],
+    label: Annotated[str, typer.Option("--label", help="Class column, e.g. Metadata_Protein.")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder for report.html and its PNG figures.")],
+    batch: Annotated[
+        str | None, typer.Option("--batch", help="Batch column: a second map panel coloured by it.")
+    ] = None,
+    k: Annotated[int, typer.Option("--k", "-k", help="kNN neighbours.")] = 11,
+    cv: Annotated[str, typer.Option(help="'loo', 'kfold:<n>' or 'group:<column>'.")] = "loo",
+    queries: Annotated[int, typer.Option(help="Nearest-neighbour gallery rows (random queries).")] = 4,
+) -> None:
+    """HTML report: 2-D map, kNN metrics and confusion matrix, nearest-neighbour image galleries."""
+    from msnoop.evaluate.report import build_report
+
+    try:
+        page = build_report(table, label=label, batch=batch, out_dir=out, k=k, cv=cv, n_queries=queries)
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        fail(str(exc))
+    typer.echo(str(page))
+
+
+def bench(
+    configs: Annotated[list[Path], typer.Argument(help="bench YAMLs (job: bench), e.g. configs/benchmarks/*.yaml")],
+    summary: Annotated[Path | None, typer.Option(help="also write all results tables into this Markdown file")] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Embed a dataset with several models, compute baselines, and compare them by kNN (Markdown + CSV table)."""
+    from msnoop.core.config import ConfigError
+    from msnoop.evaluate.bench import markdown, run_bench
+
+    jobs = [load_job(c, set_, job="bench") for c in configs]  # validate all before any work
+    sections = []
+    for job in jobs:
+        try:
+            rec = run_bench(job)
+        except (ConfigError, ValueError, FileNotFoundError, KeyError) as exc:
+            fail(f"bench {job.name}: {exc}")
+        if "skipped" in rec:
+            typer.echo(f"skipped: {rec['skipped']}")
+            sections.append(f"### {job.name}\n\nskipped: {rec['skipped']}\n")
+            continue
+        table = markdown(rec)
+        typer.echo(f"\n{job.name} (results in {job.output.dir}):\n{table}")
+        sections.append(f"### {job.name}\n\n{table}\n")
+    if summary is not None:
+        summary.parent.mkdir(parents=True, exist_ok=True)
+        summary.write_text("\n".join(sections))
+        typer.echo(f"wrote {summary}")
+
+
+COMMANDS = [
+    ("knn", knn_command, "kNN classification of any embedding/profile table (LOO, k-fold, leave-group-out)."),
+    ("nsc", nsc_command, "BBBC021-style NSC/NSCB (1-NN, not-same-compound / not-same-batch) on a treatment table."),
+    ("map", map_command, "mAP retrieval (copairs rules) with permutation p-values, BH and fraction retrieved."),
+    (
+        "report",
+        report_command,
+        "HTML report with PNGs: 2-D map by label/batch, kNN confusion matrix, neighbour galleries.",
+    ),
+    ("bench", bench, None),
+]

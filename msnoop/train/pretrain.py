@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from msnoop.config import save_resolved
+from msnoop.core.config import save_resolved
 from msnoop.models.checkpoint import file_sha256, save_checkpoint
 from msnoop.models.registry import create_model
 from msnoop.preprocess.presets import Preprocessing
@@ -235,7 +235,7 @@ def build_trainer(job: PretrainJob, *, deadline: float | None = None) -> Any:
 
 def finalize(job: PretrainJob, payload: dict[str, Any], *, stop_reason: str, elapsed_s: float) -> PretrainResult:
     """Write ``model.pt`` (``save_checkpoint`` format), the loss curve, the figure and the model card."""
-    from msnoop.runtime import provenance
+    from msnoop.core.runtime import provenance
     from msnoop.train.card import loss_curve_figure, reconstruction_figure, write_model_card
 
     out = Path(job.output.dir)
@@ -315,7 +315,7 @@ def run_pretrain(job: PretrainJob, *, base: Path | None = None) -> PretrainResul
     Returns:
         Paths of the model, card and figures, the steps done and the stop reason.
     """
-    from msnoop.runtime import init_ray
+    from msnoop.core.runtime import init_ray
 
     t0 = time.time()
     job = absolutize(job, base)
@@ -369,3 +369,13 @@ __all__ = [
     "train_bare",
     "train_func",
 ]
+
+
+def summary(job: PretrainJob, result: PretrainResult) -> str:
+    """What ``msnoop pretrain`` / ``msnoop run`` print at the end of a pretraining job."""
+    loss = f"{result.final_loss:.5f}" if result.final_loss is not None else "n/a"
+    lines = [f"Wrote model: {result.model_path.resolve()}", f"Wrote model card: {result.card_path.resolve()}"]
+    if result.figure_path:
+        lines.append(f"Wrote reconstruction figure: {result.figure_path.resolve()}")
+    lines.append(f"Steps: {result.steps} ({result.stop_reason}), final loss {loss}, {result.elapsed_s / 60:.1f} min")
+    return "\n".join(lines)

@@ -27,7 +27,7 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from msnoop.evaluate.tables import check_finite, feature_columns
+from msnoop.core.tables import check_finite, feature_columns
 
 logger = logging.getLogger(__name__)
 

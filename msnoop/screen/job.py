@@ -4,7 +4,7 @@ A translocation or phenotype screen asks, per well, "how far has this well moved
 the positive controls?". The job answers it from per-cell embeddings (``msnoop embed`` in cells mode) without
 a hand-made feature: a classifier trained on the control wells' cells scores every cell, and a well's readout
 is the share of its cells that look like the positive controls
-(:func:`msnoop.evaluate.screen.cell_classifier_readout`; control wells are scored out of fit). Then the assay
+(:func:`msnoop.screen.readout.cell_classifier_readout`; control wells are scored out of fit). Then the assay
 window (Z' between the control wells) and, with a dose column, the dose response (Spearman rho per series)::
 
     job: screen
@@ -17,7 +17,7 @@ window (Z' between the control wells) and, with a dose column, the dose response
     positive: "Metadata_SBS_Controls == 1"
     negative: "Metadata_SBS_Controls == -1"
     dose: Metadata_SBS_Doses
-    series:                                       # a column, or {label: pandas query}; one rho per series
+    series:                                       # a column, or {label: SQL condition}; one rho per series
       A-D: "Metadata_Row in ['A', 'B', 'C', 'D']"
       E-H: "Metadata_Row in ['E', 'F', 'G', 'H']"
     output: {dir: results/bbbc013_screen}
@@ -34,20 +34,19 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
-import typer
 from pydantic import Field, field_validator
 
-from msnoop.config import StrictModel as _Strict
-from msnoop.config import register_job, save_resolved
-from msnoop.correct.job import MetadataJoin
+from msnoop.core.config import StrictModel as _Strict
+from msnoop.core.config import save_resolved
+from msnoop.correct.profile import MetadataJoin
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ScreenJob", "plot_screen", "read_cells_table", "run_screen", "screen_command", "summary"]
+__all__ = ["ScreenJob", "plot_screen", "read_cells_table", "run_screen", "summary"]
 
 
 class ScreenReadout(_Strict):
@@ -78,17 +77,14 @@ class ScreenJob(_Strict):
     input: Path = Field(..., description="cells-mode embed output folder (its cells/), or a per-cell table")
     metadata: MetadataJoin | None = Field(None, description="plate map joined onto the cells (controls, doses)")
     well: list[str] = Field(..., min_length=1, description="columns that together name a well")
-    positive: str = Field(..., min_length=1, description="pandas query selecting the positive-control cells")
-    negative: str = Field(..., min_length=1, description="pandas query selecting the negative-control cells")
+    positive: str = Field(..., min_length=1, description="SQL condition selecting the positive-control cells")
+    negative: str = Field(..., min_length=1, description="SQL condition selecting the negative-control cells")
     dose: str | None = Field(None, description="numeric dose column: Spearman rho of the readout over sample wells")
     series: str | dict[str, str] | None = Field(
-        None, description="column, or {label: pandas query} for each series: one dose response per series"
+        None, description="column, or {label: SQL condition} for each series: one dose response per series"
     )
     readout: ScreenReadout = Field(default_factory=ScreenReadout)
     output: ScreenOutput
-
-
-register_job("screen", ScreenJob)
 
 
 def read_cells_table(path: Path) -> pd.DataFrame:
@@ -98,7 +94,7 @@ def read_cells_table(path: Path) -> pd.DataFrame:
         FileNotFoundError: ``path`` does not exist.
         ValueError: ``path`` is an embed output without ``cells/`` (not a cells-mode run), or unreadable.
     """
-    from msnoop.evaluate.tables import read_table
+    from msnoop.core.tables import read_table
 
     path = Path(path)
     if not path.exists():
@@ -130,7 +126,7 @@ def _per_well(flags: np.ndarray, codes: np.ndarray, n_wells: int, what: str, wel
 
 def _series(df: pd.DataFrame, spec: str | dict[str, str] | None) -> np.ndarray:
     """Per-cell series label: one value (``None``), a column's values, or the label of the query a cell matches."""
-    from msnoop.correct.sphering import query_mask
+    from msnoop.core.filters import filter_mask
 
     if spec is None:
         return np.full(len(df), "all", dtype=object)
@@ -142,7 +138,7 @@ def _series(df: pd.DataFrame, spec: str | dict[str, str] | None) -> np.ndarray:
     labels = np.full(len(df), "other", dtype=object)
     hits = np.zeros(len(df), dtype=np.int64)
     for label, query in spec.items():
-        m = query_mask(df, query)
+        m = filter_mask(df, query)
         labels[m] = label
         hits += m
     if (hits > 1).any():
@@ -159,10 +155,10 @@ def run_screen(job: ScreenJob) -> dict[str, Any]:
             wells of a control, no sample wells for a dose response, non-numeric doses; the message names
             the table and what was expected.
     """
-    from msnoop.correct.job import join_metadata
-    from msnoop.correct.sphering import query_mask
-    from msnoop.evaluate.screen import cell_classifier_readout, dose_response, z_prime
-    from msnoop.evaluate.tables import feature_columns, write_table
+    from msnoop.core.filters import filter_mask
+    from msnoop.core.tables import feature_columns, write_table
+    from msnoop.correct.profile import join_metadata
+    from msnoop.screen.readout import cell_classifier_readout, dose_response, z_prime
 
     cells = read_cells_table(job.input)
     source = str(job.input)
@@ -179,8 +175,8 @@ def run_screen(job: ScreenJob) -> dict[str, Any]:
     codes, wells = pd.factorize(keys, sort=True)
     wells = np.asarray(wells, dtype=object)
     n = len(wells)
-    pos = _per_well(query_mask(cells, job.positive), codes, n, "positive", wells)
-    neg = _per_well(query_mask(cells, job.negative), codes, n, "negative", wells)
+    pos = _per_well(filter_mask(cells, job.positive), codes, n, "positive", wells)
+    neg = _per_well(filter_mask(cells, job.negative), codes, n, "negative", wells)
     X = cells[feats].to_numpy(np.float64)
     ro = job.readout
     readout, info = cell_classifier_readout(
@@ -242,7 +238,7 @@ def run_screen(job: ScreenJob) -> dict[str, Any]:
 
 def plot_screen(table: pd.DataFrame, record: dict[str, Any], path: Path) -> Path:
     """Left: the control wells' readouts (Z' in the title); right, with a dose column: readout against dose."""
-    from msnoop.plotting import save, subplots
+    from msnoop.core.plotting import save, subplots
 
     dose_col = record.get("dose_column")
     fig, axes = subplots(1, 2 if dose_col else 1, figsize=(11 if dose_col else 5, 4), squeeze=False, sharey=True)
@@ -287,25 +283,3 @@ def summary(job: ScreenJob, record: dict[str, Any]) -> str:
         lines.append("dose response, Spearman rho: " + ", ".join(f"{s}: {r:.3f}" for s, r in record["rho"].items()))
     lines.append(f"plot {Path(record['plot']).resolve()}; record {(out / 'screen.json').resolve()}")
     return "\n".join(lines)
-
-
-def screen_command(
-    config: Annotated[Path, typer.Argument(help="screen YAML (job: screen), e.g. configs/bbbc013_screen.yaml")],
-    set_: Annotated[
-        list[str] | None, typer.Option("--set", help="override a key, e.g. --set readout.C=0.1 (repeatable)")
-    ] = None,
-) -> None:
-    """Read a plate out per well from its cells with a classifier trained on the control wells."""
-    from msnoop.cliutil import fail
-    from msnoop.config import ConfigError, load_config, parse_overrides
-
-    try:
-        job = load_config(config, overrides=parse_overrides(set_ or []), job="screen")
-    except ConfigError as exc:
-        fail(str(exc))
-    assert isinstance(job, ScreenJob)
-    try:
-        rec = run_screen(job)
-    except (FileNotFoundError, ValueError) as exc:
-        fail(str(exc))
-    typer.echo(summary(job, rec))

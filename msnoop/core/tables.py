@@ -20,6 +20,8 @@ import pandas as pd
 logger = logging.getLogger(__name__)
 
 METADATA_PREFIX = "Metadata_"
+#: Column of a LanceDB table that holds the feature vector (fixed-size list of float32).
+VECTOR = "vector"
 
 
 def _read_parquet(path: Path) -> pd.DataFrame:
@@ -42,7 +44,7 @@ TABLE_READERS: dict[str, Callable[[Path], pd.DataFrame]] = {
 
 def _read_msnoop_output(path: Path) -> pd.DataFrame:
     """An ``msnoop embed`` output folder: its Parquet parts (the source of truth)."""
-    from msnoop.store import parts
+    from msnoop.core import parts
 
     df = parts.read_frame(path / parts.EMBEDDINGS)
     if df.empty:
@@ -52,9 +54,13 @@ def _read_msnoop_output(path: Path) -> pd.DataFrame:
 
 def _read_lance(path: Path) -> pd.DataFrame:
     """A LanceDB table folder ``<uri>/<name>.lance``: the ``vector`` column is expanded to ``emb_*``."""
-    from msnoop.store.lance import VECTOR, open_table
+    import lancedb
 
-    table = open_table(str(path.parent), path.stem).to_arrow()
+    db = lancedb.connect(str(path.parent))
+    try:
+        table = db.open_table(path.stem).to_arrow()
+    except (ValueError, FileNotFoundError) as exc:
+        raise ValueError(f"cannot open LanceDB table {path.stem!r} in {path.parent}: {exc}") from None
     meta = table.drop_columns([VECTOR]).to_pandas()
     vectors = np.asarray(table.column(VECTOR).combine_chunks().flatten()).reshape(table.num_rows, -1)
     emb = pd.DataFrame(vectors, columns=[f"emb_{i:04d}" for i in range(vectors.shape[1])])

@@ -29,12 +29,12 @@ from typing import Any, Literal
 import pandas as pd
 from pydantic import Field, field_validator
 
-from msnoop.config import StrictModel as _Strict
-from msnoop.config import register_job, save_resolved
+from msnoop.core.config import StrictModel as _Strict
+from msnoop.core.config import save_resolved
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ProfileJob", "join_metadata", "run_profile", "write_profile_tables"]
+__all__ = ["ProfileJob", "join_metadata", "run_profile", "summary"]
 
 
 class SpheringConfig(_Strict):
@@ -95,16 +95,13 @@ class ProfileJob(_Strict):
     job: Literal["profile"] = "profile"
     name: str = "profiles"
     input: Path = Field(..., description="profile table: embed output folder, .lance, .parquet, .csv or .csv.gz")
-    control: str = Field(..., min_length=1, description="pandas query selecting the negative controls")
+    control: str = Field(..., min_length=1, description="SQL condition selecting the negative controls")
     batch_column: str | None = Field(None, description="column naming each row's batch (plate)")
     metadata: MetadataJoin | None = Field(None, description="plate map joined onto the rows (e.g. controls, doses)")
     sphering: SpheringConfig = Field(default_factory=SpheringConfig)
     aggregate: AggregateConfig = Field(default_factory=AggregateConfig)
     treatments: TreatmentConfig = Field(default_factory=TreatmentConfig)
     output: ProfileOutput
-
-
-register_job("profile", ProfileJob)
 
 
 def join_metadata(df: pd.DataFrame, spec: MetadataJoin, *, source: str) -> pd.DataFrame:
@@ -153,24 +150,6 @@ def join_metadata(df: pd.DataFrame, spec: MetadataJoin, *, source: str) -> pd.Da
     return out.drop(columns=[*tmp, "_merge"])
 
 
-def write_profile_tables(out: Path, frames: dict[str, pd.DataFrame], record: dict[str, Any]) -> list[str]:
-    """LanceDB tables (one per frame) in ``out/lancedb`` plus ``out/run.json`` naming them.
-
-    The last frame (treatments when there are some) is the table that ``msnoop search OUT`` opens by
-    default; the correction record travels in every table's schema metadata.
-    """
-    from msnoop.evaluate.tables import feature_columns
-    from msnoop.store.lance import build_frame_table
-    from msnoop.store.parts import write_run_info
-
-    uri = str((out / "lancedb").resolve())
-    for name, frame in frames.items():
-        info = {"kind": "profiles", "level": name, "correction": record}
-        build_frame_table(uri, name, frame, feature_columns(frame), info=info)
-    write_run_info(out, {"job": "profile", "lancedb": uri, "table": list(frames)[-1], "tables": list(frames)})
-    return list(frames)
-
-
 def run_profile(job: ProfileJob) -> dict[str, Any]:
     """Run a batch experiment; returns the correction record (also written to ``correction.json``).
 
@@ -180,8 +159,9 @@ def run_profile(job: ProfileJob) -> dict[str, Any]:
             query that does not parse; the message names the table and what was expected.
     """
     from msnoop.aggregate.profiles import aggregate_profiles
-    from msnoop.correct.sphering import query_mask, spherize_profiles
-    from msnoop.evaluate.tables import feature_columns, read_table, write_table
+    from msnoop.core.filters import filter_mask
+    from msnoop.core.tables import feature_columns, read_table, write_table
+    from msnoop.correct.sphering import spherize_profiles
 
     df = read_table(job.input)
     record: dict[str, Any] = {"name": job.name, "input": str(job.input), "n_rows_in": len(df)}
@@ -220,7 +200,7 @@ def run_profile(job: ProfileJob) -> dict[str, Any]:
     write_table(sphered, out / "profiles.parquet")
     frames: dict[str, pd.DataFrame] = {"profiles": sphered}
     if job.treatments.columns:
-        rows = sphered if job.treatments.keep_controls else sphered[~query_mask(sphered, job.control)]
+        rows = sphered if job.treatments.keep_controls else sphered[~filter_mask(sphered, job.control)]
         join = list(dict.fromkeys(([batch] if batch else []) + job.treatments.join))
         treatments = aggregate_profiles(rows, job.treatments.columns, job.aggregate.method, join=join)
         write_table(treatments, out / "treatments.parquet")
@@ -234,8 +214,6 @@ def run_profile(job: ProfileJob) -> dict[str, Any]:
         }
     record["n_features"] = len(feature_columns(sphered))
     (out / "correction.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
-    if job.output.write_lance:
-        record["tables"] = write_profile_tables(out, frames, record)
     logger.info("profile job %s: %s", job.name, {k: len(v) for k, v in frames.items()})
     return record
 

@@ -1,0 +1,92 @@
+"""The ``msnoop`` command line (typer). Thin: parse, validate, call the library, print.
+
+Verbs are grouped by task in ``msnoop --help``; each group's commands live in the module of that name
+(:mod:`msnoop.cli.embed`, :mod:`~msnoop.cli.query`, :mod:`~msnoop.cli.evaluate`, :mod:`~msnoop.cli.profiles`,
+:mod:`~msnoop.cli.training`). Importing this package loads typer and the light config modules only; each
+command imports its stage when it runs. Exit codes: see :mod:`msnoop.cli.common`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Annotated
+
+import typer
+import typer.core
+
+
+def _flag_type_hidden() -> None:
+    """Show boolean flags as flags in ``--help`` (typer 0.29's rich help prints ``<bool>`` beside every flag,
+    ``--help`` included, as if it took a value; click's plain help does not)."""
+    original = typer.core.TyperOption.display_type_rich
+
+    def display_type_rich(self: typer.core.TyperOption, ctx: typer.Context) -> str | None:
+        return None if self.is_flag else original(self, ctx)
+
+    typer.core.TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
+
+
+_flag_type_hidden()
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Microscopy image embeddings at scale (Microsnoop on Ray).",
+)
+logger = logging.getLogger("msnoop")
+
+#: Help panels, in the order ``msnoop --help`` shows them.
+EMBED, QUERY, EVALUATE, PROFILES, TRAINING = (
+    "Embed and submit",
+    "Search and inspect",
+    "Evaluate",
+    "Profiles and screens",
+    "Training",
+)
+
+# Libraries that log at INFO on every start (faiss's loader: 9 lines; LanceDB's Rust core; Ray's C++ core
+# workers, whose first-start notices look like errors): quiet unless -v.
+_NOISY = ("ray", "lancedb", "faiss", "urllib3", "filelock", "asyncio", "numexpr", "matplotlib", "PIL", "botocore")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    logging.getLogger("msnoop").setLevel(logging.DEBUG if verbose else logging.INFO)
+    for noisy in _NOISY:
+        logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.WARNING)
+    if not verbose:
+        # Ray's C++ core writes its own log lines to stderr unless told otherwise; they reach the terminal
+        # from every worker (`core_worker.cc ... E ...`), so they are kept for -v.
+        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")
+        os.environ.setdefault("RAY_LOG_TO_STDERR", "0")
+        os.environ.setdefault("LANCEDB_LOG", "error")
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="more logging (debug)")] = False) -> None:
+    _setup_logging(verbose)
+
+
+def _register() -> None:
+    from msnoop.cli import embed, evaluate, profiles, query, training
+
+    for module, panel in (
+        (embed, EMBED),
+        (query, QUERY),
+        (evaluate, EVALUATE),
+        (profiles, PROFILES),
+        (training, TRAINING),
+    ):
+        for name, fn, help_ in module.COMMANDS:
+            app.command(name, help=help_, rich_help_panel=panel)(fn)
+
+
+_register()

@@ -1,0 +1,208 @@
+"""CLI: embed images, run or validate any job config, submit a job to a Ray cluster, the demo."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from msnoop.cli.common import EXIT_FAILED, SetOpt, fail, load_job
+
+
+def _embed_overrides(**given: Any) -> list[tuple[str, Any]]:
+    keys = {
+        "manifest": "input.manifest",
+        "loaddata": "input.loaddata",
+        "folder": "input.folder",
+        "pattern": "input.pattern",
+        "channels": "input.channels",
+        "limit": "input.limit",
+        "id_column": "input.id_column",
+        "model": "model",
+        "out": "output.dir",
+        "table": "output.table",
+        "name": "name",
+        "mode": "preprocess.mode",
+        "batch_size": "runtime.batch_size",
+        "actors": "runtime.actors",
+        "address": "runtime.address",
+        "strict": "runtime.strict",
+        "num_cpus": "runtime.num_cpus",
+    }
+    out: list[tuple[str, Any]] = []
+    for arg, value in given.items():
+        if value is None or value is False:
+            continue
+        if arg == "channels":
+            value = [c.strip() for c in str(value).split(",") if c.strip()]
+        out.append((keys[arg], str(value) if isinstance(value, Path) else value))
+    return out
+
+
+def print_embed_result(result: Any) -> None:
+    typer.echo(
+        f"\nEmbedded {result.n_embedded} images ({result.n_errors} errors, {result.n_skipped} already done) "
+        f"in {result.seconds:.1f} s ({result.images_per_s:.3g} images/s"
+        + (f", {result.cells_per_s:.3g} cells/s)." if result.n_cells else ").")
+    )
+    typer.echo(f"Output: {result.out_dir.resolve()}  (Parquet: embeddings/, errors: errors/)")
+    typer.echo(
+        f"Totals: {result.n_rows_total} embedded + {result.n_errors_total} errors = {result.n_input} input images"
+    )
+    if getattr(result, "n_cells_total", 0):
+        typer.echo(
+            f"Cells: {result.n_cells} embedded in this run, {result.n_cells_total} in total (single-cell table: cells/)"
+        )
+    if result.table:
+        typer.echo(f"LanceDB table: {result.table!r} in {result.out_dir.resolve() / 'lancedb'}")
+    if result.errors_preview:
+        typer.echo(f"\n{result.n_errors_total} images could not be embedded, e.g.:")
+        for image_id, reason in result.errors_preview:
+            typer.echo(f"  {image_id}: {reason}")
+
+
+def embed(
+    config: Annotated[
+        Path | None, typer.Argument(help="job YAML (optional when every field is given as an option)")
+    ] = None,
+    manifest: Annotated[Path | None, typer.Option(help="CSV/Parquet manifest: one path column per channel")] = None,
+    loaddata: Annotated[Path | None, typer.Option(help="CellProfiler LoadData CSV")] = None,
+    folder: Annotated[Path | None, typer.Option(help="image folder (with --pattern)")] = None,
+    pattern: Annotated[str | None, typer.Option(help="filename pattern, e.g. '{Metadata_Well}_{channel}.tif'")] = None,
+    channels: Annotated[str | None, typer.Option(help="comma-separated channel names, in embedding order")] = None,
+    model: Annotated[str | None, typer.Option(help="checkpoint path, 'default' or 'random:<arch>[:seed]'")] = None,
+    out: Annotated[Path | None, typer.Option(help="output folder")] = None,
+    name: Annotated[str | None, typer.Option(help="job name (default table name)")] = None,
+    table: Annotated[str | None, typer.Option(help="LanceDB table name")] = None,
+    mode: Annotated[str | None, typer.Option(help="native | rescale | tile")] = None,
+    limit: Annotated[int | None, typer.Option(help="only the first N images")] = None,
+    id_column: Annotated[str | None, typer.Option(help="manifest column with unique image ids")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="tiles per forward pass")] = None,
+    actors: Annotated[int | None, typer.Option(help="embedding actors (one GPU each where present)")] = None,
+    num_cpus: Annotated[int | None, typer.Option(help="CPUs of a local Ray cluster")] = None,
+    address: Annotated[str | None, typer.Option(help="Ray address (default RAY_ADDRESS or a local cluster)")] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="stop at the first bad image")] = False,
+    set_: SetOpt = None,
+) -> None:
+    """Embed images (one vector per image) into Parquet and a LanceDB table; re-runs resume."""
+    from msnoop.core.config import ConfigError
+    from msnoop.embed.job import StrictModeError
+    from msnoop.jobs import run_embed_job
+
+    overrides = _embed_overrides(
+        manifest=manifest,
+        loaddata=loaddata,
+        folder=folder,
+        pattern=pattern,
+        channels=channels,
+        model=model,
+        out=out,
+        name=name,
+        table=table,
+        mode=mode,
+        limit=limit,
+        id_column=id_column,
+        batch_size=batch_size,
+        actors=actors,
+        num_cpus=num_cpus,
+        address=address,
+        strict=strict,
+    )
+    cfg = load_job(config, set_, job="embed", overrides=overrides)
+    try:
+        result = run_embed_job(cfg)
+    except StrictModeError as exc:
+        fail(f"strict mode: {exc}", EXIT_FAILED)
+    except (ConfigError, ValueError, FileNotFoundError, KeyError) as exc:
+        fail(str(exc).strip("'\""))
+    print_embed_result(result)
+
+
+def run(
+    config: Annotated[Path, typer.Argument(help="any msnoop job YAML (job: embed | pretrain | profile | ...)")],
+    set_: SetOpt = None,
+) -> None:
+    """Run any job config in this process (the entrypoint that `msnoop submit` uses on the cluster)."""
+    from msnoop.core.config import ConfigError
+    from msnoop.jobs import run_job
+
+    cfg = load_job(config, set_)
+    try:
+        _, summary = run_job(cfg)
+    except (ConfigError, ValueError, FileNotFoundError, KeyError, ImportError) as exc:
+        fail(str(exc).strip("'\""))
+    except RuntimeError as exc:
+        fail(str(exc), EXIT_FAILED)
+    if summary:
+        typer.echo(summary)
+
+
+def validate(config: Annotated[Path, typer.Argument()], set_: SetOpt = None) -> None:
+    """Validate a job config and print it resolved (no work is done)."""
+    from msnoop.core.config import config_hash, config_to_yaml
+
+    cfg = load_job(config, set_)
+    typer.echo(f"# valid {cfg.job} config, hash {config_hash(cfg)}")
+    typer.echo(config_to_yaml(cfg))
+
+
+def submit(
+    config: Annotated[Path, typer.Argument(help="job YAML")],
+    address: Annotated[str | None, typer.Option(help="Ray dashboard/Jobs address, e.g. http://HEAD:8265")] = None,
+    follow: Annotated[
+        bool, typer.Option("--follow", help="stream logs until the job ends; exit 1 if it failed")
+    ] = False,
+    python: Annotated[
+        str | None, typer.Option(help="interpreter on the cluster (default: this one for a local cluster)")
+    ] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Send a job to a Ray cluster with the Ray Jobs API."""
+    from msnoop.submit import follow_job, submit_job
+
+    cfg = load_job(config, set_)
+    try:
+        sub = submit_job(cfg, address=address, python=python)
+    except (ConnectionError, ValueError) as exc:
+        fail(str(exc))
+    typer.echo(f"Submitted job {sub.job_id} to {sub.address}")
+    typer.echo(f"Equivalent command:\n  {sub.equivalent_command}")
+    if follow:
+        status = follow_job(sub.address, sub.job_id)
+        typer.echo(f"\nJob {sub.job_id} {status}")
+        if status != "SUCCEEDED":
+            raise typer.Exit(EXIT_FAILED)
+    else:
+        typer.echo(f"Follow with: ray job logs --address {sub.address} --follow {sub.job_id}")
+
+
+def demo(
+    out: Annotated[Path, typer.Option(help="folder for the synthetic data and results")] = Path("demo_output"),
+    n_per_class: Annotated[int, typer.Option(help="cells per class (4 classes)")] = 25,
+    model: Annotated[str | None, typer.Option(help="model reference (default: the shipped model)")] = None,
+) -> None:
+    """Generate synthetic cells, embed them with Ray into LanceDB, and search."""
+    from msnoop.demo import run_demo
+    from msnoop.query.search import open_results, search_by_id
+
+    result, cfg = run_demo(out, n_per_class=n_per_class, model=model)
+    print_embed_result(result)
+    ref = open_results(cfg.output.dir)
+    first = ref.table.search().where("Metadata_Class = 'punctate'").select(["Metadata_ImageID"]).limit(1).to_arrow()
+    query_id = first.column("Metadata_ImageID")[0].as_py()
+    hits = search_by_id(ref, query_id, k=8)
+    typer.echo(f"\nNearest neighbours of {query_id} (class punctate), model {cfg.model}:")
+    typer.echo(hits[["Metadata_ImageID", "_distance", "Metadata_Class"]].to_string(index=False))
+    same = float((hits["Metadata_Class"] == "punctate").mean())
+    typer.echo(f"\n{same:.0%} of the 8 nearest neighbours share the query's class (chance 25%).")
+    typer.echo(f"Try: msnoop search {cfg.output.dir} --id {query_id} --k 5 --where \"Metadata_Class = 'membrane'\"")
+
+
+COMMANDS = [
+    ("embed", embed, None),
+    ("submit", submit, None),
+    ("run", run, None),
+    ("validate", validate, None),
+    ("demo", demo, None),
+]

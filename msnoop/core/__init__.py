@@ -1,0 +1,1 @@
+"""Foundations every stage builds on: config base, table conventions, Parquet parts, filters, Ray runtime."""

@@ -1,0 +1,153 @@
+"""Typed job configs: the shared base, YAML loading and validation, overrides, hashing.
+
+Every job config is a pydantic model with ``extra="forbid"``: an unknown or missing key fails at load
+time with a message naming the key and the file. Any field can be overridden from the command line
+with ``--set section.key=value`` (values are parsed as YAML), and the resolved config is saved beside
+the job's outputs. Each stage keeps its own config sections beside its code (``msnoop.io.config``,
+``msnoop.embed.config``, ...); which ``job:`` kind maps to which config class is declared once, in
+:mod:`msnoop.jobs`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+
+class ConfigError(ValueError):
+    """A job config is invalid; the message names the file and the offending key."""
+
+
+class StrictModel(BaseModel):
+    """Base of every config section: unknown keys are errors (a typo never passes silently)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+T = TypeVar("T", bound=BaseModel)
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  unknown key {loc!r}")
+        elif e["type"] == "missing":
+            lines.append(f"  missing key {loc!r}")
+        elif not e["loc"] and e["type"] == "value_error":  # a whole-job check: the message says it all
+            lines.append(f"  {e['msg'].removeprefix('Value error, ')}")
+        else:
+            found = repr(e.get("input"))
+            found = found if len(found) <= 120 else found[:117] + "..."
+            lines.append(f"  {loc}: {e['msg']} (found {found})")
+    return f"invalid config {source}:\n" + "\n".join(lines)
+
+
+def set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``data['a']['b'] = value`` for ``dotted='a.b'``, creating sections as needed."""
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot set {dotted!r}: {key!r} is not a section")
+    node[keys[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
+    """Parse ``key.sub=value`` strings (value as YAML) into pairs."""
+    out = []
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. runtime.batch_size=32")
+        key, raw = item.split("=", 1)
+        out.append((key.strip(), yaml.safe_load(raw)))
+    return out
+
+
+def validate_config(model: type[T], data: dict[str, Any], *, source: str = "<command line>") -> T:
+    """Validate ``data`` into ``model``; a failure raises :class:`ConfigError` naming ``source`` and each key."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a config file as a mapping of sections.
+
+    Raises:
+        ConfigError: The file is missing, is not YAML, or is not a mapping.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of sections, found {type(loaded).__name__}")
+    return loaded
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[tuple[str, Any]] | None) -> dict[str, Any]:
+    """A deep copy of ``data`` (paths as strings) with ``overrides`` (``[(dotted key, value)]``) set."""
+    data = json.loads(json.dumps(data, default=str))
+    for key, value in overrides or []:
+        set_path(data, key, value)
+    return data
+
+
+def absolutize(cfg: T) -> T:
+    """A copy of ``cfg`` with every relative path (and a model given as an existing file) made absolute.
+
+    Used before sending a config to a cluster, where the job runs in another working directory.
+    """
+
+    def fix(node: Any) -> Any:
+        if isinstance(node, BaseModel):
+            updates = {name: fix(getattr(node, name)) for name in type(node).model_fields}
+            return node.model_copy(update=updates)
+        if isinstance(node, Path):
+            return node.expanduser().resolve()
+        if isinstance(node, list):
+            return [fix(v) for v in node]
+        if isinstance(node, dict):
+            return {k: fix(v) for k, v in node.items()}
+        return node
+
+    out = fix(cfg)
+    model = getattr(out, "model", None)
+    if isinstance(model, str) and Path(model).expanduser().is_file():
+        out = out.model_copy(update={"model": str(Path(model).expanduser().resolve())})
+    return out
+
+
+def config_to_yaml(cfg: BaseModel) -> str:
+    return yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False)
+
+
+def config_hash(cfg: BaseModel) -> str:
+    """Short stable hash of a resolved config (runtime settings excluded: they do not change results)."""
+    data = json.loads(cfg.model_dump_json())
+    data.pop("runtime", None)
+    if data.get("job") == "embed" and data.get("cells") is None:
+        data.pop("cells", None)  # hashes of whole-image jobs stay as they were before cells mode existed
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def save_resolved(cfg: BaseModel, out_dir: str | Path, name: str = "resolved_config.yaml") -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / name
+    path.write_text(config_to_yaml(cfg))
+    return path

@@ -1,0 +1,83 @@
+"""Row filters in one dialect: SQL boolean expressions, as LanceDB's ``where`` and DuckDB speak them.
+
+Every option of msnoop that selects rows (``--where``, ``--match``, ``--control``, ``--exclude``, a screen's
+``positive``/``negative``/``series``, a profile job's ``control``) takes the same kind of text::
+
+    Metadata_Compound = 'DMSO'
+    Metadata_Plate IN ('P1', 'P2') AND Metadata_Dose > 0.5
+    Metadata_Gene IS NULL
+
+Strings are in single quotes (double quotes name a column, as in SQL). On a LanceDB table the filter is
+passed to LanceDB; on an in-memory table (pandas) it is evaluated by DuckDB (:func:`filter_mask`), so the
+two agree on syntax, NULL handling (a NULL comparison selects nothing) and operators.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pandas as pd
+
+_ROW = "__msnoop_row__"
+
+
+class FilterError(ValueError):
+    """A filter is not valid SQL for the table; the message names the filter and what went wrong."""
+
+
+def _hint(where: str, message: str) -> str:
+    hint = ""
+    if '"' in where and re.search(r"Referenced column", message):
+        hint = "; strings take single quotes in SQL, e.g. Metadata_Compound = 'DMSO'"
+    elif re.search(r"[&|]", where):
+        hint = "; combine conditions with AND / OR, not & / |"
+    first = message.strip().splitlines()[0] if message.strip() else message
+    return f"filter {where!r} is not a valid SQL condition on this table: {first}{hint}"
+
+
+def filter_mask(df: pd.DataFrame, where: str) -> np.ndarray:
+    """Evaluate the SQL condition ``where`` on every row of ``df``.
+
+    Args:
+        df: A table (any columns; ``Metadata_*`` names need no quoting).
+        where: A SQL boolean expression (see the module docstring). ``==`` is accepted as ``=``.
+
+    Returns:
+        ``[len(df)]`` bool array, in ``df``'s row order; rows where the condition is NULL are False.
+
+    Raises:
+        FilterError: The condition does not parse or names a column the table does not have.
+    """
+    import duckdb
+
+    if not where or not where.strip():
+        raise FilterError("empty filter: expected a SQL condition such as Metadata_Compound = 'DMSO'")
+    frame = df.reset_index(drop=True)
+    frame = frame.assign(**{_ROW: np.arange(len(frame), dtype=np.int64)})
+    con = duckdb.connect()
+    try:
+        con.register("t", frame)
+        out = con.execute(
+            f"SELECT COALESCE(CAST(({where}) AS BOOLEAN), FALSE) AS m FROM t ORDER BY {_ROW}"
+        ).fetchnumpy()
+    except duckdb.Error as exc:
+        raise FilterError(_hint(where, str(exc))) from None
+    finally:
+        con.close()
+    return np.asarray(out["m"], dtype=bool)
+
+
+def select_rows(df: pd.DataFrame, where: str, *, what: str = "filter", allow_empty: bool = False) -> pd.DataFrame:
+    """The rows of ``df`` that ``where`` selects (index kept).
+
+    Raises:
+        FilterError: Invalid condition, or (unless ``allow_empty``) no row matches; ``what`` names the option.
+    """
+    mask = filter_mask(df, where)
+    if not mask.any() and not allow_empty:
+        raise FilterError(f"{what} {where!r} matches none of the {len(df)} rows")
+    return df[mask]
+
+
+__all__ = ["FilterError", "filter_mask", "select_rows"]

@@ -1,0 +1,192 @@
+"""Cells mode (Microsnoop's full-field pipeline, ANCHORS 1.6): segment, crop every cell, one row per cell.
+
+The read stage segments the nucleus channel, crops every cell with the same window in all channels
+(:func:`msnoop.preprocess.crop.crop_cells`, zero-padded to the input size) and normalises each crop
+channel like the ``native`` preset (normalize99 after padding); the tiles of an image are its cells,
+cell-major then channel-major. The embedding actor embeds each cell (channels concatenated) and averages
+the cells of each image. The write stage writes one row per cell to ``<out>/cells/`` and the per-image
+mean, with ``Metadata_CellCount``, to ``<out>/embeddings/``. The cells part of a block is written before
+its embeddings part; a cells part whose images are not all finished (a run killed in between) is removed
+at the next start (:func:`drop_orphan_cells`), so resuming never duplicates cells.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import zlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from msnoop.core import parts
+from msnoop.core.parts import ID_COLUMN
+from msnoop.io.readers import ImageReadError
+from msnoop.preprocess.presets import Preprocessing, prepare_channel
+
+if TYPE_CHECKING:
+    from msnoop.embed.config import EmbedJob
+
+logger = logging.getLogger(__name__)
+
+CELLS = "cells"  # <out>/cells/part-*.parquet: one row per cell (cells mode)
+
+MASKS = "masks"  # <out>/masks/<image id>.tif: label masks (cells.save_masks)
+
+CELL_COLUMNS = ["Metadata_CellID", "Metadata_CentroidY", "Metadata_CentroidX", "Metadata_Area"]
+
+CELL_COUNT = "Metadata_CellCount"  # cells averaged into the image vector
+
+CELLS_FOUND = "Metadata_CellsFound"  # cells kept by cropping (before max_cells_per_image)
+
+
+def _mask_path(masks_dir: str | Path, image_id: str) -> Path:
+    """``<masks_dir>/<image id>.tif``; the id's folders are kept, odd characters become ``_``."""
+    parts_ = [re.sub(r"[^A-Za-z0-9._-]+", "_", p) for p in str(image_id).replace("\\", "/").split("/")]
+    parts_ = [p for p in parts_ if p not in ("", ".", "..")] or ["image"]
+    return Path(masks_dir).joinpath(*parts_[:-1], parts_[-1] + ".tif")
+
+
+def _save_mask(labels: np.ndarray, path: Path) -> None:
+    import tifffile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dtype = np.uint16 if labels.max(initial=0) < 2**16 else np.uint32
+    tmp = path.with_name(f".{path.name}.tmp")
+    tifffile.imwrite(tmp, labels.astype(dtype, copy=False), compression="zlib")
+    os.replace(tmp, path)
+
+
+def _subset_seed(seed: int, image_id: str) -> np.random.Generator:
+    return np.random.default_rng([seed, zlib.crc32(str(image_id).encode())])
+
+
+def prepare_cells(
+    images: list[np.ndarray],
+    image_id: str,
+    *,
+    cells: dict[str, Any],
+    pre: Preprocessing,
+    path: str,
+    masks_dir: str | None = None,
+) -> tuple[np.ndarray, pd.DataFrame, int]:
+    """Cells mode for one image: segment, crop every cell in all channels, normalise each crop channel.
+
+    Args:
+        images: The image's ``[H, W]`` channels, in ``input.channels`` order.
+        image_id: Its id (seeds the ``max_cells_per_image`` subset, names the mask file).
+        cells: ``CellsConfig.model_dump()`` plus ``channels`` and ``nucleus_channel``.
+        pre: The job's preprocessing (``native`` mode): crop side and normalisation.
+        path: The nucleus channel's file, for messages.
+        masks_dir: Where to write the label mask, or None.
+
+    Returns:
+        ``(tiles [N * C, S, S] float32`` (cell-major, channel-major), the crop table of the N embedded cells
+        (:func:`~msnoop.preprocess.crop.crop_windows` columns), cells found before subsetting``)``.
+
+    Raises:
+        ImageReadError: Segmentation failed, the mask does not match the image, or (``empty='error'``) no
+            cell was found.
+    """
+    from msnoop.preprocess.crop import crop_cells, crop_windows
+    from msnoop.segment.config import SegmentationConfig
+
+    seg = SegmentationConfig(**cells["segmentation"])
+    nucleus = cells["nucleus_channel"]
+    nuc_index = list(cells["channels"]).index(nucleus)
+    size = pre.input_size
+    try:
+        labels = np.asarray(seg.run(images[nuc_index]))
+    except (ValueError, RuntimeError) as exc:
+        raise ImageReadError(path, f"segmentation of channel {nucleus!r} failed: {exc}") from exc
+    if labels.shape != images[nuc_index].shape:
+        raise ImageReadError(
+            path, f"segmentation mask has shape {labels.shape} but the image is {images[nuc_index].shape}"
+        )
+    if labels.ndim != 2 or not np.issubdtype(labels.dtype, np.integer):
+        raise ImageReadError(
+            path, f"segmentation returned a {labels.ndim}-D {labels.dtype} array, not an integer label image"
+        )
+    if masks_dir:
+        _save_mask(labels, _mask_path(masks_dir, image_id))
+    stack = np.stack(images)
+    opts = {"ratio": cells["ratio"], "size": size, "skip_border": cells["skip_border"]}
+    windows = crop_windows(labels, **opts)
+    found = len(windows)
+    limit = cells.get("max_cells_per_image")
+    if limit is not None and found > limit:
+        rng = _subset_seed(cells.get("seed", 0), image_id)
+        keep = rng.choice(windows["cell_id"].to_numpy(), size=limit, replace=False)
+        labels = np.where(np.isin(labels, keep), labels, 0)  # windows depend on each cell alone: same crops
+    try:
+        crops, table = crop_cells(stack, labels, **opts)
+    except ValueError as exc:
+        raise ImageReadError(path, f"cropping cells failed: {exc}") from exc
+    if not len(table) and cells["empty"] == "error":
+        n_nuclei = int(np.count_nonzero(np.unique(labels)))
+        why = (
+            f"all {n_nuclei} touch the image border (cells.skip_border)"
+            if n_nuclei and cells["skip_border"]
+            else "none could be cropped"
+            if n_nuclei
+            else "segmentation found no nucleus"
+        )
+        raise ImageReadError(
+            path,
+            f"no cell to embed: {why} in channel {nucleus!r} (set cells.empty: zero to write a zero vector instead)",
+        )
+    native = pre if pre.mode == "native" else pre.model_copy(update={"mode": "native"})
+    tiles = np.empty((crops.shape[0] * crops.shape[1], size, size), dtype=np.float32)
+    for k, crop in enumerate(crops.reshape(-1, size, size)):
+        tiles[k] = prepare_channel(crop, native)[0]
+    return tiles, table, found
+
+
+def cells_table(meta: pd.DataFrame, batch: dict[str, Any], ok: np.ndarray) -> pa.Table | None:
+    """One row per cell of the block's good images: image metadata + cell columns + ``emb_*``."""
+    image_cols = [c for c in meta.columns if c not in (CELL_COUNT, CELLS_FOUND)]
+    rows: list[int] = []
+    tables: list[np.ndarray] = []
+    embs: list[np.ndarray] = []
+    for i in np.flatnonzero(ok):
+        t = np.asarray(batch["cell_table"][i], dtype=np.float64).reshape(-1, 4)
+        if len(t):
+            rows.extend([i] * len(t))
+            tables.append(t)
+            embs.append(np.asarray(batch["cell_embedding"][i], dtype=np.float32))
+    if not rows:
+        return None
+    cell_meta = meta[image_cols].iloc[rows].reset_index(drop=True)
+    t = np.concatenate(tables)
+    cell_meta["Metadata_CellID"] = t[:, 0].astype(np.int64)
+    cell_meta["Metadata_CentroidY"] = t[:, 1]
+    cell_meta["Metadata_CentroidX"] = t[:, 2]
+    cell_meta["Metadata_Area"] = t[:, 3].astype(np.int64)
+    return parts.embeddings_frame(cell_meta, np.concatenate(embs))
+
+
+def drop_orphan_cells(out_dir: Path, finished: set[str]) -> int:
+    """Remove cells parts holding an image whose mean was never written (a run killed mid-block).
+
+    Each block writes its cells part before its embeddings part, with the same image ids, so such a
+    part's images are all redone by this run; keeping the part would duplicate their cells.
+    """
+    removed = 0
+    for f in parts.part_files(out_dir / CELLS):
+        ids = set(pd.read_parquet(f, columns=[ID_COLUMN])[ID_COLUMN].astype(str))
+        if not ids <= finished:
+            logger.warning("removing %s: its images have no image-level row yet and will be embedded again", f.name)
+            f.unlink()
+            removed += 1
+    return removed
+
+
+def cells_spec(cfg: EmbedJob) -> dict[str, Any] | None:
+    if cfg.cells is None:
+        return None
+    spec = cfg.cells.model_dump(mode="json")
+    return {**spec, "channels": list(cfg.input.channels), "nucleus_channel": cfg.nucleus_channel}

@@ -1,0 +1,144 @@
+"""``job: embed`` config: images -> one vector per image (or per cell), in Parquet and LanceDB."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from msnoop.core.config import StrictModel as _Strict
+from msnoop.core.runtime import AMP_HELP
+from msnoop.io.config import InputConfig
+from msnoop.preprocess.config import PreprocessConfig
+from msnoop.segment.config import SegmentationConfig
+
+
+class OutputConfig(_Strict):
+    dir: Path = Field(..., description="folder for Parquet parts, errors, resolved config and the LanceDB database")
+    table: str | None = Field(None, description="LanceDB table name; default the job name")
+    lancedb: str | None = Field(None, description="LanceDB URI; default <dir>/lancedb (embedded)")
+    write_lance: bool = True
+    index: Literal["auto", "none", "ivf_sq", "ivf_pq", "hnsw"] = Field(
+        "auto",
+        description="LanceDB vector index: auto builds one (IVF_SQ) from index_threshold rows on; smaller tables are searched exactly",
+    )
+    index_threshold: int = Field(100_000, ge=1, description="rows from which 'auto' builds a vector index")
+    on_mismatch: Literal["error", "replace"] = Field(
+        "error",
+        description="dir holds embeddings of another model, preprocessing, channel list or mode: "
+        "stop with an error, or replace them (their parts are removed and every image is embedded again)",
+    )
+
+
+class RuntimeConfig(_Strict):
+    address: str | None = Field(
+        None, description="Ray address; None = RAY_ADDRESS or a local cluster started on demand"
+    )
+    num_cpus: int | None = Field(None, ge=1, description="CPUs for a local cluster; default all")
+    object_store_mb: int | None = Field(None, ge=100)
+    batch_size: int = Field(64, ge=1, description="one-channel tiles per forward pass")
+    images_per_block: int = Field(64, ge=1, description="images per Ray Data block (read/preprocess task)")
+    actors: int = Field(1, ge=1, description="embedding actors in the pool (one GPU each where GPUs exist)")
+    actor_cpus: float | None = Field(None, gt=0, description="CPUs per embedding actor; default 1 with GPUs, else 0.5")
+    use_gpu: Literal["auto", "yes", "no"] = "auto"
+    amp: Literal["cuda", "auto", "off"] = Field("cuda", description=AMP_HELP)
+    inflight_mb: int = Field(
+        512, ge=64, description="object-store budget for blocks in flight; bounds read-ahead memory"
+    )
+    strict: bool = Field(False, description="stop at the first bad image instead of recording it")
+    progress: bool = True
+
+
+class CellsConfig(_Strict):
+    """Full-field "cells" mode (Microsnoop's cell-region pipeline, ANCHORS 1.6 / 1.8).
+
+    Every image is segmented on its nucleus channel; each cell is cropped with the same window in all
+    channels (half-size ``ratio`` x the nucleus' larger bbox extent, capped at ``input_size // 2``,
+    zero-padded to ``input_size``), normalised per channel like the ``native`` preset (after padding)
+    and embedded. The job writes one row per cell to ``<out>/cells/`` and, in ``<out>/embeddings/``, the
+    **mean of the cell embeddings** per image with ``Metadata_CellCount`` (cells averaged) and
+    ``Metadata_CellsFound`` (cells kept before ``max_cells_per_image``).
+    """
+
+    segmentation: SegmentationConfig = Field(
+        default_factory=SegmentationConfig,
+        description="nucleus segmentation; segmentation.channel names the nucleus channel (one of input.channels)",
+    )
+    ratio: float = Field(2.0, gt=0, description="crop half-size / nucleus bbox extent (Microsnoop rsc_crop_ratio)")
+    skip_border: bool = Field(True, description="skip nuclei touching the image border (as Microsnoop)")
+    max_cells_per_image: int | None = Field(
+        None,
+        ge=1,
+        description="embed at most N cells per image: a random subset (seeded by `seed` and the image id, so "
+        "the same cells are picked on every run); None = all cells. A CPU-budget knob: the image vector is "
+        "then the mean over the subset",
+    )
+    seed: int = Field(0, description="seed of the max_cells_per_image subset")
+    save_masks: bool = Field(False, description="write each image's label mask as compressed TIFF under <out>/masks/")
+    empty: Literal["error", "zero"] = Field(
+        "error",
+        description="an image without any cell: 'error' records it in errors/; 'zero' writes a zero vector "
+        "(Microsnoop's BBBC021 convention) with Metadata_CellCount 0",
+    )
+    lance_cells_table: bool = Field(True, description="also build the LanceDB table <table>_cells (one row per cell)")
+
+
+class EmbedJob(_Strict):
+    """``msnoop embed``: images -> one vector per image, in Parquet and LanceDB.
+
+    With a ``cells:`` section the job works per cell (segment, crop, embed each cell) and the image
+    vector is the mean of its cells' vectors; without it every image is embedded whole.
+    """
+
+    job: Literal["embed"] = "embed"
+    name: str = Field("embeddings", pattern=r"^[A-Za-z0-9_\-]+$")
+    input: InputConfig
+    model: str = Field(..., description="checkpoint path, 'default', or 'random:<arch>[:seed]'")
+    preprocess: PreprocessConfig = PreprocessConfig()
+    output: OutputConfig
+    runtime: RuntimeConfig = RuntimeConfig()
+    cells: CellsConfig | None = Field(None, description="full-field cells mode; absent = embed whole images")
+
+    @model_validator(mode="after")
+    def _check_cells(self) -> EmbedJob:
+        if self.cells is None:
+            return self
+        self.nucleus_channel  # raises ValueError with the reason
+        if self.preprocess.mode != "native":
+            raise ValueError(
+                f"cells mode crops every cell to the model input size; preprocess.mode must be 'native' "
+                f"(found {self.preprocess.mode!r}). Remove preprocess.mode or the cells section"
+            )
+        return self
+
+    @property
+    def nucleus_channel(self) -> str:
+        """Name of the channel segmented in cells mode (``cells.segmentation.channel``; None = the first)."""
+        if self.cells is None:
+            raise ValueError("no cells section: this job embeds whole images")
+        channels = list(self.input.channels)
+        ch = self.cells.segmentation.channel
+        if ch is None:
+            return channels[0]
+        if isinstance(ch, int):
+            if not 0 <= ch < len(channels):
+                raise ValueError(
+                    f"cells.segmentation.channel {ch} is out of range for input.channels {channels} "
+                    f"(0..{len(channels) - 1})"
+                )
+            return channels[ch]
+        if ch not in channels:
+            raise ValueError(
+                f"cells.segmentation.channel {ch!r} is not one of input.channels {channels}; "
+                "name the nucleus (DNA/DAPI/Hoechst) channel"
+            )
+        return ch
+
+    @property
+    def table_name(self) -> str:
+        return self.output.table or self.name
+
+    @property
+    def lancedb_uri(self) -> str:
+        return self.output.lancedb or str(self.output.dir / "lancedb")

@@ -1,0 +1,358 @@
+"""The streaming embedding job: manifest -> read/decode -> preprocess -> embed -> Parquet parts, on Ray Data.
+
+Stages (all lazy, streamed block by block with bounded memory):
+
+1. :func:`msnoop.embed.dataset.read_and_prepare` (CPU tasks): read and check every channel file of every
+   image and turn it into normalised input tiles (or an error row).
+2. :class:`msnoop.embed.actor.EmbedActor` (actor pool, one GPU per actor where GPUs exist): embeds the
+   tiles in batches, averages tiles per channel and concatenates channels.
+3. :func:`msnoop.embed.write.write_block` (CPU tasks): writes the block's embeddings and errors as new
+   Parquet parts and returns only counts, so the driver never holds embeddings.
+
+With a ``cells:`` section the read stage segments and crops cells (:mod:`msnoop.embed.cells`). The
+Parquet parts are the job's result and the source of truth; the LanceDB table is built from them by the
+store stage (:func:`msnoop.store.publish.publish_embeddings`), which :mod:`msnoop.jobs` runs after this.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from msnoop.core import parts
+from msnoop.core.config import config_hash, save_resolved
+from msnoop.core.parts import ID_COLUMN
+from msnoop.embed.actor import EmbedActor
+from msnoop.embed.cells import CELLS, MASKS, cells_spec, drop_orphan_cells
+from msnoop.embed.config import EmbedJob
+from msnoop.embed.dataset import StrictModeError, read_and_prepare
+from msnoop.embed.resume import OutputMismatchError, check_resumable
+from msnoop.embed.write import provenance_record, write_block
+from msnoop.io.manifest import load_image_table
+from msnoop.preprocess.config import PreprocessConfig
+from msnoop.preprocess.presets import Preprocessing
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import ray.data
+
+    from msnoop.models.checkpoint import LoadedModel
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["EmbedResult", "OutputMismatchError", "StrictModeError", "prepare_model", "run_embed", "run_info"]
+
+
+@dataclass
+class EmbedResult:
+    out_dir: Path
+    n_input: int
+    n_skipped: int
+    n_embedded: int
+    n_errors: int
+    n_rows_total: int
+    n_errors_total: int
+    seconds: float
+    table: str | None
+    errors_preview: list[tuple[str, str]]
+    n_cells: int = 0  # cells embedded by this run (cells mode)
+    n_cells_total: int = 0  # rows of <out>/cells/ (cells mode)
+
+    @property
+    def images_per_s(self) -> float:
+        return (self.n_embedded + self.n_errors) / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def cells_per_s(self) -> float:
+        return self.n_cells / self.seconds if self.seconds > 0 else 0.0
+
+
+def _resources(cfg: EmbedJob) -> tuple[bool, dict[str, Any]]:
+    import ray
+
+    total_gpus = ray.cluster_resources().get("GPU", 0)
+    use_gpu = cfg.runtime.use_gpu == "yes" or (cfg.runtime.use_gpu == "auto" and total_gpus > 0)
+    if cfg.runtime.use_gpu == "yes" and total_gpus == 0:
+        raise RuntimeError("runtime.use_gpu is 'yes' but the Ray cluster has no GPU; set it to 'auto' or 'no'")
+    total_cpus = ray.cluster_resources().get("CPU", 1)
+    cpus = cfg.runtime.actor_cpus or (1.0 if use_gpu else min(0.5, total_cpus / 4))
+    res: dict[str, Any] = {"num_cpus": cpus}
+    if use_gpu:
+        res["num_gpus"] = 1
+    return use_gpu, res
+
+
+def run_info(cfg: EmbedJob, model: LoadedModel, spec: Preprocessing) -> dict[str, Any]:
+    from msnoop.core.runtime import provenance
+
+    info: dict[str, Any] = {
+        "job": "embed",
+        "name": cfg.name,
+        "table": cfg.table_name,
+        "lancedb": cfg.lancedb_uri,
+        "model": cfg.model,
+        "model_source": model.source,
+        "model_sha256": model.sha256,
+        "arch": model.arch,
+        "preprocess": spec.model_dump(),
+        "amp": cfg.runtime.amp,  # bf16 autocast setting; rows differ from float32 ones by bf16 rounding only
+        "channels": list(cfg.input.channels),
+        "embed_dim_per_channel": int(model.net.embed_dim),  # type: ignore[arg-type]
+        "embed_dim": int(model.net.embed_dim) * len(cfg.input.channels),  # type: ignore[arg-type]
+        "config_hash": config_hash(cfg),
+        "provenance": provenance(),
+    }
+    if cfg.cells is not None:
+        info["cells"] = {**cfg.cells.model_dump(mode="json"), "nucleus_channel": cfg.nucleus_channel}
+    return info
+
+
+def prepare_model(cfg: EmbedJob) -> tuple[LoadedModel, Preprocessing]:
+    """Resolve the model and the preprocessing the job will use (see :func:`resolve_for_embedding`)."""
+    return resolve_for_embedding(cfg.model, cfg.preprocess)
+
+
+def resolve_for_embedding(ref: str, preprocess: PreprocessConfig) -> tuple[LoadedModel, Preprocessing]:
+    """Load model ``ref`` with the preprocessing it will embed with.
+
+    A checkpoint's preset and input size fill in what ``preprocess`` leaves unset and refuse a different one.
+
+    Raises:
+        CheckpointError: Unknown reference, unreadable checkpoint, or a preprocessing the checkpoint refuses.
+    """
+    from msnoop.models.checkpoint import reconcile_preprocess, resolve_model
+
+    model = resolve_model(ref)  # a checkpoint comes back with its stored preprocessing
+    spec = preprocess.resolve(model.preprocess if model.sha256 else None)
+    if model.sha256:
+        spec = reconcile_preprocess(model.preprocess, spec, source=model.source)
+    model.preprocess = spec
+    return model, spec
+
+
+def build_dataset(
+    cfg: EmbedJob, todo: pd.DataFrame, model: LoadedModel, spec: Preprocessing, out_dir: Path, info: dict[str, Any]
+) -> ray.data.Dataset:
+    """The lazy Ray Data pipeline read -> embed -> write over the rows ``todo`` (on the current Ray cluster).
+
+    Returns a dataset whose rows are per-block counts ``n_ok``, ``n_err``, ``n_cells``.
+    """
+    import ray
+
+    use_gpu, res = _resources(cfg)
+    # Bound how far reading runs ahead of embedding: memory stays flat however many images there are.
+    ctx = ray.data.DataContext.get_current()
+    if not sys.stderr.isatty():
+        # In logs, Ray's per-operator progress dumps every 10 s drown the job's own progress lines.
+        ctx.enable_progress_bars = False
+    ctx.execution_options.resource_limits = ray.data.ExecutionResources(
+        object_store_memory=cfg.runtime.inflight_mb * 1024**2
+    )
+    # The actors request no memory (a fixed request could keep them off small machines), so Ray Data's
+    # high-memory detector repeats the same advice every 30 s; once every 10 minutes is enough in a log.
+    detectors = getattr(ctx, "issue_detectors_config", None)
+    if detectors is not None and hasattr(detectors, "high_memory_detector_config"):
+        detectors.high_memory_detector_config.detection_time_interval_s = 600
+    n_cpus = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
+    threads = None if use_gpu else max(1, n_cpus // cfg.runtime.actors)
+    cells = cells_spec(cfg)
+    masks_dir = str((out_dir / MASKS).resolve()) if cfg.cells is not None and cfg.cells.save_masks else None
+    channels = list(cfg.input.channels)
+    block = cfg.runtime.images_per_block
+    frames = [todo.iloc[i : i + block] for i in range(0, len(todo), block)]
+    # Read/write tasks take a fraction of a CPU on small clusters, so that they and the actor pool
+    # always fit together (on 1-2 CPUs, whole-CPU tasks next to an actor would wait forever).
+    task_cpus = min(1.0, float(ray.cluster_resources().get("CPU", 1)) / 8)
+    # Without GPUs, reading asks for what the actor asks for, so Ray Data fuses it into the actor: tiles
+    # never cross processes and no reader process competes with the actor's torch threads (with the
+    # sleeping OpenMP threads above, jobs/bench_embed.py's Ray / bare ratio went from 0.81 to 0.90 on
+    # 2 cores). With GPUs, CPU tasks read so that the GPU actors only embed.
+    read_cpus = task_cpus if use_gpu else float(res["num_cpus"])
+    ds = ray.data.from_pandas(frames)
+    ds = ds.map_batches(
+        read_and_prepare,
+        batch_format="pandas",
+        batch_size=None,
+        num_cpus=read_cpus,
+        fn_kwargs={
+            "channels": channels,
+            "spec": spec.model_dump(),
+            "strict": cfg.runtime.strict,
+            "cells": cells,
+            "masks_dir": masks_dir,
+        },
+    )
+    ds = ds.map_batches(
+        EmbedActor,
+        batch_size=block,
+        compute=ray.data.ActorPoolStrategy(size=cfg.runtime.actors),
+        fn_constructor_kwargs={
+            "model": ray.put(model),
+            "batch_size": cfg.runtime.batch_size,
+            "device": "cuda" if use_gpu else "cpu",
+            "torch_threads": threads,
+            "cells": cells is not None,
+            "amp": cfg.runtime.amp,
+        },
+        **res,
+    )
+    return ds.map_batches(
+        write_block,
+        batch_size=None,
+        num_cpus=task_cpus,
+        fn_kwargs={
+            "out_dir": str(out_dir.resolve()),
+            "channels": channels,
+            "cells": cells is not None,
+            "provenance": provenance_record(info),
+        },
+    )
+
+
+def _stream_counts(
+    ds: ray.data.Dataset, n_todo: int, *, t0: float, progress: bool, cells: bool
+) -> tuple[int, int, int]:
+    """Run the pipeline, logging progress every 5 s; returns ``(embedded, errors, cells)`` of this run."""
+    n_ok = n_err = n_cells = 0
+    last = time.perf_counter()
+    try:
+        for row in ds.iter_rows():
+            n_ok += int(row["n_ok"])
+            n_err += int(row["n_err"])
+            n_cells += int(row["n_cells"])
+            now = time.perf_counter()
+            if progress and now - last > 5:
+                done_n = n_ok + n_err
+                rate = done_n / (now - t0)
+                eta = (n_todo - done_n) / rate if rate > 0 else float("nan")
+                cell_rate = f", {n_cells / (now - t0):.3g} cells/s" if cells else ""
+                logger.info(
+                    "%d/%d images (%d errors), %.3g img/s%s, ETA %.0f s", done_n, n_todo, n_err, rate, cell_rate, eta
+                )
+                last = now
+    except Exception as exc:
+        cause = _find_strict(exc)
+        if cause is not None:
+            raise StrictModeError(cause) from None
+        raise
+    return n_ok, n_err, n_cells
+
+
+def run_embed(cfg: EmbedJob) -> EmbedResult:
+    """Run an embedding job to its Parquet parts; resumable (ids already written are skipped).
+
+    Args:
+        cfg: A validated ``job: embed`` config.
+
+    Returns:
+        An :class:`EmbedResult`: counts of this run and totals of the output folder. ``table`` is None
+        here; :func:`msnoop.jobs.run_embed_job` also builds the LanceDB table from the parts.
+
+    Raises:
+        ConfigError: The input table cannot be built (missing manifest, column, duplicate ids).
+        OutputMismatchError: ``output.dir`` holds embeddings of another model, preprocessing, channel
+            list or mode, and ``output.on_mismatch`` is ``error``.
+        StrictModeError: ``runtime.strict`` and an image could not be embedded (the message is its error).
+        CheckpointError: The model reference cannot be resolved.
+    """
+    from msnoop.core.runtime import init_ray, provenance
+
+    t0 = time.perf_counter()
+    out_dir = Path(cfg.output.dir)
+    model, spec = prepare_model(cfg)
+    table = load_image_table(cfg.input)
+    info = run_info(cfg, model, spec)
+    try:
+        check_resumable(cfg, out_dir, info)
+    except OutputMismatchError as exc:
+        if cfg.output.on_mismatch != "replace":
+            raise
+        logger.warning("%s; output.on_mismatch is 'replace': removing them and embedding again", exc)
+        for sub in (parts.EMBEDDINGS, parts.ERRORS, CELLS, MASKS):
+            shutil.rmtree(out_dir / sub, ignore_errors=True)
+    done = parts.read_ids(out_dir / parts.EMBEDDINGS) | parts.read_ids(out_dir / parts.ERRORS)
+    if cfg.cells is not None:
+        drop_orphan_cells(out_dir, parts.read_ids(out_dir / parts.EMBEDDINGS))
+    todo = table[~table[ID_COLUMN].isin(done)].reset_index(drop=True)
+    prov = provenance()
+    logger.info(
+        "msnoop %s | torch %s | ray %s | device %s | config %s",
+        prov["msnoop"],
+        prov["torch"],
+        prov["ray"],
+        ", ".join(prov["gpus"]) or "cpu",
+        config_hash(cfg),
+    )
+    logger.info(
+        "%d images in %s; %d already done, %d to embed; model %s; preprocessing %s",
+        len(table),
+        out_dir,
+        len(table) - len(todo),
+        len(todo),
+        model.source,
+        spec.model_dump(),
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_resolved(cfg, out_dir)
+    parts.write_run_info(out_dir, info)
+
+    n_ok = n_err = n_cells = 0
+    if len(todo):
+        init_ray(
+            cfg.runtime.address,
+            num_cpus=cfg.runtime.num_cpus,
+            object_store_memory=cfg.runtime.object_store_mb * 1024**2 if cfg.runtime.object_store_mb else None,
+            quiet=not cfg.runtime.progress,
+        )
+        ds = build_dataset(cfg, todo, model, spec, out_dir, info)
+        n_ok, n_err, n_cells = _stream_counts(
+            ds, len(todo), t0=t0, progress=cfg.runtime.progress, cells=cfg.cells is not None
+        )
+    info["last_run"] = {"embedded": n_ok, "errors": n_err, "seconds": time.perf_counter() - t0}
+    if cfg.cells is not None:
+        info["last_run"]["cells"] = n_cells
+    parts.write_run_info(out_dir, info)
+    n_err_total = parts.count_rows(out_dir / parts.ERRORS)
+    preview: list[tuple[str, str]] = []
+    if n_err_total:
+        err = parts.read_frame(out_dir / parts.ERRORS, columns=[ID_COLUMN, "reason"]).head(5)
+        preview = list(zip(err[ID_COLUMN], err["reason"], strict=True))
+    return EmbedResult(
+        out_dir=out_dir,
+        n_input=len(table),
+        n_skipped=len(table) - len(todo),
+        n_embedded=n_ok,
+        n_errors=n_err,
+        n_rows_total=parts.count_rows(out_dir / parts.EMBEDDINGS),
+        n_errors_total=n_err_total,
+        seconds=time.perf_counter() - t0,
+        table=None,
+        errors_preview=preview,
+        n_cells=n_cells,
+        n_cells_total=parts.count_rows(out_dir / CELLS) if cfg.cells is not None else 0,
+    )
+
+
+def _find_strict(exc: BaseException) -> str | None:
+    """The strict-mode message inside a (possibly wrapped) Ray task error, if any."""
+    seen = set()
+    stack: list[BaseException | None] = [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, StrictModeError):
+            return str(e)
+        stack.extend([e.__cause__, e.__context__, getattr(e, "cause", None)])
+    text = str(exc)
+    marker = "StrictModeError: "
+    if marker in text:
+        return text.split(marker, 1)[1].strip().splitlines()[0]
+    return None

@@ -1,0 +1,28 @@
+"""The ``preprocess:`` section of a job config: overrides of a checkpoint's preprocessing."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from msnoop.core.config import StrictModel as _Strict
+from msnoop.preprocess.presets import Preprocessing
+
+
+class PreprocessConfig(_Strict):
+    """Overrides of the checkpoint's preprocessing; ``None`` keeps the checkpoint's value."""
+
+    preset: Literal["microsnoop", "cytoimagenet"] | None = None
+    mode: Literal["native", "rescale", "tile"] = "native"
+    input_size: int | None = Field(None, ge=16)
+    tile_overlap: float = Field(0.1, ge=0.05, le=0.5)
+
+    def resolve(self, stored: Preprocessing | None = None) -> Preprocessing:
+        base = stored or Preprocessing()
+        return Preprocessing(
+            preset=self.preset or base.preset,
+            mode=self.mode,
+            input_size=self.input_size or base.input_size,
+            tile_overlap=self.tile_overlap,
+        )

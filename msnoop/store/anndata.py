@@ -1,0 +1,87 @@
+"""AnnData (``.h5ad``) export of an embedding or profile table, for scanpy and the scverse ecosystem.
+
+``obs`` holds the ``Metadata_*`` columns exactly as stored (values and types; strings stay strings), indexed by
+``Metadata_ImageID`` (or ``Metadata_CellID`` per image for cell tables, else the row number); ``X`` is the
+``(N, D)`` float32 matrix of the feature columns (``emb_0000 ...`` for msnoop embeddings), with the feature
+names as ``var`` index; ``uns["msnoop"]`` holds the provenance (model, its sha256, preprocessing, channels)
+from the output folder's ``run.json`` or the Parquet files' key-value metadata, as a JSON string (h5ad
+stores no ``None``) plus the flat fields ``model``, ``model_sha256`` and ``channels``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from msnoop.core import parts
+from msnoop.core.tables import metadata_columns, read_table, split_table
+
+#: Key of the provenance record in ``adata.uns``.
+UNS_KEY = "msnoop"
+
+
+def _provenance(table: Path) -> dict[str, Any]:
+    if table.is_dir() and (table / parts.RUN_FILE).is_file():
+        return parts.read_run_info(table)
+    if table.is_file() and table.suffix in (".parquet", ".pq"):
+        return parts.read_part_provenance(table)
+    return {}
+
+
+def _obs_index(meta: pd.DataFrame) -> pd.Index:
+    if "Metadata_ImageID" in meta.columns:
+        ids = meta["Metadata_ImageID"].astype(str)
+        if "Metadata_CellID" in meta.columns:
+            ids = ids + "/cell" + meta["Metadata_CellID"].astype(str)
+        if ids.is_unique:
+            return pd.Index(ids.to_numpy(), name="obs_id")
+    return pd.Index([str(i) for i in range(len(meta))], name="obs_id")
+
+
+def to_anndata(table: str | Path, path: str | Path | None = None) -> Any:
+    """Read an embedding/profile table into an ``anndata.AnnData``; write it as ``.h5ad`` when ``path`` is given.
+
+    Args:
+        table: An ``msnoop embed`` output folder, a ``profile`` output's Parquet file, any Parquet/CSV table with
+            ``Metadata_*`` columns, or a LanceDB ``<name>.lance`` folder.
+        path: Where to write the ``.h5ad`` file (folders are created); None writes nothing.
+
+    Returns:
+        ``AnnData`` with ``X`` ``(N, D)`` float32, ``obs`` (``N`` rows: the metadata), ``var`` (``D`` feature
+        names) and ``uns["msnoop"]`` (provenance; see the module docstring).
+
+    Raises:
+        FileNotFoundError: ``table`` does not exist.
+        ValueError: The table has no numeric feature columns, or ``path`` does not end in ``.h5ad``.
+    """
+    import anndata as ad
+
+    table = Path(table)
+    df = read_table(table)
+    meta, X = split_table(df)
+    obs = meta[metadata_columns(meta)].copy()
+    obs.index = _obs_index(obs)
+    features = [c for c in df.columns if c not in meta.columns]
+    adata = ad.AnnData(X=np.ascontiguousarray(X, dtype=np.float32), obs=obs, var=pd.DataFrame(index=pd.Index(features)))
+    prov = _provenance(table)
+    adata.uns[UNS_KEY] = {
+        "json": json.dumps(prov, default=str),
+        "model": str(prov.get("model", "")),
+        "model_sha256": str(prov.get("model_sha256") or ""),
+        "channels": [str(c) for c in prov.get("channels", [])],
+        "source": str(table.resolve()),
+    }
+    if path is not None:
+        path = Path(path)
+        if path.suffix != ".h5ad":
+            raise ValueError(f"AnnData export {path}: expected a .h5ad file name, found {path.suffix or 'no suffix'!r}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        adata.write_h5ad(path)
+    return adata
+
+
+__all__ = ["UNS_KEY", "to_anndata"]
