@@ -53,8 +53,9 @@ STEPS: list[tuple[str, list[str], list[list[str]], bool]] = [
         "BBBC013 end to end",
         ["bbbc013"],
         [
-            [*MSNOOP, "embed", "configs/bbbc013.yaml"],
-            [*MSNOOP, "embed", "configs/bbbc013_cells.yaml"],
+            # the random network's reference rows (the user configs embed with the shipped default)
+            [*MSNOOP, "embed", "configs/bbbc013.yaml", "--set", "model=random:microsnoop_cnn:0"],
+            [*MSNOOP, "embed", "configs/bbbc013_cells.yaml", "--set", "model=random:microsnoop_cnn:0"],
             [
                 *MSNOOP,
                 "embed",

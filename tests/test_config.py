@@ -158,3 +158,14 @@ def test_every_shipped_config_validates(path: Path) -> None:
     # validation only: paths may point at ../shared data or outputs that do not exist here
     cfg = load_config(path)
     assert cfg.job in {"embed", "pretrain", "bench", "profile", "segtrain", "screen"}
+
+
+def test_embed_configs_users_copy_use_the_shipped_model():
+    """configs/*.yaml are templates users copy: they embed with `default`; reference rows live in benchmark configs."""
+    import yaml
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    embeds = {p.name: yaml.safe_load(p.read_text()) for p in sorted(root.glob("*.yaml"))}
+    embeds = {name: d for name, d in embeds.items() if d.get("job") == "embed"}
+    assert embeds, "expected embed configs under configs/"
+    assert {name: d["model"] for name, d in embeds.items() if d["model"] != "default"} == {}
