@@ -76,7 +76,11 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="more log
 
 
 def _register() -> None:
+    """Add every command under its task's panel; a job kind's verb takes its help line from the job registry."""
     from msnoop.cli import embed, evaluate, profiles, query, training
+    from msnoop.jobs import JOB_KINDS
+
+    job_help = {kind.verb: kind.help for kind in JOB_KINDS.values()}
 
     for module, panel in (
         (embed, EMBED),
@@ -86,7 +90,7 @@ def _register() -> None:
         (training, TRAINING),
     ):
         for name, fn, help_ in module.COMMANDS:
-            app.command(name, help=help_, rich_help_panel=panel)(fn)
+            app.command(name, help=job_help.get(name, help_), rich_help_panel=panel)(fn)
 
 
 _register()
