@@ -26,6 +26,9 @@ Protocols (``cv``):
   compound...).
 
 Equidistant neighbours are ordered by FAISS; results can depend on that order only through exact ties.
+
+Installation: exactly one faiss build, ``msnoop[cpu]`` (faiss-cpu) or ``msnoop[gpu]`` (faiss-gpu-cu12);
+:func:`faiss_build` checks this before faiss is first imported here.
 """
 
 from __future__ import annotations
@@ -49,15 +52,94 @@ IVF_WORK_THRESHOLD = 1e12
 on 2 cores; 100,000 x 100,000 x 768 is 7.7e12)."""
 
 
+# --- which faiss build is installed -------------------------------------------------------------------------------
+
+#: Distributions that install the ``faiss`` module without GPU code (PyPI, the ``cpu`` extra).
+FAISS_CPU_DISTS = ("faiss-cpu",)
+#: Prefix of the distributions with GPU code: ``faiss-gpu`` (PyPI, CUDA 12.6), ``faiss-gpu-cu12`` (the ``gpu``
+#: extra), ``faiss-gpu-cu11``, ...
+FAISS_GPU_PREFIX = "faiss-gpu"
+_FAISS_INSTALL_HINT = "pip install 'msnoop[cpu]' (faiss-cpu) or, on a CUDA 12 machine, pip install 'msnoop[gpu]'"
+
+
+def _installed_distributions() -> list[str]:
+    """Names of the installed Python distributions, normalised (lower case, ``_``/``.`` -> ``-``)."""
+    import importlib.metadata
+    import re
+
+    names = (d.metadata["Name"] for d in importlib.metadata.distributions())
+    return [re.sub(r"[-_.]+", "-", n).lower() for n in names if n]
+
+
+_gpu_warning_logged = False
+
+
+def faiss_build(distributions: Sequence[str] | None = None) -> Literal["cpu", "gpu"]:
+    """Which faiss build this environment holds: ``"cpu"`` or ``"gpu"``; refuses a mixed install.
+
+    ``faiss-cpu`` and the ``faiss-gpu*`` wheels install the same ``faiss`` module, so with both installed
+    the one installed last silently wins (pip does not see them as conflicting). msnoop's extras are
+    ``msnoop[cpu]`` (faiss-cpu) and ``msnoop[gpu]`` (faiss-gpu-cu12); install exactly one. With no known
+    distribution (faiss built from source, conda), the module itself decides (``faiss.StandardGpuResources``
+    exists only in GPU builds). A GPU build on a machine where ``faiss.get_num_gpus() == 0`` logs one warning
+    (searches then run on the CPU).
+
+    Args:
+        distributions: Installed distribution names (default: read with ``importlib.metadata``).
+
+    Returns:
+        ``"cpu"`` or ``"gpu"``.
+
+    Raises:
+        ImportError: If both a CPU and a GPU faiss distribution are installed (the message names them and
+            the fix), or if no faiss is installed (the message names the extras).
+    """
+    global _gpu_warning_logged
+    found = _installed_distributions() if distributions is None else distributions
+    names = sorted({n.lower().replace("_", "-") for n in found})
+    cpu = [n for n in names if n in FAISS_CPU_DISTS]
+    gpu = [n for n in names if n.startswith(FAISS_GPU_PREFIX)]
+    if cpu and gpu:
+        raise ImportError(
+            f"both a CPU and a GPU faiss are installed ({', '.join(cpu + gpu)}); they install the same `faiss` "
+            f"module and the one installed last wins. On a GPU machine run `pip uninstall {' '.join(cpu)}` and "
+            f"reinstall {gpu[0]} (`pip install --force-reinstall {gpu[0]}`); on a CPU machine "
+            f"`pip uninstall {' '.join(gpu)}` and `pip install --force-reinstall faiss-cpu`"
+        )
+    try:
+        import faiss
+    except ImportError as exc:
+        found = f" (installed: {', '.join(cpu + gpu)}, but `import faiss` failed: {exc})" if cpu or gpu else ""
+        raise ImportError(f"faiss is not installed{found}; install it with {_FAISS_INSTALL_HINT}") from exc
+    build: Literal["cpu", "gpu"] = "gpu" if gpu or (not cpu and hasattr(faiss, "StandardGpuResources")) else "cpu"
+    if build == "gpu" and not _gpu_warning_logged and faiss.get_num_gpus() == 0:
+        _gpu_warning_logged = True
+        logger.warning(
+            "faiss GPU build (%s) but faiss sees no GPU: searches run on the CPU (check the driver and "
+            "CUDA_VISIBLE_DEVICES, or install msnoop[cpu] on CPU machines)",
+            ", ".join(gpu) or "faiss built with GPU support",
+        )
+    return build
+
+
+@lru_cache(maxsize=1)
+def _checked_faiss() -> Any:
+    """The ``faiss`` module, after :func:`faiss_build` has checked the installation (once per process)."""
+    faiss_build()
+    import faiss
+
+    return faiss
+
+
 @lru_cache(maxsize=1)
 def _gpu_resources() -> Any:
-    import faiss
+    faiss = _checked_faiss()
 
     return faiss.StandardGpuResources()
 
 
 def _use_gpu() -> bool:
-    import faiss
+    faiss = _checked_faiss()
 
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
@@ -110,7 +192,7 @@ def _ivf_search(
     (leave-one-out, 100,000 x 768). Queries whose probed lists hold fewer than ``k`` vectors keep index
     ``-1`` in the missing places.
     """
-    import faiss
+    faiss = _checked_faiss()
 
     # coarse quantiser: k-means in a 64-d PCA space of a sample (the partition only steers the search;
     # distances inside the probed lists are exact), ~10x cheaper than k-means in 768-d
@@ -213,7 +295,7 @@ def knn_search(
 
 
 def _flat_search(xb: np.ndarray, xq: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
-    import faiss
+    faiss = _checked_faiss()
 
     flat = faiss.IndexFlatIP(xb.shape[1]) if metric == "cosine" else faiss.IndexFlatL2(xb.shape[1])
     if _use_gpu():
