@@ -74,7 +74,7 @@ def _installed_distributions() -> list[str]:
 _gpu_warning_logged = False
 
 
-def faiss_build(distributions: Sequence[str] | None = None) -> Literal["cpu", "gpu"]:
+def faiss_build(distributions: Sequence[str] | None = None, *, count_gpus: bool = True) -> Literal["cpu", "gpu"]:
     """Which faiss build this environment holds: ``"cpu"`` or ``"gpu"``; refuses a mixed install.
 
     ``faiss-cpu`` and the ``faiss-gpu*`` wheels install the same ``faiss`` module, so with both installed
@@ -86,13 +86,17 @@ def faiss_build(distributions: Sequence[str] | None = None) -> Literal["cpu", "g
 
     Args:
         distributions: Installed distribution names (default: read with ``importlib.metadata``).
+        count_gpus: Ask faiss how many GPUs it sees (for the warning). ``False`` where no NVIDIA driver is
+            loaded, e.g. a ``docker build``: faiss's GPU build aborts the process in ``get_num_gpus()`` when
+            CUDA reports a missing driver (``CUDA_VERIFY`` in ``faiss/gpu/utils/DeviceUtils.cu``).
 
     Returns:
         ``"cpu"`` or ``"gpu"``.
 
     Raises:
         ImportError: If both a CPU and a GPU faiss distribution are installed (the message names them and
-            the fix), or if no faiss is installed (the message names the extras).
+            the fix), if a GPU distribution is installed but the ``faiss`` module has no GPU code, or if no
+            faiss is installed (the message names the extras).
     """
     global _gpu_warning_logged
     found = _installed_distributions() if distributions is None else distributions
@@ -109,10 +113,16 @@ def faiss_build(distributions: Sequence[str] | None = None) -> Literal["cpu", "g
     try:
         import faiss
     except ImportError as exc:
-        found = f" (installed: {', '.join(cpu + gpu)}, but `import faiss` failed: {exc})" if cpu or gpu else ""
-        raise ImportError(f"faiss is not installed{found}; install it with {_FAISS_INSTALL_HINT}") from exc
-    build: Literal["cpu", "gpu"] = "gpu" if gpu or (not cpu and hasattr(faiss, "StandardGpuResources")) else "cpu"
-    if build == "gpu" and not _gpu_warning_logged and faiss.get_num_gpus() == 0:
+        detail = f" (installed: {', '.join(cpu + gpu)}, but `import faiss` failed: {exc})" if cpu or gpu else ""
+        raise ImportError(f"faiss is not installed{detail}; install it with {_FAISS_INSTALL_HINT}") from exc
+    has_gpu_code = hasattr(faiss, "StandardGpuResources")
+    if gpu and not has_gpu_code:
+        raise ImportError(
+            f"{gpu[0]} is installed but the `faiss` module ({getattr(faiss, '__file__', '?')}) has no GPU code "
+            f"(files of a CPU build left behind); run `pip install --force-reinstall --no-deps {gpu[0]}`"
+        )
+    build: Literal["cpu", "gpu"] = "gpu" if gpu or (not cpu and has_gpu_code) else "cpu"
+    if build == "gpu" and count_gpus and not _gpu_warning_logged and faiss.get_num_gpus() == 0:
         _gpu_warning_logged = True
         logger.warning(
             "faiss GPU build (%s) but faiss sees no GPU: searches run on the CPU (check the driver and "
