@@ -190,7 +190,7 @@ def _from_loaddata(cfg: InputConfig) -> pd.DataFrame:
         if key is None:
             have = sorted({c.split("_", 1)[1] for c in df.columns if c.startswith(("FileName_", "URL_"))})
             raise ConfigError(
-                f"LoadData file {cfg.loaddata}: no FileName_{ch} column (nor URL_{ch}); channels present: {have}"
+                f"LoadData file {cfg.loaddata}: no FileName_{ch} column; channels present: {have} (no URL_{ch} either)"
             )
         cols = [f"FileName_{key}", f"PathName_{key}", f"URL_{key}"]
         used.update(cols)
