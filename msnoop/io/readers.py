@@ -178,6 +178,31 @@ def select_plane(
     return arr
 
 
+def read_channels(path: str | Path, channels: list[int | str | None], *, z: ZPolicy = "refuse") -> list[np.ndarray]:
+    """Several channels of one file (decoded once): one ``[H, W]`` float32 plane per entry of ``channels``.
+
+    Raises:
+        ImageReadError: As :func:`read_image`.
+    """
+    path = Path(path)
+    if not (path.is_file() or (path.is_dir() and ".zarr" in path.as_posix())):
+        raise ImageReadError(path, "file not found")
+    try:
+        arr, axes, names = _read_raw(path)
+    except ImageReadError:
+        raise
+    except Exception as exc:  # decoders raise many types for corrupt/truncated data
+        raise ImageReadError(path, f"could not decode ({type(exc).__name__}: {exc})") from exc
+    arr = np.asarray(arr)
+    out = []
+    for channel in channels:
+        plane = select_plane(arr, axes, path, channel=channel, names=names, z=z)
+        if plane.dtype.kind not in "uifb":
+            raise ImageReadError(path, f"expected a numeric image, found dtype {plane.dtype}")
+        out.append(plane.astype(np.float32, copy=False))
+    return out
+
+
 def read_image(path: str | Path, *, channel: int | str | None = None, z: ZPolicy = "refuse") -> np.ndarray:
     """Read one channel of one image as ``[H, W]`` float32.
 
@@ -190,19 +215,7 @@ def read_image(path: str | Path, *, channel: int | str | None = None, z: ZPolicy
     Raises:
         ImageReadError: Missing, unreadable, truncated or not reducible to 2-D; the message names the file.
     """
-    path = Path(path)
-    if not (path.is_file() or (path.is_dir() and ".zarr" in path.as_posix())):
-        raise ImageReadError(path, "file not found")
-    try:
-        arr, axes, names = _read_raw(path)
-    except ImageReadError:
-        raise
-    except Exception as exc:  # decoders raise many types for corrupt/truncated data
-        raise ImageReadError(path, f"could not decode ({type(exc).__name__}: {exc})") from exc
-    arr = select_plane(np.asarray(arr), axes, path, channel=channel, names=names, z=z)
-    if arr.dtype.kind not in "uifb":
-        raise ImageReadError(path, f"expected a numeric image, found dtype {arr.dtype}")
-    return arr.astype(np.float32, copy=False)
+    return read_channels(path, [channel], z=z)[0]
 
 
 def check_image(image: np.ndarray, path: str | Path) -> None:
