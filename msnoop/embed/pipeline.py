@@ -39,10 +39,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from msnoop.config import EmbedJob, config_hash, save_resolved
-from msnoop.io.manifest import ID_COLUMN, PATH_PREFIX, load_image_table
-from msnoop.io.readers import ImageReadError, check_image, read_image
+from msnoop.io.manifest import ID_COLUMN, PATH_PREFIX, load_image_table, metadata_arrow, table_schema
+from msnoop.io.readers import ImageReadError, check_image, read_channels
 from msnoop.preprocess.presets import Preprocessing, prepare_channel
 from msnoop.store import parts
 from msnoop.store.lance import build_table
@@ -60,6 +61,7 @@ MASKS = "masks"  # <out>/masks/<image id>.tif: label masks (cells.save_masks)
 CELL_COLUMNS = ["Metadata_CellID", "Metadata_CentroidY", "Metadata_CentroidX", "Metadata_Area"]
 CELL_COUNT = "Metadata_CellCount"  # cells averaged into the image vector
 CELLS_FOUND = "Metadata_CellsFound"  # cells kept by cropping (before max_cells_per_image)
+ROW = "_row"  # position of an image in the run's metadata table (metadata never travels through Ray)
 
 
 class StrictModeError(RuntimeError):
@@ -90,21 +92,50 @@ class EmbedResult:
         return self.n_cells / self.seconds if self.seconds > 0 else 0.0
 
 
-def load_image(row: pd.Series, channels: list[str]) -> list[np.ndarray]:
-    """Read and check all channels of one image row; raises ImageReadError naming the file."""
-    images = []
+def load_image(
+    row: pd.Series,
+    channels: list[str],
+    *,
+    selectors: dict[str, int | str | None] | None = None,
+    z: Any = "refuse",
+) -> list[np.ndarray]:
+    """Read and check all channels of one image row; raises ImageReadError naming the file.
+
+    Args:
+        row: An image-table row (``Metadata_Path_<ch>`` per channel).
+        channels: Channel names, in embedding order.
+        selectors: Per channel, the plane of a multi-channel file (index or OME channel name); None =
+            the file holds the one channel (see :func:`msnoop.io.readers.select_plane`).
+        z: The ``input.z`` policy for z-stacks and time series.
+    """
+    selectors = selectors or {}
+    by_path: dict[str, list[str]] = {}
     for ch in channels:
         path = row[f"{PATH_PREFIX}{ch}"]
         if not isinstance(path, str) or not path:
             raise ImageReadError(row[ID_COLUMN], f"no file for channel {ch!r}")
-        img = read_image(path)
-        check_image(img, path)
-        images.append(img)
+        by_path.setdefault(path, []).append(ch)
+    planes: dict[str, np.ndarray] = {}
+    for path, chans in by_path.items():  # a file holding several channels is decoded once
+        for ch, img in zip(chans, read_channels(path, [selectors.get(ch) for ch in chans], z=z), strict=True):
+            check_image(img, path if selectors.get(ch) is None else f"{path} [channel {selectors[ch]!r}]")
+            planes[ch] = img
+    images = [planes[ch] for ch in channels]
     shapes = {im.shape for im in images}
     if len(shapes) > 1:
         found = ", ".join(f"{ch}={im.shape}" for ch, im in zip(channels, images, strict=True))
         raise ImageReadError(row[f"{PATH_PREFIX}{channels[0]}"], f"channels differ in shape: {found}")
     return images
+
+
+def channel_selectors(cfg: EmbedJob) -> dict[str, int | str | None]:
+    """Plane of each channel in multi-channel files: ``input.channel_index``, OME names, or None (one per file)."""
+    inp = cfg.input
+    if inp.channel_index is not None:
+        return {ch: int(inp.channel_index[ch]) for ch in inp.channels}
+    if inp.channel_names or inp.ome_zarr is not None:
+        return {ch: ch for ch in inp.channels}
+    return {ch: None for ch in inp.channels}
 
 
 def _mask_path(masks_dir: str | Path, image_id: str) -> Path:
@@ -217,8 +248,12 @@ def read_and_prepare(
     strict: bool,
     cells: dict[str, Any] | None = None,
     masks_dir: str | None = None,
+    selectors: dict[str, int | str | None] | None = None,
+    z: Any = "refuse",
 ) -> dict[str, Any]:
     """Stage 1: image rows -> tiles per image (variable count), tile counts per channel, errors.
+
+    ``selectors`` and ``z`` say how multi-plane files are read (see :func:`load_image`).
 
     In cells mode (``cells`` given: ``CellsConfig.model_dump()`` plus ``channels`` and
     ``nucleus_channel``) the tiles are the image's cell crops (see :func:`prepare_cells`), and the
@@ -234,7 +269,7 @@ def read_and_prepare(
     found: list[int] = []
     for _, row in batch.iterrows():
         try:
-            images = load_image(row, channels)
+            images = load_image(row, channels, selectors=selectors, z=z)
             if cells is None:
                 per_channel = [prepare_channel(im, pre) for im in images]
                 tiles.append(np.concatenate(per_channel))
@@ -348,53 +383,110 @@ class EmbedActor:
         return batch
 
 
-def _cells_table(meta: pd.DataFrame, batch: dict[str, Any], ok: np.ndarray) -> pa.Table | None:
+CELL_FIELDS = [
+    pa.field("Metadata_CellID", pa.int64()),
+    pa.field("Metadata_CentroidY", pa.float64()),
+    pa.field("Metadata_CentroidX", pa.float64()),
+    pa.field("Metadata_Area", pa.int64()),
+]
+
+
+def output_schemas(meta: pa.Schema, dim: int, cells: bool) -> tuple[pa.Schema, pa.Schema | None]:
+    """The Parquet schemas of ``embeddings/`` and (cells mode) ``cells/`` parts: every part is written with them.
+
+    ``embeddings``: the run's metadata schema (+ ``Metadata_CellCount``, ``Metadata_CellsFound`` int64 in
+    cells mode) + ``emb_0000 ... emb_<dim-1>`` float32. ``cells``: metadata + cell id, centroid y/x, area
+    + ``emb_*``.
+    """
+    emb = [pa.field(c, pa.float32()) for c in parts.emb_columns(dim)]
+    if not cells:
+        return pa.schema([*meta, *emb]), None
+    counts = [pa.field(CELL_COUNT, pa.int64()), pa.field(CELLS_FOUND, pa.int64())]
+    return pa.schema([*meta, *counts, *emb]), pa.schema([*meta, *CELL_FIELDS, *emb])
+
+
+def _with_embeddings(meta: pa.Table, extra: dict[str, np.ndarray], emb: np.ndarray, schema: pa.Schema) -> pa.Table:
+    """``meta`` + ``extra`` columns + embedding columns, as exactly ``schema``."""
+    arrays = [meta.column(f.name) for f in schema if f.name in meta.column_names]
+    arrays += [pa.array(extra[f.name], type=f.type) for f in schema if f.name in extra]
+    arrays += [pa.array(emb[:, i].astype(np.float32, copy=False)) for i in range(emb.shape[1])]
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def _cells_table(
+    meta: pa.Table, rows: np.ndarray, batch: dict[str, Any], ok: np.ndarray, schema: pa.Schema
+) -> pa.Table | None:
     """One row per cell of the block's good images: image metadata + cell columns + ``emb_*``."""
-    image_cols = [c for c in meta.columns if c not in (CELL_COUNT, CELLS_FOUND)]
-    rows: list[int] = []
+    take: list[int] = []
     tables: list[np.ndarray] = []
     embs: list[np.ndarray] = []
     for i in np.flatnonzero(ok):
         t = np.asarray(batch["cell_table"][i], dtype=np.float64).reshape(-1, 4)
         if len(t):
-            rows.extend([i] * len(t))
+            take.extend([int(rows[i])] * len(t))
             tables.append(t)
             embs.append(np.asarray(batch["cell_embedding"][i], dtype=np.float32))
-    if not rows:
+    if not take:
         return None
-    cell_meta = meta[image_cols].iloc[rows].reset_index(drop=True)
     t = np.concatenate(tables)
-    cell_meta["Metadata_CellID"] = t[:, 0].astype(np.int64)
-    cell_meta["Metadata_CentroidY"] = t[:, 1]
-    cell_meta["Metadata_CentroidX"] = t[:, 2]
-    cell_meta["Metadata_Area"] = t[:, 3].astype(np.int64)
-    return parts.embeddings_frame(cell_meta, np.concatenate(embs))
+    extra = {
+        "Metadata_CellID": t[:, 0].astype(np.int64),
+        "Metadata_CentroidY": t[:, 1],
+        "Metadata_CentroidX": t[:, 2],
+        "Metadata_Area": t[:, 3].astype(np.int64),
+    }
+    return _with_embeddings(meta.take(pa.array(take)), extra, np.concatenate(embs), schema)
 
 
-def write_block(batch: dict[str, Any], *, out_dir: str, channels: list[str], cells: bool = False) -> dict[str, Any]:
+def write_block(
+    batch: dict[str, Any],
+    *,
+    out_dir: str,
+    channels: list[str],
+    cells: bool = False,
+    meta: Any,
+    schema: pa.Schema,
+    cells_schema: pa.Schema | None = None,
+) -> dict[str, Any]:
     """Stage 3: write the block's embeddings and errors as Parquet parts; return counts only.
+
+    Metadata comes from ``meta`` (the run's metadata as an Arrow table with the run's schema, or its Ray
+    object ref), looked up by each row's ``_row``: values and types are the manifest's, whatever Ray
+    made of the block. Every part is written with ``schema`` / ``cells_schema`` (:func:`output_schemas`)
+    and errors with :data:`msnoop.store.parts.ERRORS_SCHEMA`.
 
     In cells mode the block's cells are written first (``<out>/cells/``), then the image means, so a
     finished image always has its cells on disk (see :func:`_drop_orphan_cells` for the other case).
     """
+    if not isinstance(meta, pa.Table):
+        import ray
+
+        meta = ray.get(meta)
     error = batch["error"]
     ok = np.array([e == "" for e in error], dtype=bool)
-    meta_cols = [c for c in batch if c.startswith("Metadata_")]
-    meta = pd.DataFrame({c: batch[c] for c in meta_cols})
+    rows = np.asarray(batch[ROW], dtype=np.int64)
     n_cells = 0
     if cells and ok.any():
-        cell_table = _cells_table(meta, batch, ok)
+        assert cells_schema is not None
+        cell_table = _cells_table(meta, rows, batch, ok, cells_schema)
         if cell_table is not None:
             parts.write_part(cell_table, Path(out_dir) / CELLS)
             n_cells = cell_table.num_rows
     if ok.any():
-        table = parts.embeddings_frame(meta[ok].reset_index(drop=True), batch["embedding"][ok])
+        extra = {c: np.asarray(batch[c], dtype=np.int64)[ok] for c in (CELL_COUNT, CELLS_FOUND)} if cells else {}
+        table = _with_embeddings(meta.take(pa.array(rows[ok])), extra, np.asarray(batch["embedding"])[ok], schema)
         parts.write_part(table, Path(out_dir) / parts.EMBEDDINGS)
     if (~ok).any():
-        bad = meta[~ok]
-        paths = [";".join(str(bad[f"{PATH_PREFIX}{ch}"].iloc[i]) for ch in channels) for i in range(len(bad))]
+        bad = meta.take(pa.array(rows[~ok])).to_pydict()
+        paths = [
+            ";".join(
+                "" if bad[f"{PATH_PREFIX}{ch}"][i] is None else str(bad[f"{PATH_PREFIX}{ch}"][i]) for ch in channels
+            )
+            for i in range(int((~ok).sum()))
+        ]
         err = pa.Table.from_pydict(
-            {ID_COLUMN: bad[ID_COLUMN].astype(str).tolist(), "path": paths, "reason": [str(e) for e in error[~ok]]}
+            {ID_COLUMN: [str(v) for v in bad[ID_COLUMN]], "path": paths, "reason": [str(e) for e in error[~ok]]},
+            schema=parts.ERRORS_SCHEMA,
         )
         parts.write_part(err, Path(out_dir) / parts.ERRORS)
     return {"n_ok": np.array([int(ok.sum())]), "n_err": np.array([int((~ok).sum())]), "n_cells": np.array([n_cells])}
@@ -490,18 +582,29 @@ def run_embed(cfg: EmbedJob) -> EmbedResult:
     table = load_image_table(cfg.input)
     channels = list(cfg.input.channels)
     info = run_info(cfg, model, spec)
+    meta_schema = table_schema(table)  # one schema for the whole run, fixed before any work
+    info["metadata_schema"] = parts.schema_to_json(meta_schema)
     try:
         _check_resumable(cfg, out_dir, info)
+        meta_schema = _resumed_schema(out_dir, meta_schema)
     except OutputMismatchError as exc:
         if cfg.output.on_mismatch != "replace":
             raise
         logger.warning("%s; output.on_mismatch is 'replace': removing them and embedding again", exc)
         for sub in (parts.EMBEDDINGS, parts.ERRORS, CELLS, MASKS):
             shutil.rmtree(out_dir / sub, ignore_errors=True)
+    info["metadata_schema"] = parts.schema_to_json(meta_schema)
+    schema, cells_schema = output_schemas(meta_schema, info["embed_dim"], cfg.cells is not None)
+    if cfg.runtime.retry_errors:
+        retry = parts.read_ids(out_dir / parts.ERRORS) & set(table[ID_COLUMN])
+        n = parts.drop_ids(out_dir / parts.ERRORS, retry)
+        if n:
+            logger.info("runtime.retry_errors: %d image(s) recorded in errors/ will be embedded again", n)
     done = parts.read_ids(out_dir / parts.EMBEDDINGS) | parts.read_ids(out_dir / parts.ERRORS)
     if cfg.cells is not None:
         _drop_orphan_cells(out_dir, parts.read_ids(out_dir / parts.EMBEDDINGS))
-    todo = table[~table[ID_COLUMN].isin(done)].reset_index(drop=True)
+    todo_mask = ~table[ID_COLUMN].isin(done)
+    todo = table[todo_mask].reset_index(drop=True)
     prov = provenance()
     logger.info(
         "msnoop %s | torch %s | ray %s | device %s | config %s",
@@ -551,8 +654,14 @@ def run_embed(cfg: EmbedJob) -> EmbedResult:
         n_cpus = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
         threads = None if use_gpu else max(1, n_cpus // cfg.runtime.actors)
         model_ref = ray.put(model)
+        # Metadata stays out of Ray Data's per-block type inference: rows carry their id, paths and position
+        # in the run's metadata table, which write_block looks up (values and types as in the manifest).
+        meta_ref = ray.put(metadata_arrow(table, meta_schema))
+        light = table[[ID_COLUMN, *[f"{PATH_PREFIX}{ch}" for ch in channels]]].fillna("")
+        light[ROW] = np.arange(len(table), dtype=np.int64)
+        light = light[todo_mask.to_numpy()].reset_index(drop=True)
         block = cfg.runtime.images_per_block
-        frames = [todo.iloc[i : i + block] for i in range(0, len(todo), block)]
+        frames = [light.iloc[i : i + block] for i in range(0, len(light), block)]
         # Read/write tasks take a fraction of a CPU on small clusters, so that they and the actor pool
         # always fit together (on 1-2 CPUs, whole-CPU tasks next to an actor would wait forever).
         task_cpus = min(1.0, float(ray.cluster_resources().get("CPU", 1)) / 8)
@@ -573,6 +682,8 @@ def run_embed(cfg: EmbedJob) -> EmbedResult:
                 "strict": cfg.runtime.strict,
                 "cells": cells,
                 "masks_dir": masks_dir,
+                "selectors": channel_selectors(cfg),
+                "z": cfg.input.z,
             },
         )
         ds = ds.map_batches(
@@ -593,7 +704,14 @@ def run_embed(cfg: EmbedJob) -> EmbedResult:
             write_block,
             batch_size=None,
             num_cpus=task_cpus,
-            fn_kwargs={"out_dir": str(out_dir.resolve()), "channels": channels, "cells": cells is not None},
+            fn_kwargs={
+                "out_dir": str(out_dir.resolve()),
+                "channels": channels,
+                "cells": cells is not None,
+                "meta": meta_ref,
+                "schema": schema,
+                "cells_schema": cells_schema,
+            },
         )
         last = time.perf_counter()
         try:
@@ -626,12 +744,11 @@ def run_embed(cfg: EmbedJob) -> EmbedResult:
     if cfg.cells is not None:
         info["last_run"]["cells"] = n_cells
     parts.write_run_info(out_dir, info)
-    n_total = parts.count_rows(out_dir / parts.EMBEDDINGS)
-    n_err_total = parts.count_rows(out_dir / parts.ERRORS)
+    n_total, n_err_total = check_totals(out_dir, table[ID_COLUMN])
     n_cells_total = parts.count_rows(out_dir / CELLS) if cfg.cells is not None else 0
     if cfg.output.write_lance:
         n_rows = build_table(
-            cfg.lancedb_uri, cfg.table_name, out_dir / parts.EMBEDDINGS, dim=info["embed_dim"], info=info
+            cfg.lancedb_uri, cfg.table_name, out_dir / parts.EMBEDDINGS, dim=info["embed_dim"], info=info, schema=schema
         )
         if n_rows and cfg.output.index != "none":
             from msnoop.query.index import ensure_index
@@ -644,10 +761,18 @@ def run_embed(cfg: EmbedJob) -> EmbedResult:
             )
             logger.info("vector index: %s", done)
         if cfg.cells is not None and cfg.cells.lance_cells_table:
-            build_table(cfg.lancedb_uri, f"{cfg.table_name}_cells", out_dir / CELLS, dim=info["embed_dim"], info=info)
+            build_table(
+                cfg.lancedb_uri,
+                f"{cfg.table_name}_cells",
+                out_dir / CELLS,
+                dim=info["embed_dim"],
+                info=info,
+                schema=cells_schema,
+            )
     preview: list[tuple[str, str]] = []
     if n_err_total:
-        err = parts.read_frame(out_dir / parts.ERRORS, columns=[ID_COLUMN, "reason"]).head(5)
+        err = parts.read_frame(out_dir / parts.ERRORS, columns=[ID_COLUMN, "reason"])
+        err = err[err[ID_COLUMN].isin(set(table[ID_COLUMN]))].head(5)
         preview = list(zip(err[ID_COLUMN], err["reason"], strict=True))
     return EmbedResult(
         out_dir=out_dir,
@@ -663,6 +788,73 @@ def run_embed(cfg: EmbedJob) -> EmbedResult:
         n_cells=n_cells,
         n_cells_total=n_cells_total,
     )
+
+
+class TotalsError(RuntimeError):
+    """The outputs do not account for every row of the manifest exactly once (a bug, never a user error)."""
+
+
+def check_totals(out_dir: Path, ids: pd.Series) -> tuple[int, int]:
+    """Check that every id of this run's table is in ``embeddings/`` or ``errors/``, exactly once.
+
+    Returns:
+        ``(embedded, errors)``: rows of this table's ids in each folder; they add up to ``len(ids)``.
+
+    Raises:
+        TotalsError: An id is missing, in both folders, or repeated; the message gives counts and examples.
+    """
+    wanted = set(ids.astype(str))
+    found: dict[str, list[str]] = {}
+    for folder in (parts.EMBEDDINGS, parts.ERRORS):
+        found[folder] = []
+        for f in parts.part_files(out_dir / folder):
+            col = pq.read_table(f, columns=[ID_COLUMN]).column(ID_COLUMN).to_pylist()
+            found[folder].extend(i for i in col if i in wanted)
+    emb, err = found[parts.EMBEDDINGS], found[parts.ERRORS]
+    problems = []
+    missing = wanted - set(emb) - set(err)
+    if missing:
+        problems.append(f"{len(missing)} id(s) have no output row (e.g. {min(missing)!r})")
+    both = set(emb) & set(err)
+    if both:
+        problems.append(f"{len(both)} id(s) are both embedded and in errors (e.g. {min(both)!r})")
+    for name, rows in (("embeddings", emb), ("errors", err)):
+        if len(rows) != len(set(rows)):
+            problems.append(f"{len(rows) - len(set(rows))} repeated row(s) in {name}/")
+    if problems or len(emb) + len(err) != len(wanted):
+        raise TotalsError(
+            f"{out_dir}: {len(emb)} embedded + {len(err)} errors != {len(wanted)} input images: " + "; ".join(problems)
+        )
+    return len(emb), len(err)
+
+
+def _resumed_schema(out_dir: Path, new: pa.Schema) -> pa.Schema:
+    """The run's schema when resuming: the stored one plus columns new to this manifest.
+
+    Raises:
+        OutputMismatchError: A column's type differs from the stored run's (one table cannot hold both).
+    """
+    if not parts.part_files(out_dir / parts.EMBEDDINGS) and not parts.part_files(out_dir / parts.ERRORS):
+        return new
+    try:
+        stored = parts.read_run_info(out_dir).get("metadata_schema")
+    except FileNotFoundError:
+        return new
+    if not stored:
+        return new
+    before = parts.schema_from_json(stored)
+    diffs = [
+        f"{f.name}: {f.type} there, {new.field(f.name).type} now"
+        for f in before
+        if f.name in new.names and new.field(f.name).type != f.type
+    ]
+    if diffs:
+        raise OutputMismatchError(
+            f"{out_dir} holds rows whose metadata types differ from this manifest's ({'; '.join(diffs)}): one "
+            "table cannot hold both. Declare the old types in input.dtypes, use another output.dir, or set "
+            "output.on_mismatch: replace"
+        )
+    return pa.schema([*before, *[f for f in new if f.name not in before.names]])
 
 
 class OutputMismatchError(ValueError):
