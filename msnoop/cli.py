@@ -34,6 +34,13 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug lo
     _setup_logging(verbose)
 
 
+def _message(exc: BaseException) -> str:
+    """The user-facing text of an exception (a KeyError's own message, not its repr)."""
+    if isinstance(exc, KeyError) and exc.args:
+        return str(exc.args[0])
+    return str(exc)
+
+
 def fail(message: str, code: int = 1) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
@@ -62,6 +69,7 @@ def _embed_overrides(**given: Any) -> list[tuple[str, Any]]:
         "actors": "runtime.actors",
         "address": "runtime.address",
         "strict": "runtime.strict",
+        "retry_errors": "runtime.retry_errors",
         "num_cpus": "runtime.num_cpus",
     }
     out: list[tuple[str, Any]] = []
@@ -101,6 +109,10 @@ def _print_embed_result(result: Any) -> None:
         typer.echo(f"\n{result.n_errors_total} images could not be embedded, e.g.:")
         for image_id, reason in result.errors_preview:
             typer.echo(f"  {image_id}: {reason}")
+        typer.echo(
+            f"Fix them and run again with --retry-errors (or --set runtime.retry_errors=true) to embed them again; "
+            f"the list is in {result.out_dir.resolve() / 'errors'}"
+        )
 
 
 @app.command()
@@ -125,6 +137,9 @@ def embed(
     num_cpus: Annotated[int | None, typer.Option(help="CPUs of a local Ray cluster")] = None,
     address: Annotated[str | None, typer.Option(help="Ray address (default RAY_ADDRESS or a local cluster)")] = None,
     strict: Annotated[bool, typer.Option("--strict", help="stop at the first bad image")] = False,
+    retry_errors: Annotated[
+        bool, typer.Option("--retry-errors", help="embed again the images recorded in errors/ by earlier runs")
+    ] = False,
     set_: SetOpt = None,
 ) -> None:
     """Embed images (one vector per image) into Parquet and a LanceDB table; re-runs resume."""
@@ -148,6 +163,7 @@ def embed(
         num_cpus=num_cpus,
         address=address,
         strict=strict,
+        retry_errors=retry_errors,
     ) + parse_overrides(set_ or [])
     cfg = load_job(config, overrides, job="embed")
     if not isinstance(cfg, EmbedJob):
@@ -157,7 +173,7 @@ def embed(
     except StrictModeError as exc:
         fail(f"strict mode: {exc}")
     except (ConfigError, ValueError, FileNotFoundError, KeyError) as exc:
-        fail(str(exc))
+        fail(_message(exc))
     _print_embed_result(result)
 
 
@@ -293,7 +309,9 @@ def search(
         else:
             hits = search_image(ref, list(image or []), k=k, where=where, exact=exact)
     except (KeyError, ValueError, FileNotFoundError) as exc:
-        fail(str(exc).strip("'\""))
+        fail(_message(exc))
+    if hits.empty:
+        fail(f"no row of table {ref.name!r} ({ref.uri}) matches --where {where!r}" if where else "no neighbours found")
     hits = hits.drop(columns=[c for c in hits.columns if c.startswith("Metadata_Path_")])
     if as_json:
         typer.echo(hits.to_json(orient="records"))
@@ -314,7 +332,7 @@ def info(
     try:
         ref = open_results(table, table_name)
     except (KeyError, ValueError, FileNotFoundError) as exc:
-        fail(str(exc).strip("'\""))
+        fail(_message(exc))
     meta = ref.info
     typer.echo(f"table      {ref.name} ({ref.uri})")
     typer.echo(f"rows       {ref.table.count_rows()}")

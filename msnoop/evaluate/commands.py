@@ -40,6 +40,8 @@ def _load(table: Path, exclude: str | None = None) -> pd.DataFrame:
         except Exception as exc:  # pandas raises many types for a bad query
             fail(f"--exclude query {exclude!r} could not be evaluated: {exc}")
         df = df[~drop].reset_index(drop=True)
+        if df.empty:
+            fail(f"--exclude {exclude!r} leaves no row of {table}")
     return df
 
 
@@ -199,10 +201,13 @@ def map_command(
         fail(
             f"columns {missing} not in {table}; metadata columns: {[c for c in df.columns if c.startswith('Metadata_')]}"
         )
-    meta, X = split_table(df)
-    ap = average_precision(meta, X, **rules)
-    scores = mean_average_precision(ap, sameby=pos, null_size=null_size, threshold=threshold, seed=seed)
-    summary = retrieval_summary(ap, scores)
+    try:
+        meta, X = split_table(df)
+        ap = average_precision(meta, X, **rules)
+        scores = mean_average_precision(ap, sameby=pos, null_size=null_size, threshold=threshold, seed=seed)
+        summary = retrieval_summary(ap, scores)
+    except ValueError as exc:  # no positive/negative pairs, no features, non-finite values
+        fail(f"mAP on {table}: {exc}")
     summary.update({"table": str(table), "rules": rules, "null_size": null_size, "threshold": threshold})
     typer.echo(
         f"mAP on {table}: {summary['n_profiles']} profiles, {summary['n_groups']} groups by {', '.join(pos)}\n"

@@ -33,4 +33,13 @@ def report_command(
         page = build_report(table, label=label, batch=batch, out_dir=out, k=k, cv=cv, n_queries=queries)
     except (ValueError, FileNotFoundError, OSError) as exc:
         fail(str(exc))
+    import json
+
+    unreadable = json.loads((page.parent / "report.json").read_text()).get("unreadable_images") or []
+    if unreadable:
+        fail(
+            f"report written to {page}, but {len(unreadable)} gallery image(s) could not be read "
+            f"(shown grey), e.g. {unreadable[0]}",
+            1,
+        )
     typer.echo(str(page))
