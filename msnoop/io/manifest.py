@@ -357,4 +357,5 @@ def table_schema(table: pd.DataFrame) -> pa.Schema:
 
 def metadata_arrow(table: pd.DataFrame, schema: pa.Schema) -> pa.Table:
     """``table`` as Arrow with exactly ``schema`` (blanks -> nulls)."""
-    return pa.Table.from_pandas(table[schema.names], schema=schema, preserve_index=False)
+    frame = table.reindex(columns=schema.names)  # columns of an earlier run missing here: nulls
+    return pa.Table.from_pandas(frame, schema=schema, preserve_index=False).replace_schema_metadata(None)
