@@ -357,10 +357,7 @@ def test_profile_job_joins_a_plate_map(tmp_path) -> None:
     plate.to_csv(tmp_path / "plate.csv", index=False)
     spec = {
         "input": str(src),
-        "metadata": {
-            "table": str(tmp_path / "plate.csv"),
-            "keys": {"Metadata_Row": "Row", "Metadata_Column": "Column"},
-        },
+        "metadata": {"table": str(tmp_path / "plate.csv"), "keys": {"Metadata_Row": "Row", "Metadata_Column": "Column"}},
         "control": "Metadata_Controls == -1",
         "sphering": {"method": "ZCA", "epsilon": 0.1},
         "treatments": {"columns": ["Metadata_Dose"]},
