@@ -143,7 +143,7 @@ def embed(
     set_: SetOpt = None,
 ) -> None:
     """Embed images (one vector per image) into Parquet and a LanceDB table; re-runs resume."""
-    from msnoop.embed.pipeline import StrictModeError, run_embed
+    from msnoop.embed.pipeline import StrictModeError, TotalsError, run_embed
 
     overrides = _embed_overrides(
         manifest=manifest,
@@ -172,6 +172,8 @@ def embed(
         result = run_embed(cfg)
     except StrictModeError as exc:
         fail(f"strict mode: {exc}")
+    except TotalsError as exc:
+        fail(f"{exc} (nothing written is lost; please report this with the output folder's run.json)")
     except (ConfigError, ValueError, FileNotFoundError, KeyError) as exc:
         fail(_message(exc))
     _print_embed_result(result)

@@ -43,7 +43,7 @@ import pyarrow.parquet as pq
 
 from msnoop.config import EmbedJob, config_hash, save_resolved
 from msnoop.io.manifest import ID_COLUMN, PATH_PREFIX, load_image_table, metadata_arrow, table_schema
-from msnoop.io.readers import ImageReadError, check_image, read_channels
+from msnoop.io.readers import ImageReadError, check_image, read_channels, read_labels
 from msnoop.preprocess.presets import Preprocessing, prepare_channel
 from msnoop.store import parts
 from msnoop.store.lance import build_table
@@ -167,6 +167,7 @@ def prepare_cells(
     pre: Preprocessing,
     path: str,
     masks_dir: str | None = None,
+    mask_path: str | None = None,
 ) -> tuple[np.ndarray, pd.DataFrame, int]:
     """Cells mode for one image: segment, crop every cell in all channels, normalise each crop channel.
 
@@ -177,6 +178,7 @@ def prepare_cells(
         pre: The job's preprocessing (``native`` mode): crop side and normalisation.
         path: The nucleus channel's file, for messages.
         masks_dir: Where to write the label mask, or None.
+        mask_path: The image's existing label mask (segmentation backend ``mask``): read instead of segmenting.
 
     Returns:
         ``(tiles [N * C, S, S] float32`` (cell-major, channel-major), the crop table of the N embedded cells
@@ -193,10 +195,16 @@ def prepare_cells(
     nucleus = cells["nucleus_channel"]
     nuc_index = list(cells["channels"]).index(nucleus)
     size = pre.input_size
-    try:
-        labels = np.asarray(seg.run(images[nuc_index]))
-    except (ValueError, RuntimeError) as exc:
-        raise ImageReadError(path, f"segmentation of channel {nucleus!r} failed: {exc}") from exc
+    if seg.backend == "mask":
+        if not mask_path:
+            raise ImageReadError(path, f"no mask file in column {seg.column!r} (segmentation backend 'mask')")
+        labels = read_labels(mask_path)
+        path = mask_path if labels.shape != images[nuc_index].shape else path
+    else:
+        try:
+            labels = np.asarray(seg.run(images[nuc_index]))
+        except (ValueError, RuntimeError) as exc:
+            raise ImageReadError(path, f"segmentation of channel {nucleus!r} failed: {exc}") from exc
     if labels.shape != images[nuc_index].shape:
         raise ImageReadError(
             path, f"segmentation mask has shape {labels.shape} but the image is {images[nuc_index].shape}"
@@ -276,8 +284,15 @@ def read_and_prepare(
                 counts.append(np.array([len(t) for t in per_channel], dtype=np.int64))
             else:
                 nuc_path = str(row[f"{PATH_PREFIX}{cells['nucleus_channel']}"])
+                mask_col = cells.get("mask_column")
                 cell_tiles, table, n_found = prepare_cells(
-                    images, str(row[ID_COLUMN]), cells=cells, pre=pre, path=nuc_path, masks_dir=masks_dir
+                    images,
+                    str(row[ID_COLUMN]),
+                    cells=cells,
+                    pre=pre,
+                    path=nuc_path,
+                    masks_dir=masks_dir,
+                    mask_path=(row[mask_col] or None) if mask_col else None,
                 )
                 tiles.append(cell_tiles)
                 counts.append(np.full(len(channels), len(table), dtype=np.int64))
@@ -512,7 +527,12 @@ def _cells_spec(cfg: EmbedJob) -> dict[str, Any] | None:
     if cfg.cells is None:
         return None
     spec = cfg.cells.model_dump(mode="json")
-    return {**spec, "channels": list(cfg.input.channels), "nucleus_channel": cfg.nucleus_channel}
+    return {
+        **spec,
+        "channels": list(cfg.input.channels),
+        "nucleus_channel": cfg.nucleus_channel,
+        "mask_column": cfg.cells.segmentation.mask_column,
+    }
 
 
 def _resources(cfg: EmbedJob) -> tuple[bool, dict[str, Any]]:
@@ -580,6 +600,9 @@ def run_embed(cfg: EmbedJob) -> EmbedResult:
     out_dir = Path(cfg.output.dir)
     model, spec = prepare_model(cfg)
     table = load_image_table(cfg.input)
+    mask_col = cfg.cells.segmentation.mask_column if cfg.cells is not None else None
+    if mask_col is not None:
+        table = _resolve_mask_column(table, mask_col, cfg)
     channels = list(cfg.input.channels)
     info = run_info(cfg, model, spec)
     meta_schema = table_schema(table)  # one schema for the whole run, fixed before any work
@@ -657,7 +680,8 @@ def run_embed(cfg: EmbedJob) -> EmbedResult:
         # Metadata stays out of Ray Data's per-block type inference: rows carry their id, paths and position
         # in the run's metadata table, which write_block looks up (values and types as in the manifest).
         meta_ref = ray.put(metadata_arrow(table, meta_schema))
-        light = table[[ID_COLUMN, *[f"{PATH_PREFIX}{ch}" for ch in channels]]].fillna("")
+        light = table[[ID_COLUMN, *[f"{PATH_PREFIX}{ch}" for ch in channels], *([mask_col] if mask_col else [])]]
+        light = light.astype(object).where(light.notna(), "")
         light[ROW] = np.arange(len(table), dtype=np.int64)
         light = light[todo_mask.to_numpy()].reset_index(drop=True)
         block = cfg.runtime.images_per_block
@@ -788,6 +812,22 @@ def run_embed(cfg: EmbedJob) -> EmbedResult:
         n_cells=n_cells,
         n_cells_total=n_cells_total,
     )
+
+
+def _resolve_mask_column(table: pd.DataFrame, column: str, cfg: EmbedJob) -> pd.DataFrame:
+    """Resolve the mask-path column once, like image paths (absolute, or a URI as given).
+
+    Raises:
+        ConfigError: The column is not in the manifest.
+    """
+    from msnoop.config import ConfigError
+    from msnoop.io.manifest import source_root, resolve_path
+
+    if column not in table.columns:
+        meta = [c for c in table.columns if c.startswith("Metadata_") and not c.startswith(PATH_PREFIX)]
+        raise ConfigError(f"cells.segmentation.column: no mask column {column!r} in the manifest; columns: {meta}")
+    root = source_root(cfg.input)
+    return table.assign(**{column: [resolve_path(p, root) for p in table[column]]})
 
 
 class TotalsError(RuntimeError):

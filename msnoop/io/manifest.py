@@ -270,7 +270,7 @@ def image_id(path: str | None, root: Path) -> str | None:
     return p.with_suffix("").as_posix() if p.suffix else p.as_posix()
 
 
-def _source_root(cfg: InputConfig) -> Path:
+def source_root(cfg: InputConfig) -> Path:
     if cfg.root is not None:
         return cfg.root
     src = cfg.manifest or cfg.loaddata
@@ -310,7 +310,7 @@ def load_image_table(cfg: InputConfig) -> pd.DataFrame:
             raise ConfigError(f"input.id_column {cfg.id_column!r} is blank in {int(blank.sum())} row(s)")
         df[ID_COLUMN] = df[col].astype(str)
     elif ID_COLUMN not in df.columns:
-        root = _source_root(cfg)
+        root = source_root(cfg)
         path_cols = [path_column(ch) for ch in cfg.channels]
         ids = []
         for i, row in enumerate(df[path_cols].itertuples(index=False)):

@@ -218,6 +218,29 @@ def read_image(path: str | Path, *, channel: int | str | None = None, z: ZPolicy
     return read_channels(path, [channel], z=z)[0]
 
 
+def read_labels(path: str | Path) -> np.ndarray:
+    """An existing label mask as ``[H, W]`` int32 (0 = background); singleton axes dropped.
+
+    Raises:
+        ImageReadError: Missing, unreadable, several planes, or not integer-valued.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ImageReadError(path, "mask file not found")
+    try:
+        arr, axes, names = _read_raw(path)
+    except ImageReadError:
+        raise
+    except Exception as exc:  # decoders raise many types for corrupt/truncated data
+        raise ImageReadError(path, f"could not decode mask ({type(exc).__name__}: {exc})") from exc
+    arr = select_plane(np.asarray(arr), axes, path, names=names)
+    if arr.dtype.kind == "f" and np.array_equal(arr, np.round(arr)):
+        arr = arr.astype(np.int64)
+    if arr.dtype.kind not in "ui" or (arr.size and (arr.min() < 0 or arr.max() >= 2**31)):
+        raise ImageReadError(path, f"expected an integer label mask (0 = background), found dtype {arr.dtype}")
+    return arr.astype(np.int32, copy=False)
+
+
 def check_image(image: np.ndarray, path: str | Path) -> None:
     """Reject images that cannot give a meaningful embedding (NaN/inf, constant).
 
