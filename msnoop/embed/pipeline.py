@@ -821,7 +821,7 @@ def _resolve_mask_column(table: pd.DataFrame, column: str, cfg: EmbedJob) -> pd.
         ConfigError: The column is not in the manifest.
     """
     from msnoop.config import ConfigError
-    from msnoop.io.manifest import source_root, resolve_path
+    from msnoop.io.manifest import resolve_path, source_root
 
     if column not in table.columns:
         meta = [c for c in table.columns if c.startswith("Metadata_") and not c.startswith(PATH_PREFIX)]
