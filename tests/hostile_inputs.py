@@ -71,8 +71,9 @@ def write_ome_zarr_plate(
     labels: list[str],
     name: str = "P1",
     version: str = "0.4",
+    axes: str = "cyx",
 ) -> Path:
-    """An NGFF HCS plate: ``fields[(row, column)]`` lists each field's ``[C, Y, X]`` array."""
+    """An NGFF HCS plate: ``fields[(row, column)]`` lists each field's array (``axes``, default ``[C, Y, X]``)."""
     import zarr
 
     root = zarr.open_group(str(path), mode="w", zarr_format=3 if version == "0.5" else 2)
@@ -82,7 +83,7 @@ def write_ome_zarr_plate(
     for (r, c), images in fields.items():
         well = root.require_group(r).require_group(c)
         for k, arr in enumerate(images):
-            _write_ngff_image(well.require_group(str(k)), arr, "cyx", labels, version)
+            _write_ngff_image(well.require_group(str(k)), arr, axes, labels, version)
         wmeta = {"images": [{"path": str(k)} for k in range(len(images))]}
         if version == "0.5":
             well.attrs["ome"] = {"version": "0.5", "well": wmeta}
