@@ -301,6 +301,8 @@ def search(
 
     if sum([image_id is not None, bool(image), match is not None]) != 1:
         fail("give exactly one of --id ID, --image PATH [--image PATH ...] or --match FILTER", 2)
+    if k < 1:
+        fail(f"--k must be at least 1, found {k}", 2)
     try:
         ref = open_results(table, table_name)
         if image_id is not None:
