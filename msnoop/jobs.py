@@ -181,18 +181,23 @@ def run_embed_job(cfg: Any) -> Any:
         The :class:`~msnoop.embed.job.EmbedResult`, with ``table`` set when a LanceDB table was written.
     """
     from msnoop.core import parts
-    from msnoop.embed.cells import CELLS
+    from msnoop.embed.cells import CELLS, output_schemas
     from msnoop.embed.job import run_embed
     from msnoop.store.publish import publish_embeddings
 
     result = run_embed(cfg)
     if cfg.output.write_lance:
         out = Path(cfg.output.dir)
+        info = parts.read_run_info(out)
+        meta = parts.schema_from_json(info["metadata_schema"])
+        schema, cells_schema = output_schemas(meta, info["embed_dim"], cfg.cells is not None)
         publish_embeddings(
             cfg.lancedb_uri,
             cfg.table_name,
             out / parts.EMBEDDINGS,
-            info=parts.read_run_info(out),
+            info=info,
+            schema=schema,
+            cells_schema=cells_schema,
             index=cfg.output.index,
             index_threshold=cfg.output.index_threshold,
             cells_folder=out / CELLS if cfg.cells is not None and cfg.cells.lance_cells_table else None,

@@ -76,13 +76,13 @@ def test_info(embedded):
 
 def test_search_by_id_with_filter_and_json(embedded):
     out, _ = embedded
-    result = runner.invoke(app, ["search", str(out), "--id", "nuclear_0000_dna", "--k", "3", "--json"])
+    result = runner.invoke(app, ["search", str(out), "--id", "images/nuclear_0000_dna", "--k", "3", "--json"])
     assert result.exit_code == 0, result.output
     hits = json.loads(result.output)
-    assert len(hits) == 3 and all(h["Metadata_ImageID"] != "nuclear_0000_dna" for h in hits)
+    assert len(hits) == 3 and all(h["Metadata_ImageID"] != "images/nuclear_0000_dna" for h in hits)
     assert [h["_distance"] for h in hits] == sorted(h["_distance"] for h in hits)
     result = runner.invoke(
-        app, ["search", str(out), "--id", "nuclear_0000_dna", "--where", "Metadata_Class = 'membrane'", "--json"]
+        app, ["search", str(out), "--id", "images/nuclear_0000_dna", "--where", "Metadata_Class = 'membrane'", "--json"]
     )
     assert result.exit_code == 0, result.output
     assert {h["Metadata_Class"] for h in json.loads(result.output)} == {"membrane"}
@@ -107,7 +107,7 @@ def test_search_by_new_image_finds_itself(embedded, synthetic):
     )
     assert result.exit_code == 0, result.output
     top = json.loads(result.output)[0]
-    assert top["Metadata_ImageID"] == "punctate_0002_dna" and top["_distance"] < 1e-5
+    assert top["Metadata_ImageID"] == "images/punctate_0002_dna" and top["_distance"] < 1e-5
 
 
 def test_search_errors_are_clear(embedded):

@@ -95,7 +95,7 @@ def test_manifest_columns_metadata_prefix_and_ids(tmp_path):
         "Metadata_Path_dna",
         "Metadata_Path_gfp",
     ]
-    assert t["Metadata_ImageID"].tolist() == ["1_dna", "2_dna"]
+    assert t["Metadata_ImageID"].tolist() == ["a/1_dna", "a/2_dna"]  # relative to the manifest's folder
     assert t["Metadata_Path_gfp"][0] == str(tmp_path / "a/1_gfp.tif")
 
 

@@ -24,9 +24,9 @@ def test_normalize99_constant_unchanged_and_equal_percentiles():
     const = np.full((8, 8), 3.0, np.float32)
     np.testing.assert_array_equal(normalize99(const), const)
     spike = np.zeros((20, 20), np.float32)
-    spike[0, 0] = 5.0  # p1 == p99 == 0 but ptp > 0 -> denominator 1e-6
+    spike[0, 0] = 5.0  # p1 == p99 == 0 but ptp > 0: degenerate range -> min-max scaling (not / 1e-6)
     out = normalize99(spike)
-    assert out[0, 0] == pytest.approx(5.0 / 1e-6, rel=1e-4) and out[5, 5] == 0
+    assert out[0, 0] == pytest.approx(1.0) and out[5, 5] == 0
 
 
 def test_cytoimagenet_clips_to_unit_range():

@@ -39,7 +39,7 @@ def test_true_colour_and_stacks_are_rejected_with_shape(tmp_path):
         ImageReadError, match=r"rgb.png: expected one 2-D channel per file, found an array of shape \(8, 8, 3\)"
     ):
         read_image(tmp_path / "rgb.png")
-    tifffile.imwrite(tmp_path / "stack.tif", np.ones((2, 8, 8), np.uint16))
+    tifffile.imwrite(tmp_path / "stack.tif", np.arange(128, dtype=np.uint16).reshape(2, 8, 8))
     with pytest.raises(ImageReadError, match=r"\(2, 8, 8\)"):
         read_image(tmp_path / "stack.tif")
 

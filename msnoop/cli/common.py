@@ -28,6 +28,13 @@ def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
     raise typer.Exit(code=code)
 
 
+def message(exc: BaseException) -> str:
+    """The user-facing text of an exception (a KeyError's own message, not its repr)."""
+    if isinstance(exc, KeyError) and exc.args:
+        return str(exc.args[0])
+    return str(exc)
+
+
 def split_list(values: list[str] | None) -> list[str]:
     """Repeated and/or comma-separated option values -> flat list."""
     return [v.strip() for item in values or [] for v in item.split(",") if v.strip()]

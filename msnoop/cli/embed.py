@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from msnoop.cli.common import EXIT_FAILED, SetOpt, fail, load_job
+from msnoop.cli.common import EXIT_FAILED, SetOpt, fail, load_job, message
 
 
 def _embed_overrides(**given: Any) -> list[tuple[str, Any]]:
@@ -28,6 +28,7 @@ def _embed_overrides(**given: Any) -> list[tuple[str, Any]]:
         "actors": "runtime.actors",
         "address": "runtime.address",
         "strict": "runtime.strict",
+        "retry_errors": "runtime.retry_errors",
         "num_cpus": "runtime.num_cpus",
     }
     out: list[tuple[str, Any]] = []
@@ -60,6 +61,10 @@ def print_embed_result(result: Any) -> None:
         typer.echo(f"\n{result.n_errors_total} images could not be embedded, e.g.:")
         for image_id, reason in result.errors_preview:
             typer.echo(f"  {image_id}: {reason}")
+        typer.echo(
+            f"Fix them and run again with --retry-errors (or --set runtime.retry_errors=true) to embed them again; "
+            f"the list is in {result.out_dir.resolve() / 'errors'}"
+        )
 
 
 def embed(
@@ -83,11 +88,14 @@ def embed(
     num_cpus: Annotated[int | None, typer.Option(help="CPUs of a local Ray cluster")] = None,
     address: Annotated[str | None, typer.Option(help="Ray address (default RAY_ADDRESS or a local cluster)")] = None,
     strict: Annotated[bool, typer.Option("--strict", help="stop at the first bad image")] = False,
+    retry_errors: Annotated[
+        bool, typer.Option("--retry-errors", help="embed again the images recorded in errors/ by earlier runs")
+    ] = False,
     set_: SetOpt = None,
 ) -> None:
     """Embed images (one vector per image) into Parquet and a LanceDB table; re-runs resume."""
     from msnoop.core.config import ConfigError
-    from msnoop.embed.job import StrictModeError
+    from msnoop.embed.job import StrictModeError, TotalsError
     from msnoop.jobs import run_embed_job
 
     overrides = _embed_overrides(
@@ -108,14 +116,17 @@ def embed(
         num_cpus=num_cpus,
         address=address,
         strict=strict,
+        retry_errors=retry_errors,
     )
     cfg = load_job(config, set_, job="embed", overrides=overrides)
     try:
         result = run_embed_job(cfg)
     except StrictModeError as exc:
         fail(f"strict mode: {exc}", EXIT_FAILED)
+    except TotalsError as exc:
+        fail(f"{exc} (nothing written is lost; please report this with the output folder's run.json)", EXIT_FAILED)
     except (ConfigError, ValueError, FileNotFoundError, KeyError) as exc:
-        fail(str(exc).strip("'\""))
+        fail(message(exc))
     print_embed_result(result)
 
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from msnoop.cli.common import SetOpt, fail, load_job, split_list, write_json
+from msnoop.cli.common import EXIT_FAILED, SetOpt, fail, load_job, split_list, write_json
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -31,6 +31,8 @@ def _load(table: Path, exclude: str | None = None) -> pd.DataFrame:
         except FilterError as exc:
             fail(f"--exclude: {exc}")
         df = df[~drop].reset_index(drop=True)
+        if df.empty:
+            fail(f"--exclude {exclude!r} leaves no row of {table}")
     return df
 
 
@@ -196,10 +198,13 @@ def map_command(
         fail(
             f"columns {missing} not in {table}; metadata columns: {[c for c in df.columns if c.startswith('Metadata_')]}"
         )
-    meta, X = split_table(df)
-    ap = average_precision(meta, X, **rules)
-    scores = mean_average_precision(ap, sameby=pos, null_size=null_size, threshold=threshold, seed=seed)
-    summary = retrieval_summary(ap, scores)
+    try:
+        meta, X = split_table(df)
+        ap = average_precision(meta, X, **rules)
+        scores = mean_average_precision(ap, sameby=pos, null_size=null_size, threshold=threshold, seed=seed)
+        summary = retrieval_summary(ap, scores)
+    except ValueError as exc:  # no positive/negative pairs, no features, non-finite values
+        fail(f"mAP on {table}: {exc}")
     summary.update({"table": str(table), "rules": rules, "null_size": null_size, "threshold": threshold})
     typer.echo(
         f"mAP on {table}: {summary['n_profiles']} profiles, {summary['n_groups']} groups by {', '.join(pos)}\n"
@@ -230,6 +235,15 @@ def report_command(
         page = build_report(table, label=label, batch=batch, out_dir=out, k=k, cv=cv, n_queries=queries)
     except (ValueError, FileNotFoundError, OSError) as exc:
         fail(str(exc))
+    import json
+
+    unreadable = json.loads((page.parent / "report.json").read_text()).get("unreadable_images") or []
+    if unreadable:
+        fail(
+            f"report written to {page}, but {len(unreadable)} gallery image(s) could not be read "
+            f"(shown grey), e.g. {unreadable[0]}",
+            EXIT_FAILED,
+        )
     typer.echo(str(page))
 
 

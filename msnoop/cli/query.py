@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from msnoop.cli.common import fail
+from msnoop.cli.common import fail, message
 
 
 def search(
@@ -43,6 +43,8 @@ def search(
 
     if sum([image_id is not None, bool(image), match is not None]) != 1:
         fail("give exactly one of --id ID, --image PATH [--image PATH ...] or --match FILTER")
+    if k < 1:
+        fail(f"--k must be at least 1, found {k}")
     try:
         ref = open_results(table, table_name)
         if image_id is not None:
@@ -53,7 +55,9 @@ def search(
         else:
             hits = search_image(ref, list(image or []), k=k, where=where, exact=exact)
     except (KeyError, ValueError, FileNotFoundError) as exc:
-        fail(str(exc).strip("'\""))
+        fail(message(exc))
+    if hits.empty:
+        fail(f"no row of table {ref.name!r} ({ref.uri}) matches --where {where!r}" if where else "no neighbours found")
     hits = hits.drop(columns=[c for c in hits.columns if c.startswith("Metadata_Path_")])
     if as_json:
         typer.echo(hits.to_json(orient="records", double_precision=10))
@@ -76,7 +80,7 @@ def info(
     try:
         ref = open_results(table, table_name)
     except (KeyError, ValueError, FileNotFoundError) as exc:
-        fail(str(exc).strip("'\""))
+        fail(message(exc))
     meta = ref.info
     typer.echo(f"table      {ref.name} ({ref.uri})")
     typer.echo(f"rows       {ref.table.count_rows()}")

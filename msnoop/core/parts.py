@@ -97,14 +97,67 @@ def embeddings_frame(meta: pd.DataFrame, embeddings: np.ndarray) -> pa.Table:
 
 
 def iter_batches(
-    folder: str | Path, *, batch_size: int = 4096, columns: list[str] | None = None
+    folder: str | Path,
+    *,
+    batch_size: int = 4096,
+    columns: list[str] | None = None,
+    schema: pa.Schema | None = None,
 ) -> Iterator[pa.RecordBatch]:
-    """Stream record batches of all parts (bounded memory)."""
+    """Stream record batches of all parts (bounded memory).
+
+    With ``schema`` (the run's schema, see :func:`schema_to_json`) every part is read as that schema:
+    parts of earlier runs lacking a later column give nulls in it.
+    """
     files = part_files(folder)
     if not files:
         return iter(())
-    dataset = pads.dataset([str(f) for f in files], format="parquet")
+    dataset = pads.dataset([str(f) for f in files], format="parquet", schema=schema)
     return dataset.to_batches(columns=columns, batch_size=batch_size)
+
+
+ERRORS_SCHEMA = pa.schema([(ID_COLUMN, pa.string()), ("path", pa.string()), ("reason", pa.string())])
+
+
+def schema_to_json(schema: pa.Schema) -> dict[str, Any]:
+    """A schema for ``run.json``: readable field types plus the exact Arrow IPC bytes (base64)."""
+    import base64
+
+    return {
+        "fields": {f.name: str(f.type) for f in schema},
+        "arrow_ipc_base64": base64.b64encode(schema.serialize().to_pybytes()).decode(),
+    }
+
+
+def schema_from_json(data: dict[str, Any]) -> pa.Schema:
+    """Inverse of :func:`schema_to_json`."""
+    import base64
+
+    return pa.ipc.read_schema(pa.py_buffer(base64.b64decode(data["arrow_ipc_base64"])))
+
+
+def drop_ids(folder: str | Path, ids: set[str], column: str = ID_COLUMN) -> int:
+    """Remove the rows whose id is in ``ids`` from every part of ``folder``; returns rows removed.
+
+    Each affected part is rewritten to a temporary name and renamed over itself (atomic per part), so a
+    killed run leaves every part either as it was or without those rows; a part left empty is deleted.
+    """
+    removed = 0
+    if not ids:
+        return 0
+    for f in part_files(folder):
+        table = pq.read_table(f)
+        keep = ~np.isin(np.asarray(table.column(column).to_pylist(), dtype=object), list(ids))
+        n_drop = int((~keep).sum())
+        if not n_drop:
+            continue
+        removed += n_drop
+        if keep.any():
+            tmp = f.with_name(f".{f.name}.tmp")
+            pq.write_table(table.filter(pa.array(keep)), tmp)
+            os.replace(tmp, f)
+        else:
+            f.unlink()
+    return removed
 
 
 def count_rows(folder: str | Path) -> int:

@@ -25,7 +25,7 @@ import pyarrow as pa
 
 from msnoop.core import parts
 from msnoop.core.parts import ID_COLUMN
-from msnoop.io.readers import ImageReadError
+from msnoop.io.readers import ImageReadError, read_labels
 from msnoop.preprocess.presets import Preprocessing, prepare_channel
 
 if TYPE_CHECKING:
@@ -73,6 +73,7 @@ def prepare_cells(
     pre: Preprocessing,
     path: str,
     masks_dir: str | None = None,
+    mask_path: str | None = None,
 ) -> tuple[np.ndarray, pd.DataFrame, int]:
     """Cells mode for one image: segment, crop every cell in all channels, normalise each crop channel.
 
@@ -83,6 +84,7 @@ def prepare_cells(
         pre: The job's preprocessing (``native`` mode): crop side and normalisation.
         path: The nucleus channel's file, for messages.
         masks_dir: Where to write the label mask, or None.
+        mask_path: The image's existing label mask (segmentation backend ``mask``): read instead of segmenting.
 
     Returns:
         ``(tiles [N * C, S, S] float32`` (cell-major, channel-major), the crop table of the N embedded cells
@@ -99,10 +101,16 @@ def prepare_cells(
     nucleus = cells["nucleus_channel"]
     nuc_index = list(cells["channels"]).index(nucleus)
     size = pre.input_size
-    try:
-        labels = np.asarray(seg.run(images[nuc_index]))
-    except (ValueError, RuntimeError) as exc:
-        raise ImageReadError(path, f"segmentation of channel {nucleus!r} failed: {exc}") from exc
+    if seg.backend == "mask":
+        if not mask_path:
+            raise ImageReadError(path, f"no mask file in column {seg.column!r} (segmentation backend 'mask')")
+        labels = read_labels(mask_path)
+        path = mask_path if labels.shape != images[nuc_index].shape else path
+    else:
+        try:
+            labels = np.asarray(seg.run(images[nuc_index]))
+        except (ValueError, RuntimeError) as exc:
+            raise ImageReadError(path, f"segmentation of channel {nucleus!r} failed: {exc}") from exc
     if labels.shape != images[nuc_index].shape:
         raise ImageReadError(
             path, f"segmentation mask has shape {labels.shape} but the image is {images[nuc_index].shape}"
@@ -146,27 +154,62 @@ def prepare_cells(
     return tiles, table, found
 
 
-def cells_table(meta: pd.DataFrame, batch: dict[str, Any], ok: np.ndarray) -> pa.Table | None:
+CELL_FIELDS = [
+    pa.field("Metadata_CellID", pa.int64()),
+    pa.field("Metadata_CentroidY", pa.float64()),
+    pa.field("Metadata_CentroidX", pa.float64()),
+    pa.field("Metadata_Area", pa.int64()),
+]
+
+
+
+def output_schemas(meta: pa.Schema, dim: int, cells: bool) -> tuple[pa.Schema, pa.Schema | None]:
+    """The Parquet schemas of ``embeddings/`` and (cells mode) ``cells/`` parts: every part is written with them.
+
+    ``embeddings``: the run's metadata schema (+ ``Metadata_CellCount``, ``Metadata_CellsFound`` int64 in
+    cells mode) + ``emb_0000 ... emb_<dim-1>`` float32. ``cells``: metadata + cell id, centroid y/x, area
+    + ``emb_*``.
+    """
+    emb = [pa.field(c, pa.float32()) for c in parts.emb_columns(dim)]
+    if not cells:
+        return pa.schema([*meta, *emb]), None
+    counts = [pa.field(CELL_COUNT, pa.int64()), pa.field(CELLS_FOUND, pa.int64())]
+    return pa.schema([*meta, *counts, *emb]), pa.schema([*meta, *CELL_FIELDS, *emb])
+
+
+
+def with_embeddings(meta: pa.Table, extra: dict[str, np.ndarray], emb: np.ndarray, schema: pa.Schema) -> pa.Table:
+    """``meta`` + ``extra`` columns + embedding columns, as exactly ``schema``."""
+    arrays = [meta.column(f.name) for f in schema if f.name in meta.column_names]
+    arrays += [pa.array(extra[f.name], type=f.type) for f in schema if f.name in extra]
+    arrays += [pa.array(emb[:, i].astype(np.float32, copy=False)) for i in range(emb.shape[1])]
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+
+def cells_table(
+    meta: pa.Table, rows: np.ndarray, batch: dict[str, Any], ok: np.ndarray, schema: pa.Schema
+) -> pa.Table | None:
     """One row per cell of the block's good images: image metadata + cell columns + ``emb_*``."""
-    image_cols = [c for c in meta.columns if c not in (CELL_COUNT, CELLS_FOUND)]
-    rows: list[int] = []
+    take: list[int] = []
     tables: list[np.ndarray] = []
     embs: list[np.ndarray] = []
     for i in np.flatnonzero(ok):
         t = np.asarray(batch["cell_table"][i], dtype=np.float64).reshape(-1, 4)
         if len(t):
-            rows.extend([i] * len(t))
+            take.extend([int(rows[i])] * len(t))
             tables.append(t)
             embs.append(np.asarray(batch["cell_embedding"][i], dtype=np.float32))
-    if not rows:
+    if not take:
         return None
-    cell_meta = meta[image_cols].iloc[rows].reset_index(drop=True)
     t = np.concatenate(tables)
-    cell_meta["Metadata_CellID"] = t[:, 0].astype(np.int64)
-    cell_meta["Metadata_CentroidY"] = t[:, 1]
-    cell_meta["Metadata_CentroidX"] = t[:, 2]
-    cell_meta["Metadata_Area"] = t[:, 3].astype(np.int64)
-    return parts.embeddings_frame(cell_meta, np.concatenate(embs))
+    extra = {
+        "Metadata_CellID": t[:, 0].astype(np.int64),
+        "Metadata_CentroidY": t[:, 1],
+        "Metadata_CentroidX": t[:, 2],
+        "Metadata_Area": t[:, 3].astype(np.int64),
+    }
+    return with_embeddings(meta.take(pa.array(take)), extra, np.concatenate(embs), schema)
 
 
 def drop_orphan_cells(out_dir: Path, finished: set[str]) -> int:
@@ -189,4 +232,9 @@ def cells_spec(cfg: EmbedJob) -> dict[str, Any] | None:
     if cfg.cells is None:
         return None
     spec = cfg.cells.model_dump(mode="json")
-    return {**spec, "channels": list(cfg.input.channels), "nucleus_channel": cfg.nucleus_channel}
+    return {
+        **spec,
+        "channels": list(cfg.input.channels),
+        "nucleus_channel": cfg.nucleus_channel,
+        "mask_column": cfg.cells.segmentation.mask_column,
+    }

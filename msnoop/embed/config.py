@@ -47,6 +47,9 @@ class RuntimeConfig(_Strict):
         512, ge=64, description="object-store budget for blocks in flight; bounds read-ahead memory"
     )
     strict: bool = Field(False, description="stop at the first bad image instead of recording it")
+    retry_errors: bool = Field(
+        False, description="embed again the images recorded in errors/ (their error rows are removed first)"
+    )
     progress: bool = True
 
 

@@ -29,24 +29,35 @@ from msnoop.core import parts
 from msnoop.core.config import config_hash, save_resolved
 from msnoop.core.parts import ID_COLUMN
 from msnoop.embed.actor import EmbedActor
-from msnoop.embed.cells import CELLS, MASKS, cells_spec, drop_orphan_cells
+from msnoop.embed.cells import CELLS, MASKS, cells_spec, drop_orphan_cells, output_schemas
 from msnoop.embed.config import EmbedJob
-from msnoop.embed.dataset import StrictModeError, read_and_prepare
-from msnoop.embed.resume import OutputMismatchError, check_resumable
+from msnoop.embed.dataset import ROW, StrictModeError, channel_selectors, read_and_prepare
+from msnoop.embed.resume import OutputMismatchError, TotalsError, check_resumable, check_totals, resumed_schema
 from msnoop.embed.write import provenance_record, write_block
-from msnoop.io.manifest import load_image_table
+from msnoop.io.manifest import PATH_PREFIX, load_image_table, metadata_arrow, table_schema
 from msnoop.preprocess.config import PreprocessConfig
 from msnoop.preprocess.presets import Preprocessing
 
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
 if TYPE_CHECKING:
-    import pandas as pd
     import ray.data
 
     from msnoop.models.checkpoint import LoadedModel
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EmbedResult", "OutputMismatchError", "StrictModeError", "prepare_model", "run_embed", "run_info"]
+__all__ = [
+    "EmbedResult",
+    "OutputMismatchError",
+    "StrictModeError",
+    "TotalsError",
+    "prepare_model",
+    "run_embed",
+    "run_info",
+]
 
 
 @dataclass
@@ -137,11 +148,27 @@ def resolve_for_embedding(ref: str, preprocess: PreprocessConfig) -> tuple[Loade
 
 
 def build_dataset(
-    cfg: EmbedJob, todo: pd.DataFrame, model: LoadedModel, spec: Preprocessing, out_dir: Path, info: dict[str, Any]
+    cfg: EmbedJob,
+    table: pd.DataFrame,
+    todo_mask: np.ndarray,
+    model: LoadedModel,
+    spec: Preprocessing,
+    out_dir: Path,
+    info: dict[str, Any],
+    schemas: tuple[pa.Schema, pa.Schema, pa.Schema | None],
 ) -> ray.data.Dataset:
-    """The lazy Ray Data pipeline read -> embed -> write over the rows ``todo`` (on the current Ray cluster).
+    """The lazy Ray Data pipeline read -> embed -> write over the rows of ``table`` where ``todo_mask`` is set.
 
-    Returns a dataset whose rows are per-block counts ``n_ok``, ``n_err``, ``n_cells``.
+    Metadata stays out of Ray Data's per-block type inference: the blocks carry each image's id, paths and
+    position in the run's metadata table (an Arrow table with the run's schema, put once in the object store),
+    which the write tasks look up, so values and types are the manifest's whatever the block size.
+
+    Args:
+        schemas: The run's metadata schema, and the ``embeddings/`` and ``cells/`` part schemas
+            (:func:`msnoop.embed.cells.output_schemas`).
+
+    Returns:
+        A dataset whose rows are per-block counts ``n_ok``, ``n_err``, ``n_cells``.
     """
     import ray
 
@@ -164,8 +191,15 @@ def build_dataset(
     cells = cells_spec(cfg)
     masks_dir = str((out_dir / MASKS).resolve()) if cfg.cells is not None and cfg.cells.save_masks else None
     channels = list(cfg.input.channels)
+    meta_schema, schema, cells_schema = schemas
+    meta_ref = ray.put(metadata_arrow(table, meta_schema))
+    mask_col = cfg.cells.segmentation.mask_column if cfg.cells is not None else None
+    light = table[[ID_COLUMN, *[f"{PATH_PREFIX}{ch}" for ch in channels], *([mask_col] if mask_col else [])]]
+    light = light.astype(object).where(light.notna(), "")
+    light[ROW] = np.arange(len(table), dtype=np.int64)
+    light = light[todo_mask].reset_index(drop=True)
     block = cfg.runtime.images_per_block
-    frames = [todo.iloc[i : i + block] for i in range(0, len(todo), block)]
+    frames = [light.iloc[i : i + block] for i in range(0, len(light), block)]
     # Read/write tasks take a fraction of a CPU on small clusters, so that they and the actor pool
     # always fit together (on 1-2 CPUs, whole-CPU tasks next to an actor would wait forever).
     task_cpus = min(1.0, float(ray.cluster_resources().get("CPU", 1)) / 8)
@@ -186,6 +220,8 @@ def build_dataset(
             "strict": cfg.runtime.strict,
             "cells": cells,
             "masks_dir": masks_dir,
+            "selectors": channel_selectors(cfg),
+            "z": cfg.input.z,
         },
     )
     ds = ds.map_batches(
@@ -210,6 +246,9 @@ def build_dataset(
             "out_dir": str(out_dir.resolve()),
             "channels": channels,
             "cells": cells is not None,
+            "meta": meta_ref,
+            "schema": schema,
+            "cells_schema": cells_schema,
             "provenance": provenance_record(info),
         },
     )
@@ -257,7 +296,8 @@ def run_embed(cfg: EmbedJob) -> EmbedResult:
     Raises:
         ConfigError: The input table cannot be built (missing manifest, column, duplicate ids).
         OutputMismatchError: ``output.dir`` holds embeddings of another model, preprocessing, channel
-            list or mode, and ``output.on_mismatch`` is ``error``.
+            list, mode or metadata types, and ``output.on_mismatch`` is ``error``.
+        TotalsError: The outputs do not hold every row of the manifest exactly once (a bug, never user input).
         StrictModeError: ``runtime.strict`` and an image could not be embedded (the message is its error).
         CheckpointError: The model reference cannot be resolved.
     """
@@ -267,19 +307,42 @@ def run_embed(cfg: EmbedJob) -> EmbedResult:
     out_dir = Path(cfg.output.dir)
     model, spec = prepare_model(cfg)
     table = load_image_table(cfg.input)
+    mask_col = cfg.cells.segmentation.mask_column if cfg.cells is not None else None
+    if mask_col is not None:
+        table = _resolve_mask_column(table, mask_col, cfg)
     info = run_info(cfg, model, spec)
+    meta_schema = table_schema(table)  # one schema for the whole run, fixed before any work
+    info["metadata_schema"] = parts.schema_to_json(meta_schema)
     try:
         check_resumable(cfg, out_dir, info)
+        meta_schema = resumed_schema(out_dir, meta_schema)
     except OutputMismatchError as exc:
         if cfg.output.on_mismatch != "replace":
             raise
         logger.warning("%s; output.on_mismatch is 'replace': removing them and embedding again", exc)
         for sub in (parts.EMBEDDINGS, parts.ERRORS, CELLS, MASKS):
             shutil.rmtree(out_dir / sub, ignore_errors=True)
+    info["metadata_schema"] = parts.schema_to_json(meta_schema)
+    schema, cells_schema = output_schemas(meta_schema, info["embed_dim"], cfg.cells is not None)
+    if cfg.runtime.retry_errors:
+        retry = parts.read_ids(out_dir / parts.ERRORS) & set(table[ID_COLUMN])
+        n = parts.drop_ids(out_dir / parts.ERRORS, retry)
+        if n:
+            logger.info("runtime.retry_errors: %d image(s) recorded in errors/ will be embedded again", n)
     done = parts.read_ids(out_dir / parts.EMBEDDINGS) | parts.read_ids(out_dir / parts.ERRORS)
     if cfg.cells is not None:
         drop_orphan_cells(out_dir, parts.read_ids(out_dir / parts.EMBEDDINGS))
-    todo = table[~table[ID_COLUMN].isin(done)].reset_index(drop=True)
+    todo_mask = ~table[ID_COLUMN].isin(done)
+    foreign = len(done) - int((~todo_mask).sum())
+    if foreign:
+        logger.warning(
+            "%s holds %d row(s) whose ids are not in this manifest; they stay in the table. (Ids are the first "
+            "channel's path relative to the manifest's folder; folders written when ids were relative to the "
+            "common root of all rows hold the same images under other ids: use a new output.dir for them)",
+            out_dir,
+            foreign,
+        )
+    todo = table[todo_mask].reset_index(drop=True)
     prov = provenance()
     logger.info(
         "msnoop %s | torch %s | ray %s | device %s | config %s",
@@ -310,7 +373,9 @@ def run_embed(cfg: EmbedJob) -> EmbedResult:
             object_store_memory=cfg.runtime.object_store_mb * 1024**2 if cfg.runtime.object_store_mb else None,
             quiet=not cfg.runtime.progress,
         )
-        ds = build_dataset(cfg, todo, model, spec, out_dir, info)
+        ds = build_dataset(
+            cfg, table, todo_mask.to_numpy(), model, spec, out_dir, info, (meta_schema, schema, cells_schema)
+        )
         n_ok, n_err, n_cells = _stream_counts(
             ds, len(todo), t0=t0, progress=cfg.runtime.progress, cells=cfg.cells is not None
         )
@@ -318,10 +383,11 @@ def run_embed(cfg: EmbedJob) -> EmbedResult:
     if cfg.cells is not None:
         info["last_run"]["cells"] = n_cells
     parts.write_run_info(out_dir, info)
-    n_err_total = parts.count_rows(out_dir / parts.ERRORS)
+    n_total, n_err_total = check_totals(out_dir, table[ID_COLUMN])
     preview: list[tuple[str, str]] = []
     if n_err_total:
-        err = parts.read_frame(out_dir / parts.ERRORS, columns=[ID_COLUMN, "reason"]).head(5)
+        err = parts.read_frame(out_dir / parts.ERRORS, columns=[ID_COLUMN, "reason"])
+        err = err[err[ID_COLUMN].isin(set(table[ID_COLUMN]))].head(5)
         preview = list(zip(err[ID_COLUMN], err["reason"], strict=True))
     return EmbedResult(
         out_dir=out_dir,
@@ -329,7 +395,7 @@ def run_embed(cfg: EmbedJob) -> EmbedResult:
         n_skipped=len(table) - len(todo),
         n_embedded=n_ok,
         n_errors=n_err,
-        n_rows_total=parts.count_rows(out_dir / parts.EMBEDDINGS),
+        n_rows_total=n_total,
         n_errors_total=n_err_total,
         seconds=time.perf_counter() - t0,
         table=None,
@@ -337,6 +403,22 @@ def run_embed(cfg: EmbedJob) -> EmbedResult:
         n_cells=n_cells,
         n_cells_total=parts.count_rows(out_dir / CELLS) if cfg.cells is not None else 0,
     )
+
+
+def _resolve_mask_column(table: pd.DataFrame, column: str, cfg: EmbedJob) -> pd.DataFrame:
+    """Resolve the mask-path column once, like image paths (absolute, or a URI as given).
+
+    Raises:
+        ConfigError: The column is not in the manifest.
+    """
+    from msnoop.core.config import ConfigError
+    from msnoop.io.manifest import resolve_path, source_root
+
+    if column not in table.columns:
+        meta = [c for c in table.columns if c.startswith("Metadata_") and not c.startswith(PATH_PREFIX)]
+        raise ConfigError(f"cells.segmentation.column: no mask column {column!r} in the manifest; columns: {meta}")
+    root = source_root(cfg.input)
+    return table.assign(**{column: [resolve_path(p, root) for p in table[column]]})
 
 
 def _find_strict(exc: BaseException) -> str | None:

@@ -5,7 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from msnoop.core import parts
+from msnoop.core.parts import ID_COLUMN
 
 if TYPE_CHECKING:
     from msnoop.embed.config import EmbedJob
@@ -49,3 +54,70 @@ def check_resumable(cfg: EmbedJob, out_dir: Path, info: dict[str, Any]) -> None:
             f"{out_dir} holds embeddings made differently ({'; '.join(diffs)}): resuming would mix them in "
             "one table. Use another output.dir, remove the old outputs, or set output.on_mismatch: replace"
         )
+
+
+class TotalsError(RuntimeError):
+    """The outputs do not account for every row of the manifest exactly once (a bug, never a user error)."""
+
+
+def check_totals(out_dir: Path, ids: pd.Series) -> tuple[int, int]:
+    """Check that every id of this run's table is in ``embeddings/`` or ``errors/``, exactly once.
+
+    Returns:
+        ``(embedded, errors)``: rows of this table's ids in each folder; they add up to ``len(ids)``.
+
+    Raises:
+        TotalsError: An id is missing, in both folders, or repeated; the message gives counts and examples.
+    """
+    wanted = set(ids.astype(str))
+    found: dict[str, list[str]] = {}
+    for folder in (parts.EMBEDDINGS, parts.ERRORS):
+        found[folder] = []
+        for f in parts.part_files(out_dir / folder):
+            col = pq.read_table(f, columns=[ID_COLUMN]).column(ID_COLUMN).to_pylist()
+            found[folder].extend(i for i in col if i in wanted)
+    emb, err = found[parts.EMBEDDINGS], found[parts.ERRORS]
+    problems = []
+    missing = wanted - set(emb) - set(err)
+    if missing:
+        problems.append(f"{len(missing)} id(s) have no output row (e.g. {min(missing)!r})")
+    both = set(emb) & set(err)
+    if both:
+        problems.append(f"{len(both)} id(s) are both embedded and in errors (e.g. {min(both)!r})")
+    for name, rows in (("embeddings", emb), ("errors", err)):
+        if len(rows) != len(set(rows)):
+            problems.append(f"{len(rows) - len(set(rows))} repeated row(s) in {name}/")
+    if problems or len(emb) + len(err) != len(wanted):
+        raise TotalsError(
+            f"{out_dir}: {len(emb)} embedded + {len(err)} errors != {len(wanted)} input images: " + "; ".join(problems)
+        )
+    return len(emb), len(err)
+
+
+def resumed_schema(out_dir: Path, new: pa.Schema) -> pa.Schema:
+    """The run's schema when resuming: the stored one plus columns new to this manifest.
+
+    Raises:
+        OutputMismatchError: A column's type differs from the stored run's (one table cannot hold both).
+    """
+    if not parts.part_files(out_dir / parts.EMBEDDINGS) and not parts.part_files(out_dir / parts.ERRORS):
+        return new
+    try:
+        stored = parts.read_run_info(out_dir).get("metadata_schema")
+    except FileNotFoundError:
+        return new
+    if not stored:
+        return new
+    before = parts.schema_from_json(stored)
+    diffs = [
+        f"{f.name}: {f.type} there, {new.field(f.name).type} now"
+        for f in before
+        if f.name in new.names and new.field(f.name).type != f.type
+    ]
+    if diffs:
+        raise OutputMismatchError(
+            f"{out_dir} holds rows whose metadata types differ from this manifest's ({'; '.join(diffs)}): one "
+            "table cannot hold both. Declare the old types in input.dtypes, use another output.dir, or set "
+            "output.on_mismatch: replace"
+        )
+    return pa.schema([*before, *[f for f in new if f.name not in before.names]])

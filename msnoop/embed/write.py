@@ -6,12 +6,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 
 from msnoop.core import parts
 from msnoop.core.parts import ID_COLUMN
-from msnoop.embed.cells import CELLS, cells_table
+from msnoop.embed.cells import CELL_COUNT, CELLS, CELLS_FOUND, cells_table, with_embeddings
+from msnoop.embed.dataset import ROW
 from msnoop.io.manifest import PATH_PREFIX
 
 
@@ -21,33 +21,51 @@ def write_block(
     out_dir: str,
     channels: list[str],
     cells: bool = False,
+    meta: Any,
+    schema: pa.Schema,
+    cells_schema: pa.Schema | None = None,
     provenance: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Stage 3: write the block's embeddings and errors as Parquet parts; return counts only.
 
-    ``provenance`` (see :func:`provenance_record`) goes into every embeddings and cells part's own metadata.
+    Metadata comes from ``meta`` (the run's metadata as an Arrow table with the run's schema, or its Ray
+    object ref), looked up by each row's ``_row``: values and types are the manifest's, whatever Ray
+    made of the block. Every part is written with ``schema`` / ``cells_schema`` (:func:`output_schemas`)
+    and errors with :data:`msnoop.core.parts.ERRORS_SCHEMA`. ``provenance`` (:func:`provenance_record`) goes
+    into every embeddings and cells part's own key-value metadata.
 
     In cells mode the block's cells are written first (``<out>/cells/``), then the image means, so a
     finished image always has its cells on disk (see :func:`msnoop.embed.cells.drop_orphan_cells` for the other case).
     """
+    if not isinstance(meta, pa.Table):
+        import ray
+
+        meta = ray.get(meta)
     error = batch["error"]
     ok = np.array([e == "" for e in error], dtype=bool)
-    meta_cols = [c for c in batch if c.startswith("Metadata_")]
-    meta = pd.DataFrame({c: batch[c] for c in meta_cols})
+    rows = np.asarray(batch[ROW], dtype=np.int64)
     n_cells = 0
     if cells and ok.any():
-        cell_table = cells_table(meta, batch, ok)
+        assert cells_schema is not None
+        cell_table = cells_table(meta, rows, batch, ok, cells_schema)
         if cell_table is not None:
             parts.write_part(cell_table, Path(out_dir) / CELLS, provenance=provenance)
             n_cells = cell_table.num_rows
     if ok.any():
-        table = parts.embeddings_frame(meta[ok].reset_index(drop=True), batch["embedding"][ok])
+        extra = {c: np.asarray(batch[c], dtype=np.int64)[ok] for c in (CELL_COUNT, CELLS_FOUND)} if cells else {}
+        table = with_embeddings(meta.take(pa.array(rows[ok])), extra, np.asarray(batch["embedding"])[ok], schema)
         parts.write_part(table, Path(out_dir) / parts.EMBEDDINGS, provenance=provenance)
     if (~ok).any():
-        bad = meta[~ok]
-        paths = [";".join(str(bad[f"{PATH_PREFIX}{ch}"].iloc[i]) for ch in channels) for i in range(len(bad))]
+        bad = meta.take(pa.array(rows[~ok])).to_pydict()
+        paths = [
+            ";".join(
+                "" if bad[f"{PATH_PREFIX}{ch}"][i] is None else str(bad[f"{PATH_PREFIX}{ch}"][i]) for ch in channels
+            )
+            for i in range(int((~ok).sum()))
+        ]
         err = pa.Table.from_pydict(
-            {ID_COLUMN: bad[ID_COLUMN].astype(str).tolist(), "path": paths, "reason": [str(e) for e in error[~ok]]}
+            {ID_COLUMN: [str(v) for v in bad[ID_COLUMN]], "path": paths, "reason": [str(e) for e in error[~ok]]},
+            schema=parts.ERRORS_SCHEMA,
         )
         parts.write_part(err, Path(out_dir) / parts.ERRORS)
     return {"n_ok": np.array([int(ok.sum())]), "n_err": np.array([int((~ok).sum())]), "n_cells": np.array([n_cells])}

@@ -286,7 +286,12 @@ def plot_galleries(
     seed: int,
     root: Path | None = None,
 ) -> tuple[Path, list[dict[str, Any]]]:
-    """One figure row per random query: the query image and its nearest neighbours' images."""
+    """One figure row per random query: the query image and its nearest neighbours' images.
+
+    Returns:
+        ``(path, records)``: one record per query; if some images could not be read, a last record
+        ``{"unreadable": [messages]}`` (their cells show "image unreadable").
+    """
     n = len(df)
     nq = min(n_queries, n)
     nn = min(n_neighbours, n - 1)
@@ -296,6 +301,7 @@ def plot_galleries(
     labels = df[label].astype(str).to_numpy()
     id_col = "Metadata_ImageID" if "Metadata_ImageID" in df.columns else None
     records: list[dict[str, Any]] = []
+    unreadable: list[str] = []
     for r, q in enumerate(queries):
         keep = [(int(j), float(s)) for j, s in zip(idx[r], scores[r], strict=True) if j != q][:nn]
         cells = [(int(q), None)] + [(j, (1.0 - s) if metric == "cosine" else s) for j, s in keep]
@@ -310,6 +316,7 @@ def plot_galleries(
                 ax.set_facecolor("#dddddd")
                 ax.text(0.5, 0.5, "image\nunreadable", ha="center", va="center", fontsize=8, transform=ax.transAxes)
                 logger.warning("gallery: %s", exc)
+                unreadable.append(str(exc))
             if dist is None:
                 ax.set_title(f"query\n{labels[j]}", fontsize=8, fontweight="bold")
                 for spine in ax.spines.values():
@@ -323,6 +330,8 @@ def plot_galleries(
                 )
         records.append(rec)
     save(fig, path, dpi=100)
+    if unreadable:
+        records.append({"unreadable": unreadable})
     return path, records
 
 
@@ -357,6 +366,8 @@ def _html_page(ctx: dict[str, Any]) -> str:
             f"{e(ctx['label'])} (green: same as the query, red: different). Channels: {e(ctx['channels'])}, each "
             "scaled between its 1st and 99.8th percentiles.</figcaption></figure>"
         )
+        if ctx["gallery_note"]:
+            gallery += f"<p class=note>{e(ctx['gallery_note'])}</p>"
     else:
         gallery = f"<p class=note>{e(ctx['gallery_note'])}</p>"
     batch = f", batch column <code>{e(ctx['batch'])}</code>" if ctx["batch"] else ""
@@ -504,6 +515,7 @@ def _build(
 
     pcols = path_columns(df)
     gallery, gallery_note, records = None, "", []
+    unreadable: list[str] = []
     if not pcols:
         gallery_note = (
             f"No image galleries: the table has no {PATH_PREFIX}<channel> columns (e.g. a CellProfiler profile "
@@ -525,6 +537,9 @@ def _build(
             root=root,
         )
         gallery = gpath.name
+        if records and "unreadable" in records[-1]:
+            unreadable = records.pop()["unreadable"]
+            gallery_note = f"{len(unreadable)} gallery image(s) could not be read (shown grey), e.g. {unreadable[0]}"
 
     ctx = {
         "title": Path(source).name if source != "DataFrame" else "DataFrame",
@@ -553,6 +568,7 @@ def _build(
         k_: ctx[k_] for k_ in ("source", "n_rows", "n_features", "label", "batch", "k", "cv", "metric", "map_caption")
     }
     summary |= {"metrics": metrics, "galleries": records, "gallery_note": gallery_note or None}
+    summary["unreadable_images"] = unreadable
     (out / "report.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     logger.info("report for %s written to %s", source, page)
     return page

@@ -7,10 +7,13 @@ The result always has ``Metadata_ImageID`` (unique), one ``Metadata_Path_<channe
 from __future__ import annotations
 
 import logging
+import os
 import re
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from msnoop.core.config import ConfigError
 from msnoop.io.config import InputConfig
@@ -25,34 +28,109 @@ def path_column(channel: str) -> str:
     return f"{PATH_PREFIX}{channel}"
 
 
-def _read_table(path: Path) -> pd.DataFrame:
+def _read_table(path: Path, dtypes: dict[str, str] | None = None) -> pd.DataFrame:
+    """Read a manifest as written: CSV cells are text (``'0001'`` stays ``'0001'``), blank cells are nulls.
+
+    ``dtypes`` (``input.dtypes``) converts named CSV columns to ``str``/``int``/``float``/``bool`` (pandas
+    nullable types, so blanks stay nulls). Parquet manifests keep their own column types.
+
+    Raises:
+        ConfigError: Missing file, unknown format, or a value that does not convert to its declared type.
+    """
     if not path.is_file():
         raise ConfigError(f"manifest {path} does not exist")
     suffixes = "".join(path.suffixes).lower()
     if suffixes.endswith(".parquet"):
         return pd.read_parquet(path)
-    if suffixes.endswith((".csv", ".csv.gz")):
-        return pd.read_csv(path)
-    raise ConfigError(f"manifest {path}: expected a .csv, .csv.gz or .parquet file, found {path.suffix!r}")
+    if not suffixes.endswith((".csv", ".csv.gz", ".tsv", ".txt")):
+        raise ConfigError(f"manifest {path}: expected a .csv, .csv.gz or .parquet file, found {path.suffix!r}")
+    # keep_default_na=False: 'NA', 'null', 'None' are gene/compound names in real screens; only blanks are missing
+    df = pd.read_csv(
+        path, dtype=str, keep_default_na=False, na_values=[""], sep="\t" if suffixes.endswith(".tsv") else ","
+    )
+    df = df.astype(object).where(df.notna(), None)
+    for col, kind in (dtypes or {}).items():
+        found = (
+            col
+            if col in df.columns
+            else col.removeprefix("Metadata_")
+            if col.removeprefix("Metadata_") in df.columns
+            else None
+        )
+        if found is None:
+            raise ConfigError(f"input.dtypes names column {col!r}, which manifest {path} does not have")
+        try:
+            df[found] = _convert(df[found], kind)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"manifest {path}: column {found!r} declared {kind} in input.dtypes: {exc}") from None
+    return df
+
+
+def _convert(values: pd.Series, kind: str) -> pd.Series:
+    if kind == "str":
+        return values
+    if kind == "float":
+        return pd.to_numeric(values, errors="raise").astype("Float64")
+    if kind == "int":
+        num = pd.to_numeric(values, errors="raise")
+        if (num.dropna() % 1 != 0).any():
+            raise ValueError(f"non-integer value {num.dropna()[num.dropna() % 1 != 0].iloc[0]!r}")
+        return num.astype("Int64")
+    truth = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+    bad = [v for v in values.dropna() if str(v).strip().lower() not in truth]
+    if bad:
+        raise ValueError(f"{bad[0]!r} is not a boolean (true/false, 1/0, yes/no)")
+    return values.map(lambda v: None if v is None else truth[str(v).strip().lower()]).astype("boolean")
 
 
 def _metadata_name(col: str) -> str:
     return col if col.startswith("Metadata_") else f"Metadata_{col}"
 
 
-def _absolute(paths: pd.Series, root: Path) -> pd.Series:
-    def fix(p: object) -> str:
-        if not isinstance(p, str) or not p:
-            return ""
-        q = Path(p).expanduser()
-        return str(q if q.is_absolute() else (root / q))
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
 
-    return paths.map(fix)
+
+def resolve_path(p: object, root: Path) -> str | None:
+    """One manifest path, resolved once: absolute local path, or a URI kept as written.
+
+    Relative paths are relative to ``root`` (the manifest's folder or ``input.root``); ``~`` is expanded;
+    ``file://`` URLs are decoded to local paths; other URLs (``s3://``, ``https://``) are kept as given.
+    Empty values give None.
+    """
+    if p is None or (isinstance(p, float) and np.isnan(p)):
+        return None
+    s = str(p).strip()
+    if not s:
+        return None
+    if s.lower().startswith("file:"):
+        from urllib.parse import urlparse
+        from urllib.request import url2pathname
+
+        u = urlparse(s)
+        s = url2pathname(u.path)
+        if u.netloc and u.netloc != "localhost":
+            s = f"//{u.netloc}{s}"
+    elif _URI.match(s):
+        return s
+    q = Path(s).expanduser()
+    return os.path.normpath(q if q.is_absolute() else root.absolute() / q)
+
+
+def _collisions(columns: list[str], source: Path) -> None:
+    seen: dict[str, str] = {}
+    for col in columns:
+        name = _metadata_name(col)
+        if name in seen:
+            raise ConfigError(
+                f"manifest {source}: columns {seen[name]!r} and {col!r} would both become {name!r}; "
+                "rename or drop one of them"
+            )
+        seen[name] = col
 
 
 def _from_manifest(cfg: InputConfig) -> pd.DataFrame:
     assert cfg.manifest is not None
-    df = _read_table(cfg.manifest)
+    df = _read_table(cfg.manifest, cfg.dtypes)
     root = cfg.root or cfg.manifest.parent
     mapping = dict(cfg.channel_columns or {})
     for ch in cfg.channels:
@@ -63,6 +141,8 @@ def _from_manifest(cfg: InputConfig) -> pd.DataFrame:
                 )
             continue
         candidates = [ch, f"{ch}_path", f"path_{ch}", f"Path_{ch}", path_column(ch), f"FileName_{ch}"]
+        if cfg.channel_index is not None or cfg.channel_names:  # one file holds all channels
+            candidates += ["path", "Path", "file", "FileName", "Metadata_Path"]
         found = next((c for c in candidates if c in df.columns), None)
         if found is None:
             raise ConfigError(
@@ -70,43 +150,59 @@ def _from_manifest(cfg: InputConfig) -> pd.DataFrame:
                 f"(or set input.channel_columns); found columns {list(df.columns)}"
             )
         mapping[ch] = found
-    out = pd.DataFrame(index=df.index)
     used = set(mapping.values())
-    for col in df.columns:
-        if col not in used:
-            out[_metadata_name(col)] = df[col].to_numpy()
+    meta_cols = [c for c in df.columns if c not in used]
+    _collisions(meta_cols + [path_column(ch) for ch in cfg.channels], cfg.manifest)
+    out = pd.DataFrame({_metadata_name(c): df[c] for c in meta_cols}, index=df.index)
     for ch in cfg.channels:
-        out[path_column(ch)] = _absolute(df[mapping[ch]], root).to_numpy()
+        out[path_column(ch)] = [resolve_path(p, root) for p in df[mapping[ch]]]
     return out
+
+
+def _loaddata_path(name: object, folder: object, url: object, root: Path) -> str | None:
+    """One LoadData location: ``URL_<Ch>``, else ``FileName_<Ch>`` (a URL stands alone), joined to ``PathName_<Ch>``.
+
+    An empty ``PathName`` means the ``FileName`` stands alone (relative to ``root``).
+    """
+
+    def text(v: object) -> str:
+        return "" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v).strip()
+
+    name, folder, url = text(name), text(folder), text(url)
+    if url:
+        return resolve_path(url, root)
+    if not name:
+        return None
+    if _URI.match(name) or name.lower().startswith("file:") or not folder:
+        return resolve_path(name, root)
+    if _URI.match(folder) or folder.lower().startswith("file:"):
+        return resolve_path(folder.rstrip("/") + "/" + name, root)
+    return resolve_path(str(Path(folder) / name), root)
 
 
 def _from_loaddata(cfg: InputConfig) -> pd.DataFrame:
     assert cfg.loaddata is not None
-    df = _read_table(cfg.loaddata)
+    df = _read_table(cfg.loaddata, cfg.dtypes)
     root = cfg.root or cfg.loaddata.parent
-    out = pd.DataFrame(index=df.index)
     used: set[str] = set()
     paths = {}
     for ch in cfg.channels:
-        key = next((k for k in (ch, f"Orig{ch}") if f"FileName_{k}" in df.columns), None)
+        key = next((k for k in (ch, f"Orig{ch}") if f"FileName_{k}" in df.columns or f"URL_{k}" in df.columns), None)
         if key is None:
-            have = sorted(c[len("FileName_") :] for c in df.columns if c.startswith("FileName_"))
-            raise ConfigError(f"LoadData file {cfg.loaddata}: no FileName_{ch} column; channels present: {have}")
-        fname, pname = f"FileName_{key}", f"PathName_{key}"
-        used.update({fname, pname})
-        if pname in df.columns:
-            joined = [
-                str(Path(str(d)) / str(f)) if isinstance(f, str) else ""
-                for d, f in zip(df[pname], df[fname], strict=True)
-            ]
-        else:
-            joined = [f if isinstance(f, str) else "" for f in df[fname]]
-        paths[ch] = _absolute(pd.Series(joined, index=df.index), root)
-    for col in df.columns:
-        if col not in used and not col.startswith(("FileName_", "PathName_", "URL_")):
-            out[_metadata_name(col)] = df[col].to_numpy()
+            have = sorted({c.split("_", 1)[1] for c in df.columns if c.startswith(("FileName_", "URL_"))})
+            raise ConfigError(
+                f"LoadData file {cfg.loaddata}: no FileName_{ch} column; channels present: {have} (no URL_{ch} either)"
+            )
+        cols = [f"FileName_{key}", f"PathName_{key}", f"URL_{key}"]
+        used.update(cols)
+        none = [None] * len(df)
+        fname, pname, url = (df[c] if c in df.columns else none for c in cols)
+        paths[ch] = [_loaddata_path(f, d, u, root) for f, d, u in zip(fname, pname, url, strict=True)]
+    meta_cols = [c for c in df.columns if c not in used and not c.startswith(("FileName_", "PathName_", "URL_"))]
+    _collisions(meta_cols + [path_column(ch) for ch in cfg.channels], cfg.loaddata)
+    out = pd.DataFrame({_metadata_name(c): df[c] for c in meta_cols}, index=df.index)
     for ch in cfg.channels:
-        out[path_column(ch)] = paths[ch].to_numpy()
+        out[path_column(ch)] = paths[ch]
     return out
 
 
@@ -141,7 +237,7 @@ def _from_folder(cfg: InputConfig) -> pd.DataFrame:
         if not m or m.group("channel") not in by_value:
             continue
         fields = tuple(sorted((k, v) for k, v in m.groupdict().items() if k != "channel"))
-        groups.setdefault(fields, {})[by_value[m.group("channel")]] = str(path.resolve())
+        groups.setdefault(fields, {})[by_value[m.group("channel")]] = os.path.normpath(path.absolute())
     if not groups:
         raise ConfigError(
             f"input.folder {folder}: no file matches pattern {cfg.pattern!r} with channel values {sorted(by_value)}"
@@ -155,16 +251,54 @@ def _from_folder(cfg: InputConfig) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def image_id(path: str | None, root: Path) -> str | None:
+    """The default id of an image: its first channel's path relative to ``root``, without suffix.
+
+    The id depends on that one path only (adding rows never changes other rows' ids). A path outside
+    ``root`` gives its absolute path without suffix; a URI is its own id (without suffix).
+    """
+    if not path:
+        return None
+    if _URI.match(path):
+        return re.sub(r"\.[A-Za-z0-9]{1,5}$", "", path)
+    base = os.path.normpath(root.absolute())
+    rel = os.path.relpath(path, base)
+    p = Path(path if rel == os.pardir or rel.startswith(os.pardir + os.sep) else rel)
+    name = p.name
+    for suffix in (".ome.tiff", ".ome.tif", ".ome.zarr"):
+        if name.lower().endswith(suffix):
+            return p.with_name(name[: -len(suffix)]).as_posix()
+    return p.with_suffix("").as_posix() if p.suffix else p.as_posix()
+
+
+def source_root(cfg: InputConfig) -> Path:
+    if cfg.root is not None:
+        return cfg.root
+    src = cfg.manifest or cfg.loaddata
+    if src is not None:
+        return src.parent
+    return cfg.folder if cfg.folder is not None else Path(cfg.ome_zarr).parent  # type: ignore[arg-type]
+
+
 def load_image_table(cfg: InputConfig) -> pd.DataFrame:
     """Read the job's inputs into the image table (see module docstring).
 
+    Metadata values are kept as written (CSV text stays text, blanks are None; Parquet types kept);
+    every path is resolved once against the manifest's folder (or ``input.root``) and stored absolute,
+    URIs (``s3://...``) as given. The id of a row depends on that row alone (:func:`image_id`).
+
     Raises:
-        ConfigError: The source is missing or malformed, a channel has no column, or ids repeat.
+        ConfigError: The source is missing or malformed, a channel has no column, two columns collide, or
+            ids repeat.
     """
     if cfg.manifest is not None:
         df = _from_manifest(cfg)
     elif cfg.loaddata is not None:
         df = _from_loaddata(cfg)
+    elif getattr(cfg, "ome_zarr", None) is not None:
+        from msnoop.io.omezarr import ome_zarr_table
+
+        df = ome_zarr_table(cfg)
     else:
         df = _from_folder(cfg)
     df = df.reset_index(drop=True)
@@ -172,13 +306,18 @@ def load_image_table(cfg: InputConfig) -> pd.DataFrame:
         col = _metadata_name(cfg.id_column)
         if col not in df.columns:
             raise ConfigError(f"input.id_column {cfg.id_column!r} not found; columns: {list(df.columns)}")
+        blank = df[col].isna()
+        if blank.any():
+            raise ConfigError(f"input.id_column {cfg.id_column!r} is blank in {int(blank.sum())} row(s)")
         df[ID_COLUMN] = df[col].astype(str)
     elif ID_COLUMN not in df.columns:
-        first = df[path_column(cfg.channels[0])]
-        root = Path(_common_root([p for p in first if p]))
-        df[ID_COLUMN] = [
-            str(Path(p).relative_to(root).with_suffix("")) if p else f"row{i}" for i, p in enumerate(first)
-        ]
+        root = source_root(cfg)
+        path_cols = [path_column(ch) for ch in cfg.channels]
+        ids = []
+        for i, row in enumerate(df[path_cols].itertuples(index=False)):
+            first = next((p for p in row if p), None)
+            ids.append(image_id(first, root) or f"row{i}")  # a row without any path becomes an error row
+        df[ID_COLUMN] = ids
     df[ID_COLUMN] = df[ID_COLUMN].astype(str)
     dup = df[ID_COLUMN][df[ID_COLUMN].duplicated()]
     if len(dup):
@@ -189,11 +328,35 @@ def load_image_table(cfg: InputConfig) -> pd.DataFrame:
     return df[[ID_COLUMN, *meta, *[path_column(ch) for ch in cfg.channels]]]
 
 
-def _common_root(paths: list[str]) -> str:
-    import os
+def table_schema(table: pd.DataFrame) -> pa.Schema:
+    """The one Arrow schema of a run's metadata, fixed from the whole image table before any work.
 
-    if not paths:
-        return "/"
-    if len(paths) == 1:
-        return str(Path(paths[0]).parent)
-    return os.path.commonpath(paths)
+    Text columns (every CSV column not declared in ``input.dtypes``, ids, paths) are ``string``; a column
+    that is blank in every row is ``string`` too (never Arrow's ``null`` type); other types are Arrow's
+    reading of the pandas dtype (Parquet manifests keep theirs). Blanks are nulls in any type.
+
+    Raises:
+        ConfigError: A column mixes values Arrow cannot hold in one type (e.g. text and numbers in a Parquet
+            object column).
+    """
+    fields = []
+    for col in table.columns:
+        values = table[col]
+        if values.dtype == object or str(values.dtype) == "string":
+            present = values.dropna()
+            kinds = {type(v) for v in present}
+            if not present.size or kinds <= {str}:
+                fields.append(pa.field(col, pa.string()))
+                continue
+        try:
+            typ = pa.Array.from_pandas(values).type
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+            raise ConfigError(f"metadata column {col!r} mixes types Arrow cannot store in one column: {exc}") from None
+        fields.append(pa.field(col, pa.string() if pa.types.is_null(typ) else typ))
+    return pa.schema(fields)
+
+
+def metadata_arrow(table: pd.DataFrame, schema: pa.Schema) -> pa.Table:
+    """``table`` as Arrow with exactly ``schema`` (blanks -> nulls)."""
+    frame = table.reindex(columns=schema.names)  # columns of an earlier run missing here: nulls
+    return pa.Table.from_pandas(frame, schema=schema, preserve_index=False).replace_schema_metadata(None)

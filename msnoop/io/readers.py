@@ -1,14 +1,35 @@
-"""Image readers: decode one file into a 2-D float32 array, or fail with a message naming the file."""
+"""Image readers: decode one file into a 2-D float32 array, or fail with a message naming the file.
+
+Files may hold more than one plane: colour samples (``YXS`` or planar ``SYX``), channels (OME-TIFF,
+ImageJ hyperstacks, plain ``(C, H, W)`` stacks), z-planes and time points. :func:`read_image` returns one
+``[H, W]`` plane by these rules:
+
+* singleton axes are dropped;
+* an axis whose planes are all identical (grey saved as RGB, in either layout) is reduced to one plane;
+* ``Z`` and ``T`` axes follow the ``z`` policy: ``"refuse"`` (default: an error naming the shape),
+  ``"max"`` (maximum projection) or an ``int`` (that z-plane; the first time point);
+* the one remaining channel-like axis (``C``, ``S`` or tifffile's unknown ``Q``/``I``) is indexed by
+  ``channel``: an ``int`` (plane index) or a ``str`` (OME channel ``Name``).
+
+Axis names come from tifffile's series axes (OME-XML, ImageJ or shaped metadata); other formats get
+``YX``, ``YXS`` (last axis of 3-4) or ``Q`` for each leading axis. Compressed TIFFs (LZW, JPEG, deflate,
+zstd, ...) are decoded through ``imagecodecs``.
+"""
 
 from __future__ import annotations
 
+import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
 TIFF_SUFFIXES = {".tif", ".tiff"}
 PIL_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
 NPY_SUFFIXES = {".npy"}
+CHANNEL_AXES = "CSQI"  # axes that can hold channels (tifffile: S samples, Q unknown, I image sequence)
+
+ZPolicy = Literal["refuse", "max"] | int
 
 
 class ImageReadError(ValueError):
@@ -20,52 +41,204 @@ class ImageReadError(ValueError):
         self.reason = reason
 
 
-def _read_raw(path: Path) -> np.ndarray:
+def _ome_channel_names(ome_xml: str | None) -> list[str] | None:
+    """``Name`` of each ``Channel`` of the first OME ``Image`` (None without OME-XML)."""
+    if not ome_xml:
+        return None
+    try:
+        root = ET.fromstring(ome_xml)
+    except ET.ParseError:
+        return None
+    for image in root.iter():
+        if image.tag.endswith("}Image") or image.tag == "Image":
+            names = [c.get("Name") or "" for c in image.iter() if c.tag.endswith("Channel")]
+            return names or None
+    return None
+
+
+def _read_raw(path: Path) -> tuple[np.ndarray, str, list[str] | None]:
+    """``(array, axes, OME channel names or None)``."""
     suffix = path.suffix.lower()
+    if path.is_dir() or ".zarr" in path.as_posix():
+        from msnoop.io.omezarr import read_zarr_image
+
+        return read_zarr_image(path)
     if suffix in TIFF_SUFFIXES:
         import tifffile
 
-        return tifffile.imread(path)
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            arr = series.asarray()
+            axes = series.axes
+            names = _ome_channel_names(tif.ome_metadata) if tif.is_ome else None
+        return arr, axes, names
     if suffix in PIL_SUFFIXES:
         from PIL import Image
 
         with Image.open(path) as img:
             img.load()
-            return np.asarray(img)
-    if suffix in NPY_SUFFIXES:
-        return np.load(path, allow_pickle=False)
-    raise ImageReadError(path, f"unsupported file type {suffix!r}; expected one of .tif/.tiff/.png/.jpg/.bmp/.npy")
+            arr = np.asarray(img)
+    elif suffix in NPY_SUFFIXES:
+        arr = np.load(path, allow_pickle=False)
+    else:
+        raise ImageReadError(
+            path, f"unsupported file type {suffix!r}; expected one of .tif/.tiff/.png/.jpg/.bmp/.npy or an OME-Zarr"
+        )
+    if arr.ndim >= 3 and arr.shape[-1] in (3, 4):
+        axes = "Q" * (arr.ndim - 3) + "YXS"
+    else:
+        axes = "Q" * max(arr.ndim - 2, 0) + "YX"[-min(arr.ndim, 2) :] if arr.ndim else ""
+    return arr, axes, None
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """Read one channel of one image as ``[H, W]`` float32.
+def _drop(arr: np.ndarray, axes: str, i: int, index: int | None = None) -> tuple[np.ndarray, str]:
+    """Remove axis ``i``: take plane ``index``, or the first (identical planes / singleton)."""
+    return np.take(arr, 0 if index is None else index, axis=i), axes[:i] + axes[i + 1 :]
 
-    RGB(A) files whose colour planes are identical (grey images saved as RGB) are reduced to one plane;
-    singleton leading axes are squeezed.
+
+def _identical(arr: np.ndarray, i: int) -> bool:
+    first = np.take(arr, 0, axis=i)
+    return all(np.array_equal(first, np.take(arr, k, axis=i)) for k in range(1, arr.shape[i]))
+
+
+def select_plane(
+    arr: np.ndarray,
+    axes: str,
+    path: str | Path,
+    *,
+    channel: int | str | None = None,
+    names: list[str] | None = None,
+    z: ZPolicy = "refuse",
+) -> np.ndarray:
+    """Reduce an ``axes``-labelled array to one ``[H, W]`` plane (rules in the module docstring).
 
     Raises:
-        ImageReadError: Missing, unreadable, truncated or not 2-D; the message names the file.
+        ImageReadError: The planes cannot be reduced as asked; the message names the file, shape and axes.
+    """
+    shape0, axes0 = arr.shape, axes
+    where = f"found an array of shape {tuple(shape0)} (axes {axes0})"
+    if len(axes) != arr.ndim:
+        axes = "Q" * (arr.ndim - 2) + "YX"
+    for i in reversed(range(arr.ndim)):  # singleton axes
+        if arr.shape[i] == 1 and arr.ndim > 2:
+            arr, axes = _drop(arr, axes, i)
+    # z-stacks and time series
+    for ax in "TZ":
+        if ax not in axes:
+            continue
+        i = axes.index(ax)
+        if _identical(arr, i):
+            arr, axes = _drop(arr, axes, i)
+        elif z == "refuse":
+            raise ImageReadError(
+                path,
+                f"expected one 2-D plane per channel, {where}: it has {arr.shape[i]} {'z-planes' if ax == 'Z' else 'time points'}"
+                "; set input.z to 'max' (maximum projection) or a z-plane index",
+            )
+        elif z == "max":
+            arr, axes = arr.max(axis=i), axes[:i] + axes[i + 1 :]
+        elif ax == "T":
+            arr, axes = _drop(arr, axes, i, 0)
+        else:
+            if not 0 <= int(z) < arr.shape[i]:
+                raise ImageReadError(path, f"input.z = {z} is out of range: {where} with {arr.shape[i]} z-planes")
+            arr, axes = _drop(arr, axes, i, int(z))
+    chans = [i for i, a in enumerate(axes) if a in CHANNEL_AXES]
+    if channel is None:
+        for i in reversed(chans):  # grey saved as RGB (YXS or planar SYX), identical channels
+            if _identical(arr, i):
+                arr, axes = _drop(arr, axes, i)
+        chans = [i for i, a in enumerate(axes) if a in CHANNEL_AXES]
+        if len(chans) == 1 and z != "refuse" and "Z" not in axes0 and axes[chans[0]] in "QI":
+            i = chans[0]  # an unlabelled stack with a z policy: the stack is the z axis
+            arr = arr.max(axis=i) if z == "max" else np.take(arr, int(z), axis=i)
+            axes = axes[:i] + axes[i + 1 :]
+    elif len(chans) == 1:
+        i = chans[0]
+        if isinstance(channel, str):
+            if not names or channel not in names:
+                raise ImageReadError(
+                    path, f"no channel named {channel!r}; OME channel names: {names or 'none (not an OME-TIFF)'}"
+                )
+            index = names.index(channel)
+        else:
+            index = int(channel)
+        if not 0 <= index < arr.shape[i]:
+            raise ImageReadError(path, f"channel index {index} is out of range: {where}")
+        arr, axes = _drop(arr, axes, i, index)
+    elif not chans and channel not in (0, None) and not (isinstance(channel, str) and names == [channel]):
+        raise ImageReadError(path, f"channel {channel!r} asked for, but the file holds one plane ({where})")
+    if arr.ndim != 2:
+        hint = (
+            "; one file holds several planes: pick them with input.channel_index (or input.z for z-stacks)"
+            if channel is None and arr.ndim == 3
+            else ""
+        )
+        raise ImageReadError(path, f"expected one 2-D channel per file, {where}{hint}")
+    return arr
+
+
+def read_channels(path: str | Path, channels: list[int | str | None], *, z: ZPolicy = "refuse") -> list[np.ndarray]:
+    """Several channels of one file (decoded once): one ``[H, W]`` float32 plane per entry of ``channels``.
+
+    Raises:
+        ImageReadError: As :func:`read_image`.
     """
     path = Path(path)
-    if not path.is_file():
+    if not (path.is_file() or (path.is_dir() and ".zarr" in path.as_posix())):
         raise ImageReadError(path, "file not found")
     try:
-        arr = _read_raw(path)
+        arr, axes, names = _read_raw(path)
     except ImageReadError:
         raise
     except Exception as exc:  # decoders raise many types for corrupt/truncated data
         raise ImageReadError(path, f"could not decode ({type(exc).__name__}: {exc})") from exc
     arr = np.asarray(arr)
-    arr = np.squeeze(arr)
-    if arr.ndim == 3 and arr.shape[-1] in (3, 4):
-        rgb = arr[..., :3]
-        if np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2]):
-            arr = rgb[..., 0]
-    if arr.ndim != 2:
-        raise ImageReadError(path, f"expected one 2-D channel per file, found an array of shape {arr.shape}")
-    if arr.dtype.kind not in "uifb":
-        raise ImageReadError(path, f"expected a numeric image, found dtype {arr.dtype}")
-    return arr.astype(np.float32, copy=False)
+    out = []
+    for channel in channels:
+        plane = select_plane(arr, axes, path, channel=channel, names=names, z=z)
+        if plane.dtype.kind not in "uifb":
+            raise ImageReadError(path, f"expected a numeric image, found dtype {plane.dtype}")
+        out.append(plane.astype(np.float32, copy=False))
+    return out
+
+
+def read_image(path: str | Path, *, channel: int | str | None = None, z: ZPolicy = "refuse") -> np.ndarray:
+    """Read one channel of one image as ``[H, W]`` float32.
+
+    Args:
+        path: An image file (TIFF/OME-TIFF, PNG, JPEG, BMP, NPY) or an OME-Zarr image (``.zarr`` path).
+        channel: For files holding several channels: plane index or OME channel name; None = the file
+            must reduce to one plane (grey saved as RGB or identical planes are reduced).
+        z: Policy for z-stacks and time series: ``"refuse"``, ``"max"`` or a z-plane index.
+
+    Raises:
+        ImageReadError: Missing, unreadable, truncated or not reducible to 2-D; the message names the file.
+    """
+    return read_channels(path, [channel], z=z)[0]
+
+
+def read_labels(path: str | Path) -> np.ndarray:
+    """An existing label mask as ``[H, W]`` int32 (0 = background); singleton axes dropped.
+
+    Raises:
+        ImageReadError: Missing, unreadable, several planes, or not integer-valued.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ImageReadError(path, "mask file not found")
+    try:
+        arr, axes, names = _read_raw(path)
+    except ImageReadError:
+        raise
+    except Exception as exc:  # decoders raise many types for corrupt/truncated data
+        raise ImageReadError(path, f"could not decode mask ({type(exc).__name__}: {exc})") from exc
+    arr = select_plane(np.asarray(arr), axes, path, names=names)
+    if arr.dtype.kind == "f" and np.array_equal(arr, np.round(arr)):
+        arr = arr.astype(np.int64)
+    if arr.dtype.kind not in "ui" or (arr.size and (arr.min() < 0 or arr.max() >= 2**31)):
+        raise ImageReadError(path, f"expected an integer label mask (0 = background), found dtype {arr.dtype}")
+    return arr.astype(np.int32, copy=False)
 
 
 def check_image(image: np.ndarray, path: str | Path) -> None:

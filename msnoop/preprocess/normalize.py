@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import numpy as np
 
+DEGENERATE = 1e-6  # percentile range / full range at or below which min-max scaling replaces percentiles
+
 
 def normalize99(image: np.ndarray, *, lower: float = 1.0, upper: float = 99.0, clip: bool = False) -> np.ndarray:
     """Percentile normalisation: ``(x - p_lower) / (p_upper - p_lower)``.
 
     This is Microsnoop's ``normalize_img``/``normalize99`` rule: a constant image (peak-to-peak 0) is
-    returned unchanged, and ``1e-6`` is added to the denominator when the two percentiles coincide.
-    The ``cytoimagenet`` preset uses ``lower=0.1, upper=99.9, clip=True``.
+    returned unchanged. The ``cytoimagenet`` preset uses ``lower=0.1, upper=99.9, clip=True``.
+
+    **Degenerate range** (msnoop's rule, where Microsnoop divides by ``1e-6``): when ``p_upper - p_lower``
+    is at most ``DEGENERATE * (max - min)`` (e.g. an 8x8 image centred in a 224 canvas, where both
+    percentiles fall on the zero padding), the image is min-max scaled instead: ``(x - min) / (max - min)``,
+    so values stay in ``[0, 1]`` rather than reaching ~1e9. Images with a non-degenerate range are
+    normalised exactly as Microsnoop does.
 
     Args:
         image: ``[H, W]`` array of any real dtype.
@@ -26,8 +33,9 @@ def normalize99(image: np.ndarray, *, lower: float = 1.0, upper: float = 99.0, c
         return x.copy()
     lo, hi = np.percentile(x, [lower, upper])
     denom = hi - lo
-    if denom == 0:
-        denom = 1e-6
+    ptp = np.float64(np.ptp(x))
+    if denom <= DEGENERATE * ptp:
+        lo, denom = np.float64(x.min()), ptp
     out = (x - lo) / np.float32(denom)
     if clip:
         np.clip(out, 0.0, 1.0, out=out)

@@ -31,6 +31,7 @@ class TableRef:
 def open_results(target: str | Path, table: str | None = None) -> TableRef:
     """Open the LanceDB table of a job output folder, or ``table`` in the LanceDB at ``target``."""
     target_path = Path(target)
+    run_dir: Path | None = None
     if (target_path / RUN_FILE).is_file():
         import json
 
@@ -38,12 +39,23 @@ def open_results(target: str | Path, table: str | None = None) -> TableRef:
         uri, name = run["lancedb"], table or run["table"]
         if not Path(uri).is_absolute() and not Path(uri).exists():
             uri = str(target_path / "lancedb")
+        run_dir = target_path
     else:
         if table is None:
             raise ValueError(
                 f"{target} is not an msnoop output folder (no {RUN_FILE}); give a LanceDB URI with --table NAME"
             )
         uri, name = str(target), table
+    if run_dir is not None:
+        try:
+            tbl = open_table(uri, name)
+        except KeyError:
+            raise ValueError(
+                f"{target}: the LanceDB table {name!r} has not been written yet (the embed run that writes it did "
+                f"not finish, or ran with output.write_lance: false). Re-run `msnoop embed "
+                f"{run_dir / 'resolved_config.yaml'}` to finish it: images already embedded are kept and skipped"
+            ) from None
+        return TableRef(table=tbl, info=table_info(tbl), uri=uri, name=name)
     tbl = open_table(uri, name)
     return TableRef(table=tbl, info=table_info(tbl), uri=uri, name=name)
 

@@ -5,6 +5,9 @@ Backends:
 * ``"builtin"`` (default): :func:`msnoop.segment.builtin.segment_nuclei`, scikit-image, no weights, CPU.
 * ``"cellpose"``: :func:`msnoop.segment.cellpose_backend.segment_cellpose`, cellpose 3.1.x with a local
   weights file (``pip install 'msnoop[cellpose]'``); cellpose is imported only when this backend runs.
+* ``"mask"``: no segmentation: each image's existing label mask is read from the manifest column
+  ``column`` (an integer label image of the image's shape, 0 = background), e.g. CellProfiler or cellpose
+  outputs the user already has.
 
 Example:
     >>> from msnoop.segment import segment
@@ -41,7 +44,7 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-BACKENDS = ("builtin", "cellpose")
+BACKENDS = ("builtin", "cellpose", "mask")
 
 
 def _backend_fn(backend: str):
@@ -57,6 +60,8 @@ def _backend_fn(backend: str):
 
 
 def _keyword_params(backend: str) -> set[str]:
+    if backend == "mask":
+        return set()
     sig = inspect.signature(_backend_fn(backend))
     return {name for name, p in sig.parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
 

@@ -24,7 +24,10 @@ class SegmentationConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    backend: Literal["builtin", "cellpose"] = "builtin"
+    backend: Literal["builtin", "cellpose", "mask"] = "builtin"
+    column: str | None = Field(
+        None, description="mask only: manifest column with each image's label-mask file (relative to the manifest)"
+    )
     channel: str | int | None = Field(
         None, description="nucleus channel: a name from input.channels or an index; None = the first channel"
     )
@@ -37,6 +40,19 @@ class SegmentationConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> SegmentationConfig:
+        if self.backend == "mask":
+            if not self.column:
+                raise ValueError(
+                    "segmentation.backend 'mask' needs segmentation.column: the manifest column of mask files"
+                )
+            given = [k for k in ("diameter", "model") if getattr(self, k) is not None] + (["gpu"] if self.gpu else [])
+            if given or self.params:
+                raise ValueError(
+                    f"segmentation {given + sorted(self.params)} do not apply to backend 'mask'; remove them"
+                )
+            return self
+        if self.column is not None:
+            raise ValueError("segmentation.column applies to backend 'mask' only; remove it")
         if self.backend == "cellpose" and self.model is None:
             raise ValueError(
                 "segmentation.model is required with backend 'cellpose': a weights file path or a model name "
@@ -68,7 +84,20 @@ class SegmentationConfig(BaseModel):
         return out
 
     def run(self, image: np.ndarray) -> np.ndarray:
-        """Segment one ``[H, W]`` nucleus channel with this configuration."""
+        """Segment one ``[H, W]`` nucleus channel with this configuration.
+
+        Raises:
+            ValueError: backend ``mask`` (masks are read per image: :func:`msnoop.io.readers.read_labels`).
+        """
         from msnoop.segment import segment
 
+        if self.backend == "mask":
+            raise ValueError("segmentation backend 'mask' reads each image's mask file; it does not segment")
         return segment(image, **self.kwargs())
+
+    @property
+    def mask_column(self) -> str | None:
+        """The image-table column holding mask paths (``Metadata_<column>``), or None."""
+        if self.backend != "mask" or not self.column:
+            return None
+        return self.column if self.column.startswith("Metadata_") else f"Metadata_{self.column}"

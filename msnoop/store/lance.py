@@ -21,8 +21,10 @@ META_KEY = b"msnoop"
 os.environ.setdefault("LANCEDB_LOG", "error")
 
 
-def _vector_batches(folder: Path, dim: int, batch_size: int) -> Iterator[pa.RecordBatch]:
-    for batch in iter_batches(folder, batch_size=batch_size):
+def _vector_batches(
+    folder: Path, dim: int, batch_size: int, schema: pa.Schema | None = None
+) -> Iterator[pa.RecordBatch]:
+    for batch in iter_batches(folder, batch_size=batch_size, schema=schema):
         names = batch.schema.names
         emb = [n for n in names if n.startswith(EMB_PREFIX)]
         if len(emb) != dim:
@@ -35,9 +37,18 @@ def _vector_batches(folder: Path, dim: int, batch_size: int) -> Iterator[pa.Reco
 
 
 def build_table(
-    uri: str, name: str, parts_folder: str | Path, *, dim: int, info: dict[str, Any], batch_size: int = 2048
+    uri: str,
+    name: str,
+    parts_folder: str | Path,
+    *,
+    dim: int,
+    info: dict[str, Any],
+    batch_size: int = 2048,
+    schema: pa.Schema | None = None,
 ) -> int:
     """(Re)build LanceDB table ``name`` from all parts, streaming; returns the row count.
+
+    ``schema`` (the run's Parquet schema) makes every part read with the same column types.
 
     The table's schema metadata carries ``info`` (model, preprocessing, channels) under the key ``msnoop``.
     """
@@ -49,7 +60,7 @@ def build_table(
     if not files:
         logger.warning("no embeddings in %s; LanceDB table %s not written", parts_folder, name)
         return 0
-    batches = _vector_batches(parts_folder, dim, batch_size)
+    batches = _vector_batches(parts_folder, dim, batch_size, schema)
     first = next(batches)
     schema = first.schema.with_metadata({META_KEY: json.dumps(info, default=str).encode()})
 

@@ -21,6 +21,8 @@ def publish_embeddings(
     index: str = "auto",
     index_threshold: int = 100_000,
     cells_folder: str | Path | None = None,
+    schema: Any = None,
+    cells_schema: Any = None,
 ) -> int:
     """(Re)build LanceDB table ``table`` (and ``<table>_cells``) from Parquet parts; returns the row count.
 
@@ -32,16 +34,18 @@ def publish_embeddings(
         index: Vector index kind (see :func:`msnoop.store.index.ensure_index`); ``"none"`` builds none.
         index_threshold: Rows from which ``"auto"`` builds an index.
         cells_folder: Cells-mode parts, published as ``<table>_cells`` (no index).
+        schema, cells_schema: The run's Parquet schemas (``pyarrow.Schema``): every part is read with them, so
+            the table's column types are the manifest's whatever each part holds.
 
     Raises:
         ValueError: Parts disagree with ``info["embed_dim"]``.
     """
-    n_rows = build_table(uri, table, parts_folder, dim=info["embed_dim"], info=info)
+    n_rows = build_table(uri, table, parts_folder, dim=info["embed_dim"], info=info, schema=schema)
     if n_rows and index != "none":
         done = ensure_index(open_table(uri, table), kind=index, threshold_rows=index_threshold)  # type: ignore[arg-type]
         logger.info("vector index: %s", done)
     if cells_folder is not None:
-        build_table(uri, f"{table}_cells", cells_folder, dim=info["embed_dim"], info=info)
+        build_table(uri, f"{table}_cells", cells_folder, dim=info["embed_dim"], info=info, schema=cells_schema)
     return n_rows
 
 
