@@ -198,6 +198,7 @@ def run_embed_job(cfg: Any) -> Any:
             info=info,
             schema=schema,
             cells_schema=cells_schema,
+            postprocess=cfg.output.postprocess,
             index=cfg.output.index,
             index_threshold=cfg.output.index_threshold,
             cells_folder=out / CELLS if cfg.cells is not None and cfg.cells.lance_cells_table else None,

@@ -52,9 +52,16 @@ def knn_command(
     index: Annotated[
         str, typer.Option(help="'auto' (IVF for large CPU runs, else exact), 'exact' or 'ivf' (approximate).")
     ] = "auto",
+    postprocess: Annotated[
+        str,
+        typer.Option(
+            help="'standardize' (z-score each feature over the table, no labels) or 'raw' (the features as stored)."
+        ),
+    ] = "standardize",
 ) -> None:
     """kNN classification of profiles (FAISS, Microsnoop vote): accuracy, balanced accuracy, MCC, macro-F1."""
     from msnoop.core.tables import feature_columns, split_table
+    from msnoop.correct.normalize import postprocess as apply_postprocess
     from msnoop.evaluate.knn import knn_evaluate, parse_cv
 
     df = _load(table, exclude)
@@ -74,15 +81,17 @@ def knn_command(
             groups = df[arg].astype(str).to_numpy()
         feats = [f for f in feature_columns(df) if f != label]
         _, X = split_table(df, feats)
+        X, post = apply_postprocess(X, postprocess)
         res = knn_evaluate(X, df[label].to_numpy(), k=k, cv=cv, groups=groups, metric=metric, seed=seed, index=index)  # type: ignore[arg-type]
     except ValueError as exc:
         fail(str(exc))
     res["table"] = str(table)
     res["label"] = label
     res["n_features"] = int(X.shape[1])
+    res["postprocess"] = post
     typer.echo(
         f"kNN on {table.name}: n={res['n']}  features={res['n_features']}  label={label}  classes={res['n_classes']}"
-        f" (chance {res['chance']:.3f})  k={k}  cv={cv}  metric={metric}"
+        f" (chance {res['chance']:.3f})  k={k}  cv={cv}  metric={metric}  postprocess={postprocess}"
     )
     for key, name in [
         ("accuracy", "accuracy"),

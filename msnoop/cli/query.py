@@ -90,6 +90,8 @@ def info(
     typer.echo(f"channels   {', '.join(meta.get('channels', []))}")
     typer.echo(f"model      {meta.get('model')} ({meta.get('arch')}, sha256 {str(meta.get('model_sha256'))[:12]})")
     typer.echo(f"preprocess {json.dumps(meta.get('preprocess'))}")
+    post = meta.get("postprocess") or {"method": "raw"}
+    typer.echo(f"vectors    {post['method']}" + (f" (fitted on {post['n']} rows, no labels)" if "n" in post else ""))
     cols = [
         f.name for f in ref.table.schema if f.name.startswith("Metadata_") and not f.name.startswith("Metadata_Path_")
     ]

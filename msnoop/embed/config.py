@@ -29,6 +29,12 @@ class OutputConfig(_Strict):
         description="dir holds embeddings of another model, preprocessing, channel list or mode: "
         "stop with an error, or replace them (their parts are removed and every image is embedded again)",
     )
+    postprocess: Literal["standardize", "raw"] = Field(
+        "standardize",
+        description="vectors in the LanceDB table: 'standardize' = z-scored per dimension over the table (fitted "
+        "without labels; see msnoop.correct.normalize) so cosine distances mean something; 'raw' = Microsnoop's "
+        "readout. The Parquet parts always hold the raw readout",
+    )
 
 
 class RuntimeConfig(_Strict):

@@ -111,6 +111,8 @@ def search_by_match(
 def embed_query(ref: TableRef, paths: list[str | Path]) -> np.ndarray:
     """Embed a new image (one file per channel, in the table's channel order) with the table's model.
 
+    The vector gets the table's post-processing (``info["postprocess"]``, e.g. the stored standardisation).
+
     Raises:
         ValueError: Wrong number of channel files.
         CheckpointError: The table's checkpoint is gone or has changed since the table was built.
@@ -136,7 +138,13 @@ def embed_query(ref: TableRef, paths: list[str | Path]) -> np.ndarray:
         img = read_image(p)
         check_image(img, p)
         images.append(img)
-    return Embedder(model).embed_images([images])[0]
+    vector = Embedder(model).embed_images([images])[0]
+    post = info.get("postprocess") or {"method": "raw"}
+    if post.get("method") == "standardize":  # the table stores standardised vectors: transform the query alike
+        from msnoop.correct.normalize import Standardizer
+
+        vector = Standardizer.from_dict(post).transform(vector[None])[0]
+    return vector
 
 
 def search_image(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,11 @@ os.environ.setdefault("LANCEDB_LOG", "error")
 
 
 def _vector_batches(
-    folder: Path, dim: int, batch_size: int, schema: pa.Schema | None = None
+    folder: Path,
+    dim: int,
+    batch_size: int,
+    schema: pa.Schema | None = None,
+    transform: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> Iterator[pa.RecordBatch]:
     for batch in iter_batches(folder, batch_size=batch_size, schema=schema):
         names = batch.schema.names
@@ -30,6 +34,8 @@ def _vector_batches(
         if len(emb) != dim:
             raise ValueError(f"parts in {folder} have {len(emb)} embedding columns, expected {dim}")
         values = np.column_stack([batch.column(n).to_numpy(zero_copy_only=False) for n in emb]).astype(np.float32)
+        if transform is not None:
+            values = np.ascontiguousarray(transform(values), dtype=np.float32)
         vec = pa.FixedSizeListArray.from_arrays(pa.array(values.ravel()), dim)
         meta_cols = [n for n in names if not n.startswith(EMB_PREFIX)]
         arrays = [batch.column(n) for n in meta_cols] + [vec]
@@ -45,10 +51,12 @@ def build_table(
     info: dict[str, Any],
     batch_size: int = 2048,
     schema: pa.Schema | None = None,
+    transform: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> int:
     """(Re)build LanceDB table ``name`` from all parts, streaming; returns the row count.
 
-    ``schema`` (the run's Parquet schema) makes every part read with the same column types.
+    ``schema`` (the run's Parquet schema) makes every part read with the same column types. ``transform`` maps
+    each batch's ``[n, dim]`` float32 vectors before they are stored (post-processing, e.g. standardisation).
 
     The table's schema metadata carries ``info`` (model, preprocessing, channels) under the key ``msnoop``.
     """
@@ -60,7 +68,7 @@ def build_table(
     if not files:
         logger.warning("no embeddings in %s; LanceDB table %s not written", parts_folder, name)
         return 0
-    batches = _vector_batches(parts_folder, dim, batch_size, schema)
+    batches = _vector_batches(parts_folder, dim, batch_size, schema, transform)
     first = next(batches)
     schema = first.schema.with_metadata({META_KEY: json.dumps(info, default=str).encode()})
 

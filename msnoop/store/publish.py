@@ -6,6 +6,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from msnoop.core.parts import emb_columns, iter_batches
+from msnoop.correct.normalize import DEFAULT_POSTPROCESS, POSTPROCESS_CHOICES, Standardizer
 from msnoop.store.index import ensure_index
 from msnoop.store.lance import build_frame_table, build_table, open_table
 
@@ -23,6 +27,7 @@ def publish_embeddings(
     cells_folder: str | Path | None = None,
     schema: Any = None,
     cells_schema: Any = None,
+    postprocess: str = DEFAULT_POSTPROCESS,
 ) -> int:
     """(Re)build LanceDB table ``table`` (and ``<table>_cells``) from Parquet parts; returns the row count.
 
@@ -36,17 +41,52 @@ def publish_embeddings(
         cells_folder: Cells-mode parts, published as ``<table>_cells`` (no index).
         schema, cells_schema: The run's Parquet schemas (``pyarrow.Schema``): every part is read with them, so
             the table's column types are the manifest's whatever each part holds.
+        postprocess: ``"standardize"`` stores each vector z-scored per dimension over all rows of the parts
+            (fitted without labels, :class:`msnoop.correct.normalize.Standardizer`; its mean and scale go into the
+            table's metadata as ``info["postprocess"]`` so a new query image is transformed alike); ``"raw"``
+            stores Microsnoop's readout as it is. The Parquet parts always hold the raw readout.
 
     Raises:
         ValueError: Parts disagree with ``info["embed_dim"]``.
     """
-    n_rows = build_table(uri, table, parts_folder, dim=info["embed_dim"], info=info, schema=schema)
+    info, transform = _postprocessing(parts_folder, info, postprocess)
+    n_rows = build_table(uri, table, parts_folder, dim=info["embed_dim"], info=info, schema=schema, transform=transform)
     if n_rows and index != "none":
         done = ensure_index(open_table(uri, table), kind=index, threshold_rows=index_threshold)  # type: ignore[arg-type]
         logger.info("vector index: %s", done)
     if cells_folder is not None:
-        build_table(uri, f"{table}_cells", cells_folder, dim=info["embed_dim"], info=info, schema=cells_schema)
+        cells_info, cells_transform = _postprocessing(cells_folder, info, postprocess)
+        build_table(
+            uri,
+            f"{table}_cells",
+            cells_folder,
+            dim=info["embed_dim"],
+            info=cells_info,
+            schema=cells_schema,
+            transform=cells_transform,
+        )
     return n_rows
+
+
+def _postprocessing(parts_folder: str | Path, info: dict[str, Any], method: str) -> tuple[dict[str, Any], Any]:
+    """``(info with its "postprocess" record, the batch transform or None)`` for the parts in ``parts_folder``.
+
+    Standardisation is fitted in one streamed pass over the parts (float64 sums: memory is ``O(D)``).
+    """
+    if method == "raw":
+        return {**info, "postprocess": {"method": "raw"}}, None
+    if method != "standardize":
+        raise ValueError(f"unknown post-processing {method!r}; expected one of {', '.join(POSTPROCESS_CHOICES)}")
+    n, total, total_sq = 0, None, None
+    for batch in iter_batches(parts_folder, columns=emb_columns(int(info["embed_dim"]))):
+        X = np.column_stack([c.to_numpy(zero_copy_only=False) for c in batch.columns]).astype(np.float64)
+        total = X.sum(axis=0) if total is None else total + X.sum(axis=0)
+        total_sq = (X**2).sum(axis=0) if total_sq is None else total_sq + (X**2).sum(axis=0)
+        n += len(X)
+    if n == 0:
+        return {**info, "postprocess": {"method": "raw"}}, None
+    st = Standardizer.from_moments(n, total, total_sq)
+    return {**info, "postprocess": st.to_dict()}, st.transform
 
 
 #: The tables a profile job writes, in the order they are published (the last is what ``msnoop search OUT`` opens).
