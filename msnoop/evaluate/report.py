@@ -3,12 +3,16 @@
 :func:`build_report` writes ``report.html`` and, beside it, the PNG figures it shows and
 ``report.json`` (the numbers). The page has no external resources other than those PNGs.
 
-* **Map**: rows L2-normalised (``metric="cosine"``), then PCA to 50 dimensions and t-SNE for at most
-  :data:`TSNE_MAX_ROWS` rows, the first two principal components for more (the caption says which).
-  Coloured by ``label``, and in a second panel by ``batch`` when given.
+* **Map**: rows L2-normalised (``metric="cosine"``), then ``map_method``: ``"tsne"`` (PCA to 50 dimensions,
+  then scikit-learn's t-SNE), ``"umap"`` (umap-learn, cosine metric on the normalised rows, PCA to 50
+  dimensions first), ``"pca"`` (first two principal components, their share of the variance on the axes) or
+  ``"auto"``: t-SNE up to :data:`TSNE_MAX_ROWS` rows, UMAP up to :data:`UMAP_MAX_ROWS`, PCA beyond. Axes
+  are named after the method ("UMAP 1", "PCA 1 (12.3 % var)"); coloured by ``label``, and in a second panel
+  by ``batch`` when given.
 * **kNN**: :func:`msnoop.evaluate.knn.knn_cross_predict` (Microsnoop vote) +
   :func:`~msnoop.evaluate.knn.classification_metrics`: the metrics table, the row-normalised confusion
-  matrix and the per-class accuracy.
+  matrix (its title names k and the protocol: leave-one-out, stratified k-fold, leave-group-out by a
+  column) and the per-class accuracy.
 * **Galleries**: for ``n_queries`` random rows, the query image and its ``n_neighbours`` nearest rows
   (same metric, the query itself excluded), read from the ``Metadata_Path_<channel>`` columns: one
   channel in grey, two as magenta/green, three as red/green/blue, each channel scaled between its 1st
@@ -25,6 +29,7 @@ import json
 import logging
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +44,11 @@ logger = logging.getLogger(__name__)
 
 PATH_PREFIX = "Metadata_Path_"
 TSNE_MAX_ROWS = 5000
+#: ``map_method="auto"`` uses UMAP from :data:`TSNE_MAX_ROWS` up to this many rows, PCA beyond.
+UMAP_MAX_ROWS = 100_000
+MAP_METHODS = ("auto", "tsne", "umap", "pca")
+#: Fewest significant digits of a neighbour distance in the galleries (more where neighbours would tie).
+DISTANCE_DIGITS = 4
 #: At most this many points are drawn on the map (a random subset beyond it).
 MAP_MAX_POINTS = 50_000
 THUMB = 128
@@ -77,40 +87,99 @@ def _normalise_rows(X: np.ndarray) -> np.ndarray:
     return X / norms
 
 
-def embed_2d(X: np.ndarray, *, seed: int = 0, metric: str = "cosine") -> tuple[np.ndarray, str]:
-    """2-D coordinates of the rows of ``X`` and a sentence saying how they were computed.
+@dataclass(frozen=True)
+class Map2D:
+    """2-D coordinates of a table's rows with what a reader needs to know about them.
 
-    PCA to ``min(50, D, N)`` dimensions then t-SNE (perplexity ``min(30, (N - 1) / 3)``) for at most
-    :data:`TSNE_MAX_ROWS` rows; the first two principal components for more.
+    Attributes:
+        xy: ``[N, 2]`` coordinates.
+        method: ``"t-SNE"``, ``"UMAP"``, ``"PCA"`` or ``"features"`` (too few rows/features to reduce).
+        axes: The two axis labels, e.g. ``("UMAP 1", "UMAP 2")`` or ``("PCA 1 (12.3 % var)", ...)``.
+        caption: A sentence saying how the map was computed.
+    """
+
+    xy: np.ndarray
+    method: str
+    axes: tuple[str, str]
+    caption: str
+
+
+def map_2d(X: np.ndarray, *, seed: int = 0, metric: str = "cosine", method: str = "auto") -> Map2D:
+    """2-D map of the rows of ``X`` by t-SNE, UMAP or PCA (see the module docstring for ``"auto"``).
+
+    t-SNE: PCA to ``min(50, D, N)`` dimensions, perplexity ``min(30, (N - 1) / 3)``. UMAP (umap-learn):
+    PCA to ``min(50, D, N - 1)`` dimensions, ``n_neighbors = min(15, N - 1)``, ``min_dist=0.1``, cosine metric
+    when ``metric="cosine"``. PCA: the first two principal components.
+
+    Args:
+        X: ``[N, D]`` features.
+        seed: Random state of PCA, t-SNE and UMAP.
+        metric: ``"cosine"`` (rows L2-normalised first) or ``"l2"``.
+        method: ``"auto"``, ``"tsne"``, ``"umap"`` or ``"pca"``.
+
+    Raises:
+        ValueError: Unknown ``method``.
     """
     from sklearn.decomposition import PCA
 
+    if method not in MAP_METHODS:
+        raise ValueError(f"expected map method one of {MAP_METHODS}, found {method!r}")
     Z = _normalise_rows(X) if metric == "cosine" else np.asarray(X, dtype=np.float32)
     prefix = "rows L2-normalised, " if metric == "cosine" else ""
     n, d = Z.shape
     if n < 3 or d < 2:
         pad = np.zeros((n, 2), dtype=np.float32)
         pad[:, : min(d, 2)] = Z[:, :2]
-        return pad, f"{prefix}first two features (too few rows or features for PCA)"
-    if n > TSNE_MAX_ROWS:
-        pca = PCA(n_components=2, random_state=seed).fit(Z)
-        ev = pca.explained_variance_ratio_
-        return pca.transform(Z), (
-            f"{prefix}PCA: first two principal components ({ev[0]:.0%} and {ev[1]:.0%} of the variance); "
-            f"t-SNE is used up to {TSNE_MAX_ROWS:,} rows, this table has {n:,}"
+        return Map2D(
+            pad, "features", ("feature 1", "feature 2"), f"{prefix}first two features (too few rows or features)"
         )
-    from sklearn.manifold import TSNE
-
-    m = min(50, d, n)
-    perplexity = float(min(30.0, max(2.0, (n - 1) / 3)))
+    if method == "auto":
+        method = "tsne" if n <= TSNE_MAX_ROWS else "umap" if n <= UMAP_MAX_ROWS else "pca"
+        why = (
+            f"; auto: t-SNE up to {TSNE_MAX_ROWS:,} rows, UMAP up to {UMAP_MAX_ROWS:,}, PCA beyond"
+            if method != "tsne"
+            else ""
+        )
+    else:
+        why = ""
+    if method == "pca":
+        pca = PCA(n_components=2, random_state=seed).fit(Z)
+        ev = pca.explained_variance_ratio_ * 100
+        axes = (f"PCA 1 ({ev[0]:.1f} % var)", f"PCA 2 ({ev[1]:.1f} % var)")
+        return Map2D(
+            pca.transform(Z),
+            "PCA",
+            axes,
+            f"{prefix}PCA: first two principal components ({ev[0]:.1f} % and {ev[1]:.1f} % of the variance){why}",
+        )
+    m = min(50, d, n - 1)
     with _threads_for(n):
         Zp = PCA(n_components=m, random_state=seed).fit_transform(Z) if m < d else Z
-        xy = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(Zp)
-    reduced = f"PCA to {m} dimensions, then t-SNE" if m < d else f"t-SNE on the {d} features"
-    return xy, f"{prefix}{reduced} (perplexity {perplexity:g}, seed {seed})"
+        reduced = f"PCA to {m} dimensions, then " if m < d else ""
+        if method == "tsne":
+            from sklearn.manifold import TSNE
+
+            perplexity = float(min(30.0, max(2.0, (n - 1) / 3)))
+            xy = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(Zp)
+            how = f"{reduced}t-SNE (perplexity {perplexity:g}, seed {seed})"
+            return Map2D(xy, "t-SNE", ("t-SNE 1", "t-SNE 2"), f"{prefix}{how}{why}")
+        import umap
+
+        nn = int(min(15, n - 1))
+        dist = "cosine" if metric == "cosine" else "euclidean"
+        model = umap.UMAP(n_components=2, n_neighbors=nn, min_dist=0.1, metric=dist, random_state=seed, n_jobs=1)
+        xy = model.fit_transform(np.ascontiguousarray(Zp, dtype=np.float32))
+    how = f"{reduced}UMAP ({dist}, n_neighbors {nn}, min_dist 0.1, seed {seed})"
+    return Map2D(np.asarray(xy), "UMAP", ("UMAP 1", "UMAP 2"), f"{prefix}{how}{why}")
 
 
-def _scatter(ax: Any, xy: np.ndarray, values: pd.Series, title: str) -> None:
+def embed_2d(X: np.ndarray, *, seed: int = 0, metric: str = "cosine", method: str = "auto") -> tuple[np.ndarray, str]:
+    """``(xy, caption)`` of :func:`map_2d`: ``[N, 2]`` coordinates and how they were computed."""
+    m = map_2d(X, seed=seed, metric=metric, method=method)
+    return m.xy, m.caption
+
+
+def _scatter(ax: Any, xy: np.ndarray, values: pd.Series, title: str, axes: tuple[str, str]) -> None:
     cats = pd.Series(values).astype(str).to_numpy()
     names, codes = np.unique(cats, return_inverse=True)
     cols = _colours(len(names))
@@ -121,6 +190,8 @@ def _scatter(ax: Any, xy: np.ndarray, values: pd.Series, title: str) -> None:
             xy[sel, 0], xy[sel, 1], s=size, color=cols[i], label=f"{name} ({int(sel.sum())})", alpha=0.8, linewidths=0
         )
     ax.set_title(title)
+    ax.set_xlabel(axes[0])
+    ax.set_ylabel(axes[1])
     ax.set_xticks([])
     ax.set_yticks([])
     if len(names) <= 25:
@@ -133,16 +204,65 @@ def _scatter(ax: Any, xy: np.ndarray, values: pd.Series, title: str) -> None:
         )
 
 
-def plot_map(xy: np.ndarray, df: pd.DataFrame, label: str, batch: str | None, path: Path, seed: int = 0) -> Path:
-    """Scatter of ``xy`` coloured by ``label`` (and by ``batch`` in a second panel)."""
+def plot_map(
+    xy: np.ndarray | Map2D, df: pd.DataFrame, label: str, batch: str | None, path: Path, seed: int = 0
+) -> Path:
+    """Scatter of the map coloured by ``label`` (and by ``batch`` in a second panel); method and axes labelled."""
+    m = xy if isinstance(xy, Map2D) else Map2D(np.asarray(xy), "2-D map", ("dimension 1", "dimension 2"), "")
+    xy = m.xy
     idx = np.arange(len(xy))
     if len(idx) > MAP_MAX_POINTS:
         idx = np.sort(np.random.default_rng(seed).choice(len(idx), MAP_MAX_POINTS, replace=False))
     cols = [c for c in (label, batch) if c]
     fig, axes = subplots(1, len(cols), figsize=(6.5 * len(cols), 5.2), squeeze=False)
     for ax, col in zip(axes[0], cols, strict=True):
-        _scatter(ax, xy[idx], df[col].iloc[idx], f"coloured by {col}")
+        _scatter(ax, xy[idx], df[col].iloc[idx], f"{m.method}, coloured by {col}", m.axes)
     return save(fig, path, dpi=110)
+
+
+def describe_cv(cv: str) -> str:
+    """Readable name of a cross-validation protocol: ``"loo"`` -> ``"leave-one-out (LOO)"``,
+    ``"kfold:5"`` -> ``"stratified 5-fold"``, ``"group:Metadata_Plate"`` -> ``"leave-group-out by Metadata_Plate"``.
+
+    Raises:
+        ValueError: ``cv`` is not a protocol :func:`msnoop.evaluate.knn.parse_cv` accepts.
+    """
+    kind, arg = parse_cv(cv)
+    if kind == "loo":
+        return "leave-one-out (LOO)"
+    if kind == "kfold":
+        return f"stratified {arg}-fold"
+    return f"leave-group-out by {arg}" if arg else "leave-group-out"
+
+
+def format_distances(values: Sequence[float], digits: int = DISTANCE_DIGITS) -> list[str]:
+    """Distances as text with at least ``digits`` significant digits, more until different values print
+    differently (up to 9; float32 distances hold about 7).
+
+    Args:
+        values: Distances (any finite floats; tiny ones print in scientific notation, e.g. ``1.953e-04``).
+        digits: Fewest significant digits.
+
+    Returns:
+        One string per value.
+    """
+    vals = [float(v) for v in values]
+    n_distinct = len(set(vals))
+    for p in range(digits, 10):
+        out = [_sig(v, p) for v in vals]
+        if len(set(out)) == n_distinct:
+            return out
+    return [repr(v) for v in vals]
+
+
+def _sig(v: float, p: int) -> str:
+    """``v`` with ``p`` significant digits, plain for 1e-3 <= |v| < 1e4, scientific otherwise."""
+    if v == 0:
+        return "0"
+    if 1e-3 <= abs(v) < 1e4:
+        decimals = max(p - 1 - math.floor(math.log10(abs(v))), 0)
+        return f"{v:.{decimals}f}"
+    return f"{v:.{p - 1}e}"
 
 
 def plot_confusion(metrics: dict[str, Any], path: Path, counts: dict[str, int]) -> Path:
@@ -175,7 +295,9 @@ def plot_confusion(metrics: dict[str, Any], path: Path, counts: dict[str, int]) 
                         fontsize=fs - 1,
                         color="white" if frac[i, j] > 0.55 else "black",
                     )
-    ax.set_title(f"kNN confusion (row-normalised; accuracy {metrics['accuracy']:.3f})")
+    k = f"k={metrics['k']}, " if "k" in metrics else ""
+    protocol = describe_cv(metrics["cv"]) if "cv" in metrics else "protocol not given"
+    ax.set_title(f"kNN confusion ({k}{protocol})\nrow-normalised; accuracy {metrics['accuracy']:.3f}", fontsize=10)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
     acc = [metrics["per_class_accuracy"].get(name, 0.0) for name in labels]
     bx.barh(range(c), acc, color="#4c72b0")
@@ -305,6 +427,7 @@ def plot_galleries(
     for r, q in enumerate(queries):
         keep = [(int(j), float(s)) for j, s in zip(idx[r], scores[r], strict=True) if j != q][:nn]
         cells = [(int(q), None)] + [(j, (1.0 - s) if metric == "cosine" else s) for j, s in keep]
+        shown = dict(zip(range(1, len(cells)), format_distances([c[1] for c in cells[1:]]), strict=True))
         rec = {"query": str(df[id_col].iloc[q]) if id_col else int(q), "label": labels[q], "neighbours": []}
         for c, (j, dist) in enumerate(cells):
             ax = axes[r, c]
@@ -324,9 +447,10 @@ def plot_galleries(
                     spine.set_linewidth(2.5)
             else:
                 same = labels[j] == labels[q]
-                ax.set_title(f"#{c} {labels[j]}\nd={dist:.3f}", fontsize=8, color="#1a7f37" if same else "#c0392b")
+                colour = "#1a7f37" if same else "#c0392b"
+                ax.set_title(f"#{c} {labels[j]}\nd={shown[c]}", fontsize=8, color=colour)
                 rec["neighbours"].append(
-                    {"row": str(df[id_col].iloc[j]) if id_col else j, "label": labels[j], "distance": round(dist, 6)}
+                    {"row": str(df[id_col].iloc[j]) if id_col else j, "label": labels[j], "distance": float(dist)}
                 )
         records.append(rec)
     save(fig, path, dpi=100)
@@ -386,7 +510,8 @@ code {{ background: #f3f3f3; padding: 0 0.2em; }}
 <p>Table <code>{e(ctx["source"])}</code>: {ctx["n_rows"]:,} rows, {ctx["n_features"]:,} features;
 label column <code>{e(ctx["label"])}</code> ({len(m["labels"])} classes){batch}.</p>
 <h2>kNN classification</h2>
-<p>k = {ctx["k"]}, cross-validation <code>{e(ctx["cv"])}</code>, {e(ctx["metric"])} distance, Microsnoop vote
+<p>k = {ctx["k"]}, cross-validation {e(ctx["protocol"])} (<code>{e(ctx["cv"])}</code>), {e(ctx["metric"])} distance,
+Microsnoop vote
 (the most common label among the neighbours if any repeats, else the nearest neighbour's).</p>
 <table><tr><th>metric</th><th>value</th></tr>{rows}</table>
 <figure><img src="{e(ctx["confusion"])}" alt="confusion matrix">
@@ -415,6 +540,7 @@ def build_report(
     seed: int = 0,
     metric: str = "cosine",
     image_root: str | Path | None = None,
+    map_method: str = "auto",
 ) -> Path:
     """Write ``out_dir/report.html`` with its figures (PNG) and ``report.json``; returns the HTML path.
 
@@ -430,9 +556,11 @@ def build_report(
         seed: Seed of the t-SNE, the gallery queries and k-fold shuffling.
         metric: ``"cosine"`` or ``"l2"``.
         image_root: Folder that relative image paths are relative to (default: the table's folder).
+        map_method: ``"auto"``, ``"tsne"``, ``"umap"`` or ``"pca"`` (see :func:`map_2d`).
 
     Raises:
-        ValueError: Missing label/batch column, missing labels, no features, bad ``cv`` or too few rows.
+        ValueError: Missing label/batch column, missing labels, no features, bad ``cv``, unknown
+            ``map_method`` or too few rows.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -454,6 +582,8 @@ def build_report(
     feats = [f for f in feature_columns(df) if f not in (label, batch)]
     _, X = split_table(df, feats)
     labels = df[label].to_numpy()
+    if map_method not in MAP_METHODS:
+        raise ValueError(f"expected map method one of {MAP_METHODS}, found {map_method!r}")
     kind, arg = parse_cv(cv)
     groups = None
     if kind == "group":
@@ -478,6 +608,7 @@ def build_report(
             n_neighbours=n_neighbours,
             seed=seed,
             metric=metric,
+            map_method=map_method,
         )
 
 
@@ -498,6 +629,7 @@ def _build(
     n_neighbours: int,
     seed: int,
     metric: str,
+    map_method: str = "auto",
 ) -> Path:
     pred = knn_cross_predict(X, labels, k=k, cv=cv, groups=groups, metric=metric, seed=seed)  # type: ignore[arg-type]
     metrics = classification_metrics(labels, pred)
@@ -506,10 +638,10 @@ def _build(
     counts = {str(key): int(v) for key, v in df[label].astype(str).value_counts().items()}
     plot_confusion(metrics, out / "confusion.png", counts)
 
-    xy, how = embed_2d(X, seed=seed, metric=metric)
-    plot_map(xy, df, label, batch, out / "map.png", seed=seed)
+    m2 = map_2d(X, seed=seed, metric=metric, method=map_method)
+    plot_map(m2, df, label, batch, out / "map.png", seed=seed)
     drawn = f" ({MAP_MAX_POINTS:,} random rows drawn)" if len(df) > MAP_MAX_POINTS else ""
-    map_caption = f"{len(df):,} rows{drawn}; {how}; coloured by {label}" + (
+    map_caption = f"{len(df):,} rows{drawn}; {m2.caption}; coloured by {label}" + (
         f" (left) and by {batch} (right)" if batch else ""
     )
 
@@ -550,6 +682,8 @@ def _build(
         "batch": batch,
         "k": k,
         "cv": cv,
+        "protocol": describe_cv(cv),
+        "map_method": m2.method,
         "metric": metric,
         "metrics": metrics,
         "counts": counts,
@@ -565,7 +699,20 @@ def _build(
     page = out / "report.html"
     page.write_text(_html_page(ctx), encoding="utf-8")
     summary = {
-        k_: ctx[k_] for k_ in ("source", "n_rows", "n_features", "label", "batch", "k", "cv", "metric", "map_caption")
+        k_: ctx[k_]
+        for k_ in (
+            "source",
+            "n_rows",
+            "n_features",
+            "label",
+            "batch",
+            "k",
+            "cv",
+            "protocol",
+            "metric",
+            "map_method",
+            "map_caption",
+        )
     }
     summary |= {"metrics": metrics, "galleries": records, "gallery_note": gallery_note or None}
     summary["unreadable_images"] = unreadable
@@ -574,4 +721,13 @@ def _build(
     return page
 
 
-__all__ = ["build_report", "embed_2d", "path_columns", "thumbnail"]
+__all__ = [
+    "Map2D",
+    "build_report",
+    "describe_cv",
+    "embed_2d",
+    "format_distances",
+    "map_2d",
+    "path_columns",
+    "thumbnail",
+]
