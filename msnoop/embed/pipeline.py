@@ -627,6 +627,15 @@ def run_embed(cfg: EmbedJob) -> EmbedResult:
     if cfg.cells is not None:
         _drop_orphan_cells(out_dir, parts.read_ids(out_dir / parts.EMBEDDINGS))
     todo_mask = ~table[ID_COLUMN].isin(done)
+    foreign = len(done) - int((~todo_mask).sum())
+    if foreign:
+        logger.warning(
+            "%s holds %d row(s) whose ids are not in this manifest; they stay in the table. (Ids are the first "
+            "channel's path relative to the manifest's folder; folders written when ids were relative to the "
+            "common root of all rows hold the same images under other ids: use a new output.dir for them)",
+            out_dir,
+            foreign,
+        )
     todo = table[todo_mask].reset_index(drop=True)
     prov = provenance()
     logger.info(
