@@ -18,6 +18,7 @@ from hostile_inputs import sparse_text_manifest, written_text
 from msnoop.config import ConfigError, InputConfig
 from msnoop.io.manifest import ID_COLUMN, image_id, load_image_table, metadata_arrow, resolve_path, table_schema
 
+ID = ID_COLUMN
 META = ["Metadata_Gene", "Metadata_Plate", "Metadata_Site", "Metadata_Barcode", "Metadata_Note", "Metadata_Dose"]
 
 
@@ -230,3 +231,72 @@ def test_one_column_for_multichannel_files(tmp_path):
     assert t[ID_COLUMN].tolist() == ["a", "b"]
     with pytest.raises(ValueError, match="no plane for channel"):
         InputConfig(manifest=tmp_path / "m.csv", channels=["DNA", "GFP"], channel_index={"DNA": 0})
+
+
+def test_load_image_picks_planes_of_multichannel_files(tmp_path):
+    from hostile_inputs import image, write_ome_tiff
+
+    from msnoop.embed.pipeline import load_image
+
+    planes = image(np.random.default_rng(9), (3, 16, 16))
+    write_ome_tiff(tmp_path / "a.ome.tif", planes, ["DNA", "ER", "GFP"])
+    row = pd.Series(
+        {ID: "a", "Metadata_Path_DNA": str(tmp_path / "a.ome.tif"), "Metadata_Path_GFP": str(tmp_path / "a.ome.tif")}
+    )
+    for selectors in ({"DNA": 0, "GFP": 2}, {"DNA": "DNA", "GFP": "GFP"}):
+        dna, gfp = load_image(row, ["DNA", "GFP"], selectors=selectors)
+        np.testing.assert_array_equal(dna, planes[0])
+        np.testing.assert_array_equal(gfp, planes[2])
+
+
+def _part(folder, ids, reason="r"):
+    from msnoop.store import parts
+
+    return parts.write_part(
+        pa.Table.from_pydict({ID: ids, "path": ids, "reason": [reason] * len(ids)}, schema=parts.ERRORS_SCHEMA), folder
+    )
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_drop_ids_rewrites_error_parts_without_those_rows(tmp_path, seed):
+    from msnoop.store import parts
+
+    rng = np.random.default_rng(seed)
+    ids = [f"i{k}" for k in range(int(rng.integers(1, 20)))]
+    cuts = sorted(rng.choice(len(ids) + 1, size=min(3, len(ids)), replace=False).tolist())
+    for a, b in zip([0, *cuts], [*cuts, len(ids)], strict=True):
+        if b > a:
+            _part(tmp_path / "errors", ids[a:b])
+    drop = set(rng.choice(ids, size=int(rng.integers(0, len(ids) + 1)), replace=False).tolist())
+    assert parts.drop_ids(tmp_path / "errors", drop) == len(drop)
+    left = sorted(parts.read_frame(tmp_path / "errors")[ID]) if parts.part_files(tmp_path / "errors") else []
+    assert left == sorted(set(ids) - drop)
+    assert not list((tmp_path / "errors").glob(".*tmp"))
+
+
+def test_totals_that_do_not_add_up_are_errors(tmp_path):
+    from msnoop.embed.pipeline import TotalsError, check_totals
+
+    _part(tmp_path / "embeddings", ["a", "b"])
+    _part(tmp_path / "errors", ["c"])
+    _part(tmp_path / "errors", ["other-manifest"])
+    assert check_totals(tmp_path, pd.Series(["a", "b", "c"])) == (2, 1)
+    with pytest.raises(TotalsError, match=r"2 embedded \+ 1 errors != 4 input images: 1 id\(s\) have no output row"):
+        check_totals(tmp_path, pd.Series(["a", "b", "c", "d"]))
+    _part(tmp_path / "errors", ["a"])
+    with pytest.raises(TotalsError, match="both embedded and in errors"):
+        check_totals(tmp_path, pd.Series(["a", "b", "c"]))
+
+
+def test_resuming_with_other_metadata_types_is_refused(tmp_path):
+    from msnoop.embed.pipeline import OutputMismatchError, _resumed_schema
+    from msnoop.store import parts
+
+    before = pa.schema([(ID, pa.string()), ("Metadata_Dose", pa.string()), ("Metadata_Old", pa.int64())])
+    parts.write_run_info(tmp_path, {"metadata_schema": parts.schema_to_json(before)})
+    _part(tmp_path / "errors", ["a"])
+    grown = pa.schema([(ID, pa.string()), ("Metadata_Dose", pa.string()), ("Metadata_New", pa.string())])
+    assert _resumed_schema(tmp_path, grown).names == [ID, "Metadata_Dose", "Metadata_Old", "Metadata_New"]
+    declared = pa.schema([(ID, pa.string()), ("Metadata_Dose", pa.float64())])
+    with pytest.raises(OutputMismatchError, match="Metadata_Dose: string there, double now"):
+        _resumed_schema(tmp_path, declared)
