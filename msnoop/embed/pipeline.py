@@ -10,6 +10,12 @@ Stages (all lazy, streamed block by block with bounded memory):
 3. ``write_block`` (CPU tasks): writes the block's embeddings and errors as new Parquet parts and
    returns only counts, so the driver never holds embeddings.
 
+Metadata never passes through Ray Data's per-block type inference: blocks carry each image's id, paths
+and row position; ``write_block`` takes the metadata from the run's Arrow table (one object in the
+object store) and writes every part with the run's one schema (:func:`output_schemas`), fixed from the
+whole manifest before any work and saved in ``run.json`` (``metadata_schema``). At the end every id of
+the manifest must be in ``embeddings/`` or ``errors/`` exactly once (:func:`check_totals`).
+
 Afterwards the LanceDB table is rebuilt from the Parquet parts (streamed).
 
 **Cells mode** (config section ``cells:``, Microsnoop's full-field pipeline, ANCHORS 1.6): stage 1
@@ -61,7 +67,7 @@ MASKS = "masks"  # <out>/masks/<image id>.tif: label masks (cells.save_masks)
 CELL_COLUMNS = ["Metadata_CellID", "Metadata_CentroidY", "Metadata_CentroidX", "Metadata_Area"]
 CELL_COUNT = "Metadata_CellCount"  # cells averaged into the image vector
 CELLS_FOUND = "Metadata_CellsFound"  # cells kept by cropping (before max_cells_per_image)
-ROW = "_row"  # position of an image in the run's metadata table (metadata never travels through Ray)
+ROW = "_row"  # position of an image in this run's metadata table (metadata never travels through Ray)
 
 
 class StrictModeError(RuntimeError):
@@ -688,11 +694,10 @@ def run_embed(cfg: EmbedJob) -> EmbedResult:
         model_ref = ray.put(model)
         # Metadata stays out of Ray Data's per-block type inference: rows carry their id, paths and position
         # in the run's metadata table, which write_block looks up (values and types as in the manifest).
-        meta_ref = ray.put(metadata_arrow(table, meta_schema))
-        light = table[[ID_COLUMN, *[f"{PATH_PREFIX}{ch}" for ch in channels], *([mask_col] if mask_col else [])]]
+        meta_ref = ray.put(metadata_arrow(todo, meta_schema))
+        light = todo[[ID_COLUMN, *[f"{PATH_PREFIX}{ch}" for ch in channels], *([mask_col] if mask_col else [])]]
         light = light.astype(object).where(light.notna(), "")
-        light[ROW] = np.arange(len(table), dtype=np.int64)
-        light = light[todo_mask.to_numpy()].reset_index(drop=True)
+        light[ROW] = np.arange(len(todo), dtype=np.int64)
         block = cfg.runtime.images_per_block
         frames = [light.iloc[i : i + block] for i in range(0, len(light), block)]
         # Read/write tasks take a fraction of a CPU on small clusters, so that they and the actor pool
