@@ -300,3 +300,20 @@ def test_resuming_with_other_metadata_types_is_refused(tmp_path):
     declared = pa.schema([(ID, pa.string()), ("Metadata_Dose", pa.float64())])
     with pytest.raises(OutputMismatchError, match="Metadata_Dose: string there, double now"):
         _resumed_schema(tmp_path, declared)
+
+
+def test_retry_errors_option_and_hint(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from msnoop.cli import _embed_overrides, _print_embed_result
+
+    assert ("runtime.retry_errors", True) in _embed_overrides(retry_errors=True)
+    assert _embed_overrides(retry_errors=False) == []
+    result = SimpleNamespace(
+        n_embedded=3, n_errors=1, n_skipped=0, seconds=1.0, images_per_s=4.0, n_cells=0, out_dir=tmp_path,
+        n_rows_total=3, n_errors_total=1, n_input=4, n_cells_total=0, table=None,
+        errors_preview=[("a", "a.tif: file not found")],
+    )  # fmt: skip
+    _print_embed_result(result)
+    out = capsys.readouterr().out
+    assert "Totals: 3 embedded + 1 errors = 4 input images" in out and "--retry-errors" in out
