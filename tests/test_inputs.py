@@ -102,6 +102,10 @@ def test_parquet_manifest_keeps_its_types(tmp_path):
     assert arrow.schema.field("Metadata_Count").type == pa.int64()
     assert arrow.column("Metadata_Count").to_pylist() == [1, None, 3]
     assert arrow.column("Metadata_Plate").to_pylist() == ["0001", None, "0002"]
+    with pytest.raises(ConfigError, match="Parquet and keeps its own column types"):
+        load_image_table(
+            InputConfig(manifest=tmp_path / "m.parquet", channels=["dna"], dtypes={"Metadata_Dose": "int"})
+        )
 
 
 @pytest.mark.parametrize("seed", range(8))

@@ -49,6 +49,10 @@ def _read_table(path: Path, dtypes: dict[str, str] | None = None) -> pd.DataFram
         raise ConfigError(f"manifest {path} does not exist")
     suffixes = "".join(path.suffixes).lower()
     if suffixes.endswith(".parquet"):
+        if dtypes:
+            raise ConfigError(
+                f"input.dtypes applies to CSV manifests; {path} is Parquet and keeps its own column types"
+            )
         return pd.read_parquet(path)
     if not suffixes.endswith((".csv", ".csv.gz", ".tsv", ".txt")):
         raise ConfigError(f"manifest {path}: expected a .csv, .csv.gz or .parquet file, found {path.suffix!r}")
