@@ -19,6 +19,7 @@ from msnoop.core.config import ConfigError
 from msnoop.io.config import InputConfig
 from msnoop.io.manifest import ID_COLUMN, image_id, load_image_table, metadata_arrow, resolve_path, table_schema
 
+ID = ID_COLUMN
 META = ["Metadata_Gene", "Metadata_Plate", "Metadata_Site", "Metadata_Barcode", "Metadata_Note", "Metadata_Dose"]
 
 
@@ -102,6 +103,10 @@ def test_parquet_manifest_keeps_its_types(tmp_path):
     assert arrow.schema.field("Metadata_Count").type == pa.int64()
     assert arrow.column("Metadata_Count").to_pylist() == [1, None, 3]
     assert arrow.column("Metadata_Plate").to_pylist() == ["0001", None, "0002"]
+    with pytest.raises(ConfigError, match="Parquet and keeps its own column types"):
+        load_image_table(
+            InputConfig(manifest=tmp_path / "m.parquet", channels=["dna"], dtypes={"Metadata_Dose": "int"})
+        )
 
 
 @pytest.mark.parametrize("seed", range(8))
@@ -231,3 +236,91 @@ def test_one_column_for_multichannel_files(tmp_path):
     assert t[ID_COLUMN].tolist() == ["a", "b"]
     with pytest.raises(ValueError, match="no plane for channel"):
         InputConfig(manifest=tmp_path / "m.csv", channels=["DNA", "GFP"], channel_index={"DNA": 0})
+
+
+def test_load_image_picks_planes_of_multichannel_files(tmp_path):
+    from hostile_inputs import image, write_ome_tiff
+
+    from msnoop.embed.dataset import load_image
+
+    planes = image(np.random.default_rng(9), (3, 16, 16))
+    write_ome_tiff(tmp_path / "a.ome.tif", planes, ["DNA", "ER", "GFP"])
+    row = pd.Series(
+        {ID: "a", "Metadata_Path_DNA": str(tmp_path / "a.ome.tif"), "Metadata_Path_GFP": str(tmp_path / "a.ome.tif")}
+    )
+    for selectors in ({"DNA": 0, "GFP": 2}, {"DNA": "DNA", "GFP": "GFP"}):
+        dna, gfp = load_image(row, ["DNA", "GFP"], selectors=selectors)
+        np.testing.assert_array_equal(dna, planes[0])
+        np.testing.assert_array_equal(gfp, planes[2])
+
+
+def _part(folder, ids, reason="r"):
+    from msnoop.core import parts
+
+    return parts.write_part(
+        pa.Table.from_pydict({ID: ids, "path": ids, "reason": [reason] * len(ids)}, schema=parts.ERRORS_SCHEMA), folder
+    )
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_drop_ids_rewrites_error_parts_without_those_rows(tmp_path, seed):
+    from msnoop.core import parts
+
+    rng = np.random.default_rng(seed)
+    ids = [f"i{k}" for k in range(int(rng.integers(1, 20)))]
+    cuts = sorted(rng.choice(len(ids) + 1, size=min(3, len(ids)), replace=False).tolist())
+    for a, b in zip([0, *cuts], [*cuts, len(ids)], strict=True):
+        if b > a:
+            _part(tmp_path / "errors", ids[a:b])
+    drop = set(rng.choice(ids, size=int(rng.integers(0, len(ids) + 1)), replace=False).tolist())
+    assert parts.drop_ids(tmp_path / "errors", drop) == len(drop)
+    left = sorted(parts.read_frame(tmp_path / "errors")[ID]) if parts.part_files(tmp_path / "errors") else []
+    assert left == sorted(set(ids) - drop)
+    assert not list((tmp_path / "errors").glob(".*tmp"))
+
+
+def test_totals_that_do_not_add_up_are_errors(tmp_path):
+    from msnoop.embed.resume import TotalsError, check_totals
+
+    _part(tmp_path / "embeddings", ["a", "b"])
+    _part(tmp_path / "errors", ["c"])
+    _part(tmp_path / "errors", ["other-manifest"])
+    assert check_totals(tmp_path, pd.Series(["a", "b", "c"])) == (2, 1)
+    with pytest.raises(TotalsError, match=r"2 embedded \+ 1 errors != 4 input images: 1 id\(s\) have no output row"):
+        check_totals(tmp_path, pd.Series(["a", "b", "c", "d"]))
+    _part(tmp_path / "errors", ["a"])
+    with pytest.raises(TotalsError, match="both embedded and in errors"):
+        check_totals(tmp_path, pd.Series(["a", "b", "c"]))
+
+
+def test_resuming_with_other_metadata_types_is_refused(tmp_path):
+    from msnoop.embed.resume import OutputMismatchError
+    from msnoop.embed.resume import resumed_schema as _resumed_schema
+    from msnoop.core import parts
+
+    before = pa.schema([(ID, pa.string()), ("Metadata_Dose", pa.string()), ("Metadata_Old", pa.int64())])
+    parts.write_run_info(tmp_path, {"metadata_schema": parts.schema_to_json(before)})
+    _part(tmp_path / "errors", ["a"])
+    grown = pa.schema([(ID, pa.string()), ("Metadata_Dose", pa.string()), ("Metadata_New", pa.string())])
+    assert _resumed_schema(tmp_path, grown).names == [ID, "Metadata_Dose", "Metadata_Old", "Metadata_New"]
+    declared = pa.schema([(ID, pa.string()), ("Metadata_Dose", pa.float64())])
+    with pytest.raises(OutputMismatchError, match="Metadata_Dose: string there, double now"):
+        _resumed_schema(tmp_path, declared)
+
+
+def test_retry_errors_option_and_hint(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from msnoop.cli.embed import _embed_overrides
+    from msnoop.cli.embed import print_embed_result as _print_embed_result
+
+    assert ("runtime.retry_errors", True) in _embed_overrides(retry_errors=True)
+    assert _embed_overrides(retry_errors=False) == []
+    result = SimpleNamespace(
+        n_embedded=3, n_errors=1, n_skipped=0, seconds=1.0, images_per_s=4.0, n_cells=0, out_dir=tmp_path,
+        n_rows_total=3, n_errors_total=1, n_input=4, n_cells_total=0, table=None,
+        errors_preview=[("a", "a.tif: file not found")],
+    )  # fmt: skip
+    _print_embed_result(result)
+    out = capsys.readouterr().out
+    assert "Totals: 3 embedded + 1 errors = 4 input images" in out and "--retry-errors" in out

@@ -142,6 +142,13 @@ def config_hash(cfg: BaseModel) -> str:
     data.pop("runtime", None)
     if data.get("job") == "embed" and data.get("cells") is None:
         data.pop("cells", None)  # hashes of whole-image jobs stay as they were before cells mode existed
+    if data.get("job") == "embed":  # input options added later change no hash while at their defaults
+        new_input = {"dtypes": None, "channel_index": None, "channel_names": False, "z": "refuse", "ome_zarr": None}
+        for key, default in new_input.items():
+            if data.get("input", {}).get(key, default) == default:
+                data.get("input", {}).pop(key, None)
+        if data.get("output", {}).get("postprocess") == "standardize":  # LanceDB vectors only: parts unchanged
+            data["output"].pop("postprocess")
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
 
 

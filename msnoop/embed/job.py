@@ -192,12 +192,12 @@ def build_dataset(
     masks_dir = str((out_dir / MASKS).resolve()) if cfg.cells is not None and cfg.cells.save_masks else None
     channels = list(cfg.input.channels)
     meta_schema, schema, cells_schema = schemas
-    meta_ref = ray.put(metadata_arrow(table, meta_schema))
+    todo = table[todo_mask].reset_index(drop=True)  # only the rows still to embed go to the object store
+    meta_ref = ray.put(metadata_arrow(todo, meta_schema))
     mask_col = cfg.cells.segmentation.mask_column if cfg.cells is not None else None
-    light = table[[ID_COLUMN, *[f"{PATH_PREFIX}{ch}" for ch in channels], *([mask_col] if mask_col else [])]]
+    light = todo[[ID_COLUMN, *[f"{PATH_PREFIX}{ch}" for ch in channels], *([mask_col] if mask_col else [])]]
     light = light.astype(object).where(light.notna(), "")
-    light[ROW] = np.arange(len(table), dtype=np.int64)
-    light = light[todo_mask].reset_index(drop=True)
+    light[ROW] = np.arange(len(todo), dtype=np.int64)
     block = cfg.runtime.images_per_block
     frames = [light.iloc[i : i + block] for i in range(0, len(light), block)]
     # Read/write tasks take a fraction of a CPU on small clusters, so that they and the actor pool

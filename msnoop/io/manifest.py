@@ -1,7 +1,16 @@
 """Build the image table of a job: one row per image, one path column per channel, ``Metadata_*``.
 
 The result always has ``Metadata_ImageID`` (unique), one ``Metadata_Path_<channel>`` column per channel
-(absolute paths, in config channel order) and every other manifest column as ``Metadata_<name>``.
+(absolute paths or URIs, in config channel order) and every other manifest column as ``Metadata_<name>``.
+
+Rules that keep every row and its metadata as the user wrote them:
+
+* CSV cells are read as text (``'0001'`` stays ``'0001'``; ``NA``/``null`` are names), blank cells are
+  nulls; ``input.dtypes`` converts named columns; Parquet manifests keep their own types.
+* Every path is resolved once (:func:`resolve_path`) against the manifest's folder or ``input.root``.
+* An id depends on its own row only (:func:`image_id`), so adding rows never changes existing ids.
+* Two source columns that would become the same ``Metadata_*`` column are an error naming both.
+* :func:`table_schema` fixes one Arrow schema for the whole run from the whole table.
 """
 
 from __future__ import annotations
@@ -41,6 +50,10 @@ def _read_table(path: Path, dtypes: dict[str, str] | None = None) -> pd.DataFram
         raise ConfigError(f"manifest {path} does not exist")
     suffixes = "".join(path.suffixes).lower()
     if suffixes.endswith(".parquet"):
+        if dtypes:
+            raise ConfigError(
+                f"input.dtypes applies to CSV manifests; {path} is Parquet and keeps its own column types"
+            )
         return pd.read_parquet(path)
     if not suffixes.endswith((".csv", ".csv.gz", ".tsv", ".txt")):
         raise ConfigError(f"manifest {path}: expected a .csv, .csv.gz or .parquet file, found {path.suffix!r}")
