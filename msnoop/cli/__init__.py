@@ -63,9 +63,13 @@ def _setup_logging(verbose: bool) -> None:
     for noisy in _NOISY:
         logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.WARNING)
     if not verbose:
-        # Ray's C++ core writes its own log lines to stderr unless told otherwise; they reach the terminal
-        # from every worker (`core_worker.cc ... E ...`), so they are kept for -v.
-        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")
+        # Ray's C++ core (driver, raylet, workers) copies every ERROR line to stderr whatever the log file
+        # says, e.g. `core_worker.cc ... E ... has constructor arguments in the object store and
+        # max_restarts > 0` once per Ray Data actor pool given an object ref (the embedding model); `error`
+        # keeps those, only `fatal` hides them. The threshold also keeps them out of the session's log files:
+        # run with -v to debug Ray itself. Setting the variable makes each C++ process print one INFO notice
+        # ('Set ray log level ...'); init_ray drops the copies forwarded from workers.
+        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
         os.environ.setdefault("RAY_LOG_TO_STDERR", "0")
         os.environ.setdefault("LANCEDB_LOG", "error")
 

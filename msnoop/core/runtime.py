@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,10 @@ def init_ray(
     if ray.is_initialized():
         return ray.cluster_resources()
     address = address or os.environ.get("RAY_ADDRESS") or None
+    routine = not logging.getLogger("msnoop").isEnabledFor(logging.DEBUG)  # quiet unless `msnoop -v`
+    if routine:
+        quiet_ray_loggers()  # the token notice is printed inside ray.init
+        _drop_forwarded_lines(_RAY_LEVEL_NOTICE)
     kwargs: dict[str, Any] = {"log_to_driver": not quiet, "configure_logging": True, "logging_level": logging.WARNING}
     if address:
         logger.info("connecting to Ray cluster at %s", address)
@@ -93,12 +98,83 @@ def init_ray(
             _node_ip_address=LOOPBACK,
             **kwargs,
         )
-    if quiet:
-        from ray.data import DataContext
+    from ray.data import DataContext
 
+    if quiet:
         ctx = DataContext.get_current()
         ctx.enable_progress_bars = False
+    if routine:
+        quiet_ray_loggers()  # again: importing ray.data installs its own logging configuration
     return ray.cluster_resources()
+
+
+#: Ray's Python loggers that report routine events at INFO/WARNING on every run: Ray Data's executor
+#: ("Starting execution of Dataset ...", "Progress bars disabled", "execution finished"), which has its own
+#: console handler at INFO (``ray/data/_internal/logging.py``) and ignores the ``ray`` logger's level, and the
+#: token-authentication notice that every local ``ray.init`` prints.
+RAY_ROUTINE_LOGGERS = ("ray.data", "ray._private.authentication.authentication_token_setup")
+
+
+def quiet_ray_loggers(level: int = logging.ERROR) -> None:
+    """Raise Ray's routine Python loggers (:data:`RAY_ROUTINE_LOGGERS`) to ``level``.
+
+    Called by :func:`init_ray` unless the ``msnoop`` logger is at DEBUG (``msnoop -v``), before ``ray.init``
+    (the token notice) and after ``ray.data`` is imported (its import installs Ray Data's logging
+    configuration, which resets the level). Ray Data still writes everything to ``ray-data.log`` in the
+    session's log folder.
+    """
+    for name in RAY_ROUTINE_LOGGERS:
+        logging.getLogger(name).setLevel(level)
+
+
+#: The notice every Ray C++ process prints at start when ``RAY_BACKEND_LOG_LEVEL`` is set (``msnoop`` sets it
+#: to hide Ray's false-alarm ERROR lines, see :mod:`msnoop.cli`); workers' copies reach the driver.
+_RAY_LEVEL_NOTICE = re.compile(r"logging\.cc:\d+: Set ray log level from environment variable")
+
+
+def _drop_forwarded_lines(pattern: re.Pattern[str]) -> None:
+    """Drop worker/raylet log lines matching ``pattern`` from what Ray forwards to the driver's terminal.
+
+    Wraps the handler that ``ray.init(log_to_driver=True)`` registers (``"ray_print_logs"`` in
+    ``ray._private.ray_logging.global_worker_stdstream_dispatcher``, Ray 2.60), already registered or
+    registered later (so it must run before ``ray.init`` to catch the raylet's first lines). Does nothing if
+    Ray's internals differ. The lines stay in the session's log files.
+    """
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:
+        return
+    handlers = getattr(dispatcher, "handlers", None)
+    add = getattr(dispatcher, "add_handler", None)
+    if not isinstance(handlers, list) or add is None:
+        return
+
+    def wrap(handle: Any) -> Any:
+        if getattr(handle, "_msnoop_filtered", False):
+            return handle
+
+        def filtered(data: dict[str, Any]) -> None:
+            lines = data.get("lines") if isinstance(data, dict) else None
+            if isinstance(lines, list):
+                kept = [ln for ln in lines if not (isinstance(ln, str) and pattern.search(ln))]
+                if not kept:
+                    return
+                data = {**data, "lines": kept}
+            handle(data)
+
+        filtered._msnoop_filtered = True  # type: ignore[attr-defined]
+        return filtered
+
+    for i, (name, handle) in enumerate(list(handlers)):
+        if name == "ray_print_logs":
+            handlers[i] = (name, wrap(handle))
+    if not getattr(add, "_msnoop_filtered", False):
+
+        def add_handler(name: str, handler: Any) -> None:
+            add(name, wrap(handler) if name == "ray_print_logs" else handler)
+
+        add_handler._msnoop_filtered = True  # type: ignore[attr-defined]
+        dispatcher.add_handler = add_handler
 
 
 def shutdown_ray() -> None:
