@@ -163,11 +163,49 @@ def test_rule_errors(profiles) -> None:
         average_precision(meta, X[:-1], **RULES)
 
 
-def test_equals_copairs_when_installed(profiles) -> None:
-    copairs_map = pytest.importorskip("copairs.map")
-    meta, X = profiles
-    meta = meta.fillna("p1")  # copairs rejects missing metadata
-    ours = average_precision(meta, X, **RULES)
-    ref = copairs_map.average_precision(meta, X, progress_bar=False, **RULES)
-    np.testing.assert_allclose(ours["average_precision"], ref["average_precision"], rtol=1e-12, equal_nan=True)
+@pytest.mark.parametrize("seed", range(6))
+def test_equals_copairs(seed) -> None:
+    """Our AP (kept for speed, see map.py) equals copairs' on generated tables; the mAP is copairs'."""
+    import tempfile
+
+    import copairs.map as copairs_map
+
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(20, 90))
+    meta = pd.DataFrame(
+        {
+            "Metadata_moa": rng.choice(list("ABCDE")[: int(rng.integers(2, 6))], n),
+            "Metadata_Compound": rng.choice([f"c{i}" for i in range(int(rng.integers(3, 25)))], n),
+            "Metadata_Plate": rng.choice(["p1", "p2", "p3"], n),
+        }
+    ).sample(frac=1.0, random_state=seed)  # shuffled index
+    X = rng.normal(size=(n, int(rng.integers(2, 40)))).astype(rng.choice([np.float32, np.float64]))
+    rules = RULES if seed % 2 else {**RULES, "neg_sameby": []}
+    ours = average_precision(meta, X, **rules)
+    ref = copairs_map.average_precision(meta, X, progress_bar=False, **rules)
+    for col in ("average_precision", "normalized_average_precision"):
+        np.testing.assert_allclose(ours[col], ref[col], rtol=1e-5, atol=1e-6, equal_nan=True)
+    np.testing.assert_array_equal(ours["n_pos_pairs"], ref["n_pos_pairs"])
     np.testing.assert_array_equal(ours["n_total_pairs"], ref["n_total_pairs"])
+    got = mean_average_precision(ours, sameby=["Metadata_moa"], null_size=300, seed=seed)
+    with tempfile.TemporaryDirectory() as cache:
+        want = copairs_map.mean_average_precision(
+            ours, sameby=["Metadata_moa"], null_size=300, threshold=0.05, seed=seed, progress_bar=False, cache_dir=cache
+        ).sort_values("Metadata_moa")
+    for col in ("mean_average_precision", "p_value", "corrected_p_value", "below_corrected_p"):
+        np.testing.assert_array_equal(got[col].to_numpy(), want[col].to_numpy())
+    assert got["n_profiles"].tolist() == want["indices"].map(len).tolist()
+
+
+def test_mean_average_precision_does_not_depend_on_earlier_runs(profiles, monkeypatch, tmp_path) -> None:
+    """copairs' default cache (~/.copairs) would hand a later run nulls drawn with an earlier run's seeds."""
+    meta, X = profiles
+    ap = average_precision(meta, X, **RULES)
+    monkeypatch.setenv("HOME", str(tmp_path / "fresh"))
+    fresh = mean_average_precision(ap, sameby=["Metadata_moa"], null_size=200, seed=3)
+    monkeypatch.setenv("HOME", str(tmp_path / "used"))
+    # an earlier run on a subset: other (n_pos, n_total) configurations, so other per-configuration seeds
+    mean_average_precision(ap.iloc[::2].reset_index(drop=True), sameby=["Metadata_moa"], null_size=200, seed=3)
+    later = mean_average_precision(ap, sameby=["Metadata_moa"], null_size=200, seed=3)
+    pd.testing.assert_frame_equal(fresh, later)
+    assert not list(tmp_path.rglob(".copairs"))
