@@ -199,3 +199,19 @@ def test_lancedb_vectors_are_standardised_parts_stay_raw_and_distances_vary(embe
     hits = search_by_id(ref, raw["Metadata_ImageID"].iloc[0], k=5)
     d = hits["_distance"].to_numpy()
     assert len(set(np.round(d, 4))) == len(d)  # neighbours at visibly different distances
+
+
+def test_sql_filter_on_a_wide_fragmented_table_keeps_row_order_and_does_not_copy():
+    """A CellProfiler-sized table built column by column (fragmented) is filtered in place, rows in order."""
+    import warnings
+
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame({"Metadata_Plate": rng.choice(["P1", "P2"], 5000)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # building the fragmented table warns; filtering it must not
+        for i in range(120):
+            df[f"Cells_F{i}"] = rng.random(5000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mask = filter_mask(df, "Metadata_Plate = 'P2' AND Cells_F7 > 0.5")
+    np.testing.assert_array_equal(mask, (df["Metadata_Plate"].eq("P2") & df["Cells_F7"].gt(0.5)).to_numpy())

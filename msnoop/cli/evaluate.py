@@ -236,12 +236,31 @@ def report_command(
     k: Annotated[int, typer.Option("--k", "-k", help="kNN neighbours.")] = 11,
     cv: Annotated[str, typer.Option(help="'loo', 'kfold:<n>' or 'group:<column>'.")] = "loo",
     queries: Annotated[int, typer.Option(help="Nearest-neighbour gallery rows (random queries).")] = 4,
+    map_method: Annotated[
+        str,
+        typer.Option(
+            "--map", help="2-D map: 'auto' (t-SNE to 5,000 rows, UMAP to 100,000, else PCA), 'tsne', 'umap', 'pca'."
+        ),
+    ] = "auto",
+    postprocess: Annotated[
+        str, typer.Option(help="'standardize' (z-score each feature over the table, no labels) or 'raw'.")
+    ] = "standardize",
 ) -> None:
     """HTML report: 2-D map, kNN metrics and confusion matrix, nearest-neighbour image galleries."""
     from msnoop.evaluate.report import build_report
 
     try:
-        page = build_report(table, label=label, batch=batch, out_dir=out, k=k, cv=cv, n_queries=queries)
+        page = build_report(
+            table,
+            label=label,
+            batch=batch,
+            out_dir=out,
+            k=k,
+            cv=cv,
+            n_queries=queries,
+            map_method=map_method,
+            postprocess=postprocess,
+        )
     except (ValueError, FileNotFoundError, OSError) as exc:
         fail(str(exc))
     import json

@@ -19,8 +19,6 @@ import re
 import numpy as np
 import pandas as pd
 
-_ROW = "__msnoop_row__"
-
 
 class FilterError(ValueError):
     """A filter is not valid SQL for the table; the message names the filter and what went wrong."""
@@ -53,14 +51,14 @@ def filter_mask(df: pd.DataFrame, where: str) -> np.ndarray:
 
     if not where or not where.strip():
         raise FilterError("empty filter: expected a SQL condition such as Metadata_Compound = 'DMSO'")
-    frame = df.reset_index(drop=True)
-    frame = frame.assign(**{_ROW: np.arange(len(frame), dtype=np.int64)})
     con = duckdb.connect()
     try:
-        con.register("t", frame)
-        out = con.execute(
-            f"SELECT COALESCE(CAST(({where}) AS BOOLEAN), FALSE) AS m FROM t ORDER BY {_ROW}"
-        ).fetchnumpy()
+        # DuckDB keeps a scan's rows in insertion order (preserve_insertion_order, on by default and set here), so
+        # the result lines up with df's rows without copying df to add a row-number column (a copy of a wide,
+        # fragmented table also warns)
+        con.execute("SET preserve_insertion_order = true")
+        con.register("t", df.reset_index(drop=True))
+        out = con.execute(f"SELECT COALESCE(CAST(({where}) AS BOOLEAN), FALSE) AS m FROM t").fetchnumpy()
     except duckdb.Error as exc:
         raise FilterError(_hint(where, str(exc))) from None
     finally:

@@ -38,6 +38,7 @@ import pandas as pd
 
 from msnoop.core.plotting import save, subplots
 from msnoop.core.tables import feature_columns, read_table, split_table
+from msnoop.correct.normalize import postprocess as apply_postprocess
 from msnoop.evaluate.knn import classification_metrics, knn_cross_predict, knn_search, parse_cv
 
 logger = logging.getLogger(__name__)
@@ -541,6 +542,7 @@ def build_report(
     metric: str = "cosine",
     image_root: str | Path | None = None,
     map_method: str = "auto",
+    postprocess: str = "standardize",
 ) -> Path:
     """Write ``out_dir/report.html`` with its figures (PNG) and ``report.json``; returns the HTML path.
 
@@ -557,6 +559,8 @@ def build_report(
         metric: ``"cosine"`` or ``"l2"``.
         image_root: Folder that relative image paths are relative to (default: the table's folder).
         map_method: ``"auto"``, ``"tsne"``, ``"umap"`` or ``"pca"`` (see :func:`map_2d`).
+        postprocess: ``"standardize"`` (features z-scored over the table, no labels; as ``msnoop knn``) or
+            ``"raw"``; applies to the kNN, the map and the galleries' distances alike.
 
     Raises:
         ValueError: Missing label/batch column, missing labels, no features, bad ``cv``, unknown
@@ -581,6 +585,7 @@ def build_report(
         )
     feats = [f for f in feature_columns(df) if f not in (label, batch)]
     _, X = split_table(df, feats)
+    X, post = apply_postprocess(X, postprocess)
     labels = df[label].to_numpy()
     if map_method not in MAP_METHODS:
         raise ValueError(f"expected map method one of {MAP_METHODS}, found {map_method!r}")
@@ -609,6 +614,7 @@ def build_report(
             seed=seed,
             metric=metric,
             map_method=map_method,
+            post=post,
         )
 
 
@@ -630,6 +636,7 @@ def _build(
     seed: int,
     metric: str,
     map_method: str = "auto",
+    post: dict[str, Any] | None = None,
 ) -> Path:
     pred = knn_cross_predict(X, labels, k=k, cv=cv, groups=groups, metric=metric, seed=seed)  # type: ignore[arg-type]
     metrics = classification_metrics(labels, pred)
@@ -681,6 +688,7 @@ def _build(
         "label": label,
         "batch": batch,
         "k": k,
+        "postprocess": post,
         "cv": cv,
         "protocol": describe_cv(cv),
         "map_method": m2.method,
