@@ -39,6 +39,15 @@ def job_script():
 
 
 @pytest.fixture(scope="session")
+def s3():
+    """A real S3 endpoint (moto's server on 127.0.0.1) with one bucket; see tests/s3_server.py."""
+    pytest.importorskip("moto.server", reason="moto[server] is a dev dependency")
+    from s3_server import start_s3
+
+    yield from start_s3()
+
+
+@pytest.fixture(scope="session")
 def ray_cluster():
     """One 2-CPU local Ray cluster for the whole session, on loopback, small object store."""
     from msnoop.core.runtime import init_ray, shutdown_ray
