@@ -141,3 +141,15 @@ def test_fsspec_fallback_memory():
 def test_credentials_never_in_config_dump(s3):
     dumped = s3.config.model_dump_json() + str(storage.storage_options(s3.uri("db"), s3.config))
     assert "testing" not in dumped  # the fixture's access key / secret
+
+
+def test_s3_filesystem_pickles_without_credentials(monkeypatch):
+    """Ray ships the filesystem to tasks by pickle: credentials stay in each worker's environment."""
+    import pickle
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "KEYID-not-to-ship")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "SECRET-not-to-ship")
+    fs, _ = storage.resolve("s3://b/x", StorageConfig(endpoint_url="http://127.0.0.1:9", region="us-east-1"))
+    blob = pickle.dumps(fs)
+    assert b"not-to-ship" not in blob
+    assert pickle.loads(blob).get_file_info  # a usable filesystem comes back
