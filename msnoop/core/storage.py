@@ -28,11 +28,11 @@ import os
 import posixpath
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 #: schemes pyarrow serves natively (``FileSystem.from_uri``); everything else goes through fsspec
 S3_SCHEMES = ("s3", "s3a")
@@ -113,6 +113,20 @@ def local_path(location: str | Path) -> Path:
         parsed = urlparse(str(location))
         return Path(parsed.netloc + parsed.path) if parsed.netloc else Path(parsed.path)
     return Path(location).expanduser()
+
+
+def _as_location(value: Any) -> Any:
+    if isinstance(value, str) and is_uri(value):
+        return value
+    if isinstance(value, str):
+        return local_path(value)
+    return value
+
+
+#: a config field that may hold a local path or a URI: local values become ``Path`` (so
+#: ``msnoop.config.absolutize`` makes them absolute), URIs stay ``str`` exactly as given
+#: (pydantic's ``Path`` would turn ``s3://b/x`` into ``s3:/b/x``)
+Location = Annotated[str | Path, BeforeValidator(_as_location)]
 
 
 def join(base: str | Path, *names: str) -> str | Path:
@@ -423,6 +437,7 @@ def check_writable(location: str | Path, config: StorageConfig | None = None) ->
 
 
 __all__ = [
+    "Location",
     "StorageConfig",
     "StorageError",
     "check_readable",
