@@ -94,3 +94,17 @@ def test_build_table_ray_wrong_dim(ray_cluster, tmp_path):
     with pytest.raises(ValueError, match=r"have 4 embedding columns, expected 8"):
         build_table_ray(tmp_path / "db", "images", tmp_path / "emb", dim=8, info={})
     assert not (tmp_path / "db" / "images.lance").exists()
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_group_parts_covers_every_part_once_in_order(seed):
+    from msnoop.store.lance_ray import group_parts
+
+    rng = np.random.default_rng(seed)
+    rows = rng.integers(0, 1000, size=rng.integers(1, 60)).tolist()
+    target = int(rng.integers(1, 3000))
+    groups = group_parts(rows, target)
+    assert [i for g in groups for i in g] == list(range(len(rows)))
+    assert all(sum(rows[i] for i in g) >= target for g in groups[:-1])
+    # a group only grows past the target by its last part
+    assert all(sum(rows[i] for i in g[:-1]) < target for g in groups)
