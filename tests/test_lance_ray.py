@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet
 import pytest
 
 from msnoop.core import storage
@@ -108,3 +109,29 @@ def test_group_parts_covers_every_part_once_in_order(seed):
     assert all(sum(rows[i] for i in g) >= target for g in groups[:-1])
     # a group only grows past the target by its last part
     assert all(sum(rows[i] for i in g[:-1]) < target for g in groups)
+
+
+def test_fragments_of_a_lost_attempt_are_never_committed(tmp_path):
+    """A write task that wrote its fragments but died before returning is retried: the first attempt's
+    files stay on storage unreferenced, the commit lists only the fragments the driver received."""
+    import pickle
+
+    import lance
+    import pyarrow.fs as pafs
+
+    from msnoop.store.lance_ray import table_uri, target_schema, write_fragments
+
+    rng = np.random.default_rng(7)
+    expected = _write_parts(tmp_path / "emb", rng, [40, 25], 4)
+    files = [str(f) for f in parts.part_files(tmp_path / "emb")]
+    schema = target_schema([pa.parquet.read_schema(f) for f in files], 4, {"model": "test", "embed_dim": 4}, "emb")
+    dest = table_uri(tmp_path / "db", "images")
+    kw = {"dest": dest, "schema": schema, "storage_options": None}
+    write_fragments(files, pafs.LocalFileSystem(), **kw)  # attempt 1: its result never reaches the driver
+    retry = [pickle.loads(b) for b in write_fragments(files, pafs.LocalFileSystem(), **kw)]
+    lance.LanceDataset.commit(dest, lance.LanceOperation.Overwrite(schema, retry))
+    data_files = list((tmp_path / "db" / "images.lance" / "data").iterdir())
+    assert len(data_files) == 2 * len(retry)  # both attempts' files exist ...
+    _check_table(
+        tmp_path / "db", "images", expected.sort_values("Metadata_ImageID", ignore_index=True), 4
+    )  # ... rows once

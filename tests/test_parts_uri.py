@@ -76,3 +76,22 @@ def test_local_folder_keeps_path_results(tmp_path):
     assert out.parent == tmp_path / "e" and out.exists()
     assert parts.part_files(str(tmp_path / "e")) == [out]
     assert parts.write_run_info(tmp_path, {"a": 1}) == tmp_path / "run.json"
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_keyed_parts_make_retries_idempotent(where, seed, tmp_path, request):
+    """A block written again (a retried task, rows possibly reordered) replaces its part: no duplicate rows."""
+    base, cfg = _location(where, tmp_path, request)
+    rng = np.random.default_rng(seed)
+    emb = storage.join(base, parts.EMBEDDINGS)
+    blocks = [[f"img{seed}-{b}-{i}" for i in range(rng.integers(1, 20))] for b in range(rng.integers(2, 6))]
+    for ids in blocks:
+        parts.write_part(_frame(ids, 4, rng), emb, storage=cfg, key=parts.block_key(ids))
+    for ids in blocks[::2]:  # retries, rows in another order
+        shuffled = list(rng.permutation(ids))
+        parts.write_part(_frame(shuffled, 4, rng), emb, storage=cfg, key=parts.block_key(shuffled))
+    assert len(parts.part_files(emb, storage=cfg)) == len(blocks)
+    assert parts.count_rows(emb, storage=cfg) == sum(map(len, blocks))
+    assert parts.block_key(["a", "b"]) != parts.block_key(["a", "b", "c"])
+    assert parts.block_key(["ab"]) != parts.block_key(["a", "b"])
