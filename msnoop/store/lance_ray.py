@@ -139,7 +139,7 @@ def build_table_ray(
     write_tasks: int | None = None,
     ray_remote_args: dict[str, Any] | None = None,
 ) -> int:
-    """(Re)build LanceDB table ``name`` at database ``uri`` from the parts in ``parts_folder`` with Ray Data.
+    """(Re)build LanceDB table ``name`` at database ``uri`` from the parts in ``parts_folder`` with Ray tasks.
 
     Needs a Ray session (``msnoop.runtime.init_ray``) and ``pylance``. Parts and database may be
     local paths or URIs (``s3://...``): the same :class:`StorageConfig` reaches pyarrow (reads) and
@@ -157,11 +157,16 @@ def build_table_ray(
         The table's row count.
 
     Raises:
+        ImportError: pylance is not installed (the ``lance`` extra).
         ValueError: parts with another embedding dimension or incompatible metadata types.
         StorageError: the database location cannot be written (preflight, before any work).
     """
     import ray
 
+    try:
+        import lance
+    except ImportError:
+        raise ImportError("building LanceDB tables with Ray tasks needs pylance: pip install 'msnoop[lance]'") from None
     files = part_files(parts_folder, storage=storage)
     if not files:
         logger.warning("no embeddings in %s; LanceDB table %s not written", parts_folder, name)
@@ -185,8 +190,6 @@ def build_table_ray(
     ]
     # the only data the driver receives: the fragments' metadata (a few hundred bytes each)
     fragments = [pickle.loads(blob) for blobs in ray.get(refs) for blob in blobs]
-    import lance
-
     lance.LanceDataset.commit(dest, lance.LanceOperation.Overwrite(schema, fragments), storage_options=options)
     import lancedb
 
@@ -198,7 +201,7 @@ def build_table_ray(
     return n
 
 
-__all__ = ["build_table_ray", "table_uri", "target_schema", "to_vector_table"]
+__all__ = ["build_table_ray", "group_parts", "table_uri", "target_schema", "to_vector_table", "write_fragments"]
 
 # Why plain Ray tasks rather than Ray Data (measured here, Ray 2.60, pylance 14, 2 loaded cores):
 # - ``Dataset.write_lance`` passes ``storage_options_provider`` to ``lance.fragment.write_fragments``,
