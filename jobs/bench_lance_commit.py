@@ -9,7 +9,8 @@
 to hold every row and to return the same nearest neighbours. Peak driver memory is the RSS of this
 process above its level before the build, sampled every 20 ms (the Ray workers' memory is not in
 it; with ``--s3`` the moto server runs in this process and its memory is counted too).
-Writes ``results/bench_lance_commit.json``.
+Each method builds ``--repeat`` times (overwriting); the median is reported with every run.
+Writes ``results/bench_lance_commit.json`` (one entry per storage/rows/dim).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Self
 
 import numpy as np
 import pandas as pd
@@ -40,7 +42,7 @@ from msnoop.store import parts
 class PeakRSS:
     """Peak resident memory of this process above its level at start (sampled every 20 ms)."""
 
-    def __enter__(self) -> PeakRSS:
+    def __enter__(self) -> Self:
         self.proc = psutil.Process()
         self.base = self.proc.memory_info().rss
         self.peak = self.base
@@ -81,6 +83,7 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--parts", type=int, default=100)
     ap.add_argument("--num-cpus", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=3, help="builds per method; the median is reported")
     ap.add_argument("--s3", action="store_true", help="parts and tables on a moto S3 server on 127.0.0.1")
     ap.add_argument("--out", default=str(ROOT / "results" / "bench_lance_commit.json"))
     args = ap.parse_args()
@@ -91,6 +94,7 @@ def main() -> None:
     from msnoop.store.lance import build_table
     from msnoop.store.lance_ray import build_table_ray
 
+    load_at_start = round(os.getloadavg()[0], 1)
     tmp = tempfile.mkdtemp(prefix="bench_lance_")
     server = None
     cfg: StorageConfig | None = None
@@ -122,11 +126,15 @@ def main() -> None:
         if args.s3:  # build_table has no storage options: it runs on local paths only
             results["driver"] = {"skipped": "build_table takes local paths only"}  # type: ignore[dict-item]
         else:
-            with PeakRSS() as mem:
-                t0 = time.perf_counter()
-                n = build_table(db_driver, "images", emb, dim=args.dim, info=info)
-                results["driver"] = {"seconds": round(time.perf_counter() - t0, 2), "peak_rss_mib": mem.mib}
-            assert n == args.rows, n
+            times, mems = [], []
+            for _ in range(args.repeat):
+                with PeakRSS() as mem:
+                    t0 = time.perf_counter()
+                    n = build_table(db_driver, "images", emb, dim=args.dim, info=info)
+                    times.append(round(time.perf_counter() - t0, 2))
+                mems.append(mem.mib)
+                assert n == args.rows, n
+            results["driver"] = {"seconds": float(np.median(times)), "runs": times, "peak_rss_mib": max(mems)}
 
         t0 = time.perf_counter()
         init_ray(num_cpus=args.num_cpus, object_store_memory=1024**3, quiet=True)
@@ -137,11 +145,15 @@ def main() -> None:
             if args.s3
             else None
         )
-        with PeakRSS() as mem:
-            t0 = time.perf_counter()
-            n = build_table_ray(db_ray, "images", emb, dim=args.dim, info=info, storage=cfg, ray_remote_args=remote)
-            results["ray"] = {"seconds": round(time.perf_counter() - t0, 2), "peak_rss_mib": mem.mib}
-        assert n == args.rows, n
+        times, mems = [], []
+        for _ in range(args.repeat):
+            with PeakRSS() as mem:
+                t0 = time.perf_counter()
+                n = build_table_ray(db_ray, "images", emb, dim=args.dim, info=info, storage=cfg, ray_remote_args=remote)
+                times.append(round(time.perf_counter() - t0, 2))
+            mems.append(mem.mib)
+            assert n == args.rows, n
+        results["ray"] = {"seconds": float(np.median(times)), "runs": times, "peak_rss_mib": max(mems)}
         results["ray"]["ray_init_seconds"] = round(t_init, 2)
 
         opts = storage.storage_options(db_ray, cfg) or None
@@ -168,6 +180,7 @@ def main() -> None:
         "storage": "s3 (moto on 127.0.0.1)" if args.s3 else "local disk",
         "num_cpus": args.num_cpus,
         "machine_cpus": os.cpu_count(),
+        "load_avg_1m_at_start": load_at_start,  # the box is shared: other jobs' load skews both timings
         "python": platform.python_version(),
         "write_parts_seconds": round(t_parts, 2),
         "results": results,
@@ -175,7 +188,7 @@ def main() -> None:
     print(json.dumps(out, indent=2))
     path = Path(args.out)
     runs = json.loads(path.read_text()) if path.is_file() else {}
-    runs["s3" if args.s3 else "local"] = out
+    runs[f"{'s3' if args.s3 else 'local'}_{args.rows}x{args.dim}"] = out
     path.write_text(json.dumps(runs, indent=2) + "\n")
 
 
