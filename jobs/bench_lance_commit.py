@@ -34,9 +34,8 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from msnoop.core import storage
+from msnoop.core import parts, storage
 from msnoop.core.storage import StorageConfig
-from msnoop.store import parts
 
 
 class PeakRSS:
@@ -90,7 +89,7 @@ def main() -> None:
 
     import lancedb
 
-    from msnoop.runtime import init_ray, shutdown_ray
+    from msnoop.core.runtime import init_ray, shutdown_ray
     from msnoop.store.lance import build_table
     from msnoop.store.lance_ray import build_table_ray
 

@@ -8,8 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet
 import pytest
 
-from msnoop.core import storage
-from msnoop.store import parts
+from msnoop.core import parts, storage
 
 pytest.importorskip("lance", reason="pylance is needed for Lance fragments written by Ray tasks")
 pytestmark = pytest.mark.ray
@@ -135,3 +134,26 @@ def test_fragments_of_a_lost_attempt_are_never_committed(tmp_path):
     _check_table(
         tmp_path / "db", "images", expected.sort_values("Metadata_ImageID", ignore_index=True), 4
     )  # ... rows once
+
+
+def test_transform_and_run_schema_applied_in_tasks(ray_cluster, tmp_path):
+    """``transform`` maps vectors in the tasks (as build_table's post-processing); ``schema`` fixes column types."""
+    import functools
+
+    import lancedb
+
+    from msnoop.store.lance_ray import build_table_ray
+
+    rng = np.random.default_rng(11)
+    expected = _write_parts(tmp_path / "emb", rng, [30, 12], 3).sort_values("Metadata_ImageID", ignore_index=True)
+    run_schema = pa.schema(  # the run's Parquet schema: metadata + emb_* columns
+        [("Metadata_ImageID", pa.string()), ("Metadata_Plate", pa.large_string()), ("Metadata_Note", pa.string())]
+        + [(c, pa.float32()) for c in parts.emb_columns(3)]
+    )
+    double = functools.partial(np.multiply, 2.0)  # picklable, importable on every worker
+    n = build_table_ray(tmp_path / "db", "t", tmp_path / "emb", dim=3, info={}, schema=run_schema, transform=double)
+    assert n == len(expected)
+    table = lancedb.connect(str(tmp_path / "db")).open_table("t")
+    assert table.schema.field("Metadata_Plate").type == pa.large_string()
+    got = table.to_arrow().to_pandas().sort_values("Metadata_ImageID", ignore_index=True)
+    np.testing.assert_allclose(np.stack(got["vector"]), 2.0 * np.stack(expected["vector"]), rtol=1e-6)

@@ -7,8 +7,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from msnoop.core import storage
-from msnoop.core import parts
+from msnoop.core import parts, storage
 
 
 def _location(where, tmp_path, request):

@@ -8,8 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from msnoop.core import storage
-from msnoop.store import parts
+from msnoop.core import parts, storage
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -17,7 +16,7 @@ DRIVER = """
 import json, ray
 import numpy as np, pandas as pd
 from msnoop.core.storage import StorageConfig
-from msnoop.store import parts
+from msnoop.core import parts
 from msnoop.store.lance_ray import build_table_ray
 
 args = json.loads({args!r})

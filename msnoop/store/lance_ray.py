@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import pickle
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -28,9 +29,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from msnoop.core import storage as st
+from msnoop.core.parts import EMB_PREFIX, part_files
 from msnoop.core.storage import StorageConfig
-from msnoop.store.lance import META_KEY, VECTOR
-from msnoop.store.parts import EMB_PREFIX, part_files
+from msnoop.core.tables import VECTOR
+from msnoop.store.lance import META_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -70,15 +72,20 @@ def target_schema(schemas: list[pa.Schema], dim: int, info: dict[str, Any], wher
     return pa.schema(fields, metadata={META_KEY: json.dumps(info, default=str).encode()})
 
 
-def to_vector_table(batch: pa.Table, schema: pa.Schema) -> pa.Table:
+def to_vector_table(
+    batch: pa.Table, schema: pa.Schema, transform: Callable[[np.ndarray], np.ndarray] | None = None
+) -> pa.Table:
     """One block of parts (metadata + ``emb_0000...``) -> ``schema``'s columns (metadata + ``vector``).
 
     Metadata columns are cast to the unified type (a column that is all-null in one block and
-    string in another becomes string); columns a block lacks are filled with nulls.
+    string in another becomes string); columns a block lacks are filled with nulls. ``transform``
+    maps the ``[n, dim]`` float32 vectors before they are stored.
     """
     emb = [n for n in batch.column_names if n.startswith(EMB_PREFIX)]
     dim = schema.field(VECTOR).type.list_size
     values = np.column_stack([batch.column(n).to_numpy() for n in emb]).astype(np.float32, copy=False)
+    if transform is not None:  # post-processing (e.g. standardisation), as in store.lance.build_table
+        values = np.ascontiguousarray(transform(values), dtype=np.float32)
     vec = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), dim)
     arrays = []
     for field in schema:
@@ -92,7 +99,13 @@ def to_vector_table(batch: pa.Table, schema: pa.Schema) -> pa.Table:
 
 
 def write_fragments(
-    paths: list[str], fs: Any, *, dest: str, schema: pa.Schema, storage_options: dict[str, str] | None
+    paths: list[str],
+    fs: Any,
+    *,
+    dest: str,
+    schema: pa.Schema,
+    storage_options: dict[str, str] | None,
+    transform: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> list[bytes]:
     """Task body: write the parts at ``paths`` (on filesystem ``fs``) as Lance fragment file(s) under ``dest``.
 
@@ -106,7 +119,7 @@ def write_fragments(
         for path in paths:
             with fs.open_input_file(path) as fh:
                 for batch in pq.ParquetFile(fh).iter_batches(batch_size=65536):
-                    yield from to_vector_table(pa.Table.from_batches([batch]), schema).to_batches()
+                    yield from to_vector_table(pa.Table.from_batches([batch]), schema, transform).to_batches()
 
     reader = pa.RecordBatchReader.from_batches(schema, batches())
     frags = lance_write_fragments(
@@ -138,10 +151,12 @@ def build_table_ray(
     storage: StorageConfig | None = None,
     write_tasks: int | None = None,
     ray_remote_args: dict[str, Any] | None = None,
+    schema: pa.Schema | None = None,
+    transform: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> int:
     """(Re)build LanceDB table ``name`` at database ``uri`` from the parts in ``parts_folder`` with Ray tasks.
 
-    Needs a Ray session (``msnoop.runtime.init_ray``) and ``pylance``. Parts and database may be
+    Needs a Ray session (``msnoop.core.runtime.init_ray``) and ``pylance``. Parts and database may be
     local paths or URIs (``s3://...``): the same :class:`StorageConfig` reaches pyarrow (reads) and
     Lance (``storage_options``: endpoint, region, allow_http; credentials from each worker's
     environment). Rows go from the parts straight to Lance fragment files in Ray tasks; the driver
@@ -150,6 +165,10 @@ def build_table_ray(
     Args:
         write_tasks: about how many fragments to write (default: the cluster's CPUs); fragments
             hold between 10^4 and 2^20 rows.
+        schema: the run's Parquet schema: its metadata column types are used instead of unifying the
+            parts' footers (as in ``store.lance.build_table``).
+        transform: maps each batch's ``[n, dim]`` float32 vectors in the tasks before they are stored
+            (post-processing, e.g. standardisation); must be picklable.
         ray_remote_args: options of the write tasks (``num_cpus``, ``memory``, ``resources``,
             ``runtime_env``, ``max_retries``), e.g. ``{"resources": {"worker_node": 0.01}}``.
 
@@ -174,7 +193,8 @@ def build_table_ray(
     st.check_writable(uri, storage)
     with ThreadPoolExecutor(max_workers=16) as pool:  # footers only: a few KB each, latency-bound on S3
         footers = list(pool.map(lambda f: _footer(f, storage), files))
-    schema = target_schema([s for s, _ in footers], dim, info, str(parts_folder))
+    given = [schema] if schema is not None else []
+    schema = target_schema([*given, *(s for s, _ in footers)][: 1 if given else None], dim, info, str(parts_folder))
     total = sum(n for _, n in footers)
     cpus = int(ray.cluster_resources().get("CPU", 1))
     per_fragment = min(MAX_ROWS_PER_FRAGMENT, max(MIN_ROWS_PER_FRAGMENT, -(-total // (write_tasks or cpus))))
@@ -185,7 +205,9 @@ def build_table_ray(
     options = st.storage_options(dest, storage) or None
     task = ray.remote(write_fragments).options(**(ray_remote_args or {}))
     refs = [
-        task.remote([paths[i] for i in group], fs, dest=dest, schema=schema, storage_options=options)
+        task.remote(
+            [paths[i] for i in group], fs, dest=dest, schema=schema, storage_options=options, transform=transform
+        )
         for group in group_parts([n for _, n in footers], per_fragment)
     ]
     # the only data the driver receives: the fragments' metadata (a few hundred bytes each)
