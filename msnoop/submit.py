@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from msnoop.core.config import absolutize, config_hash, config_to_yaml
 
@@ -22,6 +22,50 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
 CONFIG_NAME = "msnoop_job.yaml"
+
+
+#: environment variable names whose values are never printed (the equivalent command shows ***)
+SECRET_MARKERS = ("SECRET", "KEY", "TOKEN", "PASSWORD", "CREDENTIAL", "SESSION")
+
+
+class RuntimeEnvOptions(BaseModel):
+    """What the job's processes get on the cluster beyond the config (a Ray ``runtime_env``).
+
+    ``pip``: packages installed into a per-job virtualenv on every node; ``image_uri``: run the job's
+    workers in this container image (Ray's ``image_uri`` runtime_env, needs podman on the nodes; on
+    KubeRay use the RayCluster's image instead); ``env_vars``: set on every worker. Secrets belong
+    in the cluster's environment (Kubernetes secrets, instance roles), not here: values of names
+    containing KEY/SECRET/TOKEN/PASSWORD are masked in what msnoop prints, but Ray stores a job's
+    runtime_env in its job table.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    pip: list[str] = Field(default_factory=list, description="pip requirements, e.g. ['msnoop==0.1.0']")
+    image_uri: str | None = Field(None, description="container image for the job's workers")
+    env_vars: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_isolation(self) -> RuntimeEnvOptions:
+        if self.pip and self.image_uri:
+            raise ValueError("runtime_env: give pip packages or an image_uri, not both (Ray rejects the pair)")
+        return self
+
+    def to_runtime_env(self, working_dir: str) -> dict[str, Any]:
+        env: dict[str, Any] = {"working_dir": working_dir, "env_vars": {"PYTHONUNBUFFERED": "1", **self.env_vars}}
+        if self.pip:
+            env["pip"] = list(self.pip)
+        if self.image_uri:
+            env["image_uri"] = self.image_uri
+        return env
+
+
+def redact_runtime_env(runtime_env: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``runtime_env`` with the values of secret-looking ``env_vars`` replaced by ``***``."""
+    out = dict(runtime_env)
+    env = out.get("env_vars") or {}
+    out["env_vars"] = {k: ("***" if any(m in k.upper() for m in SECRET_MARKERS) else v) for k, v in env.items()}
+    return out
 
 
 @dataclass
@@ -65,13 +109,19 @@ def _client(address: str):  # type: ignore[no-untyped-def]
 
 
 def submit_job(
-    cfg: BaseModel, *, address: str | None = None, python: str | None = None, job_id: str | None = None
+    cfg: BaseModel,
+    *,
+    address: str | None = None,
+    python: str | None = None,
+    job_id: str | None = None,
+    runtime_env: RuntimeEnvOptions | None = None,
 ) -> Submission:
     """Submit ``cfg`` as a Ray job; the config travels in a small uploaded working dir.
 
     The entrypoint runs ``python -m msnoop run msnoop_job.yaml`` on the cluster, which must have msnoop
-    installed (the Docker image does). ``python`` defaults to this interpreter for a local cluster and
-    ``python`` otherwise.
+    installed (the Docker image does, or ``runtime_env.pip``). ``python`` defaults to this interpreter
+    for a local cluster and ``python`` otherwise. Local paths in the config are made absolute; URIs
+    (``s3://...``) are kept as they are.
     """
     addr = dashboard_address(address)
     cfg = absolutize(cfg)
@@ -82,14 +132,14 @@ def submit_job(
     entrypoint = f"{shlex.quote(interpreter)} -m msnoop run {CONFIG_NAME}"
     kind = getattr(cfg, "job", "job")
     sid = job_id or f"msnoop-{kind}-{config_hash(cfg)}-{int(time.time())}"
-    runtime_env = {"working_dir": str(workdir), "env_vars": {"PYTHONUNBUFFERED": "1"}}
+    runtime_env = (runtime_env or RuntimeEnvOptions()).to_runtime_env(str(workdir))
     client = _client(addr)
     job = client.submit_job(
         entrypoint=entrypoint, runtime_env=runtime_env, submission_id=sid, metadata={"msnoop_job": str(kind)}
     )
     equivalent = (
         f"ray job submit --address {addr} --submission-id {sid} "
-        f"--runtime-env-json {shlex.quote(json.dumps(runtime_env))} -- {entrypoint}"
+        f"--runtime-env-json {shlex.quote(json.dumps(redact_runtime_env(runtime_env)))} -- {entrypoint}"
     )
     return Submission(
         job_id=job, address=addr, entrypoint=entrypoint, working_dir=str(workdir), equivalent_command=equivalent

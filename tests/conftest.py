@@ -39,6 +39,27 @@ def job_script():
 
 
 @pytest.fixture(scope="session")
+def s3():
+    """A real S3 endpoint (moto's server on 127.0.0.1) with one bucket; see tests/s3_server.py."""
+    pytest.importorskip("moto.server", reason="moto[server] is a dev dependency")
+    from s3_server import start_s3
+
+    yield from start_s3()
+
+
+@pytest.fixture(scope="module")
+def ray_two_nodes(s3):
+    """A real two-node Ray cluster (head + a node with resource ``worker_node``) on 127.0.0.1; see tests/ray_two_nodes.py.
+
+    Its nodes have the S3 endpoint's credentials in their environment; drivers run in subprocesses
+    (``cluster.run_driver(code)``) so the in-process ``ray_cluster`` session is not disturbed.
+    """
+    from ray_two_nodes import start_two_nodes
+
+    yield from start_two_nodes(extra_env=s3.env)
+
+
+@pytest.fixture(scope="session")
 def ray_cluster():
     """One 2-CPU local Ray cluster for the whole session, on loopback, small object store."""
     from msnoop.core.runtime import init_ray, shutdown_ray

@@ -167,14 +167,25 @@ def submit(
     python: Annotated[
         str | None, typer.Option(help="interpreter on the cluster (default: this one for a local cluster)")
     ] = None,
+    pip: Annotated[
+        list[str] | None, typer.Option("--pip", help="pip package for the job's runtime_env (repeatable)")
+    ] = None,
+    image_uri: Annotated[str | None, typer.Option(help="container image for the job's workers (runtime_env)")] = None,
+    env: Annotated[
+        list[str] | None, typer.Option("--env", help="KEY=VALUE set on the job's workers (repeatable)")
+    ] = None,
     set_: SetOpt = None,
 ) -> None:
     """Send a job to a Ray cluster with the Ray Jobs API."""
-    from msnoop.submit import follow_job, submit_job
+    from msnoop.submit import RuntimeEnvOptions, follow_job, submit_job
 
     cfg = load_job(config, set_)
     try:
-        sub = submit_job(cfg, address=address, python=python)
+        pairs = [item.split("=", 1) for item in env or []]
+        if any(len(p) != 2 or not p[0] for p in pairs):
+            raise ValueError(f"--env expects KEY=VALUE, found {[e for e in env or [] if '=' not in e]}")
+        options = RuntimeEnvOptions(pip=pip or [], image_uri=image_uri, env_vars=dict(pairs))
+        sub = submit_job(cfg, address=address, python=python, runtime_env=options)
     except (ConnectionError, ValueError) as exc:
         fail(str(exc))
     typer.echo(f"Submitted job {sub.job_id} to {sub.address}")

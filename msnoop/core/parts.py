@@ -10,10 +10,17 @@ Layout of a job's output folder::
 
 Parts are written to a hidden temporary name and renamed, so a killed run leaves only whole parts;
 a re-run reads the ids already present and skips them.
+
+Every folder may be a local path or a URI (``s3://bucket/run1/embeddings``, ``gs://...``): the
+functions go through :mod:`msnoop.core.storage`. On object storage a part is uploaded whole to its
+final key (an upload becomes visible atomically; object stores have no rename). Local folders give
+:class:`~pathlib.Path` results as before, URIs give ``str`` URIs. ``storage`` (a
+:class:`~msnoop.core.storage.StorageConfig`) defaults to the environment (``AWS_ENDPOINT_URL``...).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import uuid
@@ -26,6 +33,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
+
+from msnoop.core import storage as st
+from msnoop.core.storage import StorageConfig
 
 ID_COLUMN = "Metadata_ImageID"
 EMB_PREFIX = "emb_"
@@ -42,20 +52,49 @@ def emb_columns(dim: int) -> list[str]:
 PROVENANCE_KEY = b"msnoop"
 
 
-def write_part(table: pa.Table, folder: str | Path, *, provenance: dict[str, Any] | None = None) -> Path:
-    """Write ``table`` as a new part file atomically; returns its path.
+def block_key(ids: Any) -> str:
+    """A part name key derived from the ids a block holds (order-insensitive sha1, 32 hex digits).
+
+    Writing a block's part under this key makes a retried Ray task idempotent: the retry replaces
+    the same file/object instead of adding a second copy of the rows.
+    """
+    digest = hashlib.sha1()
+    for i in sorted(str(v) for v in ids):
+        digest.update(i.encode())
+        digest.update(b"\0")
+    return digest.hexdigest()[:32]
+
+
+def write_part(
+    table: pa.Table,
+    folder: str | Path,
+    *,
+    provenance: dict[str, Any] | None = None,
+    storage: StorageConfig | None = None,
+    key: str | None = None,
+) -> Path | str:
+    """Write ``table`` as part file ``part-<key or uuid>.parquet`` atomically; returns its path or URI.
 
     ``provenance`` (model, its sha256, preprocessing, channels: JSON-serialisable) is stored in the file's own
     key-value metadata under ``msnoop``, so a part copied elsewhere still says how it was made
     (:func:`read_part_provenance`).
+
+    Local: written to a hidden ``.part-*.tmp`` beside it, then ``os.replace`` (streams to disk).
+    URI: serialised in memory, then one upload of the final key (memory = the part's size).
+    ``key`` (e.g. :func:`block_key` of the block's ids) names the part deterministically, so writing
+    the same block again (a retried task) replaces it; without it every call adds a new part.
     """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     if provenance is not None:
         meta = dict(table.schema.metadata or {})
         meta[PROVENANCE_KEY] = json.dumps(provenance, default=str).encode()
         table = table.replace_schema_metadata(meta)
-    name = f"part-{uuid.uuid4().hex}.parquet"
+    name = f"part-{key or uuid.uuid4().hex}.parquet"
+    if st.is_uri(folder):
+        final = st.join(folder, name)
+        st.write_with(final, lambda out: pq.write_table(table, out), storage)
+        return final
+    folder = st.local_path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".{name}.tmp"
     pq.write_table(table, tmp)
     final = folder / name
@@ -63,28 +102,30 @@ def write_part(table: pa.Table, folder: str | Path, *, provenance: dict[str, Any
     return final
 
 
-def read_part_provenance(path: str | Path) -> dict[str, Any]:
+def read_part_provenance(path: str | Path, *, storage: StorageConfig | None = None) -> dict[str, Any]:
     """The provenance record stored in a Parquet file's key-value metadata (empty dict if absent)."""
-    meta = pq.read_schema(path).metadata or {}
+    with st.open_input(path, storage) as fh:
+        meta = pq.read_schema(fh).metadata or {}
     raw = meta.get(PROVENANCE_KEY)
     return json.loads(raw) if raw else {}
 
 
-def part_files(folder: str | Path) -> list[Path]:
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.glob("part-*.parquet"))
+def part_files(folder: str | Path, *, storage: StorageConfig | None = None) -> list[Path] | list[str]:
+    """Sorted ``part-*.parquet`` files directly in ``folder`` (``[]`` if it does not exist); no hidden temporaries."""
+    return st.list_files(folder, "part-*.parquet", storage)  # type: ignore[return-value]
 
 
-def read_ids(folder: str | Path, column: str = ID_COLUMN) -> set[str]:
+def _dataset(files: list[Any], storage: StorageConfig | None, schema: pa.Schema | None = None) -> pads.Dataset:
+    fs, _ = st.resolve(files[0], storage)
+    return pads.dataset([st.resolve(f, storage)[1] for f in files], format="parquet", filesystem=fs, schema=schema)
+
+
+def read_ids(folder: str | Path, column: str = ID_COLUMN, *, storage: StorageConfig | None = None) -> set[str]:
     """Ids present in a part folder (reads one column only)."""
-    files = part_files(folder)
-    if not files:
-        return set()
     ids: set[str] = set()
-    for f in files:
-        ids.update(pq.read_table(f, columns=[column]).column(column).to_pylist())
+    for f in part_files(folder, storage=storage):
+        fs, path = st.resolve(f, storage)
+        ids.update(pq.read_table(path, columns=[column], filesystem=fs).column(column).to_pylist())
     return ids
 
 
@@ -102,17 +143,17 @@ def iter_batches(
     batch_size: int = 4096,
     columns: list[str] | None = None,
     schema: pa.Schema | None = None,
+    storage: StorageConfig | None = None,
 ) -> Iterator[pa.RecordBatch]:
     """Stream record batches of all parts (bounded memory).
 
     With ``schema`` (the run's schema, see :func:`schema_to_json`) every part is read as that schema:
     parts of earlier runs lacking a later column give nulls in it.
     """
-    files = part_files(folder)
+    files = part_files(folder, storage=storage)
     if not files:
         return iter(())
-    dataset = pads.dataset([str(f) for f in files], format="parquet", schema=schema)
-    return dataset.to_batches(columns=columns, batch_size=batch_size)
+    return _dataset(files, storage, schema).to_batches(columns=columns, batch_size=batch_size)
 
 
 ERRORS_SCHEMA = pa.schema([(ID_COLUMN, pa.string()), ("path", pa.string()), ("reason", pa.string())])
@@ -135,53 +176,68 @@ def schema_from_json(data: dict[str, Any]) -> pa.Schema:
     return pa.ipc.read_schema(pa.py_buffer(base64.b64decode(data["arrow_ipc_base64"])))
 
 
-def drop_ids(folder: str | Path, ids: set[str], column: str = ID_COLUMN) -> int:
+def drop_ids(
+    folder: str | Path, ids: set[str], column: str = ID_COLUMN, *, storage: StorageConfig | None = None
+) -> int:
     """Remove the rows whose id is in ``ids`` from every part of ``folder``; returns rows removed.
 
-    Each affected part is rewritten to a temporary name and renamed over itself (atomic per part), so a
-    killed run leaves every part either as it was or without those rows; a part left empty is deleted.
+    Each affected part is rewritten to a temporary name and renamed over itself (atomic per part; on
+    object storage the part is uploaded whole over its key), so a killed run leaves every part either
+    as it was or without those rows; a part left empty is deleted.
     """
     removed = 0
     if not ids:
         return 0
-    for f in part_files(folder):
-        table = pq.read_table(f)
+    for f in part_files(folder, storage=storage):
+        fs, path = st.resolve(f, storage)
+        table = pq.read_table(path, filesystem=fs)
         keep = ~np.isin(np.asarray(table.column(column).to_pylist(), dtype=object), list(ids))
         n_drop = int((~keep).sum())
         if not n_drop:
             continue
         removed += n_drop
-        if keep.any():
+        if not keep.any():
+            st.remove(f, storage)
+        elif st.is_uri(f):
+            kept = table.filter(pa.array(keep))
+            st.write_with(f, lambda out, kept=kept: pq.write_table(kept, out), storage)
+        else:
             tmp = f.with_name(f".{f.name}.tmp")
             pq.write_table(table.filter(pa.array(keep)), tmp)
             os.replace(tmp, f)
-        else:
-            f.unlink()
     return removed
 
 
-def count_rows(folder: str | Path) -> int:
-    return sum(pq.ParquetFile(f).metadata.num_rows for f in part_files(folder))
+def count_rows(folder: str | Path, *, storage: StorageConfig | None = None) -> int:
+    """Rows in all parts, from the Parquet footers only."""
+    total = 0
+    for f in part_files(folder, storage=storage):
+        with st.open_input(f, storage) as fh:
+            total += pq.ParquetFile(fh).metadata.num_rows
+    return total
 
 
-def read_frame(folder: str | Path, columns: list[str] | None = None) -> pd.DataFrame:
+def read_frame(
+    folder: str | Path, columns: list[str] | None = None, *, storage: StorageConfig | None = None
+) -> pd.DataFrame:
     """All parts as one DataFrame (for analysis of tables that fit in memory)."""
-    files = part_files(folder)
+    files = part_files(folder, storage=storage)
     if not files:
         return pd.DataFrame()
-    return pads.dataset([str(f) for f in files], format="parquet").to_table(columns=columns).to_pandas()
+    return _dataset(files, storage).to_table(columns=columns).to_pandas()
 
 
-def write_run_info(out_dir: str | Path, info: dict[str, Any]) -> Path:
-    path = Path(out_dir) / RUN_FILE
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(info, indent=2, default=str))
-    os.replace(tmp, path)
+def write_run_info(out_dir: str | Path, info: dict[str, Any], *, storage: StorageConfig | None = None) -> Path | str:
+    """Write ``<out_dir>/run.json`` atomically; returns its path or URI."""
+    path = st.join(out_dir, RUN_FILE)
+    st.write_text(path, json.dumps(info, indent=2, default=str), storage)
     return path
 
 
-def read_run_info(out_dir: str | Path) -> dict[str, Any]:
-    path = Path(out_dir) / RUN_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: {out_dir} is not an msnoop output folder (no run.json)")
-    return json.loads(path.read_text())
+def read_run_info(out_dir: str | Path, *, storage: StorageConfig | None = None) -> dict[str, Any]:
+    """``<out_dir>/run.json``. Raises FileNotFoundError when ``out_dir`` is not an msnoop output folder."""
+    path = st.join(out_dir, RUN_FILE)
+    try:
+        return json.loads(st.read_text(path, storage))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} not found: {out_dir} is not an msnoop output folder (no run.json)") from None
