@@ -37,6 +37,18 @@ import pandas as pd
 logger = logging.getLogger(__name__)
 
 
+#: Columns of :func:`mean_average_precision`'s table besides the group keys.
+MAP_SCORE_COLUMNS = (
+    "mean_average_precision",
+    "mean_normalized_average_precision",
+    "n_profiles",
+    "p_value",
+    "corrected_p_value",
+    "below_p",
+    "below_corrected_p",
+)
+
+
 def _codes(meta: pd.DataFrame, cols: Sequence[str]) -> dict[str, np.ndarray]:
     return {c: pd.factorize(meta[c], use_na_sentinel=True)[0].astype(np.int64) for c in cols}
 
@@ -272,17 +284,7 @@ def mean_average_precision(
         )
     res = res.sort_values(sameby, kind="stable").reset_index(drop=True)
     res["n_profiles"] = res["indices"].map(len).astype(np.int64)
-    cols = [
-        *sameby,
-        "mean_average_precision",
-        "mean_normalized_average_precision",
-        "n_profiles",
-        "p_value",
-        "corrected_p_value",
-        "below_p",
-        "below_corrected_p",
-    ]
-    return res[cols]
+    return res[[*sameby, *MAP_SCORE_COLUMNS]]
 
 
 def fraction_retrieved(map_scores: pd.DataFrame) -> float:
@@ -294,20 +296,7 @@ def fraction_retrieved(map_scores: pd.DataFrame) -> float:
 
 def retrieval_summary(ap: pd.DataFrame, map_scores: pd.DataFrame) -> dict[str, Any]:
     """JSON-serialisable summary: mean AP over profiles, mean mAP over groups, fraction retrieved, per group."""
-    key_cols = [
-        c
-        for c in map_scores.columns
-        if c
-        not in {
-            "mean_average_precision",
-            "mean_normalized_average_precision",
-            "n_profiles",
-            "p_value",
-            "corrected_p_value",
-            "below_p",
-            "below_corrected_p",
-        }
-    ]
+    key_cols = [c for c in map_scores.columns if c not in MAP_SCORE_COLUMNS]
     per_group = {
         ",".join(str(r[c]) for c in key_cols): {
             "mAP": float(r["mean_average_precision"]),

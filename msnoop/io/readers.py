@@ -178,6 +178,16 @@ def select_plane(
     return arr
 
 
+def _decode(path: Path, what: str) -> tuple[np.ndarray, str, list[str] | None]:
+    """:func:`_read_raw` with every decoder failure turned into an :class:`ImageReadError` naming the file."""
+    try:
+        return _read_raw(path)
+    except ImageReadError:
+        raise
+    except Exception as exc:  # decoders raise many types for corrupt/truncated data
+        raise ImageReadError(path, f"could not decode{what} ({type(exc).__name__}: {exc})") from exc
+
+
 def read_channels(path: str | Path, channels: list[int | str | None], *, z: ZPolicy = "refuse") -> list[np.ndarray]:
     """Several channels of one file (decoded once): one ``[H, W]`` float32 plane per entry of ``channels``.
 
@@ -187,12 +197,7 @@ def read_channels(path: str | Path, channels: list[int | str | None], *, z: ZPol
     path = Path(path)
     if not (path.is_file() or (path.is_dir() and ".zarr" in path.as_posix())):
         raise ImageReadError(path, "file not found")
-    try:
-        arr, axes, names = _read_raw(path)
-    except ImageReadError:
-        raise
-    except Exception as exc:  # decoders raise many types for corrupt/truncated data
-        raise ImageReadError(path, f"could not decode ({type(exc).__name__}: {exc})") from exc
+    arr, axes, names = _decode(path, "")
     arr = np.asarray(arr)
     out = []
     for channel in channels:
@@ -227,12 +232,7 @@ def read_labels(path: str | Path) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise ImageReadError(path, "mask file not found")
-    try:
-        arr, axes, names = _read_raw(path)
-    except ImageReadError:
-        raise
-    except Exception as exc:  # decoders raise many types for corrupt/truncated data
-        raise ImageReadError(path, f"could not decode mask ({type(exc).__name__}: {exc})") from exc
+    arr, axes, names = _decode(path, " mask")
     arr = select_plane(np.asarray(arr), axes, path, names=names)
     if arr.dtype.kind == "f" and np.array_equal(arr, np.round(arr)):
         arr = arr.astype(np.int64)
