@@ -152,7 +152,10 @@ def test_pattern_needs_channel_and_repeated_fields_must_agree():
 
 
 @pytest.mark.parametrize(
-    "path", sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml")), ids=lambda p: p.name
+    "path",
+    # configs/kuberay/ holds Kubernetes manifests; the job config inside one is validated by tests/test_submit_env.py
+    sorted(p for p in (Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml") if p.parent.name != "kuberay"),
+    ids=lambda p: p.name,
 )
 def test_every_shipped_config_validates(path: Path) -> None:
     # validation only: paths may point at ../shared data or outputs that do not exist here
