@@ -1,0 +1,403 @@
+"""How should an embedding be post-processed before any distance? Declared arms, measured on every dev set (issue 19).
+
+    python jobs/bench_postprocess.py                       # embed (cached) + evaluate every dataset
+    python jobs/bench_postprocess.py --stage embed         # only fill the cache of raw vectors
+    python jobs/bench_postprocess.py --stage eval          # only evaluate from the cache
+
+Arms (declared before any result; nothing below is tuned on labels):
+
+* ``A raw``: Microsnoop's readout as shipped (per tile L2-normalised global average pool of the deepest
+  map, tiles averaged per channel, channels concatenated), cosine.
+* ``B0 pool-centred``: subtract a per-model centre ``mu`` (256-d) estimated on the unlabelled pretraining
+  pool (one-channel images, same preprocessing), applied to every 256-d channel block; cosine.
+* ``B pool-standardised``: ``(x - mu) / sd`` per 256-d block, ``mu``/``sd`` from the pool; cosine. A
+  property of the model (could be stored in the checkpoint), no fit on the dataset.
+* ``C dataset-standardised``: StandardScaler (mean/std per dimension) fitted on the dataset's own
+  embeddings, no labels (pycytominer's ``normalize``, as the baselines); cosine. ``B then C`` equals ``C``
+  exactly (both are per-dimension affine maps with positive scale), checked numerically at run time.
+* ``D dataset PCA-whitened``: PCA with whitening fitted on the dataset's embeddings (no labels),
+  ``min(64, N - 1)`` components (64 as the malaria pixel floor's PCA64); cosine.
+
+Baselines (``msnoop bench``'s ``pixels_pca`` and ``intensity``, computed from the same files) are
+reported as ``msnoop bench`` computes them and with ``C`` (StandardScaler) on top.
+
+Protocols: yeast 11-NN leave-one-field-out (protein, localisation); hpa_toy 5-NN stratified 5-fold
+(seed 0); malaria_nih 11-NN, 5 folds grouped by patient (``StratifiedGroupKFold(5, shuffle=True,
+random_state=0)`` as the data README's ``baselines.py``), on a seeded label-stratified subset
+(``--malaria-n``). Search and vote: ``msnoop.evaluate.knn`` (FAISS cosine, Microsnoop's vote).
+Spread: 2.5-97.5 % bootstrap interval over cells of the balanced accuracy (``--bootstrap`` resamples of
+the out-of-fold predictions) and a paired bootstrap interval of the difference to arm A of the same
+model; malaria also per-fold mean +- sd. Collinearity: median cosine distance to the 10 nearest
+neighbours and median pairwise cosine distance, per arm.
+
+Embedding uses the library ``Embedder`` (no Ray: the same preprocessing and forward pass as the
+pipeline, ``amp`` left at msnoop's default ``cuda``, i.e. float32 on CPU). Raw vectors are cached as
+``.npy`` under ``--cache``; pool statistics are written to ``results/pool_stats_<model>.npz``.
+Writes ``<out>.json`` and ``<out>.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+MODELS = ["default", "random:microsnoop_cnn:0"]
+DATASETS = ["hpa_toy", "yeast", "malaria_nih"]
+ARMS = ["A", "B0", "B", "C", "D"]
+ARM_NAMES = {
+    "A": "A raw",
+    "B0": "B0 pool-centred",
+    "B": "B pool-standardised",
+    "C": "C dataset-standardised",
+    "D": "D dataset PCA-whitened (64)",
+}
+
+
+def model_slug(model: str) -> str:
+    return model.replace(":", "_")
+
+
+# ----------------------------------------------------------------------------------------------- datasets
+def dataset_table(name: str, data: Path, malaria_n: int, seed: int = 0) -> tuple[pd.DataFrame, list[str], dict]:
+    """Image table (``Metadata_Path_<ch>`` + label columns), channel list and the evaluation protocol."""
+    from msnoop.config import InputConfig
+    from msnoop.io.manifest import load_image_table
+
+    if name == "yeast":
+        t = load_image_table(InputConfig(manifest=data / "yeast/yeast_labels.csv", channels=["gfp", "rfp"]))
+        tasks = [
+            ("protein", "Metadata_protein", 11, "group:Metadata_field"),
+            ("localisation", "Metadata_localization_yeastgfp", 11, "group:Metadata_field"),
+        ]
+        return t, ["gfp", "rfp"], {"tasks": tasks, "pixel_channels": ["gfp"]}
+    if name == "hpa_toy":
+        t = load_image_table(InputConfig(manifest=data / "hpa_toy/hpa_labels.csv", channels=["green", "blue", "red"]))
+        return t, ["green", "blue", "red"], {"tasks": [("gene", "Metadata_gene", 5, "kfold:5")], "pixel_channels": None}
+    if name == "malaria_nih":
+        root = data / "malaria_nih"
+        lab = pd.read_csv(root / "labels.csv")
+        if malaria_n and malaria_n < len(lab):
+            rng = np.random.default_rng(seed)
+            keep = []
+            classes = sorted(lab["label"].unique())
+            for i, c in enumerate(classes):
+                idx = np.flatnonzero(lab["label"].to_numpy() == c)
+                n_c = malaria_n // len(classes) + (1 if i < malaria_n % len(classes) else 0)
+                keep.extend(rng.choice(idx, n_c, replace=False).tolist())
+            lab = lab.iloc[sorted(keep)].reset_index(drop=True)
+        t = pd.DataFrame({f"Metadata_Path_{ch}": [str(root / p) for p in lab[f"path_{ch}"]] for ch in "rgb"})
+        for col in ("label", "patient", "slide", "image"):
+            t[f"Metadata_{col}"] = lab[col].astype(str).to_numpy()
+        return t, ["r", "g", "b"], {"tasks": [("infection", "Metadata_label", 11, "sgkfold:5:Metadata_patient")],
+                                      "pixel_channels": None}
+    raise ValueError(f"unknown dataset {name!r}; expected one of {DATASETS}")
+
+
+def pool_sample(data: Path, n: int, seed: int = 0) -> pd.DataFrame:
+    """``n`` pretraining-pool files balanced over sources: each source shuffled (seeded), taken round-robin."""
+    man = pd.read_csv(data / "pretrain/manifest.csv")
+    rng = np.random.default_rng(seed)
+    queues = {s: list(rng.permutation(np.flatnonzero(man["source"].to_numpy() == s))) for s in sorted(man["source"].unique())}
+    picked: list[int] = []
+    while len(picked) < n and any(queues.values()):
+        for s in list(queues):
+            if queues[s] and len(picked) < n:
+                picked.append(int(queues[s].pop()))
+    out = man.iloc[sorted(picked)].reset_index(drop=True)
+    out["abs_path"] = [str(data / "pretrain" / p) for p in out["path"]]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- embedding
+def load_embedder(model: str):
+    from msnoop.embed.embedder import Embedder
+    from msnoop.models.checkpoint import resolve_model
+    from msnoop.preprocess.presets import Preprocessing
+
+    loaded = resolve_model(model)
+    # as msnoop.embed.pipeline.prepare_model with the default preprocess section: a checkpoint's stored
+    # preprocessing, else the default (microsnoop preset, native, 224)
+    if not loaded.sha256:
+        loaded.preprocess = Preprocessing()
+    return Embedder(loaded, batch_size=64)
+
+
+def embed_images(embedder, images_iter, n: int, label: str, chunk: int = 16) -> np.ndarray:
+    """Embed ``n`` images (each a list of ``[H, W]`` channels) in chunks; progress on stdout."""
+    rows = []
+    t0 = time.perf_counter()
+    buf = []
+    done = 0
+    for img in images_iter:
+        buf.append(img)
+        if len(buf) == chunk:
+            rows.append(embedder.embed_images(buf))
+            done += len(buf)
+            buf = []
+            if done % (chunk * 8) == 0:
+                el = time.perf_counter() - t0
+                print(f"  {label}: {done}/{n} images, {el:.0f} s, eta {el / done * (n - done):.0f} s", flush=True)
+    if buf:
+        rows.append(embedder.embed_images(buf))
+    print(f"  {label}: {n} images in {time.perf_counter() - t0:.0f} s", flush=True)
+    return np.concatenate(rows).astype(np.float32)
+
+
+def cached_embeddings(model: str, dataset: str, table: pd.DataFrame, channels: list[str], cache: Path) -> np.ndarray:
+    from msnoop.io.readers import read_image
+
+    key = f"{dataset}_{len(table)}_{model_slug(model)}"
+    path = cache / f"{key}.npy"
+    if path.exists():
+        return np.load(path)
+    emb = load_embedder(model)
+    it = ([read_image(row[f"Metadata_Path_{ch}"]) for ch in channels] for _, row in table.iterrows())
+    X = embed_images(emb, it, len(table), key)
+    cache.mkdir(parents=True, exist_ok=True)
+    np.save(path, X)
+    return X
+
+
+def pool_stats(model: str, pool: pd.DataFrame, cache: Path, results: Path) -> dict[str, np.ndarray]:
+    """Mean and sd per dimension of the 256-d one-channel readout over the pool sample; written to npz."""
+    from msnoop.io.readers import read_image
+
+    key = f"pool_{len(pool)}_{model_slug(model)}"
+    path = cache / f"{key}.npy"
+    if path.exists():
+        V = np.load(path)
+    else:
+        emb = load_embedder(model)
+        V = embed_images(emb, ([read_image(p)] for p in pool["abs_path"]), len(pool), key)
+        cache.mkdir(parents=True, exist_ok=True)
+        np.save(path, V)
+    # sources weigh equally (the sample is balanced, but small sources run out): per-source mean of means
+    src = pool["source"].to_numpy()
+    w = np.array([1.0 / (src == s).sum() for s in src])
+    w /= w.sum()
+    mu = (w[:, None] * V).sum(0)
+    sd = np.sqrt((w[:, None] * (V - mu) ** 2).sum(0))
+    sd = np.where(sd > 1e-8, sd, 1.0)
+    stats = {"mean": mu.astype(np.float32), "scale": sd.astype(np.float32), "n_images": np.array(len(pool)),
+             "sources": np.array(sorted(set(src)))}
+    results.mkdir(parents=True, exist_ok=True)
+    np.savez(results / f"pool_stats_{model_slug(model)}.npz", **stats)
+    return stats
+
+
+# ----------------------------------------------------------------------------------------------- arms
+def apply_arm(arm: str, X: np.ndarray, stats: dict | None, block: int = 256) -> np.ndarray:
+    """Post-process ``[N, C * block]`` embeddings with one declared arm (see module docstring)."""
+    from sklearn.decomposition import PCA
+    from sklearn.preprocessing import StandardScaler
+
+    X = X.astype(np.float64)
+    if arm == "A":
+        return X
+    if arm in ("B0", "B"):
+        c = X.shape[1] // block
+        mu = np.tile(stats["mean"], c)
+        Y = X - mu
+        if arm == "B":
+            Y = Y / np.tile(stats["scale"], c)
+        return Y
+    if arm == "C":
+        return StandardScaler().fit_transform(X)
+    if arm == "D":
+        n = min(64, X.shape[0] - 1, X.shape[1])
+        return PCA(n_components=n, whiten=True, random_state=0).fit_transform(X)
+    raise ValueError(arm)
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+def cross_predict(X: np.ndarray, labels: np.ndarray, k: int, cv: str, meta: pd.DataFrame):
+    """Out-of-fold predictions and the fold of every row."""
+    from msnoop.evaluate.knn import encode_labels, knn_cross_predict, knn_predict
+
+    if cv.startswith("sgkfold:"):
+        from sklearn.model_selection import StratifiedGroupKFold
+
+        _, n, col = cv.split(":")
+        classes, codes = encode_labels(labels)
+        pred = np.empty(len(X), dtype=np.int64)
+        fold = np.empty(len(X), dtype=np.int64)
+        skf = StratifiedGroupKFold(int(n), shuffle=True, random_state=0)
+        for f, (tr, te) in enumerate(skf.split(X, codes, meta[col].to_numpy())):
+            pred[te] = knn_predict(X[tr], codes[tr], X[te], k=k, metric="cosine", n_classes=len(classes))
+            fold[te] = f
+        return classes[pred], fold
+    groups = meta[cv.split(":", 1)[1]].astype(str).to_numpy() if cv.startswith("group:") else None
+    pred = knn_cross_predict(X, labels, k=k, cv=cv, groups=groups, metric="cosine", seed=0)
+    return pred, None
+
+
+def balanced_accuracy(y: np.ndarray, p: np.ndarray) -> float:
+    from sklearn.metrics import balanced_accuracy_score
+
+    return float(balanced_accuracy_score(y, p))
+
+
+def nn_cosine(X: np.ndarray, k: int = 10) -> dict[str, float]:
+    """Median cosine distance to the ``k`` nearest other rows, and median pairwise cosine distance."""
+    Z = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+    D = 1.0 - Z @ Z.T
+    np.fill_diagonal(D, np.inf)
+    nn = np.sort(D, axis=1)[:, :k]
+    iu = np.triu_indices(len(X), 1)
+    return {"median_nn10_cosdist": float(np.median(nn)), "median_pair_cosdist": float(np.median(D[iu]))}
+
+
+def bootstrap_rows(n: int, n_boot: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+
+
+# ----------------------------------------------------------------------------------------------- main
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=DATA)
+    ap.add_argument("--datasets", nargs="+", default=DATASETS, choices=DATASETS)
+    ap.add_argument("--models", nargs="+", default=MODELS)
+    ap.add_argument("--malaria-n", type=int, default=800, help="seeded label-stratified subset (0 = all 2,000)")
+    ap.add_argument("--pool-n", type=int, default=300, help="pretraining-pool images, balanced over sources")
+    ap.add_argument("--bootstrap", type=int, default=200)
+    ap.add_argument("--cache", type=Path, default=Path("/tmp/msnoop_postproc_cache"))
+    ap.add_argument("--results", type=Path, default=Path("results"))
+    ap.add_argument("--out", default="results/bench_postprocess")
+    ap.add_argument("--stage", choices=["embed", "eval", "all"], default="all")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    t_start = time.perf_counter()
+    pool = pool_sample(args.data, args.pool_n)
+    stats = {}
+    for m in args.models:
+        print(f"pool statistics: {m}, {len(pool)} images from {pool['source'].nunique()} sources", flush=True)
+        stats[m] = pool_stats(m, pool, args.cache, args.results)
+    tables = {d: dataset_table(d, args.data, args.malaria_n) for d in args.datasets}
+    raw = {}
+    for d, (table, channels, _) in tables.items():
+        for m in args.models:
+            print(f"embedding {d} ({len(table)} images x {len(channels)} channels) with {m}", flush=True)
+            raw[d, m] = cached_embeddings(m, d, table, channels, args.cache)
+    if args.stage == "embed":
+        print(f"embedded in {time.perf_counter() - t_start:.0f} s")
+        return
+
+    from msnoop.evaluate.baselines import intensity_features, pixels_pca
+    from sklearn.preprocessing import StandardScaler
+
+    rows = []
+    for d, (table, channels, proto) in tables.items():
+        feats: list[tuple[str, str, str, np.ndarray]] = []  # (features, arm, kind, X)
+        for m in args.models:
+            X = raw[d, m]
+            bc = StandardScaler().fit_transform(apply_arm("B", X, stats[m]))
+            assert np.allclose(bc, apply_arm("C", X, None), atol=1e-6), "B then C should equal C"
+            for arm in ARMS:
+                feats.append((m, arm, "embedding", apply_arm(arm, X, stats[m])))
+        pix = pixels_pca(table, proto["pixel_channels"] or channels)
+        inten = intensity_features(table, channels)
+        pname = f"pixels PCA32 ({'+'.join(proto['pixel_channels'] or channels)})"
+        for name, X in ((pname, pix), ("intensity statistics", inten)):
+            feats.append((name, "as bench", "baseline", X.astype(np.float64)))
+            feats.append((name, "C", "baseline", StandardScaler().fit_transform(X)))
+        for tname, col, k, cv in proto["tasks"]:
+            y = table[col].astype(str).to_numpy()
+            boots = bootstrap_rows(len(y), args.bootstrap, seed=0)
+            preds = {}
+            for name, arm, kind, X in feats:
+                p, fold = cross_predict(X.astype(np.float32), y, k, cv, table)
+                preds[name, arm] = p
+                correct_ba = balanced_accuracy(y, p)
+                bs = np.array([balanced_accuracy(y[b], p[b]) for b in boots])
+                row = {
+                    "dataset": d, "task": tname, "protocol": f"{k}-NN cosine, cv {cv}, n={len(y)}",
+                    "features": name, "kind": kind, "arm": arm, "dim": int(X.shape[1]),
+                    "balanced_accuracy": correct_ba,
+                    "ci95": [float(np.percentile(bs, 2.5)), float(np.percentile(bs, 97.5))],
+                    "chance": 1.0 / len(np.unique(y)),
+                }
+                if fold is not None:
+                    per = [balanced_accuracy(y[fold == f], p[fold == f]) for f in np.unique(fold)]
+                    row["per_fold_mean"] = float(np.mean(per))
+                    row["per_fold_sd"] = float(np.std(per))
+                if kind == "embedding" and arm != "A":
+                    pa = preds[name, "A"]
+                    diff = np.array([balanced_accuracy(y[b], p[b]) - balanced_accuracy(y[b], pa[b]) for b in boots])
+                    row["diff_vs_A"] = correct_ba - balanced_accuracy(y, pa)
+                    row["diff_vs_A_ci95"] = [float(np.percentile(diff, 2.5)), float(np.percentile(diff, 97.5))]
+                if tname == proto["tasks"][0][0]:
+                    row.update(nn_cosine(X))
+                rows.append(row)
+                print(f"{d:12s} {tname:13s} {name:26s} {arm:9s} bal.acc {correct_ba:.3f} "
+                      f"[{row['ci95'][0]:.3f}, {row['ci95'][1]:.3f}]", flush=True)
+    record = {
+        "issue": 19,
+        "arms": ARM_NAMES,
+        "models": args.models,
+        "malaria_n": args.malaria_n,
+        "pool_n": len(pool),
+        "pool_sources": pool["source"].value_counts().to_dict(),
+        "bootstrap": args.bootstrap,
+        "embedding": "msnoop.embed.embedder.Embedder (no Ray), float32 on CPU, stored/default preprocessing",
+        "seconds": round(time.perf_counter() - t_start, 1),
+        "rows": rows,
+    }
+    try:
+        from msnoop.runtime import provenance
+
+        record["provenance"] = provenance()
+    except Exception as exc:  # provenance is informative only
+        record["provenance"] = {"error": str(exc)}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    out.with_suffix(".md").write_text(markdown(record) + "\n")
+    print(markdown(record))
+
+
+def _fmt(x: float | None) -> str:
+    return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
+
+
+def markdown(record: dict) -> str:
+    lines = [
+        "# Post-processing of embeddings before the distance (issue 19)",
+        "",
+        "Arms: " + "; ".join(f"**{k}** = {v}" for k, v in record["arms"].items()) + ".",
+        f"Balanced accuracy with a 95 % bootstrap interval over cells ({record['bootstrap']} resamples); "
+        "`diff vs A`: paired bootstrap of the difference to arm A of the same model; "
+        "`NN10 cos`: median cosine distance to the 10 nearest neighbours; `pair cos`: median pairwise cosine distance. "
+        f"malaria_nih: {record['malaria_n']} cells (seeded label-stratified subset), per-fold mean +- sd as well.",
+        "",
+        "| dataset | task | features | arm | dim | bal. acc. [95 % CI] | per-fold | diff vs A [95 % CI] | NN10 cos | pair cos |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in record["rows"]:
+        ci = f"{r['balanced_accuracy']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]"
+        pf = f"{r['per_fold_mean']:.3f} +- {r['per_fold_sd']:.3f}" if "per_fold_mean" in r else ""
+        dv = f"{r['diff_vs_A']:+.3f} [{r['diff_vs_A_ci95'][0]:+.3f}, {r['diff_vs_A_ci95'][1]:+.3f}]" if "diff_vs_A" in r else ""
+        lines.append(
+            f"| {r['dataset']} | {r['task']} | {r['features']} | {r['arm']} | {r['dim']} | {ci} | {pf} | {dv} | "
+            f"{_fmt(r.get('median_nn10_cosdist'))} | {_fmt(r.get('median_pair_cosdist'))} |"
+        )
+    lines.append("")
+    lines.append(f"Run time {record['seconds']:.0f} s. {record['embedding']}.")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
