@@ -68,13 +68,29 @@ def model_slug(model: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- datasets
-def dataset_table(name: str, data: Path, malaria_n: int, seed: int = 0) -> tuple[pd.DataFrame, list[str], dict]:
+def stratified_subset(strata: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """Sorted row indices of a seeded subset of ``n`` rows, drawn in proportion to each stratum's size."""
+    rng = np.random.default_rng(seed)
+    keys, inv, counts = np.unique(strata, return_inverse=True, return_counts=True)
+    quota = np.floor(counts * n / len(strata)).astype(int)
+    for j in np.argsort(-(counts * n / len(strata) - quota))[: n - quota.sum()]:
+        quota[j] += 1
+    keep = [rng.choice(np.flatnonzero(inv == j), quota[j], replace=False) for j in range(len(keys))]
+    return np.sort(np.concatenate(keep))
+
+
+def dataset_table(
+    name: str, data: Path, malaria_n: int, yeast_n: int = 0, seed: int = 0
+) -> tuple[pd.DataFrame, list[str], dict]:
     """Image table (``Metadata_Path_<ch>`` + label columns), channel list and the evaluation protocol."""
     from msnoop.config import InputConfig
     from msnoop.io.manifest import load_image_table
 
     if name == "yeast":
         t = load_image_table(InputConfig(manifest=data / "yeast/yeast_labels.csv", channels=["gfp", "rfp"]))
+        if yeast_n and yeast_n < len(t):  # seeded subset stratified by protein x field
+            strata = (t["Metadata_protein"].astype(str) + "/" + t["Metadata_field"].astype(str)).to_numpy()
+            t = t.iloc[stratified_subset(strata, yeast_n, seed)].reset_index(drop=True)
         tasks = [
             ("protein", "Metadata_protein", 11, "group:Metadata_field"),
             ("localisation", "Metadata_localization_yeastgfp", 11, "group:Metadata_field"),
@@ -86,20 +102,17 @@ def dataset_table(name: str, data: Path, malaria_n: int, seed: int = 0) -> tuple
     if name == "malaria_nih":
         root = data / "malaria_nih"
         lab = pd.read_csv(root / "labels.csv")
-        if malaria_n and malaria_n < len(lab):
-            rng = np.random.default_rng(seed)
-            keep = []
-            classes = sorted(lab["label"].unique())
-            for i, c in enumerate(classes):
-                idx = np.flatnonzero(lab["label"].to_numpy() == c)
-                n_c = malaria_n // len(classes) + (1 if i < malaria_n % len(classes) else 0)
-                keep.extend(rng.choice(idx, n_c, replace=False).tolist())
-            lab = lab.iloc[sorted(keep)].reset_index(drop=True)
+        if malaria_n and malaria_n < len(lab):  # seeded subset stratified by label
+            lab = lab.iloc[stratified_subset(lab["label"].astype(str).to_numpy(), malaria_n, seed)]
+            lab = lab.reset_index(drop=True)
         t = pd.DataFrame({f"Metadata_Path_{ch}": [str(root / p) for p in lab[f"path_{ch}"]] for ch in "rgb"})
         for col in ("label", "patient", "slide", "image"):
             t[f"Metadata_{col}"] = lab[col].astype(str).to_numpy()
-        return t, ["r", "g", "b"], {"tasks": [("infection", "Metadata_label", 11, "sgkfold:5:Metadata_patient")],
-                                      "pixel_channels": None}
+        return (
+            t,
+            ["r", "g", "b"],
+            {"tasks": [("infection", "Metadata_label", 11, "sgkfold:5:Metadata_patient")], "pixel_channels": None},
+        )
     raise ValueError(f"unknown dataset {name!r}; expected one of {DATASETS}")
 
 
@@ -107,7 +120,9 @@ def pool_sample(data: Path, n: int, seed: int = 0) -> pd.DataFrame:
     """``n`` pretraining-pool files balanced over sources: each source shuffled (seeded), taken round-robin."""
     man = pd.read_csv(data / "pretrain/manifest.csv")
     rng = np.random.default_rng(seed)
-    queues = {s: list(rng.permutation(np.flatnonzero(man["source"].to_numpy() == s))) for s in sorted(man["source"].unique())}
+    queues = {
+        s: list(rng.permutation(np.flatnonzero(man["source"].to_numpy() == s))) for s in sorted(man["source"].unique())
+    }
     picked: list[int] = []
     while len(picked) < n and any(queues.values()):
         for s in list(queues):
@@ -132,64 +147,70 @@ def load_embedder(model: str):
     return Embedder(loaded, batch_size=64)
 
 
-def embed_images(embedder, images_iter, n: int, label: str, chunk: int = 16) -> np.ndarray:
-    """Embed ``n`` images (each a list of ``[H, W]`` channels) in chunks; progress on stdout."""
-    rows = []
-    t0 = time.perf_counter()
-    buf = []
-    done = 0
-    for img in images_iter:
-        buf.append(img)
-        if len(buf) == chunk:
-            rows.append(embedder.embed_images(buf))
-            done += len(buf)
-            buf = []
-            if done % (chunk * 8) == 0:
-                el = time.perf_counter() - t0
-                print(f"  {label}: {done}/{n} images, {el:.0f} s, eta {el / done * (n - done):.0f} s", flush=True)
-    if buf:
-        rows.append(embedder.embed_images(buf))
-    print(f"  {label}: {n} images in {time.perf_counter() - t0:.0f} s", flush=True)
-    return np.concatenate(rows).astype(np.float32)
+def embed_cached(model: str, key: str, images: list[list[str]], cache: Path, chunk: int = 16) -> np.ndarray:
+    """Embed images (each a list of channel file paths) with ``model``; ``[N, C * 256]`` float32.
 
-
-def cached_embeddings(model: str, dataset: str, table: pd.DataFrame, channels: list[str], cache: Path) -> np.ndarray:
+    The vectors are cached as ``<cache>/<key>.npy``; progress is saved every ``8 * chunk`` images
+    (``<key>.partial.npy``), so an interrupted run resumes where it stopped.
+    """
     from msnoop.io.readers import read_image
 
-    key = f"{dataset}_{len(table)}_{model_slug(model)}"
     path = cache / f"{key}.npy"
     if path.exists():
         return np.load(path)
-    emb = load_embedder(model)
-    it = ([read_image(row[f"Metadata_Path_{ch}"]) for ch in channels] for _, row in table.iterrows())
-    X = embed_images(emb, it, len(table), key)
     cache.mkdir(parents=True, exist_ok=True)
+    partial = cache / f"{key}.partial.npy"
+    rows = [np.load(partial)] if partial.exists() else []
+    done = len(rows[0]) if rows else 0
+    emb = load_embedder(model)
+    t0 = time.perf_counter()
+    start = done
+    while done < len(images):
+        batch = [[read_image(f) for f in img] for img in images[done : done + chunk]]
+        rows.append(emb.embed_images(batch))
+        done += len(batch)
+        if done % (chunk * 8) == 0 or done == len(images):
+            np.save(partial, np.concatenate(rows))
+            el = time.perf_counter() - t0
+            print(
+                f"  {key}: {done}/{len(images)} images, {el:.0f} s, eta {el / (done - start) * (len(images) - done):.0f} s",
+                flush=True,
+            )
+    X = np.concatenate(rows).astype(np.float32)
     np.save(path, X)
+    partial.unlink(missing_ok=True)
     return X
 
 
-def pool_stats(model: str, pool: pd.DataFrame, cache: Path, results: Path) -> dict[str, np.ndarray]:
-    """Mean and sd per dimension of the 256-d one-channel readout over the pool sample; written to npz."""
-    from msnoop.io.readers import read_image
+def dataset_key(model: str, dataset: str, table: pd.DataFrame) -> str:
+    return f"{dataset}_{len(table)}_{model_slug(model)}"
 
-    key = f"pool_{len(pool)}_{model_slug(model)}"
-    path = cache / f"{key}.npy"
-    if path.exists():
-        V = np.load(path)
-    else:
-        emb = load_embedder(model)
-        V = embed_images(emb, ([read_image(p)] for p in pool["abs_path"]), len(pool), key)
-        cache.mkdir(parents=True, exist_ok=True)
-        np.save(path, V)
-    # sources weigh equally (the sample is balanced, but small sources run out): per-source mean of means
+
+def dataset_images(table: pd.DataFrame, channels: list[str]) -> list[list[str]]:
+    return [[row[f"Metadata_Path_{ch}"] for ch in channels] for _, row in table.iterrows()]
+
+
+def pool_key(model: str, pool: pd.DataFrame) -> str:
+    return f"pool_{len(pool)}_{model_slug(model)}"
+
+
+def pool_stats(V: np.ndarray, pool: pd.DataFrame, model: str, results: Path) -> dict[str, np.ndarray]:
+    """Mean and sd per dimension of the 256-d one-channel readout ``V [n_pool, 256]``; written to npz.
+
+    Sources weigh equally (the sample is balanced, but small sources run out): weights ``1 / n_source``.
+    """
     src = pool["source"].to_numpy()
     w = np.array([1.0 / (src == s).sum() for s in src])
     w /= w.sum()
     mu = (w[:, None] * V).sum(0)
     sd = np.sqrt((w[:, None] * (V - mu) ** 2).sum(0))
     sd = np.where(sd > 1e-8, sd, 1.0)
-    stats = {"mean": mu.astype(np.float32), "scale": sd.astype(np.float32), "n_images": np.array(len(pool)),
-             "sources": np.array(sorted(set(src)))}
+    stats = {
+        "mean": mu.astype(np.float32),
+        "scale": sd.astype(np.float32),
+        "n_images": np.array(len(pool)),
+        "sources": np.array(sorted(set(src))),
+    }
     results.mkdir(parents=True, exist_ok=True)
     np.savez(results / f"pool_stats_{model_slug(model)}.npz", **stats)
     return stats
@@ -267,7 +288,10 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=DATA)
     ap.add_argument("--datasets", nargs="+", default=DATASETS, choices=DATASETS)
     ap.add_argument("--models", nargs="+", default=MODELS)
-    ap.add_argument("--malaria-n", type=int, default=800, help="seeded label-stratified subset (0 = all 2,000)")
+    ap.add_argument("--malaria-n", type=int, default=400, help="seeded label-stratified subset (0 = all 2,000)")
+    ap.add_argument(
+        "--yeast-n", type=int, default=600, help="seeded subset stratified by protein x field (0 = all 1,642)"
+    )
     ap.add_argument("--pool-n", type=int, default=300, help="pretraining-pool images, balanced over sources")
     ap.add_argument("--bootstrap", type=int, default=200)
     ap.add_argument("--cache", type=Path, default=Path("/tmp/msnoop_postproc_cache"))
@@ -282,19 +306,39 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     pool = pool_sample(args.data, args.pool_n)
-    stats = {}
+    tables = {d: dataset_table(d, args.data, args.malaria_n, args.yeast_n) for d in args.datasets}
+    # embedding order (CPU is scarce: what matters most first): the small set, then each model over the
+    # dev sets, then the pool sample of the models whose pool vectors are not cached yet
+    jobs: list[tuple[str, str, list[list[str]]]] = []
+    pool_images = [[p] for p in pool["abs_path"]]
+    jobs.append((args.models[0], pool_key(args.models[0], pool), pool_images))
+    for d in ("hpa_toy",):
+        if d in tables:
+            jobs += [(m, dataset_key(m, d, tables[d][0]), dataset_images(*tables[d][:2])) for m in args.models]
     for m in args.models:
-        print(f"pool statistics: {m}, {len(pool)} images from {pool['source'].nunique()} sources", flush=True)
-        stats[m] = pool_stats(m, pool, args.cache, args.results)
-    tables = {d: dataset_table(d, args.data, args.malaria_n) for d in args.datasets}
-    raw = {}
-    for d, (table, channels, _) in tables.items():
-        for m in args.models:
-            print(f"embedding {d} ({len(table)} images x {len(channels)} channels) with {m}", flush=True)
-            raw[d, m] = cached_embeddings(m, d, table, channels, args.cache)
-    if args.stage == "embed":
-        print(f"embedded in {time.perf_counter() - t_start:.0f} s")
-        return
+        jobs += [(m, dataset_key(m, d, t), dataset_images(t, ch)) for d, (t, ch, _) in tables.items() if d != "hpa_toy"]
+    jobs += [(m, pool_key(m, pool), pool_images) for m in args.models[1:]]
+    if args.stage != "eval":
+        for m, key, images in jobs:
+            print(f"embedding {key}: {len(images)} images x {len(images[0])} channels", flush=True)
+            embed_cached(m, key, images, args.cache)
+        print(f"embedded in {time.perf_counter() - t_start:.0f} s", flush=True)
+        if args.stage == "embed":
+            return
+    stats, raw, missing = {}, {}, []
+    for m in args.models:
+        if (args.cache / f"{pool_key(m, pool)}.npy").exists():
+            stats[m] = pool_stats(np.load(args.cache / f"{pool_key(m, pool)}.npy"), pool, m, args.results)
+        else:
+            missing.append(pool_key(m, pool))
+        for d, (t, _, _) in tables.items():
+            f = args.cache / f"{dataset_key(m, d, t)}.npy"
+            if f.exists():
+                raw[d, m] = np.load(f)
+            else:
+                missing.append(dataset_key(m, d, t))
+    if missing:
+        print(f"not embedded (rows left out): {missing}", flush=True)
 
     from msnoop.evaluate.baselines import intensity_features, pixels_pca
     from sklearn.preprocessing import StandardScaler
@@ -303,11 +347,16 @@ def main() -> None:
     for d, (table, channels, proto) in tables.items():
         feats: list[tuple[str, str, str, np.ndarray]] = []  # (features, arm, kind, X)
         for m in args.models:
+            if (d, m) not in raw:
+                continue
             X = raw[d, m]
-            bc = StandardScaler().fit_transform(apply_arm("B", X, stats[m]))
-            assert np.allclose(bc, apply_arm("C", X, None), atol=1e-6), "B then C should equal C"
+            if m in stats:
+                bc = StandardScaler().fit_transform(apply_arm("B", X, stats[m]))
+                assert np.allclose(bc, apply_arm("C", X, None), atol=1e-6), "B then C should equal C"
             for arm in ARMS:
-                feats.append((m, arm, "embedding", apply_arm(arm, X, stats[m])))
+                if arm.startswith("B") and m not in stats:
+                    continue
+                feats.append((m, arm, "embedding", apply_arm(arm, X, stats.get(m))))
         pix = pixels_pca(table, proto["pixel_channels"] or channels)
         inten = intensity_features(table, channels)
         pname = f"pixels PCA32 ({'+'.join(proto['pixel_channels'] or channels)})"
@@ -324,8 +373,13 @@ def main() -> None:
                 correct_ba = balanced_accuracy(y, p)
                 bs = np.array([balanced_accuracy(y[b], p[b]) for b in boots])
                 row = {
-                    "dataset": d, "task": tname, "protocol": f"{k}-NN cosine, cv {cv}, n={len(y)}",
-                    "features": name, "kind": kind, "arm": arm, "dim": int(X.shape[1]),
+                    "dataset": d,
+                    "task": tname,
+                    "protocol": f"{k}-NN cosine, cv {cv}, n={len(y)}",
+                    "features": name,
+                    "kind": kind,
+                    "arm": arm,
+                    "dim": int(X.shape[1]),
                     "balanced_accuracy": correct_ba,
                     "ci95": [float(np.percentile(bs, 2.5)), float(np.percentile(bs, 97.5))],
                     "chance": 1.0 / len(np.unique(y)),
@@ -334,22 +388,28 @@ def main() -> None:
                     per = [balanced_accuracy(y[fold == f], p[fold == f]) for f in np.unique(fold)]
                     row["per_fold_mean"] = float(np.mean(per))
                     row["per_fold_sd"] = float(np.std(per))
-                if kind == "embedding" and arm != "A":
-                    pa = preds[name, "A"]
+                ref = "A" if kind == "embedding" else "as bench"
+                if arm != ref and (name, ref) in preds:
+                    pa = preds[name, ref]
                     diff = np.array([balanced_accuracy(y[b], p[b]) - balanced_accuracy(y[b], pa[b]) for b in boots])
                     row["diff_vs_A"] = correct_ba - balanced_accuracy(y, pa)
                     row["diff_vs_A_ci95"] = [float(np.percentile(diff, 2.5)), float(np.percentile(diff, 97.5))]
                 if tname == proto["tasks"][0][0]:
                     row.update(nn_cosine(X))
                 rows.append(row)
-                print(f"{d:12s} {tname:13s} {name:26s} {arm:9s} bal.acc {correct_ba:.3f} "
-                      f"[{row['ci95'][0]:.3f}, {row['ci95'][1]:.3f}]", flush=True)
+                print(
+                    f"{d:12s} {tname:13s} {name:26s} {arm:9s} bal.acc {correct_ba:.3f} "
+                    f"[{row['ci95'][0]:.3f}, {row['ci95'][1]:.3f}]",
+                    flush=True,
+                )
     record = {
         "issue": 19,
         "arms": ARM_NAMES,
         "models": args.models,
         "malaria_n": args.malaria_n,
+        "yeast_n": args.yeast_n,
         "pool_n": len(pool),
+        "not_embedded": missing,
         "pool_sources": pool["source"].value_counts().to_dict(),
         "bootstrap": args.bootstrap,
         "embedding": "msnoop.embed.embedder.Embedder (no Ray), float32 on CPU, stored/default preprocessing",
@@ -370,7 +430,7 @@ def main() -> None:
 
 
 def _fmt(x: float | None) -> str:
-    return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
+    return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4g}"
 
 
 def markdown(record: dict) -> str:
@@ -379,9 +439,10 @@ def markdown(record: dict) -> str:
         "",
         "Arms: " + "; ".join(f"**{k}** = {v}" for k, v in record["arms"].items()) + ".",
         f"Balanced accuracy with a 95 % bootstrap interval over cells ({record['bootstrap']} resamples); "
-        "`diff vs A`: paired bootstrap of the difference to arm A of the same model; "
+        "`diff vs A`: paired bootstrap of the difference to arm A of the same model (for a baseline: to the baseline as `msnoop bench` computes it); "
         "`NN10 cos`: median cosine distance to the 10 nearest neighbours; `pair cos`: median pairwise cosine distance. "
-        f"malaria_nih: {record['malaria_n']} cells (seeded label-stratified subset), per-fold mean +- sd as well.",
+        f"malaria_nih: {record['malaria_n']} cells (seeded label-stratified subset), per-fold mean +- sd as well; "
+        f"yeast: {record['yeast_n'] or 'all'} cells (seeded subset stratified by protein x field; 0 = all 1,642).",
         "",
         "| dataset | task | features | arm | dim | bal. acc. [95 % CI] | per-fold | diff vs A [95 % CI] | NN10 cos | pair cos |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -389,7 +450,11 @@ def markdown(record: dict) -> str:
     for r in record["rows"]:
         ci = f"{r['balanced_accuracy']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]"
         pf = f"{r['per_fold_mean']:.3f} +- {r['per_fold_sd']:.3f}" if "per_fold_mean" in r else ""
-        dv = f"{r['diff_vs_A']:+.3f} [{r['diff_vs_A_ci95'][0]:+.3f}, {r['diff_vs_A_ci95'][1]:+.3f}]" if "diff_vs_A" in r else ""
+        dv = (
+            f"{r['diff_vs_A']:+.3f} [{r['diff_vs_A_ci95'][0]:+.3f}, {r['diff_vs_A_ci95'][1]:+.3f}]"
+            if "diff_vs_A" in r
+            else ""
+        )
         lines.append(
             f"| {r['dataset']} | {r['task']} | {r['features']} | {r['arm']} | {r['dim']} | {ci} | {pf} | {dv} | "
             f"{_fmt(r.get('median_nn10_cosdist'))} | {_fmt(r.get('median_pair_cosdist'))} |"
