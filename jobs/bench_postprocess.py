@@ -340,8 +340,9 @@ def main() -> None:
     if missing:
         print(f"not embedded (rows left out): {missing}", flush=True)
 
-    from msnoop.evaluate.baselines import intensity_features, pixels_pca
     from sklearn.preprocessing import StandardScaler
+
+    from msnoop.evaluate.baselines import intensity_features, pixels_pca
 
     rows = []
     for d, (table, channels, proto) in tables.items():
@@ -416,12 +417,9 @@ def main() -> None:
         "seconds": round(time.perf_counter() - t_start, 1),
         "rows": rows,
     }
-    try:
-        from msnoop.runtime import provenance
+    from msnoop.runtime import provenance
 
-        record["provenance"] = provenance()
-    except Exception as exc:  # provenance is informative only
-        record["provenance"] = {"error": str(exc)}
+    record["provenance"] = provenance()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(record, indent=2, default=str) + "\n")
@@ -438,11 +436,13 @@ def markdown(record: dict) -> str:
         "# Post-processing of embeddings before the distance (issue 19)",
         "",
         "Arms: " + "; ".join(f"**{k}** = {v}" for k, v in record["arms"].items()) + ".",
-        f"Balanced accuracy with a 95 % bootstrap interval over cells ({record['bootstrap']} resamples); "
-        "`diff vs A`: paired bootstrap of the difference to arm A of the same model (for a baseline: to the baseline as `msnoop bench` computes it); "
-        "`NN10 cos`: median cosine distance to the 10 nearest neighbours; `pair cos`: median pairwise cosine distance. "
-        f"malaria_nih: {record['malaria_n']} cells (seeded label-stratified subset), per-fold mean +- sd as well; "
-        f"yeast: {record['yeast_n'] or 'all'} cells (seeded subset stratified by protein x field; 0 = all 1,642).",
+        (
+            f"Balanced accuracy with a 95 % bootstrap interval over cells ({record['bootstrap']} resamples); "
+            "`diff vs A`: paired bootstrap of the difference to arm A of the same model (for a baseline: to the baseline as `msnoop bench` computes it); "
+            "`NN10 cos`: median cosine distance to the 10 nearest neighbours; `pair cos`: median pairwise cosine distance. "
+            f"malaria_nih: {record['malaria_n']} cells (seeded label-stratified subset), per-fold mean +- sd as well; "
+            f"yeast: {record['yeast_n'] or 'all'} cells (seeded subset stratified by protein x field; 0 = all 1,642)."
+        ),
         "",
         "| dataset | task | features | arm | dim | bal. acc. [95 % CI] | per-fold | diff vs A [95 % CI] | NN10 cos | pair cos |",
         "|---|---|---|---|---|---|---|---|---|---|",
