@@ -344,7 +344,26 @@ def main() -> None:
 
     from msnoop.evaluate.baselines import intensity_features, pixels_pca
 
-    rows = []
+    rows, centres = [], []
+    for (d, m), X in raw.items():  # does the pool centre match the dataset's own centre, per channel block?
+        ch = tables[d][1]
+        for c, name in enumerate(ch):
+            B = X[:, c * 256 : (c + 1) * 256].astype(np.float64)
+            mu_d = B.mean(0)
+            entry = {
+                "dataset": d,
+                "model": m,
+                "channel": name,
+                "norm_dataset_mean": float(np.linalg.norm(mu_d)),  # vectors are unit norm: 1 = all identical
+                "median_norm": float(np.median(np.linalg.norm(B, axis=1))),
+            }
+            if m in stats:
+                mu_p = stats[m]["mean"].astype(np.float64)
+                entry["cos_dataset_mean_pool_mean"] = float(mu_d @ mu_p / np.linalg.norm(mu_d) / np.linalg.norm(mu_p))
+                entry["norm_dataset_mean_minus_pool_mean"] = float(np.linalg.norm(mu_d - mu_p))
+                entry["median_abs_z_of_dataset_mean"] = float(np.median(np.abs((mu_d - mu_p) / stats[m]["scale"])))
+            centres.append(entry)
+            print("centre", entry, flush=True)
     for d, (table, channels, proto) in tables.items():
         feats: list[tuple[str, str, str, np.ndarray]] = []  # (features, arm, kind, X)
         for m in args.models:
@@ -416,6 +435,7 @@ def main() -> None:
         "embedding": "msnoop.embed.embedder.Embedder (no Ray), float32 on CPU, stored/default preprocessing",
         "seconds": round(time.perf_counter() - t_start, 1),
         "rows": rows,
+        "centres": centres,
     }
     from msnoop.runtime import provenance
 
@@ -459,6 +479,28 @@ def markdown(record: dict) -> str:
             f"| {r['dataset']} | {r['task']} | {r['features']} | {r['arm']} | {r['dim']} | {ci} | {pf} | {dv} | "
             f"{_fmt(r.get('median_nn10_cosdist'))} | {_fmt(r.get('median_pair_cosdist'))} |"
         )
+    lines += [
+        "",
+        (
+            "Centres per 256-d channel block (rows are unit vectors: a norm of the mean near 1 means nearly collinear"
+            " rows; pool = the model's pool statistics):"
+        ),
+        "",
+        (
+            "| dataset | model | channel | norm of dataset mean | cos(dataset mean, pool mean) | norm(dataset mean - pool mean)"
+            " | median abs z of dataset mean under pool stats |"
+        ),
+        "|---|---|---|---|---|---|---|",
+    ]
+    for c in record.get("centres", []):
+        lines.append(
+            f"| {c['dataset']} | {c['model']} | {c['channel']} | {_fmt(c['norm_dataset_mean'])} | "
+            f"{_fmt(c.get('cos_dataset_mean_pool_mean'))} | {_fmt(c.get('norm_dataset_mean_minus_pool_mean'))} | "
+            f"{_fmt(c.get('median_abs_z_of_dataset_mean'))} |"
+        )
+    if record.get("not_embedded"):
+        lines.append("")
+        lines.append(f"Not embedded in this run (their rows are absent): {', '.join(record['not_embedded'])}.")
     lines.append("")
     lines.append(f"Run time {record['seconds']:.0f} s. {record['embedding']}.")
     return "\n".join(lines)
