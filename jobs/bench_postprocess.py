@@ -288,7 +288,7 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=DATA)
     ap.add_argument("--datasets", nargs="+", default=DATASETS, choices=DATASETS)
     ap.add_argument("--models", nargs="+", default=MODELS)
-    ap.add_argument("--malaria-n", type=int, default=400, help="seeded label-stratified subset (0 = all 2,000)")
+    ap.add_argument("--malaria-n", type=int, default=300, help="seeded label-stratified subset (0 = all 2,000)")
     ap.add_argument(
         "--yeast-n", type=int, default=600, help="seeded subset stratified by protein x field (0 = all 1,642)"
     )
