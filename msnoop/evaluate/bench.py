@@ -72,6 +72,11 @@ class BenchJob(_Strict):
     pixel_channels: list[str] | None = Field(None, description="channels for pixels_pca (default: all)")
     pca_components: int = Field(32, ge=1)
     tasks: list[BenchTask] = Field(..., min_length=1)
+    postprocess: Literal["standardize", "raw"] = Field(
+        "standardize",
+        description="applied to every row's features (embeddings and baselines alike) before the kNN: "
+        "'standardize' as msnoop knn / search do by default, 'raw' as stored",
+    )
     output: BenchOutput
     runtime: BenchRuntime = Field(default_factory=BenchRuntime)
 
@@ -108,9 +113,18 @@ def missing_inputs(cfg: EmbedJob) -> list[Path]:
 
 
 def _evaluate(
-    name: str, kind: str, X: np.ndarray, meta: pd.DataFrame, tasks: list[BenchTask], seconds: float
+    name: str,
+    kind: str,
+    X: np.ndarray,
+    meta: pd.DataFrame,
+    tasks: list[BenchTask],
+    seconds: float,
+    postprocess: str = "standardize",
 ) -> dict[str, Any]:
+    from msnoop.correct.normalize import postprocess as apply_postprocess
     from msnoop.evaluate.knn import knn_evaluate, parse_cv
+
+    X, _ = apply_postprocess(X, postprocess)  # the same for every row: embeddings and baselines
 
     row: dict[str, Any] = {
         "features": name,
@@ -118,6 +132,7 @@ def _evaluate(
         "dim": int(X.shape[1]),
         "n": len(X),
         "seconds": round(seconds, 1),
+        "postprocess": postprocess,
     }
     for t in tasks:
         if t.label not in meta.columns:
@@ -174,7 +189,7 @@ def run_bench(job: BenchJob) -> dict[str, Any]:
         if res.n_rows_total == 0:
             raise ValueError(f"bench {job.name!r}: model {model!r} embedded no image (see {cfg.output.dir}/errors)")
         meta, X = split_table(read_table(cfg.output.dir))
-        rows.append(_evaluate(model, "embedding", X, meta, job.tasks, time.perf_counter() - t0))
+        rows.append(_evaluate(model, "embedding", X, meta, job.tasks, time.perf_counter() - t0, job.postprocess))
         logger.info("bench %s: %s done", job.name, model)
     if job.baselines:
         table = load_image_table(first.input)
@@ -184,7 +199,13 @@ def run_bench(job: BenchJob) -> dict[str, Any]:
             X = _baseline(job, kind, table, channels)
             rows.append(
                 _evaluate(
-                    _baseline_name(job, kind, channels), "baseline", X, table, job.tasks, time.perf_counter() - t0
+                    _baseline_name(job, kind, channels),
+                    "baseline",
+                    X,
+                    table,
+                    job.tasks,
+                    time.perf_counter() - t0,
+                    job.postprocess,
                 )
             )
             logger.info("bench %s: baseline %s done", job.name, kind)
@@ -193,6 +214,7 @@ def run_bench(job: BenchJob) -> dict[str, Any]:
         "date": date.today().isoformat(),
         "dataset": str(job.dataset),
         "protocol": [t.model_dump() for t in job.tasks],
+        "postprocess": job.postprocess,
         "provenance": provenance(),
         "rows": rows,
     }
@@ -222,7 +244,10 @@ def markdown(record: dict[str, Any]) -> str:
     )
     sha = (record.get("provenance") or {}).get("git_commit") or (record.get("provenance") or {}).get("git")
     lines.append("")
-    lines.append(f"{record['name']}, {record['date']}" + (f", commit {str(sha)[:10]}" if sha else "") + f". {proto}.")
+    post = f" Features {record['postprocess']} before the distance." if "postprocess" in record else ""
+    lines.append(
+        f"{record['name']}, {record['date']}" + (f", commit {str(sha)[:10]}" if sha else "") + f". {proto}.{post}"
+    )
     return "\n".join(lines)
 
 
