@@ -10,6 +10,16 @@ from pydantic import Field, model_validator
 from msnoop.core.config import StrictModel as _Strict
 
 
+#: The image table's id column and the prefix of its per-channel path columns (``Metadata_Path_<channel>``).
+ID_COLUMN = "Metadata_ImageID"
+PATH_PREFIX = "Metadata_Path_"
+
+
+def path_column(channel: str) -> str:
+    """``Metadata_Path_<channel>``: the image-table column holding ``channel``'s file."""
+    return f"{PATH_PREFIX}{channel}"
+
+
 class InputConfig(_Strict):
     """Where the images are and how channels are named.
 

@@ -25,16 +25,10 @@ import pandas as pd
 import pyarrow as pa
 
 from msnoop.core.config import ConfigError
-from msnoop.io.config import InputConfig
+from msnoop.io.config import ID_COLUMN, PATH_PREFIX, InputConfig, path_column
 
 logger = logging.getLogger(__name__)
 
-ID_COLUMN = "Metadata_ImageID"
-PATH_PREFIX = "Metadata_Path_"
-
-
-def path_column(channel: str) -> str:
-    return f"{PATH_PREFIX}{channel}"
 
 
 def _read_table(path: Path, dtypes: dict[str, str] | None = None) -> pd.DataFrame:

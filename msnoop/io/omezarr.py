@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from msnoop.core.config import ConfigError
-from msnoop.io.config import InputConfig
+from msnoop.io.config import InputConfig, path_column
 
 
 def _attrs(group: Any) -> dict[str, Any]:
@@ -64,7 +64,6 @@ def ome_zarr_table(cfg: InputConfig) -> pd.DataFrame:
     Raises:
         ConfigError: The path is missing or neither an image nor a plate.
     """
-    from msnoop.io.manifest import path_column
 
     root = Path(cfg.ome_zarr)  # type: ignore[arg-type]
     if not root.exists():
