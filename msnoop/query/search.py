@@ -45,7 +45,11 @@ def open_results(target: str | Path, table: str | None = None, *, storage: Stora
 
     run_dir: str | Path | None = None
     run_file = st.join(target, RUN_FILE)
-    if st.exists(run_file, storage):
+    try:
+        is_run = st.exists(run_file, storage)
+    except st.StorageError:  # a LanceDB-only scheme (db://, LanceDB Cloud): not a folder msnoop reads itself
+        is_run = False
+    if is_run:
         run = json.loads(st.read_text(run_file, storage))
         uri, name = run["lancedb"], table or run["table"]
         if not st.is_uri(uri) and not Path(uri).is_absolute() and not Path(uri).exists():
