@@ -150,3 +150,29 @@ def test_missing_bucket_fails_before_any_work(images, s3, tmp_path, monkeypatch)
     assert "s3://no-such-bucket-msnoop/run1" in res.output
     assert "bucket does not exist" in res.output
     assert not calls  # nothing was started: no model loaded, no image read
+
+
+def test_images_in_the_bucket(images, s3, s3_run, tmp_path):
+    """Images read from s3:// URIs in a local manifest (one object missing: an error row naming it)."""
+    cfgs, base = s3.config, s3.fresh()
+    rows = []
+    for i in range(4):
+        uris = {ch: storage.join(base, "img", f"im{i}_{ch}.tif") for ch in ("dna", "gfp")}
+        for ch, uri in uris.items():
+            if i < 3:  # im3's objects are never uploaded
+                storage.write_bytes(uri, (images / f"img{i}_{ch}.tif").read_bytes(), cfgs)
+        rows.append({**uris, "Metadata_Class": f"c{i}"})
+    pd.DataFrame(rows).to_csv(tmp_path / "manifest.csv", index=False)
+    cfg = make_cfg(tmp_path, storage.join(base, "out"), s3)
+    result = run_embed_job(cfg)
+    assert (result.n_embedded, result.n_errors) == (3, 1)
+    err = parts.read_frame(storage.join(base, "out", parts.ERRORS), storage=cfgs)
+    assert err["reason"].str.contains("file not found").all() and err["path"].str.contains("im3_dna.tif").all()
+    got = parts.read_frame(storage.join(base, "out", parts.EMBEDDINGS), storage=cfgs)
+    assert sorted(got[parts.ID_COLUMN]) == [storage.join(base, "img", f"im{i}_dna") for i in range(3)]
+    # the same vectors as the local copies of these files got in the first run
+    before = parts.read_frame(storage.join(s3_run[0], parts.EMBEDDINGS), storage=cfgs).set_index(parts.ID_COLUMN)
+    emb = [c for c in got.columns if c.startswith(parts.EMB_PREFIX)]
+    np.testing.assert_array_equal(
+        got.sort_values(parts.ID_COLUMN)[emb].to_numpy(), before.loc[[f"img{i}_dna" for i in range(3)], emb].to_numpy()
+    )

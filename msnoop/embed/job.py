@@ -198,6 +198,7 @@ def build_dataset(
     light = todo[[ID_COLUMN, *[f"{PATH_PREFIX}{ch}" for ch in channels], *([mask_col] if mask_col else [])]]
     light = light.astype(object).where(light.notna(), "")
     light[ROW] = np.arange(len(todo), dtype=np.int64)
+    remote_inputs = any(st.is_uri(p) for ch in channels for p in light[f"{PATH_PREFIX}{ch}"].iloc[:1])
     block = cfg.runtime.images_per_block
     frames = [light.iloc[i : i + block] for i in range(0, len(light), block)]
     # Read/write tasks take a fraction of a CPU on small clusters, so that they and the actor pool
@@ -214,6 +215,7 @@ def build_dataset(
         batch_format="pandas",
         batch_size=None,
         num_cpus=read_cpus,
+        **(worker_env_args(cfg) if remote_inputs else {}),  # tasks reading s3://... images need the credentials
         fn_kwargs={
             "channels": channels,
             "spec": spec.model_dump(),
@@ -222,6 +224,7 @@ def build_dataset(
             "masks_dir": masks_dir,
             "selectors": channel_selectors(cfg),
             "z": cfg.input.z,
+            "storage": cfg.storage_config,
         },
     )
     ds = ds.map_batches(
