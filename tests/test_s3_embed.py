@@ -176,3 +176,31 @@ def test_images_in_the_bucket(images, s3, s3_run, tmp_path):
     np.testing.assert_array_equal(
         got.sort_values(parts.ID_COLUMN)[emb].to_numpy(), before.loc[[f"img{i}_dna" for i in range(3)], emb].to_numpy()
     )
+
+
+def test_manifest_and_images_in_the_bucket(images, s3, s3_run):
+    """Manifest and images both in the bucket, paths relative to the manifest: ids as for a local manifest."""
+    cfgs, base = s3.config, s3.fresh()
+    rows = []
+    for i in range(3):
+        for ch in ("dna", "gfp"):
+            storage.write_bytes(
+                storage.join(base, "img", f"img{i}_{ch}.tif"), (images / f"img{i}_{ch}.tif").read_bytes(), cfgs
+            )
+        rows.append({"dna": f"img/img{i}_dna.tif", "gfp": f"img/img{i}_gfp.tif", "Metadata_Class": f"c{i}"})
+    storage.write_text(storage.join(base, "manifest.csv"), pd.DataFrame(rows).to_csv(index=False), cfgs)
+    cfg = make_cfg(images, storage.join(base, "out"), s3)
+    cfg = cfg.model_copy(
+        update={"input": cfg.input.model_copy(update={"manifest": storage.join(base, "manifest.csv")})}
+    )
+    result = run_embed_job(cfg)
+    assert (result.n_embedded, result.n_errors) == (3, 0)
+    got = parts.read_frame(storage.join(base, "out", parts.EMBEDDINGS), storage=cfgs).set_index(parts.ID_COLUMN)
+    assert sorted(got.index) == [f"img/img{i}_dna" for i in range(3)]
+    before = parts.read_frame(storage.join(s3_run[0], parts.EMBEDDINGS), storage=cfgs).set_index(parts.ID_COLUMN)
+    emb = [c for c in got.columns if c.startswith(parts.EMB_PREFIX)]
+    np.testing.assert_array_equal(
+        got.loc[[f"img/img{i}_dna" for i in range(3)], emb].to_numpy(),
+        before.loc[[f"img{i}_dna" for i in range(3)], emb].to_numpy(),
+    )
+    assert got["Metadata_Path_dna"].tolist() == sorted(storage.join(base, "img", f"img{i}_dna.tif") for i in range(3))

@@ -327,7 +327,7 @@ def run_embed(cfg: EmbedJob) -> EmbedResult:
         raise ConfigError(f"cells.save_masks writes TIFF masks to a local folder; output.dir is {out_dir}")
     st.check_writable(out_dir, store)  # before any work: a missing bucket or wrong credentials fail here
     model, spec = prepare_model(cfg)
-    table = load_image_table(cfg.input)
+    table = load_image_table(cfg.input, storage=store)
     mask_col = cfg.cells.segmentation.mask_column if cfg.cells is not None else None
     if mask_col is not None:
         table = _resolve_mask_column(table, mask_col, cfg)
