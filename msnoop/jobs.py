@@ -177,40 +177,56 @@ def run_job(cfg: Any) -> tuple[Any, str]:
 def run_embed_job(cfg: Any) -> Any:
     """``job: embed``: embed to Parquet parts (:func:`msnoop.embed.job.run_embed`), then publish them to LanceDB.
 
+    On object storage (``output.dir`` or ``output.lancedb`` an ``s3://...`` URI) the LanceDB table is written by
+    Ray tasks straight from the parts (:func:`msnoop.store.lance_ray.build_table_ray`).
+
     Returns:
         The :class:`~msnoop.embed.job.EmbedResult`, with ``table`` set when a LanceDB table was written.
     """
     from msnoop.core import parts
+    from msnoop.core import storage as st
     from msnoop.embed.cells import CELLS, output_schemas
-    from msnoop.embed.job import run_embed
+    from msnoop.embed.job import run_embed, worker_env_args
     from msnoop.store.publish import publish_embeddings
 
     result = run_embed(cfg)
     if cfg.output.write_lance:
-        out = Path(cfg.output.dir)
-        info = parts.read_run_info(out)
+        out, store = cfg.output.dir, cfg.storage_config
+        info = parts.read_run_info(out, storage=store)
         meta = parts.schema_from_json(info["metadata_schema"])
         schema, cells_schema = output_schemas(meta, info["embed_dim"], cfg.cells is not None)
+        if st.is_uri(out) or st.is_uri(cfg.lancedb_uri):
+            from msnoop.core.runtime import init_ray
+
+            init_ray(  # the table is written by Ray tasks (a no-op when the embed run started the session)
+                cfg.runtime.address,
+                num_cpus=cfg.runtime.num_cpus,
+                object_store_memory=cfg.runtime.object_store_mb * 1024**2 if cfg.runtime.object_store_mb else None,
+                quiet=not cfg.runtime.progress,
+            )
         publish_embeddings(
             cfg.lancedb_uri,
             cfg.table_name,
-            out / parts.EMBEDDINGS,
+            st.join(out, parts.EMBEDDINGS),
             info=info,
             schema=schema,
             cells_schema=cells_schema,
             postprocess=cfg.output.postprocess,
             index=cfg.output.index,
             index_threshold=cfg.output.index_threshold,
-            cells_folder=out / CELLS if cfg.cells is not None and cfg.cells.lance_cells_table else None,
+            cells_folder=st.join(out, CELLS) if cfg.cells is not None and cfg.cells.lance_cells_table else None,
+            storage=store,
+            ray_remote_args=worker_env_args(cfg) or None,
         )
         result.table = cfg.table_name
     return result
 
 
 def embed_summary(cfg: Any, r: Any) -> str:
+    out = r.out_dir if isinstance(r.out_dir, str) else Path(r.out_dir).resolve()
     return (
         f"embedded {r.n_embedded} images ({r.n_errors} errors, {r.n_skipped} already done) in {r.seconds:.1f} s; "
-        f"totals {r.n_rows_total} + {r.n_errors_total} errors = {r.n_input}; output {r.out_dir.resolve()}"
+        f"totals {r.n_rows_total} + {r.n_errors_total} errors = {r.n_input}; output {out}"
     )
 
 

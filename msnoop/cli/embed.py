@@ -42,12 +42,15 @@ def _embed_overrides(**given: Any) -> list[tuple[str, Any]]:
 
 
 def print_embed_result(result: Any) -> None:
+    from msnoop.core import storage
+
+    out = result.out_dir if storage.is_uri(result.out_dir) else storage.local_path(result.out_dir).resolve()
     typer.echo(
         f"\nEmbedded {result.n_embedded} images ({result.n_errors} errors, {result.n_skipped} already done) "
         f"in {result.seconds:.1f} s ({result.images_per_s:.3g} images/s"
         + (f", {result.cells_per_s:.3g} cells/s)." if result.n_cells else ").")
     )
-    typer.echo(f"Output: {result.out_dir.resolve()}  (Parquet: embeddings/, errors: errors/)")
+    typer.echo(f"Output: {out}  (Parquet: embeddings/, errors: errors/)")
     typer.echo(
         f"Totals: {result.n_rows_total} embedded + {result.n_errors_total} errors = {result.n_input} input images"
     )
@@ -56,14 +59,14 @@ def print_embed_result(result: Any) -> None:
             f"Cells: {result.n_cells} embedded in this run, {result.n_cells_total} in total (single-cell table: cells/)"
         )
     if result.table:
-        typer.echo(f"LanceDB table: {result.table!r} in {result.out_dir.resolve() / 'lancedb'}")
+        typer.echo(f"LanceDB table: {result.table!r} in {storage.join(out, 'lancedb')}")
     if result.errors_preview:
         typer.echo(f"\n{result.n_errors_total} images could not be embedded, e.g.:")
         for image_id, reason in result.errors_preview:
             typer.echo(f"  {image_id}: {reason}")
         typer.echo(
             f"Fix them and run again with --retry-errors (or --set runtime.retry_errors=true) to embed them again; "
-            f"the list is in {result.out_dir.resolve() / 'errors'}"
+            f"the list is in {storage.join(out, 'errors')}"
         )
 
 
@@ -77,7 +80,7 @@ def embed(
     pattern: Annotated[str | None, typer.Option(help="filename pattern, e.g. '{Metadata_Well}_{channel}.tif'")] = None,
     channels: Annotated[str | None, typer.Option(help="comma-separated channel names, in embedding order")] = None,
     model: Annotated[str | None, typer.Option(help="checkpoint path, 'default' or 'random:<arch>[:seed]'")] = None,
-    out: Annotated[Path | None, typer.Option(help="output folder")] = None,
+    out: Annotated[str | None, typer.Option(help="output folder or object storage URI (s3://bucket/prefix)")] = None,
     name: Annotated[str | None, typer.Option(help="job name (default table name)")] = None,
     table: Annotated[str | None, typer.Option(help="LanceDB table name")] = None,
     mode: Annotated[str | None, typer.Option(help="native | rescale | tile")] = None,

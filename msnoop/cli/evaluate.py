@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import posixpath
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -16,7 +17,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def _load(table: Path, exclude: str | None = None) -> pd.DataFrame:
+def _load(table: str | Path, exclude: str | None = None) -> pd.DataFrame:
     from msnoop.core.tables import read_table
 
     try:
@@ -37,7 +38,13 @@ def _load(table: Path, exclude: str | None = None) -> pd.DataFrame:
 
 
 def knn_command(
-    table: Annotated[Path, typer.Argument(help="Feature table: .parquet, .csv or .csv.gz (Metadata_* + features).")],
+    table: Annotated[
+        str,
+        typer.Argument(
+            help="Feature table: .parquet, .csv or .csv.gz (Metadata_* + features), or an embed output folder "
+            "(a path or an s3://... URI)."
+        ),
+    ],
     label: Annotated[str, typer.Option("--label", help="Column holding the class label, e.g. Metadata_Protein.")],
     k: Annotated[int, typer.Option("--k", "-k", help="Neighbours (Microsnoop: 11 for CyCLOPS, 1 for TissueNet).")] = 11,
     cv: Annotated[
@@ -90,7 +97,7 @@ def knn_command(
     res["n_features"] = int(X.shape[1])
     res["postprocess"] = post
     typer.echo(
-        f"kNN on {table.name}: n={res['n']}  features={res['n_features']}  label={label}  classes={res['n_classes']}"
+        f"kNN on {posixpath.basename(table.rstrip('/'))}: n={res['n']}  features={res['n_features']}  label={label}  classes={res['n_classes']}"
         f" (chance {res['chance']:.3f})  k={k}  cv={cv}  metric={metric}  postprocess={postprocess}"
     )
     for key, name in [

@@ -74,7 +74,7 @@ def info(
     table_name: Annotated[str | None, typer.Option("--table")] = None,
 ) -> None:
     """Describe a table: rows, dimensions, channels, model, preprocessing, errors."""
-    from msnoop.core import parts
+    from msnoop.core import parts, storage
     from msnoop.query.search import open_results
 
     try:
@@ -96,9 +96,9 @@ def info(
         f.name for f in ref.table.schema if f.name.startswith("Metadata_") and not f.name.startswith("Metadata_Path_")
     ]
     typer.echo(f"metadata   {', '.join(cols)}")
-    out = Path(table)
-    if (out / parts.ERRORS).is_dir():
-        typer.echo(f"errors     {parts.count_rows(out / parts.ERRORS)} (see {out / parts.ERRORS})")
+    errors = storage.join(table, parts.ERRORS)
+    if parts.part_files(errors):
+        typer.echo(f"errors     {parts.count_rows(errors)} (see {errors})")
 
 
 def export(

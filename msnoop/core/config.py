@@ -140,6 +140,7 @@ def config_hash(cfg: BaseModel) -> str:
     """Short stable hash of a resolved config (runtime settings excluded: they do not change results)."""
     data = json.loads(cfg.model_dump_json())
     data.pop("runtime", None)
+    data.pop("storage", None)  # where the bytes go (endpoint, region) does not change results
     if data.get("job") == "embed" and data.get("cells") is None:
         data.pop("cells", None)  # hashes of whole-image jobs stay as they were before cells mode existed
     if data.get("job") == "embed":  # input options added later change no hash while at their defaults
@@ -152,9 +153,16 @@ def config_hash(cfg: BaseModel) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def save_resolved(cfg: BaseModel, out_dir: str | Path, name: str = "resolved_config.yaml") -> Path:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / name
-    path.write_text(config_to_yaml(cfg))
+def save_resolved(
+    cfg: BaseModel, out_dir: str | Path, name: str = "resolved_config.yaml", *, storage: Any = None
+) -> Path | str:
+    """Write ``cfg`` as YAML to ``out_dir/name`` (a folder or an object storage URI, atomically); returns where.
+
+    ``storage`` is a :class:`msnoop.core.storage.StorageConfig` for URIs (default: the environment).
+    """
+    from msnoop.core import storage as st
+
+    path = st.join(out_dir, name)
+    st.makedirs(out_dir)
+    st.write_text(path, config_to_yaml(cfg), storage)
     return path

@@ -2,8 +2,10 @@
 
 Layout of a job's output folder::
 
-    <dir>/embeddings/part-<uuid>.parquet   one row per image: Metadata_* + emb_0000 ... emb_<D-1>
-    <dir>/errors/part-<uuid>.parquet       one row per bad image: Metadata_ImageID, path, reason
+    <dir>/embeddings/part-<key>.parquet    one row per image: Metadata_* + emb_0000 ... emb_<D-1>
+    <dir>/errors/part-<key>.parquet        one row per bad image: Metadata_ImageID, path, reason
+
+(``<key>``: :func:`block_key` of the part's image ids, written by the embed job; a uuid otherwise.)
     <dir>/run.json                         model, preprocessing, channels, embed dim, provenance
     <dir>/resolved_config.yaml             the validated job config
     <dir>/lancedb/                         embedded LanceDB database built from the parts

@@ -42,13 +42,15 @@ TABLE_READERS: dict[str, Callable[[Path], pd.DataFrame]] = {
 }
 
 
-def _read_msnoop_output(path: Path) -> pd.DataFrame:
-    """An ``msnoop embed`` output folder: its Parquet parts (the source of truth)."""
+def _read_msnoop_output(path: str | Path) -> pd.DataFrame:
+    """An ``msnoop embed`` output folder (a path or a URI): its Parquet parts (the source of truth)."""
     from msnoop.core import parts
+    from msnoop.core.storage import join
 
-    df = parts.read_frame(path / parts.EMBEDDINGS)
+    folder = join(path, parts.EMBEDDINGS)
+    df = parts.read_frame(folder)
     if df.empty:
-        raise ValueError(f"msnoop output folder {path} has no embeddings yet (no parts in {path / parts.EMBEDDINGS})")
+        raise ValueError(f"msnoop output folder {path} has no embeddings yet (no parts in {folder})")
     return df
 
 
@@ -170,7 +172,9 @@ def read_table(path: str | Path) -> pd.DataFrame:
     """Read a feature table from ``.parquet``/``.pq``, ``.csv`` or ``.csv.gz``.
 
     Args:
-        path: Table file (a Parquet dataset folder ending in ``.parquet`` also works).
+        path: Table file (a Parquet dataset folder ending in ``.parquet`` also works), or an ``msnoop embed``
+            output folder: a local path or an object storage URI (``s3://bucket/run1``; endpoint and
+            credentials from the environment, see :mod:`msnoop.core.storage`).
 
     Returns:
         The table as a DataFrame.
@@ -179,7 +183,13 @@ def read_table(path: str | Path) -> pd.DataFrame:
         FileNotFoundError: If ``path`` does not exist.
         ValueError: If the suffix has no registered loader.
     """
-    path = Path(path)
+    from msnoop.core import storage
+
+    if storage.is_uri(path):
+        if storage.exists(storage.join(path, "run.json")):
+            return _read_msnoop_output(str(path))
+        raise FileNotFoundError(f"{path} is not an msnoop output folder (no run.json there)")
+    path = storage.local_path(path)
     if not path.exists():
         raise FileNotFoundError(f"table {path} does not exist")
     if path.is_dir() and (path / "run.json").is_file():

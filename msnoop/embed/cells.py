@@ -22,9 +22,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from msnoop.core import parts
+from msnoop.core import storage as st
 from msnoop.core.parts import ID_COLUMN
+from msnoop.core.storage import StorageConfig
 from msnoop.io.readers import ImageReadError, read_labels
 from msnoop.preprocess.presets import Preprocessing, prepare_channel
 
@@ -212,18 +215,20 @@ def cells_table(
     return with_embeddings(meta.take(pa.array(take)), extra, np.concatenate(embs), schema)
 
 
-def drop_orphan_cells(out_dir: Path, finished: set[str]) -> int:
+def drop_orphan_cells(out_dir: Path | str, finished: set[str], *, storage: StorageConfig | None = None) -> int:
     """Remove cells parts holding an image whose mean was never written (a run killed mid-block).
 
     Each block writes its cells part before its embeddings part, with the same image ids, so such a
     part's images are all redone by this run; keeping the part would duplicate their cells.
+    ``out_dir`` may be a URI (``storage``: its :class:`~msnoop.core.storage.StorageConfig`).
     """
     removed = 0
-    for f in parts.part_files(out_dir / CELLS):
-        ids = set(pd.read_parquet(f, columns=[ID_COLUMN])[ID_COLUMN].astype(str))
-        if not ids <= finished:
-            logger.warning("removing %s: its images have no image-level row yet and will be embedded again", f.name)
-            f.unlink()
+    for f in parts.part_files(st.join(out_dir, CELLS), storage=storage):
+        fs, path = st.resolve(f, storage)
+        col = pq.read_table(path, columns=[ID_COLUMN], filesystem=fs).column(ID_COLUMN).to_pylist()
+        if not {str(i) for i in col} <= finished:
+            logger.warning("removing %s: its images have no image-level row yet and will be embedded again", f)
+            st.remove(f, storage)
             removed += 1
     return removed
 

@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
 
+from msnoop.core import storage as st
 from msnoop.core.config import StrictModel as _Strict
 from msnoop.core.runtime import AMP_HELP
+from msnoop.core.storage import Location, StorageConfig
 from msnoop.io.config import InputConfig
 from msnoop.preprocess.config import PreprocessConfig
 from msnoop.segment.config import SegmentationConfig
 
 
 class OutputConfig(_Strict):
-    dir: Path = Field(..., description="folder for Parquet parts, errors, resolved config and the LanceDB database")
+    dir: Location = Field(
+        ...,
+        description="folder or object storage URI (s3://bucket/prefix, gs://...) for Parquet parts, errors, "
+        "resolved config and the LanceDB database",
+    )
     table: str | None = Field(None, description="LanceDB table name; default the job name")
-    lancedb: str | None = Field(None, description="LanceDB URI; default <dir>/lancedb (embedded)")
+    lancedb: str | None = Field(None, description="LanceDB URI (a folder or s3://...); default <dir>/lancedb")
     write_lance: bool = True
     index: Literal["auto", "none", "ivf_sq", "ivf_pq", "hnsw"] = Field(
         "auto",
@@ -57,6 +62,12 @@ class RuntimeConfig(_Strict):
         False, description="embed again the images recorded in errors/ (their error rows are removed first)"
     )
     progress: bool = True
+    worker_env: list[str] = Field(
+        [],
+        description="names of environment variables whose values are copied from the driver to the Ray tasks that "
+        "read and write storage (Ray runtime_env), e.g. AWS_ACCESS_KEY_ID for a local cluster started before they "
+        "were set; on a multi-node cluster set credentials on the nodes instead",
+    )
 
 
 class CellsConfig(_Strict):
@@ -108,6 +119,11 @@ class EmbedJob(_Strict):
     output: OutputConfig
     runtime: RuntimeConfig = RuntimeConfig()
     cells: CellsConfig | None = Field(None, description="full-field cells mode; absent = embed whole images")
+    storage: StorageConfig | None = Field(
+        None,
+        description="object storage settings (endpoint_url, region, allow_http, anonymous); unset fields come from "
+        "the environment (AWS_ENDPOINT_URL, AWS_REGION); credentials always come from the environment",
+    )
 
     @model_validator(mode="after")
     def _check_cells(self) -> EmbedJob:
@@ -150,4 +166,9 @@ class EmbedJob(_Strict):
 
     @property
     def lancedb_uri(self) -> str:
-        return self.output.lancedb or str(self.output.dir / "lancedb")
+        return self.output.lancedb or str(st.join(self.output.dir, "lancedb"))
+
+    @property
+    def storage_config(self) -> StorageConfig:
+        """The ``storage:`` section with unset fields filled from the environment (:meth:`StorageConfig.from_env`)."""
+        return StorageConfig.from_env(self.storage)

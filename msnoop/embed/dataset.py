@@ -34,6 +34,7 @@ def load_image(
     row: pd.Series,
     channels: list[str],
     *,
+    storage: Any = None,
     selectors: dict[str, int | str | None] | None = None,
     z: Any = "refuse",
 ) -> list[np.ndarray]:
@@ -55,7 +56,9 @@ def load_image(
         by_path.setdefault(path, []).append(ch)
     planes: dict[str, np.ndarray] = {}
     for path, chans in by_path.items():  # a file holding several channels is decoded once
-        for ch, img in zip(chans, read_channels(path, [selectors.get(ch) for ch in chans], z=z), strict=True):
+        for ch, img in zip(
+            chans, read_channels(path, [selectors.get(ch) for ch in chans], z=z, storage=storage), strict=True
+        ):
             check_image(img, path if selectors.get(ch) is None else f"{path} [channel {selectors[ch]!r}]")
             planes[ch] = img
     images = [planes[ch] for ch in channels]
@@ -64,7 +67,6 @@ def load_image(
         found = ", ".join(f"{ch}={im.shape}" for ch, im in zip(channels, images, strict=True))
         raise ImageReadError(row[f"{PATH_PREFIX}{channels[0]}"], f"channels differ in shape: {found}")
     return images
-
 
 
 def channel_selectors(cfg: EmbedJob) -> dict[str, int | str | None]:
@@ -87,10 +89,12 @@ def read_and_prepare(
     masks_dir: str | None = None,
     selectors: dict[str, int | str | None] | None = None,
     z: Any = "refuse",
+    storage: Any = None,
 ) -> dict[str, Any]:
     """Stage 1: image rows -> tiles per image (variable count), tile counts per channel, errors.
 
-    ``selectors`` and ``z`` say how multi-plane files are read (see :func:`load_image`).
+    ``selectors`` and ``z`` say how multi-plane files are read (see :func:`load_image`). ``storage`` (a
+    :class:`msnoop.core.storage.StorageConfig`) is used for image paths that are object storage URIs.
 
     In cells mode (``cells`` given: ``CellsConfig.model_dump()`` plus ``channels`` and
     ``nucleus_channel``) the tiles are the image's cell crops (see :func:`prepare_cells`), and the
@@ -106,7 +110,7 @@ def read_and_prepare(
     found: list[int] = []
     for _, row in batch.iterrows():
         try:
-            images = load_image(row, channels, selectors=selectors, z=z)
+            images = load_image(row, channels, selectors=selectors, z=z, storage=storage)
             if cells is None:
                 per_channel = [prepare_channel(im, pre) for im in images]
                 tiles.append(np.concatenate(per_channel))

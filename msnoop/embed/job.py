@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -26,7 +25,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from msnoop.core import parts
-from msnoop.core.config import config_hash, save_resolved
+from msnoop.core import storage as st
+from msnoop.core.config import ConfigError, config_hash, save_resolved
 from msnoop.core.parts import ID_COLUMN
 from msnoop.embed.actor import EmbedActor
 from msnoop.embed.cells import CELLS, MASKS, cells_spec, drop_orphan_cells, output_schemas
@@ -62,7 +62,7 @@ __all__ = [
 
 @dataclass
 class EmbedResult:
-    out_dir: Path
+    out_dir: Path | str  # a local folder, or the output URI as given (s3://...)
     n_input: int
     n_skipped: int
     n_embedded: int
@@ -153,7 +153,7 @@ def build_dataset(
     todo_mask: np.ndarray,
     model: LoadedModel,
     spec: Preprocessing,
-    out_dir: Path,
+    out_dir: Path | str,
     info: dict[str, Any],
     schemas: tuple[pa.Schema, pa.Schema, pa.Schema | None],
 ) -> ray.data.Dataset:
@@ -189,7 +189,7 @@ def build_dataset(
     n_cpus = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
     threads = None if use_gpu else max(1, n_cpus // cfg.runtime.actors)
     cells = cells_spec(cfg)
-    masks_dir = str((out_dir / MASKS).resolve()) if cfg.cells is not None and cfg.cells.save_masks else None
+    masks_dir = str(st.join(out_dir, MASKS)) if cfg.cells is not None and cfg.cells.save_masks else None
     channels = list(cfg.input.channels)
     meta_schema, schema, cells_schema = schemas
     todo = table[todo_mask].reset_index(drop=True)  # only the rows still to embed go to the object store
@@ -198,6 +198,7 @@ def build_dataset(
     light = todo[[ID_COLUMN, *[f"{PATH_PREFIX}{ch}" for ch in channels], *([mask_col] if mask_col else [])]]
     light = light.astype(object).where(light.notna(), "")
     light[ROW] = np.arange(len(todo), dtype=np.int64)
+    remote_inputs = any(st.is_uri(p) for ch in channels for p in light[f"{PATH_PREFIX}{ch}"].iloc[:1])
     block = cfg.runtime.images_per_block
     frames = [light.iloc[i : i + block] for i in range(0, len(light), block)]
     # Read/write tasks take a fraction of a CPU on small clusters, so that they and the actor pool
@@ -214,6 +215,7 @@ def build_dataset(
         batch_format="pandas",
         batch_size=None,
         num_cpus=read_cpus,
+        **(worker_env_args(cfg) if remote_inputs else {}),  # tasks reading s3://... images need the credentials
         fn_kwargs={
             "channels": channels,
             "spec": spec.model_dump(),
@@ -222,6 +224,7 @@ def build_dataset(
             "masks_dir": masks_dir,
             "selectors": channel_selectors(cfg),
             "z": cfg.input.z,
+            "storage": cfg.storage_config,
         },
     )
     ds = ds.map_batches(
@@ -242,8 +245,10 @@ def build_dataset(
         write_block,
         batch_size=None,
         num_cpus=task_cpus,
+        **worker_env_args(cfg),
         fn_kwargs={
-            "out_dir": str(out_dir.resolve()),
+            "out_dir": str(out_dir if st.is_uri(out_dir) else st.local_path(out_dir).resolve()),
+            "storage": cfg.storage_config,
             "channels": channels,
             "cells": cells is not None,
             "meta": meta_ref,
@@ -252,6 +257,16 @@ def build_dataset(
             "provenance": provenance_record(info),
         },
     )
+
+
+def worker_env_args(cfg: EmbedJob) -> dict[str, Any]:
+    """Ray task options copying ``runtime.worker_env`` variables from this process to the tasks (``runtime_env``).
+
+    Empty when no variable is named (the tasks then see their node's own environment). A named variable that is
+    unset here is left out.
+    """
+    env = {k: os.environ[k] for k in cfg.runtime.worker_env if k in os.environ}
+    return {"runtime_env": {"env_vars": env}} if env else {}
 
 
 def _stream_counts(
@@ -300,13 +315,19 @@ def run_embed(cfg: EmbedJob) -> EmbedResult:
         TotalsError: The outputs do not hold every row of the manifest exactly once (a bug, never user input).
         StrictModeError: ``runtime.strict`` and an image could not be embedded (the message is its error).
         CheckpointError: The model reference cannot be resolved.
+        StorageError: ``output.dir`` cannot be written (missing bucket, wrong credentials, unreachable endpoint):
+            checked before any work, the message names the location.
     """
     from msnoop.core.runtime import init_ray, provenance
 
     t0 = time.perf_counter()
-    out_dir = Path(cfg.output.dir)
+    out_dir = cfg.output.dir
+    store = cfg.storage_config
+    if cfg.cells is not None and cfg.cells.save_masks and st.is_uri(out_dir):
+        raise ConfigError(f"cells.save_masks writes TIFF masks to a local folder; output.dir is {out_dir}")
+    st.check_writable(out_dir, store)  # before any work: a missing bucket or wrong credentials fail here
     model, spec = prepare_model(cfg)
-    table = load_image_table(cfg.input)
+    table = load_image_table(cfg.input, storage=store)
     mask_col = cfg.cells.segmentation.mask_column if cfg.cells is not None else None
     if mask_col is not None:
         table = _resolve_mask_column(table, mask_col, cfg)
@@ -314,24 +335,25 @@ def run_embed(cfg: EmbedJob) -> EmbedResult:
     meta_schema = table_schema(table)  # one schema for the whole run, fixed before any work
     info["metadata_schema"] = parts.schema_to_json(meta_schema)
     try:
-        check_resumable(cfg, out_dir, info)
-        meta_schema = resumed_schema(out_dir, meta_schema)
+        check_resumable(cfg, out_dir, info, storage=store)
+        meta_schema = resumed_schema(out_dir, meta_schema, storage=store)
     except OutputMismatchError as exc:
         if cfg.output.on_mismatch != "replace":
             raise
         logger.warning("%s; output.on_mismatch is 'replace': removing them and embedding again", exc)
         for sub in (parts.EMBEDDINGS, parts.ERRORS, CELLS, MASKS):
-            shutil.rmtree(out_dir / sub, ignore_errors=True)
+            st.remove(st.join(out_dir, sub), store)
     info["metadata_schema"] = parts.schema_to_json(meta_schema)
     schema, cells_schema = output_schemas(meta_schema, info["embed_dim"], cfg.cells is not None)
     if cfg.runtime.retry_errors:
-        retry = parts.read_ids(out_dir / parts.ERRORS) & set(table[ID_COLUMN])
-        n = parts.drop_ids(out_dir / parts.ERRORS, retry)
+        retry = parts.read_ids(st.join(out_dir, parts.ERRORS), storage=store) & set(table[ID_COLUMN])
+        n = parts.drop_ids(st.join(out_dir, parts.ERRORS), retry, storage=store)
         if n:
             logger.info("runtime.retry_errors: %d image(s) recorded in errors/ will be embedded again", n)
-    done = parts.read_ids(out_dir / parts.EMBEDDINGS) | parts.read_ids(out_dir / parts.ERRORS)
+    embedded = parts.read_ids(st.join(out_dir, parts.EMBEDDINGS), storage=store)
+    done = embedded | parts.read_ids(st.join(out_dir, parts.ERRORS), storage=store)
     if cfg.cells is not None:
-        drop_orphan_cells(out_dir, parts.read_ids(out_dir / parts.EMBEDDINGS))
+        drop_orphan_cells(out_dir, embedded, storage=store)
     todo_mask = ~table[ID_COLUMN].isin(done)
     foreign = len(done) - int((~todo_mask).sum())
     if foreign:
@@ -361,9 +383,9 @@ def run_embed(cfg: EmbedJob) -> EmbedResult:
         model.source,
         spec.model_dump(),
     )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_resolved(cfg, out_dir)
-    parts.write_run_info(out_dir, info)
+    st.makedirs(out_dir)
+    save_resolved(cfg, out_dir, storage=store)
+    parts.write_run_info(out_dir, info, storage=store)
 
     n_ok = n_err = n_cells = 0
     if len(todo):
@@ -382,11 +404,11 @@ def run_embed(cfg: EmbedJob) -> EmbedResult:
     info["last_run"] = {"embedded": n_ok, "errors": n_err, "seconds": time.perf_counter() - t0}
     if cfg.cells is not None:
         info["last_run"]["cells"] = n_cells
-    parts.write_run_info(out_dir, info)
-    n_total, n_err_total = check_totals(out_dir, table[ID_COLUMN])
+    parts.write_run_info(out_dir, info, storage=store)
+    n_total, n_err_total = check_totals(out_dir, table[ID_COLUMN], storage=store)
     preview: list[tuple[str, str]] = []
     if n_err_total:
-        err = parts.read_frame(out_dir / parts.ERRORS, columns=[ID_COLUMN, "reason"])
+        err = parts.read_frame(st.join(out_dir, parts.ERRORS), columns=[ID_COLUMN, "reason"], storage=store)
         err = err[err[ID_COLUMN].isin(set(table[ID_COLUMN]))].head(5)
         preview = list(zip(err[ID_COLUMN], err["reason"], strict=True))
     return EmbedResult(
@@ -401,7 +423,7 @@ def run_embed(cfg: EmbedJob) -> EmbedResult:
         table=None,
         errors_preview=preview,
         n_cells=n_cells,
-        n_cells_total=parts.count_rows(out_dir / CELLS) if cfg.cells is not None else 0,
+        n_cells_total=parts.count_rows(st.join(out_dir, CELLS), storage=store) if cfg.cells is not None else 0,
     )
 
 

@@ -10,7 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from msnoop.core import parts
+from msnoop.core import storage as st
 from msnoop.core.parts import ID_COLUMN
+from msnoop.core.storage import StorageConfig
 
 if TYPE_CHECKING:
     from msnoop.embed.config import EmbedJob
@@ -25,16 +27,18 @@ def _model_label(run: dict[str, Any]) -> str:
     return f"{run.get('model_source')}" + (f" (sha256 {sha[:12]})" if sha else "")
 
 
-def check_resumable(cfg: EmbedJob, out_dir: Path, info: dict[str, Any]) -> None:
+def check_resumable(
+    cfg: EmbedJob, out_dir: Path | str, info: dict[str, Any], *, storage: StorageConfig | None = None
+) -> None:
     """Refuse to resume into a folder whose embeddings were made differently (one table would mix them).
 
     Compared with the folder's ``run.json``: whole-image vs cells mode, the model (by sha256 for a
     checkpoint, by name for a random network), the preprocessing and the channels.
     """
-    if not parts.part_files(out_dir / parts.EMBEDDINGS):
+    if not parts.part_files(st.join(out_dir, parts.EMBEDDINGS), storage=storage):
         return
     try:
-        before = parts.read_run_info(out_dir)
+        before = parts.read_run_info(out_dir, storage=storage)
     except FileNotFoundError:
         return
     diffs = []
@@ -60,7 +64,7 @@ class TotalsError(RuntimeError):
     """The outputs do not account for every row of the manifest exactly once (a bug, never a user error)."""
 
 
-def check_totals(out_dir: Path, ids: pd.Series) -> tuple[int, int]:
+def check_totals(out_dir: Path | str, ids: pd.Series, *, storage: StorageConfig | None = None) -> tuple[int, int]:
     """Check that every id of this run's table is in ``embeddings/`` or ``errors/``, exactly once.
 
     Returns:
@@ -73,8 +77,9 @@ def check_totals(out_dir: Path, ids: pd.Series) -> tuple[int, int]:
     found: dict[str, list[str]] = {}
     for folder in (parts.EMBEDDINGS, parts.ERRORS):
         found[folder] = []
-        for f in parts.part_files(out_dir / folder):
-            col = pq.read_table(f, columns=[ID_COLUMN]).column(ID_COLUMN).to_pylist()
+        for f in parts.part_files(st.join(out_dir, folder), storage=storage):
+            fs, path = st.resolve(f, storage)
+            col = pq.read_table(path, columns=[ID_COLUMN], filesystem=fs).column(ID_COLUMN).to_pylist()
             found[folder].extend(i for i in col if i in wanted)
     emb, err = found[parts.EMBEDDINGS], found[parts.ERRORS]
     problems = []
@@ -94,16 +99,18 @@ def check_totals(out_dir: Path, ids: pd.Series) -> tuple[int, int]:
     return len(emb), len(err)
 
 
-def resumed_schema(out_dir: Path, new: pa.Schema) -> pa.Schema:
+def resumed_schema(out_dir: Path | str, new: pa.Schema, *, storage: StorageConfig | None = None) -> pa.Schema:
     """The run's schema when resuming: the stored one plus columns new to this manifest.
 
     Raises:
         OutputMismatchError: A column's type differs from the stored run's (one table cannot hold both).
     """
-    if not parts.part_files(out_dir / parts.EMBEDDINGS) and not parts.part_files(out_dir / parts.ERRORS):
+    if not parts.part_files(st.join(out_dir, parts.EMBEDDINGS), storage=storage) and not parts.part_files(
+        st.join(out_dir, parts.ERRORS), storage=storage
+    ):
         return new
     try:
-        stored = parts.read_run_info(out_dir).get("metadata_schema")
+        stored = parts.read_run_info(out_dir, storage=storage).get("metadata_schema")
     except FileNotFoundError:
         return new
     if not stored:

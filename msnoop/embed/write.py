@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from msnoop.core import parts
-from msnoop.core.parts import ID_COLUMN
+from msnoop.core import storage as st
+from msnoop.core.parts import ID_COLUMN, block_key
+from msnoop.core.storage import StorageConfig
 from msnoop.embed.cells import CELL_COUNT, CELLS, CELLS_FOUND, cells_table, with_embeddings
 from msnoop.embed.dataset import ROW
 from msnoop.io.manifest import PATH_PREFIX
@@ -25,6 +26,7 @@ def write_block(
     schema: pa.Schema,
     cells_schema: pa.Schema | None = None,
     provenance: dict[str, Any] | None = None,
+    storage: StorageConfig | None = None,
 ) -> dict[str, Any]:
     """Stage 3: write the block's embeddings and errors as Parquet parts; return counts only.
 
@@ -36,6 +38,10 @@ def write_block(
 
     In cells mode the block's cells are written first (``<out>/cells/``), then the image means, so a
     finished image always has its cells on disk (see :func:`msnoop.embed.cells.drop_orphan_cells` for the other case).
+
+    ``out_dir`` is a local folder or a URI (``storage``: its :class:`~msnoop.core.storage.StorageConfig`; credentials
+    come from the task's environment). Each part is named by :func:`msnoop.core.parts.block_key` of the image ids
+    it holds, so a retried task replaces its parts instead of adding a second copy of the rows.
     """
     if not isinstance(meta, pa.Table):
         import ray
@@ -49,12 +55,15 @@ def write_block(
         assert cells_schema is not None
         cell_table = cells_table(meta, rows, batch, ok, cells_schema)
         if cell_table is not None:
-            parts.write_part(cell_table, Path(out_dir) / CELLS, provenance=provenance)
+            key = block_key(cell_table.column(ID_COLUMN).to_pylist())
+            parts.write_part(cell_table, st.join(out_dir, CELLS), provenance=provenance, storage=storage, key=key)
             n_cells = cell_table.num_rows
     if ok.any():
         extra = {c: np.asarray(batch[c], dtype=np.int64)[ok] for c in (CELL_COUNT, CELLS_FOUND)} if cells else {}
         table = with_embeddings(meta.take(pa.array(rows[ok])), extra, np.asarray(batch["embedding"])[ok], schema)
-        parts.write_part(table, Path(out_dir) / parts.EMBEDDINGS, provenance=provenance)
+        key = block_key(table.column(ID_COLUMN).to_pylist())
+        out = st.join(out_dir, parts.EMBEDDINGS)
+        parts.write_part(table, out, provenance=provenance, storage=storage, key=key)
     if (~ok).any():
         bad = meta.take(pa.array(rows[~ok])).to_pydict()
         paths = [
@@ -67,7 +76,8 @@ def write_block(
             {ID_COLUMN: [str(v) for v in bad[ID_COLUMN]], "path": paths, "reason": [str(e) for e in error[~ok]]},
             schema=parts.ERRORS_SCHEMA,
         )
-        parts.write_part(err, Path(out_dir) / parts.ERRORS)
+        key = block_key(err.column(ID_COLUMN).to_pylist())
+        parts.write_part(err, st.join(out_dir, parts.ERRORS), storage=storage, key=key)
     return {"n_ok": np.array([int(ok.sum())]), "n_err": np.array([int((~ok).sum())]), "n_cells": np.array([n_cells])}
 
 

@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from msnoop.core.config import StrictModel as _Strict
+from msnoop.core.storage import Location
 
 
 #: The image table's id column and the prefix of its per-channel path columns (``Metadata_Path_<channel>``).
@@ -30,7 +31,7 @@ class InputConfig(_Strict):
     names the channel and whose other fields become ``Metadata_*`` columns.
     """
 
-    manifest: Path | None = None
+    manifest: Location | None = Field(None, description="CSV/Parquet manifest: a path or a URI (s3://bucket/m.csv)")
     loaddata: Path | None = None
     folder: Path | None = None
     ome_zarr: Path | None = Field(
@@ -43,7 +44,9 @@ class InputConfig(_Strict):
     channel_columns: dict[str, str] | None = Field(None, description="manifest column holding each channel's path")
     channel_values: dict[str, str] | None = Field(None, description="folder inputs: {channel} value of each channel")
     id_column: str | None = Field(None, description="column with a unique image id; default derived from paths")
-    root: Path | None = Field(None, description="base folder for relative paths; default the manifest's folder")
+    root: Location | None = Field(
+        None, description="base folder (or URI) for relative paths; default the manifest's folder"
+    )
     limit: int | None = Field(None, ge=1, description="embed only the first N images (smoke runs)")
     dtypes: dict[str, Literal["str", "int", "float", "bool"]] | None = Field(
         None,

@@ -15,15 +15,18 @@ Rules that keep every row and its metadata as the user wrote them:
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from msnoop.core import storage as st
 from msnoop.core.config import ConfigError
 from msnoop.io.config import ID_COLUMN, PATH_PREFIX, InputConfig, path_column
 
@@ -31,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 
 
-def _read_table(path: Path, dtypes: dict[str, str] | None = None) -> pd.DataFrame:
+def _read_table(path: Path | str, dtypes: dict[str, str] | None = None, storage: Any = None) -> pd.DataFrame:
     """Read a manifest as written: CSV cells are text (``'0001'`` stays ``'0001'``), blank cells are nulls.
 
     ``dtypes`` (``input.dtypes``) converts named CSV columns to ``str``/``int``/``float``/``bool`` (pandas
@@ -40,7 +43,14 @@ def _read_table(path: Path, dtypes: dict[str, str] | None = None) -> pd.DataFram
     Raises:
         ConfigError: Missing file, unknown format, or a value that does not convert to its declared type.
     """
-    if not path.is_file():
+    source: Any = path
+    if st.is_uri(path):  # fetched whole (a manifest is small) through the storage layer
+        try:
+            source = io.BytesIO(st.read_bytes(path, storage))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"manifest {path} cannot be read: {exc}") from None
+        path = Path(str(path).rsplit("/", 1)[-1])  # only its suffixes are used below
+    elif not path.is_file():
         raise ConfigError(f"manifest {path} does not exist")
     suffixes = "".join(path.suffixes).lower()
     if suffixes.endswith(".parquet"):
@@ -48,12 +58,12 @@ def _read_table(path: Path, dtypes: dict[str, str] | None = None) -> pd.DataFram
             raise ConfigError(
                 f"input.dtypes applies to CSV manifests; {path} is Parquet and keeps its own column types"
             )
-        return pd.read_parquet(path)
+        return pd.read_parquet(source)
     if not suffixes.endswith((".csv", ".csv.gz", ".tsv", ".txt")):
         raise ConfigError(f"manifest {path}: expected a .csv, .csv.gz or .parquet file, found {path.suffix!r}")
     # keep_default_na=False: 'NA', 'null', 'None' are gene/compound names in real screens; only blanks are missing
     df = pd.read_csv(
-        path, dtype=str, keep_default_na=False, na_values=[""], sep="\t" if suffixes.endswith(".tsv") else ","
+        source, dtype=str, keep_default_na=False, na_values=[""], sep="\t" if suffixes.endswith(".tsv") else ","
     )
     df = df.astype(object).where(df.notna(), None)
     for col, kind in (dtypes or {}).items():
@@ -97,7 +107,7 @@ def _metadata_name(col: str) -> str:
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
 
 
-def resolve_path(p: object, root: Path) -> str | None:
+def resolve_path(p: object, root: Path | str) -> str | None:
     """One manifest path, resolved once: absolute local path, or a URI kept as written.
 
     Relative paths are relative to ``root`` (the manifest's folder or ``input.root``); ``~`` is expanded;
@@ -119,6 +129,8 @@ def resolve_path(p: object, root: Path) -> str | None:
             s = f"//{u.netloc}{s}"
     elif _URI.match(s):
         return s
+    elif st.is_uri(root) and not os.path.isabs(s):  # relative to a manifest on object storage
+        return str(st.join(root, s))
     q = Path(s).expanduser()
     return os.path.normpath(q if q.is_absolute() else root.absolute() / q)
 
@@ -135,10 +147,10 @@ def _collisions(columns: list[str], source: Path) -> None:
         seen[name] = col
 
 
-def _from_manifest(cfg: InputConfig) -> pd.DataFrame:
+def _from_manifest(cfg: InputConfig, storage: Any = None) -> pd.DataFrame:
     assert cfg.manifest is not None
-    df = _read_table(cfg.manifest, cfg.dtypes)
-    root = cfg.root or cfg.manifest.parent
+    df = _read_table(cfg.manifest, cfg.dtypes, storage)
+    root = source_root(cfg)
     mapping = dict(cfg.channel_columns or {})
     for ch in cfg.channels:
         if ch in mapping:
@@ -258,19 +270,24 @@ def _from_folder(cfg: InputConfig) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def image_id(path: str | None, root: Path) -> str | None:
+def image_id(path: str | None, root: Path | str) -> str | None:
     """The default id of an image: its first channel's path relative to ``root``, without suffix.
 
     The id depends on that one path only (adding rows never changes other rows' ids). A path outside
-    ``root`` gives its absolute path without suffix; a URI is its own id (without suffix).
+    ``root`` gives its absolute path without suffix; a URI is its own id (without suffix), except under a URI
+    ``root`` (a manifest on object storage), where it is relative to it like a local path.
     """
     if not path:
         return None
-    if _URI.match(path):
+    prefix = str(root).rstrip("/") + "/"
+    if _URI.match(path) and st.is_uri(root) and path.startswith(prefix):
+        p = Path(path[len(prefix) :])  # relative to the manifest's URI folder, as local paths are to theirs
+    elif _URI.match(path):
         return re.sub(r"\.[A-Za-z0-9]{1,5}$", "", path)
-    base = os.path.normpath(root.absolute())
-    rel = os.path.relpath(path, base)
-    p = Path(path if rel == os.pardir or rel.startswith(os.pardir + os.sep) else rel)
+    else:
+        base = os.path.normpath(Path(root).absolute())
+        rel = os.path.relpath(path, base)
+        p = Path(path if rel == os.pardir or rel.startswith(os.pardir + os.sep) else rel)
     name = p.name
     for suffix in (".ome.tiff", ".ome.tif", ".ome.zarr"):
         if name.lower().endswith(suffix):
@@ -278,16 +295,19 @@ def image_id(path: str | None, root: Path) -> str | None:
     return p.with_suffix("").as_posix() if p.suffix else p.as_posix()
 
 
-def source_root(cfg: InputConfig) -> Path:
+def source_root(cfg: InputConfig) -> Path | str:
+    """Base of relative paths and ids: ``input.root``, else the manifest's folder (a URI for a manifest URI)."""
     if cfg.root is not None:
         return cfg.root
     src = cfg.manifest or cfg.loaddata
+    if isinstance(src, str):
+        return src.rsplit("/", 1)[0]
     if src is not None:
         return src.parent
     return cfg.folder if cfg.folder is not None else Path(cfg.ome_zarr).parent  # type: ignore[arg-type]
 
 
-def load_image_table(cfg: InputConfig) -> pd.DataFrame:
+def load_image_table(cfg: InputConfig, *, storage: Any = None) -> pd.DataFrame:
     """Read the job's inputs into the image table (see module docstring).
 
     Metadata values are kept as written (CSV text stays text, blanks are None; Parquet types kept);
@@ -299,7 +319,7 @@ def load_image_table(cfg: InputConfig) -> pd.DataFrame:
             ids repeat.
     """
     if cfg.manifest is not None:
-        df = _from_manifest(cfg)
+        df = _from_manifest(cfg, storage)
     elif cfg.loaddata is not None:
         df = _from_loaddata(cfg)
     elif getattr(cfg, "ome_zarr", None) is not None:

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
+
+from msnoop.core.storage import is_uri
 
 TIFF_SUFFIXES = {".tif", ".tiff"}
 PIL_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
@@ -56,17 +58,19 @@ def _ome_channel_names(ome_xml: str | None) -> list[str] | None:
     return None
 
 
-def _read_raw(path: Path) -> tuple[np.ndarray, str, list[str] | None]:
-    """``(array, axes, OME channel names or None)``."""
+def _read_raw(path: Path, data: Any = None) -> tuple[np.ndarray, str, list[str] | None]:
+    """``(array, axes, OME channel names or None)``; ``data`` (a binary file object) is decoded instead of ``path``,
+    whose suffix then only says the format."""
     suffix = path.suffix.lower()
-    if path.is_dir() or ".zarr" in path.as_posix():
+    source: Any = path if data is None else data
+    if data is None and (path.is_dir() or ".zarr" in path.as_posix()):
         from msnoop.io.omezarr import read_zarr_image
 
         return read_zarr_image(path)
     if suffix in TIFF_SUFFIXES:
         import tifffile
 
-        with tifffile.TiffFile(path) as tif:
+        with tifffile.TiffFile(source) as tif:
             series = tif.series[0]
             arr = series.asarray()
             axes = series.axes
@@ -75,11 +79,11 @@ def _read_raw(path: Path) -> tuple[np.ndarray, str, list[str] | None]:
     if suffix in PIL_SUFFIXES:
         from PIL import Image
 
-        with Image.open(path) as img:
+        with Image.open(source) as img:
             img.load()
             arr = np.asarray(img)
     elif suffix in NPY_SUFFIXES:
-        arr = np.load(path, allow_pickle=False)
+        arr = np.load(source, allow_pickle=False)
     else:
         raise ImageReadError(
             path, f"unsupported file type {suffix!r}; expected one of .tif/.tiff/.png/.jpg/.bmp/.npy or an OME-Zarr"
@@ -89,6 +93,35 @@ def _read_raw(path: Path) -> tuple[np.ndarray, str, list[str] | None]:
     else:
         axes = "Q" * max(arr.ndim - 2, 0) + "YX"[-min(arr.ndim, 2) :] if arr.ndim else ""
     return arr, axes, None
+
+
+def _read_channels_uri(uri: str, channels: list[int | str | None], *, z: ZPolicy, storage: Any) -> list[np.ndarray]:
+    """:func:`read_channels` for an object storage URI: one GET of the whole object, decoded from memory."""
+    import io
+
+    from msnoop.core.storage import read_bytes
+
+    if ".zarr" in uri:
+        raise ImageReadError(uri, "OME-Zarr images are read from local paths only")
+    try:
+        data = read_bytes(uri, storage)
+    except FileNotFoundError:
+        raise ImageReadError(uri, "file not found") from None
+    except (OSError, ValueError) as exc:  # the SDK's network / permission errors; StorageError: unknown scheme
+        raise ImageReadError(uri, f"could not read ({exc})") from None
+    try:
+        arr, axes, names = _read_raw(Path(uri.rsplit("/", 1)[-1]), io.BytesIO(data))
+    except ImageReadError:
+        raise
+    except Exception as exc:  # decoders raise many types for corrupt/truncated data
+        raise ImageReadError(uri, f"could not decode ({type(exc).__name__}: {exc})") from exc
+    out = []
+    for channel in channels:  # as in read_channels
+        plane = select_plane(np.asarray(arr), axes, uri, channel=channel, names=names, z=z)
+        if plane.dtype.kind not in "uifb":
+            raise ImageReadError(uri, f"expected a numeric image, found dtype {plane.dtype}")
+        out.append(plane.astype(np.float32, copy=False))
+    return out
 
 
 def _drop(arr: np.ndarray, axes: str, i: int, index: int | None = None) -> tuple[np.ndarray, str]:
@@ -188,12 +221,20 @@ def _decode(path: Path, what: str) -> tuple[np.ndarray, str, list[str] | None]:
         raise ImageReadError(path, f"could not decode{what} ({type(exc).__name__}: {exc})") from exc
 
 
-def read_channels(path: str | Path, channels: list[int | str | None], *, z: ZPolicy = "refuse") -> list[np.ndarray]:
+def read_channels(
+    path: str | Path, channels: list[int | str | None], *, z: ZPolicy = "refuse", storage: Any = None
+) -> list[np.ndarray]:
     """Several channels of one file (decoded once): one ``[H, W]`` float32 plane per entry of ``channels``.
+
+    ``path`` may be an object storage URI (``s3://bucket/x.tif``): the object is fetched whole through
+    :mod:`msnoop.core.storage` (``storage``: its :class:`~msnoop.core.storage.StorageConfig`, default the
+    environment) and decoded from memory (TIFF, PNG/JPEG/BMP, NPY; OME-Zarr only as a local path).
 
     Raises:
         ImageReadError: As :func:`read_image`.
     """
+    if is_uri(path):
+        return _read_channels_uri(str(path), channels, z=z, storage=storage)
     path = Path(path)
     if not (path.is_file() or (path.is_dir() and ".zarr" in path.as_posix())):
         raise ImageReadError(path, "file not found")

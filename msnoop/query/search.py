@@ -13,7 +13,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from msnoop.core import storage as st
 from msnoop.core.parts import ID_COLUMN, RUN_FILE
+from msnoop.core.storage import StorageConfig
 from msnoop.io.readers import check_image, read_image
 from msnoop.models.checkpoint import CheckpointError, resolve_model
 from msnoop.preprocess.presets import Preprocessing
@@ -28,35 +30,49 @@ class TableRef:
     name: str
 
 
-def open_results(target: str | Path, table: str | None = None) -> TableRef:
-    """Open the LanceDB table of a job output folder, or ``table`` in the LanceDB at ``target``."""
-    target_path = Path(target)
-    run_dir: Path | None = None
-    if (target_path / RUN_FILE).is_file():
-        import json
+def open_results(target: str | Path, table: str | None = None, *, storage: StorageConfig | None = None) -> TableRef:
+    """Open the LanceDB table of a job output folder, or ``table`` in the LanceDB at ``target``.
 
-        run = json.loads((target_path / RUN_FILE).read_text())
+    ``target`` may be a local folder or an object storage URI (``s3://bucket/run1``): ``run.json`` is read
+    through :mod:`msnoop.core.storage` and LanceDB is connected with the same endpoint settings (``storage``,
+    default the environment: ``AWS_ENDPOINT_URL``...; credentials from the environment).
+
+    Raises:
+        ValueError: ``target`` is not an output folder and no ``table`` is given, or its table is not written yet.
+        KeyError: The LanceDB has no such table.
+    """
+    import json
+
+    run_dir: str | Path | None = None
+    run_file = st.join(target, RUN_FILE)
+    try:
+        is_run = st.exists(run_file, storage)
+    except st.StorageError:  # a LanceDB-only scheme (db://, LanceDB Cloud): not a folder msnoop reads itself
+        is_run = False
+    if is_run:
+        run = json.loads(st.read_text(run_file, storage))
         uri, name = run["lancedb"], table or run["table"]
-        if not Path(uri).is_absolute() and not Path(uri).exists():
-            uri = str(target_path / "lancedb")
-        run_dir = target_path
+        if not st.is_uri(uri) and not Path(uri).is_absolute() and not Path(uri).exists():
+            uri = str(st.join(target, "lancedb"))
+        run_dir = target
     else:
         if table is None:
             raise ValueError(
                 f"{target} is not an msnoop output folder (no {RUN_FILE}); give a LanceDB URI with --table NAME"
             )
         uri, name = str(target), table
+    options = st.storage_options(uri, storage) or None
     if run_dir is not None:
         try:
-            tbl = open_table(uri, name)
+            tbl = open_table(uri, name, storage_options=options)
         except KeyError:
             raise ValueError(
                 f"{target}: the LanceDB table {name!r} has not been written yet (the embed run that writes it did "
                 f"not finish, or ran with output.write_lance: false). Re-run `msnoop embed "
-                f"{run_dir / 'resolved_config.yaml'}` to finish it: images already embedded are kept and skipped"
+                f"{st.join(run_dir, 'resolved_config.yaml')}` to finish it: images already embedded are kept and skipped"
             ) from None
         return TableRef(table=tbl, info=table_info(tbl), uri=uri, name=name)
-    tbl = open_table(uri, name)
+    tbl = open_table(uri, name, storage_options=options)
     return TableRef(table=tbl, info=table_info(tbl), uri=uri, name=name)
 
 

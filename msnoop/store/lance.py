@@ -123,10 +123,15 @@ def table_names(db: Any) -> list[str]:
             return names
 
 
-def open_table(uri: str, name: str) -> Any:
+def open_table(uri: str, name: str, *, storage_options: dict[str, str] | None = None) -> Any:
+    """Table ``name`` of the LanceDB at ``uri`` (``storage_options``: see :func:`msnoop.core.storage.storage_options`).
+
+    Raises:
+        KeyError: No such table (the message lists the tables there).
+    """
     import lancedb
 
-    db = lancedb.connect(uri)
+    db = lancedb.connect(uri, storage_options=storage_options)
     names = table_names(db)
     if name not in names:
         raise KeyError(f"LanceDB at {uri} has no table {name!r}; tables: {sorted(names)}")

@@ -8,7 +8,9 @@ from typing import Any
 
 import numpy as np
 
+from msnoop.core import storage as st
 from msnoop.core.parts import emb_columns, iter_batches
+from msnoop.core.storage import StorageConfig
 from msnoop.correct.normalize import DEFAULT_POSTPROCESS, POSTPROCESS_CHOICES, Standardizer
 from msnoop.store.index import ensure_index
 from msnoop.store.lance import build_frame_table, build_table, open_table
@@ -28,8 +30,14 @@ def publish_embeddings(
     schema: Any = None,
     cells_schema: Any = None,
     postprocess: str = DEFAULT_POSTPROCESS,
+    storage: StorageConfig | None = None,
+    ray_remote_args: dict[str, Any] | None = None,
 ) -> int:
     """(Re)build LanceDB table ``table`` (and ``<table>_cells``) from Parquet parts; returns the row count.
+
+    When the database or the parts are on object storage (``s3://...``), the tables are written by Ray tasks
+    (:func:`msnoop.store.lance_ray.build_table_ray`: needs a Ray session) so rows never pass through the driver;
+    local ones are streamed by the driver (:func:`msnoop.store.lance.build_table`).
 
     Args:
         uri: LanceDB URI (a folder for an embedded database).
@@ -41,6 +49,8 @@ def publish_embeddings(
         cells_folder: Cells-mode parts, published as ``<table>_cells`` (no index).
         schema, cells_schema: The run's Parquet schemas (``pyarrow.Schema``): every part is read with them, so
             the table's column types are the manifest's whatever each part holds.
+        storage: Object storage settings of ``uri`` and the parts (default: the environment).
+        ray_remote_args: Options of the Ray write tasks (e.g. ``runtime_env``) on object storage.
         postprocess: ``"standardize"`` stores each vector z-scored per dimension over all rows of the parts
             (fitted without labels, :class:`msnoop.correct.normalize.Standardizer`; its mean and scale go into the
             table's metadata as ``info["postprocess"]`` so a new query image is transformed alike); ``"raw"``
@@ -49,15 +59,24 @@ def publish_embeddings(
     Raises:
         ValueError: Parts disagree with ``info["embed_dim"]``.
     """
-    info, transform = _postprocessing(parts_folder, info, postprocess)
-    n_rows = build_table(uri, table, parts_folder, dim=info["embed_dim"], info=info, schema=schema, transform=transform)
+    remote = st.is_uri(uri) or st.is_uri(parts_folder)
+
+    def build(name: str, folder: str | Path, **kw: Any) -> int:
+        if remote:
+            from msnoop.store.lance_ray import build_table_ray
+
+            return build_table_ray(uri, name, folder, storage=storage, ray_remote_args=ray_remote_args, **kw)
+        return build_table(uri, name, folder, **kw)
+
+    info, transform = _postprocessing(parts_folder, info, postprocess, storage)
+    n_rows = build(table, parts_folder, dim=info["embed_dim"], info=info, schema=schema, transform=transform)
     if n_rows and index != "none":
-        done = ensure_index(open_table(uri, table), kind=index, threshold_rows=index_threshold)  # type: ignore[arg-type]
+        tbl = open_table(uri, table, storage_options=st.storage_options(uri, storage) or None)
+        done = ensure_index(tbl, kind=index, threshold_rows=index_threshold)  # type: ignore[arg-type]
         logger.info("vector index: %s", done)
     if cells_folder is not None:
-        cells_info, cells_transform = _postprocessing(cells_folder, info, postprocess)
-        build_table(
-            uri,
+        cells_info, cells_transform = _postprocessing(cells_folder, info, postprocess, storage)
+        build(
             f"{table}_cells",
             cells_folder,
             dim=info["embed_dim"],
@@ -68,7 +87,9 @@ def publish_embeddings(
     return n_rows
 
 
-def _postprocessing(parts_folder: str | Path, info: dict[str, Any], method: str) -> tuple[dict[str, Any], Any]:
+def _postprocessing(
+    parts_folder: str | Path, info: dict[str, Any], method: str, storage: StorageConfig | None = None
+) -> tuple[dict[str, Any], Any]:
     """``(info with its "postprocess" record, the batch transform or None)`` for the parts in ``parts_folder``.
 
     Standardisation is fitted in one streamed pass over the parts (float64 sums: memory is ``O(D)``).
@@ -78,15 +99,15 @@ def _postprocessing(parts_folder: str | Path, info: dict[str, Any], method: str)
     if method != "standardize":
         raise ValueError(f"unknown post-processing {method!r}; expected one of {', '.join(POSTPROCESS_CHOICES)}")
     n, total, total_sq = 0, None, None
-    for batch in iter_batches(parts_folder, columns=emb_columns(int(info["embed_dim"]))):
+    for batch in iter_batches(parts_folder, columns=emb_columns(int(info["embed_dim"])), storage=storage):
         X = np.column_stack([c.to_numpy(zero_copy_only=False) for c in batch.columns]).astype(np.float64)
         total = X.sum(axis=0) if total is None else total + X.sum(axis=0)
         total_sq = (X**2).sum(axis=0) if total_sq is None else total_sq + (X**2).sum(axis=0)
         n += len(X)
     if n == 0:
         return {**info, "postprocess": {"method": "raw"}}, None
-    st = Standardizer.from_moments(n, total, total_sq)
-    return {**info, "postprocess": st.to_dict()}, st.transform
+    std = Standardizer.from_moments(n, total, total_sq)
+    return {**info, "postprocess": std.to_dict()}, std.transform
 
 
 #: The tables a profile job writes, in the order they are published (the last is what ``msnoop search OUT`` opens).
