@@ -215,3 +215,14 @@ def test_sql_filter_on_a_wide_fragmented_table_keeps_row_order_and_does_not_copy
         warnings.simplefilter("error")
         mask = filter_mask(df, "Metadata_Plate = 'P2' AND Cells_F7 > 0.5")
     np.testing.assert_array_equal(mask, (df["Metadata_Plate"].eq("P2") & df["Cells_F7"].gt(0.5)).to_numpy())
+
+
+def test_post_processing_choices_agree_between_the_embed_config_and_msnoop_correct():
+    """embed (a lower layer) cannot import msnoop.correct, so its config spells the choices out: keep them in step."""
+    import typing
+
+    from msnoop.correct.normalize import DEFAULT_POSTPROCESS, POSTPROCESS_CHOICES
+    from msnoop.embed.config import OutputConfig
+
+    field = OutputConfig.model_fields["postprocess"]
+    assert typing.get_args(field.annotation) == POSTPROCESS_CHOICES and field.default == DEFAULT_POSTPROCESS

@@ -145,7 +145,7 @@ def run(
     try:
         _, summary = run_job(cfg)
     except (ConfigError, ValueError, FileNotFoundError, KeyError, ImportError) as exc:
-        fail(str(exc).strip("'\""))
+        fail(message(exc))
     except RuntimeError as exc:
         fail(str(exc), EXIT_FAILED)
     if summary:

@@ -33,6 +33,7 @@ from pydantic import Field
 
 from msnoop.core.config import StrictModel as _Strict
 from msnoop.core.config import read_yaml, save_resolved, validate_config
+from msnoop.correct.normalize import DEFAULT_POSTPROCESS, Postprocess
 from msnoop.embed.config import EmbedJob
 
 logger = logging.getLogger(__name__)
@@ -72,8 +73,8 @@ class BenchJob(_Strict):
     pixel_channels: list[str] | None = Field(None, description="channels for pixels_pca (default: all)")
     pca_components: int = Field(32, ge=1)
     tasks: list[BenchTask] = Field(..., min_length=1)
-    postprocess: Literal["standardize", "raw"] = Field(
-        "standardize",
+    postprocess: Postprocess = Field(
+        DEFAULT_POSTPROCESS,
         description="applied to every row's features (embeddings and baselines alike) before the kNN: "
         "'standardize' as msnoop knn / search do by default, 'raw' as stored",
     )
