@@ -167,7 +167,37 @@ class MicrosnoopCNN(nn.Module):
         """Embedding of each image: ``[N, 1, H, W] -> [N, depths[-1]]``, L2-normalised."""
         return style_vector(self.encoder(x)[-1])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Reconstruction: ``[N, in, H, W] -> [N, out, H, W]``; H and W must be multiples of 8."""
-        maps = self.encoder(x)
-        return self.decoder(maps, style_vector(maps[-1]))
+    def forward(
+        self, x: torch.Tensor, skip_keep: torch.Tensor | None = None, view2: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Reconstruction: ``[N, in, H, W] -> [N, out, H, W]``; H and W must be multiples of 8.
+
+        The two optional arguments serve pretraining recipes (``msnoop.train``); inference passes neither.
+
+        Args:
+            x: ``[N, in, H, W]`` input.
+            skip_keep: ``[N, 1, H, W]`` 0/1 map; every skip connection except the deepest map is multiplied
+                by it (average-pooled to the skip's resolution), so that where it is 0 the decoder can only
+                use what reached the deepest map (skips dropped over masked patches).
+            view2: ``[N, in, H, W]`` a second view of the same images, run through the encoder only, in the
+                same batch as ``x`` (one forward call, as DistributedDataParallel requires).
+
+        Returns:
+            The reconstruction, or with ``view2`` a tuple ``(reconstruction, z1 [N, C], z2 [N, C])`` of the
+            deepest map's global average (before the L2 normalisation of the embedding) for both views.
+        """
+        n = x.shape[0]
+        maps = self.encoder(x if view2 is None else torch.cat([x, view2]))
+        z = maps[-1].mean(dim=(-2, -1))  # [N or 2N, C]
+        if view2 is not None:
+            maps = [m[:n] for m in maps]
+        if skip_keep is not None:
+            keep = skip_keep.to(maps[0].dtype)
+            maps = [
+                m * F.avg_pool2d(keep, x.shape[-1] // m.shape[-1]) if level < len(maps) - 1 else m
+                for level, m in enumerate(maps)
+            ]
+        pred = self.decoder(maps, style_vector(maps[-1]))
+        if view2 is None:
+            return pred
+        return pred, z[:n], z[n:]

@@ -129,6 +129,23 @@ def average_text(job: PretrainJob) -> str:
     return "averaged over the batch"
 
 
+def recipe_text(job: PretrainJob) -> str:
+    """What the recipe adds to Microsnoop's masked reconstruction (``mask.skips``, ``agreement``), or ``""``."""
+    parts = []
+    if job.mask.skips == "drop_masked":
+        parts.append(
+            "skip connections above the deepest map zeroed over masked patches (`mask.skips: drop_masked`), so "
+            "masked pixels are reconstructed through the deepest map"
+        )
+    a = job.agreement
+    if a.weight > 0:
+        parts.append(
+            f"plus {a.weight:g} x a VICReg term (invariance {a.invariance:g}, variance {a.variance:g}, covariance "
+            f"{a.covariance:g}; Bardes et al. 2022) between the pooled deepest maps of two views of each crop"
+        )
+    return (" " + "; ".join(parts) + ".") if parts else ""
+
+
 def fidelity_text(job: PretrainJob) -> str:
     """How closely the masking follows Microsnoop's (for the card's limitations)."""
     changes = []
@@ -136,6 +153,10 @@ def fidelity_text(job: PretrainJob) -> str:
         changes.append("masks drawn on image content only")
     if job.mask.average != "batch":
         changes.append("a per-image loss mean")
+    if job.mask.skips != "keep":
+        changes.append("skips dropped over masked patches")
+    if job.agreement.weight > 0:
+        changes.append("an embedding agreement term")
     if not changes:
         return "the published masking and network exactly"
     return f"the published network and masking ratio, with msnoop's changes ({' and '.join(changes)})"
@@ -203,7 +224,7 @@ percentile, no clipping) after padding. Trained on {job.data.crop_size} px crops
 ## Pretraining task
 Masked reconstruction: {job.mask.patch_size}x{job.mask.patch_size} patches, {job.mask.ratio:.0%} zero-filled per image
 {mask_text(job)}; loss = MSE on
-{"masked pixels" if job.mask.loss == "masked" else "the whole image"}, {average_text(job)}. AdamW (lr {job.optim.lr:g}, betas
+{"masked pixels" if job.mask.loss == "masked" else "the whole image"}, {average_text(job)}.{recipe_text(job)} AdamW (lr {job.optim.lr:g}, betas
 {tuple(job.optim.betas)}, weight decay {job.optim.weight_decay:g}, no decay on norms/biases), {job.warmup_steps} warm-up
 steps then cosine decay to {job.optim.min_lr_ratio:g}x, gradient clipping {job.optim.grad_clip}; batch
 {job.train.batch_size} per worker x {world} worker(s); seed {job.train.seed}; bf16 autocast `amp: {job.train.amp}`

@@ -21,6 +21,11 @@ class SourceConfig(_Strict):
     name: str = Field(..., pattern=r"^[A-Za-z0-9_\-.]+$", description="short name used in the card and figure")
     input: InputConfig
     weight: float = Field(1.0, gt=0, description="multiplies the source's sampling probability")
+    where: str | None = Field(
+        None,
+        description="SQL filter on the source's image table (msnoop's filter dialect), e.g. "
+        "\"Metadata_source = 'bccd_blood_cells'\" to make one source of each part of a shared manifest",
+    )
 
 
 class AugmentConfig(_Strict):
@@ -87,6 +92,29 @@ class MaskConfig(_Strict):
         description="loss mean over the batch's masked pixels, or per image then over images (a small cell in a "
         "padded canvas then weighs as much as a full field)",
     )
+    skips: Literal["keep", "drop_masked"] = Field(
+        "keep",
+        description="keep: the U-Net's skip connections as in Microsnoop; drop_masked: every skip but the deepest "
+        "map is zeroed over masked patches, so masked pixels must be reconstructed through the deepest map "
+        "(the one that is embedded)",
+    )
+
+
+class AgreementConfig(_Strict):
+    """An embedding-level term added to the masked loss: VICReg (Bardes et al., ICLR 2022) on two views.
+
+    The second view of each crop is the same crop with its own flips / 90-degree rotation, intensity
+    jitter and mask; both run through the encoder in one batch (the decoder runs once), and the term
+    compares the global averages of their deepest maps (``[B, 256]``, the embedding before L2
+    normalisation), without a projector. Loss = ``weight * (invariance * MSE(z1, z2) + variance *
+    (hinge(1 - std z1) + hinge(1 - std z2)) / 2 + covariance * (off-diagonal cov(z1)^2 + cov(z2)^2) / d)``,
+    the coefficients as in VICReg (25, 25, 1).
+    """
+
+    weight: float = Field(0.0, ge=0, description="0 = off (Microsnoop's recipe)")
+    invariance: float = Field(25.0, ge=0)
+    variance: float = Field(25.0, ge=0)
+    covariance: float = Field(1.0, ge=0)
 
 
 class OptimConfig(_Strict):
@@ -106,6 +134,12 @@ class TrainConfig(_Strict):
     checkpoint_every: int = Field(500, ge=1, description="steps between resumable checkpoints")
     max_minutes: float | None = Field(
         None, gt=0, description="wall-clock budget; training stops cleanly and writes outputs"
+    )
+    max_cpu_minutes: float | None = Field(
+        None,
+        gt=0,
+        description="CPU-time budget of the training process (all its threads, time.process_time), for arms "
+        "compared at equal compute on a shared machine; training stops cleanly and writes outputs",
     )
     amp: Literal["cuda", "auto", "off"] = Field(
         "cuda",
@@ -159,6 +193,7 @@ class PretrainJob(_Strict):
     data: DataConfig
     model: ModelConfig = ModelConfig()
     mask: MaskConfig = MaskConfig()
+    agreement: AgreementConfig = AgreementConfig()
     optim: OptimConfig = OptimConfig()
     train: TrainConfig
     output: PretrainOutputConfig

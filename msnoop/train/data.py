@@ -114,6 +114,10 @@ class ChannelPool:
         self.stats: list[SourceStats] = []
         for src in sources:
             table = load_image_table(src.input)
+            if src.where:
+                from msnoop.core.filters import select_rows
+
+                table = select_rows(table, src.where, what=f"data.sources[{src.name}].where")
             paths, ids = [], []
             for ch in src.input.channels:
                 for image_id, p in zip(table[ID_COLUMN], table[path_column(ch)], strict=True):

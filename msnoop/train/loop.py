@@ -87,6 +87,58 @@ def reconstruction_loss(
     return (per_image * counted).sum() / counted.sum().clamp_min(1.0)
 
 
+def second_view(crops: torch.Tensor, job: PretrainJob, generator: torch.Generator) -> torch.Tensor:
+    """Another view of each crop for the agreement term: own flips / 90° rotation, intensity jitter and mask.
+
+    Args:
+        crops: ``[B, 1, S, S]`` normalised crops (already augmented once by the pool).
+        job: ``data.augment.intensity_jitter`` and the mask settings are reused.
+        generator: The step's random stream (CPU), so a step stays a pure function of ``(seed, rank, step)``.
+
+    Returns:
+        ``[B, 1, S, S]`` float32, on ``crops``' device.
+    """
+    b = crops.shape[0]
+    draw = torch.randint(0, 8, (b,), generator=generator).tolist()
+    views = []
+    for i, d in enumerate(draw):
+        v = torch.rot90(crops[i], d % 4, dims=(-2, -1))
+        views.append(torch.flip(v, dims=(-1,)) if d >= 4 else v)
+    out = torch.stack(views)
+    j = job.data.augment.intensity_jitter
+    if j > 0:
+        gain = 1 + j * (2 * torch.rand(b, 1, 1, 1, generator=generator) - 1)
+        offset = j / 2 * (2 * torch.rand(b, 1, 1, 1, generator=generator) - 1)
+        out = out * gain.to(out.device) + offset.to(out.device)
+    masked, _ = mask_images(out, job.mask.ratio, job.mask.patch_size, generator=generator, select=job.mask.select)
+    return masked
+
+
+def vicreg_terms(z1: torch.Tensor, z2: torch.Tensor, eps: float = 1e-4) -> dict[str, torch.Tensor]:
+    """VICReg's three terms for two ``[B, D]`` batches of embeddings (Bardes et al., ICLR 2022, eq. 1-4).
+
+    Returns:
+        ``invariance`` (mean squared difference), ``variance`` (hinge on each dimension's standard
+        deviation below 1, averaged over both views) and ``covariance`` (sum of squared off-diagonal
+        covariances / D, averaged over both views), each a scalar tensor.
+    """
+    d = z1.shape[1]
+
+    def var(z: torch.Tensor) -> torch.Tensor:
+        return torch.relu(1 - torch.sqrt(z.var(dim=0) + eps)).mean()
+
+    def cov(z: torch.Tensor) -> torch.Tensor:
+        zc = z - z.mean(dim=0)
+        c = (zc.T @ zc) / max(z.shape[0] - 1, 1)  # [D, D]
+        return (c.pow(2).sum() - c.diagonal().pow(2).sum()) / d
+
+    return {
+        "invariance": torch.nn.functional.mse_loss(z1, z2),
+        "variance": (var(z1) + var(z2)) / 2,
+        "covariance": (cov(z1) + cov(z2)) / 2,
+    }
+
+
 @dataclass
 class TrainState:
     """Everything needed to continue a run exactly: network, optimiser, schedule, step, loss history."""
@@ -196,9 +248,22 @@ def train_step(state: TrainState, crops: torch.Tensor, job: PretrainJob, *, gene
     masked, mask = mask_images(
         crops, job.mask.ratio, job.mask.patch_size, generator=generator, select=job.mask.select
     )  # [B, 1, S, S] x2
+    kwargs: dict[str, torch.Tensor] = {}
+    if job.mask.skips == "drop_masked":
+        kwargs["skip_keep"] = 1.0 - mask
+    agree = job.agreement.weight > 0
+    if agree:
+        kwargs["view2"] = second_view(crops, job, generator)
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=uses_bf16(job.train.amp, device)):
-        pred = state.net(masked)  # [B, 1, S, S]
+        out = state.net(masked, **kwargs)  # [B, 1, S, S], or with view2 (pred, z1 [B, C], z2 [B, C])
+    pred = out[0] if agree else out
     loss = reconstruction_loss(pred, crops, mask, job.mask.loss, job.mask.average)
+    if agree:
+        terms = vicreg_terms(out[1].float(), out[2].float())
+        a = job.agreement
+        loss = loss + a.weight * (
+            a.invariance * terms["invariance"] + a.variance * terms["variance"] + a.covariance * terms["covariance"]
+        )
     if not torch.isfinite(loss):
         raise FloatingPointError(
             f"loss is {loss.item()} at step {state.step} (lr {state.scheduler.get_last_lr()[0]:.3g}); "

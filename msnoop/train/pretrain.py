@@ -145,8 +145,13 @@ def train_func(config: dict[str, Any]) -> None:
     log_path = Path(job.output.dir) / LOG_FILE
     t_start = time.time()
 
+    cpu_budget = job.train.max_cpu_minutes * 60 if job.train.max_cpu_minutes is not None else None
+    cpu0 = time.process_time()  # this process, all threads: a budget that other jobs on the machine do not eat
+
     def should_stop(_: TrainState) -> bool:
-        flag = torch.tensor([1.0 if deadline is not None and time.time() > deadline else 0.0], device=device)
+        late = deadline is not None and time.time() > deadline
+        spent = cpu_budget is not None and time.process_time() - cpu0 > cpu_budget
+        flag = torch.tensor([1.0 if late or spent else 0.0], device=device)
         if world > 1 and dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops at the same step
         return bool(flag.item() > 0)
@@ -154,7 +159,13 @@ def train_func(config: dict[str, Any]) -> None:
     def on_log(record: dict[str, float]) -> None:
         if rank != 0:
             return
-        line = {"time": time.time(), "elapsed_s": round(time.time() - t_start, 3), "world_size": world, **record}
+        line = {
+            "time": time.time(),
+            "elapsed_s": round(time.time() - t_start, 3),
+            "cpu_s": round(time.process_time() - cpu0, 2),
+            "world_size": world,
+            **record,
+        }
         with open(log_path, "a") as fh:
             fh.write(json.dumps(line) + "\n")
         logger.info(
