@@ -10,6 +10,7 @@ from msnoop.core import storage as st
 from msnoop.core.actors import ActorsSetting, parse_actors
 from msnoop.core.config import StrictModel as _Strict
 from msnoop.core.runtime import AMP_HELP
+from msnoop.core.runtime_env import RuntimeEnvConfig, runtime_env_field
 from msnoop.core.storage import Location, StorageConfig
 from msnoop.io.config import InputConfig
 from msnoop.preprocess.config import PreprocessConfig
@@ -154,6 +155,7 @@ class EmbedJob(_Strict):
     output: OutputConfig
     runtime: RuntimeConfig = RuntimeConfig()
     cells: CellsConfig | None = Field(None, description="full-field cells mode; absent = embed whole images")
+    runtime_env: RuntimeEnvConfig | None = runtime_env_field()
     storage: StorageConfig | None = Field(
         None,
         description="object storage settings (endpoint_url, region, allow_http, anonymous); unset fields come from "
