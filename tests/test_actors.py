@@ -112,8 +112,9 @@ def test_embed_config_actors_property_over_generated_values():
             assert again.runtime.actors == got
             accepted += 1
         else:
-            with pytest.raises(ConfigError, match=r"runtime\.actors"):
+            with pytest.raises(ConfigError, match=r"runtime\.actors") as err:
                 _embed(value)
+            assert str(err.value).count("runtime.actors") == 1, str(err.value)  # one line, not one per union arm
             rejected += 1
     assert accepted > 50 and rejected > 50  # both sides of the rule were exercised
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class ActorRange(BaseModel):
@@ -24,27 +24,36 @@ class ActorRange(BaseModel):
     @model_validator(mode="after")
     def _ordered(self) -> ActorRange:
         if self.min > self.max:
-            raise ValueError(f"actors: min ({self.min}) must not exceed max ({self.max})")
+            raise ValueError(f"min ({self.min}) must not exceed max ({self.max})")
         return self
 
 
 #: the type of a ``runtime.actors`` config field
 ActorsSetting = int | ActorRange | Literal["auto"]
-_ADAPTER: TypeAdapter[Any] = TypeAdapter(ActorsSetting)
 
 
 def parse_actors(value: Any) -> int | ActorRange | Literal["auto"]:
     """Validate a ``runtime.actors`` value: ``4``, ``{"min": 1, "max": 8}`` or ``"auto"``.
 
     Raises:
-        ValueError: A number below 1, a boolean or a fraction.
-        pydantic.ValidationError: Anything else (min > max, unknown keys, other strings).
+        ValueError: Anything else (0, negative, a boolean, a fraction, min > max, unknown keys, other strings),
+            in one line that names what was found.
     """
-    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-        raise ValueError(f"actors: expected a pool size >= 1, {{min, max}} or 'auto', found {value!r}")
-    if isinstance(value, int | float) and value < 1:
-        raise ValueError(f"actors: expected a pool size >= 1, {{min, max}} or 'auto', found {value}")
-    return _ADAPTER.validate_python(value)
+    if isinstance(value, ActorRange) or value == "auto":
+        return value
+    if isinstance(value, dict):
+        try:
+            return ActorRange.model_validate(value)
+        except ValidationError as err:
+            reasons = []
+            for e in err.errors():
+                msg = e["msg"].removeprefix("Value error, ")
+                reasons.append(f"{'.'.join(map(str, e['loc']))}: {msg}" if e["loc"] else msg)
+            raise ValueError(f"actors: {'; '.join(reasons)}") from None
+    number = value if isinstance(value, int | float) and not isinstance(value, bool) else None
+    if number is not None and float(number).is_integer() and number >= 1:
+        return int(number)
+    raise ValueError("actors: expected a pool size >= 1, {min: 1, max: 8} or 'auto'")
 
 
 def pool_bounds(
