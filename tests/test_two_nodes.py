@@ -1,5 +1,7 @@
 """A real two-node Ray cluster on 127.0.0.1: work forced onto the second node writes to S3 (moto) and
-the driver sees all of it."""
+the driver sees all of it; the embed job with its actors pinned to the second node (``runtime.actor_resources``)
+reads its manifest and images from S3 and writes there; losing that node mid-run and re-running loses and
+duplicates nothing. One cluster for the module (each test's driver is a subprocess; see tests/ray_two_nodes.py)."""
 
 from __future__ import annotations
 
@@ -186,6 +188,11 @@ def test_second_node_lost_mid_run_then_rerun_completes_once(ray_two_nodes, s3, s
     cfg["output"]["write_lance"] = False  # the parts are what a lost node can corrupt; LanceDB is built from them
     code = EMBED_DRIVER.format(cfg=json.dumps(cfg))
     done_folder = storage.join(out, parts.EMBEDDINGS)
+    t0 = time.perf_counter()
+
+    def phase(what: str) -> None:  # shown by pytest when the test fails
+        print(f"{time.perf_counter() - t0:6.1f} s  {what}")
+
     first = ray_two_nodes.start_driver(code, tmp_path / "first.log")
     try:
         deadline = time.time() + 240
@@ -193,17 +200,21 @@ def test_second_node_lost_mid_run_then_rerun_completes_once(ray_two_nodes, s3, s
             assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
             assert time.time() < deadline, "no part written within 240 s"
             time.sleep(0.2)
+        phase("first part written")
         assert ray_two_nodes.kill_second_node() >= 2  # its raylet and at least its log monitor or a worker
+        phase("second node killed")
     finally:
         stop_process(first)  # the run that lost its node ends (here: stopped, as a user would)
         if not ray_two_nodes.second_node_processes():
             ray_two_nodes.start_second_node()  # the node comes back (also when an assertion above failed)
+            phase("second node back")
     done = parts.count_rows(done_folder, storage=s3.config) + parts.count_rows(
         storage.join(out, parts.ERRORS), storage=s3.config
     )
     assert 0 < done < N_IMAGES, f"the kill came too late to interrupt the run ({done} of {N_IMAGES} done)"
 
     result = ray_two_nodes.run_driver(code, timeout=300)
+    phase(f"re-run done: {result}")
     assert result["skipped"] == done and result["embedded"] + result["errors"] == N_IMAGES - done
     assert (result["rows_total"], result["errors_total"]) == (N_IMAGES - len(BAD_ROWS), len(BAD_ROWS))
     assert len(result["worker_node"]) == 1 and result["actor_nodes"] == result["worker_node"]  # the new node
