@@ -14,58 +14,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel
 
 from msnoop.core.config import absolutize, config_hash, config_to_yaml
+from msnoop.core.runtime_env import SECRET_MARKERS, RuntimeEnvOptions, redact_runtime_env
 
 logger = logging.getLogger(__name__)
 
+__all__ = [
+    "SECRET_MARKERS",
+    "RuntimeEnvOptions",
+    "Submission",
+    "dashboard_address",
+    "follow_job",
+    "job_runtime_env",
+    "job_status",
+    "redact_runtime_env",
+    "submit_job",
+]
+
 DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
 CONFIG_NAME = "msnoop_job.yaml"
-
-
-#: environment variable names whose values are never printed (the equivalent command shows ***)
-SECRET_MARKERS = ("SECRET", "KEY", "TOKEN", "PASSWORD", "CREDENTIAL", "SESSION")
-
-
-class RuntimeEnvOptions(BaseModel):
-    """What the job's processes get on the cluster beyond the config (a Ray ``runtime_env``).
-
-    ``pip``: packages installed into a per-job virtualenv on every node; ``image_uri``: run the job's
-    workers in this container image (Ray's ``image_uri`` runtime_env, needs podman on the nodes; on
-    KubeRay use the RayCluster's image instead); ``env_vars``: set on every worker. Secrets belong
-    in the cluster's environment (Kubernetes secrets, instance roles), not here: values of names
-    containing KEY/SECRET/TOKEN/PASSWORD are masked in what msnoop prints, but Ray stores a job's
-    runtime_env in its job table.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    pip: list[str] = Field(default_factory=list, description="pip requirements, e.g. ['msnoop==0.1.0']")
-    image_uri: str | None = Field(None, description="container image for the job's workers")
-    env_vars: dict[str, str] = Field(default_factory=dict)
-
-    @model_validator(mode="after")
-    def _one_isolation(self) -> RuntimeEnvOptions:
-        if self.pip and self.image_uri:
-            raise ValueError("runtime_env: give pip packages or an image_uri, not both (Ray rejects the pair)")
-        return self
-
-    def to_runtime_env(self, working_dir: str) -> dict[str, Any]:
-        env: dict[str, Any] = {"working_dir": working_dir, "env_vars": {"PYTHONUNBUFFERED": "1", **self.env_vars}}
-        if self.pip:
-            env["pip"] = list(self.pip)
-        if self.image_uri:
-            env["image_uri"] = self.image_uri
-        return env
-
-
-def redact_runtime_env(runtime_env: dict[str, Any]) -> dict[str, Any]:
-    """A copy of ``runtime_env`` with the values of secret-looking ``env_vars`` replaced by ``***``."""
-    out = dict(runtime_env)
-    env = out.get("env_vars") or {}
-    out["env_vars"] = {k: ("***" if any(m in k.upper() for m in SECRET_MARKERS) else v) for k, v in env.items()}
-    return out
 
 
 @dataclass
@@ -75,6 +44,12 @@ class Submission:
     entrypoint: str
     working_dir: str
     equivalent_command: str
+
+
+def job_runtime_env(cfg: BaseModel, options: RuntimeEnvOptions | None = None) -> RuntimeEnvOptions:
+    """The config's ``runtime_env:`` section (if its job kind has one) merged with ``options`` (options win)."""
+    base = getattr(cfg, "runtime_env", None) or RuntimeEnvOptions()
+    return base.merged(options)
 
 
 def dashboard_address(address: str | None) -> str:
@@ -122,17 +97,28 @@ def submit_job(
     installed (the Docker image does, or ``runtime_env.pip``). ``python`` defaults to this interpreter
     for a local cluster and ``python`` otherwise. Local paths in the config are made absolute; URIs
     (``s3://...``) are kept as they are.
+
+    The job's Ray ``runtime_env`` is the config's ``runtime_env:`` section with ``runtime_env`` (the command
+    line's options) on top (:meth:`RuntimeEnvOptions.merged`: options win); ``${NAME}`` values are read from
+    this process's environment. The uploaded config keeps the ``${NAME}`` references, and the printed
+    equivalent command masks secret values (:func:`redact_runtime_env`).
+
+    Raises:
+        ValueError: A ``${NAME}`` value whose variable is not set here.
+        ConnectionError: No Jobs API at the address.
     """
     addr = dashboard_address(address)
     cfg = absolutize(cfg)
     local = any(h in addr for h in ("127.0.0.1", "localhost"))
     interpreter = python or (sys.executable if local else "python")
+    options = job_runtime_env(cfg, runtime_env)
+    options.resolved_env_vars()  # before anything is written: an unset ${NAME} fails here
     workdir = Path(tempfile.mkdtemp(prefix="msnoop_job_"))
     (workdir / CONFIG_NAME).write_text(config_to_yaml(cfg))
     entrypoint = f"{shlex.quote(interpreter)} -m msnoop run {CONFIG_NAME}"
     kind = getattr(cfg, "job", "job")
     sid = job_id or f"msnoop-{kind}-{config_hash(cfg)}-{int(time.time())}"
-    runtime_env = (runtime_env or RuntimeEnvOptions()).to_runtime_env(str(workdir))
+    runtime_env = options.to_runtime_env(str(workdir))
     client = _client(addr)
     job = client.submit_job(
         entrypoint=entrypoint, runtime_env=runtime_env, submission_id=sid, metadata={"msnoop_job": str(kind)}
@@ -141,6 +127,7 @@ def submit_job(
         f"ray job submit --address {addr} --submission-id {sid} "
         f"--runtime-env-json {shlex.quote(json.dumps(redact_runtime_env(runtime_env)))} -- {entrypoint}"
     )
+    logger.debug("submitted %s with runtime_env %s", sid, redact_runtime_env(runtime_env))
     return Submission(
         job_id=job, address=addr, entrypoint=entrypoint, working_dir=str(workdir), equivalent_command=equivalent
     )

@@ -14,7 +14,11 @@ forced onto it with ``resources={"worker_node": ...}``. Both get:
   (both default to fixed ports, so a second node on the same host would collide);
 - ``--temp-dir`` only on the head: a node that joins puts its files in the head's session folder
   under the same root (one ``session_*`` folder for both nodes, measured), so both share it;
-- extra environment (e.g. S3 credentials) on both nodes, as a cluster's nodes would have it.
+- extra environment (e.g. S3 credentials) on both nodes, as a cluster's nodes would have it;
+- short GCS health checks (``RAY_health_check_*``), so that a killed node is declared dead in ~3 s.
+
+The second node can be lost and brought back (:meth:`TwoNodeCluster.kill_second_node`, ``start_second_node``):
+its daemons are the processes that its ``ray start`` added, and its workers run under its raylet.
 
 Drivers run in a subprocess (``run_driver``): the session-wide ``ray_cluster`` fixture's in-process
 ``ray.init`` cannot be attached to another cluster at the same time. Stopped at the end by pid, not
@@ -34,7 +38,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,17 +58,77 @@ class TwoNodeCluster:
     temp_dir: str
     env: dict[str, str]
     pids: list[int] = field(default_factory=list)
+    join_args: list[str] = field(default_factory=list)  # the second node's `ray start` arguments
+    start_env: dict[str, str] = field(default_factory=dict)  # the environment both nodes were started with
+    second_pids: list[int] = field(default_factory=list)  # the second node's own daemons (raylet, log monitor)
 
-    def run_driver(self, code: str, timeout: float = 240) -> dict:
-        """Run ``code`` as a driver in a fresh Python attached to the cluster; returns the JSON it prints last."""
-        env = {
+    def driver_env(self) -> dict[str, str]:
+        return {
             **os.environ,
             **self.env,
             "RAY_ADDRESS": self.address,
             "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
         }
+
+    def start_driver(self, code: str, log: Path) -> subprocess.Popen:
+        """Start ``code`` as a driver attached to the cluster in its own process group, output to ``log``.
+
+        The caller stops it (:func:`stop_process`) in a ``finally``.
+        """
+        with open(log, "w") as out:
+            return subprocess.Popen(
+                [sys.executable, "-c", code],
+                env=self.driver_env(),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def second_node_processes(self) -> list[psutil.Process]:
+        """The second node's daemons and every process under them (its workers, agents)."""
+        out: list[psutil.Process] = []
+        for pid in self.second_pids:
+            try:
+                root = psutil.Process(pid)
+                out += [root, *root.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                continue
+        return out
+
+    def kill_second_node(self) -> int:
+        """SIGKILL the second node's raylet, workers and helpers, as if its machine were lost; returns how many."""
+        procs = self.second_node_processes()
+        for p in procs:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(procs, timeout=10)
+        return len(procs)
+
+    def start_second_node(self) -> None:
+        """(Re)start the second node (same resources) and wait until the head sees it alive."""
+        before = {p.pid for p in self.processes()}
+        _ray_start(self.join_args, self.start_env)
+        self.second_pids = [p.pid for p in self.processes() if p.pid not in before and _is_daemon(p)]
+        self.wait_nodes(2)
+
+    def wait_nodes(self, n: int, timeout: float = 90) -> list[dict]:
+        """Wait until exactly ``n`` nodes are alive; returns their ``ray.nodes()`` records."""
+        alive = self.run_driver(_WAIT_NODES.format(n=n, timeout=timeout), timeout=timeout + 60)
+        if len(alive) != n:
+            raise RuntimeError(f"expected {n} alive nodes in {self.address}, found {len(alive)}")
+        return alive
+
+    def run_driver(self, code: str, timeout: float = 240) -> dict:
+        """Run ``code`` as a driver in a fresh Python attached to the cluster; returns the JSON it prints last."""
         proc = subprocess.run(
-            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout, check=False
+            [sys.executable, "-c", code],
+            env=self.driver_env(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
         )
         if proc.returncode != 0:
             raise AssertionError(f"driver failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
@@ -110,6 +173,29 @@ sys.exit(main())
 """
 
 
+# A driver that waits (inside one process: a driver takes seconds to start) until n nodes are alive.
+_WAIT_NODES = """
+import json, time, ray
+ray.init(log_to_driver=False)
+deadline = time.time() + {timeout}
+while True:
+    alive = [n for n in ray.nodes() if n["Alive"]]
+    if len(alive) == {n} or time.time() > deadline:
+        break
+    time.sleep(0.5)
+print(json.dumps([{{"NodeID": n["NodeID"], "Resources": n["Resources"]}} for n in alive]))
+"""
+
+
+def _is_daemon(p: psutil.Process) -> bool:
+    """A node's own long-lived process (raylet, log monitor), not a `ray start` CLI that is about to exit."""
+    try:
+        cmd = " ".join(p.cmdline())
+    except psutil.NoSuchProcess:
+        return False
+    return "raylet" in cmd or "log_monitor" in cmd
+
+
 def _ray_start(args: list[str], env: dict[str, str]) -> None:
     head = "--head" in args
     cmd = [RAY, "start", *args] if head else [sys.executable, "-c", _JOIN, *args]
@@ -126,6 +212,11 @@ def start_two_nodes(extra_env: dict[str, str] | None = None):  # type: ignore[no
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
         "RAY_AUTH_MODE": "disabled",
         "RAY_USAGE_STATS_ENABLED": "0",
+        # a lost node is declared dead after ~3 s instead of ~15-30 s (defaults: every 3 s, 5 misses)
+        "RAY_health_check_initial_delay_ms": "1000",
+        "RAY_health_check_period_ms": "1000",
+        "RAY_health_check_timeout_ms": "1000",
+        "RAY_health_check_failure_threshold": "3",
         "PYTHONPATH": str(Path(__file__).resolve().parents[1]),  # workers import this checkout's msnoop
         **(extra_env or {}),
     }
@@ -149,33 +240,36 @@ def start_two_nodes(extra_env: dict[str, str] | None = None):  # type: ignore[no
             ],
             env,
         )
-        _ray_start(
-            [
-                f"--address=127.0.0.1:{port}",
-                '--resources={"worker_node": 1}',
-                f"--dashboard-agent-listen-port={free_port()}",
-                f"--metrics-export-port={free_port()}",
-                "--object-store-memory=300000000",
-                *common,
-            ],
-            env,
-        )
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            alive = cluster.run_driver(
-                "import ray, json; ray.init(log_to_driver=False); "
-                "print(json.dumps([n['Resources'] for n in ray.nodes() if n['Alive']]))"
-            )
-            if len(alive) == 2:
-                break
-            time.sleep(1)
-        else:
-            raise RuntimeError(f"second Ray node did not join {cluster.address}")
+        cluster.join_args = [
+            f"--address=127.0.0.1:{port}",
+            '--resources={"worker_node": 1}',
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
+            "--object-store-memory=300000000",
+            *common,
+        ]
+        cluster.start_env = env
+        cluster.start_second_node()
         cluster.pids = [p.pid for p in cluster.processes()]
         yield cluster
     finally:
         stop(cluster, env)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 10) -> None:
+    """Stop a process started with ``start_new_session=True`` and everything in its process group."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=timeout)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # what is left of the group (the leader may have gone first)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=timeout)
 
 
 def stop(cluster: TwoNodeCluster, env: dict[str, str]) -> None:
@@ -186,7 +280,8 @@ def stop(cluster: TwoNodeCluster, env: dict[str, str]) -> None:
             p.send_signal(signal.SIGTERM)
         except psutil.NoSuchProcess:
             pass
-    _, alive = psutil.wait_procs(procs, timeout=10)
+    # the GCS server and the autoscaler monitor were still up 10 s after SIGTERM (measured): don't wait for them
+    _, alive = psutil.wait_procs(procs, timeout=3)
     for p in alive:
         try:
             p.kill()

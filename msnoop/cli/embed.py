@@ -37,8 +37,18 @@ def _embed_overrides(**given: Any) -> list[tuple[str, Any]]:
             continue
         if arg == "channels":
             value = [c.strip() for c in str(value).split(",") if c.strip()]
+        if arg == "actors":
+            value = _actors_option(str(value))
         out.append((keys[arg], str(value) if isinstance(value, Path) else value))
     return out
+
+
+def _actors_option(text: str) -> Any:
+    """``--actors``: ``4`` -> 4, ``1:8`` -> ``{"min": 1, "max": 8}``, ``auto`` as is (validated with the config)."""
+    lo, sep, hi = text.strip().partition(":")
+    if sep:
+        return {"min": int(lo), "max": int(hi)} if lo.isdigit() and hi.isdigit() else text
+    return int(text) if text.strip().lstrip("-").isdigit() else text.strip()
 
 
 def print_embed_result(result: Any) -> None:
@@ -87,7 +97,10 @@ def embed(
     limit: Annotated[int | None, typer.Option(help="only the first N images")] = None,
     id_column: Annotated[str | None, typer.Option(help="manifest column with unique image ids")] = None,
     batch_size: Annotated[int | None, typer.Option(help="tiles per forward pass")] = None,
-    actors: Annotated[int | None, typer.Option(help="embedding actors (one GPU each where present)")] = None,
+    actors: Annotated[
+        str | None,
+        typer.Option(help="embedding actors (one GPU each where present): N, MIN:MAX (a pool that grows) or auto"),
+    ] = None,
     num_cpus: Annotated[int | None, typer.Option(help="CPUs of a local Ray cluster")] = None,
     address: Annotated[str | None, typer.Option(help="Ray address (default RAY_ADDRESS or a local cluster)")] = None,
     strict: Annotated[bool, typer.Option("--strict", help="stop at the first bad image")] = False,

@@ -33,6 +33,8 @@ T = TypeVar("T", bound=BaseModel)
 
 
 def _format_errors(err: ValidationError, source: str) -> str:
+    from msnoop.core.runtime_env import is_secret_name, redact_value
+
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
@@ -43,7 +45,9 @@ def _format_errors(err: ValidationError, source: str) -> str:
         elif not e["loc"] and e["type"] == "value_error":  # a whole-job check: the message says it all
             lines.append(f"  {e['msg'].removeprefix('Value error, ')}")
         else:
-            found = repr(e.get("input"))
+            # never echo a secret: values under secret-looking keys and credentials in URLs are masked
+            secret = any(is_secret_name(str(p)) for p in e["loc"])
+            found = "'***'" if secret else repr(redact_value(e.get("input")))
             found = found if len(found) <= 120 else found[:117] + "..."
             lines.append(f"  {loc}: {e['msg']} (found {found})")
     return f"invalid config {source}:\n" + "\n".join(lines)
@@ -141,6 +145,7 @@ def config_hash(cfg: BaseModel) -> str:
     data = json.loads(cfg.model_dump_json())
     data.pop("runtime", None)
     data.pop("storage", None)  # where the bytes go (endpoint, region) does not change results
+    data.pop("runtime_env", None)  # how `msnoop submit` sets up the job's processes does not either
     if data.get("job") == "embed" and data.get("cells") is None:
         data.pop("cells", None)  # hashes of whole-image jobs stay as they were before cells mode existed
     if data.get("job") == "embed":  # input options added later change no hash while at their defaults

@@ -31,6 +31,7 @@ from pydantic import Field, field_validator
 
 from msnoop.core.config import StrictModel as _Strict
 from msnoop.core.config import save_resolved
+from msnoop.core.runtime_env import RuntimeEnvConfig, runtime_env_field
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +103,7 @@ class ProfileJob(_Strict):
     aggregate: AggregateConfig = Field(default_factory=AggregateConfig)
     treatments: TreatmentConfig = Field(default_factory=TreatmentConfig)
     output: ProfileOutput
+    runtime_env: RuntimeEnvConfig | None = runtime_env_field()
 
 
 def join_metadata(df: pd.DataFrame, spec: MetadataJoin, *, source: str) -> pd.DataFrame:

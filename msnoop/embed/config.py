@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from msnoop.core import storage as st
+from msnoop.core.actors import ActorsSetting, parse_actors
 from msnoop.core.config import StrictModel as _Strict
 from msnoop.core.runtime import AMP_HELP
+from msnoop.core.runtime_env import RuntimeEnvConfig, runtime_env_field
 from msnoop.core.storage import Location, StorageConfig
 from msnoop.io.config import InputConfig
 from msnoop.preprocess.config import PreprocessConfig
@@ -50,7 +52,20 @@ class RuntimeConfig(_Strict):
     object_store_mb: int | None = Field(None, ge=100)
     batch_size: int = Field(64, ge=1, description="one-channel tiles per forward pass")
     images_per_block: int = Field(64, ge=1, description="images per Ray Data block (read/preprocess task)")
-    actors: int = Field(1, ge=1, description="embedding actors in the pool (one GPU each where GPUs exist)")
+    actors: ActorsSetting = Field(
+        1,
+        description="embedding actors: a fixed pool size N; {min: 1, max: 8} for a pool that Ray Data grows "
+        "from min to max as blocks queue up (on an autoscaling cluster the pending actors' requests bring nodes "
+        "up); or 'auto' = one per GPU of the cluster, or without GPUs one per actor_cpus share of its CPUs "
+        "(capped by actor_resources). One GPU each where GPUs exist",
+    )
+    actor_resources: dict[str, float] = Field(
+        {},
+        description="custom Ray resources each embedding actor requests, e.g. {gpu_node: 1} to run the actors "
+        "only on nodes started with --resources='{\"gpu_node\": 8}', or {'accelerator_type:A100': 0.001} for a "
+        "GPU type. Writing stays a CPU task on any node, and so does reading with GPUs (without GPUs reading is "
+        "fused into the actors)",
+    )
     actor_cpus: float | None = Field(None, gt=0, description="CPUs per embedding actor; default 1 with GPUs, else 0.5")
     use_gpu: Literal["auto", "yes", "no"] = "auto"
     amp: Literal["cuda", "auto", "off"] = Field("cuda", description=AMP_HELP)
@@ -68,6 +83,27 @@ class RuntimeConfig(_Strict):
         "read and write storage (Ray runtime_env), e.g. AWS_ACCESS_KEY_ID for a local cluster started before they "
         "were set; on a multi-node cluster set credentials on the nodes instead",
     )
+
+    @field_validator("actors", mode="before")
+    @classmethod
+    def _actors(cls, value: object) -> object:
+        return parse_actors(value)
+
+    @field_validator("actor_resources")
+    @classmethod
+    def _custom_resources(cls, value: dict[str, float]) -> dict[str, float]:
+        builtin = {
+            "CPU": "; set runtime.actor_cpus",
+            "GPU": "; set runtime.use_gpu",
+            "memory": "",
+            "object_store_memory": "",
+        }
+        for name, amount in value.items():
+            if name in builtin:
+                raise ValueError(f"{name!r} is a built-in Ray resource, not a custom one{builtin[name]}")
+            if not amount > 0:
+                raise ValueError(f"{name!r}: expected an amount > 0 per actor, found {amount}")
+        return value
 
 
 class CellsConfig(_Strict):
@@ -119,6 +155,7 @@ class EmbedJob(_Strict):
     output: OutputConfig
     runtime: RuntimeConfig = RuntimeConfig()
     cells: CellsConfig | None = Field(None, description="full-field cells mode; absent = embed whole images")
+    runtime_env: RuntimeEnvConfig | None = runtime_env_field()
     storage: StorageConfig | None = Field(
         None,
         description="object storage settings (endpoint_url, region, allow_http, anonymous); unset fields come from "

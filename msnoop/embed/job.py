@@ -85,6 +85,7 @@ class EmbedResult:
 
 
 def _resources(cfg: EmbedJob) -> tuple[bool, dict[str, Any]]:
+    """``(use_gpu, Ray options of each embedding actor)``: ``num_cpus``, ``num_gpus`` with GPUs, ``resources``."""
     import ray
 
     total_gpus = ray.cluster_resources().get("GPU", 0)
@@ -96,7 +97,43 @@ def _resources(cfg: EmbedJob) -> tuple[bool, dict[str, Any]]:
     res: dict[str, Any] = {"num_cpus": cpus}
     if use_gpu:
         res["num_gpus"] = 1
+    if cfg.runtime.actor_resources:
+        res["resources"] = dict(cfg.runtime.actor_resources)
     return use_gpu, res
+
+
+def actor_pool_bounds(
+    cfg: EmbedJob, res: dict[str, Any], cluster: dict[str, float], task_cpus: float
+) -> tuple[int, int]:
+    """``(min_size, max_size)`` of the embedding actors: :func:`msnoop.core.actors.pool_bounds` of ``runtime.actors``.
+
+    ``auto`` leaves ``task_cpus`` (one read or write task) beside the actors: with every CPU taken by actors the
+    read and write tasks never start and the pipeline hangs (ENVIRONMENT.md). A pool whose minimum does not fit the
+    cluster now is logged: the job waits until it does (an autoscaler adds nodes).
+    """
+    from msnoop.core.actors import pool_bounds
+
+    gpus = float(res.get("num_gpus", 0.0))
+    custom = res.get("resources") or {}
+    lo, hi = pool_bounds(
+        cfg.runtime.actors,
+        cluster,
+        cpus_per_actor=float(res["num_cpus"]),
+        gpus_per_actor=gpus,
+        custom=custom,
+        reserve_cpus=task_cpus,
+    )
+    room = {"CPU": float(res["num_cpus"]), **({"GPU": gpus} if gpus else {}), **custom}
+    short = [
+        f"{k} {lo * v:g} > {cluster.get(k, 0.0):g}" for k, v in room.items() if lo * v > cluster.get(k, 0.0) + 1e-9
+    ]
+    if short:
+        logger.warning(
+            "runtime.actors: %d actor(s) at least, but the cluster has too little now (%s); the job waits for them",
+            lo,
+            ", ".join(short),
+        )
+    return lo, hi
 
 
 def run_info(cfg: EmbedJob, model: LoadedModel, spec: Preprocessing) -> dict[str, Any]:
@@ -186,8 +223,8 @@ def build_dataset(
     detectors = getattr(ctx, "issue_detectors_config", None)
     if detectors is not None and hasattr(detectors, "high_memory_detector_config"):
         detectors.high_memory_detector_config.detection_time_interval_s = 600
-    n_cpus = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
-    threads = None if use_gpu else max(1, n_cpus // cfg.runtime.actors)
+    cluster = ray.cluster_resources()
+    n_cpus = int(cluster.get("CPU", os.cpu_count() or 1))
     cells = cells_spec(cfg)
     masks_dir = str(st.join(out_dir, MASKS)) if cfg.cells is not None and cfg.cells.save_masks else None
     channels = list(cfg.input.channels)
@@ -203,18 +240,24 @@ def build_dataset(
     frames = [light.iloc[i : i + block] for i in range(0, len(light), block)]
     # Read/write tasks take a fraction of a CPU on small clusters, so that they and the actor pool
     # always fit together (on 1-2 CPUs, whole-CPU tasks next to an actor would wait forever).
-    task_cpus = min(1.0, float(ray.cluster_resources().get("CPU", 1)) / 8)
+    task_cpus = min(1.0, float(cluster.get("CPU", 1)) / 8)
+    lo, hi = actor_pool_bounds(cfg, res, cluster, task_cpus)
+    threads = None if use_gpu else max(1, n_cpus // hi)
     # Without GPUs, reading asks for what the actor asks for, so Ray Data fuses it into the actor: tiles
     # never cross processes and no reader process competes with the actor's torch threads (with the
     # sleeping OpenMP threads above, jobs/bench_embed.py's Ray / bare ratio went from 0.81 to 0.90 on
     # 2 cores). With GPUs, CPU tasks read so that the GPU actors only embed.
+    # (On CPUs the read tasks also ask for the actors' custom resources, or the two would not fuse.)
     read_cpus = task_cpus if use_gpu else float(res["num_cpus"])
+    read_custom = {"resources": res["resources"]} if not use_gpu and "resources" in res else {}
+    logger.info("embedding actor pool: %d to %d actor(s), each %s", lo, hi, res)
     ds = ray.data.from_pandas(frames)
     ds = ds.map_batches(
         read_and_prepare,
         batch_format="pandas",
         batch_size=None,
         num_cpus=read_cpus,
+        **read_custom,
         **(worker_env_args(cfg) if remote_inputs else {}),  # tasks reading s3://... images need the credentials
         fn_kwargs={
             "channels": channels,
@@ -230,7 +273,7 @@ def build_dataset(
     ds = ds.map_batches(
         EmbedActor,
         batch_size=block,
-        compute=ray.data.ActorPoolStrategy(size=cfg.runtime.actors),
+        compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
         fn_constructor_kwargs={
             "model": ray.put(model),
             "batch_size": cfg.runtime.batch_size,

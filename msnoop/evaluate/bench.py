@@ -33,6 +33,7 @@ from pydantic import Field
 
 from msnoop.core.config import StrictModel as _Strict
 from msnoop.core.config import read_yaml, save_resolved, validate_config
+from msnoop.core.runtime_env import RuntimeEnvConfig, runtime_env_field
 from msnoop.correct.normalize import DEFAULT_POSTPROCESS, Postprocess
 from msnoop.embed.config import EmbedJob
 
@@ -80,6 +81,7 @@ class BenchJob(_Strict):
     )
     output: BenchOutput
     runtime: BenchRuntime = Field(default_factory=BenchRuntime)
+    runtime_env: RuntimeEnvConfig | None = runtime_env_field()
 
 
 def slug(model: str) -> str:

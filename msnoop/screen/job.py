@@ -42,6 +42,7 @@ from pydantic import Field, field_validator
 
 from msnoop.core.config import StrictModel as _Strict
 from msnoop.core.config import save_resolved
+from msnoop.core.runtime_env import RuntimeEnvConfig, runtime_env_field
 from msnoop.correct.profile import MetadataJoin
 
 logger = logging.getLogger(__name__)
@@ -85,6 +86,7 @@ class ScreenJob(_Strict):
     )
     readout: ScreenReadout = Field(default_factory=ScreenReadout)
     output: ScreenOutput
+    runtime_env: RuntimeEnvConfig | None = runtime_env_field()
 
 
 def read_cells_table(path: Path) -> pd.DataFrame:

@@ -32,6 +32,7 @@ from pydantic import Field
 
 from msnoop.core.config import StrictModel as _Strict
 from msnoop.core.config import save_resolved
+from msnoop.core.runtime_env import RuntimeEnvConfig, runtime_env_field
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ class SegTrainJob(_Strict):
     train: SegTrainParams = Field(default_factory=SegTrainParams)
     output: SegTrainOutput
     use_gpu: Literal["auto", "yes", "no"] = "auto"
+    runtime_env: RuntimeEnvConfig | None = runtime_env_field()
 
 
 def find_pairs(images: Path, masks: Path, *, limit: int | None = None) -> tuple[list[tuple[Path, Path]], list[Path]]:

@@ -12,6 +12,7 @@ from pydantic import Field, field_validator, model_validator
 
 from msnoop.core.config import StrictModel as _Strict
 from msnoop.core.runtime import AMP_HELP
+from msnoop.core.runtime_env import RuntimeEnvConfig, runtime_env_field
 from msnoop.io.config import InputConfig
 
 
@@ -198,6 +199,7 @@ class PretrainJob(_Strict):
     train: TrainConfig
     output: PretrainOutputConfig
     runtime: PretrainRuntimeConfig = PretrainRuntimeConfig()
+    runtime_env: RuntimeEnvConfig | None = runtime_env_field()
 
     @model_validator(mode="after")
     def _geometry(self) -> PretrainJob:
