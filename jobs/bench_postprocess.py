@@ -83,7 +83,7 @@ def dataset_table(
     name: str, data: Path, malaria_n: int, yeast_n: int = 0, seed: int = 0
 ) -> tuple[pd.DataFrame, list[str], dict]:
     """Image table (``Metadata_Path_<ch>`` + label columns), channel list and the evaluation protocol."""
-    from msnoop.config import InputConfig
+    from msnoop.io.config import InputConfig
     from msnoop.io.manifest import load_image_table
 
     if name == "yeast":
@@ -437,7 +437,7 @@ def main() -> None:
         "rows": rows,
         "centres": centres,
     }
-    from msnoop.runtime import provenance
+    from msnoop.core.runtime import provenance
 
     record["provenance"] = provenance()
     out = Path(args.out)
