@@ -144,7 +144,12 @@ def _s3_path(location: str) -> str:
 @functools.lru_cache(maxsize=32)
 def _s3_filesystem(cfg_json: str, short_timeouts: bool) -> pafs.S3FileSystem:
     cfg = StorageConfig.model_validate_json(cfg_json)
-    kwargs: dict[str, Any] = {"anonymous": cfg.anonymous}
+    # allow_delayed_open: an object smaller than one upload part (parts, run.json) goes up as a single PutObject
+    # when the stream closes; without it pyarrow opens a multipart upload for every object, 3 requests instead of
+    # 1 (measured against moto on 127.0.0.1, pyarrow 26: 15 ms -> 4 ms per 100 kB object; tests/test_s3_requests.py).
+    # Errors (a missing bucket, wrong keys) then come at close instead of at open: every write here writes and
+    # closes in one call, so they still surface from the same call.
+    kwargs: dict[str, Any] = {"anonymous": cfg.anonymous, "allow_delayed_open": True}
     if cfg.region:
         kwargs["region"] = cfg.region
     if cfg.endpoint_url:
