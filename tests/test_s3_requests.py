@@ -7,48 +7,15 @@ and run.json msnoop writes (see the comment in ``msnoop.core.storage._s3_filesys
 
 from __future__ import annotations
 
-import logging
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from s3_server import request_log
 
 from msnoop.core import parts, storage
-
-
-class _Lines(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
-
-
-@contextmanager
-def request_log(prefix: str) -> Iterator[list[str]]:
-    """``METHOD path?query`` of every request the in-process moto server serves under ``/<prefix>``."""
-    logger = logging.getLogger("werkzeug")  # moto's server logs one line per request at INFO
-    level, handler = logger.level, _Lines()
-    logger.setLevel(logging.INFO)
-    logger.addHandler(handler)
-    got: list[str] = []
-    try:
-        yield got
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-        for line in handler.lines:
-            if '"' not in line:
-                continue
-            method, path = line.split('"')[1].split()[:2]
-            method = method.rsplit("m", 1)[-1] if "\x1b" in method else method  # coloured DELETE/GET lines
-            if path.startswith(f"/{prefix}"):
-                got.append(f"{method} {path}")
 
 
 def _methods(lines: list[str]) -> Counter[str]:
