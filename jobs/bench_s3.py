@@ -41,6 +41,7 @@ import importlib.util
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -451,6 +452,8 @@ def main() -> None:
         tree.stop()
         if proc.wait() != 0:
             raise SystemExit(f"the benchmark child failed (exit {proc.returncode}); see its output above")
+    if not args.work:
+        shutil.rmtree(work, ignore_errors=True)  # the manifest copy and the link to the images
     prov = provenance()
     summary = summarise(runs, arms)
     result = {
