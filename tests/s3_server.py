@@ -13,6 +13,7 @@ import logging
 import os
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 CREDENTIALS = {
@@ -68,3 +69,34 @@ def start_s3() -> Iterator[S3Endpoint]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+class _Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+@contextmanager
+def request_log(prefix: str) -> Iterator[list[str]]:
+    """``METHOD path?query`` of every request the in-process moto server serves under ``/<prefix>``."""
+    logger = logging.getLogger("werkzeug")  # moto's server logs one line per request at INFO
+    level, handler = logger.level, _Lines()
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    got: list[str] = []
+    try:
+        yield got
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        for line in handler.lines:
+            if '"' not in line:
+                continue
+            method, path = line.split('"')[1].split()[:2]
+            method = method.rsplit("m", 1)[-1] if "\x1b" in method else method  # coloured DELETE/GET lines
+            if path.startswith(f"/{prefix}"):
+                got.append(f"{method} {path}")

@@ -144,7 +144,12 @@ def _s3_path(location: str) -> str:
 @functools.lru_cache(maxsize=32)
 def _s3_filesystem(cfg_json: str, short_timeouts: bool) -> pafs.S3FileSystem:
     cfg = StorageConfig.model_validate_json(cfg_json)
-    kwargs: dict[str, Any] = {"anonymous": cfg.anonymous}
+    # allow_delayed_open: an object smaller than one upload part (parts, run.json) goes up as a single PutObject
+    # when the stream closes; without it pyarrow opens a multipart upload for every object, 3 requests instead of
+    # 1 (measured against moto on 127.0.0.1, pyarrow 26: 15 ms -> 4 ms per 100 kB object; tests/test_s3_requests.py).
+    # Errors (a missing bucket, wrong keys) then come at close instead of at open: every write here writes and
+    # closes in one call, so they still surface from the same call.
+    kwargs: dict[str, Any] = {"anonymous": cfg.anonymous, "allow_delayed_open": True}
     if cfg.region:
         kwargs["region"] = cfg.region
     if cfg.endpoint_url:
@@ -238,22 +243,35 @@ def is_dir(location: str | Path, config: StorageConfig | None = None) -> bool:
     return info.type == pafs.FileType.Directory
 
 
+def list_file_infos(
+    location: str | Path, pattern: str = "*", config: StorageConfig | None = None
+) -> tuple[pafs.FileSystem, list[pafs.FileInfo]]:
+    """``(filesystem, infos)``: the files directly under ``location`` matching ``pattern``, sorted by name.
+
+    One listing (on S3: one LIST request per 1000 keys); every ``FileInfo`` carries the file's size, so
+    readers can open it without asking for the size again (a HEAD request per file on object storage).
+    ``[]`` when the folder does not exist. Hidden names (``.x``) never match.
+    """
+    fs, path = resolve(location, config)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=False))
+    keep = [
+        i
+        for i in infos
+        if i.type == pafs.FileType.File
+        and fnmatch.fnmatchcase(posixpath.basename(i.path), pattern)
+        and not posixpath.basename(i.path).startswith(".")
+    ]
+    return fs, sorted(keep, key=lambda i: posixpath.basename(i.path))
+
+
 def list_files(location: str | Path, pattern: str = "*", config: StorageConfig | None = None) -> list[str | Path]:
     """Files directly under folder/prefix ``location`` whose name matches ``pattern`` (fnmatch), sorted.
 
     Returns :class:`Path` objects for local folders and full URIs (same scheme as ``location``) for
     remote ones; ``[]`` when the folder does not exist. Hidden names (``.x``) never match.
     """
-    fs, path = resolve(location, config)
-    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=False))
-    names = sorted(
-        posixpath.basename(i.path)
-        for i in infos
-        if i.type == pafs.FileType.File
-        and fnmatch.fnmatchcase(posixpath.basename(i.path), pattern)
-        and not posixpath.basename(i.path).startswith(".")
-    )
-    return [join(location, n) for n in names]
+    _, infos = list_file_infos(location, pattern, config)
+    return [join(location, posixpath.basename(i.path)) for i in infos]
 
 
 def open_input(location: str | Path, config: StorageConfig | None = None) -> Any:
@@ -446,6 +464,7 @@ __all__ = [
     "is_dir",
     "is_uri",
     "join",
+    "list_file_infos",
     "list_files",
     "local_path",
     "makedirs",

@@ -7,7 +7,6 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from msnoop.core import parts
 from msnoop.core import storage as st
@@ -77,9 +76,7 @@ def check_totals(out_dir: Path | str, ids: pd.Series, *, storage: StorageConfig 
     found: dict[str, list[str]] = {}
     for folder in (parts.EMBEDDINGS, parts.ERRORS):
         found[folder] = []
-        for f in parts.part_files(st.join(out_dir, folder), storage=storage):
-            fs, path = st.resolve(f, storage)
-            col = pq.read_table(path, columns=[ID_COLUMN], filesystem=fs).column(ID_COLUMN).to_pylist()
+        for col in parts.read_column_per_part(st.join(out_dir, folder), ID_COLUMN, storage=storage):
             found[folder].extend(i for i in col if i in wanted)
     emb, err = found[parts.EMBEDDINGS], found[parts.ERRORS]
     problems = []
