@@ -26,7 +26,7 @@ import hashlib
 import json
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -179,21 +179,32 @@ def schema_from_json(data: dict[str, Any]) -> pa.Schema:
 
 
 def drop_ids(
-    folder: str | Path, ids: set[str], column: str = ID_COLUMN, *, storage: StorageConfig | None = None
+    folder: str | Path,
+    ids: set[str] | Callable[[list[Any]], np.ndarray],
+    column: str = ID_COLUMN,
+    *,
+    storage: StorageConfig | None = None,
 ) -> int:
     """Remove the rows whose id is in ``ids`` from every part of ``folder``; returns rows removed.
+
+    ``ids`` is a set of ids, or a function from a part's ids (a list) to a bool array, True where a row is to
+    go (e.g. :meth:`msnoop.core.idset.IdSet.contains_ids`, which holds a million ids in 16 MB).
 
     Each affected part is rewritten to a temporary name and renamed over itself (atomic per part; on
     object storage the part is uploaded whole over its key), so a killed run leaves every part either
     as it was or without those rows; a part left empty is deleted.
     """
     removed = 0
-    if not ids:
+    if not callable(ids) and not ids:
         return 0
     for f in part_files(folder, storage=storage):
         fs, path = st.resolve(f, storage)
         table = pq.read_table(path, filesystem=fs)
-        keep = ~np.isin(np.asarray(table.column(column).to_pylist(), dtype=object), list(ids))
+        values = table.column(column).to_pylist()
+        if callable(ids):
+            keep = ~np.asarray(ids(values), dtype=bool)
+        else:
+            keep = ~np.isin(np.asarray(values, dtype=object), list(ids))
         n_drop = int((~keep).sum())
         if not n_drop:
             continue
