@@ -47,6 +47,13 @@ class IdSet:
         self.hashes = np.unique(np.asarray(hashes if hashes is not None else [], dtype=HASH_DTYPE))
 
     @classmethod
+    def from_sorted(cls, hashes: np.ndarray) -> IdSet:
+        """The set of ``hashes`` that are already sorted and unique (kept without a copy)."""
+        out = cls()
+        out.hashes = hashes
+        return out
+
+    @classmethod
     def of(cls, ids: Iterable[Any]) -> IdSet:
         """The set of ``ids`` (strings, or values turned into strings)."""
         return cls(hash_ids(ids))

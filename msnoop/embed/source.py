@@ -2,7 +2,7 @@
 
 The driver never holds the manifest: it plans the image table from the header (one schema for the run,
 :func:`msnoop.io.table_stream.plan_image_table`), checks the ids in one streaming pass (16 bytes per row,
-:func:`msnoop.io.table_stream.scan_ids`), and hands Ray Data a :class:`ManifestDatasource`. Its one read task
+:func:`msnoop.io.table_stream.scan_ids`), and hands Ray Data a datasource (:func:`manifest_dataset`) whose one read task
 streams the manifest again and yields blocks of ``runtime.images_per_block`` images still to embed (ids already
 written are dropped there, against an :class:`~msnoop.core.idset.IdSet` in the object store).
 
@@ -11,7 +11,8 @@ columns, the mask column in cells mode, the manifest row in ``_row``) and every 
 schema, in :data:`META`: the row as an Arrow IPC record batch message (:func:`encode_rows`). Ray Data converts
 blocks between Arrow, pandas and NumPy between stages and infers column types per block; bytes stay bytes, so
 the write tasks decode each row's metadata with the run's schema (:func:`decode_rows`) and values and types are
-the manifest's whatever the block (issue 17). Encoding costs about 60 us and 1.2 KB per row for 10 columns.
+the manifest's whatever the block. Encoding cost 35-70 us and 1.2-1.9 KB per row of 10-13 text columns on the
+2-core development machine (the read task reads 10^4-10^5 rows/s; the embedding stages take milliseconds per image).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from msnoop.core import storage as st
 from msnoop.core.idset import IdSet, hash_ids
 from msnoop.embed.dataset import ROW
 from msnoop.io.config import ID_COLUMN, path_column
@@ -61,7 +63,9 @@ def decode_rows(values: Any, schema: pa.Schema) -> pa.Table:
     if wire == schema:
         return table
     cols = [
-        table.column(f.name).dictionary_encode().cast(f.type) if pa.types.is_dictionary(f.type) else table.column(f.name)
+        table.column(f.name).dictionary_encode().cast(f.type)
+        if pa.types.is_dictionary(f.type)
+        else table.column(f.name)
         for f in schema
     ]
     return pa.Table.from_arrays(cols, schema=schema)
@@ -116,7 +120,7 @@ def manifest_dataset(source: ImageTableSource, n_rows: int, *, ray_remote_args: 
     """A Ray dataset of the blocks of :func:`read_blocks` (``kwargs`` are its arguments), read by one task.
 
     One task reads the whole manifest, in order and in bounded memory (one batch at a time; Ray Data's
-    backpressure pauses it while later stages are busy). Reading a manifest costs a few microseconds per row
+    backpressure pauses it while later stages are busy), on the driver's node for a local manifest. Reading a manifest costs a few microseconds per row
     against milliseconds per image for the stages after it, so one reader keeps them fed. ``n_rows`` (rows to
     embed) is only Ray Data's estimate for progress; ``ray_remote_args`` are the read task's Ray options
     (``num_cpus``, ``runtime_env``: named arguments of :func:`ray.data.read_datasource`).
@@ -131,6 +135,11 @@ def manifest_dataset(source: ImageTableSource, n_rows: int, *, ray_remote_args: 
 
         def estimate_inmemory_data_size(self) -> int | None:
             return None
+
+        @property
+        def supports_distributed_reads(self) -> bool:
+            # a local manifest is read on the driver's node (other nodes may not see the driver's files)
+            return source.kind == "table" or st.is_uri(source.location)
 
         def get_read_tasks(
             self, parallelism: int, per_task_row_limit: int | None = None, data_context: Any = None
