@@ -19,7 +19,9 @@ yeast single-cell image pairs (``/work/shared/data/yeast``, 64x64, 2 channels) w
 
     python jobs/bench_manifest_scale.py --rows 100000 1000000 --formats csv parquet
 
-Writes results/bench_manifest_scale.json and results/bench_manifest_scale.md (Markdown table).
+Writes results/bench_manifest_scale.json and results/bench_manifest_scale.md (Markdown tables; ``--before FILE``
+adds the runs of an earlier result file, e.g. results/bench_manifest_scale_before.json, measured before the
+manifest was streamed).
 """
 
 from __future__ import annotations
@@ -217,6 +219,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/msnoop_bench_manifest_scale"))
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "bench_manifest_scale.json")
     ap.add_argument("--label", default="", help="a name for this set of runs (e.g. the branch)")
+    ap.add_argument("--before", type=Path, nargs="*", help="earlier result files to report below these runs")
     ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -235,16 +238,6 @@ def main() -> None:
             r.update(rows=n, format=fmt)
             print({k: v for k, v in r.items() if k != "rss_curve_mb"}, flush=True)
             runs.append(r)
-    ratios = {}
-    for fmt in args.formats:
-        by_n = {r["rows"]: r for r in runs if r["format"] == fmt}
-        lo, hi = min(by_n), max(by_n)
-        if lo != hi and by_n[lo]["ru_maxrss_mb"] and by_n[hi]["ru_maxrss_mb"]:
-            ratios[fmt] = {
-                "rows": [lo, hi],
-                "ru_maxrss": round(by_n[hi]["ru_maxrss_mb"] / by_n[lo]["ru_maxrss_mb"], 3),
-                "sampled": round(by_n[hi]["peak_rss_sampled_mb"] / by_n[lo]["peak_rss_sampled_mb"], 3),
-            }
     import platform
 
     record = {
@@ -254,16 +247,42 @@ def main() -> None:
         "block": args.block,
         "after_first_s": args.after_first,
         "runs": runs,
-        "peak_rss_ratio": ratios,
+        "peak_rss_ratio": ratios(runs),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2) + "\n")
+    lines = ["# Embed driver: peak memory and time to the first part vs manifest size", ""]
+    lines += report(record, args.timeout)
+    for path in args.before or []:
+        lines += ["", *report(json.loads(path.read_text()), args.timeout)]
+    md = args.out.with_suffix(".md")
+    md.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def ratios(runs: list[dict]) -> dict:
+    """Peak RSS of the largest over the smallest manifest, per format."""
+    out = {}
+    for fmt in sorted({r["format"] for r in runs}):
+        by_n = {r["rows"]: r for r in runs if r["format"] == fmt}
+        lo, hi = min(by_n), max(by_n)
+        if lo != hi and by_n[lo]["ru_maxrss_mb"] and by_n[hi]["ru_maxrss_mb"]:
+            out[fmt] = {
+                "rows": [lo, hi],
+                "ru_maxrss": round(by_n[hi]["ru_maxrss_mb"] / by_n[lo]["ru_maxrss_mb"], 3),
+                "sampled": round(by_n[hi]["peak_rss_sampled_mb"] / by_n[lo]["peak_rss_sampled_mb"], 3),
+            }
+    return out
+
+
+def report(record: dict, timeout: float) -> list[str]:
+    """Markdown lines for one result file: the command, a table of runs, the ratios."""
     lines = [
-        f"# Driver memory and time to the first part vs manifest size{f' ({args.label})' if args.label else ''}",
+        f"## {record.get('label') or 'runs'}",
         "",
         (
-            f"`{record['command']}`; {record['machine']}; images_per_block {args.block}; model random:test_cnn:0; "
-            f"driver stopped {args.after_first:g} s after its first part."
+            f"`{record['command']}`; {record['machine']}; images_per_block {record['block']}; model "
+            f"random:test_cnn:0; driver stopped {record['after_first_s']:g} s after its first part."
         ),
         "",
         (
@@ -272,21 +291,19 @@ def main() -> None:
         ),
         "|---|---|---|---|---|---|---|---|",
     ]
-    for r in runs:
+    for r in record["runs"]:
         lines.append(
             f"| {r['format']} | {r['rows']:,} | {r['ru_maxrss_mb']} | {r['peak_rss_sampled_mb']} | "
             f"{r['rss_after_imports_mb']} | {r['rss_at_planned_mb']} | {r['seconds_to_planned']} | "
-            f"{r['seconds_to_first_part'] if r['reached_first_part'] else 'none in ' + str(args.timeout) + ' s'} |"
+            f"{r['seconds_to_first_part'] if r['reached_first_part'] else f'none in {timeout:g} s'} |"
         )
     lines.append("")
-    for fmt, r in ratios.items():
+    for fmt, r in ratios(record["runs"]).items():
         lines.append(
             f"- {fmt}: peak RSS ratio {r['rows'][1]:,} / {r['rows'][0]:,} rows = {r['ru_maxrss']} (ru_maxrss), "
             f"{r['sampled']} (sampled); goal <= 1.3"
         )
-    md = args.out.with_suffix(".md")
-    md.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    return lines
 
 
 if __name__ == "__main__":

@@ -41,10 +41,17 @@ class IdSet:
 
     Args:
         hashes: ``[N]`` hashes (any order, repeats allowed), dtype :data:`HASH_DTYPE`.
+        copy: False to sort ``hashes`` itself (one array of 16 bytes per id less at the peak).
     """
 
-    def __init__(self, hashes: np.ndarray | None = None) -> None:
-        self.hashes = np.unique(np.asarray(hashes if hashes is not None else [], dtype=HASH_DTYPE))
+    def __init__(self, hashes: np.ndarray | None = None, *, copy: bool = True) -> None:
+        h = np.array(hashes if hashes is not None else [], dtype=HASH_DTYPE, copy=copy)
+        h.sort()  # in place (``copy=False``: the caller's fresh array is sorted, not copied)
+        if len(h) > 1:
+            repeat = h[1:] == h[:-1]
+            if repeat.any():
+                h = h[np.concatenate(([True], ~repeat))]
+        self.hashes = h
 
     @classmethod
     def from_sorted(cls, hashes: np.ndarray) -> IdSet:
@@ -56,7 +63,7 @@ class IdSet:
     @classmethod
     def of(cls, ids: Iterable[Any]) -> IdSet:
         """The set of ``ids`` (strings, or values turned into strings)."""
-        return cls(hash_ids(ids))
+        return cls(hash_ids(ids), copy=False)
 
     @classmethod
     def from_parts(cls, folder: str | Path, column: str, *, storage: Any = None) -> IdSet:
@@ -67,13 +74,13 @@ class IdSet:
         for f in part_files(folder, storage=storage):
             fs, path = st.resolve(f, storage)
             chunks.append(hash_ids(pq.read_table(path, columns=[column], filesystem=fs).column(column)))
-        return cls(np.concatenate(chunks) if chunks else None)
+        return cls(np.concatenate(chunks), copy=False) if chunks else cls()
 
     def __len__(self) -> int:
         return len(self.hashes)
 
     def __or__(self, other: IdSet) -> IdSet:
-        return IdSet(np.concatenate([self.hashes, other.hashes]))
+        return IdSet(np.concatenate([self.hashes, other.hashes]), copy=False)
 
     def contains(self, hashes: np.ndarray) -> np.ndarray:
         """``[N]`` bool: whether each of ``hashes`` (dtype :data:`HASH_DTYPE`) is in the set."""

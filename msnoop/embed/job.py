@@ -206,7 +206,9 @@ def build_dataset(
     channels = list(cfg.input.channels)
     meta_schema, schema, cells_schema = schemas
     mask_col = cfg.cells.segmentation.mask_column if cfg.cells is not None else None
-    first = next(source.batches(64), None)  # the first rows' paths say whether images are on object storage
+    head = source.batches(64)
+    first = next(head, None)  # the first rows' paths say whether images are on object storage
+    head.close()
     remote_inputs = first is not None and any(
         st.is_uri(p) for ch in channels for p in first[1].column(path_column(ch)).to_pylist()[:1]
     )

@@ -567,7 +567,7 @@ def scan_ids(source: ImageTableSource, rows: int = BATCH_ROWS) -> tuple[IdSet, i
             "set input.id_column"
         )
     del repeat
-    return (IdSet(run) if run is not None else IdSet.from_sorted(hashes)), n
+    return (IdSet(run, copy=False) if run is not None else IdSet.from_sorted(hashes)), n
 
 
 def _first_repeat(source: ImageTableSource, rows: int) -> str:
