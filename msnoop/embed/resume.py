@@ -105,8 +105,8 @@ def check_totals(
             h = hash_ids(pq.read_table(path, columns=[ID_COLUMN], filesystem=fs).column(ID_COLUMN))
             chunks.append(h[wanted.contains(h)])
         found[folder] = np.concatenate(chunks)
-    emb, err = found[parts.EMBEDDINGS], found[parts.ERRORS]
-    emb_set, err_set = IdSet(emb), IdSet(err)
+    n_emb, n_err = len(found[parts.EMBEDDINGS]), len(found[parts.ERRORS])
+    emb_set, err_set = IdSet(found.pop(parts.EMBEDDINGS), copy=False), IdSet(found.pop(parts.ERRORS), copy=False)
     problems = []
     missing = wanted.hashes[~(emb_set | err_set).contains(wanted.hashes)]
     if len(missing):
@@ -118,14 +118,14 @@ def check_totals(
         problems.append(
             f"{len(both)} id(s) are both embedded and in errors" + (f" (e.g. {example!r})" if example else "")
         )
-    for name, rows, unique in (("embeddings", emb, emb_set), ("errors", err, err_set)):
-        if len(rows) != len(unique):
-            problems.append(f"{len(rows) - len(unique)} repeated row(s) in {name}/")
-    if problems or len(emb) + len(err) != len(wanted):
+    for name, rows, unique in (("embeddings", n_emb, emb_set), ("errors", n_err, err_set)):
+        if rows != len(unique):
+            problems.append(f"{rows - len(unique)} repeated row(s) in {name}/")
+    if problems or n_emb + n_err != len(wanted):
         raise TotalsError(
-            f"{out_dir}: {len(emb)} embedded + {len(err)} errors != {len(wanted)} input images: " + "; ".join(problems)
+            f"{out_dir}: {n_emb} embedded + {n_err} errors != {len(wanted)} input images: " + "; ".join(problems)
         )
-    return len(emb), len(err)
+    return n_emb, n_err
 
 
 def _example(
