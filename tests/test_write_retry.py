@@ -9,7 +9,7 @@ import pytest
 from msnoop.core import parts, storage
 from msnoop.core.parts import ID_COLUMN
 from msnoop.embed.cells import output_schemas
-from msnoop.embed.dataset import ROW
+from msnoop.embed.source import META, encode_rows
 from msnoop.embed.write import write_block
 
 
@@ -26,7 +26,8 @@ def _blocks(rng, n, block):
     for start in range(0, n, block):
         rows = order[start : start + block]
         errors = np.where(rng.random(len(rows)) < 0.3, "unreadable", "")
-        out.append({ROW: rows, "error": errors, "embedding": rng.standard_normal((len(rows), 4)).astype(np.float32)})
+        emb = rng.standard_normal((len(rows), 4)).astype(np.float32)
+        out.append({META: encode_rows(meta.take(pa.array(rows))), "error": errors, "embedding": emb})
     return meta, out
 
 
@@ -35,7 +36,9 @@ def _write_with_retries(rng, folder, n, block, cfg=None):
     schema, _ = output_schemas(meta.schema, 4, False)
     attempts = [b for b in blocks for _ in range(int(rng.integers(1, 4)))]  # 1-3 attempts per block
     for i in rng.permutation(len(attempts)):
-        write_block(attempts[i], out_dir=str(folder), channels=["dna"], meta=meta, schema=schema, storage=cfg)
+        write_block(
+            attempts[i], out_dir=str(folder), channels=["dna"], meta_schema=meta.schema, schema=schema, storage=cfg
+        )
     n_ok = sum(int((b["error"] == "").sum()) for b in blocks)
     return n_ok, n - n_ok
 

@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 
 from msnoop.core import parts
 from msnoop.core import storage as st
+from msnoop.core.idset import IdSet
 from msnoop.core.parts import ID_COLUMN
 from msnoop.core.storage import StorageConfig
 from msnoop.io.readers import ImageReadError, read_labels
@@ -165,7 +166,6 @@ CELL_FIELDS = [
 ]
 
 
-
 def output_schemas(meta: pa.Schema, dim: int, cells: bool) -> tuple[pa.Schema, pa.Schema | None]:
     """The Parquet schemas of ``embeddings/`` and (cells mode) ``cells/`` parts: every part is written with them.
 
@@ -180,14 +180,12 @@ def output_schemas(meta: pa.Schema, dim: int, cells: bool) -> tuple[pa.Schema, p
     return pa.schema([*meta, *counts, *emb]), pa.schema([*meta, *CELL_FIELDS, *emb])
 
 
-
 def with_embeddings(meta: pa.Table, extra: dict[str, np.ndarray], emb: np.ndarray, schema: pa.Schema) -> pa.Table:
     """``meta`` + ``extra`` columns + embedding columns, as exactly ``schema``."""
     arrays = [meta.column(f.name) for f in schema if f.name in meta.column_names]
     arrays += [pa.array(extra[f.name], type=f.type) for f in schema if f.name in extra]
     arrays += [pa.array(emb[:, i].astype(np.float32, copy=False)) for i in range(emb.shape[1])]
     return pa.Table.from_arrays(arrays, schema=schema)
-
 
 
 def cells_table(
@@ -215,7 +213,7 @@ def cells_table(
     return with_embeddings(meta.take(pa.array(take)), extra, np.concatenate(embs), schema)
 
 
-def drop_orphan_cells(out_dir: Path | str, finished: set[str], *, storage: StorageConfig | None = None) -> int:
+def drop_orphan_cells(out_dir: Path | str, finished: set[str] | IdSet, *, storage: StorageConfig | None = None) -> int:
     """Remove cells parts holding an image whose mean was never written (a run killed mid-block).
 
     Each block writes its cells part before its embeddings part, with the same image ids, so such a
@@ -226,7 +224,10 @@ def drop_orphan_cells(out_dir: Path | str, finished: set[str], *, storage: Stora
     for f in parts.part_files(st.join(out_dir, CELLS), storage=storage):
         fs, path = st.resolve(f, storage)
         col = pq.read_table(path, columns=[ID_COLUMN], filesystem=fs).column(ID_COLUMN).to_pylist()
-        if not {str(i) for i in col} <= finished:
+        whole = (
+            bool(finished.contains_ids(col).all()) if isinstance(finished, IdSet) else {str(i) for i in col} <= finished
+        )
+        if not whole:
             logger.warning("removing %s: its images have no image-level row yet and will be embedded again", f)
             st.remove(f, storage)
             removed += 1

@@ -2,6 +2,8 @@
 
 Stages (all lazy, streamed block by block with bounded memory):
 
+0. :func:`msnoop.embed.source.manifest_dataset` (one read task): streams the manifest into blocks of images
+   still to embed; the driver only plans it (header, one schema) and checks its ids (16 bytes per row).
 1. :func:`msnoop.embed.dataset.read_and_prepare` (CPU tasks): read and check every channel file of every
    image and turn it into normalised input tiles (or an error row).
 2. :class:`msnoop.embed.actor.EmbedActor` (actor pool, one GPU per actor where GPUs exist): embeds the
@@ -24,23 +26,31 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import pyarrow as pa
+
 from msnoop.core import parts
 from msnoop.core import storage as st
 from msnoop.core.config import ConfigError, config_hash, save_resolved
+from msnoop.core.idset import IdSet
 from msnoop.core.parts import ID_COLUMN
 from msnoop.embed.actor import EmbedActor
 from msnoop.embed.cells import CELLS, MASKS, cells_spec, drop_orphan_cells, output_schemas
 from msnoop.embed.config import EmbedJob
-from msnoop.embed.dataset import ROW, StrictModeError, channel_selectors, read_and_prepare
-from msnoop.embed.resume import OutputMismatchError, TotalsError, check_resumable, check_totals, resumed_schema
+from msnoop.embed.dataset import StrictModeError, channel_selectors, read_and_prepare
+from msnoop.embed.resume import (
+    OutputMismatchError,
+    TotalsError,
+    check_resumable,
+    check_totals,
+    error_preview,
+    resumed_schema,
+)
+from msnoop.embed.source import manifest_dataset
 from msnoop.embed.write import provenance_record, write_block
-from msnoop.io.manifest import PATH_PREFIX, load_image_table, metadata_arrow, table_schema
+from msnoop.io.config import path_column
+from msnoop.io.table_stream import ImageTableSource, ids_of, plan_image_table, scan_ids
 from msnoop.preprocess.config import PreprocessConfig
 from msnoop.preprocess.presets import Preprocessing
-
-import numpy as np
-import pandas as pd
-import pyarrow as pa
 
 if TYPE_CHECKING:
     import ray.data
@@ -186,21 +196,24 @@ def resolve_for_embedding(ref: str, preprocess: PreprocessConfig) -> tuple[Loade
 
 def build_dataset(
     cfg: EmbedJob,
-    table: pd.DataFrame,
-    todo_mask: np.ndarray,
+    source: ImageTableSource,
+    done: IdSet,
+    n_todo: int,
     model: LoadedModel,
     spec: Preprocessing,
     out_dir: Path | str,
     info: dict[str, Any],
     schemas: tuple[pa.Schema, pa.Schema, pa.Schema | None],
 ) -> ray.data.Dataset:
-    """The lazy Ray Data pipeline read -> embed -> write over the rows of ``table`` where ``todo_mask`` is set.
+    """The lazy Ray Data pipeline manifest -> read -> embed -> write over the rows of ``source`` not in ``done``.
 
-    Metadata stays out of Ray Data's per-block type inference: the blocks carry each image's id, paths and
-    position in the run's metadata table (an Arrow table with the run's schema, put once in the object store),
-    which the write tasks look up, so values and types are the manifest's whatever the block size.
+    Metadata stays out of Ray Data's per-block type inference: each row's metadata travels as Arrow IPC bytes
+    with the run's schema (:mod:`msnoop.embed.source`), which the write tasks decode, so values and types are
+    the manifest's whatever the block size. The driver holds neither the manifest nor its ids: the read task
+    streams the manifest and drops the ids in ``done`` (put once in the object store, 16 bytes per id).
 
     Args:
+        n_todo: Rows to embed (Ray Data's row estimate only).
         schemas: The run's metadata schema, and the ``embeddings/`` and ``cells/`` part schemas
             (:func:`msnoop.embed.cells.output_schemas`).
 
@@ -229,15 +242,14 @@ def build_dataset(
     masks_dir = str(st.join(out_dir, MASKS)) if cfg.cells is not None and cfg.cells.save_masks else None
     channels = list(cfg.input.channels)
     meta_schema, schema, cells_schema = schemas
-    todo = table[todo_mask].reset_index(drop=True)  # only the rows still to embed go to the object store
-    meta_ref = ray.put(metadata_arrow(todo, meta_schema))
     mask_col = cfg.cells.segmentation.mask_column if cfg.cells is not None else None
-    light = todo[[ID_COLUMN, *[f"{PATH_PREFIX}{ch}" for ch in channels], *([mask_col] if mask_col else [])]]
-    light = light.astype(object).where(light.notna(), "")
-    light[ROW] = np.arange(len(todo), dtype=np.int64)
-    remote_inputs = any(st.is_uri(p) for ch in channels for p in light[f"{PATH_PREFIX}{ch}"].iloc[:1])
+    head = source.batches(64)
+    first = next(head, None)  # the first rows' paths say whether images are on object storage
+    head.close()
+    remote_inputs = first is not None and any(
+        st.is_uri(p) for ch in channels for p in first[1].column(path_column(ch)).to_pylist()[:1]
+    )
     block = cfg.runtime.images_per_block
-    frames = [light.iloc[i : i + block] for i in range(0, len(light), block)]
     # Read/write tasks take a fraction of a CPU on small clusters, so that they and the actor pool
     # always fit together (on 1-2 CPUs, whole-CPU tasks next to an actor would wait forever).
     task_cpus = min(1.0, float(cluster.get("CPU", 1)) / 8)
@@ -251,7 +263,18 @@ def build_dataset(
     read_cpus = task_cpus if use_gpu else float(res["num_cpus"])
     read_custom = {"resources": res["resources"]} if not use_gpu and "resources" in res else {}
     logger.info("embedding actor pool: %d to %d actor(s), each %s", lo, hi, res)
-    ds = ray.data.from_pandas(frames)
+    # The manifest reader asks for no CPU (it is light and waits on backpressure most of the time); the request
+    # also differs from the image reader's, so Ray Data never fuses the two: one task reading every image
+    # would serialise the read stage.
+    ds = manifest_dataset(
+        source,
+        n_todo,
+        ray_remote_args={"num_cpus": 0, **(worker_env_args(cfg) if st.is_uri(source.location) else {})},
+        schema=meta_schema,
+        done=ray.put(done),
+        block_rows=block,
+        mask_column=mask_col,
+    )
     ds = ds.map_batches(
         read_and_prepare,
         batch_format="pandas",
@@ -294,7 +317,7 @@ def build_dataset(
             "storage": cfg.storage_config,
             "channels": channels,
             "cells": cells is not None,
-            "meta": meta_ref,
+            "meta_schema": meta_schema,
             "schema": schema,
             "cells_schema": cells_schema,
             "provenance": provenance_record(info),
@@ -370,12 +393,13 @@ def run_embed(cfg: EmbedJob) -> EmbedResult:
         raise ConfigError(f"cells.save_masks writes TIFF masks to a local folder; output.dir is {out_dir}")
     st.check_writable(out_dir, store)  # before any work: a missing bucket or wrong credentials fail here
     model, spec = prepare_model(cfg)
-    table = load_image_table(cfg.input, storage=store)
     mask_col = cfg.cells.segmentation.mask_column if cfg.cells is not None else None
-    if mask_col is not None:
-        table = _resolve_mask_column(table, mask_col, cfg)
+    # The manifest is planned from its header (one schema for the run, before any work) and its ids are checked
+    # in one streaming pass; the driver keeps 16 bytes per row (IdSet), never the table.
+    source = plan_image_table(cfg.input, storage=store, mask_column=mask_col)
+    wanted, n_input = scan_ids(source)
     info = run_info(cfg, model, spec)
-    meta_schema = table_schema(table)  # one schema for the whole run, fixed before any work
+    meta_schema = source.schema  # one schema for the whole run, fixed before any work
     info["metadata_schema"] = parts.schema_to_json(meta_schema)
     try:
         check_resumable(cfg, out_dir, info, storage=store)
@@ -389,16 +413,16 @@ def run_embed(cfg: EmbedJob) -> EmbedResult:
     info["metadata_schema"] = parts.schema_to_json(meta_schema)
     schema, cells_schema = output_schemas(meta_schema, info["embed_dim"], cfg.cells is not None)
     if cfg.runtime.retry_errors:
-        retry = parts.read_ids(st.join(out_dir, parts.ERRORS), storage=store) & set(table[ID_COLUMN])
-        n = parts.drop_ids(st.join(out_dir, parts.ERRORS), retry, storage=store)
+        n = parts.drop_ids(st.join(out_dir, parts.ERRORS), wanted.contains_ids, storage=store)
         if n:
             logger.info("runtime.retry_errors: %d image(s) recorded in errors/ will be embedded again", n)
-    embedded = parts.read_ids(st.join(out_dir, parts.EMBEDDINGS), storage=store)
-    done = embedded | parts.read_ids(st.join(out_dir, parts.ERRORS), storage=store)
+    embedded = IdSet.from_parts(st.join(out_dir, parts.EMBEDDINGS), ID_COLUMN, storage=store)
+    done = embedded | IdSet.from_parts(st.join(out_dir, parts.ERRORS), ID_COLUMN, storage=store)
     if cfg.cells is not None:
         drop_orphan_cells(out_dir, embedded, storage=store)
-    todo_mask = ~table[ID_COLUMN].isin(done)
-    foreign = len(done) - int((~todo_mask).sum())
+    n_skipped = int(done.contains(wanted.hashes).sum())
+    n_todo = n_input - n_skipped
+    foreign = len(done) - n_skipped
     if foreign:
         logger.warning(
             "%s holds %d row(s) whose ids are not in this manifest; they stay in the table. (Ids are the first "
@@ -407,7 +431,6 @@ def run_embed(cfg: EmbedJob) -> EmbedResult:
             out_dir,
             foreign,
         )
-    todo = table[todo_mask].reset_index(drop=True)
     prov = provenance()
     logger.info(
         "msnoop %s | torch %s | ray %s | device %s | config %s",
@@ -419,10 +442,10 @@ def run_embed(cfg: EmbedJob) -> EmbedResult:
     )
     logger.info(
         "%d images in %s; %d already done, %d to embed; model %s; preprocessing %s",
-        len(table),
+        n_input,
         out_dir,
-        len(table) - len(todo),
-        len(todo),
+        n_skipped,
+        n_todo,
         model.source,
         spec.model_dump(),
     )
@@ -431,33 +454,28 @@ def run_embed(cfg: EmbedJob) -> EmbedResult:
     parts.write_run_info(out_dir, info, storage=store)
 
     n_ok = n_err = n_cells = 0
-    if len(todo):
+    if n_todo:
         init_ray(
             cfg.runtime.address,
             num_cpus=cfg.runtime.num_cpus,
             object_store_memory=cfg.runtime.object_store_mb * 1024**2 if cfg.runtime.object_store_mb else None,
             quiet=not cfg.runtime.progress,
         )
-        ds = build_dataset(
-            cfg, table, todo_mask.to_numpy(), model, spec, out_dir, info, (meta_schema, schema, cells_schema)
-        )
+        ds = build_dataset(cfg, source, done, n_todo, model, spec, out_dir, info, (meta_schema, schema, cells_schema))
+        del done, embedded  # in the object store now; the driver keeps only the run's ids (for the totals)
         n_ok, n_err, n_cells = _stream_counts(
-            ds, len(todo), t0=t0, progress=cfg.runtime.progress, cells=cfg.cells is not None
+            ds, n_todo, t0=t0, progress=cfg.runtime.progress, cells=cfg.cells is not None
         )
     info["last_run"] = {"embedded": n_ok, "errors": n_err, "seconds": time.perf_counter() - t0}
     if cfg.cells is not None:
         info["last_run"]["cells"] = n_cells
     parts.write_run_info(out_dir, info, storage=store)
-    n_total, n_err_total = check_totals(out_dir, table[ID_COLUMN], storage=store)
-    preview: list[tuple[str, str]] = []
-    if n_err_total:
-        err = parts.read_frame(st.join(out_dir, parts.ERRORS), columns=[ID_COLUMN, "reason"], storage=store)
-        err = err[err[ID_COLUMN].isin(set(table[ID_COLUMN]))].head(5)
-        preview = list(zip(err[ID_COLUMN], err["reason"], strict=True))
+    n_total, n_err_total = check_totals(out_dir, wanted, storage=store, names=lambda hashes: ids_of(source, hashes))
+    preview = error_preview(out_dir, wanted, storage=store) if n_err_total else []
     return EmbedResult(
         out_dir=out_dir,
-        n_input=len(table),
-        n_skipped=len(table) - len(todo),
+        n_input=n_input,
+        n_skipped=n_skipped,
         n_embedded=n_ok,
         n_errors=n_err,
         n_rows_total=n_total,
@@ -468,22 +486,6 @@ def run_embed(cfg: EmbedJob) -> EmbedResult:
         n_cells=n_cells,
         n_cells_total=parts.count_rows(st.join(out_dir, CELLS), storage=store) if cfg.cells is not None else 0,
     )
-
-
-def _resolve_mask_column(table: pd.DataFrame, column: str, cfg: EmbedJob) -> pd.DataFrame:
-    """Resolve the mask-path column once, like image paths (absolute, or a URI as given).
-
-    Raises:
-        ConfigError: The column is not in the manifest.
-    """
-    from msnoop.core.config import ConfigError
-    from msnoop.io.manifest import resolve_path, source_root
-
-    if column not in table.columns:
-        meta = [c for c in table.columns if c.startswith("Metadata_") and not c.startswith(PATH_PREFIX)]
-        raise ConfigError(f"cells.segmentation.column: no mask column {column!r} in the manifest; columns: {meta}")
-    root = source_root(cfg.input)
-    return table.assign(**{column: [resolve_path(p, root) for p in table[column]]})
 
 
 def _find_strict(exc: BaseException) -> str | None:

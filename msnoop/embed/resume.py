@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import pandas as pd
+import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from msnoop.core import parts
 from msnoop.core import storage as st
+from msnoop.core.idset import HASH_DTYPE, IdSet, hash_ids
 from msnoop.core.parts import ID_COLUMN
 from msnoop.core.storage import StorageConfig
 
@@ -63,8 +66,22 @@ class TotalsError(RuntimeError):
     """The outputs do not account for every row of the manifest exactly once (a bug, never a user error)."""
 
 
-def check_totals(out_dir: Path | str, ids: pd.Series, *, storage: StorageConfig | None = None) -> tuple[int, int]:
+def check_totals(
+    out_dir: Path | str,
+    ids: IdSet | Iterable[Any],
+    *,
+    storage: StorageConfig | None = None,
+    names: Callable[[np.ndarray], list[str]] | None = None,
+) -> tuple[int, int]:
     """Check that every id of this run's table is in ``embeddings/`` or ``errors/``, exactly once.
+
+    Args:
+        ids: The run's ids: an :class:`~msnoop.core.idset.IdSet`, or the ids themselves.
+        names: For messages: the ids (strings) of some of the given hashes (default: looked up in ``ids`` when
+            they are strings; with an ``IdSet``, examples of missing ids are then left out).
+
+    Memory: 16 bytes per id of the table and per row of the parts that belong to it (hashes, one part file in
+    memory at a time), not the ids themselves.
 
     Returns:
         ``(embedded, errors)``: rows of this table's ids in each folder; they add up to ``len(ids)``.
@@ -72,28 +89,76 @@ def check_totals(out_dir: Path | str, ids: pd.Series, *, storage: StorageConfig 
     Raises:
         TotalsError: An id is missing, in both folders, or repeated; the message gives counts and examples.
     """
-    wanted = set(ids.astype(str))
-    found: dict[str, list[str]] = {}
+    if not isinstance(ids, IdSet):
+        given = [str(i) for i in ids]
+        wanted = IdSet.of(given)
+        if names is None:
+            by_hash = dict(zip(hash_ids(given).tolist(), given, strict=True))
+            names = lambda hashes: [by_hash[h] for h in hashes.tolist() if h in by_hash]
+    else:
+        wanted = ids
+    found: dict[str, np.ndarray] = {}
     for folder in (parts.EMBEDDINGS, parts.ERRORS):
-        found[folder] = []
-        for col in parts.read_column_per_part(st.join(out_dir, folder), ID_COLUMN, storage=storage):
-            found[folder].extend(i for i in col if i in wanted)
-    emb, err = found[parts.EMBEDDINGS], found[parts.ERRORS]
+        chunks = [np.zeros(0, dtype=HASH_DTYPE)]
+        for h in parts.map_column_per_part(st.join(out_dir, folder), hash_ids, ID_COLUMN, storage=storage):
+            chunks.append(h[wanted.contains(h)])
+        found[folder] = np.concatenate(chunks)
+    n_emb, n_err = len(found[parts.EMBEDDINGS]), len(found[parts.ERRORS])
+    emb_set, err_set = IdSet(found.pop(parts.EMBEDDINGS), copy=False), IdSet(found.pop(parts.ERRORS), copy=False)
     problems = []
-    missing = wanted - set(emb) - set(err)
-    if missing:
-        problems.append(f"{len(missing)} id(s) have no output row (e.g. {min(missing)!r})")
-    both = set(emb) & set(err)
-    if both:
-        problems.append(f"{len(both)} id(s) are both embedded and in errors (e.g. {min(both)!r})")
-    for name, rows in (("embeddings", emb), ("errors", err)):
-        if len(rows) != len(set(rows)):
-            problems.append(f"{len(rows) - len(set(rows))} repeated row(s) in {name}/")
-    if problems or len(emb) + len(err) != len(wanted):
-        raise TotalsError(
-            f"{out_dir}: {len(emb)} embedded + {len(err)} errors != {len(wanted)} input images: " + "; ".join(problems)
+    missing = wanted.hashes[~(emb_set | err_set).contains(wanted.hashes)]
+    if len(missing):
+        example = _example(names, missing, out_dir, None, storage)
+        problems.append(f"{len(missing)} id(s) have no output row" + (f" (e.g. {example!r})" if example else ""))
+    both = emb_set.hashes[err_set.contains(emb_set.hashes)]
+    if len(both):
+        example = _example(names, both, out_dir, parts.ERRORS, storage)
+        problems.append(
+            f"{len(both)} id(s) are both embedded and in errors" + (f" (e.g. {example!r})" if example else "")
         )
-    return len(emb), len(err)
+    for name, rows, unique in (("embeddings", n_emb, emb_set), ("errors", n_err, err_set)):
+        if rows != len(unique):
+            problems.append(f"{rows - len(unique)} repeated row(s) in {name}/")
+    if problems or n_emb + n_err != len(wanted):
+        raise TotalsError(
+            f"{out_dir}: {n_emb} embedded + {n_err} errors != {len(wanted)} input images: " + "; ".join(problems)
+        )
+    return n_emb, n_err
+
+
+def _example(
+    names: Callable[[np.ndarray], list[str]] | None,
+    hashes: np.ndarray,
+    out_dir: Path | str,
+    folder: str | None,
+    storage: StorageConfig | None,
+) -> str | None:
+    """The smallest id among a few of ``hashes``, from ``names`` or else from the parts of ``folder``."""
+    found = names(hashes[:1000]) if names is not None else []
+    if not found and folder is not None:
+        wanted = IdSet(hashes)
+        for f in parts.part_files(st.join(out_dir, folder), storage=storage):
+            fs, path = st.resolve(f, storage)
+            col = pq.read_table(path, columns=[ID_COLUMN], filesystem=fs).column(ID_COLUMN).to_pylist()
+            found += [i for i, hit in zip(col, wanted.contains_ids(col), strict=True) if hit]
+    return min(found) if found else None
+
+
+def error_preview(
+    out_dir: Path | str, ids: IdSet, *, storage: StorageConfig | None = None, n: int = 5
+) -> list[tuple[str, str]]:
+    """The first ``n`` ``(id, reason)`` rows of ``errors/`` whose id is one of ``ids`` (parts in name order)."""
+    out: list[tuple[str, str]] = []
+    for f in parts.part_files(st.join(out_dir, parts.ERRORS), storage=storage):
+        fs, path = st.resolve(f, storage)
+        t = pq.read_table(path, columns=[ID_COLUMN, "reason"], filesystem=fs)
+        keep = ids.contains(hash_ids(t.column(ID_COLUMN)))
+        out += list(
+            zip(*(np.asarray(t.column(c).to_pylist(), dtype=object)[keep] for c in (ID_COLUMN, "reason")), strict=True)
+        )
+        if len(out) >= n:
+            break
+    return [(str(i), str(r)) for i, r in out[:n]]
 
 
 def resumed_schema(out_dir: Path | str, new: pa.Schema, *, storage: StorageConfig | None = None) -> pa.Schema:

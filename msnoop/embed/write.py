@@ -12,7 +12,7 @@ from msnoop.core import storage as st
 from msnoop.core.parts import ID_COLUMN, block_key
 from msnoop.core.storage import StorageConfig
 from msnoop.embed.cells import CELL_COUNT, CELLS, CELLS_FOUND, cells_table, with_embeddings
-from msnoop.embed.dataset import ROW
+from msnoop.embed.source import META, decode_rows
 from msnoop.io.manifest import PATH_PREFIX
 
 
@@ -22,7 +22,7 @@ def write_block(
     out_dir: str,
     channels: list[str],
     cells: bool = False,
-    meta: Any,
+    meta_schema: pa.Schema,
     schema: pa.Schema,
     cells_schema: pa.Schema | None = None,
     provenance: dict[str, Any] | None = None,
@@ -30,9 +30,9 @@ def write_block(
 ) -> dict[str, Any]:
     """Stage 3: write the block's embeddings and errors as Parquet parts; return counts only.
 
-    Metadata comes from ``meta`` (the run's metadata as an Arrow table with the run's schema, or its Ray
-    object ref), looked up by each row's ``_row``: values and types are the manifest's, whatever Ray
-    made of the block. Every part is written with ``schema`` / ``cells_schema`` (:func:`output_schemas`)
+    Metadata comes from each row's :data:`~msnoop.embed.source.META` bytes, decoded with ``meta_schema`` (the
+    run's metadata schema; :func:`~msnoop.embed.source.decode_rows`): values and types are the manifest's,
+    whatever Ray made of the block. Every part is written with ``schema`` / ``cells_schema`` (:func:`output_schemas`)
     and errors with :data:`msnoop.core.parts.ERRORS_SCHEMA`. ``provenance`` (:func:`provenance_record`) goes
     into every embeddings and cells part's own key-value metadata.
 
@@ -43,13 +43,10 @@ def write_block(
     come from the task's environment). Each part is named by :func:`msnoop.core.parts.block_key` of the image ids
     it holds, so a retried task replaces its parts instead of adding a second copy of the rows.
     """
-    if not isinstance(meta, pa.Table):
-        import ray
-
-        meta = ray.get(meta)
+    meta = decode_rows(batch[META], meta_schema)
     error = batch["error"]
     ok = np.array([e == "" for e in error], dtype=bool)
-    rows = np.asarray(batch[ROW], dtype=np.int64)
+    rows = np.arange(meta.num_rows, dtype=np.int64)  # positions in ``meta``
     n_cells = 0
     if cells and ok.any():
         assert cells_schema is not None
