@@ -132,7 +132,7 @@ def stage_train(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ probe
-def probe_batch(n: int = 32, seed: int = 0):
+def probe_batch(n: int = 16, seed: int = 0):
     """A fixed batch of ``n`` 224 px crops from the broad pool, the masked inputs and the masks."""
     import torch
 
@@ -307,7 +307,7 @@ def markdown(record: dict[str, Any]) -> str:
             )
     lines += [
         "",
-        "Does the deepest map carry the reconstruction? Masked-patch MSE on a fixed batch of 32 pool crops; "
+        "Does the deepest map carry the reconstruction? Masked-patch MSE on a fixed batch of 16 pool crops; "
         "`swapped` = that map taken from another image of the batch; reliance = swapped / intact - 1.",
         "",
         "| model | intact | deepest swapped | skips swapped | deepest reliance | skips reliance |",
@@ -335,8 +335,38 @@ def markdown(record: dict[str, Any]) -> str:
             f"| {r['dataset']} | {r['task']} | {r['features']} | {r['balanced_accuracy']:.3f} [{lo:.3f}, {hi:.3f}] | {vs} |"
         )
     lines.append("")
-    lines.append(f"Run time {record['seconds']:.0f} s (all stages of this invocation).")
+    lines.append(f"Run time {record['seconds']:.0f} s (sum over the invocations merged here).")
     return "\n".join(lines)
+
+
+def merge(args: argparse.Namespace) -> None:
+    """Rows of several result files in one record (a row measured twice, e.g. a baseline, is kept once)."""
+    record: dict[str, Any] = {"cpu_minutes": args.cpu_minutes, "train": {}, "probe": {}, "eval": {"rows": [], "n": {}}}
+    seen: set[tuple[str, str, str]] = set()
+    seconds = 0.0
+    for path in args.merge:
+        part = json.loads(path.read_text())
+        record["probe"].update(part.get("probe", {}))
+        record["eval"]["n"].update(part.get("eval", {}).get("n", {}))
+        for row in part.get("eval", {}).get("rows", []):
+            key = (row["dataset"], row["task"], row["features"])
+            if key not in seen:
+                seen.add(key)
+                record["eval"]["rows"].append(row)
+        seconds += part.get("seconds", 0.0)
+        record.setdefault("provenance", part.get("provenance"))
+    order = {f: i for i, f in enumerate([*BASELINE_MODELS, *(f"arm:{a}" for a in ARMS)])}
+    record["eval"]["rows"].sort(key=lambda r: (r["dataset"], r["task"], order.get(r["features"], 99), r["features"]))
+    for arm in ARMS:
+        f = args.runs / arm / "arm.json"
+        if f.exists():
+            record["train"][arm] = json.loads(f.read_text())
+    record["seconds"] = seconds
+    record["merged_from"] = [str(p) for p in args.merge]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    args.out.with_suffix(".md").write_text(markdown(record) + "\n")
+    print(markdown(record))
 
 
 def main() -> None:
@@ -352,7 +382,17 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=Path("/tmp/msnoop_postproc_cache"))
     ap.add_argument("--out", type=Path, default=REPO / "results" / "bench_pretrain_arms")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--merge",
+        nargs="+",
+        type=Path,
+        help="combine the result files of invocations run in parallel (e.g. one --stage eval per arm, each with its "
+        "own --out) into --out, with each arm's training record from runs/, and exit",
+    )
     args = ap.parse_args()
+    if args.merge:
+        merge(args)
+        return
 
     import torch
 
