@@ -204,3 +204,22 @@ def test_manifest_and_images_in_the_bucket(images, s3, s3_run):
         before.loc[[f"img{i}_dna" for i in range(3)], emb].to_numpy(),
     )
     assert got["Metadata_Path_dna"].tolist() == sorted(storage.join(base, "img", f"img{i}_dna.tif") for i in range(3))
+
+
+def test_model_checkpoint_in_the_bucket(images, s3, tmp_path):
+    """``model: s3://.../model.pt``: the same network, hash and vectors as the local file; a missing object is named."""
+    from msnoop.models.checkpoint import CheckpointError, load_checkpoint, resolve_model, save_checkpoint
+    from msnoop.models.registry import create_model
+    from msnoop.preprocess.presets import Preprocessing
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(3)
+    local = save_checkpoint(tmp_path / "m.pt", create_model("test_cnn"), arch="test_cnn", preprocess=Preprocessing())
+    uri = storage.join(s3.fresh(), "models", "m.pt")
+    storage.write_bytes(uri, local.read_bytes(), s3.config)
+    a, b = load_checkpoint(local), resolve_model(uri, storage=s3.config)
+    assert b.sha256 == a.sha256 and b.source == uri and b.arch == "test_cnn"
+    x = torch.rand(2, 1, 32, 32)
+    torch.testing.assert_close(b.net.embed(x), a.net.embed(x))
+    with pytest.raises(CheckpointError, match="m2.pt"):
+        resolve_model(uri.replace("m.pt", "m2.pt"), storage=s3.config)

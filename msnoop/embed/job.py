@@ -173,10 +173,12 @@ def run_info(cfg: EmbedJob, model: LoadedModel, spec: Preprocessing) -> dict[str
 
 def prepare_model(cfg: EmbedJob) -> tuple[LoadedModel, Preprocessing]:
     """Resolve the model and the preprocessing the job will use (see :func:`resolve_for_embedding`)."""
-    return resolve_for_embedding(cfg.model, cfg.preprocess)
+    return resolve_for_embedding(cfg.model, cfg.preprocess, storage=cfg.storage_config)
 
 
-def resolve_for_embedding(ref: str, preprocess: PreprocessConfig) -> tuple[LoadedModel, Preprocessing]:
+def resolve_for_embedding(
+    ref: str, preprocess: PreprocessConfig, *, storage: st.StorageConfig | None = None
+) -> tuple[LoadedModel, Preprocessing]:
     """Load model ``ref`` with the preprocessing it will embed with.
 
     A checkpoint's preset and input size fill in what ``preprocess`` leaves unset and refuse a different one.
@@ -186,7 +188,7 @@ def resolve_for_embedding(ref: str, preprocess: PreprocessConfig) -> tuple[Loade
     """
     from msnoop.models.checkpoint import reconcile_preprocess, resolve_model
 
-    model = resolve_model(ref)  # a checkpoint comes back with its stored preprocessing
+    model = resolve_model(ref, storage=storage)  # a checkpoint (path or URI) comes back with its stored preprocessing
     spec = preprocess.resolve(model.preprocess if model.sha256 else None)
     if model.sha256:
         spec = reconcile_preprocess(model.preprocess, spec, source=model.source)

@@ -15,6 +15,7 @@ Model references accepted by :func:`resolve_model`:
 from __future__ import annotations
 
 import hashlib
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from msnoop.core import storage as st
+from msnoop.core.storage import StorageConfig
 from msnoop.models.registry import create_model, list_models
 from msnoop.preprocess.presets import Preprocessing
 
@@ -99,22 +102,36 @@ def reconcile_preprocess(stored: Preprocessing, requested: Preprocessing, *, sou
     return stored.model_copy(update={"mode": requested.mode, "tile_overlap": requested.tile_overlap})
 
 
-def load_checkpoint(path: str | Path, *, preprocess: Preprocessing | None = None) -> LoadedModel:
+def load_checkpoint(
+    path: str | Path, *, preprocess: Preprocessing | None = None, storage: StorageConfig | None = None
+) -> LoadedModel:
     """Load a checkpoint file into an eval-mode float32 network.
 
     Args:
-        path: Checkpoint written by :func:`save_checkpoint`.
+        path: Checkpoint written by :func:`save_checkpoint`: a local path or a URI (``s3://bucket/model.pt``,
+            read whole through :mod:`msnoop.core.storage` with ``storage``'s endpoint and credentials).
         preprocess: The preprocessing the caller intends to use; its preset and input size must match
             the checkpoint's (the mode may differ: native, tile and rescale share one normalisation).
+        storage: Object-storage settings for a URI (default: the usual environment variables).
 
     Raises:
         CheckpointError: The file is missing, not an msnoop checkpoint, or its preprocessing differs.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist; give a checkpoint file, 'default' or 'random:<arch>'")
+    if st.is_uri(path):
+        try:
+            data = st.read_bytes(path, storage)
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"checkpoint {path} could not be read: {exc}") from exc
+        source, sha256, handle = str(path), hashlib.sha256(data).hexdigest(), io.BytesIO(data)
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(
+                f"checkpoint {path} does not exist; give a checkpoint file, 'default' or 'random:<arch>'"
+            )
+        source, sha256, handle = str(path.resolve()), file_sha256(path), path
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(handle, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for corrupt files
         raise CheckpointError(f"checkpoint {path} could not be read as a torch file: {exc}") from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
@@ -130,16 +147,18 @@ def load_checkpoint(path: str | Path, *, preprocess: Preprocessing | None = None
         net=net,
         arch=payload["arch"],
         preprocess=spec,
-        source=str(path.resolve()),
-        sha256=file_sha256(path),
+        source=source,
+        sha256=sha256,
         meta=payload.get("meta", {}),
         arch_kwargs=dict(payload.get("arch_kwargs") or {}),
         half=any(v.dtype == torch.float16 for v in payload["state_dict"].values()),
     )
 
 
-def resolve_model(ref: str, *, preprocess: Preprocessing | None = None) -> LoadedModel:
-    """Resolve a model reference (path, ``default`` or ``random:<arch>[:seed]``) to a loaded model."""
+def resolve_model(
+    ref: str, *, preprocess: Preprocessing | None = None, storage: StorageConfig | None = None
+) -> LoadedModel:
+    """Resolve a model reference (path or URI, ``default`` or ``random:<arch>[:seed]``) to a loaded model."""
     if ref.startswith("random:"):
         parts = ref.split(":")
         arch = parts[1] if len(parts) > 1 and parts[1] else "microsnoop_cnn"
@@ -159,4 +178,4 @@ def resolve_model(ref: str, *, preprocess: Preprocessing | None = None) -> Loade
                 "or give a checkpoint path"
             )
         return load_checkpoint(path, preprocess=preprocess)
-    return load_checkpoint(ref, preprocess=preprocess)
+    return load_checkpoint(ref, preprocess=preprocess, storage=storage)
