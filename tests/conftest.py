@@ -59,6 +59,17 @@ def ray_two_nodes(s3):
     yield from start_two_nodes(extra_env=s3.env)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module: on a small shared CPU, two threads contend and run several times slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One 2-CPU local Ray cluster for the whole session, on loopback, small object store."""

@@ -36,6 +36,9 @@ def _blobs(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     return (img + rng.normal(0, 1, img.shape)).clip(0).astype(np.uint16)
 
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Two sources: ``cells`` (6 images x 2 channels, 80x80 and 24x24) and ``masks`` (one image + one label mask)."""
@@ -77,15 +80,6 @@ def _job(synthetic: dict[str, Path], out: Path, **train: Any) -> PretrainJob:
     job = build_config(data)
     assert isinstance(job, PretrainJob)
     return job
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: on a small shared CPU, two threads contend and run several times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

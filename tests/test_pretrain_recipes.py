@@ -19,13 +19,7 @@ from msnoop.train.data import ChannelPool
 from msnoop.train.loop import build_state, make_batch, second_view, train_step, vicreg_terms
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: on a small shared CPU, two threads contend and run several times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

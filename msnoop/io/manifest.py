@@ -33,7 +33,6 @@ from msnoop.io.config import ID_COLUMN, PATH_PREFIX, InputConfig, path_column
 logger = logging.getLogger(__name__)
 
 
-
 def _read_table(path: Path | str, dtypes: dict[str, str] | None = None, storage: Any = None) -> pd.DataFrame:
     """Read a manifest as written: CSV cells are text (``'0001'`` stays ``'0001'``), blank cells are nulls.
 
@@ -147,28 +146,40 @@ def _collisions(columns: list[str], source: Path) -> None:
         seen[name] = col
 
 
-def _from_manifest(cfg: InputConfig, storage: Any = None) -> pd.DataFrame:
-    assert cfg.manifest is not None
-    df = _read_table(cfg.manifest, cfg.dtypes, storage)
-    root = source_root(cfg)
+def channel_path_columns(cfg: InputConfig, columns: list[str], location: str) -> dict[str, str]:
+    """The manifest column holding each channel's path: ``input.channel_columns``, else the first of the usual names.
+
+    Used by the whole-table loader and by the streaming planner (:mod:`msnoop.io.table_stream`) alike.
+
+    Raises:
+        ConfigError: A declared column is missing, or no usual name is present for a channel.
+    """
     mapping = dict(cfg.channel_columns or {})
     for ch in cfg.channels:
         if ch in mapping:
-            if mapping[ch] not in df.columns:
+            if mapping[ch] not in columns:
                 raise ConfigError(
-                    f"manifest {cfg.manifest}: column {mapping[ch]!r} for channel {ch!r} not found; columns: {list(df.columns)}"
+                    f"manifest {location}: column {mapping[ch]!r} for channel {ch!r} not found; columns: {columns}"
                 )
             continue
         candidates = [ch, f"{ch}_path", f"path_{ch}", f"Path_{ch}", path_column(ch), f"FileName_{ch}"]
         if cfg.channel_index is not None or cfg.channel_names:  # one file holds all channels
             candidates += ["path", "Path", "file", "FileName", "Metadata_Path"]
-        found = next((c for c in candidates if c in df.columns), None)
+        found = next((c for c in candidates if c in columns), None)
         if found is None:
             raise ConfigError(
-                f"manifest {cfg.manifest}: no path column for channel {ch!r}; expected one of {candidates} "
-                f"(or set input.channel_columns); found columns {list(df.columns)}"
+                f"manifest {location}: no path column for channel {ch!r}; expected one of {candidates} "
+                f"(or set input.channel_columns); found columns {columns}"
             )
         mapping[ch] = found
+    return mapping
+
+
+def _from_manifest(cfg: InputConfig, storage: Any = None) -> pd.DataFrame:
+    assert cfg.manifest is not None
+    df = _read_table(cfg.manifest, cfg.dtypes, storage)
+    root = source_root(cfg)
+    mapping = channel_path_columns(cfg, list(df.columns), str(cfg.manifest))
     used = set(mapping.values())
     meta_cols = [c for c in df.columns if c not in used]
     _collisions(meta_cols + [path_column(ch) for ch in cfg.channels], cfg.manifest)

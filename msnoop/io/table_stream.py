@@ -43,6 +43,7 @@ from msnoop.io.manifest import (
     _convert,
     _loaddata_path,
     _metadata_name,
+    channel_path_columns,
     image_id,
     load_image_table,
     metadata_arrow,
@@ -342,24 +343,7 @@ def _plan_manifest(cfg: InputConfig, storage: Any) -> ImageTableSource:
     assert cfg.manifest is not None
     location = str(cfg.manifest)
     kind, columns, types, delimiter = _read_header(location, cfg.dtypes, storage)
-    mapping = dict(cfg.channel_columns or {})
-    for ch in cfg.channels:
-        if ch in mapping:
-            if mapping[ch] not in columns:
-                raise ConfigError(
-                    f"manifest {location}: column {mapping[ch]!r} for channel {ch!r} not found; columns: {columns}"
-                )
-            continue
-        candidates = [ch, f"{ch}_path", f"path_{ch}", f"Path_{ch}", path_column(ch), f"FileName_{ch}"]
-        if cfg.channel_index is not None or cfg.channel_names:  # one file holds all channels
-            candidates += ["path", "Path", "file", "FileName", "Metadata_Path"]
-        found = next((c for c in candidates if c in columns), None)
-        if found is None:
-            raise ConfigError(
-                f"manifest {location}: no path column for channel {ch!r}; expected one of {candidates} "
-                f"(or set input.channel_columns); found columns {columns}"
-            )
-        mapping[ch] = found
+    mapping = channel_path_columns(cfg, list(columns), location)
     used = set(mapping.values())
     meta_cols = [c for c in columns if c not in used]
     _collisions(meta_cols + [path_column(ch) for ch in cfg.channels], cfg.manifest)  # type: ignore[arg-type]
