@@ -241,7 +241,7 @@ def eval_tables(args: argparse.Namespace) -> dict[str, tuple[pd.DataFrame, list[
     return tables
 
 
-def stage_eval(args: argparse.Namespace, train: dict[str, Any], probe: dict[str, Any]) -> dict[str, Any]:
+def stage_eval(args: argparse.Namespace) -> dict[str, Any]:
     import bench_postprocess as bp
     from sklearn.preprocessing import StandardScaler
 
@@ -406,7 +406,7 @@ def main() -> None:
     if args.stage in ("probe", "all"):
         record["probe"] = stage_probe(args)
     if args.stage in ("eval", "all"):
-        record["eval"] = stage_eval(args, record.get("train", {}), record.get("probe", {}))
+        record["eval"] = stage_eval(args)
     record["seconds"] = time.perf_counter() - t0
     from msnoop.core.runtime import provenance
 

@@ -145,32 +145,27 @@ def read_column_per_part(
     one LIST per 1000 parts, then the footer and the column chunk of each part; no HEAD). ``[]`` for a missing
     or empty folder. Raises ``KeyError``/``pyarrow.ArrowInvalid`` when a part lacks ``column``.
     """
-    frags = _fragments(folder, storage)
-    if not frags:
-        return []
-
-    def read(frag: pads.ParquetFileFragment) -> list[Any]:
-        return frag.to_table(columns=[column]).column(column).to_pylist()
-
-    with ThreadPoolExecutor(max_workers=min(READ_THREADS, len(frags))) as pool:
-        return list(pool.map(read, frags))
+    return map_column_per_part(folder, lambda values: values.to_pylist(), column, storage=storage)
 
 
 def map_column_per_part(
-    folder: str | Path, fn: Callable[[pa.ChunkedArray], Any], column: str = ID_COLUMN, *, storage: StorageConfig | None = None
-) -> Iterator[Any]:
-    """``fn(column)`` of every part of ``folder``, in :func:`part_files` order, parts read as in
-    :func:`read_column_per_part` (:data:`READ_THREADS` at a time, no HEAD) but only ``fn``'s results are kept,
-    e.g. 16-byte id hashes instead of the id strings."""
+    folder: str | Path,
+    fn: Callable[[pa.ChunkedArray], Any],
+    column: str = ID_COLUMN,
+    *,
+    storage: StorageConfig | None = None,
+) -> list[Any]:
+    """``fn(column)`` of every part of ``folder``, in :func:`part_files` order, read as :func:`read_column_per_part`
+    describes; only ``fn``'s results are kept, e.g. 16-byte id hashes instead of the id strings."""
     frags = _fragments(folder, storage)
     if not frags:
-        return iter(())
+        return []
 
     def read(frag: pads.ParquetFileFragment) -> Any:
         return fn(frag.to_table(columns=[column]).column(column))
 
     with ThreadPoolExecutor(max_workers=min(READ_THREADS, len(frags))) as pool:
-        return iter(list(pool.map(read, frags)))
+        return list(pool.map(read, frags))
 
 
 def read_ids(folder: str | Path, column: str = ID_COLUMN, *, storage: StorageConfig | None = None) -> set[str]:

@@ -134,7 +134,7 @@ def resolve_path(p: object, root: Path | str) -> str | None:
     return os.path.normpath(q if q.is_absolute() else root.absolute() / q)
 
 
-def _collisions(columns: list[str], source: Path) -> None:
+def _collisions(columns: list[str], source: str | Path) -> None:
     seen: dict[str, str] = {}
     for col in columns:
         name = _metadata_name(col)

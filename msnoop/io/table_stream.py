@@ -346,7 +346,32 @@ def _plan_manifest(cfg: InputConfig, storage: Any) -> ImageTableSource:
     mapping = channel_path_columns(cfg, list(columns), location)
     used = set(mapping.values())
     meta_cols = [c for c in columns if c not in used]
-    _collisions(meta_cols + [path_column(ch) for ch in cfg.channels], cfg.manifest)  # type: ignore[arg-type]
+    return _source(
+        cfg,
+        kind,
+        location,
+        columns,
+        types,
+        meta_cols,
+        mapping,
+        storage=storage,
+        csv_names=columns if kind == "csv" else [],
+        delimiter=delimiter,
+    )
+
+
+def _source(
+    cfg: InputConfig,
+    kind: str,
+    location: str,
+    columns: list[str],
+    types: dict[str, pa.DataType],
+    meta_cols: list[str],
+    paths: dict[str, Any],
+    **rest: Any,
+) -> ImageTableSource:
+    """The plan of a manifest or LoadData file: metadata names checked, declared types applied, the run's schema."""
+    _collisions(meta_cols + [path_column(ch) for ch in cfg.channels], location)
     dtypes = _declared(cfg.dtypes, columns, location)
     meta_types = [_ARROW_TYPES[dtypes[c]] if c in dtypes else types[c] for c in meta_cols]
     return ImageTableSource(
@@ -355,12 +380,10 @@ def _plan_manifest(cfg: InputConfig, storage: Any) -> ImageTableSource:
         root=source_root(cfg),
         channels=list(cfg.channels),
         schema=pa.schema([pa.field(_metadata_name(c), t) for c, t in zip(meta_cols, meta_types, strict=True)]),
-        paths=mapping,
+        paths=paths,
         meta=[(c, _metadata_name(c)) for c in meta_cols],
         dtypes=dtypes,
-        storage=storage,
-        csv_names=columns if kind == "csv" else [],
-        delimiter=delimiter,
+        **rest,
     )
 
 
@@ -381,21 +404,7 @@ def _plan_loaddata(cfg: InputConfig) -> ImageTableSource:
         cols = [f"FileName_{key}", f"PathName_{key}", f"URL_{key}"]
         paths[ch] = tuple(c if c in columns else None for c in cols)  # type: ignore[assignment]
     meta_cols = [c for c in columns if not c.startswith(("FileName_", "PathName_", "URL_"))]
-    _collisions(meta_cols + [path_column(ch) for ch in cfg.channels], cfg.loaddata)
-    dtypes = _declared(cfg.dtypes, columns, location)
-    meta_types = [_ARROW_TYPES[dtypes[c]] if c in dtypes else types[c] for c in meta_cols]
-    return ImageTableSource(
-        kind="loaddata",
-        location=location,
-        root=source_root(cfg),
-        channels=list(cfg.channels),
-        schema=pa.schema([pa.field(_metadata_name(c), t) for c, t in zip(meta_cols, meta_types, strict=True)]),
-        paths=paths,
-        meta=[(c, _metadata_name(c)) for c in meta_cols],
-        dtypes=dtypes,
-        csv_names=columns,
-        delimiter=delimiter,
-    )
+    return _source(cfg, "loaddata", location, columns, types, meta_cols, paths, csv_names=columns, delimiter=delimiter)
 
 
 def _declared(dtypes: dict[str, str] | None, columns: list[str], location: str) -> dict[str, str]:
