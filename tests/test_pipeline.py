@@ -153,8 +153,31 @@ def test_another_model_or_preprocessing_is_refused_and_the_folder_kept(first_run
     data = cfg.model_dump(mode="json") | {"preprocess": {"mode": "rescale"}}
     with pytest.raises(OutputMismatchError, match=r"preprocess .*'native'.* there, .*'rescale'.* now"):
         run_embed(build_config(data))
+    data = cfg.model_dump(mode="json")
+    data["runtime"]["amp"] = "auto"  # bf16 on CPUs with native bf16: vectors differ by rounding
+    with pytest.raises(OutputMismatchError, match=r"amp cuda there, auto now"):
+        run_embed(build_config(data))
     assert (cfg.output.dir / "run.json").read_text() == info_before
     assert parts.count_rows(cfg.output.dir / "embeddings") == rows_before
+
+
+def test_tight_canvas_blocks_mixing_canvases_give_the_embedder_vectors(dataset, tmp_path, ray_cluster):
+    """Blocks of 4 images hold a tiled 300 x 260 image (224 px tiles) beside 48 x 40 ones (64 px canvases)."""
+    data = make_cfg(dataset, tmp_path / "tight", batch_size="auto").model_dump(mode="json")
+    cfg = build_config(data | {"preprocess": {"mode": "tight"}})
+    result = run_embed(cfg)
+    assert (result.n_embedded, result.n_errors) == (N_GOOD, 7)
+    assert parts.read_run_info(cfg.output.dir)["preprocess"]["mode"] == "tight"
+    df = parts.read_frame(cfg.output.dir / "embeddings").set_index("Metadata_ImageID").sort_index()
+    emb_cols = [c for c in df.columns if c.startswith("emb_")]
+    model, spec = prepare_model(cfg)
+    assert spec.mode == "tight"
+    images = [
+        [read_image(df.loc[i, "Metadata_Path_dna"]), read_image(df.loc[i, "Metadata_Path_gfp"])] for i in df.index
+    ]
+    embedder = Embedder(model)
+    assert [t.shape[-1] for t, _ in (embedder.prepare(img) for img in images[:2])] == [224, 64]  # img0, img1
+    assert np.abs(df[emb_cols].to_numpy() - embedder.embed_images(images)).max() < 1e-5
 
 
 def test_on_mismatch_replace_embeds_everything_again_with_the_new_model(dataset, tmp_path, ray_cluster):

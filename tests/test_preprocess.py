@@ -9,7 +9,7 @@ import pytest
 
 from msnoop.preprocess.geometry import make_tiles, pad_center, pad_to_square, resize, tile_starts
 from msnoop.preprocess.normalize import normalize99
-from msnoop.preprocess.presets import Preprocessing, prepare_channel
+from msnoop.preprocess.presets import TIGHT_FLOOR, TIGHT_MULTIPLE, Preprocessing, prepare_channel, tight_canvas
 
 
 def test_normalize99_maps_percentiles_without_clipping():
@@ -116,3 +116,62 @@ def test_prepare_channel_rescale_and_forced_tile_modes():
 def test_input_size_must_be_multiple_of_8():
     with pytest.raises(ValueError, match="multiple of 8"):
         Preprocessing(input_size=100)
+
+
+# ----------------------------------------------------------------------------------------------- tight canvas
+def test_tight_canvas_is_the_smallest_multiple_of_16_that_holds_the_image_and_the_floor():
+    # every size from 1 to 300 px on both sides (90,000 pairs): the defining properties, not examples
+    sides = np.arange(1, 301)
+    for h in sides:
+        canvas = np.array([tight_canvas(int(h), int(w)) for w in sides])
+        need = np.maximum(np.maximum(h, sides), TIGHT_FLOOR)
+        assert (canvas % TIGHT_MULTIPLE == 0).all()
+        assert (canvas >= need).all()
+        assert (canvas - TIGHT_MULTIPLE < need).all()  # one step smaller would not hold the image or the floor
+    assert (TIGHT_MULTIPLE, TIGHT_FLOOR) == (16, 64)
+    assert [tight_canvas(64, 64), tight_canvas(65, 3), tight_canvas(1, 1), tight_canvas(200, 90)] == [64, 80, 64, 208]
+
+
+@pytest.mark.parametrize("floor,multiple", [(0, 8), (32, 16), (100, 16), (64, 32)])
+def test_tight_canvas_other_floors_and_multiples(floor, multiple):
+    for h, w in np.random.default_rng(floor + multiple).integers(1, 400, size=(200, 2)):
+        c = tight_canvas(int(h), int(w), floor=floor, multiple=multiple)
+        need = max(h, w, floor)
+        assert c % multiple == 0 and need <= c < need + multiple
+
+
+def _generated_sizes(n: int = 60, seed: int = 0) -> list[tuple[int, int]]:
+    """Image sizes around every boundary that matters (the floor, multiples of 16, the input size) plus random ones."""
+    edges = [1, 2, 15, 16, 17, 47, 63, 64, 65, 79, 80, 81, 127, 128, 129, 208, 209, 223, 224]
+    rng = np.random.default_rng(seed)
+    sizes = [(e, int(rng.choice(edges))) for e in edges] + [tuple(map(int, rng.integers(1, 225, 2))) for _ in range(n)]
+    return sizes
+
+
+@pytest.mark.parametrize("h,w", _generated_sizes())
+def test_tight_mode_pads_to_the_tight_canvas_centred_and_normalises_after_padding(h, w):
+    img = np.random.default_rng(h * 1000 + w).uniform(5, 50, (h, w)).astype(np.float32)
+    out = prepare_channel(img, Preprocessing(mode="tight"))
+    side = tight_canvas(h, w)
+    assert out.shape == (1, side, side) and out.dtype == np.float32 and side <= 224
+    # the same rule as native mode, on the small canvas: centred zero padding, then percentiles over the canvas
+    np.testing.assert_array_equal(out[0], normalize99(pad_center(img, side)))
+
+
+def test_tight_mode_tiles_images_larger_than_the_input_size_as_native_does():
+    img = np.random.default_rng(5).uniform(0, 1, (300, 100)).astype(np.float32)
+    np.testing.assert_array_equal(prepare_channel(img, Preprocessing(mode="tight")), prepare_channel(img, Preprocessing()))
+
+
+def test_tight_canvas_never_exceeds_an_input_size_that_is_not_a_multiple_of_16():
+    img = np.ones((195, 195), np.float32)
+    img[0, 0] = 2
+    assert prepare_channel(img, Preprocessing(mode="tight", input_size=200)).shape == (1, 200, 200)  # not 208
+    assert prepare_channel(img[:50, :50], Preprocessing(mode="tight", input_size=200)).shape == (1, 64, 64)
+
+
+@pytest.mark.parametrize("h,w", _generated_sizes(n=20, seed=1))
+def test_native_mode_is_unchanged_by_the_tight_option(h, w):
+    """The reference path (mode native) still pads every image that fits to the full input size."""
+    img = np.random.default_rng(h + 7 * w).uniform(0, 9, (h, w)).astype(np.float32)
+    np.testing.assert_array_equal(prepare_channel(img, Preprocessing()), normalize99(pad_center(img, 224))[None])

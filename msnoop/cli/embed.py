@@ -93,7 +93,7 @@ def embed(
     out: Annotated[str | None, typer.Option(help="output folder or object storage URI (s3://bucket/prefix)")] = None,
     name: Annotated[str | None, typer.Option(help="job name (default table name)")] = None,
     table: Annotated[str | None, typer.Option(help="LanceDB table name")] = None,
-    mode: Annotated[str | None, typer.Option(help="native | rescale | tile")] = None,
+    mode: Annotated[str | None, typer.Option(help="native | tight | rescale | tile")] = None,
     limit: Annotated[int | None, typer.Option(help="only the first N images")] = None,
     id_column: Annotated[str | None, typer.Option(help="manifest column with unique image ids")] = None,
     batch_size: Annotated[int | None, typer.Option(help="tiles per forward pass")] = None,

@@ -7,6 +7,7 @@ import os
 import platform
 import re
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,94 @@ def uses_bf16(amp: str, device: Any) -> bool:
     if device.type == "cuda":
         return True
     return amp == "auto" and device.type == "cpu" and cpu_has_native_bf16()
+
+
+#: Tiles per forward pass on a GPU ("a GPU keeps large batches"): the pipeline's batch size before the CPU defaults.
+GPU_BATCH_SIZE = 64
+
+#: Pixels per forward pass on a CPU (``batch_size: auto``): a batch holds ``max(1, CPU_BATCH_PIXELS // (H * W))``
+#: tiles, capped at ``CPU_MAX_BATCH``: 2 tiles of 224 px, 8 of 128 px, 32 of 64 px. Chosen by measurement
+#: (``jobs/bench_cpu.py`` stage ``sweep``, 2 AVX-512 cores, tiles per CPU-second): 224 px tiles ran fastest in
+#: batches of 1-4 and slower from 8 on (the feature maps of a batch fall out of the caches: the first level alone
+#: is 32 x 224 x 224 floats, 6.4 MB, per tile), 64 px tiles fastest in batches of 32.
+CPU_BATCH_PIXELS = 32 * 64 * 64
+CPU_MAX_BATCH = 64
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    """How the embedding network runs on one device; :func:`inference_settings` resolves them from a config.
+
+    Attributes:
+        device: ``cpu`` or ``cuda[:i]``.
+        batch_size: Fixed tiles per forward pass, or None for the device's rule (:meth:`tiles_per_batch`).
+        channels_last: Weights and inputs in channels-last (NHWC) memory format; the same vectors up to float
+            summation order (measured max difference ~1e-7 on unit vectors).
+        bf16: The network runs under bf16 autocast; vectors differ from float32 ones by bf16 rounding.
+    """
+
+    device: str
+    batch_size: int | None
+    channels_last: bool
+    bf16: bool
+
+    def tiles_per_batch(self, height: int, width: int | None = None) -> int:
+        """Tiles of ``height x width`` pixels per forward pass (``width`` defaults to ``height``).
+
+        A fixed ``batch_size`` holds for every canvas; otherwise a GPU takes :data:`GPU_BATCH_SIZE` and a CPU
+        ``CPU_BATCH_PIXELS // (height * width)`` tiles (at least 1, at most :data:`CPU_MAX_BATCH`).
+        """
+        if self.batch_size is not None:
+            return self.batch_size
+        if not self.device.startswith("cpu"):
+            return GPU_BATCH_SIZE
+        pixels = int(height) * int(width if width is not None else height)
+        return max(1, min(CPU_MAX_BATCH, CPU_BATCH_PIXELS // max(1, pixels)))
+
+    def record(self) -> dict[str, Any]:
+        """JSON-ready record of the settings (for logs and run records)."""
+        return {
+            "device": self.device,
+            "batch_size": self.batch_size if self.batch_size is not None else "auto",
+            "channels_last": self.channels_last,
+            "bf16": self.bf16,
+        }
+
+
+def inference_settings(
+    device: Any,
+    *,
+    batch_size: int | str = "auto",
+    amp: str = "cuda",
+    memory_format: str = "auto",
+) -> InferenceSettings:
+    """Resolve the embedding network's settings for ``device`` (a ``torch.device`` or its name).
+
+    Args:
+        device: Where the network runs: ``cpu``, ``cuda`` or ``cuda:i``.
+        batch_size: Tiles per forward pass, or ``auto`` (by device and canvas: :meth:`InferenceSettings.tiles_per_batch`).
+        amp: bf16 autocast setting (see :func:`uses_bf16`).
+        memory_format: ``auto`` (channels-last on CPUs, where it measured faster, the default layout on GPUs,
+            where it was not measured), ``channels_last`` or ``contiguous``.
+
+    Raises:
+        ValueError: An unknown ``batch_size``, ``amp`` or ``memory_format`` value.
+    """
+    import torch
+
+    dev = torch.device(device)
+    if amp not in ("cuda", "auto", "off"):
+        raise ValueError(f"amp must be 'cuda', 'auto' or 'off'; found {amp!r}")
+    if memory_format not in ("auto", "channels_last", "contiguous"):
+        raise ValueError(f"memory_format must be 'auto', 'channels_last' or 'contiguous'; found {memory_format!r}")
+    if batch_size == "auto":
+        fixed = None
+    elif isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size >= 1:
+        fixed = batch_size
+    else:
+        raise ValueError(f"batch_size must be a number of tiles >= 1 or 'auto'; found {batch_size!r}")
+    channels_last = memory_format == "channels_last" or (memory_format == "auto" and dev.type == "cpu")
+    return InferenceSettings(device=str(dev), batch_size=fixed, channels_last=channels_last, bf16=uses_bf16(amp, dev))
 
 
 def _loopback_env() -> None:

@@ -30,11 +30,12 @@ class EmbedActor:
         self,
         model: Any,
         *,
-        batch_size: int,
+        batch_size: int | str,
         device: str,
         torch_threads: int | None,
         cells: bool = False,
         amp: str = "cuda",
+        memory_format: str = "auto",
     ) -> None:
         if device == "cpu" and "torch" not in sys.modules:
             # OpenMP threads that spin while they wait lose their core to every other process on a small
@@ -50,7 +51,7 @@ class EmbedActor:
         if torch_threads:
             torch.set_num_threads(torch_threads)
         loaded: LoadedModel = ray.get(model) if isinstance(model, ray.ObjectRef) else model
-        self.embedder = Embedder(loaded, batch_size=batch_size, device=device, amp=amp)
+        self.embedder = Embedder(loaded, batch_size=batch_size, device=device, amp=amp, memory_format=memory_format)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         tiles = batch.pop("tiles")
@@ -62,8 +63,8 @@ class EmbedActor:
         if self.cells:
             return self._cells(batch, tiles, ok, emb)
         if ok.any():
-            stacked = np.concatenate([np.asarray(tiles[i], dtype=np.float32) for i in np.flatnonzero(ok)])
-            tile_emb = self.embedder.embed_tiles(stacked)
+            # one array per image: with tight canvases images differ in tile size; the embedder batches by size
+            tile_emb = self.embedder.embed_tiles([np.asarray(tiles[i], dtype=np.float32) for i in np.flatnonzero(ok)])
             from msnoop.embed.embedder import combine_tiles
 
             emb[ok] = combine_tiles(tile_emb, [counts[i] for i in np.flatnonzero(ok)])
@@ -76,9 +77,8 @@ class EmbedActor:
         cell_emb = [np.zeros((0, dim), dtype=np.float32) for _ in range(len(ok))]
         todo = [i for i in np.flatnonzero(ok) if n_cells[i] > 0]
         if todo:
-            stacked = np.concatenate([np.asarray(tiles[i], dtype=np.float32) for i in todo])
             # one row per cell: its C channel embeddings concatenated (tiles are cell-major, channel-major)
-            per_cell = self.embedder.embed_tiles(stacked).reshape(-1, dim)
+            per_cell = self.embedder.embed_tiles([np.asarray(tiles[i], dtype=np.float32) for i in todo]).reshape(-1, dim)
             pos = 0
             for i in todo:
                 cell_emb[i] = per_cell[pos : pos + n_cells[i]]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -50,7 +50,12 @@ class RuntimeConfig(_Strict):
     )
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a local cluster; default all")
     object_store_mb: int | None = Field(None, ge=100)
-    batch_size: int = Field(64, ge=1, description="one-channel tiles per forward pass")
+    batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto",
+        description="one-channel tiles per forward pass, or 'auto': 64 on a GPU; on a CPU as many as fit its caches "
+        "(2 tiles of 224 px, 32 of 64 px: larger batches of large tiles fall out of the caches; measured with "
+        "jobs/bench_cpu.py)",
+    )
     images_per_block: int = Field(64, ge=1, description="images per Ray Data block (read/preprocess task)")
     actors: ActorsSetting = Field(
         1,
@@ -69,6 +74,11 @@ class RuntimeConfig(_Strict):
     actor_cpus: float | None = Field(None, gt=0, description="CPUs per embedding actor; default 1 with GPUs, else 0.5")
     use_gpu: Literal["auto", "yes", "no"] = "auto"
     amp: Literal["cuda", "auto", "off"] = Field("cuda", description=AMP_HELP)
+    memory_format: Literal["auto", "channels_last", "contiguous"] = Field(
+        "auto",
+        description="memory layout of the network's weights and inputs: 'auto' = channels_last on CPUs (faster there, "
+        "same vectors up to float summation order), the default layout on GPUs",
+    )
     inflight_mb: int = Field(
         512, ge=64, description="object-store budget for blocks in flight; bounds read-ahead memory"
     )

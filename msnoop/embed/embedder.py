@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from msnoop.core.runtime import uses_bf16
+from msnoop.core.runtime import inference_settings
 from msnoop.models.checkpoint import LoadedModel
 from msnoop.preprocess.presets import Preprocessing, prepare_channel
 
@@ -28,18 +28,34 @@ class Embedder:
     """Embeds preprocessed tiles and whole images with one loaded model.
 
     Args:
-        model: Network and preprocessing from :func:`msnoop.models.checkpoint.resolve_model`.
-        batch_size: Tiles per forward pass.
+        model: Network and preprocessing from :func:`msnoop.models.checkpoint.resolve_model`. Its network is
+            moved to ``device`` (and to channels-last memory format where that is used) in place.
+        batch_size: Tiles per forward pass, or ``auto``: by device and canvas
+            (:meth:`msnoop.core.runtime.InferenceSettings.tiles_per_batch`: a GPU keeps batches of 64, a CPU takes
+            as many tiles as fit its caches, e.g. 2 of 224 px or 32 of 64 px).
         device: ``auto``, ``cpu`` or ``cuda[:i]``.
         amp: bf16 autocast: ``cuda`` (GPUs only), ``auto`` (also CPUs with native bf16) or ``off``.
+        memory_format: ``auto`` (channels-last on CPUs), ``channels_last`` or ``contiguous``.
+
+    Raises:
+        ValueError: An unknown ``batch_size``, ``amp`` or ``memory_format``.
     """
 
-    def __init__(self, model: LoadedModel, *, batch_size: int = 64, device: str = "auto", amp: str = "cuda") -> None:
+    def __init__(
+        self,
+        model: LoadedModel,
+        *,
+        batch_size: int | str = "auto",
+        device: str = "auto",
+        amp: str = "cuda",
+        memory_format: str = "auto",
+    ) -> None:
         self.model = model
         self.device = pick_device(device)
-        self.net = model.net.to(self.device).eval()
-        self.batch_size = batch_size
-        self.use_amp = uses_bf16(amp, self.device)
+        self.settings = inference_settings(self.device, batch_size=batch_size, amp=amp, memory_format=memory_format)
+        self._memory_format = torch.channels_last if self.settings.channels_last else torch.contiguous_format
+        self.net = model.net.to(self.device, memory_format=self._memory_format).eval()
+        self.use_amp = self.settings.bf16
 
     @property
     def preprocess(self) -> Preprocessing:
@@ -50,12 +66,41 @@ class Embedder:
         return int(self.net.embed_dim)  # type: ignore[arg-type]
 
     @torch.inference_mode()
-    def embed_tiles(self, tiles: np.ndarray) -> np.ndarray:
-        """``[N, S, S]`` normalised tiles -> ``[N, embed_dim]`` float32, each row L2-normalised."""
+    def embed_tiles(self, tiles: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
+        """Embed normalised one-channel tiles, each row L2-normalised.
+
+        Args:
+            tiles: ``[N, S, S]`` float32 tiles of one canvas, or a sequence of ``[n_i, S_i, S_i]`` arrays whose
+                canvases may differ (tight canvases): tiles of one canvas go through the network together, in
+                batches of :meth:`~msnoop.core.runtime.InferenceSettings.tiles_per_batch` tiles, so every batch
+                has one shape and a tile's vector does not depend on the other tiles given with it.
+
+        Returns:
+            ``[sum of n_i, embed_dim]`` float32, in the order given.
+        """
+        groups = [tiles] if isinstance(tiles, np.ndarray) else [np.asarray(t) for t in tiles]
+        sizes = np.array([len(g) for g in groups], dtype=np.int64)
+        starts = np.concatenate([[0], np.cumsum(sizes)])
+        out = np.empty((int(starts[-1]), self.embed_dim), dtype=np.float32)
+        by_canvas: dict[tuple[int, ...], list[int]] = {}
+        for i, g in enumerate(groups):
+            if len(g):
+                by_canvas.setdefault(tuple(g.shape[1:]), []).append(i)
+        for canvas, members in by_canvas.items():
+            stacked = groups[members[0]] if len(members) == 1 else np.concatenate([groups[i] for i in members])
+            emb = self._embed_canvas(stacked, self.settings.tiles_per_batch(*canvas))
+            pos = 0
+            for i in members:
+                out[starts[i] : starts[i + 1]] = emb[pos : pos + sizes[i]]
+                pos += int(sizes[i])
+        return out
+
+    def _embed_canvas(self, tiles: np.ndarray, batch_size: int) -> np.ndarray:
+        """``[N, H, W]`` tiles of one canvas -> ``[N, embed_dim]`` float32, L2-normalised rows."""
         out = np.empty((len(tiles), self.embed_dim), dtype=np.float32)
-        for start in range(0, len(tiles), self.batch_size):
-            chunk = torch.from_numpy(np.ascontiguousarray(tiles[start : start + self.batch_size]))[:, None]
-            chunk = chunk.to(self.device, non_blocking=True)
+        for start in range(0, len(tiles), batch_size):
+            chunk = torch.from_numpy(np.ascontiguousarray(tiles[start : start + batch_size], dtype=np.float32))
+            chunk = chunk[:, None].to(self.device, non_blocking=True).contiguous(memory_format=self._memory_format)
             with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
                 emb = self.net.embed(chunk)  # type: ignore[operator]
             emb = emb.float()
@@ -73,12 +118,11 @@ class Embedder:
         return np.concatenate(per_channel), np.array([len(t) for t in per_channel], dtype=np.int64)
 
     def embed_images(self, images: Sequence[Sequence[np.ndarray]]) -> np.ndarray:
-        """Embed images given as sequences of ``[H, W]`` channels -> ``[N, C * embed_dim]``."""
+        """Embed images given as sequences of ``[H, W]`` channels -> ``[N, C * embed_dim]`` float32."""
         prepared = [self.prepare(img) for img in images]
         if not prepared:
             return np.zeros((0, 0), dtype=np.float32)
-        tiles = np.concatenate([t for t, _ in prepared])
-        emb = self.embed_tiles(tiles)
+        emb = self.embed_tiles([t for t, _ in prepared])  # images may differ in canvas (preprocess mode tight)
         return combine_tiles(emb, [c for _, c in prepared])
 
 

@@ -306,6 +306,7 @@ def build_dataset(
             "torch_threads": threads,
             "cells": cells is not None,
             "amp": cfg.runtime.amp,
+            "memory_format": cfg.runtime.memory_format,
         },
         **res,
     )

@@ -35,7 +35,8 @@ def check_resumable(
     """Refuse to resume into a folder whose embeddings were made differently (one table would mix them).
 
     Compared with the folder's ``run.json``: whole-image vs cells mode, the model (by sha256 for a
-    checkpoint, by name for a random network), the preprocessing and the channels.
+    checkpoint, by name for a random network), the preprocessing, the channels and the bf16 autocast setting
+    (``amp``: bf16 vectors differ from float32 ones by rounding, enough to move some neighbours).
     """
     if not parts.part_files(st.join(out_dir, parts.EMBEDDINGS), storage=storage):
         return
@@ -52,7 +53,7 @@ def check_resumable(
     identity = [run.get("model_sha256") or run.get("model_source") for run in (before, info)]
     if identity[0] is not None and identity[0] != identity[1]:
         diffs.append(f"model {_model_label(before)} there, {_model_label(info)} now")
-    for key in ("preprocess", "channels"):
+    for key in ("preprocess", "channels", "amp"):
         if key in before and before[key] != info[key]:
             diffs.append(f"{key} {before[key]} there, {info[key]} now")
     if diffs:

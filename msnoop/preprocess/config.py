@@ -14,7 +14,12 @@ class PreprocessConfig(_Strict):
     """Overrides of the checkpoint's preprocessing; ``None`` keeps the checkpoint's value."""
 
     preset: Literal["microsnoop", "cytoimagenet"] | None = None
-    mode: Literal["native", "rescale", "tile"] = "native"
+    mode: Literal["native", "rescale", "tile", "tight"] = Field(
+        "native",
+        description="native: zero-pad to the input size (tile images larger than it); tight: zero-pad to the "
+        "smallest multiple of 16 px (at least 64) that holds the image, about 12x fewer FLOPs for a 64 px cell "
+        "than in a 224 canvas, other vectors than native; rescale: pad to a square and resize; tile: always tile",
+    )
     input_size: int | None = Field(None, ge=16)
     tile_overlap: float = Field(0.1, ge=0.05, le=0.5)
 
