@@ -11,8 +11,8 @@ Stages (each writes its own section with the date, commit and machine load; the 
 * ``encoder``: tiles/s and achieved GFLOP/s against the float32 peak for 224 px tiles and for 64 px cells,
   at today's settings (batch 64, default layout, float32; a cell zero-padded to 224) and at the new defaults
   (``batch_size: auto``, channels-last; a cell in its tight 64 px canvas).
-* ``runtimes``: PyTorch against ONNX Runtime and OpenVINO (the same ONNX graph of the encoder) on the same
-  tiles, float32 and bf16, with the largest difference of their vectors to PyTorch's.
+* ``runtimes``: PyTorch against ONNX Runtime (msnoop's ``onnxruntime`` backend) and OpenVINO (the same ONNX
+  graph) on the same tiles, float32 and bf16, with the largest difference of their vectors to PyTorch's.
 * ``vectors``: how far each setting moves vectors from the float32 reference (batch 64, default layout).
 * ``knn``: bf16 against float32 (and the tight canvas against the 224 canvas) on the dev sets: balanced
   accuracy of the kNN protocols of ``jobs/bench_postprocess.py``, paired bootstrap interval of the
@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -176,13 +175,19 @@ def make_runtime(spec: dict[str, Any], onnx_path: str | None) -> tuple[Any, int]
     from msnoop.embed.embedder import Embedder
     from msnoop.models.checkpoint import resolve_model
 
+    library = spec["runtime"] in ("torch", "onnxruntime")  # msnoop's own backends, through the Embedder
     embedder = Embedder(
-        resolve_model("default"), batch_size=spec["batch"], device="cpu", amp=spec["amp"], memory_format=spec["layout"]
+        resolve_model("default"),
+        batch_size=spec["batch"],
+        device="cpu",
+        amp=spec["amp"],
+        memory_format=spec["layout"],
+        backend=spec["runtime"] if library else "torch",
     )
     batch = embedder.settings.tiles_per_batch(spec["canvas"])
-    if spec["runtime"] == "torch":
+    if library:
         return embedder.embed_tiles, batch
-    forward = onnx_forward(spec["runtime"], str(onnx_path), threads=spec["threads"], bf16=spec["amp"] == "auto")
+    forward = openvino_forward(str(onnx_path), threads=spec["threads"], bf16=spec["amp"] == "auto")
 
     def embed(tiles: np.ndarray) -> np.ndarray:
         out = []
@@ -195,63 +200,29 @@ def make_runtime(spec: dict[str, Any], onnx_path: str | None) -> tuple[Any, int]
 
 
 def export_onnx(path: Path) -> Path:
-    """The shipped model's encoder + readout (``net.embed``) as ONNX, batch and canvas dynamic."""
-    import torch
-
+    """The shipped model's ``net.embed`` as ONNX (batch and canvas dynamic), as the onnxruntime backend exports it."""
+    from msnoop.embed.onnx_backend import export_embed
     from msnoop.models.checkpoint import resolve_model
 
-    net = resolve_model("default").net.eval()
-
-    class Embed(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = net
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.net.embed(x)
-
-    # the TorchScript exporter: it needs no extra package (the torch.export one needs onnxscript)
-    torch.onnx.export(
-        Embed(),
-        (torch.zeros(2, 1, 64, 64),),
-        str(path),
-        input_names=["x"],
-        output_names=["embedding"],
-        dynamic_axes={"x": {0: "n", 2: "h", 3: "w"}, "embedding": {0: "n"}},
-        dynamo=False,
-        opset_version=17,
-    )
+    path.write_bytes(export_embed(resolve_model("default").net.eval()))
     return path
 
 
-def onnx_forward(runtime: str, path: str, *, threads: int, bf16: bool) -> Any:
-    """``forward([N, 1, S, S] float32) -> [N, D]`` on ONNX Runtime or OpenVINO's CPU plugin."""
-    if runtime == "onnxruntime":
-        import onnxruntime as ort
+def openvino_forward(path: str, *, threads: int, bf16: bool) -> Any:
+    """``forward([N, 1, S, S] float32) -> [N, D]`` on OpenVINO's CPU plugin, from the ONNX graph at ``path``."""
+    import openvino as ov
 
-        if bf16:
-            raise ValueError("ONNX Runtime's CPU provider has no bf16 convolutions")
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as torch's passive OpenMP threads
-        sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-        return lambda x: sess.run(None, {"x": x})[0]
-    if runtime == "openvino":
-        import openvino as ov
-
-        compiled = ov.Core().compile_model(
-            path,
-            "CPU",
-            {
-                "INFERENCE_NUM_THREADS": threads,
-                "INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32",  # f32 must be asked for on a bf16 CPU
-                "PERFORMANCE_HINT": "LATENCY",
-            },
-        )
-        request = compiled.create_infer_request()
-        return lambda x: request.infer({0: x})[0].copy()
-    raise ValueError(f"unknown runtime {runtime!r}")
+    compiled = ov.Core().compile_model(
+        path,
+        "CPU",
+        {
+            "INFERENCE_NUM_THREADS": threads,
+            "INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32",  # f32 must be asked for on a bf16 CPU
+            "PERFORMANCE_HINT": "LATENCY",
+        },
+    )
+    request = compiled.create_infer_request()
+    return lambda x: request.infer({0: x})[0].copy()
 
 
 def time_arms(
@@ -333,6 +304,8 @@ def stage_sweep(args: argparse.Namespace) -> dict[str, Any]:
         arm("64 b32 contiguous", canvas=64, batch=32, layout="contiguous"),
         arm("64 b32 cl bf16", canvas=64, batch=32, layout=cl, amp=bf),
         arm("64 b32 cl 2 procs x 1 thread", canvas=64, batch=32, layout=cl, threads=1, procs=2),
+        *(arm(f"224 b{b} onnxruntime", batch=b, runtime="onnxruntime") for b in (1, 2, 4)),
+        *(arm(f"64 b{b} onnxruntime", canvas=64, batch=b, runtime="onnxruntime") for b in (16, 32, 64)),
     ]
     return {"arms": time_arms(arms, rounds=args.rounds, seconds=args.seconds)}
 
@@ -346,6 +319,8 @@ def stage_encoder(args: argparse.Namespace) -> dict[str, Any]:
         arm("224 px tiles, new defaults + bf16 (option)", canvas=224, amp="auto"),
         arm("64 px cells in their tight canvas, today's batch/layout", canvas=64, **today),
         arm("64 px cells in their tight canvas, new defaults", canvas=64),
+        arm("224 px tiles, new defaults + onnxruntime backend (option)", canvas=224, runtime="onnxruntime"),
+        arm("64 px cells in their tight canvas, new defaults + onnxruntime backend", canvas=64, runtime="onnxruntime"),
     ]
     rows = time_arms(arms, rounds=args.rounds, seconds=args.seconds)
     base = rows[0]["tiles_per_s"]
@@ -538,6 +513,7 @@ E2E_ARMS = {
     "today (batch 64, contiguous, 224 canvas)": ["runtime.batch_size=64", "runtime.memory_format=contiguous"],
     "new defaults (224 canvas)": [],
     "new defaults + tight canvas": ["preprocess.mode=tight"],
+    "new defaults + tight canvas + onnxruntime": ["preprocess.mode=tight", "runtime.backend=onnxruntime"],
 }
 
 
@@ -613,7 +589,9 @@ STAGES = {
 
 
 def arms_table(rows: list[dict[str, Any]], extra: list[tuple[str, str]] = ()) -> list[str]:
-    head = "| arm | tiles/batch | tiles/s median (min-max) | best | GFLOP/s (best) |" + "".join(f" {h} |" for h, _ in extra)
+    head = "| arm | tiles/batch | tiles/s median (min-max) | best | GFLOP/s (best) |" + "".join(
+        f" {h} |" for h, _ in extra
+    )
     lines = [head, "|" + "---|" * (5 + len(extra))]
     for r in rows:
         cells = [
@@ -639,21 +617,34 @@ def markdown(res: dict[str, Any]) -> str:
         sec = res.get(name)
         if not sec:
             continue
-        out += [f"## {name}", "", f"{sec['date']}, commit {sec['commit']}, load before/after {sec['load_before']} / "
-                f"{sec['load_after']}, {sec['seconds']:.0f} s", ""]
+        out += [
+            f"## {name}",
+            "",
+            f"{sec['date']}, commit {sec['commit']}, load before/after {sec['load_before']} / "
+            f"{sec['load_after']}, {sec['seconds']:.0f} s",
+            "",
+        ]
         if name in ("sweep", "encoder", "runtimes"):
             extra = {
                 "encoder": [("x today (224)", "speedup_vs_today_224"), ("share of fp32 peak", "share_of_fp32_peak")],
-                "runtimes": [("x torch", "speed_vs_torch_same_precision"), ("max diff", "max_abs_diff_vs_torch_float32")],
+                "runtimes": [
+                    ("x torch", "speed_vs_torch_same_precision"),
+                    ("max diff", "max_abs_diff_vs_torch_float32"),
+                ],
             }.get(name, [])
             out += arms_table(sec["arms"], extra)
         elif name == "vectors":
             out += ["| canvas | setting | max abs diff | min cosine |", "|---|---|---|---|"]
-            out += [f"| {r['canvas']} | {r['setting']} | {r['max_abs_diff']:.2e} | {r['min_cosine']:.6f} |" for r in sec["rows"]]
+            out += [
+                f"| {r['canvas']} | {r['setting']} | {r['max_abs_diff']:.2e} | {r['min_cosine']:.6f} |"
+                for r in sec["rows"]
+            ]
             out += ["", f"tight (64) vs native (224) canvas, cosine: {sec['tight_vs_native_cosine']}"]
         elif name == "knn":
-            out += ["| dataset | task | post | arm | BA [95 % CI] | diff vs float32 [paired 95 % CI] | changed |",
-                    "|---|---|---|---|---|---|---|"]
+            out += [
+                "| dataset | task | post | arm | BA [95 % CI] | diff vs float32 [paired 95 % CI] | changed |",
+                "|---|---|---|---|---|---|---|",
+            ]
             for r in sec["rows"]:
                 if r["arm"] == "float32":
                     diff = ""
@@ -666,7 +657,8 @@ def markdown(res: dict[str, Any]) -> str:
         elif name == "e2e":
             out += ["| arm | cells | cells/s median | runs (cells/s) | x today |", "|---|---|---|---|---|"]
             out += [
-                f"| {r['arm']} | {r['cells']} | {r['cells_per_s']:.2f} | {r['cells_per_s_runs']} | {r['speedup_vs_today']:.2f} |"
+                f"| {r['arm']} | {r['cells']} | {r['cells_per_s']:.2f} | {r['cells_per_s_runs']} "
+                f"| {r['speedup_vs_today']:.2f} |"
                 for r in sec["rows"]
             ]
         out.append("")

@@ -59,7 +59,7 @@ def embed_images(
     *,
     channel_axis: int | None = None,
     model: LoadedModel | str | Path = "default",
-    batch_size: int = 64,
+    batch_size: int | str = "auto",
     device: str = "auto",
 ) -> np.ndarray:
     """Embed in-memory images: every channel as its own one-channel image, channel vectors concatenated.
@@ -73,7 +73,8 @@ def embed_images(
             (``1`` for ``(N, C, H, W)``, ``-1`` or ``3`` for ``(N, H, W, C)``); for a sequence, the axis within
             one image (``0`` for ``(C, H, W)``). ``None``: one channel.
         model: A loaded model (:func:`load_model`) or a reference for it.
-        batch_size: One-channel tiles per forward pass.
+        batch_size: One-channel tiles per forward pass, or ``"auto"``: 64 on a GPU, on a CPU as many as fit its
+            caches (:meth:`msnoop.core.runtime.InferenceSettings.tiles_per_batch`).
         device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda[:i]"``.
 
     Returns:

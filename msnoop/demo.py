@@ -34,7 +34,7 @@ def demo_config(out_dir: Path, *, n_per_class: int, model: str | None, num_cpus:
             "input": {"manifest": str(manifest), "channels": list(CHANNELS)},
             "model": model or demo_model(),
             "output": {"dir": str(out_dir / "results")},
-            "runtime": {"num_cpus": num_cpus, "images_per_block": 16, "batch_size": 32},
+            "runtime": {"num_cpus": num_cpus, "images_per_block": 16},
         }
     )
     assert isinstance(cfg, EmbedJob)

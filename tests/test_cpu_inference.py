@@ -52,6 +52,7 @@ def test_cpu_batches_hold_a_pixel_budget_and_a_gpu_keeps_large_batches():
         "batch_size": "auto",
         "channels_last": True,
         "bf16": False,
+        "backend": "torch",
     }
 
 
@@ -88,7 +89,9 @@ def test_embed_tiles_batches_each_canvas_apart_and_keeps_the_order(tight_model):
     hook.remove()
     assert out.shape == (10, emb.embed_dim)
     # every forward pass holds one canvas, at most batch_size tiles: 64 px x 5 -> 2+2+1, 128 x 1, 96 x 4 -> 2+2
-    assert sorted(seen) == sorted([(2, 1, 64, 64), (2, 1, 64, 64), (1, 1, 64, 64), (1, 1, 128, 128)] + [(2, 1, 96, 96)] * 2)
+    assert sorted(seen) == sorted(
+        [(2, 1, 64, 64), (2, 1, 64, 64), (1, 1, 64, 64), (1, 1, 128, 128)] + [(2, 1, 96, 96)] * 2
+    )
     alone = np.concatenate([emb.embed_tiles(g) for g in groups if len(g)])
     np.testing.assert_allclose(out, alone, atol=1e-5)
     assert emb.embed_tiles([]).shape == (0, emb.embed_dim)
@@ -159,3 +162,39 @@ def test_the_actor_embeds_a_block_of_mixed_canvases_and_errors_like_the_embedder
     expected = emb.embed_images(images)
     np.testing.assert_allclose(np.delete(out["embedding"], 2, axis=0), expected, atol=1e-5)
     assert not out["embedding"][2].any()
+
+
+# ----------------------------------------------------------------------------------------------- onnxruntime
+def test_onnxruntime_backend_gives_the_torch_vectors_on_every_canvas(tight_model):
+    pytest.importorskip("onnxruntime", reason="the onnx extra (a dev dependency)")
+    images = _images([(40, 40), (100, 60), (300, 250), (64, 64), (17, 200)], seed=5)
+    ref = Embedder(tight_model, device="cpu", memory_format="contiguous").embed_images(images)
+    ort = Embedder(tight_model, device="cpu", backend="onnxruntime")
+    assert ort.settings.backend == "onnxruntime" and ort.settings.record()["backend"] == "onnxruntime"
+    seen: list[int] = []
+    hook = tight_model.net.encoder.register_forward_pre_hook(lambda _m, args: seen.append(1))
+    got = ort.embed_images(images)
+    hook.remove()
+    assert not seen  # the PyTorch network did not run
+    np.testing.assert_allclose(got, ref, atol=1e-5)
+
+
+def test_onnxruntime_backend_refuses_gpus_and_bf16(monkeypatch):
+    import msnoop.core.runtime
+
+    monkeypatch.setattr(msnoop.core.runtime, "cpu_has_native_bf16", lambda: True)
+    with pytest.raises(ValueError, match="float32 on CPUs only"):
+        inference_settings("cuda", backend="onnxruntime")
+    with pytest.raises(ValueError, match="float32 on CPUs only"):
+        inference_settings("cpu", backend="onnxruntime", amp="auto")
+    assert inference_settings("cpu", backend="onnxruntime", amp="cuda").backend == "onnxruntime"
+    with pytest.raises(ValueError, match="backend must be"):
+        inference_settings("cpu", backend="openvino")
+
+
+def test_onnxruntime_backend_missing_says_how_to_install(monkeypatch):
+    import msnoop.embed.onnx_backend as ob
+
+    monkeypatch.setattr(ob, "onnxruntime_available", lambda: False)
+    with pytest.raises(ImportError, match=r"pip install 'msnoop\[onnx\]'"):
+        Embedder(resolve_model("random:test_cnn:0"), device="cpu", backend="onnxruntime")

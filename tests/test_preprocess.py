@@ -160,7 +160,9 @@ def test_tight_mode_pads_to_the_tight_canvas_centred_and_normalises_after_paddin
 
 def test_tight_mode_tiles_images_larger_than_the_input_size_as_native_does():
     img = np.random.default_rng(5).uniform(0, 1, (300, 100)).astype(np.float32)
-    np.testing.assert_array_equal(prepare_channel(img, Preprocessing(mode="tight")), prepare_channel(img, Preprocessing()))
+    np.testing.assert_array_equal(
+        prepare_channel(img, Preprocessing(mode="tight")), prepare_channel(img, Preprocessing())
+    )
 
 
 def test_tight_canvas_never_exceeds_an_input_size_that_is_not_a_multiple_of_16():

@@ -66,12 +66,14 @@ class InferenceSettings:
         channels_last: Weights and inputs in channels-last (NHWC) memory format; the same vectors up to float
             summation order (measured max difference ~1e-7 on unit vectors).
         bf16: The network runs under bf16 autocast; vectors differ from float32 ones by bf16 rounding.
+        backend: ``torch`` (the reference) or ``onnxruntime`` (CPU, float32; :mod:`msnoop.embed.onnx_backend`).
     """
 
     device: str
     batch_size: int | None
     channels_last: bool
     bf16: bool
+    backend: str = "torch"
 
     def tiles_per_batch(self, height: int, width: int | None = None) -> int:
         """Tiles of ``height x width`` pixels per forward pass (``width`` defaults to ``height``).
@@ -93,6 +95,7 @@ class InferenceSettings:
             "batch_size": self.batch_size if self.batch_size is not None else "auto",
             "channels_last": self.channels_last,
             "bf16": self.bf16,
+            "backend": self.backend,
         }
 
 
@@ -102,18 +105,22 @@ def inference_settings(
     batch_size: int | str = "auto",
     amp: str = "cuda",
     memory_format: str = "auto",
+    backend: str = "torch",
 ) -> InferenceSettings:
     """Resolve the embedding network's settings for ``device`` (a ``torch.device`` or its name).
 
     Args:
         device: Where the network runs: ``cpu``, ``cuda`` or ``cuda:i``.
-        batch_size: Tiles per forward pass, or ``auto`` (by device and canvas: :meth:`InferenceSettings.tiles_per_batch`).
+        batch_size: Tiles per forward pass, or ``auto`` (by device and canvas:
+            :meth:`InferenceSettings.tiles_per_batch`).
         amp: bf16 autocast setting (see :func:`uses_bf16`).
         memory_format: ``auto`` (channels-last on CPUs, where it measured faster, the default layout on GPUs,
             where it was not measured), ``channels_last`` or ``contiguous``.
+        backend: ``torch`` or ``onnxruntime`` (CPU only, float32 only).
 
     Raises:
-        ValueError: An unknown ``batch_size``, ``amp`` or ``memory_format`` value.
+        ValueError: An unknown ``batch_size``, ``amp``, ``memory_format`` or ``backend`` value, or ``onnxruntime``
+            with a GPU or with bf16 autocast.
     """
     import torch
 
@@ -129,7 +136,15 @@ def inference_settings(
     else:
         raise ValueError(f"batch_size must be a number of tiles >= 1 or 'auto'; found {batch_size!r}")
     channels_last = memory_format == "channels_last" or (memory_format == "auto" and dev.type == "cpu")
-    return InferenceSettings(device=str(dev), batch_size=fixed, channels_last=channels_last, bf16=uses_bf16(amp, dev))
+    bf16 = uses_bf16(amp, dev)
+    if backend not in ("torch", "onnxruntime"):
+        raise ValueError(f"backend must be 'torch' or 'onnxruntime'; found {backend!r}")
+    if backend == "onnxruntime" and (dev.type != "cpu" or bf16):
+        raise ValueError(
+            f"backend 'onnxruntime' runs float32 on CPUs only; here the network runs on {dev} "
+            f"{'with bf16 autocast' if bf16 else ''}. Set runtime.backend: torch, or runtime.amp: off on a CPU"
+        )
+    return InferenceSettings(device=str(dev), batch_size=fixed, channels_last=channels_last, bf16=bf16, backend=backend)
 
 
 def _loopback_env() -> None:

@@ -36,6 +36,7 @@ class EmbedActor:
         cells: bool = False,
         amp: str = "cuda",
         memory_format: str = "auto",
+        backend: str = "torch",
     ) -> None:
         if device == "cpu" and "torch" not in sys.modules:
             # OpenMP threads that spin while they wait lose their core to every other process on a small
@@ -51,7 +52,9 @@ class EmbedActor:
         if torch_threads:
             torch.set_num_threads(torch_threads)
         loaded: LoadedModel = ray.get(model) if isinstance(model, ray.ObjectRef) else model
-        self.embedder = Embedder(loaded, batch_size=batch_size, device=device, amp=amp, memory_format=memory_format)
+        self.embedder = Embedder(
+            loaded, batch_size=batch_size, device=device, amp=amp, memory_format=memory_format, backend=backend
+        )
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         tiles = batch.pop("tiles")
@@ -78,7 +81,8 @@ class EmbedActor:
         todo = [i for i in np.flatnonzero(ok) if n_cells[i] > 0]
         if todo:
             # one row per cell: its C channel embeddings concatenated (tiles are cell-major, channel-major)
-            per_cell = self.embedder.embed_tiles([np.asarray(tiles[i], dtype=np.float32) for i in todo]).reshape(-1, dim)
+            per_cell = self.embedder.embed_tiles([np.asarray(tiles[i], dtype=np.float32) for i in todo])
+            per_cell = per_cell.reshape(-1, dim)
             pos = 0
             for i in todo:
                 cell_emb[i] = per_cell[pos : pos + n_cells[i]]

@@ -74,6 +74,12 @@ class RuntimeConfig(_Strict):
     actor_cpus: float | None = Field(None, gt=0, description="CPUs per embedding actor; default 1 with GPUs, else 0.5")
     use_gpu: Literal["auto", "yes", "no"] = "auto"
     amp: Literal["cuda", "auto", "off"] = Field("cuda", description=AMP_HELP)
+    backend: Literal["torch", "onnxruntime"] = Field(
+        "torch",
+        description="what runs the network: 'torch' (the reference) or 'onnxruntime' on CPUs in float32 (the network "
+        "exported to ONNX at start; vectors within 1e-6 of torch's, about 1.4x the tiles per CPU-second measured "
+        "with jobs/bench_cpu.py; pip install 'msnoop[onnx]')",
+    )
     memory_format: Literal["auto", "channels_last", "contiguous"] = Field(
         "auto",
         description="memory layout of the network's weights and inputs: 'auto' = channels_last on CPUs (faster there, "

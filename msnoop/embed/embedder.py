@@ -36,9 +36,13 @@ class Embedder:
         device: ``auto``, ``cpu`` or ``cuda[:i]``.
         amp: bf16 autocast: ``cuda`` (GPUs only), ``auto`` (also CPUs with native bf16) or ``off``.
         memory_format: ``auto`` (channels-last on CPUs), ``channels_last`` or ``contiguous``.
+        backend: ``torch`` (the reference path) or ``onnxruntime`` (CPUs, float32: the network exported to ONNX
+            and run by ONNX Runtime, same vectors within 1e-6, about 1.4x faster; the ``onnx`` extra).
 
     Raises:
-        ValueError: An unknown ``batch_size``, ``amp`` or ``memory_format``.
+        ValueError: An unknown ``batch_size``, ``amp``, ``memory_format`` or ``backend``, or ``onnxruntime`` on a
+            GPU or with bf16 autocast.
+        ImportError: ``backend="onnxruntime"`` without onnxruntime and onnx installed.
     """
 
     def __init__(
@@ -49,13 +53,21 @@ class Embedder:
         device: str = "auto",
         amp: str = "cuda",
         memory_format: str = "auto",
+        backend: str = "torch",
     ) -> None:
         self.model = model
         self.device = pick_device(device)
-        self.settings = inference_settings(self.device, batch_size=batch_size, amp=amp, memory_format=memory_format)
+        self.settings = inference_settings(
+            self.device, batch_size=batch_size, amp=amp, memory_format=memory_format, backend=backend
+        )
         self._memory_format = torch.channels_last if self.settings.channels_last else torch.contiguous_format
         self.net = model.net.to(self.device, memory_format=self._memory_format).eval()
         self.use_amp = self.settings.bf16
+        self._onnx = None
+        if self.settings.backend == "onnxruntime":
+            from msnoop.embed.onnx_backend import OnnxRuntimeEncoder
+
+            self._onnx = OnnxRuntimeEncoder(self.net, threads=torch.get_num_threads())
 
     @property
     def preprocess(self) -> Preprocessing:
@@ -100,9 +112,12 @@ class Embedder:
         out = np.empty((len(tiles), self.embed_dim), dtype=np.float32)
         for start in range(0, len(tiles), batch_size):
             chunk = torch.from_numpy(np.ascontiguousarray(tiles[start : start + batch_size], dtype=np.float32))
-            chunk = chunk[:, None].to(self.device, non_blocking=True).contiguous(memory_format=self._memory_format)
-            with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
-                emb = self.net.embed(chunk)  # type: ignore[operator]
+            if self._onnx is not None:
+                emb = torch.from_numpy(self._onnx(chunk[:, None].numpy()))
+            else:
+                chunk = chunk[:, None].to(self.device, non_blocking=True).contiguous(memory_format=self._memory_format)
+                with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
+                    emb = self.net.embed(chunk)  # type: ignore[operator]
             emb = emb.float()
             emb = emb / emb.norm(dim=1, keepdim=True).clamp_min(1e-12)
             out[start : start + len(chunk)] = emb.cpu().numpy()

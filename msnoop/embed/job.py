@@ -307,6 +307,7 @@ def build_dataset(
             "cells": cells is not None,
             "amp": cfg.runtime.amp,
             "memory_format": cfg.runtime.memory_format,
+            "backend": cfg.runtime.backend,
         },
         **res,
     )
