@@ -514,6 +514,7 @@ E2E_ARMS = {
     "new defaults (224 canvas)": [],
     "new defaults + tight canvas": ["preprocess.mode=tight"],
     "new defaults + tight canvas + onnxruntime": ["preprocess.mode=tight", "runtime.backend=onnxruntime"],
+    "new defaults + tight canvas, 2 actors x 1 thread": ["preprocess.mode=tight", "runtime.actors=2"],
 }
 
 
@@ -533,6 +534,9 @@ def yeast_manifest(folder: Path, n: int, seed: int = 0) -> Path:
 
 def stage_e2e(args: argparse.Namespace) -> dict[str, Any]:
     """``msnoop embed`` of yeast cells, the arms taking turns; wall time of the whole command."""
+    from bench_embed import steady_rate
+    from bench_s3 import TreeCPU
+
     msnoop = str(Path(sys.executable).parent / "msnoop")
     runs: dict[str, list[dict[str, float]]] = {a: [] for a in E2E_ARMS}
     with tempfile.TemporaryDirectory() as tmp:
@@ -551,13 +555,31 @@ def stage_e2e(args: argparse.Namespace) -> dict[str, Any]:
                 sets = [f"output.dir={out}", *E2E_ARMS[a]]
                 cmd = [msnoop, "embed", str(cfg)] + [x for s in sets for x in ("--set", s)]
                 t0 = time.perf_counter()
-                proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-                wall = time.perf_counter() - t0
-                if proc.returncode:
-                    raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}")
+                with tempfile.TemporaryFile("w+") as log:
+                    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
+                    tree = TreeCPU(proc.pid)  # the command, its Ray processes and their workers
+                    code = proc.wait()
+                    wall = time.perf_counter() - t0
+                    cpu = tree.total()
+                    tree.stop()
+                    if code:
+                        log.seek(0)
+                        raise RuntimeError(f"{' '.join(cmd)} failed:\n{log.read()}")
                 job = json.loads((out / "run.json").read_text())["last_run"]
-                runs[a].append({"wall_s": wall, "job_s": job["seconds"], "cells": job["embedded"]})
-                print(f"  {a}: {args.e2e_n / wall:.2f} cells/s ({wall:.0f} s), load {load_avg()}", flush=True)
+                steady = steady_rate(out / "embeddings")  # parts 2..n over the time from the first to the last
+                runs[a].append(
+                    {
+                        "wall_s": wall,
+                        "cpu_s": cpu,
+                        "job_s": job["seconds"],
+                        "cells": job["embedded"],
+                        "steady_cells_per_s": steady["images_per_s"] if steady else None,
+                    }
+                )
+                print(
+                    f"  {a}: {args.e2e_n / wall:.2f} cells/s ({wall:.0f} s, {cpu:.0f} CPU-s), load {load_avg()}",
+                    flush=True,
+                )
     rows = []
     for a in arms:
         w = [x["wall_s"] for x in runs[a]]
@@ -568,13 +590,21 @@ def stage_e2e(args: argparse.Namespace) -> dict[str, Any]:
                 "cells": args.e2e_n,
                 "cells_per_s": args.e2e_n / statistics.median(w),
                 "cells_per_s_runs": [round(args.e2e_n / x, 2) for x in w],
+                "cells_per_cpu_s": args.e2e_n / statistics.median([x["cpu_s"] for x in runs[a]]),
                 "wall_s_runs": [round(x, 1) for x in w],
+                "cpu_s_runs": [round(x["cpu_s"], 1) for x in runs[a]],
+                "steady_cells_per_s": _median_or_none([x["steady_cells_per_s"] for x in runs[a]]),
                 "job_s_runs": [round(x["job_s"], 1) for x in runs[a]],
             }
         )
     for r in rows:
         r["speedup_vs_today"] = r["cells_per_s"] / rows[0]["cells_per_s"]
     return {"rows": rows, "rounds": args.e2e_rounds}
+
+
+def _median_or_none(values: list[float | None]) -> float | None:
+    kept = [v for v in values if v is not None]
+    return statistics.median(kept) if kept else None
 
 
 # ----------------------------------------------------------------------------------------------- report
@@ -655,10 +685,14 @@ def markdown(res: dict[str, Any]) -> str:
                     f"[{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] | {diff} | {r['changed_predictions']:.3f} |"
                 )
         elif name == "e2e":
-            out += ["| arm | cells | cells/s median | runs (cells/s) | x today |", "|---|---|---|---|---|"]
+            out += [
+                "| arm | cells | cells/s median (whole command) | runs | cells per CPU-s | cells/s first to last part "
+                "| x today |",
+                "|---|---|---|---|---|---|---|",
+            ]
             out += [
                 f"| {r['arm']} | {r['cells']} | {r['cells_per_s']:.2f} | {r['cells_per_s_runs']} "
-                f"| {r['speedup_vs_today']:.2f} |"
+                f"| {r['cells_per_cpu_s']:.2f} | {fmt(r['steady_cells_per_s'])} | {r['speedup_vs_today']:.2f} |"
                 for r in sec["rows"]
             ]
         out.append("")
