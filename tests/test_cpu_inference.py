@@ -198,3 +198,16 @@ def test_onnxruntime_backend_missing_says_how_to_install(monkeypatch):
     monkeypatch.setattr(ob, "onnxruntime_available", lambda: False)
     with pytest.raises(ImportError, match=r"pip install 'msnoop\[onnx\]'"):
         Embedder(resolve_model("random:test_cnn:0"), device="cpu", backend="onnxruntime")
+
+
+# ----------------------------------------------------------------------------------------------- resume identity
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_amp_settings_are_one_run_exactly_when_they_give_the_same_precision(monkeypatch, native_bf16):
+    import msnoop.core.runtime
+    from msnoop.embed.resume import amp_precision
+
+    monkeypatch.setattr(msnoop.core.runtime, "cpu_has_native_bf16", lambda: native_bf16)
+    cuda, auto, off = amp_precision("cuda"), amp_precision("auto"), amp_precision("off")
+    assert cuda == {"cpu": "float32", "gpu": "bf16"} and off == {"cpu": "float32", "gpu": "float32"}
+    assert auto == {"cpu": "bf16" if native_bf16 else "float32", "gpu": "bf16"}
+    assert (auto == cuda) is (not native_bf16)  # 'auto' on a CPU without native bf16 is float32, as 'cuda'

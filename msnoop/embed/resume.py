@@ -35,8 +35,10 @@ def check_resumable(
     """Refuse to resume into a folder whose embeddings were made differently (one table would mix them).
 
     Compared with the folder's ``run.json``: whole-image vs cells mode, the model (by sha256 for a
-    checkpoint, by name for a random network), the preprocessing, the channels and the bf16 autocast setting
-    (``amp``: bf16 vectors differ from float32 ones by rounding, enough to move some neighbours).
+    checkpoint, by name for a random network), the preprocessing, the channels and the precision the ``amp``
+    setting gives on CPUs and on GPUs (:func:`amp_precision`; bf16 vectors differ from float32 ones by rounding).
+    Two ``amp`` settings that give the same precision here (``cuda`` and ``auto`` on a CPU without native bf16)
+    are the same run.
     """
     if not parts.part_files(st.join(out_dir, parts.EMBEDDINGS), storage=storage):
         return
@@ -53,14 +55,34 @@ def check_resumable(
     identity = [run.get("model_sha256") or run.get("model_source") for run in (before, info)]
     if identity[0] is not None and identity[0] != identity[1]:
         diffs.append(f"model {_model_label(before)} there, {_model_label(info)} now")
-    for key in ("preprocess", "channels", "amp"):
+    for key in ("preprocess", "channels"):
         if key in before and before[key] != info[key]:
             diffs.append(f"{key} {before[key]} there, {info[key]} now")
+    if "amp" in before and amp_precision(before["amp"]) != amp_precision(info["amp"]):
+        was, now = amp_precision(before["amp"]), amp_precision(info["amp"])
+        diffs.append(
+            f"amp {before['amp']} there ({was['cpu']} on this CPU, {was['gpu']} on GPUs), "
+            f"{info['amp']} now ({now['cpu']} on this CPU, {now['gpu']} on GPUs)"
+        )
     if diffs:
         raise OutputMismatchError(
             f"{out_dir} holds embeddings made differently ({'; '.join(diffs)}): resuming would mix them in "
             "one table. Use another output.dir, remove the old outputs, or set output.on_mismatch: replace"
         )
+
+
+def amp_precision(amp: str) -> dict[str, str]:
+    """The precision (``bf16`` or ``float32``) an ``amp`` setting gives the network on this machine's CPU and on GPUs.
+
+    The CPU is the one this process runs on (:func:`msnoop.core.runtime.cpu_has_native_bf16`): on a cluster whose
+    nodes differ from the driver's, the record can be wrong for them.
+    """
+    import torch
+
+    from msnoop.core.runtime import uses_bf16
+
+    devices = {"cpu": torch.device("cpu"), "gpu": torch.device("cuda")}
+    return {name: "bf16" if uses_bf16(amp, dev) else "float32" for name, dev in devices.items()}
 
 
 class TotalsError(RuntimeError):
