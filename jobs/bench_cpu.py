@@ -104,14 +104,15 @@ def arm(
     canvas: int = 224,
     batch: int | str = "auto",
     layout: str = "auto",
-    amp: str = "cuda",
+    amp: str | None = "cuda",
     threads: int = 2,
     procs: int = 1,
     runtime: str = "torch",
 ) -> dict[str, Any]:
     """One setting to time: ``runtime`` (torch, onnxruntime, openvino) on ``canvas`` px tiles in batches of
-    ``batch`` (or the library's ``auto``), ``layout`` (``memory_format``), ``amp`` (``auto`` = bf16 here),
-    ``procs`` processes of ``threads`` threads each."""
+    ``batch`` (or the library's ``auto``), ``layout`` (``memory_format``), ``amp`` (``cuda`` = float32 on a CPU,
+    ``auto`` = bf16 on a CPU with native bf16, None = the library's default), ``procs`` processes of ``threads``
+    threads each."""
     return dict(
         label=label, canvas=canvas, batch=batch, layout=layout, amp=amp, threads=threads, procs=procs, runtime=runtime
     )
@@ -180,9 +181,9 @@ def make_runtime(spec: dict[str, Any], onnx_path: str | None) -> tuple[Any, int]
         resolve_model("default"),
         batch_size=spec["batch"],
         device="cpu",
-        amp=spec["amp"],
         memory_format=spec["layout"],
         backend=spec["runtime"] if library else "torch",
+        **({"amp": spec["amp"]} if spec["amp"] is not None else {}),
     )
     batch = embedder.settings.tiles_per_batch(spec["canvas"])
     if library:
@@ -312,15 +313,16 @@ def stage_sweep(args: argparse.Namespace) -> dict[str, Any]:
 
 def stage_encoder(args: argparse.Namespace) -> dict[str, Any]:
     """Today's settings against the new defaults, for 224 px tiles and 64 px yeast cells."""
-    today = {"batch": 64, "layout": "contiguous"}
+    today = {"batch": 64, "layout": "contiguous", "amp": "cuda"}  # float32 on a CPU
     arms = [
         arm("224 px tiles, today (batch 64, contiguous, float32)", **today),
-        arm("224 px tiles, new defaults", canvas=224),
-        arm("224 px tiles, new defaults + bf16 (option)", canvas=224, amp="auto"),
-        arm("64 px cells in their tight canvas, today's batch/layout", canvas=64, **today),
-        arm("64 px cells in their tight canvas, new defaults", canvas=64),
-        arm("224 px tiles, new defaults + onnxruntime backend (option)", canvas=224, runtime="onnxruntime"),
-        arm("64 px cells in their tight canvas, new defaults + onnxruntime backend", canvas=64, runtime="onnxruntime"),
+        arm("224 px tiles, new defaults", canvas=224, amp=None),
+        arm("224 px tiles, new defaults in float32 (amp cuda)", canvas=224, amp="cuda"),
+        arm("224 px tiles, new defaults, onnxruntime backend (float32)", canvas=224, runtime="onnxruntime"),
+        arm("64 px cells in their tight canvas, today's batch/layout/float32", canvas=64, **today),
+        arm("64 px cells in their tight canvas, new defaults", canvas=64, amp=None),
+        arm("64 px cells in their tight canvas, new defaults in float32 (amp cuda)", canvas=64, amp="cuda"),
+        arm("64 px cells in their tight canvas, onnxruntime backend (float32)", canvas=64, runtime="onnxruntime"),
     ]
     rows = time_arms(arms, rounds=args.rounds, seconds=args.seconds)
     base = rows[0]["tiles_per_s"]
@@ -388,14 +390,15 @@ def stage_vectors(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(2)
     cells = yeast_cells(96, seed=3)
     model = resolve_model("default")
-    ref = Embedder(model, batch_size=64, memory_format="contiguous", device="cpu")
+    ref = Embedder(model, batch_size=64, memory_format="contiguous", device="cpu", amp="cuda")  # float32, as before
     rows = []
     for mode in ("native", "tight"):
         tiles = cell_tiles(cells, mode)
         expected = ref.embed_tiles(tiles)
         for label, kw in (
-            ("new defaults (auto batch, channels-last)", {}),
-            ("new defaults + bf16", {"amp": "auto"}),
+            ("auto batch, channels-last, float32", {"amp": "cuda"}),
+            ("auto batch, channels-last, bf16 (amp auto)", {"amp": "auto"}),
+            ("onnxruntime backend (float32)", {"amp": "cuda", "backend": "onnxruntime"}),
         ):
             got = Embedder(model, device="cpu", **kw).embed_tiles(tiles)
             rows.append(
@@ -510,10 +513,18 @@ def stage_knn(args: argparse.Namespace) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------------------------- end to end
 E2E_ARMS = {
-    "today (batch 64, contiguous, 224 canvas)": ["runtime.batch_size=64", "runtime.memory_format=contiguous"],
+    "today (batch 64, contiguous, float32, 224 canvas)": [
+        "runtime.batch_size=64",
+        "runtime.memory_format=contiguous",
+        "runtime.amp=cuda",
+    ],
     "new defaults (224 canvas)": [],
     "new defaults + tight canvas": ["preprocess.mode=tight"],
-    "new defaults + tight canvas + onnxruntime": ["preprocess.mode=tight", "runtime.backend=onnxruntime"],
+    "new defaults + tight canvas, onnxruntime (float32)": [
+        "preprocess.mode=tight",
+        "runtime.backend=onnxruntime",
+        "runtime.amp=cuda",
+    ],
     "new defaults + tight canvas, 2 actors x 1 thread": ["preprocess.mode=tight", "runtime.actors=2"],
 }
 

@@ -107,13 +107,19 @@ def test_embedder_concatenates_channels_and_averages_tiles():
     np.testing.assert_allclose(out[1], np.concatenate([out[0, 32:], out[0, :32]]), atol=1e-6)
 
 
-def test_embedder_bf16_autocast_on_cpu_is_opt_in_and_close_to_fp32(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_embedder_bf16_autocast_by_default_on_cpus_with_native_bf16_and_close_to_fp32(
+    monkeypatch: pytest.MonkeyPatch, native_bf16: bool
+) -> None:
     import msnoop.core.runtime
 
-    monkeypatch.setattr(msnoop.core.runtime, "cpu_has_native_bf16", lambda: True)  # emulated elsewhere: same numerics
+    monkeypatch.setattr(msnoop.core.runtime, "cpu_has_native_bf16", lambda: native_bf16)  # emulated: same numerics
+    assert Embedder(resolve_model("random:test_cnn"), device="cpu").use_amp is native_bf16  # the default, amp auto
+    if not native_bf16:
+        return
     model = resolve_model("random:test_cnn")
     cells = [[np.random.default_rng(i).uniform(size=(48, 48)).astype(np.float32)] for i in range(4)]
-    fp32, bf16 = Embedder(model, device="cpu"), Embedder(model, device="cpu", amp="auto")
+    fp32, bf16 = Embedder(model, device="cpu", amp="cuda"), Embedder(model, device="cpu")
     assert not fp32.use_amp and bf16.use_amp
     dtypes: list[torch.dtype] = []
     hook = model.net.encoder.register_forward_hook(lambda _m, _i, out: dtypes.append(out[-1].dtype))

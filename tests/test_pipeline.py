@@ -115,7 +115,7 @@ def test_outputs_lancedb_resolved_config_and_run_info(first_run):
     assert (
         info["channels"] == ["dna", "gfp"] and info["embed_dim"] == 64 and info["preprocess"]["preset"] == "microsnoop"
     )
-    assert info["amp"] == "cuda"  # bf16 autocast only on GPUs unless runtime.amp says auto
+    assert info["amp"] == "auto"  # bf16 autocast on GPUs and on CPUs with native bf16
     table = open_table(str(out / "lancedb"), "cells")
     assert table.count_rows() == N_GOOD
     assert table.schema.field("vector").type.list_size == 64
@@ -154,8 +154,8 @@ def test_another_model_or_preprocessing_is_refused_and_the_folder_kept(first_run
     with pytest.raises(OutputMismatchError, match=r"preprocess .*'native'.* there, .*'rescale'.* now"):
         run_embed(build_config(data))
     data = cfg.model_dump(mode="json")
-    data["runtime"]["amp"] = "off"  # float32 on GPUs too, where 'cuda' gave bf16: other vectors on a GPU
-    with pytest.raises(OutputMismatchError, match=r"amp cuda there \(float32 on this CPU, bf16 on GPUs\), off now"):
+    data["runtime"]["amp"] = "off"  # float32 on GPUs too, where the default 'auto' gives bf16: other vectors
+    with pytest.raises(OutputMismatchError, match=r"amp auto there \(\w+ on this CPU, bf16 on GPUs\), off now"):
         run_embed(build_config(data))
     assert (cfg.output.dir / "run.json").read_text() == info_before
     assert parts.count_rows(cfg.output.dir / "embeddings") == rows_before

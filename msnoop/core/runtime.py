@@ -66,7 +66,7 @@ class InferenceSettings:
         channels_last: Weights and inputs in channels-last (NHWC) memory format; the same vectors up to float
             summation order (measured max difference ~1e-7 on unit vectors).
         bf16: The network runs under bf16 autocast; vectors differ from float32 ones by bf16 rounding.
-        backend: ``torch`` (the reference) or ``onnxruntime`` (CPU, float32; :mod:`msnoop.embed.onnx_backend`).
+        backend: ``torch`` (the reference) or ``onnxruntime`` (CPU, always float32; :mod:`msnoop.embed.onnx_backend`).
     """
 
     device: str
@@ -103,7 +103,7 @@ def inference_settings(
     device: Any,
     *,
     batch_size: int | str = "auto",
-    amp: str = "cuda",
+    amp: str = "auto",
     memory_format: str = "auto",
     backend: str = "torch",
 ) -> InferenceSettings:
@@ -116,11 +116,12 @@ def inference_settings(
         amp: bf16 autocast setting (see :func:`uses_bf16`).
         memory_format: ``auto`` (channels-last on CPUs, where it measured faster, the default layout on GPUs,
             where it was not measured), ``channels_last`` or ``contiguous``.
-        backend: ``torch`` or ``onnxruntime`` (CPU only, float32 only).
+        backend: ``torch`` or ``onnxruntime`` (CPUs only; it runs float32 whatever ``amp`` says: its CPU
+            provider has no bf16 convolutions).
 
     Raises:
         ValueError: An unknown ``batch_size``, ``amp``, ``memory_format`` or ``backend`` value, or ``onnxruntime``
-            with a GPU or with bf16 autocast.
+            on a GPU.
     """
     import torch
 
@@ -136,14 +137,11 @@ def inference_settings(
     else:
         raise ValueError(f"batch_size must be a number of tiles >= 1 or 'auto'; found {batch_size!r}")
     channels_last = memory_format == "channels_last" or (memory_format == "auto" and dev.type == "cpu")
-    bf16 = uses_bf16(amp, dev)
     if backend not in ("torch", "onnxruntime"):
         raise ValueError(f"backend must be 'torch' or 'onnxruntime'; found {backend!r}")
-    if backend == "onnxruntime" and (dev.type != "cpu" or bf16):
-        raise ValueError(
-            f"backend 'onnxruntime' runs float32 on CPUs only; here the network runs on {dev} "
-            f"{'with bf16 autocast' if bf16 else ''}. Set runtime.backend: torch, or runtime.amp: off on a CPU"
-        )
+    if backend == "onnxruntime" and dev.type != "cpu":
+        raise ValueError(f"backend 'onnxruntime' runs on CPUs only; here the network runs on {dev}: set backend torch")
+    bf16 = uses_bf16(amp, dev) and backend == "torch"
     return InferenceSettings(device=str(dev), batch_size=fixed, channels_last=channels_last, bf16=bf16, backend=backend)
 
 

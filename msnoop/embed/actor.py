@@ -34,7 +34,7 @@ class EmbedActor:
         device: str,
         torch_threads: int | None,
         cells: bool = False,
-        amp: str = "cuda",
+        amp: str = "auto",
         memory_format: str = "auto",
         backend: str = "torch",
     ) -> None:

@@ -73,12 +73,17 @@ class RuntimeConfig(_Strict):
     )
     actor_cpus: float | None = Field(None, gt=0, description="CPUs per embedding actor; default 1 with GPUs, else 0.5")
     use_gpu: Literal["auto", "yes", "no"] = "auto"
-    amp: Literal["cuda", "auto", "off"] = Field("cuda", description=AMP_HELP)
+    amp: Literal["cuda", "auto", "off"] = Field(
+        "auto",
+        description=AMP_HELP + ". Default 'auto' for embedding: on the dev sets bf16 left kNN balanced accuracy within "
+        "the paired bootstrap intervals of float32 (yeast, hpa_toy, malaria; jobs/bench_cpu.py). Vectors differ from "
+        "float32 ones by bf16 rounding, so an output folder keeps the precision it was made with",
+    )
     backend: Literal["torch", "onnxruntime"] = Field(
         "torch",
-        description="what runs the network: 'torch' (the reference) or 'onnxruntime' on CPUs in float32 (the network "
-        "exported to ONNX at start; vectors within 1e-6 of torch's, about 1.4x the tiles per CPU-second measured "
-        "with jobs/bench_cpu.py; pip install 'msnoop[onnx]')",
+        description="what runs the network: 'torch' (the reference) or 'onnxruntime' on CPUs, always in float32 (the "
+        "network exported to ONNX at start; vectors within 1e-6 of torch's float32 ones, about 1.4x the tiles per "
+        "CPU-second of torch float32 measured with jobs/bench_cpu.py; pip install 'msnoop[onnx]')",
     )
     memory_format: Literal["auto", "channels_last", "contiguous"] = Field(
         "auto",

@@ -34,14 +34,16 @@ class Embedder:
             (:meth:`msnoop.core.runtime.InferenceSettings.tiles_per_batch`: a GPU keeps batches of 64, a CPU takes
             as many tiles as fit its caches, e.g. 2 of 224 px or 32 of 64 px).
         device: ``auto``, ``cpu`` or ``cuda[:i]``.
-        amp: bf16 autocast: ``cuda`` (GPUs only), ``auto`` (also CPUs with native bf16) or ``off``.
+        amp: bf16 autocast: ``auto`` (GPUs and CPUs with native bf16: AVX512-BF16 or AMX), ``cuda`` (GPUs only;
+            float32 on every CPU, the reference path) or ``off``.
         memory_format: ``auto`` (channels-last on CPUs), ``channels_last`` or ``contiguous``.
-        backend: ``torch`` (the reference path) or ``onnxruntime`` (CPUs, float32: the network exported to ONNX
-            and run by ONNX Runtime, same vectors within 1e-6, about 1.4x faster; the ``onnx`` extra).
+        backend: ``torch`` (the reference path) or ``onnxruntime`` (CPUs, always float32, ``amp`` aside: the
+            network exported to ONNX and run by ONNX Runtime, vectors within 1e-6 of torch's float32 ones, about
+            1.4x faster; the ``onnx`` extra).
 
     Raises:
         ValueError: An unknown ``batch_size``, ``amp``, ``memory_format`` or ``backend``, or ``onnxruntime`` on a
-            GPU or with bf16 autocast.
+            GPU.
         ImportError: ``backend="onnxruntime"`` without onnxruntime and onnx installed.
     """
 
@@ -51,7 +53,7 @@ class Embedder:
         *,
         batch_size: int | str = "auto",
         device: str = "auto",
-        amp: str = "cuda",
+        amp: str = "auto",
         memory_format: str = "auto",
         backend: str = "torch",
     ) -> None:

@@ -160,6 +160,7 @@ def run_info(cfg: EmbedJob, model: LoadedModel, spec: Preprocessing) -> dict[str
         "arch": model.arch,
         "preprocess": spec.model_dump(),
         "amp": cfg.runtime.amp,  # bf16 autocast setting; rows differ from float32 ones by bf16 rounding only
+        "backend": cfg.runtime.backend,  # onnxruntime runs float32 whatever amp says
         "channels": list(cfg.input.channels),
         "embed_dim_per_channel": int(model.net.embed_dim),  # type: ignore[arg-type]
         "embed_dim": int(model.net.embed_dim) * len(cfg.input.channels),  # type: ignore[arg-type]

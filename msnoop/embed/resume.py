@@ -58,12 +58,14 @@ def check_resumable(
     for key in ("preprocess", "channels"):
         if key in before and before[key] != info[key]:
             diffs.append(f"{key} {before[key]} there, {info[key]} now")
-    if "amp" in before and amp_precision(before["amp"]) != amp_precision(info["amp"]):
-        was, now = amp_precision(before["amp"]), amp_precision(info["amp"])
-        diffs.append(
-            f"amp {before['amp']} there ({was['cpu']} on this CPU, {was['gpu']} on GPUs), "
-            f"{info['amp']} now ({now['cpu']} on this CPU, {now['gpu']} on GPUs)"
-        )
+    if "amp" in before:
+        was = amp_precision(before["amp"], before.get("backend", "torch"))
+        now = amp_precision(info["amp"], info.get("backend", "torch"))
+        if was != now:
+            diffs.append(
+                f"amp {before['amp']} there ({was['cpu']} on this CPU, {was['gpu']} on GPUs), "
+                f"{info['amp']} now ({now['cpu']} on this CPU, {now['gpu']} on GPUs)"
+            )
     if diffs:
         raise OutputMismatchError(
             f"{out_dir} holds embeddings made differently ({'; '.join(diffs)}): resuming would mix them in "
@@ -71,18 +73,19 @@ def check_resumable(
         )
 
 
-def amp_precision(amp: str) -> dict[str, str]:
+def amp_precision(amp: str, backend: str = "torch") -> dict[str, str]:
     """The precision (``bf16`` or ``float32``) an ``amp`` setting gives the network on this machine's CPU and on GPUs.
 
-    The CPU is the one this process runs on (:func:`msnoop.core.runtime.cpu_has_native_bf16`): on a cluster whose
-    nodes differ from the driver's, the record can be wrong for them.
+    ``backend="onnxruntime"`` runs float32 on CPUs whatever ``amp`` says. The CPU is the one this process runs on
+    (:func:`msnoop.core.runtime.cpu_has_native_bf16`): on a cluster whose nodes differ from the driver's, the record
+    can be wrong for them.
     """
     import torch
 
     from msnoop.core.runtime import uses_bf16
 
-    devices = {"cpu": torch.device("cpu"), "gpu": torch.device("cuda")}
-    return {name: "bf16" if uses_bf16(amp, dev) else "float32" for name, dev in devices.items()}
+    cpu = uses_bf16(amp, torch.device("cpu")) and backend == "torch"
+    return {"cpu": "bf16" if cpu else "float32", "gpu": "bf16" if uses_bf16(amp, torch.device("cuda")) else "float32"}
 
 
 class TotalsError(RuntimeError):

@@ -86,6 +86,7 @@ PROVENANCE_KEYS = (
     "arch",
     "preprocess",
     "amp",
+    "backend",
     "channels",
     "embed_dim_per_channel",
     "embed_dim",
