@@ -106,8 +106,8 @@ def bare_loop(manifest: Path, arch: str, batch_size: int, out: Path, amp: str = 
 def ray_pipeline(
     manifest: Path, arch: str, batch_size: int, out: Path, num_cpus: int | None, amp: str = "cuda"
 ) -> dict:
-    from msnoop.jobs import build_config
-    from msnoop.jobs import run_embed_job as run_embed
+    from msnoop.job_kinds import build_config
+    from msnoop.job_kinds import run_embed_job as run_embed
     from msnoop.core.runtime import init_ray, shutdown_ray
 
     t0 = time.perf_counter()

@@ -3,7 +3,7 @@
 What is measured (per manifest size and format):
 
 * **driver peak RSS**: the resident memory of the driver process only (the Python process that calls
-  :func:`msnoop.embed.job.run_embed`; Ray's raylet, GCS, object store and workers are other processes and are not
+  :func:`msnoop.embed.pipeline.run_embed`; Ray's raylet, GCS, object store and workers are other processes and are not
   counted), sampled by this script every 50 ms with psutil, and the kernel's high-water mark
   (``getrusage(RUSAGE_SELF).ru_maxrss``) reported by the driver itself when it stops. The window is the driver's
   whole life: imports, model set-up, manifest planning, Ray start, and the first ``--after-first`` seconds of
@@ -109,8 +109,8 @@ def child(manifest: str, out: str, status: str, block: int) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("msnoop").addHandler(Planned())
 
-    from msnoop.embed.job import run_embed
-    from msnoop.jobs import build_config
+    from msnoop.embed.pipeline import run_embed
+    from msnoop.job_kinds import build_config
 
     record("imported", since_start=time.time() - t0)
     cfg = build_config(

@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from msnoop.jobs import build_config
+    from msnoop.job_kinds import build_config
     from msnoop.core.runtime import init_ray, provenance, shutdown_ray
     from msnoop.train.config import PretrainJob
     from msnoop.train.data import ChannelPool

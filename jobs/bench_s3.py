@@ -7,7 +7,7 @@ The S3 endpoint is moto's standalone server on 127.0.0.1 (``tests/s3_server.py``
 end), running in this process; the job runs in a child process with one Ray session on loopback, so the endpoint
 and the job do not share an interpreter (nor its GIL). Arms, each a full ``run_embed_job`` (embed to Parquet
 parts, run.json, totals check, LanceDB table; on S3 the table is written by Ray tasks, see
-:func:`msnoop.jobs.run_embed_job`):
+:func:`msnoop.job_kinds.run_embed_job`):
 
 * ``local``: manifest and images on local disk, output.dir a fresh local folder;
 * ``s3``: manifest and images on local disk, output.dir a fresh ``s3://bench/...`` prefix;
@@ -191,8 +191,8 @@ def child(args: argparse.Namespace) -> None:
 
     from msnoop.core import storage as st
     from msnoop.core.runtime import init_ray, shutdown_ray
-    from msnoop.embed import job as embed_job
-    from msnoop.jobs import build_config, run_embed_job
+    from msnoop.embed import pipeline as embed_job
+    from msnoop.job_kinds import build_config, run_embed_job
 
     logging.basicConfig(level=logging.WARNING)
     s3cfg = st.StorageConfig(endpoint_url=args.endpoint, region="us-east-1")

@@ -32,7 +32,7 @@ def main() -> None:
     import torch
 
     import msnoop.train.config  # noqa: F401  (registers job: pretrain)
-    from msnoop.jobs import load_config
+    from msnoop.job_kinds import load_config
     from msnoop.core.runtime import provenance
     from msnoop.train.data import ChannelPool
     from msnoop.train.masking import content_patches, n_masked, patchify

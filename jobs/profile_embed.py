@@ -48,8 +48,8 @@ def main() -> None:
 
     from bench_embed import make_data
 
-    from msnoop.jobs import build_config
-    from msnoop.jobs import run_embed_job as run_embed
+    from msnoop.job_kinds import build_config
+    from msnoop.job_kinds import run_embed_job as run_embed
     from msnoop.core.runtime import init_ray, provenance, shutdown_ray
 
     manifest = make_data(Path(args.work), args.n)

@@ -12,7 +12,7 @@ Example::
     adata = msnoop.to_anndata("results/yeast")                  # AnnData: obs = metadata, X = vectors
 
 Everything here is a thin layer over the stages (:mod:`msnoop.models`, :mod:`msnoop.embed`,
-:mod:`msnoop.jobs`, :mod:`msnoop.store.anndata`); the CLI calls the same functions.
+:mod:`msnoop.job_kinds`, :mod:`msnoop.store.anndata`); the CLI calls the same functions.
 """
 
 from __future__ import annotations
@@ -46,11 +46,11 @@ def load_model(ref: str | Path = "default", *, preset: str | None = None, mode: 
         CheckpointError: The file is missing or not an msnoop checkpoint, the architecture is unknown, or the
             preprocessing contradicts the checkpoint's.
     """
-    from msnoop.embed.job import resolve_for_embedding
+    from msnoop.models.loading import load_for_embedding
     from msnoop.preprocess.config import PreprocessConfig
 
     pre = PreprocessConfig(**{k: v for k, v in {"preset": preset, "mode": mode}.items() if v is not None})
-    loaded, _ = resolve_for_embedding(str(ref), pre)
+    loaded, _ = load_for_embedding(str(ref), pre)
     return loaded
 
 
@@ -135,13 +135,13 @@ def run(config: str | Path | dict[str, Any] | BaseModel, **overrides: Any) -> An
         **overrides: Dotted keys with ``__`` for ``.``, e.g. ``run(cfg, output__dir="results/x")``.
 
     Returns:
-        The job's result: :class:`~msnoop.embed.job.EmbedResult` for ``embed``, the results record (dict)
+        The job's result: :class:`~msnoop.embed.pipeline.EmbedResult` for ``embed``, the results record (dict)
         for ``profile``/``screen``/``bench``/``segtrain``, a ``PretrainResult`` for ``pretrain``.
 
     Raises:
         ConfigError: The config is invalid (the message names the file and key), before any work.
     """
-    from msnoop.jobs import load_config, run_job
+    from msnoop.job_kinds import load_config, run_job
 
     pairs = [(k.replace("__", "."), v) for k, v in overrides.items()]
     cfg = load_config(config, overrides=pairs or None)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from msnoop.data.synthetic import CHANNELS, write_dataset
 from msnoop.embed.config import EmbedJob
-from msnoop.embed.job import EmbedResult
-from msnoop.jobs import build_config
+from msnoop.embed.pipeline import EmbedResult
+from msnoop.job_kinds import build_config
 from msnoop.models.checkpoint import BUILTIN
 
 logger = logging.getLogger(__name__)
@@ -45,6 +45,6 @@ def run_demo(
     out_dir: Path, *, n_per_class: int = 25, model: str | None = None, num_cpus: int | None = None
 ) -> tuple[EmbedResult, EmbedJob]:
     cfg = demo_config(out_dir, n_per_class=n_per_class, model=model, num_cpus=num_cpus)
-    from msnoop.jobs import run_embed_job
+    from msnoop.job_kinds import run_embed_job
 
     return run_embed_job(cfg), cfg

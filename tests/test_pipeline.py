@@ -7,11 +7,12 @@ import pandas as pd
 import pytest
 import tifffile
 
-from msnoop.jobs import build_config
+from msnoop.job_kinds import build_config
 from msnoop.embed.embedder import Embedder
-from msnoop.embed.job import OutputMismatchError, StrictModeError, prepare_model
-from msnoop.jobs import run_embed_job as run_embed
+from msnoop.embed.pipeline import OutputMismatchError, StrictModeError, prepare_model
+from msnoop.job_kinds import run_embed_job as run_embed
 from msnoop.io.readers import read_image
+from msnoop.core.rundir import RunDir
 from msnoop.core import parts
 from msnoop.store.lance import open_table
 
@@ -111,7 +112,7 @@ def test_outputs_lancedb_resolved_config_and_run_info(first_run):
     cfg, _ = first_run
     out = cfg.output.dir
     assert (out / "resolved_config.yaml").is_file()
-    info = parts.read_run_info(out)
+    info = RunDir(out).read_info()
     assert (
         info["channels"] == ["dna", "gfp"] and info["embed_dim"] == 64 and info["preprocess"]["preset"] == "microsnoop"
     )
@@ -169,7 +170,7 @@ def test_on_mismatch_replace_embeds_everything_again_with_the_new_model(dataset,
     assert again.n_embedded == len(before) == len(after) and after.index.is_unique
     emb = [c for c in after.columns if c.startswith("emb_")]
     assert not np.allclose(after[emb].to_numpy(), before[emb].to_numpy())
-    assert parts.read_run_info(first.output.dir)["model_source"] == "random:test_cnn:1"
+    assert RunDir(first.output.dir).read_info()["model_source"] == "random:test_cnn:1"
 
 
 def test_strict_mode_stops_with_the_image_message(dataset, tmp_path, ray_cluster):

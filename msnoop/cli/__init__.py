@@ -82,7 +82,7 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="more log
 def _register() -> None:
     """Add every command under its task's panel; a job kind's verb takes its help line from the job registry."""
     from msnoop.cli import embed, evaluate, profiles, query, training
-    from msnoop.jobs import JOB_KINDS
+    from msnoop.job_kinds import JOB_KINDS
 
     job_help = {kind.verb: kind.help for kind in JOB_KINDS.values()}
 

@@ -52,7 +52,7 @@ def load_job(
     ``job`` names the kind the command expects: a config of another kind is refused with the command to use.
     """
     from msnoop.core.config import ConfigError, parse_overrides
-    from msnoop.jobs import JOB_KINDS, load_config
+    from msnoop.job_kinds import JOB_KINDS, load_config
 
     try:
         cfg = load_config(

@@ -52,31 +52,34 @@ def _actors_option(text: str) -> Any:
 
 
 def print_embed_result(result: Any) -> None:
-    from msnoop.core import storage
+    """Print what an embedding run did: counts, rates, where its outputs are, the first errors and how to retry."""
+    from msnoop.core.rundir import RunDir
 
-    out = result.out_dir if storage.is_uri(result.out_dir) else storage.local_path(result.out_dir).resolve()
+    run = RunDir(result.out_dir)
+    out = run.absolute()
     typer.echo(
         f"\nEmbedded {result.n_embedded} images ({result.n_errors} errors, {result.n_skipped} already done) "
         f"in {result.seconds:.1f} s ({result.images_per_s:.3g} images/s"
         + (f", {result.cells_per_s:.3g} cells/s)." if result.n_cells else ").")
     )
-    typer.echo(f"Output: {out}  (Parquet: embeddings/, errors: errors/)")
+    typer.echo(f"Output: {out}  (Parquet: {run.EMBEDDINGS}/, errors: {run.ERRORS}/)")
     typer.echo(
         f"Totals: {result.n_rows_total} embedded + {result.n_errors_total} errors = {result.n_input} input images"
     )
     if getattr(result, "n_cells_total", 0):
         typer.echo(
-            f"Cells: {result.n_cells} embedded in this run, {result.n_cells_total} in total (single-cell table: cells/)"
+            f"Cells: {result.n_cells} embedded in this run, {result.n_cells_total} in total "
+            f"(single-cell table: {run.CELLS}/)"
         )
     if result.table:
-        typer.echo(f"LanceDB table: {result.table!r} in {storage.join(out, 'lancedb')}")
+        typer.echo(f"LanceDB table: {result.table!r} in {RunDir(out).lancedb_uri()}")
     if result.errors_preview:
         typer.echo(f"\n{result.n_errors_total} images could not be embedded, e.g.:")
         for image_id, reason in result.errors_preview:
             typer.echo(f"  {image_id}: {reason}")
         typer.echo(
             f"Fix them and run again with --retry-errors (or --set runtime.retry_errors=true) to embed them again; "
-            f"the list is in {storage.join(out, 'errors')}"
+            f"the list is in {RunDir(out).errors}"
         )
 
 
@@ -111,8 +114,8 @@ def embed(
 ) -> None:
     """Embed images (one vector per image) into Parquet and a LanceDB table; re-runs resume."""
     from msnoop.core.config import ConfigError
-    from msnoop.embed.job import StrictModeError, TotalsError
-    from msnoop.jobs import run_embed_job
+    from msnoop.embed.pipeline import StrictModeError, TotalsError
+    from msnoop.job_kinds import run_embed_job
 
     overrides = _embed_overrides(
         manifest=manifest,
@@ -152,7 +155,7 @@ def run(
 ) -> None:
     """Run any job config in this process (the entrypoint that `msnoop submit` uses on the cluster)."""
     from msnoop.core.config import ConfigError
-    from msnoop.jobs import run_job
+    from msnoop.job_kinds import run_job
 
     cfg = load_job(config, set_)
     try:

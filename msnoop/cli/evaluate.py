@@ -17,11 +17,23 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def _load(table: str | Path, exclude: str | None = None) -> pd.DataFrame:
-    from msnoop.core.tables import read_table
+#: The ``--postprocess`` option of every evaluation.
+PostprocessOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="'standardize' (z-score each feature over the table, no labels) or 'raw' (the features as stored); "
+        "default: the table's own (an embed output's output.postprocess; 'raw' for sphered profiles and LanceDB "
+        "tables; else 'standardize')."
+    ),
+]
+
+
+def _load(table: str | Path, exclude: str | None = None, postprocess: str | None = None) -> tuple[pd.DataFrame, str]:
+    """The table's rows (those ``exclude`` leaves) and the post-processing to apply; bad input exits with code 2."""
+    from msnoop.evaluate.features import read_features
 
     try:
-        df = read_table(table)
+        df, method = read_features(table, postprocess_method=postprocess)
     except (ValueError, FileNotFoundError, OSError) as exc:
         fail(str(exc))
     if exclude:
@@ -34,7 +46,7 @@ def _load(table: str | Path, exclude: str | None = None) -> pd.DataFrame:
         df = df[~drop].reset_index(drop=True)
         if df.empty:
             fail(f"--exclude {exclude!r} leaves no row of {table}")
-    return df
+    return df, method
 
 
 def knn_command(
@@ -59,19 +71,13 @@ def knn_command(
     index: Annotated[
         str, typer.Option(help="'auto' (IVF for large CPU runs, else exact), 'exact' or 'ivf' (approximate).")
     ] = "auto",
-    postprocess: Annotated[
-        str,
-        typer.Option(
-            help="'standardize' (z-score each feature over the table, no labels) or 'raw' (the features as stored)."
-        ),
-    ] = "standardize",
+    postprocess: PostprocessOpt = None,
 ) -> None:
     """kNN classification of profiles (FAISS, Microsnoop vote): accuracy, balanced accuracy, MCC, macro-F1."""
-    from msnoop.core.tables import feature_columns, split_table
-    from msnoop.correct.normalize import postprocess as apply_postprocess
+    from msnoop.evaluate.features import table_features
     from msnoop.evaluate.knn import knn_evaluate, parse_cv
 
-    df = _load(table, exclude)
+    df, method = _load(table, exclude, postprocess)
     if label not in df.columns:
         fail(
             f"label column {label!r} is not in {table}; "
@@ -86,19 +92,17 @@ def knn_command(
             if not arg or arg not in df.columns:
                 fail(f"cv={cv!r}: expected 'group:<column>' naming a column of the table")
             groups = df[arg].astype(str).to_numpy()
-        feats = [f for f in feature_columns(df) if f != label]
-        _, X = split_table(df, feats)
-        X, post = apply_postprocess(X, postprocess)
-        res = knn_evaluate(X, df[label].to_numpy(), k=k, cv=cv, groups=groups, metric=metric, seed=seed, index=index)  # type: ignore[arg-type]
+        feats = table_features(df, method=method, drop=[label])
+        res = knn_evaluate(feats.X, df[label].to_numpy(), k=k, cv=cv, groups=groups, metric=metric, seed=seed, index=index)  # type: ignore[arg-type]
     except ValueError as exc:
         fail(str(exc))
     res["table"] = str(table)
     res["label"] = label
-    res["n_features"] = int(X.shape[1])
-    res["postprocess"] = post
+    res["n_features"] = int(feats.X.shape[1])
+    res["postprocess"] = feats.postprocess
     typer.echo(
         f"kNN on {posixpath.basename(table.rstrip('/'))}: n={res['n']}  features={res['n_features']}  label={label}  classes={res['n_classes']}"
-        f" (chance {res['chance']:.3f})  k={k}  cv={cv}  metric={metric}  postprocess={postprocess}"
+        f" (chance {res['chance']:.3f})  k={k}  cv={cv}  metric={metric}  postprocess={method}"
     )
     for key, name in [
         ("accuracy", "accuracy"),
@@ -134,19 +138,23 @@ def nsc_command(
         str | None, typer.Option(help="SQL condition of rows to leave out, e.g. \"Metadata_Compound = 'DMSO'\".")
     ] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON here.")] = None,
+    postprocess: PostprocessOpt = None,
 ) -> None:
     """NSC / NSCB: 1-NN cosine MOA matching excluding the same compound (and the same batch)."""
-    from msnoop.evaluate.nsc import nsc, nscb
+    from msnoop.evaluate.features import postprocessed_table
+    from msnoop.evaluate.nsc import BATCH_MATCHES, nsc, nscb
 
-    df = _load(table, exclude)
+    df, method = _load(table, exclude, postprocess)
     batches = split_list(batch)
-    if batch_match not in ("equal", "overlap"):
+    if batch_match not in BATCH_MATCHES:
         fail(f"expected --batch-match 'equal' or 'overlap', found {batch_match!r}")
     drop = [m.strip() for m in drop_moas.split(",")] if drop_moas else None
     try:
+        df, post = postprocessed_table(df, method=method)
         results: dict[str, Any] = {
             "table": str(table),
             "n_treatments": len(df),
+            "postprocess": post,
             "NSC": nsc(df, moa_column=moa, compound_column=compound),
         }
         for b in batches:
@@ -160,9 +168,9 @@ def nsc_command(
             )
     except ValueError as exc:
         fail(str(exc))
-    typer.echo(f"MOA matching on {table.name}: {len(df)} treatments, 1-NN cosine")
+    typer.echo(f"MOA matching on {table.name}: {len(df)} treatments, 1-NN cosine, postprocess={method}")
     for name, r in results.items():
-        if not isinstance(r, dict):
+        if not isinstance(r, dict) or "accuracy" not in r:
             continue
         extra = (
             f"  (dropped MOAs: {', '.join(r['dropped_moas']) or 'none'}; batch {r['batch_match']})"
@@ -196,12 +204,13 @@ def map_command(
     threshold: Annotated[float, typer.Option(help="Significance threshold (after BH correction).")] = 0.05,
     seed: Annotated[int, typer.Option(help="Seed of the null distributions.")] = 0,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the summary as JSON here.")] = None,
+    postprocess: PostprocessOpt = None,
 ) -> None:
     """Mean average precision of retrieval (copairs rules), permutation p-values, BH, fraction retrieved."""
-    from msnoop.core.tables import split_table
+    from msnoop.evaluate.features import table_features
     from msnoop.evaluate.map import average_precision, mean_average_precision, retrieval_summary
 
-    df = _load(table, exclude)
+    df, method = _load(table, exclude, postprocess)
     pos = split_list(positive)
     rules = {
         "pos_sameby": pos,
@@ -215,13 +224,21 @@ def map_command(
             f"columns {missing} not in {table}; metadata columns: {[c for c in df.columns if c.startswith('Metadata_')]}"
         )
     try:
-        meta, X = split_table(df)
-        ap = average_precision(meta, X, **rules)
+        feats = table_features(df, method=method)
+        ap = average_precision(feats.meta, feats.X, **rules)
         scores = mean_average_precision(ap, sameby=pos, null_size=null_size, threshold=threshold, seed=seed)
         summary = retrieval_summary(ap, scores)
     except ValueError as exc:  # no positive/negative pairs, no features, non-finite values
         fail(f"mAP on {table}: {exc}")
-    summary.update({"table": str(table), "rules": rules, "null_size": null_size, "threshold": threshold})
+    summary.update(
+        {
+            "table": str(table),
+            "rules": rules,
+            "null_size": null_size,
+            "threshold": threshold,
+            "postprocess": feats.postprocess,
+        }
+    )
     typer.echo(
         f"mAP on {table}: {summary['n_profiles']} profiles, {summary['n_groups']} groups by {', '.join(pos)}\n"
         f"  mean AP            {summary['mean_ap']:.4f}\n"
@@ -249,9 +266,7 @@ def report_command(
             "--map", help="2-D map: 'auto' (t-SNE to 5,000 rows, UMAP to 100,000, else PCA), 'tsne', 'umap', 'pca'."
         ),
     ] = "auto",
-    postprocess: Annotated[
-        str, typer.Option(help="'standardize' (z-score each feature over the table, no labels) or 'raw'.")
-    ] = "standardize",
+    postprocess: PostprocessOpt = None,
 ) -> None:
     """HTML report: 2-D map, kNN metrics and confusion matrix, nearest-neighbour image galleries."""
     from msnoop.evaluate.report import build_report

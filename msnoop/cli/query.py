@@ -74,7 +74,8 @@ def info(
     table_name: Annotated[str | None, typer.Option("--table")] = None,
 ) -> None:
     """Describe a table: rows, dimensions, channels, model, preprocessing, errors."""
-    from msnoop.core import parts, storage
+    from msnoop.core import parts
+    from msnoop.core.rundir import RunDir
     from msnoop.query.search import open_results
 
     try:
@@ -96,7 +97,7 @@ def info(
         f.name for f in ref.table.schema if f.name.startswith("Metadata_") and not f.name.startswith("Metadata_Path_")
     ]
     typer.echo(f"metadata   {', '.join(cols)}")
-    errors = storage.join(table, parts.ERRORS)
+    errors = RunDir(table).errors
     if parts.part_files(errors):
         typer.echo(f"errors     {parts.count_rows(errors)} (see {errors})")
 

@@ -5,7 +5,7 @@ time with a message naming the key and the file. Any field can be overridden fro
 with ``--set section.key=value`` (values are parsed as YAML), and the resolved config is saved beside
 the job's outputs. Each stage keeps its own config sections beside its code (``msnoop.io.config``,
 ``msnoop.embed.config``, ...); which ``job:`` kind maps to which config class is declared once, in
-:mod:`msnoop.jobs`.
+:mod:`msnoop.job_kinds`.
 """
 
 from __future__ import annotations
@@ -137,6 +137,7 @@ def absolutize(cfg: T) -> T:
 
 
 def config_to_yaml(cfg: BaseModel) -> str:
+    """``cfg`` as YAML text, sections in declaration order, paths as strings (what ``resolved_config.yaml`` holds)."""
     return yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False)
 
 
@@ -158,16 +159,12 @@ def config_hash(cfg: BaseModel) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def save_resolved(
-    cfg: BaseModel, out_dir: str | Path, name: str = "resolved_config.yaml", *, storage: Any = None
-) -> Path | str:
-    """Write ``cfg`` as YAML to ``out_dir/name`` (a folder or an object storage URI, atomically); returns where.
+def save_resolved(cfg: BaseModel, out_dir: str | Path, *, storage: Any = None) -> Path | str:
+    """Write ``cfg`` as YAML beside a job's outputs in ``out_dir`` (a folder or a URI, atomically); returns where.
 
-    ``storage`` is a :class:`msnoop.core.storage.StorageConfig` for URIs (default: the environment).
+    The file's name and place are :class:`msnoop.core.rundir.RunDir`'s; ``storage`` is a
+    :class:`msnoop.core.storage.StorageConfig` for URIs (default: the environment).
     """
-    from msnoop.core import storage as st
+    from msnoop.core.rundir import RunDir
 
-    path = st.join(out_dir, name)
-    st.makedirs(out_dir)
-    st.write_text(path, config_to_yaml(cfg), storage)
-    return path
+    return RunDir(out_dir, storage).save_config(cfg)

@@ -1,22 +1,13 @@
 """Parquet part files: the source of truth for a job's outputs.
 
-Layout of a job's output folder::
-
-    <dir>/embeddings/part-<key>.parquet    one row per image: Metadata_* + emb_0000 ... emb_<D-1>
-    <dir>/errors/part-<key>.parquet        one row per bad image: Metadata_ImageID, path, reason
-
-(``<key>``: :func:`block_key` of the part's image ids, written by the embed job; a uuid otherwise.)
-    <dir>/run.json                         model, preprocessing, channels, embed dim, provenance
-    <dir>/resolved_config.yaml             the validated job config
-    <dir>/lancedb/                         embedded LanceDB database built from the parts
-
-Parts are written to a hidden temporary name and renamed, so a killed run leaves only whole parts;
-a re-run reads the ids already present and skips them.
+A part folder (``<dir>/embeddings``, ``<dir>/errors``, ``<dir>/cells``: see :class:`msnoop.core.rundir.RunDir` for
+the layout) holds ``part-<key>.parquet`` files. Parts are written to a hidden temporary name and renamed, so a
+killed run leaves only whole parts; a re-run reads the ids already present and skips them.
 
 Every folder may be a local path or a URI (``s3://bucket/run1/embeddings``, ``gs://...``): the
 functions go through :mod:`msnoop.core.storage`. On object storage a part is uploaded whole to its
 final key (an upload becomes visible atomically; object stores have no rename). Local folders give
-:class:`~pathlib.Path` results as before, URIs give ``str`` URIs. ``storage`` (a
+:class:`~pathlib.Path` results, URIs give ``str`` URIs. ``storage`` (a
 :class:`~msnoop.core.storage.StorageConfig`) defaults to the environment (``AWS_ENDPOINT_URL``...).
 """
 
@@ -42,12 +33,10 @@ from msnoop.core.storage import StorageConfig
 
 ID_COLUMN = "Metadata_ImageID"
 EMB_PREFIX = "emb_"
-EMBEDDINGS = "embeddings"
-ERRORS = "errors"
-RUN_FILE = "run.json"
 
 
 def emb_columns(dim: int) -> list[str]:
+    """Names of the ``dim`` embedding columns: ``emb_0000``, ``emb_0001``, ... (four digits, zero-padded)."""
     return [f"{EMB_PREFIX}{i:04d}" for i in range(dim)]
 
 
@@ -283,19 +272,3 @@ def read_frame(
     if not files:
         return pd.DataFrame()
     return _dataset(files, storage).to_table(columns=columns).to_pandas()
-
-
-def write_run_info(out_dir: str | Path, info: dict[str, Any], *, storage: StorageConfig | None = None) -> Path | str:
-    """Write ``<out_dir>/run.json`` atomically; returns its path or URI."""
-    path = st.join(out_dir, RUN_FILE)
-    st.write_text(path, json.dumps(info, indent=2, default=str), storage)
-    return path
-
-
-def read_run_info(out_dir: str | Path, *, storage: StorageConfig | None = None) -> dict[str, Any]:
-    """``<out_dir>/run.json``. Raises FileNotFoundError when ``out_dir`` is not an msnoop output folder."""
-    path = st.join(out_dir, RUN_FILE)
-    try:
-        return json.loads(st.read_text(path, storage))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path} not found: {out_dir} is not an msnoop output folder (no run.json)") from None

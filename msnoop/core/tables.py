@@ -45,9 +45,9 @@ TABLE_READERS: dict[str, Callable[[Path], pd.DataFrame]] = {
 def _read_msnoop_output(path: str | Path) -> pd.DataFrame:
     """An ``msnoop embed`` output folder (a path or a URI): its Parquet parts (the source of truth)."""
     from msnoop.core import parts
-    from msnoop.core.storage import join
+    from msnoop.core.rundir import RunDir
 
-    folder = join(path, parts.EMBEDDINGS)
+    folder = RunDir(path).embeddings
     df = parts.read_frame(folder)
     if df.empty:
         raise ValueError(f"msnoop output folder {path} has no embeddings yet (no parts in {folder})")
@@ -184,15 +184,16 @@ def read_table(path: str | Path) -> pd.DataFrame:
         ValueError: If the suffix has no registered loader.
     """
     from msnoop.core import storage
+    from msnoop.core.rundir import RunDir
 
     if storage.is_uri(path):
-        if storage.exists(storage.join(path, "run.json")):
+        if RunDir(path).exists():
             return _read_msnoop_output(str(path))
-        raise FileNotFoundError(f"{path} is not an msnoop output folder (no run.json there)")
+        raise FileNotFoundError(f"{path} is not an msnoop output folder (no {RunDir.RUN_FILE} there)")
     path = storage.local_path(path)
     if not path.exists():
         raise FileNotFoundError(f"table {path} does not exist")
-    if path.is_dir() and (path / "run.json").is_file():
+    if path.is_dir() and RunDir(path).exists():
         return _read_msnoop_output(path)
     if path.is_dir() and path.suffix == ".lance":
         return _read_lance(path)

@@ -1,4 +1,4 @@
-"""Cells mode (Microsnoop's full-field pipeline, ANCHORS 1.6): segment, crop every cell, one row per cell.
+"""Cells mode (Microsnoop's full-field pipeline): segment, crop every cell, one row per cell.
 
 The read stage segments the nucleus channel, crops every cell with the same window in all channels
 (:func:`msnoop.preprocess.crop.crop_cells`, zero-padded to the input size) and normalises each crop
@@ -28,7 +28,7 @@ from msnoop.core import parts
 from msnoop.core import storage as st
 from msnoop.core.idset import IdSet
 from msnoop.core.parts import ID_COLUMN
-from msnoop.core.storage import StorageConfig
+from msnoop.core.rundir import RunDir
 from msnoop.io.readers import ImageReadError, read_labels
 from msnoop.preprocess.presets import Preprocessing, prepare_channel
 
@@ -36,10 +36,6 @@ if TYPE_CHECKING:
     from msnoop.embed.config import EmbedJob
 
 logger = logging.getLogger(__name__)
-
-CELLS = "cells"  # <out>/cells/part-*.parquet: one row per cell (cells mode)
-
-MASKS = "masks"  # <out>/masks/<image id>.tif: label masks (cells.save_masks)
 
 CELL_COLUMNS = ["Metadata_CellID", "Metadata_CentroidY", "Metadata_CentroidX", "Metadata_Area"]
 
@@ -213,28 +209,28 @@ def cells_table(
     return with_embeddings(meta.take(pa.array(take)), extra, np.concatenate(embs), schema)
 
 
-def drop_orphan_cells(out_dir: Path | str, finished: set[str] | IdSet, *, storage: StorageConfig | None = None) -> int:
-    """Remove cells parts holding an image whose mean was never written (a run killed mid-block).
+def drop_orphan_cells(run: RunDir, finished: set[str] | IdSet) -> int:
+    """Remove cells parts holding an image whose mean was never written (a run killed mid-block); returns how many.
 
     Each block writes its cells part before its embeddings part, with the same image ids, so such a
     part's images are all redone by this run; keeping the part would duplicate their cells.
-    ``out_dir`` may be a URI (``storage``: its :class:`~msnoop.core.storage.StorageConfig`).
     """
     removed = 0
-    for f in parts.part_files(st.join(out_dir, CELLS), storage=storage):
-        fs, path = st.resolve(f, storage)
+    for f in parts.part_files(run.cells, storage=run.storage):
+        fs, path = st.resolve(f, run.storage)
         col = pq.read_table(path, columns=[ID_COLUMN], filesystem=fs).column(ID_COLUMN).to_pylist()
         whole = (
             bool(finished.contains_ids(col).all()) if isinstance(finished, IdSet) else {str(i) for i in col} <= finished
         )
         if not whole:
             logger.warning("removing %s: its images have no image-level row yet and will be embedded again", f)
-            st.remove(f, storage)
+            st.remove(f, run.storage)
             removed += 1
     return removed
 
 
 def cells_spec(cfg: EmbedJob) -> dict[str, Any] | None:
+    """What the read stage needs of the ``cells:`` section (JSON-serialisable), or ``None`` for whole images."""
     if cfg.cells is None:
         return None
     spec = cfg.cells.model_dump(mode="json")

@@ -6,10 +6,10 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from msnoop.core import storage as st
 from msnoop.core.actors import ActorsSetting, parse_actors
 from msnoop.core.config import StrictModel as _Strict
 from msnoop.core.runtime import AMP_HELP
+from msnoop.core.rundir import RunDir
 from msnoop.core.runtime_env import RuntimeEnvConfig, runtime_env_field
 from msnoop.core.storage import Location, StorageConfig
 from msnoop.io.config import InputConfig
@@ -39,7 +39,7 @@ class OutputConfig(_Strict):
     postprocess: Literal["standardize", "raw"] = Field(
         "standardize",
         description="vectors in the LanceDB table: 'standardize' = z-scored per dimension over the table (fitted "
-        "without labels; see msnoop.correct.normalize) so cosine distances mean something; 'raw' = Microsnoop's "
+        "without labels; see msnoop.vectors.postprocess) so cosine distances mean something; 'raw' = Microsnoop's "
         "readout. The Parquet parts always hold the raw readout",
     )
 
@@ -107,7 +107,7 @@ class RuntimeConfig(_Strict):
 
 
 class CellsConfig(_Strict):
-    """Full-field "cells" mode (Microsnoop's cell-region pipeline, ANCHORS 1.6 / 1.8).
+    """Full-field "cells" mode (Microsnoop's cell-region pipeline).
 
     Every image is segmented on its nucleus channel; each cell is cropped with the same window in all
     channels (half-size ``ratio`` x the nucleus' larger bbox extent, capped at ``input_size // 2``,
@@ -199,11 +199,18 @@ class EmbedJob(_Strict):
 
     @property
     def table_name(self) -> str:
+        """The LanceDB table: ``output.table``, else the job's name."""
         return self.output.table or self.name
 
     @property
+    def run_dir(self) -> RunDir:
+        """The output folder (``output.dir``) with this job's storage settings."""
+        return RunDir(self.output.dir, self.storage_config)
+
+    @property
     def lancedb_uri(self) -> str:
-        return self.output.lancedb or str(st.join(self.output.dir, "lancedb"))
+        """The LanceDB database: ``output.lancedb``, else the output folder's own (:meth:`RunDir.lancedb_uri`)."""
+        return self.run_dir.lancedb_uri(self.output.lancedb)
 
     @property
     def storage_config(self) -> StorageConfig:

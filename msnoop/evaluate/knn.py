@@ -37,14 +37,17 @@ import logging
 import warnings
 from collections.abc import Sequence
 from functools import lru_cache
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 
+from msnoop.vectors.distance import Metric, check_metric, normalize_rows
+
 logger = logging.getLogger(__name__)
 
-Metric = Literal["cosine", "l2"]
-IndexKind = Literal["auto", "exact", "ivf"]
+#: kNN search kinds: exact (a FAISS flat index), IVF, or chosen by problem size.
+SearchKind = Literal["auto", "exact", "ivf"]
+SEARCH_KINDS: tuple[str, ...] = get_args(SearchKind)
 COARSE_DIM = 64  # dimensions of the PCA space in which the IVF lists are built
 
 IVF_WORK_THRESHOLD = 1e12
@@ -156,26 +159,20 @@ def _use_gpu() -> bool:
 
 def _prepare(X: np.ndarray, metric: str) -> np.ndarray:
     """float32, C-contiguous copy; rows L2-normalised for cosine (zero rows stay zero)."""
-    if metric not in ("cosine", "l2"):
-        raise ValueError(f"expected metric 'cosine' or 'l2', found {metric!r}")
+    check_metric(metric)
     X = np.array(X, dtype=np.float32, order="C", copy=True)
     if X.ndim != 2:
         raise ValueError(f"expected a 2-D [N, D] array, found shape {X.shape}")
     if not np.isfinite(X).all():
         raise ValueError("expected finite vectors, found NaN/inf; clean the features before kNN")
     if metric == "cosine":
-        norms = np.linalg.norm(X, axis=1, keepdims=True)
-        zero = norms[:, 0] == 0
-        if zero.any():
-            logger.warning("%d zero vector(s): cosine similarity 0 to every other vector", int(zero.sum()))
-        norms[zero] = 1.0
-        X /= norms
+        X = np.ascontiguousarray(normalize_rows(X, warn_zero=True))
     return X
 
 
 def choose_index(n_indexed: int, n_queries: int, dim: int, index: str = "auto") -> str:
     """``"exact"`` or ``"ivf"`` for a search of ``n_queries`` against ``n_indexed`` vectors of ``dim``."""
-    if index not in ("auto", "exact", "ivf"):
+    if index not in SEARCH_KINDS:
         raise ValueError(f"expected index 'auto', 'exact' or 'ivf', found {index!r}")
     if index != "auto":
         return index
@@ -260,7 +257,7 @@ def knn_search(
     k: int,
     *,
     metric: Metric = "cosine",
-    index: IndexKind = "auto",
+    index: SearchKind = "auto",
     nlist: int | None = None,
     nprobe: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -372,7 +369,7 @@ def knn_predict(
     k: int,
     metric: Metric = "cosine",
     n_classes: int | None = None,
-    index: IndexKind = "auto",
+    index: SearchKind = "auto",
 ) -> np.ndarray:
     """Predict label codes of queries from a labelled training set.
 
@@ -393,7 +390,7 @@ def knn_predict(
 
 
 def _loo_neighbors(
-    X: np.ndarray, k: int, metric: Metric, index: IndexKind = "auto", rows: np.ndarray | None = None
+    X: np.ndarray, k: int, metric: Metric, index: SearchKind = "auto", rows: np.ndarray | None = None
 ) -> np.ndarray:
     """The ``k`` nearest other rows of each row of ``X`` (of the given ``rows`` only, if set)."""
     n = len(X)
@@ -436,7 +433,7 @@ def knn_cross_predict(
     groups: Sequence[Any] | np.ndarray | None = None,
     metric: Metric = "cosine",
     seed: int = 0,
-    index: IndexKind = "auto",
+    index: SearchKind = "auto",
 ) -> np.ndarray:
     """Out-of-sample kNN predictions for every row under a cross-validation protocol.
 
@@ -553,7 +550,7 @@ def knn_evaluate(
     groups: Sequence[Any] | np.ndarray | None = None,
     metric: Metric = "cosine",
     seed: int = 0,
-    index: IndexKind = "auto",
+    index: SearchKind = "auto",
 ) -> dict[str, Any]:
     """kNN classification metrics under a cross-validation protocol (Microsnoop vote).
 

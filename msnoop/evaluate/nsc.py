@@ -22,16 +22,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 import pandas as pd
 
 from msnoop.core.tables import check_finite, feature_columns
+from msnoop.vectors.distance import cosine_similarity
 
 logger = logging.getLogger(__name__)
 
 BatchMatch = Literal["equal", "overlap"]
+BATCH_MATCHES: tuple[str, ...] = get_args(BatchMatch)
 
 #: The MOAs Microsnoop drops for NSCB (single-batch MOAs of BBBC021).
 BBBC021_SINGLE_BATCH_MOAS: tuple[str, ...] = ("Cholesterol-lowering", "Kinase inhibitors")
@@ -102,17 +104,14 @@ def nearest_treatment(
         ``n_candidates``.
     """
     _require(df, [moa_column, compound_column] + ([batch_column] if batch_column else []))
-    if batch_match not in ("equal", "overlap"):
+    if batch_match not in BATCH_MATCHES:
         raise ValueError(f"expected batch_match 'equal' or 'overlap', found {batch_match!r}")
     feats = list(features) if features is not None else feature_columns(df)
     X = df[feats].to_numpy(dtype=np.float64)
     check_finite(X, feats)
     if df[moa_column].isna().any():
         raise ValueError(f"expected an MOA for every treatment, found {int(df[moa_column].isna().sum())} missing")
-    norms = np.linalg.norm(X, axis=1, keepdims=True)
-    norms[norms == 0] = 1.0
-    Xn = X / norms
-    S = Xn @ Xn.T
+    S = cosine_similarity(X)
     comp = df[compound_column].astype(str).to_numpy()
     allowed = comp[:, None] != comp[None, :]
     if batch_column is not None:

@@ -37,9 +37,10 @@ import numpy as np
 import pandas as pd
 
 from msnoop.core.plotting import save, subplots
-from msnoop.core.tables import feature_columns, read_table, split_table
-from msnoop.correct.normalize import postprocess as apply_postprocess
+from msnoop.core.tables import read_table
+from msnoop.evaluate.features import table_features, table_postprocess
 from msnoop.evaluate.knn import classification_metrics, knn_cross_predict, knn_search, parse_cv
+from msnoop.vectors.distance import normalize_rows, similarity_to_distance
 
 logger = logging.getLogger(__name__)
 
@@ -82,12 +83,6 @@ def _colours(n: int) -> list[Any]:
     return [colormaps["turbo"](x) for x in np.linspace(0.05, 0.95, n)]
 
 
-def _normalise_rows(X: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(X, axis=1, keepdims=True)
-    norms[norms == 0] = 1.0
-    return X / norms
-
-
 @dataclass(frozen=True)
 class Map2D:
     """2-D coordinates of a table's rows with what a reader needs to know about them.
@@ -125,7 +120,7 @@ def map_2d(X: np.ndarray, *, seed: int = 0, metric: str = "cosine", method: str 
 
     if method not in MAP_METHODS:
         raise ValueError(f"expected map method one of {MAP_METHODS}, found {method!r}")
-    Z = _normalise_rows(X) if metric == "cosine" else np.asarray(X, dtype=np.float32)
+    Z = normalize_rows(X) if metric == "cosine" else np.asarray(X, dtype=np.float32)
     prefix = "rows L2-normalised, " if metric == "cosine" else ""
     n, d = Z.shape
     if n < 3 or d < 2:
@@ -427,7 +422,7 @@ def plot_galleries(
     unreadable: list[str] = []
     for r, q in enumerate(queries):
         keep = [(int(j), float(s)) for j, s in zip(idx[r], scores[r], strict=True) if j != q][:nn]
-        cells = [(int(q), None)] + [(j, (1.0 - s) if metric == "cosine" else s) for j, s in keep]
+        cells = [(int(q), None)] + [(j, similarity_to_distance(s, metric)) for j, s in keep]
         shown = dict(zip(range(1, len(cells)), format_distances([c[1] for c in cells[1:]]), strict=True))
         rec = {"query": str(df[id_col].iloc[q]) if id_col else int(q), "label": labels[q], "neighbours": []}
         for c, (j, dist) in enumerate(cells):
@@ -542,7 +537,7 @@ def build_report(
     metric: str = "cosine",
     image_root: str | Path | None = None,
     map_method: str = "auto",
-    postprocess: str = "standardize",
+    postprocess: str | None = None,
 ) -> Path:
     """Write ``out_dir/report.html`` with its figures (PNG) and ``report.json``; returns the HTML path.
 
@@ -559,8 +554,9 @@ def build_report(
         metric: ``"cosine"`` or ``"l2"``.
         image_root: Folder that relative image paths are relative to (default: the table's folder).
         map_method: ``"auto"``, ``"tsne"``, ``"umap"`` or ``"pca"`` (see :func:`map_2d`).
-        postprocess: ``"standardize"`` (features z-scored over the table, no labels; as ``msnoop knn``) or
-            ``"raw"``; applies to the kNN, the map and the galleries' distances alike.
+        postprocess: ``"standardize"`` (features z-scored over the table, no labels) or ``"raw"``; ``None`` takes
+            the table's own (:func:`msnoop.evaluate.features.table_postprocess`, as ``msnoop knn`` does). It
+            applies to the kNN, the map and the galleries' distances alike.
 
     Raises:
         ValueError: Missing label/batch column, missing labels, no features, bad ``cv``, unknown
@@ -583,9 +579,9 @@ def build_report(
         raise ValueError(
             f"label column {label!r} has {int(df[label].isna().sum())} missing value(s); drop those rows first"
         )
-    feats = [f for f in feature_columns(df) if f not in (label, batch)]
-    _, X = split_table(df, feats)
-    X, post = apply_postprocess(X, postprocess)
+    method = postprocess or table_postprocess(table)
+    feats = table_features(df, method=method, drop=[label, batch])
+    X, post = feats.X, feats.postprocess
     labels = df[label].to_numpy()
     if map_method not in MAP_METHODS:
         raise ValueError(f"expected map method one of {MAP_METHODS}, found {map_method!r}")

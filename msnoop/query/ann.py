@@ -25,22 +25,9 @@ from msnoop.store.index import (
     vector_index,
 )
 from msnoop.store.lance import VECTOR
+from msnoop.vectors.distance import distances
 
 logger = logging.getLogger(__name__)
-
-
-def _distances(X: np.ndarray, q: np.ndarray, metric: str) -> np.ndarray:
-    """LanceDB's distances: cosine ``1 - cos``, ``l2`` squared Euclidean, ``dot`` ``1 - x.q``."""
-    if metric == "cosine":
-        norms = np.linalg.norm(X, axis=1) * float(np.linalg.norm(q))
-        with np.errstate(divide="ignore", invalid="ignore"):
-            cos = np.where(norms > 0, X @ q / norms, 0.0)
-        return (1.0 - cos).astype(np.float32)
-    if metric == "l2":
-        return ((X - q) ** 2).sum(axis=1).astype(np.float32)
-    if metric == "dot":
-        return (1.0 - X @ q).astype(np.float32)
-    raise ValueError(f"expected metric 'cosine', 'l2' or 'dot', found {metric!r}")
 
 
 def _exact_filtered(tbl: Any, vector: np.ndarray, where: str, limit: int, metric: str) -> pd.DataFrame:
@@ -48,7 +35,7 @@ def _exact_filtered(tbl: Any, vector: np.ndarray, where: str, limit: int, metric
     rows = tbl.search().where(where).limit(None).to_arrow()
     col = rows.column(VECTOR).combine_chunks()
     X = np.asarray(col.flatten(), dtype=np.float32).reshape(rows.num_rows, -1)
-    dist = _distances(X, np.asarray(vector, dtype=np.float32).ravel(), metric)
+    dist = distances(X, np.asarray(vector, dtype=np.float32).ravel(), metric)
     order = np.argsort(dist, kind="stable")[:limit]
     df = rows.take(pa.array(order)).to_pandas()
     df[DISTANCE] = dist[order]

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from msnoop.core import parts
+from msnoop.core.rundir import RunDir
 from msnoop.core.tables import metadata_columns, read_table, split_table
 
 #: Key of the provenance record in ``adata.uns``.
@@ -25,8 +26,8 @@ UNS_KEY = "msnoop"
 
 
 def _provenance(table: Path) -> dict[str, Any]:
-    if table.is_dir() and (table / parts.RUN_FILE).is_file():
-        return parts.read_run_info(table)
+    if table.is_dir() and RunDir(table).exists():
+        return RunDir(table).read_info()
     if table.is_file() and table.suffix in (".parquet", ".pq"):
         return parts.read_part_provenance(table)
     return {}

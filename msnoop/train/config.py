@@ -1,6 +1,6 @@
 """``msnoop pretrain`` job config: data pool, masking, optimiser, schedule, Ray Train runtime, outputs.
 
-``job: pretrain`` configs validate into :class:`PretrainJob` (declared in :mod:`msnoop.jobs`).
+``job: pretrain`` configs validate into :class:`PretrainJob` (declared in :mod:`msnoop.job_kinds`).
 """
 
 from __future__ import annotations

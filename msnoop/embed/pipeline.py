@@ -13,7 +13,7 @@ Stages (all lazy, streamed block by block with bounded memory):
 
 With a ``cells:`` section the read stage segments and crops cells (:mod:`msnoop.embed.cells`). The
 Parquet parts are the job's result and the source of truth; the LanceDB table is built from them by the
-store stage (:func:`msnoop.store.publish.publish_embeddings`), which :mod:`msnoop.jobs` runs after this.
+store stage (:func:`msnoop.store.publish.publish_embeddings`), which :mod:`msnoop.job_kinds` runs after this.
 """
 
 from __future__ import annotations
@@ -26,33 +26,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import pyarrow as pa
-
 from msnoop.core import parts
 from msnoop.core import storage as st
-from msnoop.core.config import ConfigError, config_hash, save_resolved
+from msnoop.core.config import ConfigError, config_hash
 from msnoop.core.idset import IdSet
 from msnoop.core.parts import ID_COLUMN
+from msnoop.core.rundir import OutputMismatchError, RunDir
 from msnoop.embed.actor import EmbedActor
-from msnoop.embed.cells import CELLS, MASKS, cells_spec, drop_orphan_cells, output_schemas
+from msnoop.embed.cells import cells_spec, drop_orphan_cells, output_schemas
 from msnoop.embed.config import EmbedJob
 from msnoop.embed.dataset import StrictModeError, channel_selectors, read_and_prepare
-from msnoop.embed.resume import (
-    OutputMismatchError,
-    TotalsError,
-    check_resumable,
-    check_totals,
-    error_preview,
-    resumed_schema,
-)
+from msnoop.embed.totals import TotalsError, check_totals, error_preview
 from msnoop.embed.source import manifest_dataset
 from msnoop.embed.write import provenance_record, write_block
 from msnoop.io.config import path_column
 from msnoop.io.table_stream import ImageTableSource, ids_of, plan_image_table, scan_ids
-from msnoop.preprocess.config import PreprocessConfig
+from msnoop.models.loading import load_for_embedding
 from msnoop.preprocess.presets import Preprocessing
 
 if TYPE_CHECKING:
+    import pyarrow as pa
     import ray.data
 
     from msnoop.models.checkpoint import LoadedModel
@@ -72,7 +65,21 @@ __all__ = [
 
 @dataclass
 class EmbedResult:
-    out_dir: Path | str  # a local folder, or the output URI as given (s3://...)
+    """What an embedding run did and what its output folder holds.
+
+    Attributes:
+        out_dir: The output folder: a local path, or the URI as given (``s3://...``).
+        n_input: Images in the manifest.
+        n_skipped: Images already embedded or recorded as errors before this run.
+        n_embedded, n_errors: Images embedded / recorded as errors by this run.
+        n_rows_total, n_errors_total: Rows of ``embeddings/`` and ``errors/`` that belong to the manifest.
+        seconds: Wall time of the run.
+        table: The LanceDB table written by the store stage, or ``None``.
+        errors_preview: Up to five ``(image id, reason)`` rows of ``errors/``.
+        n_cells, n_cells_total: Cells embedded by this run / rows of ``cells/`` (cells mode).
+    """
+
+    out_dir: Path | str
     n_input: int
     n_skipped: int
     n_embedded: int
@@ -87,10 +94,12 @@ class EmbedResult:
 
     @property
     def images_per_s(self) -> float:
+        """Images (embedded or recorded as errors) per second of this run; 0 for a run that did nothing."""
         return (self.n_embedded + self.n_errors) / self.seconds if self.seconds > 0 else 0.0
 
     @property
     def cells_per_s(self) -> float:
+        """Cells embedded per second of this run (cells mode)."""
         return self.n_cells / self.seconds if self.seconds > 0 else 0.0
 
 
@@ -118,7 +127,7 @@ def actor_pool_bounds(
     """``(min_size, max_size)`` of the embedding actors: :func:`msnoop.core.actors.pool_bounds` of ``runtime.actors``.
 
     ``auto`` leaves ``task_cpus`` (one read or write task) beside the actors: with every CPU taken by actors the
-    read and write tasks never start and the pipeline hangs (ENVIRONMENT.md). A pool whose minimum does not fit the
+    read and write tasks never start and the pipeline hangs. A pool whose minimum does not fit the
     cluster now is logged: the job waits until it does (an autoscaler adds nodes).
     """
     from msnoop.core.actors import pool_bounds
@@ -147,6 +156,11 @@ def actor_pool_bounds(
 
 
 def run_info(cfg: EmbedJob, model: LoadedModel, spec: Preprocessing) -> dict[str, Any]:
+    """The run's record for ``run.json``: what made the embeddings (model, preprocessing, channels) and its identity.
+
+    ``postprocess`` names the post-processing the run's vectors get before any distance (``output.postprocess``);
+    the store stage replaces it with the fitted record in the LanceDB table's metadata.
+    """
     from msnoop.core.runtime import provenance
 
     info: dict[str, Any] = {
@@ -164,6 +178,7 @@ def run_info(cfg: EmbedJob, model: LoadedModel, spec: Preprocessing) -> dict[str
         "embed_dim_per_channel": int(model.net.embed_dim),  # type: ignore[arg-type]
         "embed_dim": int(model.net.embed_dim) * len(cfg.input.channels),  # type: ignore[arg-type]
         "config_hash": config_hash(cfg),
+        "postprocess": {"method": cfg.output.postprocess},
         "provenance": provenance(),
     }
     if cfg.cells is not None:
@@ -172,28 +187,12 @@ def run_info(cfg: EmbedJob, model: LoadedModel, spec: Preprocessing) -> dict[str
 
 
 def prepare_model(cfg: EmbedJob) -> tuple[LoadedModel, Preprocessing]:
-    """Resolve the model and the preprocessing the job will use (see :func:`resolve_for_embedding`)."""
-    return resolve_for_embedding(cfg.model, cfg.preprocess, storage=cfg.storage_config)
-
-
-def resolve_for_embedding(
-    ref: str, preprocess: PreprocessConfig, *, storage: st.StorageConfig | None = None
-) -> tuple[LoadedModel, Preprocessing]:
-    """Load model ``ref`` with the preprocessing it will embed with.
-
-    A checkpoint's preset and input size fill in what ``preprocess`` leaves unset and refuse a different one.
+    """The job's model and the preprocessing it embeds with (:func:`msnoop.models.loading.load_for_embedding`).
 
     Raises:
         CheckpointError: Unknown reference, unreadable checkpoint, or a preprocessing the checkpoint refuses.
     """
-    from msnoop.models.checkpoint import reconcile_preprocess, resolve_model
-
-    model = resolve_model(ref, storage=storage)  # a checkpoint (path or URI) comes back with its stored preprocessing
-    spec = preprocess.resolve(model.preprocess if model.sha256 else None)
-    if model.sha256:
-        spec = reconcile_preprocess(model.preprocess, spec, source=model.source)
-    model.preprocess = spec
-    return model, spec
+    return load_for_embedding(cfg.model, cfg.preprocess, storage=cfg.storage_config)
 
 
 def build_dataset(
@@ -203,7 +202,7 @@ def build_dataset(
     n_todo: int,
     model: LoadedModel,
     spec: Preprocessing,
-    out_dir: Path | str,
+    run: RunDir,
     info: dict[str, Any],
     schemas: tuple[pa.Schema, pa.Schema, pa.Schema | None],
 ) -> ray.data.Dataset:
@@ -241,7 +240,7 @@ def build_dataset(
     cluster = ray.cluster_resources()
     n_cpus = int(cluster.get("CPU", os.cpu_count() or 1))
     cells = cells_spec(cfg)
-    masks_dir = str(st.join(out_dir, MASKS)) if cfg.cells is not None and cfg.cells.save_masks else None
+    masks_dir = str(run.masks) if cfg.cells is not None and cfg.cells.save_masks else None
     channels = list(cfg.input.channels)
     meta_schema, schema, cells_schema = schemas
     mask_col = cfg.cells.segmentation.mask_column if cfg.cells is not None else None
@@ -315,8 +314,8 @@ def build_dataset(
         num_cpus=task_cpus,
         **worker_env_args(cfg),
         fn_kwargs={
-            "out_dir": str(out_dir if st.is_uri(out_dir) else st.local_path(out_dir).resolve()),
-            "storage": cfg.storage_config,
+            "out_dir": run.absolute(),
+            "storage": run.storage,
             "channels": channels,
             "cells": cells is not None,
             "meta_schema": meta_schema,
@@ -366,6 +365,64 @@ def _stream_counts(
     return n_ok, n_err, n_cells
 
 
+def _run_schema(cfg: EmbedJob, run: RunDir, info: dict[str, Any], schema: pa.Schema) -> pa.Schema:
+    """The run's metadata schema after the folder's identity check (:meth:`RunDir.check_resumable`).
+
+    A folder made differently is refused, or with ``output.on_mismatch: replace`` emptied of its rows.
+    """
+    try:
+        run.check_resumable(info)
+        return run.resumed_schema(schema)
+    except OutputMismatchError as exc:
+        if cfg.output.on_mismatch != "replace":
+            raise
+        logger.warning("%s; output.on_mismatch is 'replace': removing them and embedding again", exc)
+        run.remove_rows()
+        return schema
+
+
+def _done_ids(cfg: EmbedJob, run: RunDir, wanted: IdSet) -> tuple[IdSet, IdSet]:
+    """``(embedded, done)``: ids already in ``embeddings/``, and those plus the ids recorded in ``errors/``.
+
+    With ``runtime.retry_errors`` this run's ids are first removed from ``errors/``; in cells mode the cells parts
+    of images without an image-level row are removed (:func:`msnoop.embed.cells.drop_orphan_cells`).
+    """
+    if cfg.runtime.retry_errors:
+        n = parts.drop_ids(run.errors, wanted.contains_ids, storage=run.storage)
+        if n:
+            logger.info("runtime.retry_errors: %d image(s) recorded in errors/ will be embedded again", n)
+    embedded = IdSet.from_parts(run.embeddings, ID_COLUMN, storage=run.storage)
+    done = embedded | IdSet.from_parts(run.errors, ID_COLUMN, storage=run.storage)
+    if cfg.cells is not None:
+        drop_orphan_cells(run, embedded)
+    return embedded, done
+
+
+def _log_start(cfg: EmbedJob, run: RunDir, model: LoadedModel, counts: tuple[int, int, int]) -> None:
+    """The versions, the config hash and what this run will do, as two log lines (``counts``: input, done, to do)."""
+    from msnoop.core.runtime import provenance
+
+    prov = provenance()
+    logger.info(
+        "msnoop %s | torch %s | ray %s | device %s | config %s",
+        prov["msnoop"],
+        prov["torch"],
+        prov["ray"],
+        ", ".join(prov["gpus"]) or "cpu",
+        config_hash(cfg),
+    )
+    n_input, n_skipped, n_todo = counts
+    logger.info(
+        "%d images in %s; %d already done, %d to embed; model %s; preprocessing %s",
+        n_input,
+        run,
+        n_skipped,
+        n_todo,
+        model.source,
+        model.preprocess.model_dump(),
+    )
+
+
 def run_embed(cfg: EmbedJob) -> EmbedResult:
     """Run an embedding job to its Parquet parts; resumable (ids already written are skipped).
 
@@ -374,7 +431,7 @@ def run_embed(cfg: EmbedJob) -> EmbedResult:
 
     Returns:
         An :class:`EmbedResult`: counts of this run and totals of the output folder. ``table`` is None
-        here; :func:`msnoop.jobs.run_embed_job` also builds the LanceDB table from the parts.
+        here; :func:`msnoop.job_kinds.run_embed_job` also builds the LanceDB table from the parts.
 
     Raises:
         ConfigError: The input table cannot be built (missing manifest, column, duplicate ids).
@@ -386,42 +443,25 @@ def run_embed(cfg: EmbedJob) -> EmbedResult:
         StorageError: ``output.dir`` cannot be written (missing bucket, wrong credentials, unreachable endpoint):
             checked before any work, the message names the location.
     """
-    from msnoop.core.runtime import init_ray, provenance
+    from msnoop.core.runtime import init_ray
 
     t0 = time.perf_counter()
-    out_dir = cfg.output.dir
-    store = cfg.storage_config
-    if cfg.cells is not None and cfg.cells.save_masks and st.is_uri(out_dir):
-        raise ConfigError(f"cells.save_masks writes TIFF masks to a local folder; output.dir is {out_dir}")
-    st.check_writable(out_dir, store)  # before any work: a missing bucket or wrong credentials fail here
+    run = cfg.run_dir
+    if cfg.cells is not None and cfg.cells.save_masks and run.is_uri:
+        raise ConfigError(f"cells.save_masks writes TIFF masks to a local folder; output.dir is {run}")
+    run.check_writable()  # before any work: a missing bucket or wrong credentials fail here
     model, spec = prepare_model(cfg)
     mask_col = cfg.cells.segmentation.mask_column if cfg.cells is not None else None
     # The manifest is planned from its header (one schema for the run, before any work) and its ids are checked
     # in one streaming pass; the driver keeps 16 bytes per row (IdSet), never the table.
-    source = plan_image_table(cfg.input, storage=store, mask_column=mask_col)
+    source = plan_image_table(cfg.input, storage=run.storage, mask_column=mask_col)
     wanted, n_input = scan_ids(source)
     info = run_info(cfg, model, spec)
-    meta_schema = source.schema  # one schema for the whole run, fixed before any work
-    info["metadata_schema"] = parts.schema_to_json(meta_schema)
-    try:
-        check_resumable(cfg, out_dir, info, storage=store)
-        meta_schema = resumed_schema(out_dir, meta_schema, storage=store)
-    except OutputMismatchError as exc:
-        if cfg.output.on_mismatch != "replace":
-            raise
-        logger.warning("%s; output.on_mismatch is 'replace': removing them and embedding again", exc)
-        for sub in (parts.EMBEDDINGS, parts.ERRORS, CELLS, MASKS):
-            st.remove(st.join(out_dir, sub), store)
+    info["metadata_schema"] = parts.schema_to_json(source.schema)
+    meta_schema = _run_schema(cfg, run, info, source.schema)
     info["metadata_schema"] = parts.schema_to_json(meta_schema)
     schema, cells_schema = output_schemas(meta_schema, info["embed_dim"], cfg.cells is not None)
-    if cfg.runtime.retry_errors:
-        n = parts.drop_ids(st.join(out_dir, parts.ERRORS), wanted.contains_ids, storage=store)
-        if n:
-            logger.info("runtime.retry_errors: %d image(s) recorded in errors/ will be embedded again", n)
-    embedded = IdSet.from_parts(st.join(out_dir, parts.EMBEDDINGS), ID_COLUMN, storage=store)
-    done = embedded | IdSet.from_parts(st.join(out_dir, parts.ERRORS), ID_COLUMN, storage=store)
-    if cfg.cells is not None:
-        drop_orphan_cells(out_dir, embedded, storage=store)
+    embedded, done = _done_ids(cfg, run, wanted)
     n_skipped = int(done.contains(wanted.hashes).sum())
     n_todo = n_input - n_skipped
     foreign = len(done) - n_skipped
@@ -430,30 +470,12 @@ def run_embed(cfg: EmbedJob) -> EmbedResult:
             "%s holds %d row(s) whose ids are not in this manifest; they stay in the table. (Ids are the first "
             "channel's path relative to the manifest's folder; folders written when ids were relative to the "
             "common root of all rows hold the same images under other ids: use a new output.dir for them)",
-            out_dir,
+            run,
             foreign,
         )
-    prov = provenance()
-    logger.info(
-        "msnoop %s | torch %s | ray %s | device %s | config %s",
-        prov["msnoop"],
-        prov["torch"],
-        prov["ray"],
-        ", ".join(prov["gpus"]) or "cpu",
-        config_hash(cfg),
-    )
-    logger.info(
-        "%d images in %s; %d already done, %d to embed; model %s; preprocessing %s",
-        n_input,
-        out_dir,
-        n_skipped,
-        n_todo,
-        model.source,
-        spec.model_dump(),
-    )
-    st.makedirs(out_dir)
-    save_resolved(cfg, out_dir, storage=store)
-    parts.write_run_info(out_dir, info, storage=store)
+    _log_start(cfg, run, model, (n_input, n_skipped, n_todo))
+    run.save_config(cfg)
+    run.write_info(info)
 
     n_ok = n_err = n_cells = 0
     if n_todo:
@@ -463,7 +485,7 @@ def run_embed(cfg: EmbedJob) -> EmbedResult:
             object_store_memory=cfg.runtime.object_store_mb * 1024**2 if cfg.runtime.object_store_mb else None,
             quiet=not cfg.runtime.progress,
         )
-        ds = build_dataset(cfg, source, done, n_todo, model, spec, out_dir, info, (meta_schema, schema, cells_schema))
+        ds = build_dataset(cfg, source, done, n_todo, model, spec, run, info, (meta_schema, schema, cells_schema))
         del done, embedded  # in the object store now; the driver keeps only the run's ids (for the totals)
         n_ok, n_err, n_cells = _stream_counts(
             ds, n_todo, t0=t0, progress=cfg.runtime.progress, cells=cfg.cells is not None
@@ -471,11 +493,11 @@ def run_embed(cfg: EmbedJob) -> EmbedResult:
     info["last_run"] = {"embedded": n_ok, "errors": n_err, "seconds": time.perf_counter() - t0}
     if cfg.cells is not None:
         info["last_run"]["cells"] = n_cells
-    parts.write_run_info(out_dir, info, storage=store)
-    n_total, n_err_total = check_totals(out_dir, wanted, storage=store, names=lambda hashes: ids_of(source, hashes))
-    preview = error_preview(out_dir, wanted, storage=store) if n_err_total else []
+    run.write_info(info)
+    n_total, n_err_total = check_totals(run, wanted, names=lambda hashes: ids_of(source, hashes))
+    preview = error_preview(run, wanted) if n_err_total else []
     return EmbedResult(
-        out_dir=out_dir,
+        out_dir=cfg.output.dir,
         n_input=n_input,
         n_skipped=n_skipped,
         n_embedded=n_ok,
@@ -486,7 +508,7 @@ def run_embed(cfg: EmbedJob) -> EmbedResult:
         table=None,
         errors_preview=preview,
         n_cells=n_cells,
-        n_cells_total=parts.count_rows(st.join(out_dir, CELLS), storage=store) if cfg.cells is not None else 0,
+        n_cells_total=parts.count_rows(run.cells, storage=run.storage) if cfg.cells is not None else 0,
     )
 
 

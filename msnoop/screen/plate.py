@@ -41,7 +41,7 @@ import pandas as pd
 from pydantic import Field, field_validator
 
 from msnoop.core.config import StrictModel as _Strict
-from msnoop.core.config import save_resolved
+from msnoop.core.rundir import RunDir
 from msnoop.core.runtime_env import RuntimeEnvConfig, runtime_env_field
 from msnoop.correct.profile import MetadataJoin
 
@@ -101,13 +101,14 @@ def read_cells_table(path: Path) -> pd.DataFrame:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"cell table {path} does not exist")
-    if path.is_dir() and (path / "run.json").is_file():
-        if not (path / "cells").is_dir():
+    run = RunDir(path)
+    if path.is_dir() and run.exists():
+        if not Path(run.cells).is_dir():
             raise ValueError(
-                f"{path} is an msnoop embed output without a cells/ folder: expected a cells-mode run "
+                f"{path} is an msnoop embed output without a {RunDir.CELLS}/ folder: expected a cells-mode run "
                 "(a `cells:` section in its config), found one row per image"
             )
-        return pd.read_parquet(path / "cells")
+        return pd.read_parquet(run.cells)
     if path.is_dir() and not path.suffix:
         return pd.read_parquet(path)  # a folder of Parquet parts, e.g. <embed output>/cells
     return read_table(path)
@@ -230,7 +231,7 @@ def run_screen(job: ScreenJob) -> dict[str, Any]:
 
     out = job.output.dir
     out.mkdir(parents=True, exist_ok=True)
-    save_resolved(job, out)
+    RunDir(out).save_config(job)
     write_table(table, out / "wells.parquet")
     record["plot"] = str(plot_screen(table, record, out / "screen.png"))
     (out / "screen.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
