@@ -13,6 +13,9 @@ the names below. The layout::
     <dir>/profiles.parquet                 profile job: sphered rows
     <dir>/treatments.parquet               profile job: sphered rows aggregated per treatment
     <dir>/correction.json                  profile job: what was fitted on how many controls
+    <dir>/wells.parquet                    screen job: one row per well with its readout
+    <dir>/screen.json, screen.png          screen job: Z', dose response, the classifier; their plot
+    <dir>/embeddings/<model>/              bench job: one embedding run per model (:meth:`RunDir.sub`)
 
 (``<key>``: :func:`msnoop.core.parts.block_key` of the part's image ids.) A folder is a local path or an
 object storage URI (``s3://bucket/run1``); a :class:`RunDir` carries the storage settings with it, so stages
@@ -71,6 +74,9 @@ class RunDir:
     PROFILES: ClassVar[str] = "profiles.parquet"
     TREATMENTS: ClassVar[str] = "treatments.parquet"
     CORRECTION: ClassVar[str] = "correction.json"
+    WELLS: ClassVar[str] = "wells.parquet"
+    SCREEN: ClassVar[str] = "screen.json"
+    SCREEN_PLOT: ClassVar[str] = "screen.png"
     #: Sub-folders of an embedding run that hold its rows (removed together by :meth:`remove_rows`).
     ROW_FOLDERS: ClassVar[tuple[str, ...]] = (EMBEDDINGS, ERRORS, CELLS, MASKS)
 
@@ -141,6 +147,21 @@ class RunDir:
     def correction(self) -> Path:
         """Profile job: the correction record (a local folder only)."""
         return Path(self.path(self.CORRECTION))
+
+    @property
+    def wells(self) -> Path:
+        """Screen job: one row per well (a local folder only)."""
+        return Path(self.path(self.WELLS))
+
+    @property
+    def screen(self) -> Path:
+        """Screen job: its record (a local folder only)."""
+        return Path(self.path(self.SCREEN))
+
+    @property
+    def screen_plot(self) -> Path:
+        """Screen job: the control wells and dose-response plot (a local folder only)."""
+        return Path(self.path(self.SCREEN_PLOT))
 
     def lancedb_uri(self, override: str | None = None) -> str:
         """The LanceDB database of this run: ``override`` (``output.lancedb``) or ``<dir>/lancedb``."""

@@ -229,12 +229,11 @@ def run_screen(job: ScreenJob) -> dict[str, Any]:
         record["dose_column"] = job.dose
         record["rho"] = dose_response(readout[sample], dose[sample], table["Metadata_Screen_Series"].to_numpy()[sample])
 
-    out = job.output.dir
-    out.mkdir(parents=True, exist_ok=True)
-    RunDir(out).save_config(job)
-    write_table(table, out / "wells.parquet")
-    record["plot"] = str(plot_screen(table, record, out / "screen.png"))
-    (out / "screen.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    run = RunDir(job.output.dir)
+    run.save_config(job)
+    write_table(table, run.wells)
+    record["plot"] = str(plot_screen(table, record, run.screen_plot))
+    run.screen.write_text(json.dumps(record, indent=2, default=str) + "\n")
     logger.info("screen %s: Z' %.3f over %d wells", job.name, record["z_prime"], n)
     return record
 
@@ -273,10 +272,10 @@ def plot_screen(table: pd.DataFrame, record: dict[str, Any], path: Path) -> Path
 
 def summary(job: ScreenJob, record: dict[str, Any]) -> str:
     """Human-readable lines about a finished screen job."""
-    out = job.output.dir
+    run = RunDir(job.output.dir)
     w = record["wells"]
     lines = [
-        f"wrote {(out / 'wells.parquet').resolve()}  ({w['total']} wells from {record['n_cells']} cells: "
+        f"wrote {run.wells.resolve()}  ({w['total']} wells from {record['n_cells']} cells: "
         f"{w['positive']} positive, {w['negative']} negative controls, {w['sample']} samples)",
         f"readout: per-cell classifier (C {record['readout']['C']:g}), mean {record['readout']['aggregate']} per well; "
         f"Z' {record['z_prime']:.3f} (positive {record['mean_readout']['positive']:.3f}, "
@@ -284,5 +283,5 @@ def summary(job: ScreenJob, record: dict[str, Any]) -> str:
     ]
     if "rho" in record:
         lines.append("dose response, Spearman rho: " + ", ".join(f"{s}: {r:.3f}" for s, r in record["rho"].items()))
-    lines.append(f"plot {Path(record['plot']).resolve()}; record {(out / 'screen.json').resolve()}")
+    lines.append(f"plot {Path(record['plot']).resolve()}; record {run.screen.resolve()}")
     return "\n".join(lines)
