@@ -29,6 +29,7 @@ import pyarrow as pa
 from msnoop.core import storage as st
 from msnoop.core.config import ConfigError
 from msnoop.io.config import ID_COLUMN, PATH_PREFIX, InputConfig, path_column
+from msnoop.io.readers import COMPOUND_SUFFIXES
 
 logger = logging.getLogger(__name__)
 
@@ -300,7 +301,7 @@ def image_id(path: str | None, root: Path | str) -> str | None:
         rel = os.path.relpath(path, base)
         p = Path(path if rel == os.pardir or rel.startswith(os.pardir + os.sep) else rel)
     name = p.name
-    for suffix in (".ome.tiff", ".ome.tif", ".ome.zarr"):
+    for suffix in COMPOUND_SUFFIXES:
         if name.lower().endswith(suffix):
             return p.with_name(name[: -len(suffix)]).as_posix()
     return p.with_suffix("").as_posix() if p.suffix else p.as_posix()

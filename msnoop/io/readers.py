@@ -14,11 +14,19 @@ ImageJ hyperstacks, plain ``(C, H, W)`` stacks), z-planes and time points. :func
 Axis names come from tifffile's series axes (OME-XML, ImageJ or shaped metadata); other formats get
 ``YX``, ``YXS`` (last axis of 3-4) or ``Q`` for each leading axis. Compressed TIFFs (LZW, JPEG, deflate,
 zstd, ...) are decoded through ``imagecodecs``.
+
+Formats plug in here: a decoder registered with :func:`register_reader` under its suffixes (and, for formats
+that are folders, a ``sniff`` test) is used by every reader of msnoop (the embedding job, queries, baselines,
+pretraining, segtrain's image listing). A decoder takes a path (or a binary file object for objects fetched
+from object storage) and returns ``(array, axes, OME channel names or None)``; ``axes`` may be
+:func:`plain_axes` of the array when the format has no axis metadata.
 """
 
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,12 +34,13 @@ import numpy as np
 
 from msnoop.core.storage import is_uri
 
-TIFF_SUFFIXES = {".tif", ".tiff"}
-PIL_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
-NPY_SUFFIXES = {".npy"}
 CHANNEL_AXES = "CSQI"  # axes that can hold channels (tifffile: S samples, Q unknown, I image sequence)
+#: Suffixes of two parts that name one image format; an image's id drops the whole suffix (``a.ome.tif`` -> ``a``).
+COMPOUND_SUFFIXES = (".ome.tiff", ".ome.tif", ".ome.zarr")
 
 ZPolicy = Literal["refuse", "max"] | int
+#: What a decoder returns: the array, its axes (tifffile letters) and the OME channel names (or None).
+Decoded = tuple[np.ndarray, str, list[str] | None]
 
 
 class ImageReadError(ValueError):
@@ -58,41 +67,118 @@ def _ome_channel_names(ome_xml: str | None) -> list[str] | None:
     return None
 
 
-def _read_raw(path: Path, data: Any = None) -> tuple[np.ndarray, str, list[str] | None]:
+@dataclass(frozen=True)
+class ImageReader:
+    """One image format: its decoder and how a path is recognised.
+
+    Attributes:
+        name: The format's name (in messages).
+        read: ``read(source) -> (array, axes, OME channel names or None)``; ``source`` is a local
+            :class:`~pathlib.Path`, or a binary file object holding the whole file (an object fetched from object
+            storage) when ``local_only`` is False.
+        suffixes: Lower-case suffixes of its files (``".tif"``).
+        sniff: ``sniff(path) -> bool`` for local paths the suffix does not identify (e.g. an OME-Zarr folder);
+            tried before the suffixes.
+        local_only: The format is read from local paths only (folders, chunked stores).
+    """
+
+    name: str
+    read: Callable[[Any], Decoded]
+    suffixes: tuple[str, ...] = ()
+    sniff: Callable[[Path], bool] | None = None
+    local_only: bool = False
+
+
+#: Registered formats, in registration order (see :func:`register_reader`).
+READERS: list[ImageReader] = []
+
+
+def register_reader(
+    name: str, *, suffixes: tuple[str, ...] = (), sniff: Callable[[Path], bool] | None = None, local_only: bool = False
+) -> Callable[[Callable[[Any], Decoded]], Callable[[Any], Decoded]]:
+    """Register the decorated decoder for ``suffixes`` (and/or paths ``sniff`` accepts) under ``name``.
+
+    Raises:
+        ValueError: ``name`` is registered already, or a suffix is claimed by another format.
+    """
+
+    def add(read: Callable[[Any], Decoded]) -> Callable[[Any], Decoded]:
+        taken = {sfx: r.name for r in READERS for sfx in r.suffixes}
+        clash = [f"{sfx} ({taken[sfx]})" for sfx in suffixes if sfx in taken]
+        if any(r.name == name for r in READERS) or clash:
+            raise ValueError(f"image reader {name!r}: already registered or suffixes taken: {', '.join(clash)}")
+        READERS.append(ImageReader(name, read, tuple(s.lower() for s in suffixes), sniff, local_only))
+        return read
+
+    return add
+
+
+def readable_suffixes() -> tuple[str, ...]:
+    """Every suffix a registered reader decodes, in registration order (``(".tif", ".tiff", ".png", ...)``)."""
+    return tuple(sfx for r in READERS for sfx in r.suffixes)
+
+
+def reader_for(path: str | Path, *, local: bool = True) -> ImageReader | None:
+    """The reader of ``path``: the first whose ``sniff`` accepts it (local paths only), else by suffix; or None."""
+    path = Path(path)
+    if local:
+        for r in READERS:
+            if r.sniff is not None and r.sniff(path):
+                return r
+    suffix = path.suffix.lower()
+    return next((r for r in READERS if suffix in r.suffixes and (local or not r.local_only)), None)
+
+
+def plain_axes(arr: np.ndarray) -> str:
+    """Axes of an array from a format without axis metadata: ``YX``; ``YXS`` when the last axis has 3-4 samples;
+    ``Q`` (unknown) for each other leading axis."""
+    if arr.ndim >= 3 and arr.shape[-1] in (3, 4):
+        return "Q" * (arr.ndim - 3) + "YXS"
+    return "Q" * max(arr.ndim - 2, 0) + "YX"[-min(arr.ndim, 2) :] if arr.ndim else ""
+
+
+@register_reader("OME-Zarr", sniff=lambda p: p.is_dir() or ".zarr" in p.as_posix(), local_only=True)
+def _read_zarr(path: Path) -> Decoded:
+    from msnoop.io.omezarr import read_zarr_image
+
+    return read_zarr_image(path)
+
+
+@register_reader("TIFF", suffixes=(".tif", ".tiff"))
+def _read_tiff(source: Any) -> Decoded:
+    import tifffile
+
+    with tifffile.TiffFile(source) as tif:
+        series = tif.series[0]
+        arr = series.asarray()
+        names = _ome_channel_names(tif.ome_metadata) if tif.is_ome else None
+        return arr, series.axes, names
+
+
+@register_reader("PIL", suffixes=(".png", ".jpg", ".jpeg", ".bmp"))
+def _read_pil(source: Any) -> Decoded:
+    from PIL import Image
+
+    with Image.open(source) as img:
+        img.load()
+        arr = np.asarray(img)
+    return arr, plain_axes(arr), None
+
+
+@register_reader("NumPy", suffixes=(".npy",))
+def _read_npy(source: Any) -> Decoded:
+    arr = np.load(source, allow_pickle=False)
+    return arr, plain_axes(arr), None
+
+
+def _read_raw(path: Path, data: Any = None) -> Decoded:
     """``(array, axes, OME channel names or None)``; ``data`` (a binary file object) is decoded instead of ``path``,
     whose suffix then only says the format."""
-    suffix = path.suffix.lower()
-    source: Any = path if data is None else data
-    if data is None and (path.is_dir() or ".zarr" in path.as_posix()):
-        from msnoop.io.omezarr import read_zarr_image
-
-        return read_zarr_image(path)
-    if suffix in TIFF_SUFFIXES:
-        import tifffile
-
-        with tifffile.TiffFile(source) as tif:
-            series = tif.series[0]
-            arr = series.asarray()
-            axes = series.axes
-            names = _ome_channel_names(tif.ome_metadata) if tif.is_ome else None
-        return arr, axes, names
-    if suffix in PIL_SUFFIXES:
-        from PIL import Image
-
-        with Image.open(source) as img:
-            img.load()
-            arr = np.asarray(img)
-    elif suffix in NPY_SUFFIXES:
-        arr = np.load(source, allow_pickle=False)
-    else:
-        raise ImageReadError(
-            path, f"unsupported file type {suffix!r}; expected one of .tif/.tiff/.png/.jpg/.bmp/.npy or an OME-Zarr"
-        )
-    if arr.ndim >= 3 and arr.shape[-1] in (3, 4):
-        axes = "Q" * (arr.ndim - 3) + "YXS"
-    else:
-        axes = "Q" * max(arr.ndim - 2, 0) + "YX"[-min(arr.ndim, 2) :] if arr.ndim else ""
-    return arr, axes, None
+    reader = reader_for(path, local=data is None)
+    if reader is None:
+        known = "/".join(readable_suffixes())
+        raise ImageReadError(path, f"unsupported file type {path.suffix.lower()!r}; expected one of {known} or an OME-Zarr")
+    return reader.read(path if data is None else data)
 
 
 def _read_channels_uri(uri: str, channels: list[int | str | None], *, z: ZPolicy, storage: Any) -> list[np.ndarray]:

@@ -51,6 +51,7 @@ from msnoop.io.manifest import (
     source_root,
     table_schema,
 )
+from msnoop.io.readers import COMPOUND_SUFFIXES
 
 #: Rows per batch read from a manifest (the unit of work and of memory while streaming).
 BATCH_ROWS = 16_384
@@ -258,7 +259,7 @@ def image_ids(paths: list[str | None], root: Path | str) -> list[str | None]:
         rel = p[len(prefix) :]
         name = rel.rsplit("/", 1)[-1]
         low = name.lower()
-        ome = next((s for s in (".ome.tiff", ".ome.tif", ".ome.zarr") if low.endswith(s)), None)
+        ome = next((s for s in COMPOUND_SUFFIXES if low.endswith(s)), None)
         if ome is not None:
             out.append(rel[: -len(ome)])
             continue
@@ -591,7 +592,3 @@ def ids_of(source: ImageTableSource, hashes: np.ndarray, rows: int = BATCH_ROWS,
             break
     return out[:at_most]
 
-
-def image_table_frame(source: ImageTableSource) -> pd.DataFrame:
-    """The whole streamed table as a DataFrame (small tables and tests only: memory grows with the table)."""
-    return pa.concat_tables([b for _, b in source.batches()] or [source.schema.empty_table()]).to_pandas()

@@ -31,15 +31,15 @@ import numpy as np
 from pydantic import Field
 
 from msnoop.core.config import StrictModel as _Strict
-from msnoop.core.config import save_resolved
+from msnoop.core.rundir import RunDir
 from msnoop.core.runtime_env import RuntimeEnvConfig, runtime_env_field
+from msnoop.io.readers import readable_suffixes
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["SegTrainJob", "find_pairs", "run_segtrain", "split_pairs"]
 
 THRESHOLDS = (0.5, 0.75, 0.9)
-IMAGE_SUFFIXES = (".png", ".tif", ".tiff")
 
 
 class SegTrainData(_Strict):
@@ -86,7 +86,8 @@ def find_pairs(images: Path, masks: Path, *, limit: int | None = None) -> tuple[
     for folder, what in ((images, "images"), (masks, "masks")):
         if not folder.is_dir():
             raise FileNotFoundError(f"segtrain: {what} folder {folder} does not exist")
-    files = sorted(p for p in images.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    suffixes = readable_suffixes()
+    files = sorted(p for p in images.rglob("*") if p.suffix.lower() in suffixes and p.is_file())
     pairs, unmatched = [], []
     per_folder: dict[Path, int] = {}
     for p in files:
@@ -104,7 +105,7 @@ def find_pairs(images: Path, masks: Path, *, limit: int | None = None) -> tuple[
             f"segtrain: none of the {len(files)} images under {images} has a mask with the same relative path "
             f"under {masks} (expected e.g. {masks / files[0].relative_to(images)})"
             if files
-            else f"segtrain: no image ({', '.join(IMAGE_SUFFIXES)}) under {images}"
+            else f"segtrain: no image ({', '.join(suffixes)}) under {images}"
         )
     return pairs, unmatched
 
@@ -245,7 +246,7 @@ def run_segtrain(job: SegTrainJob) -> dict[str, Any]:
     labels = [y for _, y in train_data]
     out = job.output.dir
     out.mkdir(parents=True, exist_ok=True)
-    save_resolved(job, out)
+    RunDir(out).save_config(job)
 
     gpu = _use_gpu(job.use_gpu)
     torch.manual_seed(job.train.seed)
