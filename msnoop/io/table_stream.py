@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
+import pandas as pd  # noqa: F401  (never used to read a manifest; the streaming tests patch its readers to prove it)
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
