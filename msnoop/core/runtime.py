@@ -8,11 +8,16 @@ import platform
 import re
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 logger = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
+
+#: ``runtime.use_gpu``: GPUs when the cluster has them, always (an error without), or never.
+UseGpu = Literal["auto", "yes", "no"]
+#: ``runtime.amp``: where bf16 autocast runs (see :data:`AMP_HELP`).
+Amp = Literal["cuda", "auto", "off"]
 
 AMP_HELP = (
     "bf16 autocast: 'cuda' on GPUs only; 'auto' also on CPUs with native bf16 (AVX512-BF16 or AMX), "

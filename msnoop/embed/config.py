@@ -8,13 +8,15 @@ from pydantic import Field, field_validator, model_validator
 
 from msnoop.core.actors import ActorsSetting, parse_actors
 from msnoop.core.config import StrictModel as _Strict
-from msnoop.core.runtime import AMP_HELP
+from msnoop.core.runtime import AMP_HELP, Amp, UseGpu
 from msnoop.core.rundir import RunDir
 from msnoop.core.runtime_env import RuntimeEnvConfig, runtime_env_field
 from msnoop.core.storage import Location, StorageConfig
 from msnoop.io.config import InputConfig
 from msnoop.preprocess.config import PreprocessConfig
 from msnoop.segment.config import SegmentationConfig
+from msnoop.vectors.distance import IndexKind
+from msnoop.vectors.postprocess import DEFAULT_POSTPROCESS, PostprocessMethod
 
 
 class OutputConfig(_Strict):
@@ -26,7 +28,7 @@ class OutputConfig(_Strict):
     table: str | None = Field(None, description="LanceDB table name; default the job name")
     lancedb: str | None = Field(None, description="LanceDB URI (a folder or s3://...); default <dir>/lancedb")
     write_lance: bool = True
-    index: Literal["auto", "none", "ivf_sq", "ivf_pq", "hnsw"] = Field(
+    index: IndexKind = Field(
         "auto",
         description="LanceDB vector index: auto builds one (IVF_SQ) from index_threshold rows on; smaller tables are searched exactly",
     )
@@ -36,8 +38,8 @@ class OutputConfig(_Strict):
         description="dir holds embeddings of another model, preprocessing, channel list or mode: "
         "stop with an error, or replace them (their parts are removed and every image is embedded again)",
     )
-    postprocess: Literal["standardize", "raw"] = Field(
-        "standardize",
+    postprocess: PostprocessMethod = Field(
+        DEFAULT_POSTPROCESS,
         description="vectors in the LanceDB table: 'standardize' = z-scored per dimension over the table (fitted "
         "without labels; see msnoop.vectors.postprocess) so cosine distances mean something; 'raw' = Microsnoop's "
         "readout. The Parquet parts always hold the raw readout",
@@ -67,8 +69,8 @@ class RuntimeConfig(_Strict):
         "fused into the actors)",
     )
     actor_cpus: float | None = Field(None, gt=0, description="CPUs per embedding actor; default 1 with GPUs, else 0.5")
-    use_gpu: Literal["auto", "yes", "no"] = "auto"
-    amp: Literal["cuda", "auto", "off"] = Field("cuda", description=AMP_HELP)
+    use_gpu: UseGpu = "auto"
+    amp: Amp = Field("cuda", description=AMP_HELP)
     inflight_mb: int = Field(
         512, ge=64, description="object-store budget for blocks in flight; bounds read-ahead memory"
     )

@@ -10,6 +10,9 @@ from pydantic import Field, model_validator
 from msnoop.core.config import StrictModel as _Strict
 from msnoop.core.storage import Location
 
+#: z-stacks and time series: refuse them (an error naming the shape), take the maximum projection, or one z-plane.
+ZPolicy = Literal["refuse", "max"] | int
+
 
 #: The image table's id column and the prefix of its per-channel path columns (``Metadata_Path_<channel>``).
 ID_COLUMN = "Metadata_ImageID"
@@ -63,7 +66,7 @@ class InputConfig(_Strict):
         description="multi-channel OME-TIFF files: pick each channel by its OME channel Name "
         "(the name in input.channels) instead of by index",
     )
-    z: Literal["refuse", "max"] | int = Field(
+    z: ZPolicy = Field(
         "refuse",
         description="z-stacks / time series: 'refuse' (an error naming the shape), 'max' (maximum projection "
         "over Z and T) or a plane index (Z plane; the first time point)",

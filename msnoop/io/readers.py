@@ -28,17 +28,17 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
 from msnoop.core.storage import is_uri
+from msnoop.io.config import ZPolicy
 
 CHANNEL_AXES = "CSQI"  # axes that can hold channels (tifffile: S samples, Q unknown, I image sequence)
 #: Suffixes of two parts that name one image format; an image's id drops the whole suffix (``a.ome.tif`` -> ``a``).
 COMPOUND_SUFFIXES = (".ome.tiff", ".ome.tif", ".ome.zarr")
 
-ZPolicy = Literal["refuse", "max"] | int
 #: What a decoder returns: the array, its axes (tifffile letters) and the OME channel names (or None).
 Decoded = tuple[np.ndarray, str, list[str] | None]
 

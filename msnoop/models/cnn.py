@@ -16,9 +16,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from msnoop.models.registry import register_model
 
 
 def _brc(in_channels: int, out_channels: int, size: int) -> nn.Sequential:
@@ -161,6 +165,7 @@ class MicrosnoopCNN(nn.Module):
 
     @property
     def embed_dim(self) -> int:
+        """Length of the embedding: the deepest level's depth."""
         return self.depths[-1]
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -201,3 +206,15 @@ class MicrosnoopCNN(nn.Module):
         if view2 is None:
             return pred
         return pred, z[:n], z[n:]
+
+
+@register_model
+def microsnoop_cnn(**kwargs: Any) -> MicrosnoopCNN:
+    """The Microsnoop CNN: depths 32/64/128/256, one input channel, 256-d embedding (~6.6 M params)."""
+    return MicrosnoopCNN(**{"in_channels": 1, "out_channels": 1, "depths": (32, 64, 128, 256), **kwargs})
+
+
+@register_model
+def test_cnn(**kwargs: Any) -> MicrosnoopCNN:
+    """A tiny variant (depths 4/8/16/32) for tests: same code path, milliseconds per batch."""
+    return MicrosnoopCNN(**{"in_channels": 1, "out_channels": 1, "depths": (4, 8, 16, 32), **kwargs})

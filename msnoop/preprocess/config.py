@@ -2,23 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import Field
 
 from msnoop.core.config import StrictModel as _Strict
-from msnoop.preprocess.presets import Preprocessing
+from msnoop.preprocess.presets import Mode, Preprocessing, Preset
 
 
 class PreprocessConfig(_Strict):
     """Overrides of the checkpoint's preprocessing; ``None`` keeps the checkpoint's value."""
 
-    preset: Literal["microsnoop", "cytoimagenet"] | None = None
-    mode: Literal["native", "rescale", "tile"] = "native"
+    preset: Preset | None = None
+    mode: Mode = "native"
     input_size: int | None = Field(None, ge=16)
     tile_overlap: float = Field(0.1, ge=0.05, le=0.5)
 
     def resolve(self, stored: Preprocessing | None = None) -> Preprocessing:
+        """The preprocessing to use: these overrides on top of ``stored`` (a checkpoint's), else the defaults."""
         base = stored or Preprocessing()
         return Preprocessing(
             preset=self.preset or base.preset,

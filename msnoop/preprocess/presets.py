@@ -23,12 +23,15 @@ from pydantic import BaseModel, ConfigDict, Field
 from msnoop.preprocess.geometry import make_tiles, pad_center, pad_to_square, resize
 from msnoop.preprocess.normalize import normalize99
 
+#: Normalisation presets: ``microsnoop`` (Microsnoop's ``normalize99``), ``cytoimagenet`` (wider, clipped).
+Preset = Literal["microsnoop", "cytoimagenet"]
+#: How an image becomes model inputs: pad (tile when larger), pad to square and resize, or always tile.
+Mode = Literal["native", "rescale", "tile"]
+
 PRESETS: dict[str, dict[str, float | bool]] = {
     "microsnoop": {"lower": 1.0, "upper": 99.0, "clip": False},
     "cytoimagenet": {"lower": 0.1, "upper": 99.9, "clip": True},
 }
-
-Mode = Literal["native", "rescale", "tile"]
 
 
 class Preprocessing(BaseModel):
@@ -36,7 +39,7 @@ class Preprocessing(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    preset: Literal["microsnoop", "cytoimagenet"] = "microsnoop"
+    preset: Preset = "microsnoop"
     mode: Mode = Field(
         "native", description="native: pad, tile if larger; rescale: pad to square + resize; tile: always tile"
     )

@@ -16,7 +16,6 @@ import pyarrow as pa
 
 from msnoop.core.parts import ID_COLUMN
 from msnoop.store.index import (
-    ANN_KINDS,
     DISTANCE,
     EXACT_FILTER_ROWS,
     _table,
@@ -25,7 +24,7 @@ from msnoop.store.index import (
     vector_index,
 )
 from msnoop.store.lance import VECTOR
-from msnoop.vectors.distance import distances
+from msnoop.vectors.distance import ANN_KINDS, distances
 
 logger = logging.getLogger(__name__)
 

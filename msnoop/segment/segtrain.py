@@ -32,6 +32,7 @@ from pydantic import Field
 
 from msnoop.core.config import StrictModel as _Strict
 from msnoop.core.rundir import RunDir
+from msnoop.core.runtime import UseGpu
 from msnoop.core.runtime_env import RuntimeEnvConfig, runtime_env_field
 from msnoop.io.readers import readable_suffixes
 
@@ -73,7 +74,7 @@ class SegTrainJob(_Strict):
     data: SegTrainData
     train: SegTrainParams = Field(default_factory=SegTrainParams)
     output: SegTrainOutput
-    use_gpu: Literal["auto", "yes", "no"] = "auto"
+    use_gpu: UseGpu = "auto"
     runtime_env: RuntimeEnvConfig | None = runtime_env_field()
 
 

@@ -25,6 +25,10 @@ Metric = Literal["cosine", "l2"]
 SearchMetric = Literal["cosine", "l2", "dot"]
 METRICS: tuple[str, ...] = get_args(Metric)
 SEARCH_METRICS: tuple[str, ...] = get_args(SearchMetric)
+#: Vector index of a LanceDB table (``output.index``): ``auto`` builds one from a size on, ``none`` never.
+IndexKind = Literal["auto", "none", "ivf_pq", "ivf_sq", "hnsw"]
+#: The approximate index kinds among them (built and tuned by :mod:`msnoop.store.index`).
+ANN_KINDS: tuple[str, ...] = tuple(k for k in get_args(IndexKind) if k not in ("auto", "none"))
 
 
 def check_metric(metric: str, allowed: tuple[str, ...] = METRICS) -> None:
@@ -92,8 +96,10 @@ def similarity_to_distance(score: np.ndarray | float, metric: str) -> np.ndarray
 
 
 __all__ = [
+    "ANN_KINDS",
     "METRICS",
     "SEARCH_METRICS",
+    "IndexKind",
     "Metric",
     "SearchMetric",
     "check_metric",
