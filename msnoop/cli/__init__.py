@@ -30,6 +30,8 @@ def _flag_type_hidden() -> None:
 
 _flag_type_hidden()
 
+__all__ = ["app", "main"]
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,

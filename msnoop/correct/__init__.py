@@ -1,24 +1,18 @@
 """Batch correction: sphering a feature table on its negative controls, and the batch-experiment job (``job: profile``).
 
 The transform itself (fit / transform / save / load) is :class:`msnoop.vectors.sphering.Spherize`; here it is
-applied to tables: :func:`~msnoop.correct.sphering.spherize_profiles` fits it on the rows a control query
-selects, :func:`~msnoop.correct.profile.run_profile` runs a whole plate experiment (plate map, aggregation,
-sphering, treatments).
+applied to tables: :func:`spherize_profiles` fits it on the rows a control query selects, :func:`run_profile`
+runs a whole plate experiment (plate map, aggregation, sphering, treatments).
 """
 
-__all__ = ["ProfileJob", "join_metadata", "run_profile", "spherize_profiles"]
+from msnoop.core.lazy import lazy_exports
 
-_LAZY = {
-    "ProfileJob": "msnoop.correct.profile",
-    "join_metadata": "msnoop.correct.profile",
-    "run_profile": "msnoop.correct.profile",
-    "spherize_profiles": "msnoop.correct.sphering",
+_EXPORTS = {
+    "ProfileJob": "profile",
+    "join_metadata": "profile",
+    "run_profile": "profile",
+    "spherize_profiles": "sphering",
 }
 
-
-def __getattr__(name: str) -> object:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'msnoop.correct' has no attribute {name!r}")
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
