@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from msnoop.cli.common import EXIT_FAILED, SetOpt, fail, load_job, split_list, write_json
+from msnoop.vectors.postprocess import DEFAULT_POSTPROCESS, POSTPROCESS_CHOICES
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -21,9 +22,9 @@ logger = logging.getLogger(__name__)
 PostprocessOpt = Annotated[
     str | None,
     typer.Option(
-        help="'standardize' (z-score each feature over the table, no labels) or 'raw' (the features as stored); "
-        "default: the table's own (an embed output's output.postprocess; 'raw' for sphered profiles and LanceDB "
-        "tables; else 'standardize')."
+        help=f"One of {', '.join(POSTPROCESS_CHOICES)} (standardize: z-score each feature over the table, no "
+        "labels; raw: the features as stored); default: the table's own (an embed output's output.postprocess; "
+        f"raw for sphered profiles and LanceDB tables; else {DEFAULT_POSTPROCESS})."
     ),
 ]
 

@@ -154,7 +154,8 @@ def config_hash(cfg: BaseModel) -> str:
         for key, default in new_input.items():
             if data.get("input", {}).get(key, default) == default:
                 data.get("input", {}).pop(key, None)
-        if data.get("output", {}).get("postprocess") == "standardize":  # LanceDB vectors only: parts unchanged
+        # the LanceDB vectors' post-processing, at the default it had when this key was added, leaves the hash alone
+        if data.get("output", {}).get("postprocess") == "standardize":
             data["output"].pop("postprocess")
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
 

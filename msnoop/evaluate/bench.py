@@ -139,7 +139,7 @@ def _evaluate(
     meta: pd.DataFrame,
     tasks: list[BenchTask],
     seconds: float,
-    postprocess: str = "standardize",
+    postprocess: str = DEFAULT_POSTPROCESS,
 ) -> dict[str, Any]:
     from msnoop.evaluate.knn import knn_evaluate, parse_cv
 
