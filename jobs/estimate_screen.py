@@ -26,17 +26,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from harness import RESULTS, data_dir, write_results
 
-BBBC013_FIELD = Path("/work/shared/data/bbbc013/images/Channel2-01-A-01.tif")  # DNA channel of well A01
+BBBC013_FIELD = data_dir("bbbc013") / "images" / "Channel2-01-A-01.tif"  # DNA channel of well A01
 
 #: cited inputs: value, source
 SCREEN = {
@@ -141,7 +138,7 @@ def cpu_costs(field_px: int, reps: int = 7) -> dict[str, float]:
 
 
 def load(name: str) -> dict[str, Any]:
-    path = ROOT / "results" / name
+    path = RESULTS / name
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
@@ -441,12 +438,11 @@ def main() -> None:
     ap.add_argument("--images-per-block", type=int, default=8, help="runtime.images_per_block (fields per block)")
     ap.add_argument("--s3-latency-ms", type=float, default=30.0, help="per-request latency for driver reads")
     ap.add_argument("--driver-gb-s", type=float, default=1.0, help="driver's read rate from S3 (assumed)")
-    ap.add_argument("--out", default=str(ROOT / "results" / "estimate_screen.json"))
+    ap.add_argument("--out", default=str(RESULTS / "estimate_screen.json"))
     args = ap.parse_args()
     result = estimate(args)
-    Path(args.out).write_text(json.dumps(result, indent=2, default=float) + "\n")
     md = markdown(result)
-    Path(args.out).with_suffix(".md").write_text(md)
+    write_results(args.out, result, md)
     print(md)
 
 
