@@ -1,4 +1,4 @@
-"""How should an embedding be post-processed before any distance? Declared arms, measured on every dev set (issue 19).
+"""How should an embedding be post-processed before any distance? Declared arms, measured on every dev set.
 
     python jobs/bench_postprocess.py                       # embed (cached) + evaluate every dataset
     python jobs/bench_postprocess.py --stage embed         # only fill the cache of raw vectors
@@ -440,7 +440,7 @@ def _fmt(x: float | None) -> str:
 
 def markdown(record: dict) -> str:
     lines = [
-        "# Post-processing of embeddings before the distance (issue 19)",
+        "# Post-processing of embeddings before the distance",
         "",
         "Arms: " + "; ".join(f"**{k}** = {v}" for k, v in record["arms"].items()) + ".",
         (

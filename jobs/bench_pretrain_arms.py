@@ -1,4 +1,4 @@
-"""Pretraining recipes compared at an equal CPU budget on the broad pool, then on every dev set (issue 19).
+"""Pretraining recipes compared at an equal CPU budget on the broad pool, then on every dev set.
 
     python jobs/bench_pretrain_arms.py --stage train     # each arm: continued pretraining, runs/arms/<arm>/model.pt
     python jobs/bench_pretrain_arms.py --stage probe     # does the deepest map carry the reconstruction?
@@ -290,7 +290,7 @@ def stage_eval(args: argparse.Namespace) -> dict[str, Any]:
 
 def markdown(record: dict[str, Any]) -> str:
     lines = [
-        "# Pretraining recipes at an equal CPU budget (issue 19)",
+        "# Pretraining recipes at an equal CPU budget",
         "",
         f"Every arm continued the shipped `default` for {record['cpu_minutes']} CPU-minutes (training process, all "
         "threads) on the broad pool of `configs/pretrain_broad.yaml` (22 sources). Command: "

@@ -12,7 +12,8 @@ No GPU was available for this project, so the GPU side is derived, and every num
   CPU seconds (``time.process_time``, the least of 7 runs, so other load on the machine counts little) to decode and preprocess
   tiles and cell crops, on a real BBBC013 field;
 * **measured here earlier**: read from the result files under ``results/`` (named in each row);
-* **cited**: the screen's size (issue 18: 10^8 cells, about 1.5 million five-channel fields), the field size
+* **cited**: the screen's size (the question this estimate answers: 10^8 cells, about 1.5 million five-channel
+  fields, the scale of the JUMP Cell Painting screens), the field size
   (Cell Painting plates in the IDR are 1080x1080x5), GPU peak throughput and memory bandwidth (NVIDIA
   datasheets), S3 request latency (AWS's S3 performance guide);
 * **assumed**: the fraction ``--eta`` of the roofline bound a GPU reaches on this network (default 0.5), the
@@ -37,9 +38,9 @@ BBBC013_FIELD = data_dir("bbbc013") / "images" / "Channel2-01-A-01.tif"  # DNA c
 
 #: cited inputs: value, source
 SCREEN = {
-    "cells": (1e8, "issue 18 (a 10^8-cell screen)"),
-    "fields": (1.5e6, "issue 18 (JUMP scale: about 1.5 million five-channel fields)"),
-    "channels": (5, "Cell Painting: DNA, RNA, ER, AGP, Mito (ANCHORS.md 4.4, LoadData columns)"),
+    "cells": (1e8, "the screen this estimate is for (10^8 cells)"),
+    "fields": (1.5e6, "JUMP scale: about 1.5 million five-channel fields"),
+    "channels": (5, "Cell Painting: DNA, RNA, ER, AGP, Mito (the LoadData columns of its pipelines)"),
     "field_px": (
         1080,
         (

@@ -1,4 +1,4 @@
-"""Full-field "cells" mode: segment the nucleus channel, crop every cell, embed, mean per image (ANCHORS 1.6)."""
+"""Full-field "cells" mode: segment the nucleus channel, crop every cell, embed, mean per image (Microsnoop's cell-region pipeline)."""
 
 from __future__ import annotations
 

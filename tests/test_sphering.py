@@ -71,7 +71,7 @@ def test_pca_is_a_rotation_of_zca() -> None:
 
 
 def _microsnoop_zca_corr(X: np.ndarray, Xq: np.ndarray) -> tuple[np.ndarray, float]:
-    """ANCHORS 1.9 item 3, written out as in microsnoop-publish postprocess/spherize.ZCA_corr."""
+    """Microsnoop's ZCA-cor sphering, written out as in microsnoop-publish postprocess/spherize.ZCA_corr."""
     mean_ = X.mean(axis=0)
     V = np.diag(np.cov(X, rowvar=False))
     corr = np.nan_to_num(pd.DataFrame(X - mean_).corr().to_numpy())

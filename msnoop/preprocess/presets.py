@@ -1,6 +1,6 @@
 """Preprocessing presets: how one channel of one image becomes model input tiles.
 
-``microsnoop`` follows Microsnoop's ``extract_embeddings`` exactly (ANCHORS 1.5):
+``microsnoop`` follows Microsnoop's ``extract_embeddings`` (microsnoop-publish) exactly:
 
 * ``native`` mode: an image whose sides fit the input size is zero-padded (centred) to it; a larger
   image is cut into input-size tiles with 10 % overlap (tile mode switches on automatically).

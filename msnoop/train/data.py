@@ -1,6 +1,7 @@
 """One-channel training pool: every channel of every image of every source is a sample.
 
-A training crop is made the way inference sees images (``microsnoop`` preset, ANCHORS 1.5), plus
+A training crop is made the way inference sees images (the ``microsnoop`` preset of
+:mod:`msnoop.preprocess.presets`), plus
 augmentation:
 
 1. pick a source with probability ∝ ``weight * f(n_samples)`` (``f`` = 1, sqrt or n), then a sample
