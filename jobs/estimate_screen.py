@@ -387,7 +387,7 @@ def estimate(args: argparse.Namespace) -> dict[str, Any]:
     row(
         "driver: standardisation pass over the cells table's vectors (streamed, O(dim) memory)",
         f"{cells * row_bytes / (args.driver_gb_s * 1e9) / 60:,.0f} min at {args.driver_gb_s:g} GB/s",
-        "msnoop.store.publish._postprocessing reads every vector once on the driver; read rate assumed "
+        "msnoop.store.publish.fit_postprocessing reads every vector once on the driver; read rate assumed "
         "(--driver-gb-s); output.postprocess: raw skips it",
     )
     pass_min = n_parts * 3 * lat / 16 / 60  # one driver pass over one folder's parts (footers or ids)

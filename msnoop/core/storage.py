@@ -124,7 +124,7 @@ def _as_location(value: Any) -> Any:
 
 
 #: a config field that may hold a local path or a URI: local values become ``Path`` (so
-#: ``msnoop.config.absolutize`` makes them absolute), URIs stay ``str`` exactly as given
+#: ``msnoop.core.config.absolutize`` makes them absolute), URIs stay ``str`` exactly as given
 #: (pydantic's ``Path`` would turn ``s3://b/x`` into ``s3:/b/x``)
 Location = Annotated[str | Path, BeforeValidator(_as_location)]
 
