@@ -25,6 +25,8 @@ def demo_model() -> str:
 
 
 def demo_config(out_dir: Path, *, n_per_class: int, model: str | None, num_cpus: int | None) -> EmbedJob:
+    """Write the synthetic cells (``4 x n_per_class`` two-channel 16-bit TIFFs) under ``out_dir/data`` and return
+    the embedding job over them, with its output in ``out_dir/results``."""
     manifest = write_dataset(out_dir / "data", n_per_class=n_per_class, seed=0)
     logger.info("wrote %d synthetic 2-channel cells as 16-bit TIFFs with %s", n_per_class * 4, manifest)
     cfg = build_config(
@@ -44,6 +46,7 @@ def demo_config(out_dir: Path, *, n_per_class: int, model: str | None, num_cpus:
 def run_demo(
     out_dir: Path, *, n_per_class: int = 25, model: str | None = None, num_cpus: int | None = None
 ) -> tuple[EmbedResult, EmbedJob]:
+    """Run the demo: synthetic cells embedded with Ray into Parquet and LanceDB; returns the result and the config."""
     cfg = demo_config(out_dir, n_per_class=n_per_class, model=model, num_cpus=num_cpus)
     from msnoop.job_kinds import run_embed_job
 

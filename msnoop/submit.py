@@ -39,6 +39,8 @@ CONFIG_NAME = "msnoop_job.yaml"
 
 @dataclass
 class Submission:
+    """A job sent to a Ray cluster: its id, the address, what runs there, and the equivalent ``ray job submit``."""
+
     job_id: str
     address: str
     entrypoint: str
@@ -155,5 +157,6 @@ def follow_job(address: str, job_id: str, *, out: Any = None, poll_s: float = 1.
 
 
 def job_status(address: str, job_id: str) -> str:
+    """The Ray Jobs status of ``job_id`` at ``address`` (``PENDING``, ``RUNNING``, ``SUCCEEDED``, ``FAILED``, ...)."""
     status = _client(address).get_job_status(job_id)
     return str(status.value if hasattr(status, "value") else status)

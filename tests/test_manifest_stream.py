@@ -296,7 +296,9 @@ def test_id_sets_totals_and_error_rows_agree_with_python_sets(tmp_path, seed):
     found = IdSet.from_parts(tmp_path / "embeddings", ID_COLUMN)
     assert len(found) == len(emb) + 1
     assert found.contains_ids(ids).tolist() == [i in set(emb) for i in ids]
-    assert check_totals(RunDir(tmp_path), wanted) == check_totals(RunDir(tmp_path), pd.Series(ids)) == (len(emb), len(err))
+    assert (
+        check_totals(RunDir(tmp_path), wanted) == check_totals(RunDir(tmp_path), pd.Series(ids)) == (len(emb), len(err))
+    )
     preview = error_preview(RunDir(tmp_path), wanted, n=3)
     assert len(preview) == min(3, len(err)) and {i for i, _ in preview} <= set(err)
     with pytest.raises(TotalsError, match=r"1 id\(s\) have no output row \(e.g. 'zz-missing'\)"):

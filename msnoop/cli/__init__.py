@@ -78,6 +78,7 @@ def _setup_logging(verbose: bool) -> None:
 
 @app.callback()
 def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="more logging (debug)")] = False) -> None:
+    """Microscopy image embeddings at scale: the options every command shares (logging)."""
     _setup_logging(verbose)
 
 

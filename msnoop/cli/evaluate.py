@@ -94,7 +94,9 @@ def knn_command(
                 fail(f"cv={cv!r}: expected 'group:<column>' naming a column of the table")
             groups = df[arg].astype(str).to_numpy()
         feats = table_features(df, method=method, drop=[label])
-        res = knn_evaluate(feats.X, df[label].to_numpy(), k=k, cv=cv, groups=groups, metric=metric, seed=seed, index=index)  # type: ignore[arg-type]
+        res = knn_evaluate(
+            feats.X, df[label].to_numpy(), k=k, cv=cv, groups=groups, metric=metric, seed=seed, index=index
+        )  # type: ignore[arg-type]
     except ValueError as exc:
         fail(str(exc))
     res["table"] = str(table)

@@ -183,6 +183,7 @@ def _drop_forwarded_lines(pattern: re.Pattern[str]) -> None:
 
 
 def shutdown_ray() -> None:
+    """Stop this process's Ray session, if one is running (a no-op otherwise)."""
     import ray
 
     if ray.is_initialized():
@@ -190,6 +191,7 @@ def shutdown_ray() -> None:
 
 
 def git_sha() -> str | None:
+    """The short commit of the msnoop checkout, or None when msnoop is not run from a git checkout."""
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],

@@ -83,6 +83,7 @@ class StorageConfig(BaseModel):
 
     @property
     def http(self) -> bool:
+        """Whether requests may use plain http: ``allow_http``, else true for an ``http://`` endpoint."""
         if self.allow_http is not None:
             return self.allow_http
         return bool(self.endpoint_url and self.endpoint_url.startswith("http://"))
@@ -232,6 +233,11 @@ def storage_options(location: str | Path, config: StorageConfig | None = None) -
 
 
 def exists(location: str | Path, config: StorageConfig | None = None) -> bool:
+    """Whether a file or folder (on object storage: an object or a prefix) exists at ``location``.
+
+    Raises:
+        StorageError: The location's scheme has no filesystem here.
+    """
     fs, path = resolve(location, config)
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
@@ -291,6 +297,7 @@ def read_bytes(location: str | Path, config: StorageConfig | None = None) -> byt
 
 
 def read_text(location: str | Path, config: StorageConfig | None = None) -> str:
+    """Whole content of a UTF-8 text file. Raises FileNotFoundError naming the location."""
     return read_bytes(location, config).decode("utf-8")
 
 
@@ -324,6 +331,7 @@ def write_bytes(location: str | Path, data: bytes | memoryview, config: StorageC
 
 
 def write_text(location: str | Path, text: str, config: StorageConfig | None = None) -> None:
+    """Write ``text`` as UTF-8 to ``location`` atomically (see :func:`write_bytes`)."""
     write_bytes(location, text.encode("utf-8"), config)
 
 

@@ -20,6 +20,8 @@ from msnoop.vectors.postprocess import DEFAULT_POSTPROCESS, PostprocessMethod
 
 
 class OutputConfig(_Strict):
+    """Where an embedding job writes (its :class:`~msnoop.core.rundir.RunDir`) and how its LanceDB table is built."""
+
     dir: Location = Field(
         ...,
         description="folder or object storage URI (s3://bucket/prefix, gs://...) for Parquet parts, errors, "
@@ -47,6 +49,8 @@ class OutputConfig(_Strict):
 
 
 class RuntimeConfig(_Strict):
+    """How the job runs on Ray: the cluster, block and batch sizes, the actor pool, GPUs, error handling."""
+
     address: str | None = Field(
         None, description="Ray address; None = RAY_ADDRESS or a local cluster started on demand"
     )

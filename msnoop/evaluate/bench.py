@@ -277,4 +277,14 @@ def summary(job: BenchJob, record: dict[str, Any]) -> str:
     return f"bench {job.name}: results in {job.output.dir.resolve()}\n" + markdown(record)
 
 
-__all__ = ["BenchJob", "BenchTask", "dataset_job", "markdown", "missing_inputs", "model_run", "run_bench", "slug", "summary"]
+__all__ = [
+    "BenchJob",
+    "BenchTask",
+    "dataset_job",
+    "markdown",
+    "missing_inputs",
+    "model_run",
+    "run_bench",
+    "slug",
+    "summary",
+]

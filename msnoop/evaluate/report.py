@@ -385,6 +385,8 @@ def thumbnail(row: pd.Series, columns: Sequence[str], *, root: Path | None = Non
 
 
 def channel_legend(columns: Sequence[str]) -> str:
+    """How a gallery composites the channels of ``columns`` (``Metadata_Path_<channel>``), e.g. ``"dna = magenta,
+    gfp = green"``; at most three channels are shown."""
     cols = list(columns)[:3]
     return ", ".join(
         f"{c[len(PATH_PREFIX) :]} = {_COLOUR_NAMES[w]}" for c, w in zip(cols, _COMPOSITE[len(cols)], strict=True)

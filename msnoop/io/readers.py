@@ -177,7 +177,9 @@ def _read_raw(path: Path, data: Any = None) -> Decoded:
     reader = reader_for(path, local=data is None)
     if reader is None:
         known = "/".join(readable_suffixes())
-        raise ImageReadError(path, f"unsupported file type {path.suffix.lower()!r}; expected one of {known} or an OME-Zarr")
+        raise ImageReadError(
+            path, f"unsupported file type {path.suffix.lower()!r}; expected one of {known} or an OME-Zarr"
+        )
     return reader.read(path if data is None else data)
 
 

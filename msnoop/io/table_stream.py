@@ -591,4 +591,3 @@ def ids_of(source: ImageTableSource, hashes: np.ndarray, rows: int = BATCH_ROWS,
         if len(out) >= at_most:
             break
     return out[:at_most]
-

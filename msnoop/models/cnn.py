@@ -56,6 +56,7 @@ class ResDown(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[N, in, H, W] -> [N, out, H, W]``."""
         x = self.proj(x) + self.conv[1](self.conv[0](x))
         return x + self.conv[3](self.conv[2](x))
 
@@ -74,6 +75,7 @@ class Encoder(nn.Module):
         self.maxpool = nn.MaxPool2d(2, 2)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """``[N, in, H, W]`` -> one map per level, finest first (each level halves H and W)."""
         maps: list[torch.Tensor] = []
         for level, block in enumerate(self.down):
             maps.append(block(x if level == 0 else self.maxpool(maps[-1])))
@@ -108,6 +110,8 @@ class ResUp(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
+        """``x`` ``[N, in, H, W]`` plus ``skip`` ``[N, out, H, W]``, conditioned on ``style`` ``[N, C]``:
+        ``[N, out, H, W]``."""
         x = self.proj(x) + self.conv[1](style, self.conv[0](x), skip=skip)
         return x + self.conv[3](style, self.conv[2](style, x))
 
@@ -127,6 +131,7 @@ class Decoder(nn.Module):
         )
 
     def forward(self, maps: list[torch.Tensor], style: torch.Tensor) -> torch.Tensor:
+        """The encoder's maps (finest first) and the style ``[N, C]`` -> the reconstruction ``[N, out, H, W]``."""
         x = self.up[-1](maps[-1], maps[-1], style)
         for level in range(len(self.up) - 2, -1, -1):
             x = F.interpolate(x, scale_factor=2, mode="nearest")

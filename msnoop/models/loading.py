@@ -46,7 +46,9 @@ def load_for_embedding(
     return model, spec
 
 
-def load_recorded(info: dict[str, Any], *, what: str = "the table", storage: StorageConfig | None = None) -> LoadedModel:
+def load_recorded(
+    info: dict[str, Any], *, what: str = "the table", storage: StorageConfig | None = None
+) -> LoadedModel:
     """The model a run or table recorded, with its recorded preprocessing.
 
     Args:

@@ -47,6 +47,7 @@ class Preprocessing(BaseModel):
     tile_overlap: float = Field(0.1, ge=0.05, le=0.5)
 
     def model_post_init(self, __context: object) -> None:
+        """Refuse an input size the U-Net cannot pool (not a multiple of 8) with a ValueError."""
         if self.input_size % 8:
             raise ValueError(
                 f"input_size must be a multiple of 8 (the U-Net pools three times), found {self.input_size}"

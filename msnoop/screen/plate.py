@@ -51,6 +51,8 @@ __all__ = ["ScreenJob", "plot_screen", "read_cells_table", "run_screen", "summar
 
 
 class ScreenReadout(_Strict):
+    """How a well is read from its cells: the classifier's regularisation and the per-well statistic."""
+
     aggregate: Literal["probability", "logit"] = Field(
         "probability", description="per well: mean P(positive) over its cells (share responding) or mean logit"
     )
@@ -67,6 +69,8 @@ class ScreenReadout(_Strict):
 
 
 class ScreenOutput(_Strict):
+    """Where a screen job writes (its :class:`~msnoop.core.rundir.RunDir`)."""
+
     dir: Path
 
 

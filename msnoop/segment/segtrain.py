@@ -44,12 +44,16 @@ THRESHOLDS = (0.5, 0.75, 0.9)
 
 
 class SegTrainData(_Strict):
+    """The image/mask pairs to train and score on."""
+
     images: Path = Field(..., description="folder of nucleus images (sub-folders allowed)")
     masks: Path = Field(..., description="folder of instance label images with the same relative paths")
     limit: int | None = Field(None, ge=2, description="first N pairs per sub-folder (smoke runs)")
 
 
 class SegTrainParams(_Strict):
+    """cellpose 3.1's training settings."""
+
     epochs: int = Field(100, ge=1, description="passes over the training images (one random crop each)")
     batch_size: int = Field(8, ge=1)
     learning_rate: float = Field(0.005, gt=0, description="AdamW learning rate (cellpose 3.1 default)")
@@ -61,6 +65,8 @@ class SegTrainParams(_Strict):
 
 
 class SegTrainOutput(_Strict):
+    """Where the run writes (its :class:`~msnoop.core.rundir.RunDir`) and where winning weights are shipped."""
+
     dir: Path
     ship_to: Path | None = Field(
         None, description="copy the weights here if they beat the built-in backend on the held-out images"
@@ -69,6 +75,8 @@ class SegTrainOutput(_Strict):
 
 
 class SegTrainJob(_Strict):
+    """``job: segtrain``: train a cellpose nucleus model offline, score it against the built-in backend."""
+
     job: Literal["segtrain"] = "segtrain"
     name: str = "msnoop_nuclei"
     data: SegTrainData

@@ -11,8 +11,8 @@ of :func:`search_params`. Quantised distances are approximate (PQ alone: recall@
 full vectors, which is what brings recall@10 to >= 0.95.
 
 Filters: an IVF index probes a few partitions, so with a selective ``where`` most matching rows are
-never looked at (recall@10 0.5-0.7 measured with ``jobs/bench_search.py``). :func:`search_vector_ann` counts the matching
-rows first; when they are few (at most ``exact_filter_rows``, default 20,000) it reads just those rows
+never looked at (recall@10 0.5-0.7, measured with ``jobs/bench_search.py``). :func:`search_vector_ann` counts
+the matching rows first; when they are few (at most ``exact_filter_rows``, default 20,000) it reads just those rows
 and ranks them exactly in NumPy, otherwise it pre-filters the ANN search and widens ``nprobes`` in
 proportion to ``N / matches``. (LanceDB's own exact path, ``bypass_vector_index()`` with a prefilter,
 decodes the vector column of every row: 2-5 s per query on 200k x 768 for a filter matching 2,000 rows,

@@ -1,6 +1,5 @@
 """Publish a job's Parquet parts as LanceDB tables (the store stage), with a vector index where it pays."""
 
-
 from __future__ import annotations
 
 import logging
