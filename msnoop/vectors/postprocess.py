@@ -49,8 +49,8 @@ MIN_STD = 1e-8
 
 #: Every method's class as ``"module:Class"`` (imported on first use); one entry per name of the Literals above.
 REGISTRY: dict[str, str] = {
-    "raw": "msnoop.vectors.postprocess:Raw",
     "standardize": "msnoop.vectors.postprocess:Standardizer",
+    "raw": "msnoop.vectors.postprocess:Raw",
     **dict.fromkeys(SPHERIZE_METHODS, "msnoop.vectors.sphering:Spherize"),
 }
 
