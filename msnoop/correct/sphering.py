@@ -24,6 +24,82 @@ logger = logging.getLogger(__name__)
 __all__ = ["spherize_profiles"]
 
 
+def _batch_values(df: pd.DataFrame, batch_column: str | None, per_batch: bool) -> np.ndarray | None:
+    """Each row's batch (``None`` without a batch column).
+
+    Raises:
+        ValueError: ``per_batch`` without a batch column, or the column is missing or has missing values.
+    """
+    if per_batch and batch_column is None:
+        raise ValueError("per_batch=True needs batch_column (the column naming each row's batch)")
+    if batch_column is None:
+        return None
+    if batch_column not in df.columns:
+        raise ValueError(f"batch column {batch_column!r} is not in the table; columns: {list(df.columns)[:20]}")
+    if df[batch_column].isna().any():
+        raise ValueError(
+            f"batch column {batch_column!r} has {int(df[batch_column].isna().sum())} missing value(s); "
+            "expected every row to name its batch"
+        )
+    return df[batch_column].to_numpy()
+
+
+def _fits(
+    batches: np.ndarray | None, ctrl: np.ndarray, *, batch_column: str | None, control_query: str, per_batch: bool
+) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """``(name, rows to transform, control rows)`` of every fit: one on all controls, or one per batch.
+
+    Raises:
+        ValueError: ``per_batch`` and a batch without control rows.
+    """
+    if not per_batch:
+        return [("all", np.ones(len(ctrl), dtype=bool), ctrl)]
+    assert batches is not None
+    fits = []
+    for b in pd.unique(batches):
+        rows = batches == b
+        if not (rows & ctrl).any():
+            raise ValueError(
+                f"batch {b!r} (column {batch_column!r}) has no rows matching the control query "
+                f"{control_query!r}; expected controls in every batch for per_batch sphering "
+                "(use per_batch=False to fit on all controls)"
+            )
+        fits.append((str(b), rows, rows & ctrl))
+    return fits
+
+
+def _kept_features(
+    X: np.ndarray,
+    fits: list[tuple[str, np.ndarray, np.ndarray]],
+    feats: list[str],
+    *,
+    method: str,
+    per_batch: bool,
+    control_query: str,
+) -> np.ndarray:
+    """``[D]`` bool: the features a ``-cor`` method can standardise (not constant over any fit's controls).
+
+    Raises:
+        ValueError: Every feature is constant over the controls.
+    """
+    keep = np.ones(len(feats), dtype=bool)
+    if method.endswith("-cor"):
+        for _, _, c in fits:
+            keep &= np.ptp(X[c], axis=0) > 0
+    dropped = [f for f, k in zip(feats, keep, strict=True) if not k]
+    if dropped:
+        logger.warning(
+            "%s: dropping %d feature(s) constant over the control rows%s: %s",
+            method,
+            len(dropped),
+            " of some batch" if per_batch else "",
+            ", ".join(dropped[:20]) + (" ..." if len(dropped) > 20 else ""),
+        )
+    if not keep.any():
+        raise ValueError(f"every feature is constant over the controls selected by {control_query!r}")
+    return keep
+
+
 def spherize_profiles(
     df: pd.DataFrame,
     *,
@@ -85,50 +161,10 @@ def spherize_profiles(
             f"control query {control_query!r} selected no rows out of {len(df)}; expected at least 2 control "
             "rows (check the column name and value, e.g. \"Metadata_Compound == 'DMSO'\")"
         )
-    if per_batch and batch_column is None:
-        raise ValueError("per_batch=True needs batch_column (the column naming each row's batch)")
-    batches: np.ndarray | None = None
-    if batch_column is not None:
-        if batch_column not in df.columns:
-            raise ValueError(f"batch column {batch_column!r} is not in the table; columns: {list(df.columns)[:20]}")
-        if df[batch_column].isna().any():
-            raise ValueError(
-                f"batch column {batch_column!r} has {int(df[batch_column].isna().sum())} missing value(s); "
-                "expected every row to name its batch"
-            )
-        batches = df[batch_column].to_numpy()
-
-    # (name, rows to transform, control rows) for every fit
-    if per_batch:
-        assert batches is not None
-        fits = []
-        for b in pd.unique(batches):
-            rows = batches == b
-            if not (rows & ctrl).any():
-                raise ValueError(
-                    f"batch {b!r} (column {batch_column!r}) has no rows matching the control query "
-                    f"{control_query!r}; expected controls in every batch for per_batch sphering "
-                    "(use per_batch=False to fit on all controls)"
-                )
-            fits.append((str(b), rows, rows & ctrl))
-    else:
-        fits = [("all", np.ones(len(df), dtype=bool), ctrl)]
-
-    keep = np.ones(len(feats), dtype=bool)
-    if method.endswith("-cor"):
-        for _, _, c in fits:
-            keep &= np.ptp(X[c], axis=0) > 0
+    batches = _batch_values(df, batch_column, per_batch)
+    fits = _fits(batches, ctrl, batch_column=batch_column, control_query=control_query, per_batch=per_batch)
+    keep = _kept_features(X, fits, feats, method=method, per_batch=per_batch, control_query=control_query)
     dropped = [f for f, k in zip(feats, keep, strict=True) if not k]
-    if dropped:
-        logger.warning(
-            "%s: dropping %d feature(s) constant over the control rows%s: %s",
-            method,
-            len(dropped),
-            " of some batch" if per_batch else "",
-            ", ".join(dropped[:20]) + (" ..." if len(dropped) > 20 else ""),
-        )
-    if not keep.any():
-        raise ValueError(f"every feature is constant over the controls selected by {control_query!r}")
     kept = [f for f, k in zip(feats, keep, strict=True) if k]
     Xk = X[:, keep]
 

@@ -195,6 +195,36 @@ def prepare_model(cfg: EmbedJob) -> tuple[LoadedModel, Preprocessing]:
     return load_for_embedding(cfg.model, cfg.preprocess, storage=cfg.storage_config)
 
 
+def _configure_data_context(cfg: EmbedJob) -> None:
+    """Ray Data settings of the job: read-ahead bounded by ``runtime.inflight_mb``, quiet progress in logs."""
+    import ray
+
+    # Bound how far reading runs ahead of embedding: memory stays flat however many images there are.
+    ctx = ray.data.DataContext.get_current()
+    if not sys.stderr.isatty():
+        # In logs, Ray's per-operator progress dumps every 10 s drown the job's own progress lines.
+        ctx.enable_progress_bars = False
+    ctx.execution_options.resource_limits = ray.data.ExecutionResources(
+        object_store_memory=cfg.runtime.inflight_mb * 1024**2
+    )
+    # The actors request no memory (a fixed request could keep them off small machines), so Ray Data's
+    # high-memory detector repeats the same advice every 30 s; once every 10 minutes is enough in a log.
+    detectors = getattr(ctx, "issue_detectors_config", None)
+    if detectors is not None and hasattr(detectors, "high_memory_detector_config"):
+        detectors.high_memory_detector_config.detection_time_interval_s = 600
+
+
+def _images_are_remote(source: ImageTableSource, channels: list[str]) -> bool:
+    """Whether the images are on object storage, judged by the first row's paths (the read tasks then need the
+    storage credentials)."""
+    head = source.batches(64)
+    first = next(head, None)
+    head.close()
+    return first is not None and any(
+        st.is_uri(p) for ch in channels for p in first[1].column(path_column(ch)).to_pylist()[:1]
+    )
+
+
 def build_dataset(
     cfg: EmbedJob,
     source: ImageTableSource,
@@ -224,19 +254,7 @@ def build_dataset(
     import ray
 
     use_gpu, res = _resources(cfg)
-    # Bound how far reading runs ahead of embedding: memory stays flat however many images there are.
-    ctx = ray.data.DataContext.get_current()
-    if not sys.stderr.isatty():
-        # In logs, Ray's per-operator progress dumps every 10 s drown the job's own progress lines.
-        ctx.enable_progress_bars = False
-    ctx.execution_options.resource_limits = ray.data.ExecutionResources(
-        object_store_memory=cfg.runtime.inflight_mb * 1024**2
-    )
-    # The actors request no memory (a fixed request could keep them off small machines), so Ray Data's
-    # high-memory detector repeats the same advice every 30 s; once every 10 minutes is enough in a log.
-    detectors = getattr(ctx, "issue_detectors_config", None)
-    if detectors is not None and hasattr(detectors, "high_memory_detector_config"):
-        detectors.high_memory_detector_config.detection_time_interval_s = 600
+    _configure_data_context(cfg)
     cluster = ray.cluster_resources()
     n_cpus = int(cluster.get("CPU", os.cpu_count() or 1))
     cells = cells_spec(cfg)
@@ -244,12 +262,7 @@ def build_dataset(
     channels = list(cfg.input.channels)
     meta_schema, schema, cells_schema = schemas
     mask_col = cfg.cells.segmentation.mask_column if cfg.cells is not None else None
-    head = source.batches(64)
-    first = next(head, None)  # the first rows' paths say whether images are on object storage
-    head.close()
-    remote_inputs = first is not None and any(
-        st.is_uri(p) for ch in channels for p in first[1].column(path_column(ch)).to_pylist()[:1]
-    )
+    remote_inputs = _images_are_remote(source, channels)
     block = cfg.runtime.images_per_block
     # Read/write tasks take a fraction of a CPU on small clusters, so that they and the actor pool
     # always fit together (on 1-2 CPUs, whole-CPU tasks next to an actor would wait forever).
