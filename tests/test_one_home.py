@@ -91,7 +91,10 @@ def test_the_layout_check_sees_a_spelled_out_folder(tmp_path):
 
 def test_run_dir_layout_and_record(tmp_path):
     run = RunDir(tmp_path / "out")
-    assert run.embeddings == tmp_path / "out" / "embeddings" and run.sub("embeddings", "m").location == run.embeddings / "m"
+    assert (
+        run.embeddings == tmp_path / "out" / "embeddings"
+        and run.sub("embeddings", "m").location == run.embeddings / "m"
+    )
     assert run.lancedb_uri() == str(tmp_path / "out" / "lancedb") and run.lancedb_uri("s3://b/db") == "s3://b/db"
     assert not run.exists()
     with pytest.raises(FileNotFoundError, match="not an msnoop output folder"):
