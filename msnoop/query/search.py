@@ -71,10 +71,11 @@ def open_results(target: str | Path, table: str | None = None, *, storage: Stora
             raise KeyError(name)
         tbl = open_table(uri, name, storage_options=st.storage_options(uri, storage) or None)
     except KeyError:
+        verb = info.get("job") or "embed"
         raise ValueError(
-            f"{target}: the LanceDB table {name!r} has not been written yet (the embed run that writes it did "
-            f"not finish, or ran with output.write_lance: false). Re-run `msnoop embed {run.config_file}` to finish "
-            "it: images already embedded are kept and skipped"
+            f"{target}: the LanceDB table {name!r} has not been written yet (the {verb} run that writes it did "
+            f"not finish, or ran with output.write_lance: false). Re-run `msnoop {verb} {run.config_file}` to finish "
+            "it" + (": images already embedded are kept and skipped" if verb == "embed" else "")
         ) from None
     return TableRef(table=tbl, info=table_info(tbl), uri=uri, name=name)
 
