@@ -182,11 +182,11 @@ def candidate_models(args: argparse.Namespace) -> dict[str, str]:
 
 def cache_key(model: str) -> str:
     """A cache name that changes when a checkpoint file changes (its sha256), else the reference itself."""
-    path = Path(model)
-    if path.is_file():
-        from msnoop.models.checkpoint import file_sha256
+    from msnoop.models.checkpoint import BUILTIN, file_sha256
 
-        return f"{path.parent.name}_{file_sha256(path)[:12]}"
+    path = BUILTIN.get(model, Path(model))
+    if path.is_file():
+        return f"{model if model in BUILTIN else path.parent.name}_{file_sha256(path)[:12]}"
     return model.replace(":", "_").replace("+", "-")
 
 
@@ -358,7 +358,7 @@ def main() -> None:
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     ap.add_argument("--arm", choices=list(ARMS), help="the recipe of the long run")
     ap.add_argument("--cpu-minutes", type=float, default=15.0)
-    ap.add_argument("--models", nargs="+", default=["arms"], help="candidates: arms, long, or checkpoint paths")
+    ap.add_argument("--models", nargs="*", default=["arms"], help="candidates: arms, long, or checkpoint paths")
     ap.add_argument("--tag", default="arms", help="names the result files results/bench_distill_<tag>.{json,md}")
     ap.add_argument("--runs", type=Path, default=REPO / "runs")
     ap.add_argument("--data", type=Path, default=DATA)
