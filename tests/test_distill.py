@@ -232,3 +232,23 @@ def test_distilled_run_resumes_its_cpu_budget_and_writes_a_plain_model(pool_dir:
     assert loaded.arch == "test_cnn" and loaded.meta["distill"]["taps"] == ["early", "final"]
     with torch.no_grad():
         assert loaded.net.embed(torch.rand(2, 1, 32, 32)).shape == (2, 32)
+
+
+@teacher_installed
+@pytest.mark.slow
+def test_gpu_script_runs_its_cpu_path(tmp_path: Path) -> None:
+    """jobs/gpu_check.py --tiny: the GPU script's whole path (embedding timings, a training run) on the CPU."""
+    import json
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    out, work = tmp_path / "out", tmp_path / "work"
+    cmd = [sys.executable, str(repo / "jobs" / "gpu_check.py"), "--tiny", "--out", str(out), "--work", str(work)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=repo)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads((out / "gpu_check.json").read_text())
+    assert {r["model"] for r in record["embed"]} == {"default", "teacher"}
+    assert all(r["tiles_per_s"] > 0 for r in record["embed"])
+    assert record["train"]["steps"] == 4 and record["train"]["stop_reason"] == "steps"
+    assert sorted(p.name for p in out.iterdir()) == ["MODEL_CARD.md", "gpu_check.json", "model.pt", "train_log.jsonl"]
