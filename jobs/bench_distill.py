@@ -212,12 +212,10 @@ def embed_fast(model: str, key: str, images: list[list[str]], cache: Path) -> np
         bp.load_embedder = original
 
 
-def stage_eval(args: argparse.Namespace) -> dict[str, Any]:
+def eval_tables(args: argparse.Namespace) -> dict[str, tuple[Any, list[str], dict]]:
+    """The dev sets: image table, channels and protocol of each."""
     import bench_postprocess as bp
     from bench_pretrain_arms import bbbc013_cells_table
-    from sklearn.preprocessing import StandardScaler
-
-    from msnoop.evaluate.baselines import intensity_features, pixels_pca
 
     tables = {d: bp.dataset_table(d, args.data, args.malaria_n, args.yeast_n) for d in ("hpa_toy", "yeast", "malaria_nih")}
     cells = bbbc013_cells_table(args.data, args.cache / f"bbbc013_{args.per_well}", per_well=args.per_well)
@@ -226,6 +224,54 @@ def stage_eval(args: argparse.Namespace) -> dict[str, Any]:
         ["gfp", "dna"],
         {"tasks": [("control", "Metadata_control", 11, "sgkfold:5:Metadata_Well")], "pixel_channels": None},
     )
+    return tables
+
+
+def score(d: str, table, proto: dict, feats: dict[str, np.ndarray], candidates: list[str], args) -> list[dict]:
+    """Rows of balanced accuracy per feature set and task, with paired differences for the candidates."""
+    import bench_postprocess as bp
+    from sklearn.preprocessing import StandardScaler
+
+    feats = {k: StandardScaler().fit_transform(X.astype(np.float64)) for k, X in feats.items()}  # msnoop's default
+    rows = []
+    for tname, col, k, cv in proto["tasks"]:
+        y = table[col].astype(str).to_numpy()
+        boots = bp.bootstrap_rows(len(y), args.bootstrap, seed=0)
+        preds = {name: bp.cross_predict(X.astype(np.float32), y, k, cv, table)[0] for name, X in feats.items()}
+        boot = {name: np.array([bp.balanced_accuracy(y[b], p[b]) for b in boots]) for name, p in preds.items()}
+        for name, p in preds.items():
+            ba = bp.balanced_accuracy(y, p)
+            row = {
+                "dataset": d,
+                "task": tname,
+                "protocol": f"{k}-NN cosine, cv {cv}, n={len(y)}, standardised",
+                "features": name,
+                "balanced_accuracy": ba,
+                "ci95": [float(np.percentile(boot[name], 2.5)), float(np.percentile(boot[name], 97.5))],
+            }
+            if name in candidates:  # paired differences to every other row
+                row["diff"] = {
+                    other: {
+                        "diff": ba - bp.balanced_accuracy(y, preds[other]),
+                        "ci95": [
+                            float(np.percentile(boot[name] - boot[other], 2.5)),
+                            float(np.percentile(boot[name] - boot[other], 97.5)),
+                        ],
+                    }
+                    for other in preds
+                    if other != name
+                }
+            rows.append(row)
+            print(f"{d:14s} {tname:13s} {name:28s} {ba:.3f} [{row['ci95'][0]:.3f}, {row['ci95'][1]:.3f}]", flush=True)
+    return rows
+
+
+def stage_eval(args: argparse.Namespace) -> dict[str, Any]:
+    import bench_postprocess as bp
+
+    from msnoop.evaluate.baselines import intensity_features, pixels_pca
+
+    tables = eval_tables(args)
     models = {**candidate_models(args), **BASELINES}
     candidates = [m for m in models if m not in BASELINES]
     rows, embed_s = [], {}
@@ -233,40 +279,13 @@ def stage_eval(args: argparse.Namespace) -> dict[str, Any]:
         feats: dict[str, np.ndarray] = {}
         for label, model in models.items():
             t = time.perf_counter()
-            X = embed_fast(model, f"{d}_{len(table)}_{cache_key(model)}", bp.dataset_images(table, channels), args.cache)
+            feats[label] = embed_fast(
+                model, f"{d}_{len(table)}_{cache_key(model)}", bp.dataset_images(table, channels), args.cache
+            )
             embed_s[f"{d}/{label}"] = round(time.perf_counter() - t, 1)
-            feats[label] = StandardScaler().fit_transform(X.astype(np.float64))  # msnoop's default post-processing
-        feats["pixels PCA32"] = StandardScaler().fit_transform(pixels_pca(table, proto["pixel_channels"] or channels))
-        feats["intensity statistics"] = StandardScaler().fit_transform(intensity_features(table, channels))
-        for tname, col, k, cv in proto["tasks"]:
-            y = table[col].astype(str).to_numpy()
-            boots = bp.bootstrap_rows(len(y), args.bootstrap, seed=0)
-            preds = {name: bp.cross_predict(X.astype(np.float32), y, k, cv, table)[0] for name, X in feats.items()}
-            score = {name: np.array([bp.balanced_accuracy(y[b], p[b]) for b in boots]) for name, p in preds.items()}
-            for name, p in preds.items():
-                ba = bp.balanced_accuracy(y, p)
-                row = {
-                    "dataset": d,
-                    "task": tname,
-                    "protocol": f"{k}-NN cosine, cv {cv}, n={len(y)}, standardised",
-                    "features": name,
-                    "balanced_accuracy": ba,
-                    "ci95": [float(np.percentile(score[name], 2.5)), float(np.percentile(score[name], 97.5))],
-                }
-                if name in candidates:  # paired differences to every other row
-                    row["diff"] = {
-                        other: {
-                            "diff": ba - bp.balanced_accuracy(y, preds[other]),
-                            "ci95": [
-                                float(np.percentile(score[name] - score[other], 2.5)),
-                                float(np.percentile(score[name] - score[other], 97.5)),
-                            ],
-                        }
-                        for other in preds
-                        if other != name
-                    }
-                rows.append(row)
-                print(f"{d:14s} {tname:13s} {name:28s} {ba:.3f} [{row['ci95'][0]:.3f}, {row['ci95'][1]:.3f}]", flush=True)
+        feats["pixels PCA32"] = pixels_pca(table, proto["pixel_channels"] or channels)
+        feats["intensity statistics"] = intensity_features(table, channels)
+        rows += score(d, table, proto, feats, candidates, args)
     return {
         "rows": rows,
         "n": {d: len(t[0]) for d, t in tables.items()},
@@ -274,6 +293,86 @@ def stage_eval(args: argparse.Namespace) -> dict[str, Any]:
         "embed_s": embed_s,
         "verdict": verdict(rows, candidates),
     }
+
+
+READOUT_CANVAS = {"hpa_toy": 128, "yeast": 64, "malaria_nih": 128, "bbbc013_cells": 224}
+"""The tight canvas of each dev set: the smallest multiple of 16 that holds its cells (floor 64)."""
+
+
+def chroma(image_channels: list[np.ndarray]) -> np.ndarray:
+    """Per-pixel colour saturation of RGB planes, ``max - min`` over the planes: ``3 x [H, W] -> [H, W]``."""
+    stack = np.stack([c.astype(np.float32) for c in image_channels])
+    return stack.max(0) - stack.min(0)
+
+
+def readout_features(model: str, images: list[list[str]], size: int, cache: Path, key: str, extra_chroma: bool = False):
+    """Per image: ``deepest`` (global average of the deepest map, as shipped) and ``levels34`` (global averages of
+    the two deepest maps, each L2-normalised, concatenated) at canvas ``size``; channels concatenated.
+
+    Returns:
+        ``{"deepest": [N, C * 256], "levels34": [N, C * 384]}`` float32 (``C`` + 1 with ``extra_chroma``).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from msnoop.embed.embedder import combine_tiles
+    from msnoop.io.readers import read_image
+    from msnoop.models.checkpoint import resolve_model
+    from msnoop.preprocess.presets import Preprocessing, prepare_channel
+
+    path = cache / f"{key}.npz"
+    if path.exists():
+        return dict(np.load(path))
+    net = resolve_model(model).net.eval().to(memory_format=torch.channels_last)
+    spec = Preprocessing(input_size=size)
+    out: dict[str, list[np.ndarray]] = {"deepest": [], "levels34": []}
+    for start in range(0, len(images), 16):
+        chunk = []
+        for files in images[start : start + 16]:
+            planes = [read_image(f) for f in files]
+            chunk.append(planes + ([chroma(planes)] if extra_chroma else []))
+        per = [[prepare_channel(ch, spec) for ch in img] for img in chunk]
+        tiles = np.concatenate([t for img in per for t in img])
+        counts = [np.array([len(t) for t in img]) for img in per]
+        got: dict[str, list[np.ndarray]] = {"deepest": [], "levels34": []}
+        with torch.inference_mode():
+            for b in range(0, len(tiles), 8):
+                x = torch.from_numpy(np.ascontiguousarray(tiles[b : b + 8]))[:, None]
+                maps = net.encoder(x)
+                g3, g4 = (F.normalize(m.mean(dim=(-2, -1)), dim=1) for m in maps[-2:])
+                got["deepest"].append(g4.numpy())
+                got["levels34"].append(torch.cat([g3, g4], dim=1).numpy())
+        for name, parts in got.items():
+            out[name].append(combine_tiles(np.concatenate(parts), counts))
+    result = {name: np.concatenate(parts).astype(np.float32) for name, parts in out.items()}
+    cache.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **result)
+    return result
+
+
+def stage_readout(args: argparse.Namespace) -> dict[str, Any]:
+    """Readouts of one model (``--models``, the first), declared: the deepest map or levels 3 and 4, at the
+    224 px canvas or the tight one; on malaria (RGB planes as channels) also a fourth, colour-aware channel
+    (per-pixel saturation). Candidates are compared with the shipped readout (deepest at 224)."""
+    import bench_postprocess as bp
+
+    tables = eval_tables(args)
+    label, model = next(iter(candidate_models(args).items()))
+    rows = []
+    for d, (table, channels, proto) in tables.items():
+        images = bp.dataset_images(table, channels)
+        feats: dict[str, np.ndarray] = {}
+        sizes = sorted({224, READOUT_CANVAS[d]})
+        for size in sizes:
+            key = f"readout_{d}_{len(table)}_{cache_key(model)}_{size}"
+            for name, X in readout_features(model, images, size, args.cache, key).items():
+                feats[f"{name}@{'tight' if size != 224 else 224}"] = X
+        if d == "malaria_nih":
+            key = f"readout_{d}_{len(table)}_{cache_key(model)}_224_chroma"
+            feats["deepest@224+chroma"] = readout_features(model, images, 224, args.cache, key, extra_chroma=True)["deepest"]
+        reference = "deepest@224"
+        rows += score(d, table, proto, feats, [f for f in feats if f != reference], args)
+    return {"model": label, "rows": rows, "n": {d: len(t[0]) for d, t in tables.items()}}
 
 
 def verdict(rows: list[dict[str, Any]], candidates: list[str]) -> dict[str, Any]:
@@ -352,12 +451,35 @@ def markdown(record: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def readout_markdown(record: dict[str, Any]) -> str:
+    ro = record["readout"]
+    lines = [
+        f"# Readouts of `{ro['model']}`",
+        "",
+        f"Command: `{record['command']}`. Balanced accuracy [95 % bootstrap]; difference to the shipped readout "
+        "(deepest map at the 224 px canvas) with a paired interval.",
+        "",
+        "| dataset | task | readout | bal. acc. [95 % CI] | vs deepest@224 |",
+        "|---|---|---|---|---|",
+    ]
+    for r in ro["rows"]:
+        vs = ""
+        if "diff" in r:
+            dd = r["diff"]["deepest@224"]
+            vs = f"{dd['diff']:+.3f} [{dd['ci95'][0]:+.3f}, {dd['ci95'][1]:+.3f}]"
+        lines.append(
+            f"| {r['dataset']} | {r['task']} | {r['features']} | {r['balanced_accuracy']:.3f} "
+            f"[{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] | {vs} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--stage", choices=["arms", "long", "eval"], required=True)
+    ap.add_argument("--stage", choices=["arms", "long", "eval", "readout"], required=True)
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     ap.add_argument("--arm", choices=list(ARMS), help="the recipe of the long run")
-    ap.add_argument("--cpu-minutes", type=float, default=15.0)
+    ap.add_argument("--cpu-minutes", type=float, default=8.0)
     ap.add_argument("--models", nargs="*", default=["arms"], help="candidates: arms, long, or checkpoint paths")
     ap.add_argument("--tag", default="arms", help="names the result files results/bench_distill_<tag>.{json,md}")
     ap.add_argument("--runs", type=Path, default=REPO / "runs")
@@ -384,6 +506,14 @@ def main() -> None:
         return
     from msnoop.core.runtime import provenance
 
+    if args.stage == "readout":
+        record = {"command": "python jobs/bench_distill.py " + " ".join(sys.argv[1:]), "readout": stage_readout(args)}
+        record["provenance"] = provenance()
+        out = REPO / "results" / f"bench_distill_readout_{args.tag}"
+        out.with_suffix(".json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+        out.with_suffix(".md").write_text(readout_markdown(record))
+        print(readout_markdown(record))
+        return
     train = {}
     for name, label in (("distill_arms", "arms"), ("distill_long", "long")):
         if label in args.models:
