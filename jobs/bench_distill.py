@@ -77,7 +77,7 @@ def recipe_job(arm: str, *, name: str, out: Path, cpu_minutes: float, steps: int
     """The validated job of an arm: ``configs/pretrain_distill.yaml`` with the arm's declared overrides."""
     import yaml
 
-    from msnoop.jobs import build_config
+    from msnoop.job_kinds import build_config
 
     raw = yaml.safe_load(CONFIG.read_text())
     for section, values in ARMS[arm].items():

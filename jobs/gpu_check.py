@@ -91,7 +91,7 @@ def training_job(args: argparse.Namespace, work: Path):
     import yaml
 
     from bench_distill import ARMS, CONFIG
-    from msnoop.jobs import build_config
+    from msnoop.job_kinds import build_config
 
     raw = yaml.safe_load(CONFIG.read_text())
     for section, values in ARMS[args.arm].items():

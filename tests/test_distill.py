@@ -12,7 +12,7 @@ import tifffile
 import torch
 from pydantic import ValidationError
 
-from msnoop.jobs import build_config
+from msnoop.job_kinds import build_config
 from msnoop.models.cnn import MicrosnoopCNN
 from msnoop.train.config import DistillConfig, PretrainJob
 from msnoop.train.data import ChannelPool, batch_rng
@@ -180,7 +180,7 @@ def test_invalid_recipes_are_refused(pool_dir: Path, tmp_path: Path, over: dict,
 
 
 def test_shipped_distill_config_trains_only_on_the_public_pool() -> None:
-    from msnoop.jobs import load_config
+    from msnoop.job_kinds import load_config
 
     job = load_config(Path(__file__).resolve().parents[1] / "configs" / "pretrain_distill.yaml")
     assert job.distill.enabled and job.mask.weight > 0
