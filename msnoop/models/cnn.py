@@ -91,6 +91,7 @@ class _StyleConv(nn.Module):
         self.full = nn.Linear(style_channels, out_channels)
 
     def forward(self, style: torch.Tensor, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` (plus ``skip``) ``[N, in, H, W]`` -> ``[N, out, H, W]``, shifted by ``Linear(style [N, C])``."""
         if skip is not None:
             x = x + skip
         return self.conv(x) + self.full(style)[:, :, None, None]
