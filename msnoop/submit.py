@@ -55,10 +55,14 @@ def job_runtime_env(cfg: BaseModel, options: RuntimeEnvOptions | None = None) ->
 
 
 def dashboard_address(address: str | None) -> str:
-    """The Jobs API address: ``--address``, else ``RAY_API_SERVER_ADDRESS``/``RAY_ADDRESS`` if HTTP, else local."""
+    """The Jobs API address: ``--address``, else ``RAY_API_SERVER_ADDRESS``/``RAY_ADDRESS`` if HTTP, else the
+    dashboard of a running ``msnoop cluster`` (:mod:`msnoop.core.local_cluster`), else ``http://127.0.0.1:8265``."""
     addr = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
     if not addr or addr == "auto":
-        return DEFAULT_DASHBOARD
+        from msnoop.core.local_cluster import recorded_cluster
+
+        running = recorded_cluster()
+        return running.dashboard if running is not None else DEFAULT_DASHBOARD
     if addr.startswith("ray://"):
         raise ValueError(
             f"{addr} is a Ray Client address; the Jobs API needs the dashboard address, e.g. http://HEAD:8265"
@@ -76,11 +80,16 @@ def _client(address: str):  # type: ignore[no-untyped-def]
         os.environ.setdefault("RAY_AUTH_MODE", "token")
     from ray.job_submission import JobSubmissionClient
 
+    from msnoop.core.runtime import quiet_ray_loggers
+
+    if not logging.getLogger("msnoop").isEnabledFor(logging.DEBUG):  # quiet unless `msnoop -v`
+        quiet_ray_loggers()
+
     try:
         return JobSubmissionClient(address)
     except Exception as exc:
         raise ConnectionError(
-            f"cannot reach a Ray cluster's Jobs API at {address} ({exc}); start one with `ray start --head` "
+            f"cannot reach a Ray cluster's Jobs API at {address} ({exc}); start one here with `msnoop cluster start` "
             "or pass --address http://HEAD:8265"
         ) from None
 

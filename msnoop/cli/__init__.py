@@ -61,7 +61,8 @@ def _setup_logging(verbose: bool) -> None:
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
-    logging.getLogger("msnoop").setLevel(logging.DEBUG if verbose else logging.INFO)
+    # Commands print their own summary; msnoop's INFO lines (what a run is about to do, where it wrote) are for -v.
+    logging.getLogger("msnoop").setLevel(logging.DEBUG if verbose else logging.WARNING)
     for noisy in _NOISY:
         logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.WARNING)
     if not verbose:
@@ -76,9 +77,22 @@ def _setup_logging(verbose: bool) -> None:
         os.environ.setdefault("LANCEDB_LOG", "error")
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from msnoop import __version__
+
+        typer.echo(f"msnoop {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="more logging (debug)")] = False) -> None:
-    """Microscopy image embeddings at scale: the options every command shares (logging)."""
+def main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="more logging (debug)")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="print the version and exit")
+    ] = False,
+) -> None:
+    """Microscopy image embeddings at scale: the options every command shares (logging, version)."""
     _setup_logging(verbose)
 
 

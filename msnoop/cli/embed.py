@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 
@@ -218,6 +218,48 @@ def submit(
         typer.echo(f"Follow with: ray job logs --address {sub.address} --follow {sub.job_id}")
 
 
+ClusterAction = Literal["start", "status", "stop"]
+
+
+def cluster(
+    action: Annotated[ClusterAction, typer.Argument(help="start | status | stop")],
+    num_cpus: Annotated[int | None, typer.Option(help="CPUs the cluster offers (start; default all)")] = None,
+    port: Annotated[int | None, typer.Option(help="GCS port (start; default a free one)")] = None,
+    dashboard_port: Annotated[
+        int | None, typer.Option(help="dashboard / Jobs API port (start; default 8265, or a free one)")
+    ] = None,
+) -> None:
+    """A Ray cluster on this machine, on 127.0.0.1 only: msnoop commands and `msnoop submit` use it while it runs.
+
+    msnoop cluster start --num-cpus 2   then   msnoop submit configs/yeast.yaml --follow   then   msnoop cluster stop
+    """
+    from msnoop.core.local_cluster import ClusterError, recorded_cluster, start_local_cluster, stop_local_cluster
+
+    if action == "stop":
+        n = stop_local_cluster()
+        typer.echo(f"stopped the local cluster ({n} processes)" if n else "no local cluster was running")
+        return
+    if action == "status":
+        running = recorded_cluster()
+        if running is None:
+            fail("no local cluster is running; start one with `msnoop cluster start`", EXIT_FAILED)
+        _describe_cluster(running, "running")
+        return
+    try:
+        local, started = start_local_cluster(num_cpus=num_cpus, port=port, dashboard_port=dashboard_port)
+    except ClusterError as exc:
+        fail(str(exc), EXIT_FAILED)
+    _describe_cluster(local, "started" if started else "already running")
+
+
+def _describe_cluster(local: Any, state: str) -> None:
+    typer.echo(f"Local Ray cluster {state}, listening on 127.0.0.1 only")
+    typer.echo(f"  address    {local.address}   (msnoop commands here join it; ray.init(address=...) in Python)")
+    typer.echo(f"  dashboard  {local.dashboard}   (the Jobs API: msnoop submit JOB.yaml sends jobs there)")
+    typer.echo(f"  started as {local.command}")
+    typer.echo("Stop it with: msnoop cluster stop")
+
+
 def demo(
     out: Annotated[Path, typer.Option(help="folder for the synthetic data and results")] = Path("demo_output"),
     n_per_class: Annotated[int, typer.Option(help="cells per class (4 classes)")] = 25,
@@ -243,6 +285,7 @@ def demo(
 COMMANDS = [
     ("embed", embed, None),
     ("submit", submit, None),
+    ("cluster", cluster, None),
     ("run", run, None),
     ("validate", validate, None),
     ("demo", demo, None),

@@ -1,5 +1,5 @@
 """Foundations every stage builds on: the output folder (:class:`RunDir`), Parquet parts, feature tables,
-storage (local or object storage), config base, SQL filters, id sets, the Ray runtime, plotting.
+storage (local or object storage), config base, SQL filters, id sets, the Ray runtime, plotting, progress bars.
 
 Public names are imported on first use (:mod:`msnoop.core.lazy`).
 """
@@ -17,6 +17,7 @@ _EXPORTS = {
     "StorageConfig": "storage",
     "StorageError": "storage",
     "StrictModel": "config",
+    "TableSource": "tables",
     "check_finite": "tables",
     "config_hash": "config",
     "count_rows": "parts",
@@ -27,9 +28,11 @@ _EXPORTS = {
     "lazy_exports": "lazy",
     "metadata_columns": "tables",
     "part_files": "parts",
+    "progress_bar": "progress",
     "provenance": "runtime",
     "read_frame": "parts",
     "read_table": "tables",
+    "resolve_table": "tables",
     "save_resolved": "config",
     "select_rows": "filters",
     "shutdown_ray": "runtime",

@@ -10,6 +10,8 @@ the names below. The layout::
     <dir>/run.json                         the run's record: model, preprocessing, channels, embed dim, provenance
     <dir>/resolved_config.yaml             the validated job config
     <dir>/lancedb/                         the embedded LanceDB database built from the parts (unless output.lancedb)
+    <dir>/published.json                   what the LanceDB tables were last built from (a re-run with nothing new
+                                           skips rebuilding them)
     <dir>/profiles.parquet                 profile job: sphered rows
     <dir>/treatments.parquet               profile job: sphered rows aggregated per treatment
     <dir>/correction.json                  profile job: what was fitted on how many controls
@@ -71,6 +73,7 @@ class RunDir:
     RUN_FILE: ClassVar[str] = "run.json"
     CONFIG_FILE: ClassVar[str] = "resolved_config.yaml"
     LANCEDB: ClassVar[str] = "lancedb"
+    PUBLISHED: ClassVar[str] = "published.json"
     PROFILES: ClassVar[str] = "profiles.parquet"
     TREATMENTS: ClassVar[str] = "treatments.parquet"
     CORRECTION: ClassVar[str] = "correction.json"
@@ -127,6 +130,11 @@ class RunDir:
     def run_file(self) -> str | Path:
         """The run's record, ``run.json``."""
         return self.path(self.RUN_FILE)
+
+    @property
+    def published_file(self) -> str | Path:
+        """What the run's LanceDB tables were last built from (:func:`msnoop.store.publish.publish_embeddings`)."""
+        return self.path(self.PUBLISHED)
 
     @property
     def config_file(self) -> str | Path:

@@ -52,7 +52,16 @@ class RuntimeConfig(_Strict):
     """How the job runs on Ray: the cluster, block and batch sizes, the actor pool, GPUs, error handling."""
 
     address: str | None = Field(
-        None, description="Ray address; None = RAY_ADDRESS or a local cluster started on demand"
+        None,
+        description="Ray address; None = RAY_ADDRESS, else a running `msnoop cluster`, else a local cluster started "
+        "on demand (or none at all for a job smaller than ray_min_images)",
+    )
+    ray_min_images: int = Field(
+        64,
+        ge=0,
+        description="a job with fewer images left to embed than this, and no Ray cluster to join (no address, no "
+        "RAY_ADDRESS, no running `msnoop cluster`), runs in this process without starting Ray: the same stages and "
+        "outputs without Ray's 5-15 s of start-up; 0 = always Ray",
     )
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a local cluster; default all")
     object_store_mb: int | None = Field(None, ge=100)
@@ -82,7 +91,7 @@ class RuntimeConfig(_Strict):
     retry_errors: bool = Field(
         False, description="embed again the images recorded in errors/ (their error rows are removed first)"
     )
-    progress: bool = True
+    progress: bool = Field(True, description="a progress bar on stderr when it is a terminal (see msnoop.core.progress)")
     worker_env: list[str] = Field(
         [],
         description="names of environment variables whose values are copied from the driver to the Ray tasks that "
@@ -156,7 +165,9 @@ class EmbedJob(_Strict):
     job: Literal["embed"] = "embed"
     name: str = Field("embeddings", pattern=r"^[A-Za-z0-9_\-]+$")
     input: InputConfig
-    model: str = Field(..., description="checkpoint path, 'default', or 'random:<arch>[:seed]'")
+    model: str = Field(
+        "default", description="'default' (the model shipped with msnoop), a checkpoint path, or 'random:<arch>[:seed]'"
+    )
     preprocess: PreprocessConfig = PreprocessConfig()
     output: OutputConfig
     runtime: RuntimeConfig = RuntimeConfig()

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,13 +30,14 @@ from msnoop.core import storage as st
 from msnoop.core.config import ConfigError, config_hash
 from msnoop.core.idset import IdSet
 from msnoop.core.parts import ID_COLUMN
+from msnoop.core.progress import progress_bar
 from msnoop.core.rundir import OutputMismatchError, RunDir
 from msnoop.embed.actor import EmbedActor
 from msnoop.embed.cells import cells_spec, drop_orphan_cells, output_schemas
 from msnoop.embed.config import EmbedJob
 from msnoop.embed.dataset import StrictModeError, channel_selectors, read_and_prepare
 from msnoop.embed.totals import TotalsError, check_totals, error_preview
-from msnoop.embed.source import manifest_dataset
+from msnoop.embed.source import manifest_dataset, read_blocks
 from msnoop.embed.write import provenance_record, write_block
 from msnoop.io.config import path_column
 from msnoop.io.table_stream import ImageTableSource, ids_of, plan_image_table, scan_ids
@@ -57,8 +57,10 @@ __all__ = [
     "OutputMismatchError",
     "StrictModeError",
     "TotalsError",
+    "in_process",
     "prepare_model",
     "run_embed",
+    "run_in_process",
     "run_info",
 ]
 
@@ -196,14 +198,14 @@ def prepare_model(cfg: EmbedJob) -> tuple[LoadedModel, Preprocessing]:
 
 
 def _configure_data_context(cfg: EmbedJob) -> None:
-    """Ray Data settings of the job: read-ahead bounded by ``runtime.inflight_mb``, quiet progress in logs."""
+    """Ray Data settings of the job: read-ahead bounded by ``runtime.inflight_mb``, no operator progress bars."""
     import ray
 
     # Bound how far reading runs ahead of embedding: memory stays flat however many images there are.
     ctx = ray.data.DataContext.get_current()
-    if not sys.stderr.isatty():
-        # In logs, Ray's per-operator progress dumps every 10 s drown the job's own progress lines.
-        ctx.enable_progress_bars = False
+    # The job draws one bar of its own (msnoop.core.progress); Ray Data's per-operator bars (and their dumps
+    # every 10 s in logs) would repeat it three times over.
+    ctx.enable_progress_bars = False
     ctx.execution_options.resource_limits = ray.data.ExecutionResources(
         object_store_memory=cfg.runtime.inflight_mb * 1024**2
     )
@@ -257,10 +259,8 @@ def build_dataset(
     _configure_data_context(cfg)
     cluster = ray.cluster_resources()
     n_cpus = int(cluster.get("CPU", os.cpu_count() or 1))
-    cells = cells_spec(cfg)
-    masks_dir = str(run.masks) if cfg.cells is not None and cfg.cells.save_masks else None
     channels = list(cfg.input.channels)
-    meta_schema, schema, cells_schema = schemas
+    meta_schema = schemas[0]
     mask_col = cfg.cells.segmentation.mask_column if cfg.cells is not None else None
     remote_inputs = _images_are_remote(source, channels)
     block = cfg.runtime.images_per_block
@@ -296,29 +296,13 @@ def build_dataset(
         num_cpus=read_cpus,
         **read_custom,
         **(worker_env_args(cfg) if remote_inputs else {}),  # tasks reading s3://... images need the credentials
-        fn_kwargs={
-            "channels": channels,
-            "spec": spec.model_dump(),
-            "strict": cfg.runtime.strict,
-            "cells": cells,
-            "masks_dir": masks_dir,
-            "selectors": channel_selectors(cfg),
-            "z": cfg.input.z,
-            "storage": cfg.storage_config,
-        },
+        fn_kwargs=_read_args(cfg, spec, run),
     )
     ds = ds.map_batches(
         EmbedActor,
         batch_size=block,
         compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
-        fn_constructor_kwargs={
-            "model": ray.put(model),
-            "batch_size": cfg.runtime.batch_size,
-            "device": "cuda" if use_gpu else "cpu",
-            "torch_threads": threads,
-            "cells": cells is not None,
-            "amp": cfg.runtime.amp,
-        },
+        fn_constructor_kwargs=_actor_args(cfg, ray.put(model), device="cuda" if use_gpu else "cpu", threads=threads),
         **res,
     )
     return ds.map_batches(
@@ -326,17 +310,112 @@ def build_dataset(
         batch_size=None,
         num_cpus=task_cpus,
         **worker_env_args(cfg),
-        fn_kwargs={
-            "out_dir": run.absolute(),
-            "storage": run.storage,
-            "channels": channels,
-            "cells": cells is not None,
-            "meta_schema": meta_schema,
-            "schema": schema,
-            "cells_schema": cells_schema,
-            "provenance": provenance_record(info),
-        },
+        fn_kwargs=_write_args(cfg, run, info, schemas),
     )
+
+
+def _read_args(cfg: EmbedJob, spec: Preprocessing, run: RunDir) -> dict[str, Any]:
+    """Keyword arguments of :func:`~msnoop.embed.dataset.read_and_prepare` for this job (both executors)."""
+    return {
+        "channels": list(cfg.input.channels),
+        "spec": spec.model_dump(),
+        "strict": cfg.runtime.strict,
+        "cells": cells_spec(cfg),
+        "masks_dir": str(run.masks) if cfg.cells is not None and cfg.cells.save_masks else None,
+        "selectors": channel_selectors(cfg),
+        "z": cfg.input.z,
+        "storage": cfg.storage_config,
+    }
+
+
+def _actor_args(cfg: EmbedJob, model: Any, *, device: str, threads: int | None) -> dict[str, Any]:
+    """Constructor arguments of :class:`~msnoop.embed.actor.EmbedActor` (``model``: the model or its object ref)."""
+    return {
+        "model": model,
+        "batch_size": cfg.runtime.batch_size,
+        "device": device,
+        "torch_threads": threads,
+        "cells": cfg.cells is not None,
+        "amp": cfg.runtime.amp,
+    }
+
+
+def _write_args(
+    cfg: EmbedJob, run: RunDir, info: dict[str, Any], schemas: tuple[pa.Schema, pa.Schema, pa.Schema | None]
+) -> dict[str, Any]:
+    """Keyword arguments of :func:`~msnoop.embed.write.write_block` for this job (both executors)."""
+    meta_schema, schema, cells_schema = schemas
+    return {
+        "out_dir": run.absolute(),
+        "storage": run.storage,
+        "channels": list(cfg.input.channels),
+        "cells": cfg.cells is not None,
+        "meta_schema": meta_schema,
+        "schema": schema,
+        "cells_schema": cells_schema,
+        "provenance": provenance_record(info),
+    }
+
+
+def in_process(cfg: EmbedJob, n_todo: int) -> bool:
+    """Whether a job with ``n_todo`` images left runs in this process instead of on Ray.
+
+    It does when it is small (fewer than ``runtime.ray_min_images``) and msnoop would otherwise have to start a
+    Ray cluster of its own for it: no ``runtime.address``, no ``RAY_ADDRESS``, no Ray session in this process and
+    no running ``msnoop cluster``. Starting Ray costs 5-15 s on a small machine, more than such a job's work; the
+    stages and the parts written are the same (:func:`run_in_process`).
+    """
+    from msnoop.core.runtime import cluster_to_join
+
+    return n_todo < cfg.runtime.ray_min_images and cluster_to_join(cfg.runtime.address) is None
+
+
+def _local_device(cfg: EmbedJob) -> str:
+    """``cuda`` or ``cpu`` for an in-process run, following ``runtime.use_gpu``.
+
+    Raises:
+        RuntimeError: ``use_gpu: yes`` without a CUDA device.
+    """
+    import torch
+
+    has_gpu = torch.cuda.is_available()
+    if cfg.runtime.use_gpu == "yes" and not has_gpu:
+        raise RuntimeError("runtime.use_gpu is 'yes' but this machine has no CUDA device; set it to 'auto' or 'no'")
+    return "cuda" if has_gpu and cfg.runtime.use_gpu != "no" else "cpu"
+
+
+def run_in_process(
+    cfg: EmbedJob,
+    source: ImageTableSource,
+    done: IdSet,
+    model: LoadedModel,
+    spec: Preprocessing,
+    run: RunDir,
+    info: dict[str, Any],
+    schemas: tuple[pa.Schema, pa.Schema, pa.Schema | None],
+    bar: Any,
+) -> tuple[int, int, int]:
+    """The pipeline's stages (read, embed, write) one block after another in this process, without Ray.
+
+    Blocks hold about one forward batch of tiles (``runtime.batch_size`` / channels images, at most
+    ``runtime.images_per_block``), so ``bar`` (a :func:`msnoop.core.progress.progress_bar`) moves once per batch.
+
+    Returns:
+        ``(embedded, errors, cells)`` of this run.
+    """
+    n_channels = len(cfg.input.channels)
+    block_rows = max(1, min(cfg.runtime.images_per_block, cfg.runtime.batch_size // n_channels))
+    mask_col = cfg.cells.segmentation.mask_column if cfg.cells is not None else None
+    read_args = _read_args(cfg, spec, run)
+    write_args = _write_args(cfg, run, info, schemas)
+    actor = EmbedActor(**_actor_args(cfg, model, device=_local_device(cfg), threads=None))
+    n_ok = n_err = n_cells = 0
+    for block in read_blocks(source, schema=schemas[0], done=done, block_rows=block_rows, mask_column=mask_col):
+        counts = write_block(actor(read_and_prepare(block.to_pandas(), **read_args)), **write_args)
+        ok, err, cells = (int(counts[k][0]) for k in ("n_ok", "n_err", "n_cells"))
+        n_ok, n_err, n_cells = n_ok + ok, n_err + err, n_cells + cells
+        bar.update(ok + err)
+    return n_ok, n_err, n_cells
 
 
 def worker_env_args(cfg: EmbedJob) -> dict[str, Any]:
@@ -349,10 +428,9 @@ def worker_env_args(cfg: EmbedJob) -> dict[str, Any]:
     return {"runtime_env": {"env_vars": env}} if env else {}
 
 
-def _stream_counts(
-    ds: ray.data.Dataset, n_todo: int, *, t0: float, progress: bool, cells: bool
-) -> tuple[int, int, int]:
-    """Run the pipeline, logging progress every 5 s; returns ``(embedded, errors, cells)`` of this run."""
+def _stream_counts(ds: ray.data.Dataset, n_todo: int, *, t0: float, bar: Any, cells: bool) -> tuple[int, int, int]:
+    """Run the pipeline, moving ``bar`` as blocks are written (and a debug log line every 5 s, for logs);
+    returns ``(embedded, errors, cells)`` of this run."""
     n_ok = n_err = n_cells = 0
     last = time.perf_counter()
     try:
@@ -360,13 +438,14 @@ def _stream_counts(
             n_ok += int(row["n_ok"])
             n_err += int(row["n_err"])
             n_cells += int(row["n_cells"])
+            bar.update(int(row["n_ok"]) + int(row["n_err"]))
             now = time.perf_counter()
-            if progress and now - last > 5:
+            if now - last > 5:
                 done_n = n_ok + n_err
                 rate = done_n / (now - t0)
                 eta = (n_todo - done_n) / rate if rate > 0 else float("nan")
                 cell_rate = f", {n_cells / (now - t0):.3g} cells/s" if cells else ""
-                logger.info(
+                logger.debug(
                     "%d/%d images (%d errors), %.3g img/s%s, ETA %.0f s", done_n, n_todo, n_err, rate, cell_rate, eta
                 )
                 last = now
@@ -491,18 +570,24 @@ def run_embed(cfg: EmbedJob) -> EmbedResult:
     run.write_info(info)
 
     n_ok = n_err = n_cells = 0
+    schemas = (meta_schema, schema, cells_schema)
     if n_todo:
-        init_ray(
-            cfg.runtime.address,
-            num_cpus=cfg.runtime.num_cpus,
-            object_store_memory=cfg.runtime.object_store_mb * 1024**2 if cfg.runtime.object_store_mb else None,
-            quiet=not cfg.runtime.progress,
-        )
-        ds = build_dataset(cfg, source, done, n_todo, model, spec, run, info, (meta_schema, schema, cells_schema))
-        del done, embedded  # in the object store now; the driver keeps only the run's ids (for the totals)
-        n_ok, n_err, n_cells = _stream_counts(
-            ds, n_todo, t0=t0, progress=cfg.runtime.progress, cells=cfg.cells is not None
-        )
+        with progress_bar(n_todo, "embedding", unit="img", enabled=None if cfg.runtime.progress else False) as bar:
+            if in_process(cfg, n_todo):
+                logger.debug("%d image(s) to embed: in this process, without Ray", n_todo)
+                n_ok, n_err, n_cells = run_in_process(cfg, source, done, model, spec, run, info, schemas, bar)
+            else:
+                bar.set_postfix_str("starting Ray", refresh=True)
+                init_ray(
+                    cfg.runtime.address,
+                    num_cpus=cfg.runtime.num_cpus,
+                    object_store_memory=cfg.runtime.object_store_mb * 1024**2 if cfg.runtime.object_store_mb else None,
+                    quiet=not cfg.runtime.progress,
+                )
+                ds = build_dataset(cfg, source, done, n_todo, model, spec, run, info, schemas)
+                del done, embedded  # in the object store now; the driver keeps only the run's ids (for the totals)
+                bar.set_postfix_str("", refresh=True)
+                n_ok, n_err, n_cells = _stream_counts(ds, n_todo, t0=t0, bar=bar, cells=cfg.cells is not None)
     info["last_run"] = {"embedded": n_ok, "errors": n_err, "seconds": time.perf_counter() - t0}
     if cfg.cells is not None:
         info["last_run"]["cells"] = n_cells

@@ -22,9 +22,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from msnoop.core import storage as st
 from msnoop.core.rundir import RunDir
-from msnoop.core.tables import feature_columns, read_table, split_table
+from msnoop.core.tables import feature_columns, read_table, resolve_table, split_table
 from msnoop.vectors.postprocess import DEFAULT_POSTPROCESS, postprocess
 
 __all__ = ["Features", "postprocessed_table", "read_features", "table_features", "table_postprocess"]
@@ -44,22 +43,23 @@ def _recorded(run: RunDir) -> str | None:
 
 
 def table_postprocess(source: str | Path | pd.DataFrame | None) -> str:
-    """The post-processing a table asks for (see the module docstring); a DataFrame or ``None`` gets the default."""
+    """The post-processing a table asks for (see the module docstring); a DataFrame or ``None`` gets the default.
+
+    A folder inside an output folder (``cells/``, ``lancedb/``) is judged as the table it holds
+    (:func:`msnoop.core.tables.resolve_table`).
+    """
     if source is None or isinstance(source, pd.DataFrame):
         return DEFAULT_POSTPROCESS
-    recorded = _recorded(RunDir(source))
-    if recorded is not None:
-        return recorded
-    if st.is_uri(source):
+    try:
+        resolved = resolve_table(source)
+    except (OSError, ValueError):
         return DEFAULT_POSTPROCESS
-    path = st.local_path(source)
-    if path.suffix == ".lance":
+    if resolved.kind == "lance":  # its vectors were post-processed when the table was built
         return "raw"
-    if path.is_file():
-        parent = _recorded(RunDir(path.parent))
-        if parent == "raw":  # a table inside a profile job's output
-            return parent
-    return DEFAULT_POSTPROCESS
+    recorded = _recorded(resolved.run) if resolved.run is not None else None
+    if resolved.kind == "file" and recorded != "raw":
+        return DEFAULT_POSTPROCESS  # a table file beside an embed run's outputs is not its parts
+    return recorded or DEFAULT_POSTPROCESS
 
 
 @dataclass

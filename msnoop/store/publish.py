@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -59,6 +61,12 @@ def publish_embeddings(
         ValueError: Parts disagree with ``info["embed_dim"]``, or an unknown post-processing.
     """
     remote = st.is_uri(uri) or run.is_uri
+    stamp = None if remote else _parts_stamp(run, uri, table, info, postprocess, index, index_threshold, cells)
+    if stamp is not None:
+        built = _published(run)
+        if built.get("stamp") == stamp and (Path(uri) / f"{table}.lance").is_dir():
+            logger.debug("LanceDB table %r is up to date with the parts in %s: not rebuilt", table, run)
+            return int(built.get("rows", 0))
 
     def build(name: str, folder: str | Path, **kw: Any) -> int:
         if remote:
@@ -83,7 +91,52 @@ def publish_embeddings(
             schema=cells_schema,
             transform=cells_transform,
         )
+    if stamp is not None:
+        st.write_text(run.published_file, json.dumps({"stamp": stamp, "table": table, "rows": n_rows}), run.storage)
     return n_rows
+
+
+def _published(run: RunDir) -> dict[str, Any]:
+    """The record of the last local build (``published.json``), or ``{}``."""
+    try:
+        return dict(json.loads(st.read_text(run.published_file, run.storage)))
+    except (OSError, ValueError):
+        return {}
+
+
+def _parts_stamp(
+    run: RunDir,
+    uri: str,
+    table: str,
+    info: dict[str, Any],
+    postprocess: str,
+    index: str,
+    index_threshold: int,
+    cells: bool,
+) -> str:
+    """A digest of what a local build reads and how: every part file (name, size, modification time), the
+    table, the post-processing and index settings, the run's model, preprocessing and channels, msnoop's version.
+
+    Equal digests mean a rebuild would write the same tables.
+    """
+    from msnoop import __version__
+
+    files = []
+    for folder in (run.embeddings, *([run.cells] if cells else [])):
+        for path in sorted(Path(folder).glob("part-*.parquet")):
+            stat = path.stat()
+            files.append((folder == run.cells, path.name, stat.st_size, stat.st_mtime_ns))
+    what = {
+        "parts": files,
+        "uri": str(Path(uri).resolve()),
+        "table": table,
+        "postprocess": postprocess,
+        "index": [index, index_threshold],
+        "cells": cells,
+        "run": {k: info.get(k) for k in ("model", "model_sha256", "preprocess", "channels", "embed_dim", "cells")},
+        "msnoop": __version__,
+    }
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def fit_postprocessing(
