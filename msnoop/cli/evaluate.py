@@ -129,6 +129,13 @@ def nsc_command(
         list[str] | None,
         typer.Option(help="Batch column(s) for NSCB, repeated or comma-separated (e.g. Metadata_Plate,Metadata_Week)."),
     ] = None,
+    batch_map: Annotated[
+        Path | None,
+        typer.Option(
+            help="Plate map (CSV/Parquet) giving batch columns the table lacks: one key column the table also has "
+            "(e.g. Metadata_Plate) and the batch column(s) named by --batch (e.g. Metadata_Week)."
+        ),
+    ] = None,
     batch_match: Annotated[str, typer.Option(help="'equal' (batch strings equal, Microsnoop) or 'overlap'.")] = "equal",
     drop_moas: Annotated[
         str | None,
@@ -143,9 +150,13 @@ def nsc_command(
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON here.")] = None,
     postprocess: PostprocessOpt = None,
 ) -> None:
-    """NSC / NSCB: 1-NN cosine MOA matching excluding the same compound (and the same batch)."""
+    """NSC / NSCB: 1-NN cosine MOA matching excluding the same compound (and the same batch).
+
+    msnoop nsc results/bbbc021_profiles --batch Metadata_Week --batch-map configs/bbbc021_platemap.csv
+    """
+    from msnoop.core.tables import read_table
     from msnoop.evaluate.features import postprocessed_table
-    from msnoop.evaluate.nsc import BATCH_MATCHES, nsc, nscb
+    from msnoop.evaluate.nsc import BATCH_MATCHES, apply_batch_map, nsc, nscb
 
     df, method = _load(table, exclude, postprocess)
     batches = split_list(batch)
@@ -153,6 +164,14 @@ def nsc_command(
         fail(f"expected --batch-match 'equal' or 'overlap', found {batch_match!r}")
     drop = [m.strip() for m in drop_moas.split(",")] if drop_moas else None
     try:
+        if batch_map is not None:
+            df = apply_batch_map(df, read_table(batch_map), batches)
+        missing = [b for b in batches if b not in df.columns]
+        if missing:
+            raise ValueError(
+                f"batch column(s) {missing} are not in {table}; name one of its columns or give a plate map with "
+                "--batch-map"
+            )
         df, post = postprocessed_table(df, method=method)
         results: dict[str, Any] = {
             "table": str(table),
@@ -169,7 +188,7 @@ def nsc_command(
                 drop_moas=drop,
                 batch_match=batch_match,  # type: ignore[arg-type]
             )
-    except ValueError as exc:
+    except (ValueError, FileNotFoundError) as exc:
         fail(str(exc))
     typer.echo(f"MOA matching on {table.name}: {len(df)} treatments, 1-NN cosine, postprocess={method}")
     for name, r in results.items():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -70,36 +69,26 @@ def search(
 
 
 def info(
-    table: Annotated[str, typer.Argument(help="job output folder, or a LanceDB URI with --table")],
-    table_name: Annotated[str | None, typer.Option("--table")] = None,
+    table: Annotated[
+        str,
+        typer.Argument(
+            help="any table msnoop writes: an output folder, its embeddings/, cells/ or lancedb/, a .lance table, "
+            "Parquet/CSV; or a LanceDB URI with --table"
+        ),
+    ],
+    table_name: Annotated[str | None, typer.Option("--table", help="table name inside a LanceDB URI")] = None,
 ) -> None:
-    """Describe a table: rows, dimensions, channels, model, preprocessing, errors."""
-    from msnoop.core import parts
-    from msnoop.core.rundir import RunDir
-    from msnoop.query.search import open_results
+    """Describe a table: rows, dimensions, channels, model, preprocessing, correction, errors.
+
+    msnoop info results/yeast
+    """
+    from msnoop.query.info import describe
 
     try:
-        ref = open_results(table, table_name)
+        described = describe(table, table_name)
     except (KeyError, ValueError, FileNotFoundError) as exc:
         fail(message(exc))
-    meta = ref.info
-    typer.echo(f"table      {ref.name} ({ref.uri})")
-    typer.echo(f"rows       {ref.table.count_rows()}")
-    typer.echo(
-        f"dimensions {meta.get('embed_dim')} = {len(meta.get('channels', []))} channels x {meta.get('embed_dim_per_channel')}"
-    )
-    typer.echo(f"channels   {', '.join(meta.get('channels', []))}")
-    typer.echo(f"model      {meta.get('model')} ({meta.get('arch')}, sha256 {str(meta.get('model_sha256'))[:12]})")
-    typer.echo(f"preprocess {json.dumps(meta.get('preprocess'))}")
-    post = meta.get("postprocess") or {"method": "raw"}
-    typer.echo(f"vectors    {post['method']}" + (f" (fitted on {post['n']} rows, no labels)" if "n" in post else ""))
-    cols = [
-        f.name for f in ref.table.schema if f.name.startswith("Metadata_") and not f.name.startswith("Metadata_Path_")
-    ]
-    typer.echo(f"metadata   {', '.join(cols)}")
-    errors = RunDir(table).errors
-    if parts.part_files(errors):
-        typer.echo(f"errors     {parts.count_rows(errors)} (see {errors})")
+    typer.echo(str(described))
 
 
 def export(

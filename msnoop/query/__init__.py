@@ -1,9 +1,12 @@
-"""Similarity search over an embedding or profile table: by image id, by a new image, by a group of rows."""
+"""Similarity search over an embedding or profile table (by image id, by a new image, by a group of rows), and
+what a table holds (:func:`describe`)."""
 
 from msnoop.core.lazy import lazy_exports
 
 _EXPORTS = {
+    "TableInfo": "info",
     "TableRef": "search",
+    "describe": "info",
     "embed_query": "search",
     "open_results": "search",
     "search_by_id": "search",

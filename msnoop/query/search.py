@@ -57,12 +57,17 @@ def open_results(target: str | Path, table: str | None = None, *, storage: Stora
     except st.StorageError:  # a LanceDB-only scheme (db://, LanceDB Cloud): not a folder msnoop reads itself
         is_run = False
     if not is_run:
-        if table is None:
+        inside = _inside_output(target, table)
+        if inside is None and table is None:
             raise ValueError(
-                f"{target} is not an msnoop output folder (no {RunDir.RUN_FILE}); give a LanceDB URI with --table NAME"
+                f"{target} is not an msnoop output folder (no {RunDir.RUN_FILE}) nor a LanceDB table (.lance); give "
+                "an output folder, or a LanceDB URI with --table NAME"
             )
-        uri, name = str(target), table
-        tbl = open_table(uri, name, storage_options=st.storage_options(uri, storage) or None)
+        uri, name = inside or (str(target), str(table))
+        try:
+            tbl = open_table(uri, name, storage_options=st.storage_options(uri, storage) or None)
+        except KeyError:
+            raise ValueError(f"{target}: LanceDB {uri} has no table {name!r}") from None
         return TableRef(table=tbl, info=table_info(tbl), uri=uri, name=name)
     info = run.read_info()
     uri, name = run.recorded_lancedb_uri(info), table or info.get("table")
@@ -78,6 +83,27 @@ def open_results(target: str | Path, table: str | None = None, *, storage: Stora
             "it" + (": images already embedded are kept and skipped" if verb == "embed" else "")
         ) from None
     return TableRef(table=tbl, info=table_info(tbl), uri=uri, name=name)
+
+
+def _inside_output(target: str | Path, table: str | None) -> tuple[str, str] | None:
+    """``(LanceDB URI, table name)`` of a local folder that stands for a LanceDB table: a ``.lance`` folder, or a
+    folder inside an output folder: ``embeddings/`` (the run's table), ``cells/`` (``<table>_cells``),
+    ``lancedb/`` (the run's table). None otherwise."""
+    if st.is_uri(target):
+        return None
+    path = st.local_path(target)
+    if path.suffix == ".lance" and path.is_dir():
+        return str(path.parent), table or path.stem
+    parent = RunDir(path.parent)
+    if path.name not in (RunDir.EMBEDDINGS, RunDir.CELLS, RunDir.LANCEDB) or not parent.exists():
+        return None
+    info = parent.read_info()
+    name = table or info.get("table")
+    if not name:
+        return None
+    if path.name == RunDir.CELLS and table is None:
+        name = f"{name}_cells"
+    return parent.recorded_lancedb_uri(info), str(name)
 
 
 def _vector_of(ref: TableRef, image_id: str) -> np.ndarray:
