@@ -93,18 +93,28 @@ def info(
 
 def export(
     table: Annotated[
-        Path, typer.Argument(help="embed output folder, profile Parquet, any Parquet/CSV table, or .lance")
+        Path, typer.Argument(help="any table msnoop writes (output folder, cells/, .lance, profile Parquet) or Parquet/CSV")
     ],
     out: Annotated[Path, typer.Option("--out", help="file to write: .h5ad (AnnData, for scanpy)")],
 ) -> None:
-    """Export an embedding or profile table as AnnData (.h5ad): obs = metadata, X = vectors, uns = provenance."""
-    from msnoop.store.anndata import to_anndata
+    """Export an embedding or profile table as AnnData (.h5ad): obs = metadata, X = vectors as stored,
+    obsm["X_msnoop"] = the vectors msnoop compares (post-processed), uns = provenance.
+
+    msnoop export results/yeast --out yeast.h5ad   then in Python: scanpy.pp.neighbors(adata, use_rep="X_msnoop")
+    """
+    import json
+
+    from msnoop.store.anndata import OBSM_KEY, UNS_KEY, to_anndata
 
     try:
         adata = to_anndata(table, out)
     except (ValueError, FileNotFoundError, OSError) as exc:
         fail(str(exc))
-    typer.echo(f"wrote {out.resolve()}: {adata.n_obs} rows x {adata.n_vars} features")
+    method = json.loads(adata.uns[UNS_KEY]["postprocess"]).get("method")
+    typer.echo(
+        f"wrote {out.resolve()}: {adata.n_obs} rows x {adata.n_vars} features; X as stored, "
+        f'obsm["{OBSM_KEY}"] {method} (what msnoop compares: scanpy.pp.neighbors(adata, use_rep="{OBSM_KEY}"))'
+    )
 
 
 COMMANDS = [("search", search, None), ("info", info, None), ("export", export, None)]

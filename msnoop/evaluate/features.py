@@ -22,44 +22,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from msnoop.core.rundir import RunDir
-from msnoop.core.tables import feature_columns, read_table, resolve_table, split_table
-from msnoop.vectors.postprocess import DEFAULT_POSTPROCESS, postprocess
+from msnoop.core.tables import feature_columns, read_table, split_table
+from msnoop.vectors.postprocess import postprocess, table_postprocess
 
 __all__ = ["Features", "postprocessed_table", "read_features", "table_features", "table_postprocess"]
-
-
-def _recorded(run: RunDir) -> str | None:
-    """The post-processing an output folder's ``run.json`` asks for, or None when it is not an output folder."""
-    try:
-        if not run.exists():
-            return None
-        info = run.read_info()
-    except (OSError, ValueError):  # unreadable location: nothing recorded
-        return None
-    if info.get("job") == "profile":
-        return "raw"
-    return str((info.get("postprocess") or {}).get("method") or DEFAULT_POSTPROCESS)
-
-
-def table_postprocess(source: str | Path | pd.DataFrame | None) -> str:
-    """The post-processing a table asks for (see the module docstring); a DataFrame or ``None`` gets the default.
-
-    A folder inside an output folder (``cells/``, ``lancedb/``) is judged as the table it holds
-    (:func:`msnoop.core.tables.resolve_table`).
-    """
-    if source is None or isinstance(source, pd.DataFrame):
-        return DEFAULT_POSTPROCESS
-    try:
-        resolved = resolve_table(source)
-    except (OSError, ValueError):
-        return DEFAULT_POSTPROCESS
-    if resolved.kind == "lance":  # its vectors were post-processed when the table was built
-        return "raw"
-    recorded = _recorded(resolved.run) if resolved.run is not None else None
-    if resolved.kind == "file" and recorded != "raw":
-        return DEFAULT_POSTPROCESS  # a table file beside an embed run's outputs is not its parts
-    return recorded or DEFAULT_POSTPROCESS
 
 
 @dataclass

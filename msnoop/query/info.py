@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from msnoop.core.rundir import RunDir
+
 __all__ = ["TableInfo", "describe"]
 
 
@@ -78,7 +80,7 @@ class TableInfo:
             rows.append(("vectors", f"{method}{fitted}"))
         rows.append(("metadata", ", ".join(self.metadata) or "none"))
         if self.n_errors:
-            rows.append(("errors", f"{self.n_errors} (see {self.errors})"))
+            rows.append((RunDir.ERRORS, f"{self.n_errors} (see {self.errors})"))
         return [f"{name:<10} {value}" for name, value in rows]
 
     def __str__(self) -> str:
@@ -103,10 +105,10 @@ def _from_lance(ref: Any, run: Any) -> TableInfo:
         record = meta.get("correction") or {}
         kind, correction = str(meta.get("level") or "profiles"), record.get("sphering")
     else:
-        kind = "cells" if "cells" in meta and ref.name.endswith("_cells") else "embeddings"
-        correction = None
+        cells = RunDir.CELLS in meta and ref.name.endswith(f"_{RunDir.CELLS}")
+        kind, correction = RunDir.CELLS if cells else RunDir.EMBEDDINGS, None
     vector = ref.table.schema.field("vector").type
-    n_errors, errors = _errors(run) if kind == "embeddings" else (None, None)
+    n_errors, errors = _errors(run) if kind == RunDir.EMBEDDINGS else (None, None)
     return TableInfo(
         source=f"{ref.uri}/{ref.name}.lance",
         kind=kind,
@@ -126,7 +128,7 @@ def _from_lance(ref: Any, run: Any) -> TableInfo:
 
 def _from_table(target: str | Path) -> TableInfo:
     from msnoop.core.tables import feature_columns, read_table, resolve_table
-    from msnoop.evaluate.features import table_postprocess
+    from msnoop.vectors.postprocess import table_postprocess
 
     source = resolve_table(target)
     df = read_table(target)
@@ -139,10 +141,10 @@ def _from_table(target: str | Path) -> TableInfo:
     embedded = source.kind == "parts" and record.get("job", "embed") == "embed"
     kind = "features"
     if embedded:
-        kind = "cells" if Path(str(source.location)).name == "cells" else "embeddings"
+        kind = RunDir.CELLS if Path(str(source.location)).name == RunDir.CELLS else RunDir.EMBEDDINGS
     elif record.get("job") == "profile":
         kind = Path(str(source.location)).stem
-    n_errors, errors = _errors(source.run) if kind == "embeddings" else (None, None)
+    n_errors, errors = _errors(source.run) if kind == RunDir.EMBEDDINGS else (None, None)
     return TableInfo(
         source=str(source.location),
         kind=kind,
@@ -178,7 +180,6 @@ def describe(target: str | Path, table: str | None = None) -> TableInfo:
         ValueError: ``target`` holds no table msnoop can read (the message says what it expected).
         KeyError: The LanceDB has no table ``table``.
     """
-    from msnoop.core.rundir import RunDir
     from msnoop.query.search import open_results
 
     try:

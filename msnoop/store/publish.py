@@ -96,6 +96,10 @@ def publish_embeddings(
     return n_rows
 
 
+#: The keys of a run's record that shape its tables: a change to any of them rebuilds them.
+_STAMP_KEYS = ("model", "model_sha256", "preprocess", "channels", "embed_dim", "cells")
+
+
 def _published(run: RunDir) -> dict[str, Any]:
     """The record of the last local build (``published.json``), or ``{}``."""
     try:
@@ -133,7 +137,7 @@ def _parts_stamp(
         "postprocess": postprocess,
         "index": [index, index_threshold],
         "cells": cells,
-        "run": {k: info.get(k) for k in ("model", "model_sha256", "preprocess", "channels", "embed_dim", "cells")},
+        "run": {k: info.get(k) for k in _STAMP_KEYS},
         "msnoop": __version__,
     }
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()

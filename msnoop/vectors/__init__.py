@@ -31,6 +31,7 @@ _EXPORTS = {
     "load_postprocessor": "postprocess",
     "normalize_rows": "distance",
     "postprocess": "postprocess",
+    "table_postprocess": "postprocess",
 }
 
 __all__ = sorted(_EXPORTS)

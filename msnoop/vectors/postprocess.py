@@ -256,6 +256,50 @@ def load_postprocessor(record: dict[str, Any] | None) -> PostProcessor:
     return postprocessor_class(str(record.get("method", "raw"))).from_dict(record)
 
 
+def _recorded(run: Any) -> str | None:
+    """The post-processing an output folder's ``run.json`` asks for, or None when it is not an output folder."""
+    try:
+        if not run.exists():
+            return None
+        info = run.read_info()
+    except (OSError, ValueError):  # unreadable location: nothing recorded
+        return None
+    if info.get("job") == "profile":
+        return "raw"
+    return str((info.get("postprocess") or {}).get("method") or DEFAULT_POSTPROCESS)
+
+
+def table_postprocess(source: Any) -> str:
+    """The post-processing a table asks for before distances; a DataFrame or ``None`` gets the default.
+
+    * an ``msnoop embed`` output folder (or its ``embeddings/``, ``cells/``): its run's ``output.postprocess``
+      (recorded in ``run.json``; ``standardize`` for folders written before it was recorded);
+    * a profile job's output (its folder, or a table in it): ``raw``: the rows are sphered on their controls;
+    * a LanceDB table (``.lance``, or a folder standing for one): ``raw``: its vectors were post-processed when
+      the table was built;
+    * any other table (Parquet, CSV, e.g. CellProfiler profiles), or a DataFrame: :data:`DEFAULT_POSTPROCESS`.
+
+    A folder inside an output folder (``cells/``, ``lancedb/``) is judged as the table it holds
+    (:func:`msnoop.core.tables.resolve_table`).
+    """
+    import pandas as pd
+
+    from msnoop.core.tables import resolve_table
+
+    if source is None or isinstance(source, pd.DataFrame):
+        return DEFAULT_POSTPROCESS
+    try:
+        resolved = resolve_table(source)
+    except (OSError, ValueError):
+        return DEFAULT_POSTPROCESS
+    if resolved.kind == "lance":  # its vectors were post-processed when the table was built
+        return "raw"
+    recorded = _recorded(resolved.run) if resolved.run is not None else None
+    if resolved.kind == "file" and recorded != "raw":
+        return DEFAULT_POSTPROCESS  # a table file beside an embed run's outputs is not its parts
+    return recorded or DEFAULT_POSTPROCESS
+
+
 def postprocess(X: np.ndarray, method: str = DEFAULT_POSTPROCESS) -> tuple[np.ndarray, dict[str, Any]]:
     """Apply a label-free ``method`` to a feature matrix, fitted on its own rows.
 
@@ -290,4 +334,5 @@ __all__ = [
     "load_postprocessor",
     "postprocess",
     "postprocessor_class",
+    "table_postprocess",
 ]
