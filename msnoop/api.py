@@ -1,4 +1,5 @@
-"""The Python API: load a model, embed in-memory images, run any job, export a table (notebook-sized).
+"""The Python API: load a model, embed in-memory images, run any job, search, evaluate, describe and export a
+table (notebook-sized).
 
 Example::
 
@@ -10,9 +11,13 @@ Example::
     X = msnoop.embed_images(cells, channel_axis=1, model=model) # (8, 512) float32: 2 channels x 256
     result = msnoop.run("configs/yeast.yaml")                   # any job config: path, dict or config object
     adata = msnoop.to_anndata("results/yeast")                  # AnnData: obs = metadata, X = vectors
+    hits = msnoop.search("results/yeast", image_id="images/AAC1/AAC1_1_rfp_10_gfp", k=5)   # a DataFrame
+    res = msnoop.knn("results/yeast", "Metadata_protein", cv="group:Metadata_field")     # res.balanced_accuracy
+    print(msnoop.info("results/yeast"))                          # rows, channels, model, preprocessing
 
 Everything here is a thin layer over the stages (:mod:`msnoop.models`, :mod:`msnoop.embed`,
-:mod:`msnoop.job_kinds`, :mod:`msnoop.store.anndata`); the CLI calls the same functions.
+:mod:`msnoop.job_kinds`, :mod:`msnoop.query`, :mod:`msnoop.evaluate.knn`, :mod:`msnoop.store.anndata`); the CLI
+calls the same functions.
 """
 
 from __future__ import annotations
@@ -24,9 +29,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
+    import pandas as pd
     from pydantic import BaseModel
 
+    from msnoop.evaluate.knn import KnnResult
     from msnoop.models.checkpoint import LoadedModel
+    from msnoop.query.info import TableInfo
 
 
 def load_model(ref: str | Path = "default", *, preset: str | None = None, mode: str | None = None) -> LoadedModel:
@@ -150,10 +158,113 @@ def run(config: str | Path | dict[str, Any] | BaseModel, **overrides: Any) -> An
 
 
 def to_anndata(table: str | Path, path: str | Path | None = None) -> Any:
-    """An embedding or profile table as AnnData (see :func:`msnoop.store.anndata.to_anndata`)."""
+    """An embedding or profile table as AnnData (see :func:`msnoop.store.anndata.to_anndata`): ``X`` the vectors
+    as stored, ``obsm["X_msnoop"]`` the vectors msnoop compares (``scanpy.pp.neighbors(adata, use_rep="X_msnoop")``).
+    """
     from msnoop.store.anndata import to_anndata as _to_anndata
 
     return _to_anndata(table, path)
 
 
-__all__ = ["embed_images", "load_model", "run", "to_anndata"]
+def search(
+    table: str | Path,
+    *,
+    image_id: str | None = None,
+    image: Sequence[str | Path] | None = None,
+    match: str | None = None,
+    k: int = 10,
+    where: str | None = None,
+    table_name: str | None = None,
+) -> pd.DataFrame:
+    """The ``k`` nearest rows (cosine distance) to an image of the table, a new image, or a group of rows.
+
+    Args:
+        table: An output folder (embed or profile), a folder inside one (``cells/``, ``lancedb/``), a ``.lance``
+            table, or a LanceDB URI with ``table_name``.
+        image_id: Query by a row of the table (``Metadata_ImageID``); the row itself is left out.
+        image: Query by a new image: one file per channel, in the table's channel order (embedded with the
+            table's recorded model and preprocessing).
+        match: Query by the mean of the rows this SQL filter selects (they are left out), e.g.
+            ``"Metadata_Compound = 'taxol'"``.
+        k: Rows to return.
+        where: SQL filter on the candidates, e.g. ``"Metadata_Plate = 'P1'"``.
+        table_name: A table inside a LanceDB URI.
+
+    Returns:
+        ``k`` rows (fewer if fewer match), nearest first: the table's metadata columns and ``_distance``
+        (cosine distance, ``1 - cos``).
+
+    Raises:
+        ValueError: Not exactly one of ``image_id``, ``image``, ``match``; ``k < 1``; an invalid filter; or a
+            folder without a LanceDB table.
+        KeyError: ``image_id`` or ``match`` selects no row.
+    """
+    from msnoop.query.search import open_results, search_by_id, search_by_match, search_image
+
+    if sum([image_id is not None, bool(image), match is not None]) != 1:
+        raise ValueError("give exactly one of image_id, image or match")
+    if k < 1:
+        raise ValueError(f"k must be at least 1, found {k}")
+    ref = open_results(table, table_name)
+    if image_id is not None:
+        return search_by_id(ref, image_id, k=k, where=where)
+    if match is not None:
+        return search_by_match(ref, match, k=k, where=where)
+    return search_image(ref, list(image or []), k=k, where=where)
+
+
+def knn(
+    table: str | Path | pd.DataFrame,
+    label: str,
+    *,
+    k: int = 11,
+    cv: str = "loo",
+    metric: str = "cosine",
+    exclude: str | None = None,
+    postprocess: str | None = None,
+) -> KnnResult:
+    """kNN classification of a table's rows by ``label`` (Microsnoop vote), as ``msnoop knn`` computes it.
+
+    Args:
+        table: Any table msnoop writes or reads (an output folder, ``cells/``, a ``.lance`` table, Parquet/CSV), or
+            a DataFrame of ``Metadata_*`` and feature columns.
+        label: The class column, e.g. ``"Metadata_protein"``.
+        k: Neighbours.
+        cv: ``"loo"``, ``"kfold:<n>"`` or ``"group:<column>"`` (leave one group out, e.g. the field or plate).
+        metric: ``"cosine"`` or ``"l2"``.
+        exclude: SQL condition of rows to leave out first.
+        postprocess: ``"standardize"`` or ``"raw"``; None: the table's own.
+
+    Returns:
+        A :class:`~msnoop.evaluate.knn.KnnResult`: ``.accuracy``, ``.balanced_accuracy``, ``.per_class`` (a
+        DataFrame), ``.metrics`` (everything, JSON-serialisable); ``print()`` shows the summary.
+
+    Raises:
+        FileNotFoundError: ``table`` does not exist.
+        ValueError: As :func:`msnoop.evaluate.knn.knn_table`.
+    """
+    from msnoop.evaluate.knn import knn_table
+
+    return knn_table(table, label, k=k, cv=cv, metric=metric, exclude=exclude, postprocess=postprocess)  # type: ignore[arg-type]
+
+
+def info(table: str | Path, table_name: str | None = None) -> TableInfo:
+    """What a table holds and how it was made (rows, dimensions, channels, model, preprocessing, correction).
+
+    Args:
+        table: Any table msnoop writes (see :func:`msnoop.query.info.describe`), or a LanceDB URI with ``table_name``.
+        table_name: A table inside a LanceDB URI.
+
+    Returns:
+        A :class:`~msnoop.query.info.TableInfo`; ``print()`` shows what ``msnoop info`` prints.
+
+    Raises:
+        FileNotFoundError: ``table`` does not exist.
+        ValueError: ``table`` holds no table msnoop can read.
+    """
+    from msnoop.query.info import describe
+
+    return describe(table, table_name)
+
+
+__all__ = ["embed_images", "info", "knn", "load_model", "run", "search", "to_anndata"]

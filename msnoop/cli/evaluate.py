@@ -74,51 +74,20 @@ def knn_command(
     ] = "auto",
     postprocess: PostprocessOpt = None,
 ) -> None:
-    """kNN classification of profiles (FAISS, Microsnoop vote): accuracy, balanced accuracy, MCC, macro-F1."""
-    from msnoop.evaluate.features import table_features
-    from msnoop.evaluate.knn import knn_evaluate, parse_cv
+    """kNN classification of profiles (FAISS, Microsnoop vote): accuracy, balanced accuracy, MCC, macro-F1.
 
-    df, method = _load(table, exclude, postprocess)
-    if label not in df.columns:
-        fail(
-            f"label column {label!r} is not in {table}; "
-            f"metadata columns: {[c for c in df.columns if str(c).startswith('Metadata_')]}"
-        )
-    if df[label].isna().any():
-        fail(f"label column {label!r} has {int(df[label].isna().sum())} missing value(s); drop them with --exclude")
+    msnoop knn results/yeast --label Metadata_protein --cv group:Metadata_field
+    """
+    from msnoop.evaluate.knn import knn_table
+
     try:
-        kind, arg = parse_cv(cv)
-        groups = None
-        if kind == "group":
-            if not arg or arg not in df.columns:
-                fail(f"cv={cv!r}: expected 'group:<column>' naming a column of the table")
-            groups = df[arg].astype(str).to_numpy()
-        feats = table_features(df, method=method, drop=[label])
-        res = knn_evaluate(
-            feats.X, df[label].to_numpy(), k=k, cv=cv, groups=groups, metric=metric, seed=seed, index=index
+        res = knn_table(
+            table, label, k=k, cv=cv, metric=metric, seed=seed, exclude=exclude, index=index, postprocess=postprocess
         )  # type: ignore[arg-type]
-    except ValueError as exc:
+    except (ValueError, FileNotFoundError, OSError) as exc:
         fail(str(exc))
-    res["table"] = str(table)
-    res["label"] = label
-    res["n_features"] = int(feats.X.shape[1])
-    res["postprocess"] = feats.postprocess
-    typer.echo(
-        f"kNN on {posixpath.basename(table.rstrip('/'))}: n={res['n']}  features={res['n_features']}  label={label}  classes={res['n_classes']}"
-        f" (chance {res['chance']:.3f})  k={k}  cv={cv}  metric={metric}  postprocess={method}"
-    )
-    for key, name in [
-        ("accuracy", "accuracy"),
-        ("balanced_accuracy", "balanced accuracy"),
-        ("mcc", "MCC"),
-        ("macro_f1", "macro-F1"),
-    ]:
-        typer.echo(f"  {name:<18} {res[key]:.4f}")
-    typer.echo("  per-class accuracy:")
-    counts = df[label].astype(str).value_counts()
-    for name, acc in res["per_class_accuracy"].items():
-        typer.echo(f"    {name:<30} {acc:.4f}  (n={int(counts.get(name, 0))})")
-    write_json(res, json_path)
+    typer.echo(str(res))
+    write_json(res.metrics, json_path)
 
 
 def nsc_command(

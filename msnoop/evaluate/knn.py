@@ -36,6 +36,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Literal, get_args
 
@@ -587,3 +588,139 @@ def knn_evaluate(
         "kNN k=%d cv=%s metric=%s: accuracy %.4f, macro-F1 %.4f", k, cv, metric, res["accuracy"], res["macro_f1"]
     )
     return res
+
+
+# --- a table's kNN evaluation (msnoop knn, msnoop.knn) -------------------------------------------------------------
+
+
+@dataclass
+class KnnResult:
+    """kNN classification of a table's rows by a label column (:func:`knn_table`).
+
+    Attributes:
+        table: The table evaluated (a path, or ``"DataFrame"``).
+        label: The label column.
+        metrics: Everything :func:`knn_evaluate` returns (JSON-serialisable), plus ``table``, ``label``,
+            ``n_features`` and ``postprocess``.
+    """
+
+    table: str
+    label: str
+    metrics: dict[str, Any]
+
+    @property
+    def accuracy(self) -> float:
+        """Fraction of rows whose predicted label is their own."""
+        return float(self.metrics["accuracy"])
+
+    @property
+    def balanced_accuracy(self) -> float:
+        """Mean of the per-class accuracies (chance: 1 / classes)."""
+        return float(self.metrics["balanced_accuracy"])
+
+    @property
+    def per_class(self) -> Any:
+        """A ``pandas.DataFrame`` with one row per class: ``label``, ``n``, ``accuracy``, ``f1``."""
+        import pandas as pd
+
+        m = self.metrics
+        return pd.DataFrame(
+            {
+                "label": list(m["per_class_accuracy"]),
+                "n": [m["class_counts"][c] for c in m["per_class_accuracy"]],
+                "accuracy": list(m["per_class_accuracy"].values()),
+                "f1": [m["per_class_f1"].get(c, 0.0) for c in m["per_class_accuracy"]],
+            }
+        )
+
+    def lines(self) -> list[str]:
+        """The summary ``msnoop knn`` prints."""
+        m = self.metrics
+        out = [
+            f"kNN on {self.table}: n={m['n']}  features={m['n_features']}  label={self.label}  "
+            f"classes={m['n_classes']} (chance {m['chance']:.3f})  k={m['k']}  cv={m['cv']}  metric={m['metric']}  "
+            f"postprocess={m['postprocess']['method']}"
+        ]
+        for key, name in (("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"), ("mcc", "MCC"),
+                          ("macro_f1", "macro-F1")):
+            out.append(f"  {name:<18} {m[key]:.4f}")
+        out.append("  per-class accuracy:")
+        for name, acc in m["per_class_accuracy"].items():
+            out.append(f"    {name:<30} {acc:.4f}  (n={m['class_counts'][name]})")
+        return out
+
+    def __str__(self) -> str:
+        return "\n".join(self.lines())
+
+
+def knn_table(
+    table: Any,
+    label: str,
+    *,
+    k: int = 11,
+    cv: str = "loo",
+    metric: Metric = "cosine",
+    seed: int = 0,
+    exclude: str | None = None,
+    index: SearchKind = "auto",
+    postprocess: str | None = None,
+) -> KnnResult:
+    """kNN classification of any table's rows by ``label`` (Microsnoop vote), after the table's post-processing.
+
+    Args:
+        table: Anything :func:`msnoop.core.tables.read_table` reads (an output folder, ``cells/``, a ``.lance``
+            table, Parquet/CSV; local or a URI), or a ``pandas.DataFrame`` (``Metadata_*`` + feature columns).
+        label: The class column, e.g. ``Metadata_protein``.
+        k, cv, metric, seed, index: As :func:`knn_evaluate` (``cv="group:<column>"`` names a column of the table).
+        exclude: SQL condition of rows to leave out first, e.g. ``"Metadata_Compound = 'DMSO'"``.
+        postprocess: ``"standardize"`` or ``"raw"``; None: the table's own
+            (:func:`msnoop.vectors.postprocess.table_postprocess`).
+
+    Returns:
+        A :class:`KnnResult` (``str()`` of it is what ``msnoop knn`` prints).
+
+    Raises:
+        FileNotFoundError: ``table`` does not exist.
+        ValueError: Unreadable table, a missing label or group column, missing labels, an invalid ``exclude``
+            filter or one that leaves no row, no features, or bad ``cv``.
+    """
+    import pandas as pd
+
+    from msnoop.core.filters import filter_mask
+    from msnoop.evaluate.features import read_features, table_features
+
+    if isinstance(table, pd.DataFrame):
+        from msnoop.vectors.postprocess import DEFAULT_POSTPROCESS
+
+        df, method, name = table.reset_index(drop=True), postprocess or DEFAULT_POSTPROCESS, "DataFrame"
+    else:
+        df, method = read_features(table, postprocess_method=postprocess)
+        name = str(table).rstrip("/").rsplit("/", 1)[-1]
+    if exclude:
+        df = df[~filter_mask(df, exclude)].reset_index(drop=True)  # FilterError is a ValueError
+        if df.empty:
+            raise ValueError(f"--exclude {exclude!r} leaves no row of {table}")
+    if label not in df.columns:
+        meta = [c for c in df.columns if str(c).startswith("Metadata_")]
+        raise ValueError(f"label column {label!r} is not in {name}; metadata columns: {meta}")
+    if df[label].isna().any():
+        raise ValueError(f"label column {label!r} has {int(df[label].isna().sum())} missing value(s); drop them with --exclude")
+    kind, arg = parse_cv(cv)
+    groups = None
+    if kind == "group":
+        if not arg or arg not in df.columns:
+            raise ValueError(f"cv={cv!r}: expected 'group:<column>' naming a column of the table")
+        groups = df[arg].astype(str).to_numpy()
+    feats = table_features(df, method=method, drop=[label])
+    res = knn_evaluate(feats.X, df[label].to_numpy(), k=k, cv=cv, groups=groups, metric=metric, seed=seed, index=index)
+    counts = df[label].astype(str).value_counts()
+    res.update(
+        {
+            "table": str(table) if name != "DataFrame" else name,
+            "label": label,
+            "n_features": int(feats.X.shape[1]),
+            "postprocess": feats.postprocess,
+            "class_counts": {c: int(counts.get(c, 0)) for c in res["per_class_accuracy"]},
+        }
+    )
+    return KnnResult(table=name, label=label, metrics=res)
