@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from msnoop.core.filters import table_filter_error
 from msnoop.core.parts import ID_COLUMN
 from msnoop.store.index import (
     DISTANCE,
@@ -77,6 +78,7 @@ def search_vector_ann(
 
     Raises:
         ValueError: ``exact=False`` on a table without a vector index.
+        FilterError: ``where`` is not a filter this table can use (the message says how to write it).
     """
     tbl = _table(ref)
     info = vector_index(tbl)
@@ -84,7 +86,10 @@ def search_vector_ann(
     n_rows = info["num_indexed_rows"] + info["num_unindexed_rows"] if info else None
     matches = None
     if where:
-        matches = int(tbl.count_rows(where))
+        try:
+            matches = int(tbl.count_rows(where))
+        except Exception as exc:  # LanceDB raises several types for a filter it cannot use
+            raise table_filter_error(where, tbl.schema, exc, what="--where") from None
     if exact is False and info is None:
         raise ValueError("exact=False but the table has no vector index; build one with ensure_index()")
     if exact is None:

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from msnoop.core import storage as st
+from msnoop.core.filters import table_filter_error
 from msnoop.core.parts import ID_COLUMN
 from msnoop.core.rundir import RunDir
 from msnoop.core.storage import StorageConfig
@@ -144,7 +145,7 @@ def search_by_match(
     try:
         rows = ref.table.search().where(match).select([VECTOR]).limit(None).to_arrow()
     except Exception as exc:  # LanceDB raises several types for a bad SQL filter
-        raise ValueError(f"--match {match!r} is not a valid filter on table {ref.name!r}: {exc}") from exc
+        raise table_filter_error(match, ref.table.schema, exc, what="--match") from None
     if rows.num_rows == 0:
         raise KeyError(f"no row of table {ref.name!r} ({ref.uri}) matches {match!r}")
     query = np.asarray(rows.column(VECTOR).to_pylist(), dtype=np.float32).mean(axis=0)
