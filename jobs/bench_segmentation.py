@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 from harness import RESULTS, data_dir, write_results
 
+from msnoop.core.progress import progress_bar
 from msnoop.segment.metrics import match_instances, read_pair, summarize_ap
 from msnoop.segment.builtin import segment_nuclei
 
@@ -48,7 +49,7 @@ def run_set(folder: Path, name: str, limit: int | None) -> dict[str, Any]:
     if limit is not None:
         with_mask = with_mask[:limit]
     rows = []
-    for pos, path in enumerate(with_mask):
+    for pos, path in enumerate(progress_bar(with_mask, f"segmentation ({name})", unit="img")):
         img, gt = read_pair(path, folder / "masks" / name / path.name)
         w0, c0 = time.perf_counter(), time.process_time()
         pred = segment_nuclei(img)
@@ -69,7 +70,7 @@ def run_set(folder: Path, name: str, limit: int | None) -> dict[str, Any]:
                 "ms_cpu": round(1000 * cpu, 1),
             }
         )
-        logger.info(
+        logger.debug(
             "%s: AP@0.5 %.3f (tp %d fp %d fn %d) %.0f ms",
             rows[-1]["image"],
             r.ap[0],

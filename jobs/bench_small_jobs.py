@@ -177,12 +177,18 @@ def run(repeats: int, work: Path) -> dict[str, Any]:
     runs: dict[str, list[dict[str, Any]]] = {"embed6": [], "resume6": [], "ray80": []}
     for i in range(repeats):
         out6 = work / f"out6_{i}"
-        for case, out, manifest in (("embed6", out6, six), ("resume6", out6, six), ("ray80", work / f"out80_{i}", eighty)):
+        for case, out, manifest in (
+            ("embed6", out6, six),
+            ("resume6", out6, six),
+            ("ray80", work / f"out80_{i}", eighty),
+        ):
             load = os.getloadavg()[0]
             res = run_in_pty(embed_args(manifest, out))
             if res["rc"] != 0:
                 raise RuntimeError(f"{case} failed (exit {res['rc']}):\n{res['output']}")
-            runs[case].append({"wall_s": round(res["wall_s"], 2), "first_progress_s": res["first_progress_s"], "load": load})
+            runs[case].append(
+                {"wall_s": round(res["wall_s"], 2), "first_progress_s": res["first_progress_s"], "load": load}
+            )
             print(f"{case} #{i}: {res['wall_s']:.1f} s (first progress {res['first_progress_s']}; load {load:.1f})")
     stages6 = breakdown(six, work / "breakdown6")
     stages80 = breakdown(eighty, work / "breakdown80")

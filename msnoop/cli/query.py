@@ -93,7 +93,8 @@ def info(
 
 def export(
     table: Annotated[
-        Path, typer.Argument(help="any table msnoop writes (output folder, cells/, .lance, profile Parquet) or Parquet/CSV")
+        Path,
+        typer.Argument(help="any table msnoop writes (output folder, cells/, .lance, profile Parquet) or Parquet/CSV"),
     ],
     out: Annotated[Path, typer.Option("--out", help="file to write: .h5ad (AnnData, for scanpy)")],
 ) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterable, Sized
 from typing import Any
 
 __all__ = ["PROGRESS_ENV", "progress_bar", "progress_enabled"]
@@ -30,13 +31,22 @@ def progress_enabled(enabled: bool | None = None) -> bool:
     return sys.stderr.isatty()
 
 
-def progress_bar(total: int | float | None, desc: str, *, unit: str = "it", enabled: bool | None = None) -> Any:
+def progress_bar(
+    total: int | float | Iterable[Any] | None,
+    desc: str,
+    *,
+    unit: str = "it",
+    initial: int = 0,
+    enabled: bool | None = None,
+) -> Any:
     """A ``tqdm`` bar on stderr (a context manager; ``update(n)``, ``set_postfix_str(text)``, ``close()``).
 
     Args:
-        total: Expected count (``None``: unknown, the bar shows the count and rate only).
+        total: Expected count (``None``: unknown, the bar shows the count and rate only), or an iterable
+            (a sized one gives the count): iterating the bar then yields its items and moves the bar.
         desc: What is counted, shown before the bar, e.g. ``"embedding"``.
         unit: Name of one item, e.g. ``"img"``, ``"step"``.
+        initial: Count already done (a resumed run).
         enabled: ``False`` never draws; ``None`` follows :func:`progress_enabled`.
 
     Returns:
@@ -53,8 +63,13 @@ def progress_bar(total: int | float | None, desc: str, *, unit: str = "it", enab
     shape: dict[str, Any] = (
         {"dynamic_ncols": True} if size and size.columns > 0 and size.lines > 0 else {"ncols": 100, "nrows": 24}
     )
+    iterable = None if total is None or isinstance(total, int | float) else total
+    if iterable is not None:
+        total = len(iterable) if isinstance(iterable, Sized) else None
     return tqdm(
+        iterable,
         total=total,
+        initial=initial,
         desc=desc,
         unit=unit,
         disable=not progress_enabled(enabled),

@@ -91,7 +91,9 @@ class RuntimeConfig(_Strict):
     retry_errors: bool = Field(
         False, description="embed again the images recorded in errors/ (their error rows are removed first)"
     )
-    progress: bool = Field(True, description="a progress bar on stderr when it is a terminal (see msnoop.core.progress)")
+    progress: bool = Field(
+        True, description="a progress bar on stderr when it is a terminal (see msnoop.core.progress)"
+    )
     worker_env: list[str] = Field(
         [],
         description="names of environment variables whose values are copied from the driver to the Ray tasks that "

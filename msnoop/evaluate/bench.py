@@ -187,6 +187,7 @@ def run_bench(job: BenchJob) -> dict[str, Any]:
     Returns:
         The results record (also in ``results.json``); ``{"skipped": reason}`` when the dataset is absent.
     """
+    from msnoop.core.progress import progress_bar
     from msnoop.core.runtime import provenance
     from msnoop.core.tables import read_table, split_table
     from msnoop.embed.pipeline import run_embed
@@ -201,7 +202,9 @@ def run_bench(job: BenchJob) -> dict[str, Any]:
     out = job.output.dir
     RunDir(out).save_config(job)
     rows: list[dict[str, Any]] = []
+    bar = progress_bar(len(job.models) + len(job.baselines), f"bench {job.name}", unit="arm")
     for model in job.models:
+        bar.set_postfix_str(model, refresh=True)
         cfg = dataset_job(job, model)
         t0 = time.perf_counter()
         res = run_embed(cfg)
@@ -210,10 +213,12 @@ def run_bench(job: BenchJob) -> dict[str, Any]:
         meta, X = split_table(read_table(cfg.output.dir))
         rows.append(_evaluate(model, "embedding", X, meta, job.tasks, time.perf_counter() - t0, job.postprocess))
         logger.info("bench %s: %s done", job.name, model)
+        bar.update()
     if job.baselines:
         table = load_image_table(first.input)
         channels = list(first.input.channels)
         for kind in job.baselines:
+            bar.set_postfix_str(kind, refresh=True)
             t0 = time.perf_counter()
             X = _baseline(job, kind, table, channels)
             rows.append(
@@ -228,6 +233,8 @@ def run_bench(job: BenchJob) -> dict[str, Any]:
                 )
             )
             logger.info("bench %s: baseline %s done", job.name, kind)
+            bar.update()
+    bar.close()
     record = {
         "name": job.name,
         "date": date.today().isoformat(),

@@ -641,8 +641,12 @@ class KnnResult:
             f"classes={m['n_classes']} (chance {m['chance']:.3f})  k={m['k']}  cv={m['cv']}  metric={m['metric']}  "
             f"postprocess={m['postprocess']['method']}"
         ]
-        for key, name in (("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"), ("mcc", "MCC"),
-                          ("macro_f1", "macro-F1")):
+        for key, name in (
+            ("accuracy", "accuracy"),
+            ("balanced_accuracy", "balanced accuracy"),
+            ("mcc", "MCC"),
+            ("macro_f1", "macro-F1"),
+        ):
             out.append(f"  {name:<18} {m[key]:.4f}")
         out.append("  per-class accuracy:")
         for name, acc in m["per_class_accuracy"].items():
@@ -704,7 +708,9 @@ def knn_table(
         meta = [c for c in df.columns if str(c).startswith("Metadata_")]
         raise ValueError(f"label column {label!r} is not in {name}; metadata columns: {meta}")
     if df[label].isna().any():
-        raise ValueError(f"label column {label!r} has {int(df[label].isna().sum())} missing value(s); drop them with --exclude")
+        raise ValueError(
+            f"label column {label!r} has {int(df[label].isna().sum())} missing value(s); drop them with --exclude"
+        )
     kind, arg = parse_cv(cv)
     groups = None
     if kind == "group":

@@ -639,7 +639,9 @@ def _segmentation_section(source: Any, out: Path, seed: int) -> tuple[str | None
         return None, "", []
     masks = Path(run.masks) if not run.is_uri else None
     try:
-        fig, records = plot_segmentation(images, cells, info["cells"], out / "segmentation.png", masks_dir=masks, seed=seed)
+        fig, records = plot_segmentation(
+            images, cells, info["cells"], out / "segmentation.png", masks_dir=masks, seed=seed
+        )
     except (OSError, ValueError, ImportError) as exc:  # ImageReadError is a ValueError
         logger.warning("segmentation overlay: %s", exc)
         return None, f"No segmentation overlay: {exc}", []

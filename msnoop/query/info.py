@@ -62,7 +62,9 @@ class TableInfo:
             rows.append(("dimensions", f"{self.n_features} features"))
         if self.model:
             sha = str(self.model.get("sha256") or "")[:12]
-            rows.append(("model", f"{self.model.get('model')} ({self.model.get('arch')}" + (f", sha256 {sha})" if sha else ")")))
+            rows.append(
+                ("model", f"{self.model.get('model')} ({self.model.get('arch')}" + (f", sha256 {sha})" if sha else ")"))
+            )
         if self.preprocess:
             rows.append(("preprocess", json.dumps(self.preprocess)))
         if self.correction:
@@ -116,8 +118,11 @@ def _from_lance(ref: Any, run: Any) -> TableInfo:
         n_features=int(getattr(vector, "list_size", 0) or 0),
         metadata=_metadata([f.name for f in ref.table.schema]),
         channels=list(meta.get("channels") or []),
-        model=({"model": meta.get("model"), "arch": meta.get("arch"), "sha256": meta.get("model_sha256")}
-               if meta.get("model") else None),
+        model=(
+            {"model": meta.get("model"), "arch": meta.get("arch"), "sha256": meta.get("model_sha256")}
+            if meta.get("model")
+            else None
+        ),
         preprocess=meta.get("preprocess"),
         vectors=dict(meta.get("postprocess") or {"method": "raw"}),
         correction=correction,

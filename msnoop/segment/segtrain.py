@@ -144,8 +144,10 @@ def _score(pairs: list[tuple[Path, Path]], root: Path, backends: dict[str, Any])
     """Per-image AP of every backend (``name -> image -> labels``); each pair is read once."""
     from msnoop.segment.metrics import match_instances, read_pair
 
+    from msnoop.core.progress import progress_bar
+
     rows: dict[str, list[dict[str, Any]]] = {name: [] for name in backends}
-    for img_path, mask_path in pairs:
+    for img_path, mask_path in progress_bar(pairs, "segmentation (held-out images)", unit="img"):
         img, gt = read_pair(img_path, mask_path)
         for name, segment_fn in backends.items():
             t0 = time.perf_counter()
@@ -161,7 +163,7 @@ def _score(pairs: list[tuple[Path, Path]], root: Path, backends: dict[str, Any])
                 "ms": round(ms, 1),
             }
             rows[name].append(row)
-            logger.info("%s %s: AP@0.5 %.3f (%d true, %d predicted)", name, row["image"], r.ap[0], r.n_true, r.n_pred)
+            logger.debug("%s %s: AP@0.5 %.3f (%d true, %d predicted)", name, row["image"], r.ap[0], r.n_true, r.n_pred)
     return rows
 
 

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from msnoop.core.config import save_resolved
+from msnoop.core.progress import progress_bar
 from msnoop.models.checkpoint import file_sha256, save_checkpoint
 from msnoop.models.registry import create_model
 from msnoop.preprocess.presets import Preprocessing
@@ -169,9 +170,16 @@ def train_func(config: dict[str, Any]) -> None:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops at the same step
         return bool(flag.item() > 0)
 
+    # rank 0 draws the bar where its stderr is a terminal (local mode); Ray workers' logs get none
+    bar = progress_bar(
+        job.train.steps, "pretraining", unit="step", initial=state.step, enabled=None if rank == 0 else False
+    )
+
     def on_log(record: dict[str, float]) -> None:
         if rank != 0:
             return
+        bar.update(int(record["step"]) - bar.n)
+        bar.set_postfix_str(f"loss {record['loss']:.4g}", refresh=False)
         line = {
             "time": time.time(),
             "elapsed_s": round(time.time() - t_start, 3),
@@ -220,6 +228,7 @@ def train_func(config: dict[str, Any]) -> None:
         on_log=on_log,
         on_checkpoint=on_checkpoint,
     )
+    bar.close()
     if rank == 0:
         logger.info("run %s ended at step %d (%s)", job.name, state.step, reason)
 
