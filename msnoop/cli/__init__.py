@@ -96,8 +96,35 @@ def main(
     _setup_logging(verbose)
 
 
+#: One example per command, shown at the end of its ``--help`` (commands run from the repository root, as in the
+#: README).
+EXAMPLES: dict[str, str] = {
+    "embed": "msnoop embed --manifest ../shared/data/hpa_toy/hpa_labels.csv --channels green,blue,red --out "
+    "results/hpa   (or: msnoop embed configs/yeast.yaml)",
+    "submit": "msnoop cluster start; msnoop submit configs/yeast.yaml --follow   (a remote cluster: --address "
+    "http://HEAD:8265)",
+    "cluster": "msnoop cluster start --num-cpus 2; msnoop submit configs/yeast.yaml --follow; msnoop cluster stop",
+    "run": "msnoop run configs/bbbc021_profiles.yaml",
+    "validate": "msnoop validate configs/yeast.yaml --set runtime.actors=4",
+    "demo": "msnoop demo --out demo_output",
+    "search": 'msnoop search results/yeast --id images/AAC1/AAC1_1_rfp_10_gfp --k 5 --where "Metadata_field = 2"',
+    "info": "msnoop info results/yeast",
+    "export": 'msnoop export results/yeast --out yeast.h5ad   then scanpy.pp.neighbors(adata, use_rep="X_msnoop")',
+    "knn": "msnoop knn results/yeast --label Metadata_protein --cv group:Metadata_field",
+    "nsc": "msnoop nsc results/bbbc021_profiles --batch Metadata_Week --batch-map configs/bbbc021_platemap.csv",
+    "map": "msnoop map results/bbbc021_profiles --positive Metadata_moa --pos-diff Metadata_Compound",
+    "report": "msnoop report results/yeast --label Metadata_localization_yeastgfp --out reports/yeast",
+    "bench": "msnoop bench configs/benchmarks/hpa_toy.yaml --summary results/benchmarks.md",
+    "profile": "msnoop profile configs/bbbc021_profiles.yaml",
+    "screen": "msnoop screen configs/bbbc013_screen.yaml --set input=results/bbbc013_cells",
+    "pretrain": "msnoop pretrain configs/pretrain_smoke.yaml",
+    "segtrain": "msnoop segtrain configs/segtrain_coelho.yaml",
+}
+
+
 def _register() -> None:
-    """Add every command under its task's panel; a job kind's verb takes its help line from the job registry."""
+    """Add every command under its task's panel, with its example; a job kind's verb takes its help line from the
+    job registry."""
     from msnoop.cli import embed, evaluate, profiles, query, training
     from msnoop.job_kinds import JOB_KINDS
 
@@ -111,7 +138,9 @@ def _register() -> None:
         (training, TRAINING),
     ):
         for name, fn, help_ in module.COMMANDS:
-            app.command(name, help=job_help.get(name, help_), rich_help_panel=panel)(fn)
+            app.command(
+                name, help=job_help.get(name, help_), epilog=f"Example: {EXAMPLES[name]}", rich_help_panel=panel
+            )(fn)
 
 
 _register()

@@ -229,10 +229,7 @@ def cluster(
         int | None, typer.Option(help="dashboard / Jobs API port (start; default 8265, or a free one)")
     ] = None,
 ) -> None:
-    """A Ray cluster on this machine, on 127.0.0.1 only: msnoop commands and `msnoop submit` use it while it runs.
-
-    msnoop cluster start --num-cpus 2   then   msnoop submit configs/yeast.yaml --follow   then   msnoop cluster stop
-    """
+    """A Ray cluster on this machine, on 127.0.0.1 only: msnoop commands and `msnoop submit` use it while it runs."""
     from msnoop.core.local_cluster import ClusterError, recorded_cluster, start_local_cluster, stop_local_cluster
 
     if action == "stop":

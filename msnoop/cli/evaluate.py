@@ -73,10 +73,7 @@ def knn_command(
     ] = "auto",
     postprocess: PostprocessOpt = None,
 ) -> None:
-    """kNN classification of profiles (FAISS, Microsnoop vote): accuracy, balanced accuracy, MCC, macro-F1.
-
-    msnoop knn results/yeast --label Metadata_protein --cv group:Metadata_field
-    """
+    """kNN classification of profiles (FAISS, Microsnoop vote): accuracy, balanced accuracy, MCC, macro-F1."""
     from msnoop.evaluate.knn import knn_table
 
     try:
@@ -118,10 +115,7 @@ def nsc_command(
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON here.")] = None,
     postprocess: PostprocessOpt = None,
 ) -> None:
-    """NSC / NSCB: 1-NN cosine MOA matching excluding the same compound (and the same batch).
-
-    msnoop nsc results/bbbc021_profiles --batch Metadata_Week --batch-map configs/bbbc021_platemap.csv
-    """
+    """NSC / NSCB: 1-NN cosine MOA matching excluding the same compound (and the same batch)."""
     from msnoop.core.tables import read_table
     from msnoop.evaluate.features import postprocessed_table
     from msnoop.evaluate.nsc import BATCH_MATCHES, apply_batch_map, nsc, nscb

@@ -31,11 +31,7 @@ def search(
         bool | None, typer.Option("--exact/--ann", help="force exact or index search (default: automatic)")
     ] = None,
 ) -> None:
-    """Nearest rows (cosine distance) to an image in the table, a new image, or a group of rows.
-
-    A group (--match) is, for example, a treatment in the batch-corrected table that `msnoop profile` writes:
-    msnoop search results/bbbc021_profiles --match "Metadata_compound = 'taxol'" --k 5
-    """
+    """Nearest rows (cosine distance) to an image of the table, a new image, or the mean of the rows --match selects."""
     import pandas as pd
 
     from msnoop.query.search import open_results, search_by_id, search_by_match, search_image
@@ -78,10 +74,7 @@ def info(
     ],
     table_name: Annotated[str | None, typer.Option("--table", help="table name inside a LanceDB URI")] = None,
 ) -> None:
-    """Describe a table: rows, dimensions, channels, model, preprocessing, correction, errors.
-
-    msnoop info results/yeast
-    """
+    """Describe a table: rows, dimensions, channels, model, preprocessing, correction, errors."""
     from msnoop.query.info import describe
 
     try:
@@ -98,11 +91,7 @@ def export(
     ],
     out: Annotated[Path, typer.Option("--out", help="file to write: .h5ad (AnnData, for scanpy)")],
 ) -> None:
-    """Export an embedding or profile table as AnnData (.h5ad): obs = metadata, X = vectors as stored,
-    obsm["X_msnoop"] = the vectors msnoop compares (post-processed), uns = provenance.
-
-    msnoop export results/yeast --out yeast.h5ad   then in Python: scanpy.pp.neighbors(adata, use_rep="X_msnoop")
-    """
+    """Export a table as AnnData (.h5ad): obs metadata, X vectors as stored, obsm["X_msnoop"] the ones msnoop compares."""
     import json
 
     from msnoop.store.anndata import OBSM_KEY, UNS_KEY, to_anndata
