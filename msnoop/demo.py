@@ -1,4 +1,4 @@
-"""The README's main command: synthetic cells -> TIFFs + manifest -> Ray embedding -> LanceDB -> search."""
+"""The README's first command: synthetic cells -> TIFFs + manifest -> embedding -> Parquet + LanceDB -> search."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def demo_config(out_dir: Path, *, n_per_class: int, model: str | None, num_cpus:
 
 
 def run_demo(
-    out_dir: Path, *, n_per_class: int = 25, model: str | None = None, num_cpus: int | None = None
+    out_dir: Path, *, n_per_class: int = 12, model: str | None = None, num_cpus: int | None = None
 ) -> tuple[EmbedResult, EmbedJob]:
     """Run the demo: synthetic cells embedded with Ray into Parquet and LanceDB; returns the result and the config."""
     cfg = demo_config(out_dir, n_per_class=n_per_class, model=model, num_cpus=num_cpus)

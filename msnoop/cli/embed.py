@@ -259,10 +259,10 @@ def _describe_cluster(local: Any, state: str) -> None:
 
 def demo(
     out: Annotated[Path, typer.Option(help="folder for the synthetic data and results")] = Path("demo_output"),
-    n_per_class: Annotated[int, typer.Option(help="cells per class (4 classes)")] = 25,
+    n_per_class: Annotated[int, typer.Option(help="cells per class (4 classes)")] = 12,
     model: Annotated[str | None, typer.Option(help="model reference (default: the shipped model)")] = None,
 ) -> None:
-    """Generate synthetic cells, embed them with Ray into LanceDB, and search."""
+    """Generate synthetic cells, embed them into Parquet and LanceDB, and search: msnoop end to end in a minute."""
     from msnoop.demo import run_demo
     from msnoop.query.search import open_results, search_by_id
 
