@@ -138,8 +138,9 @@ def join(base: str | Path, *names: str) -> str | Path:
 
 
 def _s3_path(location: str) -> str:
-    parsed = urlparse(location)
-    return (parsed.netloc + parsed.path).rstrip("/")
+    """``bucket/key`` of an object storage URI, the key taken literally: ``#``, ``?``, ``%`` and ``;`` are
+    characters of the key (object stores allow them), not a URL's fragment, query or escapes."""
+    return location.split("://", 1)[1].rstrip("/")
 
 
 @functools.lru_cache(maxsize=32)
@@ -278,6 +279,17 @@ def list_files(location: str | Path, pattern: str = "*", config: StorageConfig |
     """
     _, infos = list_file_infos(location, pattern, config)
     return [join(location, posixpath.basename(i.path)) for i in infos]
+
+
+def walk_files(location: str | Path, config: StorageConfig | None = None) -> list[str]:
+    """Every file below folder/prefix ``location`` (recursively), as ``/``-separated paths relative to it, sorted.
+
+    Hidden names are included (callers decide what to skip). ``[]`` when nothing is there.
+    """
+    fs, path = resolve(location, config)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=True))
+    base = path.rstrip("/") + "/"
+    return sorted(i.path[len(base) :] for i in infos if i.type == pafs.FileType.File and i.path.startswith(base))
 
 
 def open_input(location: str | Path, config: StorageConfig | None = None) -> Any:
@@ -481,6 +493,7 @@ __all__ = [
     "read_text",
     "remove",
     "resolve",
+    "walk_files",
     "scheme",
     "storage_options",
     "write_bytes",

@@ -94,6 +94,7 @@ class ImageTableSource:
     csv_names: list[str] = field(default_factory=list)  # column names of a CSV (pandas' names for repeats/blanks)
     delimiter: str = ","
     table: pa.Table | None = None  # kind "table": the whole image table
+    ignored_files: int = 0  # folder inputs: hidden and system files left out of the listing
 
     # ------------------------------------------------------------------------------------------- reading
 
@@ -291,7 +292,7 @@ def plan_image_table(cfg: InputConfig, *, storage: Any = None, mask_column: str 
     if cfg.manifest is not None:
         src = _plan_manifest(cfg, storage)
     elif cfg.loaddata is not None:
-        src = _plan_loaddata(cfg)
+        src = _plan_loaddata(cfg, storage)
     else:  # folder / OME-Zarr sources are listings: built whole (their size is the number of files listed)
         df = load_image_table(cfg, storage=storage)
         if mask_column is not None:
@@ -309,6 +310,7 @@ def plan_image_table(cfg: InputConfig, *, storage: Any = None, mask_column: str 
             channels=list(cfg.channels),
             schema=schema,
             table=metadata_arrow(df, schema),
+            ignored_files=int(df.attrs.get("ignored_files", 0)),
         )
     names = [n for _, n in src.meta] + [path_column(ch) for ch in cfg.channels]
     if cfg.id_column:
@@ -388,10 +390,10 @@ def _source(
     )
 
 
-def _plan_loaddata(cfg: InputConfig) -> ImageTableSource:
+def _plan_loaddata(cfg: InputConfig, storage: Any = None) -> ImageTableSource:
     assert cfg.loaddata is not None
     location = str(cfg.loaddata)
-    kind, columns, types, delimiter = _read_header(location, cfg.dtypes, None)
+    kind, columns, types, delimiter = _read_header(location, cfg.dtypes, storage)
     if kind != "csv":
         raise ConfigError(f"LoadData file {location}: expected a CSV file")
     paths: dict[str, tuple[str | None, str | None, str | None]] = {}
@@ -405,7 +407,18 @@ def _plan_loaddata(cfg: InputConfig) -> ImageTableSource:
         cols = [f"FileName_{key}", f"PathName_{key}", f"URL_{key}"]
         paths[ch] = tuple(c if c in columns else None for c in cols)  # type: ignore[assignment]
     meta_cols = [c for c in columns if not c.startswith(("FileName_", "PathName_", "URL_"))]
-    return _source(cfg, "loaddata", location, columns, types, meta_cols, paths, csv_names=columns, delimiter=delimiter)
+    return _source(
+        cfg,
+        "loaddata",
+        location,
+        columns,
+        types,
+        meta_cols,
+        paths,
+        storage=storage,
+        csv_names=columns,
+        delimiter=delimiter,
+    )
 
 
 def _declared(dtypes: dict[str, str] | None, columns: list[str], location: str) -> dict[str, str]:
