@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -71,7 +70,7 @@ def write_part(
     key-value metadata under ``msnoop``, so a part copied elsewhere still says how it was made
     (:func:`read_part_provenance`).
 
-    Local: written to a hidden ``.part-*.tmp`` beside it, then ``os.replace`` (streams to disk).
+    Local: written to a hidden temporary file beside it, then ``os.replace`` (streams to disk).
     URI: serialised in memory, then one upload of the final key (memory = the part's size).
     ``key`` (e.g. :func:`block_key` of the block's ids) names the part deterministically, so writing
     the same block again (a retried task) replaces it; without it every call adds a new part.
@@ -85,12 +84,9 @@ def write_part(
         final = st.join(folder, name)
         st.write_with(final, lambda out: pq.write_table(table, out), storage)
         return final
-    folder = st.local_path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{name}.tmp"
-    pq.write_table(table, tmp)
-    final = folder / name
-    os.replace(tmp, final)
+    final = st.local_path(folder) / name
+    with st.atomic_path(final) as tmp:  # a unique temporary name: two tasks writing one key never share it
+        pq.write_table(table, tmp)
     return final
 
 
@@ -249,9 +245,8 @@ def drop_ids(
             kept = table.filter(pa.array(keep))
             st.write_with(f, lambda out, kept=kept: pq.write_table(kept, out), storage)
         else:
-            tmp = f.with_name(f".{f.name}.tmp")
-            pq.write_table(table.filter(pa.array(keep)), tmp)
-            os.replace(tmp, f)
+            with st.atomic_path(f) as tmp:
+                pq.write_table(table.filter(pa.array(keep)), tmp)
     return removed
 
 

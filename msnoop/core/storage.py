@@ -20,6 +20,7 @@ and ``allow_http``/``anonymous`` switches are configuration.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import fnmatch
 import functools
@@ -27,6 +28,7 @@ import io
 import os
 import posixpath
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlparse
@@ -358,6 +360,48 @@ def write_with(location: str | Path, writer: Any, config: StorageConfig | None =
     write_bytes(location, buf.getbuffer(), config)
 
 
+def _tmp_suffix(name: str) -> str:
+    """The suffix a writer may read a format from (``.h5ad``, ``.png``, ``.csv.gz``): kept on temporary names."""
+    suffixes = Path(name).suffixes
+    if len(suffixes) >= 2 and suffixes[-1].lower() in (".gz", ".bz2", ".xz", ".zip", ".zst"):
+        return "".join(suffixes[-2:])
+    return suffixes[-1] if suffixes else ""
+
+
+@contextlib.contextmanager
+def atomic_path(location: str | Path, config: StorageConfig | None = None) -> Iterator[Path]:
+    """A local path to write ``location`` through, so that the file is complete or absent.
+
+    Local: a hidden temporary file beside the final one (same suffix, so writers that read the format from the
+    name still do), renamed over it with ``os.replace`` when the block ends without an exception, removed
+    otherwise. Object storage: a temporary local file uploaded to the final key in one request when the block
+    ends (an upload becomes visible whole or not at all); nothing is uploaded after an exception. Parent folders of
+    a local ``location`` are created.
+
+    Example::
+
+        with atomic_path(out / "cells.h5ad") as tmp:
+            adata.write_h5ad(tmp)
+    """
+    if not is_uri(location):
+        final = local_path(location)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.tmp{_tmp_suffix(final.name)}")
+        try:
+            yield tmp
+            os.replace(tmp, final)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return
+    import tempfile
+
+    name = str(location).rstrip("/").rsplit("/", 1)[-1]
+    with tempfile.TemporaryDirectory(prefix="msnoop-") as folder:
+        tmp = Path(folder) / f"upload{_tmp_suffix(name)}"
+        yield tmp
+        write_bytes(location, tmp.read_bytes(), config)
+
+
 def remove(location: str | Path, config: StorageConfig | None = None, *, missing_ok: bool = True) -> None:
     """Delete a file, or a folder/prefix with everything below it."""
     fs, path = resolve(location, config)
@@ -476,6 +520,7 @@ def check_writable(location: str | Path, config: StorageConfig | None = None) ->
 
 __all__ = [
     "Location",
+    "atomic_path",
     "StorageConfig",
     "StorageError",
     "check_readable",

@@ -69,6 +69,22 @@ def _read_lance(path: Path) -> pd.DataFrame:
     return pd.concat([meta, emb], axis=1)
 
 
+def _read_uri_table(uri: str, key: str) -> pd.DataFrame:
+    """A Parquet or CSV table on object storage (endpoint and credentials from the environment)."""
+    import io
+
+    from msnoop.core import storage
+
+    if not storage.exists(uri):
+        raise FileNotFoundError(f"table {uri} does not exist")
+    if key in (".parquet", ".pq"):
+        import pyarrow.parquet as pq
+
+        fs, path = storage.resolve(uri)
+        return pq.read_table(path, filesystem=fs).to_pandas()
+    return pd.read_csv(io.BytesIO(storage.read_bytes(uri)), compression="gzip" if key.endswith(".gz") else None)
+
+
 def metadata_columns(df: pd.DataFrame) -> list[str]:
     """Columns whose name starts with ``Metadata_``, in table order."""
     return [str(c) for c in df.columns if str(c).startswith(METADATA_PREFIX)]
@@ -173,8 +189,9 @@ def read_table(path: str | Path) -> pd.DataFrame:
 
     Args:
         path: Table file (a Parquet dataset folder ending in ``.parquet`` also works), or an ``msnoop embed``
-            output folder: a local path or an object storage URI (``s3://bucket/run1``; endpoint and
-            credentials from the environment, see :mod:`msnoop.core.storage`).
+            output folder: a local path or an object storage URI (``s3://bucket/run1``,
+            ``s3://bucket/profiles.parquet``; endpoint and credentials from the environment, see
+            :mod:`msnoop.core.storage`).
 
     Returns:
         The table as a DataFrame.
@@ -189,7 +206,13 @@ def read_table(path: str | Path) -> pd.DataFrame:
     if storage.is_uri(path):
         if RunDir(path).exists():
             return _read_msnoop_output(str(path))
-        raise FileNotFoundError(f"{path} is not an msnoop output folder (no {RunDir.RUN_FILE} there)")
+        key = _suffix_key(Path(str(path).rstrip("/").rsplit("/", 1)[-1]))
+        if key is None:
+            raise FileNotFoundError(
+                f"{path} is not an msnoop output folder (no {RunDir.RUN_FILE} there) nor a table file "
+                f"(expected one of the suffixes {sorted(TABLE_READERS)})"
+            )
+        return _read_uri_table(str(path), key)
     path = storage.local_path(path)
     if not path.exists():
         raise FileNotFoundError(f"table {path} does not exist")
@@ -209,7 +232,8 @@ def read_table(path: str | Path) -> pd.DataFrame:
 
 
 def write_table(df: pd.DataFrame, path: str | Path) -> Path:
-    """Write a table as Parquet (``.parquet``) or CSV (``.csv``/``.csv.gz``), creating parent folders.
+    """Write a table as Parquet (``.parquet``) or CSV (``.csv``/``.csv.gz``), creating parent folders; the file is
+    complete or absent (written to a temporary name and renamed).
 
     Args:
         df: Table to write; the index is not written.
@@ -221,13 +245,15 @@ def write_table(df: pd.DataFrame, path: str | Path) -> Path:
     Raises:
         ValueError: If the suffix is neither Parquet nor CSV.
     """
+    from msnoop.core import storage
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     name = path.name.lower()
-    if name.endswith((".parquet", ".pq")):
-        df.to_parquet(path, index=False)
-    elif name.endswith((".csv", ".csv.gz")):
-        df.to_csv(path, index=False)
-    else:
+    if not name.endswith((".parquet", ".pq", ".csv", ".csv.gz")):
         raise ValueError(f"cannot write {path}: expected a .parquet, .csv or .csv.gz suffix")
+    with storage.atomic_path(path) as tmp:  # complete or absent
+        if name.endswith((".parquet", ".pq")):
+            df.to_parquet(tmp, index=False)
+        else:
+            df.to_csv(tmp, index=False)
     return path

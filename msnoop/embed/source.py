@@ -17,7 +17,6 @@ the manifest's whatever the block. Encoding cost 35-70 us and 1.2-1.9 KB per row
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -125,6 +124,7 @@ def manifest_dataset(source: ImageTableSource, n_rows: int, *, ray_remote_args: 
     embed) is only Ray Data's estimate for progress; ``ray_remote_args`` are the read task's Ray options
     (``num_cpus``, ``runtime_env``: named arguments of :func:`ray.data.read_datasource`).
     """
+    import ray
     import ray.data
     from ray.data.block import BlockMetadata
     from ray.data.datasource import Datasource, ReadTask
@@ -145,7 +145,15 @@ def manifest_dataset(source: ImageTableSource, n_rows: int, *, ray_remote_args: 
             self, parallelism: int, per_task_row_limit: int | None = None, data_context: Any = None
         ) -> list[ReadTask]:
             meta = BlockMetadata(num_rows=n_rows, size_bytes=None, exec_stats=None, input_files=None)
-            read = functools.partial(read_blocks, source, **kwargs)
-            return [ReadTask(read, meta, per_task_row_limit=per_task_row_limit)]
+            # The plan and the run's schema grow with the manifest's width (thousands of columns: megabytes), so
+            # they travel through the object store and the task holds a reference only; Ray Data also names the
+            # read function in its messages, so it is a plain function, not a partial.
+            plan = ray.put((source, kwargs))
+
+            def read_manifest() -> Iterator[pa.Table]:
+                planned, options = ray.get(plan)
+                yield from read_blocks(planned, **options)
+
+            return [ReadTask(read_manifest, meta, per_task_row_limit=per_task_row_limit)]
 
     return ray.data.read_datasource(ManifestDatasource(), **ray_remote_args)  # num_cpus, runtime_env

@@ -58,8 +58,18 @@ BATCH_ROWS = 16_384
 
 #: Bytes per CSV block: the CSV reader reads ahead a number of blocks, so this bounds its buffers. With
 #: pyarrow 26 a 10^6-row manifest (150 MB) peaked at 41 MB of Arrow memory with 1 MB blocks and at 21 MB with
-#: 256 KB blocks, read in the same time (0.9 s); a single CSV row must fit in one block.
+#: 256 KB blocks, read in the same time (0.9 s). A row (the header too) must fit in one block: a file with a
+#: longer one is read again with blocks 4x larger (:func:`_is_block_error`), up to :data:`CSV_MAX_BLOCK_BYTES`.
 CSV_BLOCK_BYTES = 256 << 10
+
+#: The largest CSV block tried: a manifest row (or header) longer than this is refused, naming the file.
+CSV_MAX_BLOCK_BYTES = 1 << 30
+
+
+def _is_block_error(exc: BaseException) -> bool:
+    """Whether pyarrow's CSV reader failed because a row (or the header) is longer than its block."""
+    text = str(exc)
+    return "straddl" in text or "Empty CSV file or block" in text
 
 #: Bytes a Parquet manifest is read in (pages are streamed; without it a row group is buffered whole).
 PARQUET_BUFFER_BYTES = 1 << 20
@@ -132,34 +142,54 @@ class ImageTableSource:
                     for b in pf.iter_batches(batch_size=rows, columns=self._used_columns()):
                         yield pa.Table.from_batches([b])
                 return
-            with _open(self.location, self.storage) as fh:
-                reader = pacsv.open_csv(
-                    fh,
-                    read_options=pacsv.ReadOptions(
-                        column_names=self.csv_names, skip_rows=1, block_size=CSV_BLOCK_BYTES
-                    ),
-                    parse_options=_parse_options(self.delimiter),
-                    convert_options=pacsv.ConvertOptions(
-                        column_types=dict.fromkeys(self.csv_names, pa.string()),
-                        null_values=[""],
-                        strings_can_be_null=True,
-                        quoted_strings_can_be_null=True,
-                    ),
-                )
-                pending: list[pa.RecordBatch] = []
-                n = 0
-                for b in reader:
-                    pending.append(b)
-                    n += b.num_rows
-                    while n >= rows:
-                        table = pa.Table.from_batches(pending)
-                        yield table.slice(0, rows)
-                        rest = table.slice(rows)
-                        pending, n = rest.to_batches(), rest.num_rows
-                if n:
-                    yield pa.Table.from_batches(pending)
+            yield from self._csv_batches(rows)
         except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"manifest {self.location} cannot be read: {_short(exc)}") from None
+
+    def _csv_batches(self, rows: int) -> Iterator[pa.Table]:
+        """The CSV's rows in tables of ``rows``; a row longer than the block makes the file be read again with
+        larger blocks, from the first row not yet yielded (the result does not depend on the block size)."""
+        block, sent = CSV_BLOCK_BYTES, 0
+        while True:
+            seen = 0
+            try:
+                for table in self._csv_pass(rows, block):
+                    end = seen + table.num_rows
+                    if end > sent:  # rows a pass with smaller blocks yielded already are skipped
+                        yield table.slice(max(sent - seen, 0))
+                        sent = end
+                    seen = end
+                return
+            except pa.ArrowInvalid as exc:
+                if not _is_block_error(exc) or block >= CSV_MAX_BLOCK_BYTES:
+                    raise
+                block *= 4
+
+    def _csv_pass(self, rows: int, block: int) -> Iterator[pa.Table]:
+        with _open(self.location, self.storage) as fh:
+            reader = pacsv.open_csv(
+                fh,
+                read_options=pacsv.ReadOptions(column_names=self.csv_names, skip_rows=1, block_size=block),
+                parse_options=_parse_options(self.delimiter),
+                convert_options=pacsv.ConvertOptions(
+                    column_types=dict.fromkeys(self.csv_names, pa.string()),
+                    null_values=[""],
+                    strings_can_be_null=True,
+                    quoted_strings_can_be_null=True,
+                ),
+            )
+            pending: list[pa.RecordBatch] = []
+            n = 0
+            for b in reader:
+                pending.append(b)
+                n += b.num_rows
+                while n >= rows:
+                    table = pa.Table.from_batches(pending)
+                    yield table.slice(0, rows)
+                    rest = table.slice(rows)
+                    pending, n = rest.to_batches(), rest.num_rows
+            if n:
+                yield pa.Table.from_batches(pending)
 
     def _used_columns(self) -> list[str]:
         used = [src for src, _ in self.meta]
@@ -463,18 +493,32 @@ def _read_header(
             f"manifest {location}: expected a .csv, .csv.gz or .parquet file, found {Path(name).suffix!r}"
         )
     delimiter = "\t" if suffixes.endswith(".tsv") else ","
-    try:
-        with _open(location, storage) as fh:
-            header = pacsv.open_csv(
-                fh,
-                read_options=pacsv.ReadOptions(block_size=1 << 16),
-                parse_options=_parse_options(delimiter),
-                convert_options=pacsv.ConvertOptions(include_columns=[]),
-            ).schema.names
-    except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"manifest {location} cannot be read: {_short(exc)}") from None
+    block = 1 << 16
+    while True:  # a header longer than the block is read again with larger blocks (no width limit)
+        try:
+            with _open(location, storage) as fh:
+                header = pacsv.open_csv(
+                    fh,
+                    read_options=pacsv.ReadOptions(block_size=block),
+                    parse_options=_parse_options(delimiter),
+                    convert_options=pacsv.ConvertOptions(include_columns=[]),
+                ).schema.names
+            break
+        except pa.ArrowInvalid as exc:
+            if _is_block_error(exc) and block < CSV_MAX_BLOCK_BYTES and _longer_than(location, storage, block):
+                block *= 4
+                continue
+            raise ConfigError(f"manifest {location} cannot be read: {_short(exc)}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"manifest {location} cannot be read: {_short(exc)}") from None
     columns = _pandas_names(header)
     return "csv", columns, dict.fromkeys(columns, pa.string()), delimiter
+
+
+def _longer_than(location: str, storage: Any, size: int) -> bool:
+    """Whether the (decompressed) file holds more than ``size`` bytes: a larger block can then still help."""
+    with _open(location, storage) as fh:
+        return len(fh.read(size + 1)) > size
 
 
 def _pandas_names(header: list[str]) -> list[str]:
