@@ -15,7 +15,8 @@ def search(
     table: Annotated[str, typer.Argument(help="job output folder, or a LanceDB URI with --table")],
     image_id: Annotated[str | None, typer.Option("--id", help="query by an image id in the table")] = None,
     image: Annotated[
-        list[Path] | None, typer.Option("--image", help="query image: one file per channel, in the table's order")
+        list[str] | None,
+        typer.Option("--image", help="query image (a path or s3://...): one file per channel, in the table's order"),
     ] = None,
     match: Annotated[
         str | None,
@@ -79,10 +80,13 @@ def info(
     from msnoop.query.search import open_results
 
     try:
-        ref = open_results(table, table_name)
+        ref = open_results(table, table_name, complete=False)
+        state = RunDir(table).state()
     except (KeyError, ValueError, FileNotFoundError) as exc:
         fail(message(exc))
     meta = ref.info
+    if state is not None:
+        typer.echo(f"state      {state}")
     typer.echo(f"table      {ref.name} ({ref.uri})")
     typer.echo(f"rows       {ref.table.count_rows()}")
     typer.echo(
@@ -104,18 +108,24 @@ def info(
 
 def export(
     table: Annotated[
-        Path, typer.Argument(help="embed output folder, profile Parquet, any Parquet/CSV table, or .lance")
+        str,
+        typer.Argument(help="embed output folder, profile Parquet, any Parquet/CSV table, or .lance (paths or s3://...)"),
     ],
-    out: Annotated[Path, typer.Option("--out", help="file to write: .h5ad (AnnData, for scanpy)")],
+    out: Annotated[str, typer.Option("--out", help="file to write (a path or s3://...): .h5ad (AnnData, for scanpy)")],
 ) -> None:
-    """Export an embedding or profile table as AnnData (.h5ad): obs = metadata, X = vectors, uns = provenance."""
+    """Export an embedding or profile table as AnnData (.h5ad): obs = metadata, X = vectors, uns = provenance.
+
+    The file is complete or absent: a metadata column that .h5ad cannot store is refused before anything is written.
+    """
+    from msnoop.core import storage as st
     from msnoop.store.anndata import to_anndata
 
     try:
         adata = to_anndata(table, out)
     except (ValueError, FileNotFoundError, OSError) as exc:
-        fail(str(exc))
-    typer.echo(f"wrote {out.resolve()}: {adata.n_obs} rows x {adata.n_vars} features")
+        fail(message(exc))
+    where = out if st.is_uri(out) else Path(out).resolve()
+    typer.echo(f"wrote {where}: {adata.n_obs} rows x {adata.n_vars} features")
 
 
 COMMANDS = [("search", search, None), ("info", info, None), ("export", export, None)]

@@ -47,7 +47,9 @@ def _read_msnoop_output(path: str | Path) -> pd.DataFrame:
     from msnoop.core import parts
     from msnoop.core.rundir import RunDir
 
-    folder = RunDir(path).embeddings
+    run = RunDir(path)
+    run.check_complete("read")  # never a partial snapshot of a folder being written or left unfinished
+    folder = run.embeddings
     df = parts.read_frame(folder)
     if df.empty:
         raise ValueError(f"msnoop output folder {path} has no embeddings yet (no parts in {folder})")
