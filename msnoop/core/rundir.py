@@ -48,6 +48,7 @@ import json
 import logging
 import os
 import posixpath
+import random
 import socket
 import sys
 import threading
@@ -71,6 +72,8 @@ logger = logging.getLogger(__name__)
 
 #: Seconds between a writer's heartbeats.
 LOCK_HEARTBEAT_S = 30.0
+#: Times two claimants that wrote their claims at the same instant withdraw and try again.
+_LOCK_TIE_TRIES = 5
 #: Seconds without a heartbeat after which another host's claim is stale (a claim of this host is stale as soon as
 #: its process is gone).
 LOCK_STALE_S = 300.0
@@ -428,7 +431,10 @@ class RunDir:
             if key not in now:
                 continue  # a setting this version no longer has (or no longer counts): nothing to compare
             old = before.get(key, defaults.get(key, missing))
-            if old != now[key]:
+            if old != now[key] and key == "cells":
+                mode = {True: "cells mode", False: "whole-image mode"}
+                diffs.append(f"it holds a {mode[bool(old)]} run; this job is in {mode[bool(now[key])]}")
+            elif old != now[key]:
                 shown = "unset" if old is missing else json.dumps(old, default=str)
                 diffs.append(f"{key}: {shown} there, {json.dumps(now[key], default=str)} now")
         self._refuse(diffs)
@@ -564,46 +570,64 @@ class RunDir:
 
     def _acquire(self, command: str | None, *, stale_after_s: float, heartbeat_s: float) -> WriterLock:
         self.makedirs()
-        token = f"{time.time_ns():x}-{uuid.uuid4().hex[:12]}"
         pid = os.getpid()
+        argv0 = "msnoop" if "msnoop" in Path(sys.argv[0]).name else Path(sys.argv[0]).name
         holder = {
             "host": socket.gethostname(),
             "pid": pid,
             "pid_started": _process_started(pid),
             "user": getpass.getuser(),
-            "command": command or " ".join(["msnoop" if "msnoop" in sys.argv[0] else Path(sys.argv[0]).name, *sys.argv[1:3]]),
+            "command": command or " ".join([argv0, *sys.argv[1:3]]),
             "since": _now_iso(),
-            "token": token,
         }
-        lock = WriterLock(self, token, heartbeat_s=heartbeat_s)
-        st.write_text(lock.claim, json.dumps(holder), self.storage)
-        try:
-            claims = self._claims()
-            mine = next((c for c in claims if c.token == token), None)
-            if mine is None:
-                raise FolderBusyError(f"{self}: the writer lock's claim {lock.claim} vanished as it was written")
-            for other in claims:
-                if other.token == token:
-                    continue
-                age = mine.mtime - other.beat
-                if other.gone() or age > stale_after_s:
-                    why = "its process is gone" if other.gone() else f"no heartbeat for {age:.0f} s"
-                    logger.warning("%s: removing a stale writer lock of %s (%s)", self, other.describe(), why)
-                    for name in (f"claim-{other.token}.json", f"beat-{other.token}"):
-                        with contextlib.suppress(Exception):
-                            st.remove(self.path(self.LOCK, name), self.storage)
-                    continue
-                if other.mtime <= mine.mtime:  # earlier, or at the same instant: it holds the folder (ties: both back off)
-                    raise FolderBusyError(
-                        f"{self} is being written by {other.describe()}; wait until it finishes or use another "
-                        f"output.dir (its lock: {self.path(self.LOCK, f'claim-{other.token}.json')}; a lock whose "
-                        f"process is gone is taken over, after {stale_after_s:.0f} s without heartbeat on another host)"
-                    )
-        except BaseException:
-            lock.release()
-            raise
-        lock.start()
-        return lock
+        for attempt in range(_LOCK_TIE_TRIES):
+            token = f"{time.time_ns():x}-{uuid.uuid4().hex[:12]}"
+            lock = WriterLock(self, token, heartbeat_s=heartbeat_s)
+            text = json.dumps({**holder, "token": token})
+            # Written twice: a storage may date an object from when its upload (or temporary file) began, which can
+            # be before it became visible; the second write starts after the first is visible, so the claim's time
+            # is never earlier than its visibility, and two claimants can never both find themselves first.
+            st.write_text(lock.claim, text, self.storage)
+            st.write_text(lock.claim, text, self.storage)
+            try:
+                tie = self._contest(lock, stale_after_s)
+            except BaseException:
+                lock.release()
+                raise
+            if not tie:
+                lock.start()
+                return lock
+            lock.release()  # claims written at the same instant: both withdraw and try again a moment later
+            time.sleep(random.uniform(0.05, 0.3) * (attempt + 1))
+        raise FolderBusyError(f"{self}: other processes claimed the folder at the same instant {_LOCK_TIE_TRIES} times")
+
+    def _contest(self, lock: WriterLock, stale_after_s: float) -> bool:
+        """Decide whether ``lock``'s claim holds the folder: True for a tie to retry; raises when another holds it."""
+        claims = self._claims()
+        mine = next((c for c in claims if c.token == lock.token), None)
+        if mine is None:
+            raise FolderBusyError(f"{self}: the writer lock's claim {lock.claim} vanished as it was written")
+        tie = False
+        for other in claims:
+            if other.token == lock.token:
+                continue
+            age = mine.mtime - other.beat
+            if other.gone() or age > stale_after_s:
+                why = "its process is gone" if other.gone() else f"no heartbeat for {age:.0f} s"
+                logger.warning("%s: removing a stale writer lock of %s (%s)", self, other.describe(), why)
+                for name in (f"claim-{other.token}.json", f"beat-{other.token}"):
+                    with contextlib.suppress(Exception):
+                        st.remove(self.path(self.LOCK, name), self.storage)
+                continue
+            if other.mtime == mine.mtime:
+                tie = True  # which was first cannot be told: the storage's clock is coarser than the two writes
+            elif other.mtime < mine.mtime:
+                raise FolderBusyError(
+                    f"{self} is being written by {other.describe()}; wait until it finishes or use another "
+                    f"output.dir (its lock: {self.path(self.LOCK, f'claim-{other.token}.json')}; a lock whose "
+                    f"process is gone is taken over, after {stale_after_s:.0f} s without heartbeat on another host)"
+                )
+        return tie
 
     # --- state: is the folder complete? -------------------------------------------------------------------------
 

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from msnoop.models.checkpoint import LoadedModel
     from msnoop.preprocess.presets import Preprocessing
 
-__all__ = ["NOT_IDENTITY", "RESOLVED", "config_leaves", "field_defaults", "run_identity"]
+__all__ = ["NOT_IDENTITY", "RESOLVED", "config_leaves", "config_paths", "field_defaults", "run_identity"]
 
 #: Settings that change no stored vector or row, and why. Keys are dotted config paths; a section's key covers
 #: everything below it.
@@ -80,26 +80,41 @@ def _excluded(key: str) -> bool:
 
 
 def _section_class(annotation: Any) -> type[BaseModel] | None:
-    """The config section class of a field's annotation (``CellsConfig | None`` -> ``CellsConfig``), or None."""
+    """The config section class of a field's annotation (``CellsConfig`` or ``CellsConfig | None``), or None for
+    a value (which may itself be a union with a small model, e.g. ``runtime.actors``)."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
-    for arg in get_args(annotation):
-        found = _section_class(arg)
-        if found is not None:
-            return found
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    if len(args) == 1 and isinstance(args[0], type) and issubclass(args[0], BaseModel):
+        return args[0]
     return None
 
 
+def _optional(annotation: Any) -> bool:
+    return type(None) in get_args(annotation)
+
+
 def config_leaves(model: type[BaseModel], prefix: str = "") -> list[str]:
-    """Every leaf setting of a config class as a dotted path (sections are walked, optional ones too)."""
+    """Every leaf setting of a config class as a dotted path (sections are walked, optional ones too; an optional
+    section's own path stands for its presence, e.g. ``cells``: whole-image vs cells mode)."""
     out: list[str] = []
     for name, field in model.model_fields.items():
         section = _section_class(field.annotation)
-        if section is not None:
-            out.append(prefix + name)  # the section's presence itself (e.g. cells: whole-image vs cells mode)
-            out += config_leaves(section, f"{prefix}{name}.")
-        else:
+        if section is None or _optional(field.annotation):
             out.append(prefix + name)
+        if section is not None:
+            out += config_leaves(section, f"{prefix}{name}.")
+    return out
+
+
+def config_paths(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Every setting and every section of a config class as a dotted path."""
+    out: list[str] = []
+    for name, field in model.model_fields.items():
+        out.append(prefix + name)
+        section = _section_class(field.annotation)
+        if section is not None:
+            out += config_paths(section, f"{prefix}{name}.")
     return out
 
 
@@ -119,11 +134,12 @@ def field_defaults(model: type[BaseModel], prefix: str = "") -> dict[str, Any]:
 
 def _values(node: BaseModel, prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for name in type(node).model_fields:
+    for name, field in type(node).model_fields.items():
         value = getattr(node, name)
         key = prefix + name
         if isinstance(value, BaseModel):
-            out[key] = "set"  # the section is present
+            if _optional(field.annotation):
+                out[key] = "set"  # an optional section is present (e.g. cells mode)
             out.update(_values(value, key + "."))
         else:
             out[key] = to_jsonable_python(value)

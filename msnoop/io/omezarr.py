@@ -59,10 +59,15 @@ def _open(location: str | Path, storage: Any = None) -> Any:
     from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
     from zarr.storage import FsspecStore
 
+    class StorageFS(ArrowFSWrapper):  # fsspec's wrapper names an instance after an HDFS host; pyarrow S3 has none
+        @property
+        def fsid(self) -> str:
+            return f"msnoop-{self.fs.type_name}-{id(self.fs):x}"
+
     fs, path = st.resolve(location, storage)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # zarr warns about wrapping a synchronous filesystem: that is the point
-        store = FsspecStore(AsyncFileSystemWrapper(ArrowFSWrapper(fs), asynchronous=True), read_only=True, path=path)
+        store = FsspecStore(AsyncFileSystemWrapper(StorageFS(fs), asynchronous=True), read_only=True, path=path)
     try:
         return zarr.open_group(store, mode="r")
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:

@@ -376,10 +376,12 @@ def select_plane(
         if isinstance(channel, str):
             what = {"OME-Zarr": "OME-Zarr channel labels", "TIFF": "OME channel names"}.get(fmt or "", "channel names")
             if not names:
+                lacks = {
+                    "OME-Zarr": "this OME-Zarr image has no channel labels (no omero metadata)",
+                    "TIFF": "this TIFF has no OME channel names (not an OME-TIFF)",
+                }.get(fmt or "", f"this {fmt + ' ' if fmt else ''}file has no channel names")
                 raise ImageReadError(
-                    path,
-                    f"no channel named {channel!r}: the file has no {what} ({fmt or 'this format'} without channel "
-                    "names); pick planes by index with input.channel_index",
+                    path, f"no channel named {channel!r}: {lacks}; pick planes by index with input.channel_index"
                 )
             if channel not in names:
                 raise ImageReadError(path, f"no channel named {channel!r}; {what}: {names}")
