@@ -123,13 +123,11 @@ def _check_planes(shape: tuple[int, ...], what: str, channel_axis: int | None) -
     h, w = shape[-2:]
     if min(h, w) < MIN_SIDE:
         hint = (
-            " (an (H, W, C) image? give a batch axis and channel_axis=-1)"
+            "an (H, W, C) image? give a batch axis and channel_axis=-1"
             if channel_axis is None
-            else f" (is channel_axis={channel_axis} the channel axis?)"
+            else f"is channel_axis={channel_axis} the channel axis?"
         )
-        raise ValueError(
-            f"{what}: planes of {h} x {w} px are not images (sides under {MIN_SIDE} px){hint}; {_LAYOUTS}"
-        )
+        raise ValueError(f"{what}: planes of {h} x {w} px are not images (a side under {MIN_SIDE} px; {hint}); {_LAYOUTS}")
 
 
 def _split_channels(

@@ -465,10 +465,11 @@ class RunDir:
         if not stored:
             return new
         before = schema_from_json(stored)
+        new_types = dict(zip(new.names, new.types, strict=True))  # by name once: wide schemas stay linear
         diffs = [
-            f"{f.name}: {f.type} there, {new.field(f.name).type} now"
+            f"{f.name}: {f.type} there, {new_types[f.name]} now"
             for f in before
-            if f.name in new.names and new.field(f.name).type != f.type
+            if f.name in new_types and new_types[f.name] != f.type
         ]
         if diffs:
             raise OutputMismatchError(
@@ -476,7 +477,8 @@ class RunDir:
                 "one table cannot hold both. Declare the old types in input.dtypes, use another output.dir, or set "
                 "output.on_mismatch: replace"
             )
-        return pa.schema([*before, *[f for f in new if f.name not in before.names]])
+        old_names = set(before.names)
+        return pa.schema([*before, *[f for f in new if f.name not in old_names]])
 
     # --- one writer at a time ----------------------------------------------------------------------------------
 

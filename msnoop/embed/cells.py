@@ -184,7 +184,8 @@ def output_schemas(meta: pa.Schema, dim: int, cells: bool) -> tuple[pa.Schema, p
 
 def with_embeddings(meta: pa.Table, extra: dict[str, np.ndarray], emb: np.ndarray, schema: pa.Schema) -> pa.Table:
     """``meta`` + ``extra`` columns + embedding columns, as exactly ``schema``."""
-    arrays = [meta.column(f.name) for f in schema if f.name in meta.column_names]
+    have = set(meta.column_names)  # once: a wide manifest's thousands of columns stay linear
+    arrays = [meta.column(f.name) for f in schema if f.name in have]
     arrays += [pa.array(extra[f.name], type=f.type) for f in schema if f.name in extra]
     arrays += [pa.array(emb[:, i].astype(np.float32, copy=False)) for i in range(emb.shape[1])]
     return pa.Table.from_arrays(arrays, schema=schema)

@@ -73,7 +73,8 @@ def decode_rows(values: Any, schema: pa.Schema) -> pa.Table:
 def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     """``table`` with exactly ``schema``'s columns: columns only an earlier run had are nulls (resume)."""
     n = table.num_rows
-    cols = [table.column(f.name) if f.name in table.column_names else pa.nulls(n, f.type) for f in schema]
+    have = dict(zip(table.column_names, table.columns, strict=True))  # by name once: wide tables stay linear
+    cols = [have[f.name] if f.name in have else pa.nulls(n, f.type) for f in schema]
     return pa.Table.from_arrays(cols, schema=schema)
 
 
