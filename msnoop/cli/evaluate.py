@@ -122,7 +122,9 @@ def knn_command(
 
 
 def nsc_command(
-    table: Annotated[Path, typer.Argument(help="Treatment-level table (one row per compound-concentration).")],
+    table: Annotated[
+        str, typer.Argument(help="Treatment-level table (one row per compound-concentration); a path or s3://...")
+    ],
     moa: Annotated[str, typer.Option(help="MOA column.")] = "Metadata_moa",
     compound: Annotated[str, typer.Option(help="Compound column.")] = "Metadata_Compound",
     batch: Annotated[
@@ -171,7 +173,10 @@ def nsc_command(
             )
     except ValueError as exc:
         fail(str(exc))
-    typer.echo(f"MOA matching on {table.name}: {len(df)} treatments, 1-NN cosine, postprocess={method}")
+    typer.echo(
+        f"MOA matching on {posixpath.basename(table.rstrip('/'))}: {len(df)} treatments, 1-NN cosine, "
+        f"postprocess={method}"
+    )
     for name, r in results.items():
         if not isinstance(r, dict) or "accuracy" not in r:
             continue
@@ -186,7 +191,8 @@ def nsc_command(
 
 def map_command(
     table: Annotated[
-        Path, typer.Argument(help="Profile/embedding table: msnoop output folder, .parquet, .csv, .lance.")
+        str,
+        typer.Argument(help="Profile/embedding table: msnoop output folder, .parquet, .csv, .lance; a path or s3://..."),
     ],
     positive: Annotated[
         list[str], typer.Option("--positive", help="Positives share these columns, e.g. Metadata_moa.")
@@ -325,7 +331,9 @@ def bench(
         sections.append(f"### {job.name}\n\n{table}\n")
     if summary is not None:
         summary.parent.mkdir(parents=True, exist_ok=True)
-        summary.write_text("\n".join(sections))
+        from msnoop.core import storage as st
+
+        st.write_text(summary, "\n".join(sections))  # complete or absent
         typer.echo(f"wrote {summary}")
 
 
