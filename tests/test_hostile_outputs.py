@@ -190,3 +190,39 @@ def test_impossible_or_ambiguous_layouts_raise_saying_what_is_accepted(seed):
             msnoop.embed_images(images, channel_axis=axis, model=model)
         with pytest.raises(ValueError, match="accepted layouts|out of range|different numbers|numeric|empty list"):
             msnoop.embed_images(images, channel_axis=axis, model=model)
+
+
+def test_an_export_never_renames_repeated_ids_of_an_output_folder(tmp_path):
+    """A folder two writers left with an id twice is refused (to be repaired by a re-run), not exported with row
+    numbers in place of its ids."""
+    from msnoop.core import parts
+    from msnoop.core.rundir import RunDir
+
+    run = RunDir(tmp_path / "out")
+    for ids in (["a", "b"], ["b", "c"]):
+        parts.write_part(pa.table({"Metadata_ImageID": ids, "emb_0000": np.ones(2, np.float32)}), run.embeddings)
+    run.write_info({"job": "embed", "status": "complete"})
+    res = runner.invoke(app, ["export", str(run.location), "--out", str(tmp_path / "x.h5ad")])
+    assert res.exit_code == 2 and "holds 1 repeated image id(s) (e.g. 'b')" in res.output and "re-run" in res.output
+    assert not (tmp_path / "x.h5ad").exists()
+
+
+def test_evaluation_tables_on_object_storage(tmp_path, s3, monkeypatch):
+    """knn, nsc and map read Parquet and CSV tables from object storage, as they read output folders there."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint_url)
+    rng = np.random.default_rng(0)
+    n = 24
+    df = pd.DataFrame(
+        {
+            "Metadata_moa": np.repeat(["a", "b", "c"], n // 3),
+            "Metadata_Compound": [f"cpd{i % 6}" for i in range(n)],
+            **{f"f{j}": rng.normal(size=n) + np.repeat([0.0, 3.0, 6.0], n // 3) for j in range(5)},
+        }
+    )
+    base = s3.fresh()
+    for name, data in (("t.parquet", df.to_parquet(index=False)), ("t.csv", df.to_csv(index=False).encode())):
+        st.write_bytes(f"{base}/tables #1/{name}", data)
+        uri = f"{base}/tables #1/{name}"
+        for args in (["knn", uri, "--label", "Metadata_moa", "--k", "3"], ["nsc", uri], ["map", uri, "--positive", "Metadata_moa", "--null-size", "100"]):
+            res = runner.invoke(app, args)
+            assert res.exit_code == 0, (args, res.output)

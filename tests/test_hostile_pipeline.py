@@ -27,6 +27,9 @@ from hostile_inputs import (
     write_multi_series_tiff,
 )
 
+from typer.testing import CliRunner
+
+from msnoop.cli import app
 from msnoop.core import parts
 from msnoop.core.rundir import OutputMismatchError, RunDir
 from msnoop.job_kinds import build_config
@@ -35,6 +38,7 @@ from msnoop.job_kinds import run_embed_job as run_embed
 pytestmark = [pytest.mark.ray, pytest.mark.slow]  # 7 small pipeline runs (about a minute on 2 cores)
 
 ID = "Metadata_ImageID"
+runner = CliRunner()
 
 
 def _cfg(out, source: dict, *, channels, runtime=None, **extra):
@@ -113,6 +117,11 @@ def test_a_rerun_with_other_settings_is_refused_before_any_work_or_replaces_ever
         with pytest.raises(OutputMismatchError, match=rf"input.{setting}: .* there, .* now"):
             run_embed(build_config(changed))
         assert {f: (run.location / f).read_bytes() for f in before} == before
+    # the same from the command line, with the folder's own resolved config: one error line, nothing rewritten
+    res = runner.invoke(app, ["embed", str(run.config_file), "--set", "cells={segmentation: {backend: builtin}}"])
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert res.exit_code == 2 and len(lines) == 1 and "it holds a whole-image mode run" in lines[0], res.output
+    assert {f: (run.location / f).read_bytes() for f in before} == before
     changed["output"]["on_mismatch"] = "replace"
     old_ids = set(_rows(run.location)[0][ID])
     again = run_embed(build_config(changed))
@@ -168,12 +177,18 @@ def test_a_published_plate_with_gaps_and_no_suffix(tmp_path, ray_cluster):
 
 
 def test_folder_inputs_never_embed_system_files(tmp_path, ray_cluster):
+    """From the command line, with the LanceDB table elsewhere: the summary names where the table is."""
     n_sites, n_junk = folder_with_system_files(tmp_path / "imgs", np.random.default_rng(3), ["dna"])
     pattern = "{Metadata_Plate}/{Metadata_Well}_s{Metadata_Site}_{channel}.tif"
-    cfg = _cfg(tmp_path / "out", {"folder": str(tmp_path / "imgs"), "pattern": pattern}, channels=["dna"])
-    result = run_embed(cfg)
+    elsewhere = tmp_path / "tables"
+    args = ["embed", "--folder", str(tmp_path / "imgs"), "--pattern", pattern, "--channels", "dna"]
+    args += ["--model", "random:test_cnn:0", "--out", str(tmp_path / "out"), "--set", f"output.lancedb={elsewhere}"]
+    args += ["--set", "runtime.progress=false", "--set", "output.index=none"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert f"in {elsewhere}" in res.output and f"{tmp_path / 'out'}/lancedb" not in res.output
     _accounted(tmp_path / "out", n_sites)
-    assert result.n_errors_total == 0 and RunDir(tmp_path / "out").read_info()["ignored_files"] == n_junk
+    assert RunDir(tmp_path / "out").read_info()["ignored_files"] == n_junk
 
 
 def test_manifests_of_any_width(tmp_path, ray_cluster):

@@ -72,7 +72,7 @@ def print_embed_result(result: Any) -> None:
             f"(single-cell table: {run.CELLS}/)"
         )
     if result.table:
-        typer.echo(f"LanceDB table: {result.table!r} in {getattr(result, 'lancedb', None) or run.lancedb_uri()}")
+        typer.echo(f"LanceDB table: {result.table!r} in {result.lancedb or run.lancedb_uri()}")
     if result.errors_preview:
         typer.echo(f"\n{result.n_errors_total} images could not be embedded, e.g.:")
         for image_id, reason in result.errors_preview:

@@ -18,6 +18,7 @@ complete or absent.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,8 @@ from msnoop.core import parts
 from msnoop.core import storage as st
 from msnoop.core.rundir import RunDir
 from msnoop.core.tables import metadata_columns, read_table, split_table
+
+logger = logging.getLogger(__name__)
 
 #: Key of the provenance record in ``adata.uns``.
 UNS_KEY = "msnoop"
@@ -57,13 +60,27 @@ def _provenance(table: str | Path) -> dict[str, Any]:
     return {}
 
 
-def _obs_index(meta: pd.DataFrame) -> pd.Index:
+def _obs_index(meta: pd.DataFrame, table: str | Path, is_run: bool) -> pd.Index:
+    """Row names: the image (and cell) ids; row numbers for tables without unique ids, said in the log.
+
+    Raises:
+        ValueError: An embed output folder holds an id twice (it would need repairing, never renaming).
+    """
     if "Metadata_ImageID" in meta.columns:
         ids = meta["Metadata_ImageID"].astype(str)
         if "Metadata_CellID" in meta.columns:
             ids = ids + "/cell" + meta["Metadata_CellID"].astype(str)
         if ids.is_unique:
             return pd.Index(ids.to_numpy(), name="obs_id")
+        repeated = ids[ids.duplicated()]
+        if is_run:
+            raise ValueError(
+                f"{table} holds {len(repeated)} repeated image id(s) (e.g. {repeated.iloc[0]!r}); re-run its "
+                "`msnoop embed` job to repair the folder (one row per id is kept) before exporting"
+            )
+        logger.warning(
+            "%s: Metadata_ImageID repeats (e.g. %r): obs rows are named by row number", table, repeated.iloc[0]
+        )
     return pd.Index([str(i) for i in range(len(meta))], name="obs_id")
 
 
@@ -102,14 +119,17 @@ def obs_column(name: str, values: pa.Array | pa.ChunkedArray, source: str | Path
     )
 
 
+def _is_run(table: str | Path) -> bool:
+    try:
+        return RunDir(table).exists()
+    except (OSError, ValueError):
+        return False
+
+
 def _metadata_arrow(table: str | Path, df: pd.DataFrame, columns: list[str]) -> pa.Table:
     """The metadata columns with their stored Arrow types (Parquet parts and files), in ``df``'s row order."""
     run = RunDir(table)
-    try:
-        is_run = run.exists()
-    except (OSError, ValueError):
-        is_run = False
-    if is_run:
+    if _is_run(table):
         files = parts.part_files(run.embeddings)
         if files:
             fs, _ = st.resolve(files[0])
@@ -166,7 +186,7 @@ def to_anndata(table: str | Path, path: str | Path | None = None) -> Any:
     names = metadata_columns(meta)
     arrow = _metadata_arrow(table, df, names)
     obs = pd.DataFrame({c: obs_column(c, arrow.column(c), table) for c in names})
-    obs.index = _obs_index(obs)
+    obs.index = _obs_index(obs, table, _is_run(table))
     features = [c for c in df.columns if c not in meta.columns]
     adata = ad.AnnData(X=np.ascontiguousarray(X, dtype=np.float32), obs=obs, var=pd.DataFrame(index=pd.Index(features)))
     prov = _provenance(table)
