@@ -127,7 +127,9 @@ def _check_planes(shape: tuple[int, ...], what: str, channel_axis: int | None) -
             if channel_axis is None
             else f"is channel_axis={channel_axis} the channel axis?"
         )
-        raise ValueError(f"{what}: planes of {h} x {w} px are not images (a side under {MIN_SIDE} px; {hint}); {_LAYOUTS}")
+        raise ValueError(
+            f"{what}: planes of {h} x {w} px are not images (a side under {MIN_SIDE} px; {hint}); {_LAYOUTS}"
+        )
 
 
 def _split_channels(
@@ -173,7 +175,9 @@ def _split_channels(
         out.append([im] if channel_axis is None else list(im))
         counts.add(len(out[-1]))
     if len(counts) > 1:
-        raise ValueError(f"images have different numbers of channels ({sorted(counts)}); one batch has one channel list")
+        raise ValueError(
+            f"images have different numbers of channels ({sorted(counts)}); one batch has one channel list"
+        )
     if not out and channel_axis is not None:
         raise ValueError(
             "an empty list with channel_axis: the number of channels is unknown; give an (0, C, H, W) array instead"

@@ -182,8 +182,12 @@ def write_container(folder: Path, planes: np.ndarray, names: list[str], containe
         return {n: (str(path), n) for n in names}
     elif container == "imagej":
         path = folder / "img.tif"
-        tifffile.imwrite(path, planes.astype(np.float32) if planes.dtype.kind == "f" else planes, imagej=True,
-                         metadata={"axes": "CYX"})
+        tifffile.imwrite(
+            path,
+            planes.astype(np.float32) if planes.dtype.kind == "f" else planes,
+            imagej=True,
+            metadata={"axes": "CYX"},
+        )
     elif container == "npy_chw":
         path = folder / "img.npy"
         np.save(path, planes)
@@ -225,7 +229,9 @@ def write_multi_series_tiff(path: Path, rng: np.random.Generator) -> Path:
     return path
 
 
-def binary_mask(rng: np.random.Generator, shape: tuple[int, int] = (64, 64), value: int = 255) -> tuple[np.ndarray, int]:
+def binary_mask(
+    rng: np.random.Generator, shape: tuple[int, int] = (64, 64), value: int = 255
+) -> tuple[np.ndarray, int]:
     """A mask with one value for every object (``value``, e.g. 255; ``True`` for bool) and how many separate objects
     it holds (2-5 squares, never touching)."""
     mask = np.zeros(shape, dtype=bool if value is True else np.uint8)
@@ -268,8 +274,15 @@ def gappy_plate(path: Path, rng: np.random.Generator, labels: list[str]) -> tupl
 
 
 #: What operating systems and tools leave in image folders (never images).
-SYSTEM_FILES = [".DS_Store", "._{name}", "Thumbs.db", "desktop.ini", "__MACOSX/._{name}", ".ipynb_checkpoints/{name}",
-                "~$notes.docx"]
+SYSTEM_FILES = [
+    ".DS_Store",
+    "._{name}",
+    "Thumbs.db",
+    "desktop.ini",
+    "__MACOSX/._{name}",
+    ".ipynb_checkpoints/{name}",
+    "~$notes.docx",
+]
 
 
 def folder_with_system_files(root: Path, rng: np.random.Generator, channels: list[str]) -> tuple[int, int]:
@@ -305,7 +318,11 @@ def yaml_with_a_repeat(rng: np.random.Generator, base: dict[str, Any]) -> tuple[
     i, line = keyed[int(rng.integers(0, len(keyed)))]
     indent = len(line) - len(line.lstrip())
     end = i + 1  # the key's block: following lines indented deeper (a section) or list items under it
-    while end < len(lines) and (len(lines[end]) - len(lines[end].lstrip()) > indent or lines[end].lstrip().startswith("- ") and len(lines[end]) - len(lines[end].lstrip()) >= indent):
+    while end < len(lines) and (
+        len(lines[end]) - len(lines[end].lstrip()) > indent
+        or lines[end].lstrip().startswith("- ")
+        and len(lines[end]) - len(lines[end].lstrip()) >= indent
+    ):
         end += 1
     block = lines[i:end]
     out = lines[:end] + block + lines[end:]

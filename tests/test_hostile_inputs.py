@@ -64,7 +64,9 @@ def test_the_same_pixels_give_the_same_vector_in_every_container(tmp_path):
     model, _ = load_for_embedding("random:test_cnn:0", PreprocessConfig())
     embedder = Embedder(model, device="cpu")
     planes, names = multichannel(np.random.default_rng(11), dtype=np.uint16)
-    vectors = {c: embedder.embed_images([_read(write_container(tmp_path / c, planes, names, c), names)]) for c in CONTAINERS}
+    vectors = {
+        c: embedder.embed_images([_read(write_container(tmp_path / c, planes, names, c), names)]) for c in CONTAINERS
+    }
     ref = vectors[CONTAINERS[0]]
     for container, vec in vectors.items():
         np.testing.assert_array_equal(vec, ref, err_msg=container)
@@ -121,7 +123,9 @@ def test_binary_masks_are_split_into_their_objects(tmp_path, seed):
     tifffile.imwrite(tmp_path / "l.tif", labelled)
     np.testing.assert_array_equal(read_labels(tmp_path / "l.tif"), labelled)
     np.save(tmp_path / "neg.npy", -labelled.astype(np.int16))
-    with pytest.raises(ImageReadError, match=r"neg.npy: expected an integer label mask \(0 = background\), found values"):
+    with pytest.raises(
+        ImageReadError, match=r"neg.npy: expected an integer label mask \(0 = background\), found values"
+    ):
         read_labels(tmp_path / "neg.npy")
 
 
@@ -149,7 +153,7 @@ def test_a_blank_or_mismatched_mask_is_an_error_for_that_image_only(tmp_path):
         prepare_cells([img], "a", cells=cells, pre=pre, path="a.tif", mask_path=str(tmp_path / "small.tif"))
     mask, n = binary_mask(rng, (64, 64))
     tifffile.imwrite(tmp_path / "ok.tif", mask)
-    _, table, found = prepare_cells([img], "a", cells=cells, pre=pre, path="a.tif", mask_path=str(tmp_path / "ok.tif"))
+    _, _, found = prepare_cells([img], "a", cells=cells, pre=pre, path="a.tif", mask_path=str(tmp_path / "ok.tif"))
     assert found == n  # every separate object of the binary mask is a cell
 
 
@@ -172,7 +176,11 @@ def test_published_plates_with_gaps_give_one_row_per_listed_field(tmp_path, seed
 def test_folder_inputs_ignore_system_files_and_count_them(tmp_path, seed, caplog):
     rng = np.random.default_rng(seed)
     n_sites, n_junk = folder_with_system_files(tmp_path / "imgs", rng, ["dna", "gfp"])
-    cfg = InputConfig(folder=tmp_path / "imgs", pattern="{Metadata_Plate}/{Metadata_Well}_s{Metadata_Site}_{channel}.tif", channels=["dna", "gfp"])
+    cfg = InputConfig(
+        folder=tmp_path / "imgs",
+        pattern="{Metadata_Plate}/{Metadata_Well}_s{Metadata_Site}_{channel}.tif",
+        channels=["dna", "gfp"],
+    )
     with caplog.at_level("WARNING", logger="msnoop"):
         src = plan_image_table(cfg)
     _, n = scan_ids(src)
@@ -196,7 +204,9 @@ def test_a_key_written_twice_is_named_with_both_lines(tmp_path, seed):
     text, key, first, second = yaml_with_a_repeat(rng, base)
     path = tmp_path / "job.yaml"
     path.write_text(text)
-    with pytest.raises(ConfigError, match=rf"key '{key}' is written twice in one section \(lines {first} and {second}\)"):
+    with pytest.raises(
+        ConfigError, match=rf"key '{key}' is written twice in one section \(lines {first} and {second}\)"
+    ):
         read_yaml(path)
     res = runner.invoke(app, ["validate", str(path)])
     lines = [ln for ln in res.output.splitlines() if ln.strip()]
@@ -234,7 +244,9 @@ def test_every_input_kind_works_on_object_storage_with_keys_taken_literally(tmp_
     t = load_image_table(cfg, storage=s3.config)
     assert t["Metadata_Path_" + names[0]].tolist() == uris
     # LoadData in the bucket
-    pd.DataFrame({"FileName_DNA": ["A01?x=1.tif"], "PathName_DNA": ["plate #1"]}).to_csv(tmp_path / "ld.csv", index=False)
+    pd.DataFrame({"FileName_DNA": ["A01?x=1.tif"], "PathName_DNA": ["plate #1"]}).to_csv(
+        tmp_path / "ld.csv", index=False
+    )
     ld = load_image_table(InputConfig(loaddata=put("ld.csv", tmp_path / "ld.csv"), channels=["DNA"]), storage=s3.config)
     assert ld["Metadata_Path_DNA"].tolist() == [uris[0]]
     # a folder input on S3 (system files ignored there too)
@@ -243,7 +255,11 @@ def test_every_input_kind_works_on_object_storage_with_keys_taken_literally(tmp_
         if p.is_file():
             put("f/" + p.relative_to(tmp_path / "f").as_posix(), p)
     src = plan_image_table(
-        InputConfig(folder=f"{base}/f", pattern="{Metadata_Plate}/{Metadata_Well}_s{Metadata_Site}_{channel}.tif", channels=["dna"]),
+        InputConfig(
+            folder=f"{base}/f",
+            pattern="{Metadata_Plate}/{Metadata_Well}_s{Metadata_Site}_{channel}.tif",
+            channels=["dna"],
+        ),
         storage=s3.config,
     )
     paths = src.table.column("Metadata_Path_dna").to_pylist()
@@ -256,8 +272,10 @@ def test_every_input_kind_works_on_object_storage_with_keys_taken_literally(tmp_
             put("screen/" + p.relative_to(plate).as_posix(), p)
     t = load_image_table(InputConfig(ome_zarr=f"{base}/screen", channels=["DNA", "GFP"]), storage=s3.config)
     assert set(t["Metadata_ImageID"]) == ok | bad
-    row = t[t["Metadata_ImageID"] == sorted(ok)[0]].iloc[0]
-    assert [p.shape for p in read_channels(row["Metadata_Path_DNA"], ["DNA", "GFP"], storage=s3.config)] == [(16, 16)] * 2
+    row = t[t["Metadata_ImageID"] == min(ok)].iloc[0]
+    assert [p.shape for p in read_channels(row["Metadata_Path_DNA"], ["DNA", "GFP"], storage=s3.config)] == [
+        (16, 16)
+    ] * 2
     assert st.exists(manifest, s3.config)
 
 
@@ -267,7 +285,17 @@ def test_the_command_line_keeps_uris_as_typed(tmp_path, s3, monkeypatch):
     missing = f"{s3.fresh()}/sub dir/manifest #2.csv"
     res = runner.invoke(
         app,
-        ["embed", "--manifest", missing, "--channels", "dna", "--model", "random:test_cnn:0", "--out", str(tmp_path / "o")],
+        [
+            "embed",
+            "--manifest",
+            missing,
+            "--channels",
+            "dna",
+            "--model",
+            "random:test_cnn:0",
+            "--out",
+            str(tmp_path / "o"),
+        ],
     )
     lines = [ln for ln in res.output.splitlines() if ln.strip()]
     assert res.exit_code == 2 and len(lines) == 1, res.output

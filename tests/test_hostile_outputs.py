@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import decimal
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -100,10 +101,9 @@ def test_every_file_is_complete_or_absent_when_its_writer_fails(tmp_path, reques
     else:
         base, cfg = str(tmp_path / "out"), None
     target = st.join(base, "x.h5ad")
-    with pytest.raises(RuntimeError, match="disk full"):
-        with st.atomic_path(target, cfg) as tmp:
-            tmp.write_bytes(b"half an h5ad file")
-            raise RuntimeError("disk full")
+    with pytest.raises(RuntimeError, match="disk full"), st.atomic_path(target, cfg) as tmp:
+        tmp.write_bytes(b"half an h5ad file")
+        raise RuntimeError("disk full")
     assert not st.exists(target, cfg)
     assert not [p for p in st.walk_files(base, cfg) if "tmp" in p] if st.exists(base, cfg) else True
 
@@ -120,7 +120,12 @@ def test_every_file_is_complete_or_absent_when_its_writer_fails(tmp_path, reques
     if where == "local":
         assert not list((tmp_path / "out").glob("*")) if (tmp_path / "out").exists() else True
         df = pd.DataFrame({"a": [1, 2]})
-        monkeypatch.setattr(pd.DataFrame, "to_parquet", lambda self, path, **kw: (open(path, "wb").write(b"PAR1"), 1 / 0))
+
+        def half_written(self, path, **kw):
+            Path(path).write_bytes(b"PAR1 half")
+            raise ZeroDivisionError("a value found late")
+
+        monkeypatch.setattr(pd.DataFrame, "to_parquet", half_written)
         with pytest.raises(ZeroDivisionError):
             write_table(df, tmp_path / "out" / "t.parquet")
         assert not list((tmp_path / "out").glob("*t.parquet*"))
@@ -157,8 +162,15 @@ def test_embed_images_accepts_exactly_the_documented_layouts(seed):
     x = rng.integers(0, 4000, (n, c, h, w)).astype(rng.choice([np.uint16, np.float32]))
     ref = msnoop.embed_images(x, channel_axis=1, model=model)
     assert ref.shape == (n, c * d) and ref.dtype == np.float32
-    for images, axis in ((np.moveaxis(x, 1, -1), -1), (np.moveaxis(x, 1, -1), 3), (list(x), 0), ([np.moveaxis(i, 0, -1) for i in x], -1)):
-        np.testing.assert_allclose(msnoop.embed_images(images, channel_axis=axis, model=model), ref, rtol=1e-5, atol=1e-6)
+    for images, axis in (
+        (np.moveaxis(x, 1, -1), -1),
+        (np.moveaxis(x, 1, -1), 3),
+        (list(x), 0),
+        ([np.moveaxis(i, 0, -1) for i in x], -1),
+    ):
+        np.testing.assert_allclose(
+            msnoop.embed_images(images, channel_axis=axis, model=model), ref, rtol=1e-5, atol=1e-6
+        )
     assert msnoop.embed_images(x[:0], channel_axis=1, model=model).shape == (0, c * d)
     assert msnoop.embed_images(x[:0, 0], model=model).shape == (0, d)
     assert msnoop.embed_images([], model=model).shape == (0, d)
@@ -172,7 +184,11 @@ def test_impossible_or_ambiguous_layouts_raise_saying_what_is_accepted(seed):
     c = int(rng.integers(2, 4))
     hwc = rng.integers(0, 4000, (h, w, c)).astype(np.uint16)
     cases = [
-        (hwc, None, r"planes of \d+ x \d+ px are not images \(a side under 4 px; an \(H, W, C\) image\? give a batch axis and channel_axis=-1\)"),
+        (
+            hwc,
+            None,
+            r"planes of \d+ x \d+ px are not images \(a side under 4 px; an \(H, W, C\) image\? give a batch axis and channel_axis=-1\)",
+        ),
         (hwc[None], 1, r"with channel_axis=1: planes of \d+ x \d+ px are not images"),  # the wrong axis
         (hwc[None], 5, r"channel_axis=5 is out of range .*-4 to 3"),
         (hwc[None], -5, r"channel_axis=-5 is out of range"),
@@ -223,6 +239,10 @@ def test_evaluation_tables_on_object_storage(tmp_path, s3, monkeypatch):
     for name, data in (("t.parquet", df.to_parquet(index=False)), ("t.csv", df.to_csv(index=False).encode())):
         st.write_bytes(f"{base}/tables #1/{name}", data)
         uri = f"{base}/tables #1/{name}"
-        for args in (["knn", uri, "--label", "Metadata_moa", "--k", "3"], ["nsc", uri], ["map", uri, "--positive", "Metadata_moa", "--null-size", "100"]):
+        for args in (
+            ["knn", uri, "--label", "Metadata_moa", "--k", "3"],
+            ["nsc", uri],
+            ["map", uri, "--positive", "Metadata_moa", "--null-size", "100"],
+        ):
             res = runner.invoke(app, args)
             assert res.exit_code == 0, (args, res.output)

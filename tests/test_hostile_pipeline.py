@@ -26,7 +26,6 @@ from hostile_inputs import (
     write_container,
     write_multi_series_tiff,
 )
-
 from typer.testing import CliRunner
 
 from msnoop.cli import app
@@ -87,7 +86,7 @@ def containers(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def container_run(containers, tmp_path_factory, ray_cluster):
-    root, n = containers
+    root, _ = containers
     out = tmp_path_factory.mktemp("out_containers")
     cfg = _cfg(out, {"manifest": str(root / "m.csv"), "channel_index": {"dna": 0, "gfp": 1}}, channels=["dna", "gfp"])
     return cfg, run_embed(cfg)

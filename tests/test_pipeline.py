@@ -7,13 +7,13 @@ import pandas as pd
 import pytest
 import tifffile
 
-from msnoop.job_kinds import build_config
+from msnoop.core import parts
+from msnoop.core.rundir import RunDir
 from msnoop.embed.embedder import Embedder
 from msnoop.embed.pipeline import OutputMismatchError, StrictModeError, prepare_model
-from msnoop.job_kinds import run_embed_job as run_embed
 from msnoop.io.readers import read_image
-from msnoop.core.rundir import RunDir
-from msnoop.core import parts
+from msnoop.job_kinds import build_config
+from msnoop.job_kinds import run_embed_job as run_embed
 from msnoop.store.lance import open_table
 
 pytestmark = pytest.mark.ray

@@ -192,7 +192,9 @@ def nsc_command(
 def map_command(
     table: Annotated[
         str,
-        typer.Argument(help="Profile/embedding table: msnoop output folder, .parquet, .csv, .lance; a path or s3://..."),
+        typer.Argument(
+            help="Profile/embedding table: msnoop output folder, .parquet, .csv, .lance; a path or s3://..."
+        ),
     ],
     positive: Annotated[
         list[str], typer.Option("--positive", help="Positives share these columns, e.g. Metadata_moa.")

@@ -109,7 +109,9 @@ def info(
 def export(
     table: Annotated[
         str,
-        typer.Argument(help="embed output folder, profile Parquet, any Parquet/CSV table, or .lance (paths or s3://...)"),
+        typer.Argument(
+            help="embed output folder, profile Parquet, any Parquet/CSV table, or .lance (paths or s3://...)"
+        ),
     ],
     out: Annotated[str, typer.Option("--out", help="file to write (a path or s3://...): .h5ad (AnnData, for scanpy)")],
 ) -> None:

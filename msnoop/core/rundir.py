@@ -16,8 +16,7 @@ the names below. The layout::
     <dir>/wells.parquet                    screen job: one row per well with its readout
     <dir>/screen.json, screen.png          screen job: Z', dose response, the classifier; their plot
     <dir>/embeddings/<model>/              bench job: one embedding run per model (:meth:`RunDir.sub`)
-
-    <dir>/.msnoop-lock/                    the writer lock: one claim per writer (see below)
+    <dir>/.msnoop-lock/                    the writer lock: one claim (and heartbeat) per writer (see below)
 
 (``<key>``: :func:`msnoop.core.parts.block_key` of the part's image ids.) A folder is a local path or an
 object storage URI (``s3://bucket/run1``); a :class:`RunDir` carries the storage settings with it, so stages
@@ -31,12 +30,15 @@ the channels and how they are picked, the z policy, the cells settings, the post
 
 *One writer at a time*: :meth:`RunDir.writer_lock` claims the folder for the process that writes it, on a local
 disk and on object storage alike (no rename or conditional write is needed). Each writer uploads its own claim
-object ``.msnoop-lock/claim-<token>.json`` (who: host, process, user, command; since when) and keeps a heartbeat
-object beside it fresh; the earliest live claim, by the storage's own clock (modification times), holds the
-folder, and a later claimant withdraws and is refused naming the holder. A claim is stale, and removed by the next
-claimant, when its process is gone (same host) or its heartbeat is older than :data:`LOCK_STALE_S`. A reader
-(:meth:`RunDir.check_complete`) says when a folder is being written, or was left unfinished by a run that stopped,
-instead of reading a partial snapshot.
+object ``.msnoop-lock/claim-<token>.json`` (who: host, process, user, command; since when), written twice so that
+its modification time is never earlier than the moment it became visible, then lists the claims: the earliest live
+claim, by the storage's own clock, holds the folder; a later claimant withdraws and is refused naming the holder;
+claims of the same instant both withdraw and try again. The holder keeps a heartbeat object beside its claim fresh
+(every :data:`LOCK_HEARTBEAT_S`). A claim is stale, and removed by the next claimant, when its process is gone
+(same host) or its heartbeat is older than :data:`LOCK_STALE_S`; a holder whose claim was removed finds out at its
+next heartbeat and fails before it marks its run complete. ``run.json`` says ``status: running`` while an
+embedding run writes and ``complete`` after it; a reader (:meth:`RunDir.check_complete`) says when a folder is
+being written, or was left unfinished by a run that stopped, instead of reading a partial snapshot.
 """
 
 from __future__ import annotations
@@ -92,7 +94,7 @@ class FolderBusyError(RunStateError):
 
 
 def _now_iso() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).astimezone().isoformat(timespec="seconds")
+    return datetime.datetime.now(datetime.UTC).astimezone().isoformat(timespec="seconds")
 
 
 def _process_started(pid: int) -> float | None:
@@ -164,7 +166,7 @@ class WriterLock:
                     logger.error("%s: this run's writer lock was taken over (its claim is gone)", self.run)
                     return
                 st.write_text(self.beat, _now_iso(), self.run.storage)
-            except Exception:  # noqa: BLE001 - a failed heartbeat is retried at the next one
+            except Exception:  # a failed heartbeat is retried at the next one
                 logger.debug("heartbeat of %s failed", self.claim, exc_info=True)
 
     def check(self) -> None:
@@ -338,7 +340,9 @@ class RunDir:
 
     def has_rows(self) -> bool:
         """Whether any embeddings, errors or cells part has been written (a run to resume, not a fresh folder)."""
-        return any(st.list_files(sub, "part-*.parquet", self.storage) for sub in (self.embeddings, self.errors, self.cells))
+        return any(
+            st.list_files(sub, "part-*.parquet", self.storage) for sub in (self.embeddings, self.errors, self.cells)
+        )
 
     def check_writable(self) -> None:
         """Preflight before any work: the folder can be written (local folders are created).

@@ -520,9 +520,9 @@ def check_writable(location: str | Path, config: StorageConfig | None = None) ->
 
 __all__ = [
     "Location",
-    "atomic_path",
     "StorageConfig",
     "StorageError",
+    "atomic_path",
     "check_readable",
     "check_writable",
     "exists",
@@ -538,9 +538,9 @@ __all__ = [
     "read_text",
     "remove",
     "resolve",
-    "walk_files",
     "scheme",
     "storage_options",
+    "walk_files",
     "write_bytes",
     "write_text",
     "write_with",

@@ -36,8 +36,8 @@ from msnoop.embed.actor import EmbedActor
 from msnoop.embed.cells import cells_spec, drop_orphan_cells, output_schemas
 from msnoop.embed.config import EmbedJob
 from msnoop.embed.dataset import StrictModeError, channel_selectors, read_and_prepare
-from msnoop.embed.totals import TotalsError, check_totals, error_preview
 from msnoop.embed.source import manifest_dataset
+from msnoop.embed.totals import TotalsError, check_totals, error_preview
 from msnoop.embed.write import provenance_record, write_block
 from msnoop.io.config import path_column
 from msnoop.io.table_stream import ImageTableSource, ids_of, plan_image_table, scan_ids

@@ -21,6 +21,7 @@ from msnoop.core.rundir import RunDir
 
 logger = logging.getLogger(__name__)
 
+
 class TotalsError(RuntimeError):
     """The outputs do not account for every row of the manifest exactly once (a bug, never a user error)."""
 

@@ -258,7 +258,16 @@ def pattern_regex(pattern: str) -> re.Pattern[str]:
 #: macOS (``.DS_Store``, ``._*`` AppleDouble files, ``__MACOSX`` in zip archives, ``Icon\r``), Windows
 #: (``Thumbs.db``, ``desktop.ini``, ``$RECYCLE.BIN``, ``System Volume Information``), Office lock files (``~$*``).
 SYSTEM_NAMES = frozenset(
-    {"__MACOSX", "Thumbs.db", "ehthumbs.db", "desktop.ini", "Desktop.ini", "$RECYCLE.BIN", "System Volume Information", "Icon\r"}
+    {
+        "__MACOSX",
+        "Thumbs.db",
+        "ehthumbs.db",
+        "desktop.ini",
+        "Desktop.ini",
+        "$RECYCLE.BIN",
+        "System Volume Information",
+        "Icon\r",
+    }
 )
 
 

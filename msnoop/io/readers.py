@@ -226,7 +226,9 @@ def _read_npy(source: Any) -> Decoded:
 def _unsupported(path: str | Path) -> ImageReadError:
     known = "/".join(readable_suffixes())
     suffix = Path(str(path).rstrip("/")).suffix.lower()
-    return ImageReadError(path, f"unsupported file type {suffix or '(no suffix)'!r}; expected one of {known} or an OME-Zarr")
+    return ImageReadError(
+        path, f"unsupported file type {suffix or '(no suffix)'!r}; expected one of {known} or an OME-Zarr"
+    )
 
 
 def _read_raw(path: Path, data: Any = None) -> tuple[np.ndarray, str, list[str] | None, str]:

@@ -71,6 +71,7 @@ def _is_block_error(exc: BaseException) -> bool:
     text = str(exc)
     return "straddl" in text or "Empty CSV file or block" in text
 
+
 #: Bytes a Parquet manifest is read in (pages are streamed; without it a row group is buffered whole).
 PARQUET_BUFFER_BYTES = 1 << 20
 
