@@ -268,10 +268,11 @@ def score(d: str, table, proto: dict, feats: dict[str, np.ndarray], candidates: 
 
 def selection(d: str, table, proto: dict, fraction: float) -> np.ndarray:
     """Rows of a dev set used for choosing among arms: a seeded subset of ``fraction`` of the rows, stratified by
-    label and CV group (so every fold keeps its classes), or every row when ``fraction`` is 1."""
+    label and CV group (so every fold keeps its classes), or every row when ``fraction`` is 1 or the set is small
+    (up to 100 rows)."""
     import bench_postprocess as bp
 
-    if fraction >= 1:
+    if fraction >= 1 or len(table) <= 100:
         return np.arange(len(table))
     _, col, _, cv = proto["tasks"][0]
     strata = table[col].astype(str).to_numpy()
