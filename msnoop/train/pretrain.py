@@ -85,6 +85,7 @@ def latest_checkpoint_dir(job: PretrainJob) -> Path | None:
 
 
 def load_state_file(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """A checkpoint's ``state.pt`` (tensors only, ``weights_only``) mapped to ``device``."""
     return torch.load(path, map_location=device, weights_only=True)
 
 
