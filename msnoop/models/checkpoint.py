@@ -75,10 +75,8 @@ def save_checkpoint(
         "meta": dict(meta or {}),
     }
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    with st.atomic_path(path) as tmp:  # complete or absent
+        torch.save(payload, tmp)
     return path
 
 
