@@ -266,6 +266,22 @@ def score(d: str, table, proto: dict, feats: dict[str, np.ndarray], candidates: 
     return rows
 
 
+def selection(d: str, table, proto: dict, fraction: float) -> np.ndarray:
+    """Rows of a dev set used for choosing among arms: a seeded subset of ``fraction`` of the rows, stratified by
+    label and CV group (so every fold keeps its classes), or every row when ``fraction`` is 1 or the set is small
+    (up to 100 rows)."""
+    import bench_postprocess as bp
+
+    if fraction >= 1 or len(table) <= 100:
+        return np.arange(len(table))
+    _, col, _, cv = proto["tasks"][0]
+    strata = table[col].astype(str).to_numpy()
+    group = cv.split(":")[-1] if cv.startswith(("group:", "sgkfold:")) else None
+    if group:
+        strata = strata + "/" + table[group].astype(str).to_numpy()
+    return bp.stratified_subset(strata, max(1, round(fraction * len(table))), seed=1)
+
+
 def stage_eval(args: argparse.Namespace) -> dict[str, Any]:
     import bench_postprocess as bp
 
@@ -275,13 +291,20 @@ def stage_eval(args: argparse.Namespace) -> dict[str, Any]:
     models = {**candidate_models(args), **BASELINES}
     candidates = [m for m in models if m not in BASELINES]
     rows, embed_s = [], {}
-    for d, (table, channels, proto) in tables.items():
+    for d, (full, channels, proto) in tables.items():
+        rows_kept = selection(d, full, proto, args.select)
+        table = full.iloc[rows_kept].reset_index(drop=True)
+        tables[d] = (table, channels, proto)
         feats: dict[str, np.ndarray] = {}
         for label, model in models.items():
             t = time.perf_counter()
-            feats[label] = embed_fast(
-                model, f"{d}_{len(table)}_{cache_key(model)}", bp.dataset_images(table, channels), args.cache
-            )
+            whole = args.cache / f"{d}_{len(full)}_{cache_key(model)}.npy"
+            if len(table) < len(full) and whole.exists():  # a baseline embedded on the whole set: its rows
+                feats[label] = np.load(whole)[rows_kept]
+            else:
+                suffix = f"_select{len(table)}" if len(table) < len(full) else ""
+                key = f"{d}_{len(full)}{suffix}_{cache_key(model)}"
+                feats[label] = embed_fast(model, key, bp.dataset_images(table, channels), args.cache)
             embed_s[f"{d}/{label}"] = round(time.perf_counter() - t, 1)
         feats["pixels PCA32"] = pixels_pca(table, proto["pixel_channels"] or channels)
         feats["intensity statistics"] = intensity_features(table, channels)
@@ -488,6 +511,13 @@ def main() -> None:
     ap.add_argument("--yeast-n", type=int, default=600)
     ap.add_argument("--per-well", type=int, default=32)
     ap.add_argument("--bootstrap", type=int, default=1000)
+    ap.add_argument(
+        "--select",
+        type=float,
+        default=1.0,
+        help="evaluate on this fraction of each dev set (stratified by label and CV group; baselines embedded on the "
+        "whole set are reused): a cheaper first pass for choosing among arms",
+    )
     ap.add_argument("--cache", type=Path, default=Path("/tmp/msnoop_postproc_cache"))
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()

@@ -62,6 +62,18 @@ def load_model(ref: str | Path = "default", *, preset: str | None = None, mode: 
     return loaded
 
 
+#: The smallest side of a plane ``embed_images`` takes as an image: a narrower "plane" is almost always a
+#: channel axis read as a side (an ``(H, W, C)`` image given without ``channel_axis``).
+MIN_SIDE = 4
+
+_LAYOUTS = (
+    "accepted layouts: an (N, H, W) array of one-channel images (channel_axis=None; an (H, W) array is one image); "
+    "an (N, C, H, W) array with "
+    "channel_axis=1; an (N, H, W, C) array with channel_axis=-1 (or 3); a list of (H, W) arrays (channel_axis=None) "
+    "or of per-image arrays with the channel axis within one image, e.g. (C, H, W) with channel_axis=0"
+)
+
+
 def embed_images(
     images: np.ndarray | Sequence[np.ndarray],
     *,
@@ -75,64 +87,110 @@ def embed_images(
     Args:
         images: An ``(N, C, H, W)`` / ``(N, H, W, C)`` array (say which axis is the channel with
             ``channel_axis``), an ``(N, H, W)`` array of one-channel images (``channel_axis=None``), or a
-            sequence of per-image arrays of that layout (sizes may differ between images). Any integer or
-            float dtype; intensities are normalised per channel (1st/99th percentiles, Microsnoop).
+            sequence of per-image arrays of that layout (sizes may differ between images). Any integer, float or
+            boolean dtype; intensities are normalised per channel (1st/99th percentiles, Microsnoop).
         channel_axis: Axis of the channel in each image *including* the leading image axis for an array
             (``1`` for ``(N, C, H, W)``, ``-1`` or ``3`` for ``(N, H, W, C)``); for a sequence, the axis within
-            one image (``0`` for ``(C, H, W)``). ``None``: one channel.
+            one image (``0`` for ``(C, H, W)``). ``None``: one channel. Must lie in ``[-ndim, ndim)``.
         model: A loaded model (:func:`load_model`) or a reference for it.
         batch_size: One-channel tiles per forward pass.
         device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda[:i]"``.
 
     Returns:
         ``(N, C * D)`` float32 (``D`` = 256 for the default model): Microsnoop's readout, each channel block
-        L2-normalised, in channel order.
+        L2-normalised, in channel order. An empty batch (``N = 0``) gives ``(0, C * D)``.
 
     Raises:
-        ValueError: An image is not 2-D per channel, channels of one image differ in shape, or an image has
-            non-finite values or is constant.
+        ValueError: The layout is ambiguous or impossible (wrong number of dimensions for ``channel_axis``, an axis
+            out of range, a plane with a side under :data:`MIN_SIDE` pixels, e.g. an ``(H, W, 3)`` image given
+            without ``channel_axis``), images of one batch have different numbers of channels, a dtype is not
+            numeric, an image has non-finite values or is constant; the message says which shapes are accepted.
     """
     from msnoop.embed.embedder import Embedder
     from msnoop.io.readers import check_image
 
     loaded = load_model(model) if isinstance(model, str | Path) else model
-    per_image = _split_channels(images, channel_axis)
+    per_image, n_channels = _split_channels(images, channel_axis)
     for i, channels in enumerate(per_image):
-        shapes = {c.shape for c in channels}
-        if len(shapes) != 1 or next(iter(shapes)).__len__() != 2:
-            raise ValueError(f"image {i}: expected channels of one 2-D shape, found shapes {sorted(shapes)}")
         for c, ch in enumerate(channels):
             check_image(np.asarray(ch, dtype=np.float32), f"image {i} channel {c}")
-    return Embedder(loaded, batch_size=batch_size, device=device).embed_images(
-        [[np.asarray(ch, dtype=np.float32) for ch in channels] for channels in per_image]
-    )
+    embedder = Embedder(loaded, batch_size=batch_size, device=device)
+    if not per_image:
+        return np.zeros((0, n_channels * embedder.embed_dim), dtype=np.float32)
+    return embedder.embed_images([[np.asarray(ch, dtype=np.float32) for ch in channels] for channels in per_image])
 
 
-def _split_channels(images: np.ndarray | Sequence[np.ndarray], channel_axis: int | None) -> list[list[np.ndarray]]:
+def _axis(channel_axis: int, ndim: int, what: str) -> int:
+    if not -ndim <= channel_axis < ndim:
+        raise ValueError(f"channel_axis={channel_axis} is out of range for {what} ({ndim} axes: -{ndim} to {ndim - 1})")
+    return channel_axis % ndim
+
+
+def _check_planes(shape: tuple[int, ...], what: str, channel_axis: int | None) -> None:
+    """Each plane of an image must be an image: both sides at least :data:`MIN_SIDE`."""
+    h, w = shape[-2:]
+    if min(h, w) < MIN_SIDE:
+        hint = (
+            "an (H, W, C) image? give a batch axis and channel_axis=-1"
+            if channel_axis is None
+            else f"is channel_axis={channel_axis} the channel axis?"
+        )
+        raise ValueError(
+            f"{what}: planes of {h} x {w} px are not images (a side under {MIN_SIDE} px; {hint}); {_LAYOUTS}"
+        )
+
+
+def _split_channels(
+    images: np.ndarray | Sequence[np.ndarray], channel_axis: int | None
+) -> tuple[list[list[np.ndarray]], int]:
+    """``(per image, its [H, W] channels; the number of channels C)``, or a ``ValueError`` naming the layouts."""
     if isinstance(images, np.ndarray):
+        if images.dtype.kind not in "uifb":
+            raise ValueError(f"expected a numeric array, found dtype {images.dtype}")
         if channel_axis is None:
-            if images.ndim == 2:
+            if images.ndim == 2:  # one (H, W) image
                 images = images[None]
             if images.ndim != 3:
-                raise ValueError(
-                    f"expected (N, H, W) one-channel images without channel_axis, found shape {images.shape}"
-                )
-            return [[im] for im in images]
+                raise ValueError(f"found an array of shape {images.shape} without channel_axis; {_LAYOUTS}")
+            if len(images):
+                _check_planes(images.shape, f"an array of shape {images.shape} read as (N, H, W)", None)
+            return [[im] for im in images], 1
         if images.ndim != 4:
-            raise ValueError(f"expected (N, C, H, W) or (N, H, W, C) with channel_axis, found shape {images.shape}")
-        axis = channel_axis % 4
+            raise ValueError(f"found an array of shape {images.shape} with channel_axis={channel_axis}; {_LAYOUTS}")
+        axis = _axis(channel_axis, 4, f"an array of shape {images.shape}")
         if axis == 0:
-            raise ValueError("channel_axis 0 is the image axis of an (N, ...) array; give the channel's axis (1 or 3)")
+            raise ValueError(f"channel_axis={channel_axis} is the image axis of an (N, ...) array; {_LAYOUTS}")
         stacked = np.moveaxis(images, axis, 1)
-        return [list(im) for im in stacked]
+        if len(images):
+            _check_planes(stacked.shape, f"an array of shape {images.shape} with channel_axis={channel_axis}", axis)
+        return [list(im) for im in stacked], int(stacked.shape[1])
     out = []
-    for im in images:
+    counts = set()
+    for i, im in enumerate(images):
         im = np.asarray(im)
-        if channel_axis is None:
-            out.append([im])
-        else:
-            out.append(list(np.moveaxis(im, channel_axis % im.ndim, 0)))
-    return out
+        if im.dtype.kind not in "uifb":
+            raise ValueError(f"image {i}: expected a numeric array, found dtype {im.dtype}")
+        want = 2 if channel_axis is None else 3
+        if im.ndim != want:
+            raise ValueError(
+                f"image {i}: found shape {im.shape}, expected {want} axes"
+                + (" (H, W) without channel_axis" if channel_axis is None else f" with channel_axis={channel_axis}")
+                + f"; {_LAYOUTS}"
+            )
+        if channel_axis is not None:
+            im = np.moveaxis(im, _axis(channel_axis, 3, f"image {i} of shape {im.shape}"), 0)
+        _check_planes(im.shape, f"image {i} of shape {im.shape}", channel_axis)
+        out.append([im] if channel_axis is None else list(im))
+        counts.add(len(out[-1]))
+    if len(counts) > 1:
+        raise ValueError(
+            f"images have different numbers of channels ({sorted(counts)}); one batch has one channel list"
+        )
+    if not out and channel_axis is not None:
+        raise ValueError(
+            "an empty list with channel_axis: the number of channels is unknown; give an (0, C, H, W) array instead"
+        )
+    return out, counts.pop() if counts else 1
 
 
 def run(config: str | Path | dict[str, Any] | BaseModel, **overrides: Any) -> Any:

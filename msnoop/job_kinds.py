@@ -183,9 +183,19 @@ def run_embed_job(cfg: Any) -> Any:
     On object storage (``output.dir`` or ``output.lancedb`` an ``s3://...`` URI) the LanceDB table is written by
     Ray tasks straight from the parts (:func:`msnoop.store.lance_ray.build_table_ray`).
 
+    The folder's writer lock is held from before the embedding starts until the table is written, so readers
+    never see the parts and the table of two different moments without being told.
+
     Returns:
         The :class:`~msnoop.embed.pipeline.EmbedResult`, with ``table`` set when a LanceDB table was written.
     """
+    run = cfg.run_dir
+    run.check_writable()  # before the lock's claim is written: one line naming the location
+    with run.writer_lock("msnoop embed"):  # embedding and publishing: one writer from start to end
+        return _embed_and_publish(cfg, run)
+
+
+def _embed_and_publish(cfg: Any, run: Any) -> Any:
     from msnoop.core import parts
     from msnoop.core import storage as st
     from msnoop.embed.cells import output_schemas
@@ -194,8 +204,8 @@ def run_embed_job(cfg: Any) -> Any:
 
     result = run_embed(cfg)
     if cfg.output.write_lance:
-        run = cfg.run_dir
         info = run.read_info()
+        run.write_info({**info, "status": run.RUNNING})  # until the table is written too
         meta = parts.schema_from_json(info["metadata_schema"])
         schema, cells_schema = output_schemas(meta, info["embed_dim"], cfg.cells is not None)
         if run.is_uri or st.is_uri(cfg.lancedb_uri):
@@ -220,7 +230,9 @@ def run_embed_job(cfg: Any) -> Any:
             cells=cfg.cells is not None and cfg.cells.lance_cells_table,
             ray_remote_args=worker_env_args(cfg) or None,
         )
+        run.write_info({**run.read_info(), "status": run.COMPLETE})
         result.table = cfg.table_name
+        result.lancedb = cfg.lancedb_uri
     return result
 
 

@@ -8,10 +8,10 @@ import pytest
 from typer.testing import CliRunner
 
 import msnoop
-from msnoop.core.rundir import RunDir
 from msnoop.core import parts
 from msnoop.core.config import ConfigError
 from msnoop.core.filters import FilterError, filter_mask
+from msnoop.core.rundir import RunDir
 from msnoop.data.synthetic import write_dataset
 
 
@@ -51,9 +51,9 @@ def test_embed_images_refuses_bad_input_with_a_message():
     model = msnoop.load_model("random:test_cnn:0")
     with pytest.raises(ValueError, match="constant"):
         msnoop.embed_images(np.zeros((1, 1, 16, 16)), channel_axis=1, model=model)
-    with pytest.raises(ValueError, match="channel_axis 0"):
+    with pytest.raises(ValueError, match="channel_axis=0 is the image axis"):
         msnoop.embed_images(_images(), channel_axis=0, model=model)
-    with pytest.raises(ValueError, match="2-D"):
+    with pytest.raises(ValueError, match=r"found shape \(2, 3, 8, 8\), expected 3 axes"):
         msnoop.embed_images([np.ones((2, 3, 8, 8))], channel_axis=0, model=model)
 
 
@@ -222,8 +222,8 @@ def test_post_processing_choices_agree_between_the_embed_config_and_msnoop_corre
     """The embed config takes its post-processing choices and default from the one registry of msnoop.vectors."""
     import typing
 
-    from msnoop.vectors.postprocess import DEFAULT_POSTPROCESS, POSTPROCESS_CHOICES
     from msnoop.embed.config import OutputConfig
+    from msnoop.vectors.postprocess import DEFAULT_POSTPROCESS, POSTPROCESS_CHOICES
 
     field = OutputConfig.model_fields["postprocess"]
     assert typing.get_args(field.annotation) == POSTPROCESS_CHOICES and field.default == DEFAULT_POSTPROCESS

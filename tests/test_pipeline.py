@@ -7,13 +7,13 @@ import pandas as pd
 import pytest
 import tifffile
 
-from msnoop.job_kinds import build_config
+from msnoop.core import parts
+from msnoop.core.rundir import RunDir
 from msnoop.embed.embedder import Embedder
 from msnoop.embed.pipeline import OutputMismatchError, StrictModeError, prepare_model
-from msnoop.job_kinds import run_embed_job as run_embed
 from msnoop.io.readers import read_image
-from msnoop.core.rundir import RunDir
-from msnoop.core import parts
+from msnoop.job_kinds import build_config
+from msnoop.job_kinds import run_embed_job as run_embed
 from msnoop.store.lance import open_table
 
 pytestmark = pytest.mark.ray
@@ -149,10 +149,10 @@ def test_another_model_or_preprocessing_is_refused_and_the_folder_kept(first_run
     info_before = (cfg.output.dir / "run.json").read_text()
     rows_before = parts.count_rows(cfg.output.dir / "embeddings")
     other_model = cfg.model_copy(update={"model": "random:test_cnn:1"})
-    with pytest.raises(OutputMismatchError, match=r"model random:test_cnn:0 there, random:test_cnn:1 now"):
+    with pytest.raises(OutputMismatchError, match=r'model: "random:test_cnn:0" there, "random:test_cnn:1" now'):
         run_embed(other_model)
     data = cfg.model_dump(mode="json") | {"preprocess": {"mode": "rescale"}}
-    with pytest.raises(OutputMismatchError, match=r"preprocess .*'native'.* there, .*'rescale'.* now"):
+    with pytest.raises(OutputMismatchError, match=r'preprocess: .*"native".* there, .*"rescale".* now'):
         run_embed(build_config(data))
     assert (cfg.output.dir / "run.json").read_text() == info_before
     assert parts.count_rows(cfg.output.dir / "embeddings") == rows_before

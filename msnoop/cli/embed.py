@@ -72,7 +72,7 @@ def print_embed_result(result: Any) -> None:
             f"(single-cell table: {run.CELLS}/)"
         )
     if result.table:
-        typer.echo(f"LanceDB table: {result.table!r} in {RunDir(out).lancedb_uri()}")
+        typer.echo(f"LanceDB table: {result.table!r} in {result.lancedb or run.lancedb_uri()}")
     if result.errors_preview:
         typer.echo(f"\n{result.n_errors_total} images could not be embedded, e.g.:")
         for image_id, reason in result.errors_preview:
@@ -85,11 +85,13 @@ def print_embed_result(result: Any) -> None:
 
 def embed(
     config: Annotated[
-        Path | None, typer.Argument(help="job YAML (optional when every field is given as an option)")
+        str | None, typer.Argument(help="job YAML, a path or a URI (optional when every field is given as an option)")
     ] = None,
-    manifest: Annotated[Path | None, typer.Option(help="CSV/Parquet manifest: one path column per channel")] = None,
-    loaddata: Annotated[Path | None, typer.Option(help="CellProfiler LoadData CSV")] = None,
-    folder: Annotated[Path | None, typer.Option(help="image folder (with --pattern)")] = None,
+    manifest: Annotated[
+        str | None, typer.Option(help="CSV/Parquet manifest (a path or s3://...): one path column per channel")
+    ] = None,
+    loaddata: Annotated[str | None, typer.Option(help="CellProfiler LoadData CSV (a path or s3://...)")] = None,
+    folder: Annotated[str | None, typer.Option(help="image folder or s3://... prefix (with --pattern)")] = None,
     pattern: Annotated[str | None, typer.Option(help="filename pattern, e.g. '{Metadata_Well}_{channel}.tif'")] = None,
     channels: Annotated[str | None, typer.Option(help="comma-separated channel names, in embedding order")] = None,
     model: Annotated[str | None, typer.Option(help="checkpoint path, 'default' or 'random:<arch>[:seed]'")] = None,
@@ -150,7 +152,9 @@ def embed(
 
 
 def run(
-    config: Annotated[Path, typer.Argument(help="any msnoop job YAML (job: embed | pretrain | profile | ...)")],
+    config: Annotated[
+        str, typer.Argument(help="any msnoop job YAML, a path or a URI (job: embed | pretrain | profile | ...)")
+    ],
     set_: SetOpt = None,
 ) -> None:
     """Run any job config in this process (the entrypoint that `msnoop submit` uses on the cluster)."""
@@ -168,7 +172,7 @@ def run(
         typer.echo(summary)
 
 
-def validate(config: Annotated[Path, typer.Argument()], set_: SetOpt = None) -> None:
+def validate(config: Annotated[str, typer.Argument(help="job YAML, a path or a URI")], set_: SetOpt = None) -> None:
     """Validate a job config and print it resolved (no work is done)."""
     from msnoop.core.config import config_hash, config_to_yaml
 
@@ -178,7 +182,7 @@ def validate(config: Annotated[Path, typer.Argument()], set_: SetOpt = None) -> 
 
 
 def submit(
-    config: Annotated[Path, typer.Argument(help="job YAML")],
+    config: Annotated[str, typer.Argument(help="job YAML, a path or a URI")],
     address: Annotated[str | None, typer.Option(help="Ray dashboard/Jobs address, e.g. http://HEAD:8265")] = None,
     follow: Annotated[
         bool, typer.Option("--follow", help="stream logs until the job ends; exit 1 if it failed")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import posixpath
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -87,7 +88,9 @@ def knn_command(
 
 
 def nsc_command(
-    table: Annotated[Path, typer.Argument(help="Treatment-level table (one row per compound-concentration).")],
+    table: Annotated[
+        str, typer.Argument(help="Treatment-level table (one row per compound-concentration); a path or s3://...")
+    ],
     moa: Annotated[str, typer.Option(help="MOA column.")] = "Metadata_moa",
     compound: Annotated[str, typer.Option(help="Compound column.")] = "Metadata_Compound",
     batch: Annotated[
@@ -152,12 +155,16 @@ def nsc_command(
             )
     except (ValueError, FileNotFoundError) as exc:
         fail(str(exc))
-    typer.echo(f"MOA matching on {table.name}: {len(df)} treatments, 1-NN cosine, postprocess={method}")
+    typer.echo(
+        f"MOA matching on {posixpath.basename(table.rstrip('/'))}: {len(df)} treatments, 1-NN cosine, "
+        f"postprocess={method}"
+    )
     for name, r in results.items():
         if not isinstance(r, dict) or "accuracy" not in r:
             continue
         extra = (
-            f"  (dropped MOAs: {', '.join(r['dropped_moas']) or 'none'}; batch {r['batch_match']})"
+            f"  (dropped MOAs: {', '.join(r['dropped_moas']) or 'none'}; batch {r['batch_match']}; "
+            f"{r['batch_excluded_pairs']} cross-compound pairs share a batch)"
             if "dropped_moas" in r
             else ""
         )
@@ -167,7 +174,10 @@ def nsc_command(
 
 def map_command(
     table: Annotated[
-        Path, typer.Argument(help="Profile/embedding table: msnoop output folder, .parquet, .csv, .lance.")
+        str,
+        typer.Argument(
+            help="Profile/embedding table: msnoop output folder, .parquet, .csv, .lance; a path or s3://..."
+        ),
     ],
     positive: Annotated[
         list[str], typer.Option("--positive", help="Positives share these columns, e.g. Metadata_moa.")
@@ -306,7 +316,9 @@ def bench(
         sections.append(f"### {job.name}\n\n{table}\n")
     if summary is not None:
         summary.parent.mkdir(parents=True, exist_ok=True)
-        summary.write_text("\n".join(sections))
+        from msnoop.core import storage as st
+
+        st.write_text(summary, "\n".join(sections))  # complete or absent
         typer.echo(f"wrote {summary}")
 
 

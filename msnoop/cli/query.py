@@ -14,7 +14,8 @@ def search(
     table: Annotated[str, typer.Argument(help="job output folder, or a LanceDB URI with --table")],
     image_id: Annotated[str | None, typer.Option("--id", help="query by an image id in the table")] = None,
     image: Annotated[
-        list[Path] | None, typer.Option("--image", help="query image: one file per channel, in the table's order")
+        list[str] | None,
+        typer.Option("--image", help="query image (a path or s3://...): one file per channel, in the table's order"),
     ] = None,
     match: Annotated[
         str | None,
@@ -86,23 +87,31 @@ def info(
 
 def export(
     table: Annotated[
-        Path,
-        typer.Argument(help="any table msnoop writes (output folder, cells/, .lance, profile Parquet) or Parquet/CSV"),
+        str,
+        typer.Argument(
+            help="any table msnoop writes (output folder, cells/, .lance, profile Parquet) or Parquet/CSV; paths or "
+            "s3://..."
+        ),
     ],
-    out: Annotated[Path, typer.Option("--out", help="file to write: .h5ad (AnnData, for scanpy)")],
+    out: Annotated[str, typer.Option("--out", help="file to write (a path or s3://...): .h5ad (AnnData, for scanpy)")],
 ) -> None:
-    """Export a table as AnnData (.h5ad): obs metadata, X vectors as stored, obsm["X_msnoop"] the ones msnoop compares."""
+    """Export a table as AnnData (.h5ad): obs metadata, X vectors as stored, obsm["X_msnoop"] the ones msnoop compares.
+
+    The file is complete or absent: a metadata column that .h5ad cannot store is refused before anything is written.
+    """
     import json
 
+    from msnoop.core import storage as st
     from msnoop.store.anndata import OBSM_KEY, UNS_KEY, to_anndata
 
     try:
         adata = to_anndata(table, out)
     except (ValueError, FileNotFoundError, OSError) as exc:
-        fail(str(exc))
+        fail(message(exc))
+    where = out if st.is_uri(out) else Path(out).resolve()
     method = json.loads(adata.uns[UNS_KEY]["postprocess"]).get("method")
     typer.echo(
-        f"wrote {out.resolve()}: {adata.n_obs} rows x {adata.n_vars} features; X as stored, "
+        f"wrote {where}: {adata.n_obs} rows x {adata.n_vars} features; X as stored, "
         f'obsm["{OBSM_KEY}"] {method} (what msnoop compares: scanpy.pp.neighbors(adata, use_rep="{OBSM_KEY}"))'
     )
 

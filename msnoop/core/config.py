@@ -64,14 +64,66 @@ def set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a mapping that names a key twice (plain YAML keeps the last one silently).
+
+    Keys brought in by a merge (``<<: *defaults``) may be overridden, as YAML intends; keys written out twice
+    in one mapping may not.
+    """
+
+    source = "<string>"
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: the base class reports it
+                continue
+            seen[key] = line
+            if first is not None:
+                raise ConfigError(
+                    f"config {self.source}: key {key!r} is written twice in one section (lines {first} and {line}); "
+                    "YAML would keep only the last one: remove or merge one of them"
+                )
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml_text(text: str, source: str = "<string>") -> Any:
+    """Parse YAML ``text`` like ``yaml.safe_load``, but refuse duplicate keys.
+
+    Raises:
+        ConfigError: A key is written twice in one mapping (the message names the key, both lines and ``source``).
+        yaml.YAMLError: The text is not YAML.
+    """
+    loader = _UniqueKeyLoader(text)
+    loader.source = source
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
-    """Parse ``key.sub=value`` strings (value as YAML) into pairs."""
+    """Parse ``key.sub=value`` strings (value as YAML) into pairs.
+
+    Raises:
+        ConfigError: An item has no ``=``, or its value is not YAML (or names a key twice).
+    """
     out = []
     for item in items:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. runtime.batch_size=32")
         key, raw = item.split("=", 1)
-        out.append((key.strip(), yaml.safe_load(raw)))
+        try:
+            value = load_yaml_text(raw, f"--set {item}")
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: the value is not YAML ({' '.join(str(exc).split())})") from None
+        out.append((key.strip(), value))
     return out
 
 
@@ -84,18 +136,27 @@ def validate_config(model: type[T], data: dict[str, Any], *, source: str = "<com
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a config file as a mapping of sections.
+    """Read a config file (a local path or an object storage URI) as a mapping of sections.
 
     Raises:
-        ConfigError: The file is missing, is not YAML, or is not a mapping.
+        ConfigError: The file is missing, is not YAML, names a key twice in one section, or is not a mapping.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+    from msnoop.core import storage as st
+
+    if st.is_uri(path):
+        try:
+            text = st.read_text(path)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"config file {path} cannot be read: {exc}") from None
+    else:
+        path = st.local_path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        text = path.read_text()
     try:
-        loaded = yaml.safe_load(path.read_text())
+        loaded = load_yaml_text(text, str(path))
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(exc).split())}") from None
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -71,7 +70,7 @@ def write_part(
     key-value metadata under ``msnoop``, so a part copied elsewhere still says how it was made
     (:func:`read_part_provenance`).
 
-    Local: written to a hidden ``.part-*.tmp`` beside it, then ``os.replace`` (streams to disk).
+    Local: written to a hidden temporary file beside it, then ``os.replace`` (streams to disk).
     URI: serialised in memory, then one upload of the final key (memory = the part's size).
     ``key`` (e.g. :func:`block_key` of the block's ids) names the part deterministically, so writing
     the same block again (a retried task) replaces it; without it every call adds a new part.
@@ -85,12 +84,9 @@ def write_part(
         final = st.join(folder, name)
         st.write_with(final, lambda out: pq.write_table(table, out), storage)
         return final
-    folder = st.local_path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{name}.tmp"
-    pq.write_table(table, tmp)
-    final = folder / name
-    os.replace(tmp, final)
+    final = st.local_path(folder) / name
+    with st.atomic_path(final) as tmp:  # a unique temporary name: two tasks writing one key never share it
+        pq.write_table(table, tmp)
     return final
 
 
@@ -249,10 +245,75 @@ def drop_ids(
             kept = table.filter(pa.array(keep))
             st.write_with(f, lambda out, kept=kept: pq.write_table(kept, out), storage)
         else:
-            tmp = f.with_name(f".{f.name}.tmp")
-            pq.write_table(table.filter(pa.array(keep)), tmp)
-            os.replace(tmp, f)
+            with st.atomic_path(f) as tmp:
+                pq.write_table(table.filter(pa.array(keep)), tmp)
     return removed
+
+
+def _row_keys(folder: str | Path, columns: list[str], storage: StorageConfig | None) -> list[np.ndarray]:
+    """Per part (in :func:`part_files` order), the 16-byte hash of each row's key (``columns`` joined)."""
+    from msnoop.core.idset import hash_ids
+
+    def key(table: pa.Table) -> np.ndarray:
+        values = [table.column(c).to_pylist() for c in columns]
+        return hash_ids(["\0".join(str(v) for v in row) for row in zip(*values, strict=True)])
+
+    frags = _fragments(folder, storage)
+    if not frags:
+        return []
+    with ThreadPoolExecutor(max_workers=min(READ_THREADS, len(frags))) as pool:
+        return list(pool.map(lambda frag: key(frag.to_table(columns=columns)), frags))
+
+
+def drop_repeats(
+    folder: str | Path,
+    columns: list[str] | None = None,
+    *,
+    also_in: Any = None,
+    storage: StorageConfig | None = None,
+) -> int:
+    """Keep one row per key in a part folder: rows whose key an earlier part (by name) already holds are removed.
+
+    A key is the row's ``columns`` (default the image id). Rows with the same key come from writers that each
+    wrote the same images (a task retried with other block boundaries, a writer that lost its lock); they hold
+    the same values, so which copy stays does not matter. ``also_in`` (an :class:`~msnoop.core.idset.IdSet` of
+    keys) removes those keys here altogether (e.g. error rows of images that another part embedded). Parts are
+    rewritten atomically (:func:`drop_ids`' way); a part left empty is deleted.
+
+    Returns:
+        Rows removed.
+    """
+    columns = columns or [ID_COLUMN]
+    keys = _row_keys(folder, columns, storage)
+    if not keys:
+        return 0
+    flat = np.concatenate(keys)
+    order = np.argsort(flat, kind="stable")  # stable: the first part (by name) keeps its row
+    ordered = flat[order]
+    repeat = np.zeros(len(flat), dtype=bool)
+    repeat[order[1:][ordered[1:] == ordered[:-1]]] = True
+    if also_in is not None:
+        repeat |= also_in.contains(flat)
+    if not repeat.any():
+        return 0
+    files = part_files(folder, storage=storage)
+    bounds = np.cumsum([0, *[len(k) for k in keys]])
+    for f, lo, hi in zip(files, bounds[:-1], bounds[1:], strict=True):
+        drop = repeat[lo:hi]
+        if not drop.any():
+            continue
+        if drop.all():
+            st.remove(f, storage)
+            continue
+        fs, path = st.resolve(f, storage)
+        table = pq.read_table(path, filesystem=fs)
+        kept = table.filter(pa.array(~drop))
+        if st.is_uri(f):
+            st.write_with(f, lambda out, kept=kept: pq.write_table(kept, out), storage)
+        else:
+            with st.atomic_path(f) as tmp:
+                pq.write_table(kept, tmp)
+    return int(repeat.sum())
 
 
 def count_rows(folder: str | Path, *, storage: StorageConfig | None = None) -> int:

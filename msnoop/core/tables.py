@@ -105,7 +105,7 @@ def resolve_table(path: str | Path) -> TableSource:
     * a screen's output folder: ``wells.parquet``;
     * a LanceDB database folder (``lancedb/``): the table its run recorded, or its only table;
     * a LanceDB table folder (``<name>.lance``);
-    * an object storage URI of an output folder.
+    * an object storage URI of an output folder or of a table file.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
@@ -118,7 +118,12 @@ def resolve_table(path: str | Path) -> TableSource:
         run = RunDir(path)
         if run.exists():
             return TableSource(str(run.embeddings), "parts", run)
-        raise FileNotFoundError(f"{path} is not an msnoop output folder (no {RunDir.RUN_FILE} there)")
+        if _suffix_key(Path(str(path).rstrip("/").rsplit("/", 1)[-1])) is None:
+            raise FileNotFoundError(
+                f"{path} is not an msnoop output folder (no {RunDir.RUN_FILE} there) nor a table file "
+                f"(expected one of the suffixes {sorted(TABLE_READERS)})"
+            )
+        return TableSource(str(path), "file")
     path = storage.local_path(path)
     if not path.exists():
         raise FileNotFoundError(f"table {path} does not exist")
@@ -167,6 +172,22 @@ def _read_lance(path: Path) -> pd.DataFrame:
     vectors = np.asarray(table.column(VECTOR).combine_chunks().flatten()).reshape(table.num_rows, -1)
     emb = pd.DataFrame(vectors, columns=[f"emb_{i:04d}" for i in range(vectors.shape[1])])
     return pd.concat([meta, emb], axis=1)
+
+
+def _read_uri_table(uri: str, key: str) -> pd.DataFrame:
+    """A Parquet or CSV table on object storage (endpoint and credentials from the environment)."""
+    import io
+
+    from msnoop.core import storage
+
+    if not storage.exists(uri):
+        raise FileNotFoundError(f"table {uri} does not exist")
+    if key in (".parquet", ".pq"):
+        import pyarrow.parquet as pq
+
+        fs, path = storage.resolve(uri)
+        return pq.read_table(path, filesystem=fs).to_pandas()
+    return pd.read_csv(io.BytesIO(storage.read_bytes(uri)), compression="gzip" if key.endswith(".gz") else None)
 
 
 def metadata_columns(df: pd.DataFrame) -> list[str]:
@@ -274,8 +295,9 @@ def read_table(path: str | Path) -> pd.DataFrame:
     Args:
         path: A table file (a Parquet dataset folder ending in ``.parquet`` also works), or a folder that
             :func:`resolve_table` understands (an output folder, a parts folder, a LanceDB database or table):
-            a local path or an object storage URI of an output folder (``s3://bucket/run1``; endpoint and
-            credentials from the environment, see :mod:`msnoop.core.storage`).
+            a local path or an object storage URI of an output folder or a table file (``s3://bucket/run1``,
+            ``s3://bucket/profiles.parquet``; endpoint and credentials from the environment, see
+            :mod:`msnoop.core.storage`).
 
     Returns:
         The table as a DataFrame; a LanceDB table's ``vector`` column comes back as ``emb_*`` columns.
@@ -284,16 +306,20 @@ def read_table(path: str | Path) -> pd.DataFrame:
         FileNotFoundError: If ``path`` does not exist.
         ValueError: If the suffix has no registered loader, the folder holds no table, or a parts folder is empty.
     """
-    from msnoop.core import parts
+    from msnoop.core import parts, storage
 
     source = resolve_table(path)
     if source.kind == "parts":
-        df = parts.read_frame(source.location)
+        if source.run is not None:
+            source.run.check_complete("read")  # never a partial snapshot of a folder being written or unfinished
+        df = parts.read_frame(source.location, storage=source.run.storage if source.run is not None else None)
         if df.empty:
             raise ValueError(f"{path} has no embeddings yet (no parts in {source.location})")
         return df
     if source.kind == "lance":
         return _read_lance(Path(source.location))
+    if storage.is_uri(source.location):
+        return _read_uri_table(str(source.location), str(_suffix_key(Path(str(source.location).rsplit("/", 1)[-1]))))
     path = Path(source.location)
     key = _suffix_key(path)
     if key is None:
@@ -307,7 +333,8 @@ def read_table(path: str | Path) -> pd.DataFrame:
 
 
 def write_table(df: pd.DataFrame, path: str | Path) -> Path:
-    """Write a table as Parquet (``.parquet``) or CSV (``.csv``/``.csv.gz``), creating parent folders.
+    """Write a table as Parquet (``.parquet``) or CSV (``.csv``/``.csv.gz``), creating parent folders; the file is
+    complete or absent (written to a temporary name and renamed).
 
     Args:
         df: Table to write; the index is not written.
@@ -319,13 +346,15 @@ def write_table(df: pd.DataFrame, path: str | Path) -> Path:
     Raises:
         ValueError: If the suffix is neither Parquet nor CSV.
     """
+    from msnoop.core import storage
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     name = path.name.lower()
-    if name.endswith((".parquet", ".pq")):
-        df.to_parquet(path, index=False)
-    elif name.endswith((".csv", ".csv.gz")):
-        df.to_csv(path, index=False)
-    else:
+    if not name.endswith((".parquet", ".pq", ".csv", ".csv.gz")):
         raise ValueError(f"cannot write {path}: expected a .parquet, .csv or .csv.gz suffix")
+    with storage.atomic_path(path) as tmp:  # complete or absent
+        if name.endswith((".parquet", ".pq")):
+            df.to_parquet(tmp, index=False)
+        else:
+            df.to_csv(tmp, index=False)
     return path

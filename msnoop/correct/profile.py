@@ -29,6 +29,7 @@ from typing import Any, Literal
 import pandas as pd
 from pydantic import Field, field_validator
 
+from msnoop.core import storage as st
 from msnoop.core.config import StrictModel as _Strict
 from msnoop.core.rundir import RunDir
 from msnoop.core.runtime_env import RuntimeEnvConfig, runtime_env_field
@@ -225,7 +226,7 @@ def run_profile(job: ProfileJob) -> dict[str, Any]:
             "n_rows": len(treatments),
         }
     record["n_features"] = len(feature_columns(sphered))
-    run.correction.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    st.write_text(run.correction, json.dumps(record, indent=2, default=str) + "\n")  # complete or absent
     logger.info("profile job %s: %s", job.name, {k: len(v) for k, v in frames.items()})
     return record
 

@@ -74,6 +74,7 @@ def prepare_cells(
     path: str,
     masks_dir: str | None = None,
     mask_path: str | None = None,
+    storage: Any = None,
 ) -> tuple[np.ndarray, pd.DataFrame, int]:
     """Cells mode for one image: segment, crop every cell in all channels, normalise each crop channel.
 
@@ -84,7 +85,9 @@ def prepare_cells(
         pre: The job's preprocessing (``native`` mode): crop side and normalisation.
         path: The nucleus channel's file, for messages.
         masks_dir: Where to write the label mask, or None.
-        mask_path: The image's existing label mask (segmentation backend ``mask``): read instead of segmenting.
+        mask_path: The image's existing label mask (segmentation backend ``mask``): read instead of segmenting
+            (a local path or a URI; ``storage``: its settings). A binary mask is split into its objects
+            (:func:`~msnoop.io.readers.read_labels`).
 
     Returns:
         ``(tiles [N * C, S, S] float32`` (cell-major, channel-major), the crop table of the N embedded cells
@@ -102,10 +105,13 @@ def prepare_cells(
     nuc_index = list(cells["channels"]).index(nucleus)
     size = pre.input_size
     if seg.backend == "mask":
-        if not mask_path:
-            raise ImageReadError(path, f"no mask file in column {seg.column!r} (segmentation backend 'mask')")
-        labels = read_labels(mask_path)
-        path = mask_path if labels.shape != images[nuc_index].shape else path
+        if not isinstance(mask_path, str) or not mask_path.strip():
+            raise ImageReadError(path, f"no mask file: column {seg.column!r} is blank for this image")
+        labels = read_labels(mask_path, storage=storage)
+        if labels.shape != images[nuc_index].shape:
+            raise ImageReadError(
+                mask_path, f"mask has shape {labels.shape} but its image {path} is {images[nuc_index].shape}"
+            )
     else:
         try:
             labels = np.asarray(seg.run(images[nuc_index]))
@@ -178,7 +184,8 @@ def output_schemas(meta: pa.Schema, dim: int, cells: bool) -> tuple[pa.Schema, p
 
 def with_embeddings(meta: pa.Table, extra: dict[str, np.ndarray], emb: np.ndarray, schema: pa.Schema) -> pa.Table:
     """``meta`` + ``extra`` columns + embedding columns, as exactly ``schema``."""
-    arrays = [meta.column(f.name) for f in schema if f.name in meta.column_names]
+    have = set(meta.column_names)  # once: a wide manifest's thousands of columns stay linear
+    arrays = [meta.column(f.name) for f in schema if f.name in have]
     arrays += [pa.array(extra[f.name], type=f.type) for f in schema if f.name in extra]
     arrays += [pa.array(emb[:, i].astype(np.float32, copy=False)) for i in range(emb.shape[1])]
     return pa.Table.from_arrays(arrays, schema=schema)

@@ -31,13 +31,13 @@ from msnoop.core.config import ConfigError, config_hash
 from msnoop.core.idset import IdSet
 from msnoop.core.parts import ID_COLUMN
 from msnoop.core.progress import progress_bar
-from msnoop.core.rundir import OutputMismatchError, RunDir
+from msnoop.core.rundir import FolderBusyError, OutputMismatchError, RunDir, WriterLock
 from msnoop.embed.actor import EmbedActor
 from msnoop.embed.cells import cells_spec, drop_orphan_cells, output_schemas
 from msnoop.embed.config import EmbedJob
 from msnoop.embed.dataset import StrictModeError, channel_selectors, read_and_prepare
-from msnoop.embed.totals import TotalsError, check_totals, error_preview
 from msnoop.embed.source import manifest_dataset, read_blocks
+from msnoop.embed.totals import TotalsError, check_totals, error_preview
 from msnoop.embed.write import provenance_record, write_block
 from msnoop.io.config import path_column
 from msnoop.io.table_stream import ImageTableSource, ids_of, plan_image_table, scan_ids
@@ -54,6 +54,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "EmbedResult",
+    "FolderBusyError",
     "OutputMismatchError",
     "StrictModeError",
     "TotalsError",
@@ -77,6 +78,7 @@ class EmbedResult:
         n_rows_total, n_errors_total: Rows of ``embeddings/`` and ``errors/`` that belong to the manifest.
         seconds: Wall time of the run.
         table: The LanceDB table written by the store stage, or ``None``.
+        lancedb: The LanceDB database that holds ``table`` (``output.lancedb``, else ``<dir>/lancedb``), or ``None``.
         errors_preview: Up to five ``(image id, reason)`` rows of ``errors/``.
         n_cells, n_cells_total: Cells embedded by this run / rows of ``cells/`` (cells mode).
     """
@@ -93,6 +95,7 @@ class EmbedResult:
     errors_preview: list[tuple[str, str]]
     n_cells: int = 0  # cells embedded by this run (cells mode)
     n_cells_total: int = 0  # rows of <out>/cells/ (cells mode)
+    lancedb: str | None = None  # the LanceDB database holding ``table`` (output.lancedb or <dir>/lancedb)
 
     @property
     def images_per_s(self) -> float:
@@ -160,10 +163,13 @@ def actor_pool_bounds(
 def run_info(cfg: EmbedJob, model: LoadedModel, spec: Preprocessing) -> dict[str, Any]:
     """The run's record for ``run.json``: what made the embeddings (model, preprocessing, channels) and its identity.
 
-    ``postprocess`` names the post-processing the run's vectors get before any distance (``output.postprocess``);
-    the store stage replaces it with the fitted record in the LanceDB table's metadata.
+    ``identity`` (:func:`msnoop.embed.identity.run_identity`) holds every setting that can change a stored vector
+    or row; a resume compares it with the folder's (:meth:`RunDir.check_resumable`). ``postprocess`` names the
+    post-processing the run's vectors get before any distance (``output.postprocess``); the store stage replaces it
+    with the fitted record in the LanceDB table's metadata.
     """
     from msnoop.core.runtime import provenance
+    from msnoop.embed.identity import run_identity
 
     info: dict[str, Any] = {
         "job": "embed",
@@ -181,6 +187,7 @@ def run_info(cfg: EmbedJob, model: LoadedModel, spec: Preprocessing) -> dict[str
         "embed_dim": int(model.net.embed_dim) * len(cfg.input.channels),  # type: ignore[arg-type]
         "config_hash": config_hash(cfg),
         "postprocess": {"method": cfg.output.postprocess},
+        "identity": run_identity(cfg, model, spec),
         "provenance": provenance(),
     }
     if cfg.cells is not None:
@@ -462,8 +469,11 @@ def _run_schema(cfg: EmbedJob, run: RunDir, info: dict[str, Any], schema: pa.Sch
 
     A folder made differently is refused, or with ``output.on_mismatch: replace`` emptied of its rows.
     """
+    from msnoop.embed.config import EmbedJob
+    from msnoop.embed.identity import field_defaults
+
     try:
-        run.check_resumable(info)
+        run.check_resumable(info, defaults=field_defaults(EmbedJob))
         return run.resumed_schema(schema)
     except OutputMismatchError as exc:
         if cfg.output.on_mismatch != "replace":
@@ -518,6 +528,9 @@ def _log_start(cfg: EmbedJob, run: RunDir, model: LoadedModel, counts: tuple[int
 def run_embed(cfg: EmbedJob) -> EmbedResult:
     """Run an embedding job to its Parquet parts; resumable (ids already written are skipped).
 
+    The run holds the output folder's writer lock (:meth:`RunDir.writer_lock`) from before the identity check to
+    its end; ``run.json`` says ``status: running`` while it writes and ``complete`` once every row is accounted for.
+
     Args:
         cfg: A validated ``job: embed`` config.
 
@@ -527,21 +540,29 @@ def run_embed(cfg: EmbedJob) -> EmbedResult:
 
     Raises:
         ConfigError: The input table cannot be built (missing manifest, column, duplicate ids).
-        OutputMismatchError: ``output.dir`` holds embeddings of another model, preprocessing, channel
-            list, mode or metadata types, and ``output.on_mismatch`` is ``error``.
+        OutputMismatchError: ``output.dir`` holds rows made with other settings (another identity) or other
+            metadata types, and ``output.on_mismatch`` is ``error``; checked before any work.
+        FolderBusyError: Another live process writes ``output.dir`` (the message names it and since when).
         TotalsError: The outputs do not hold every row of the manifest exactly once (a bug, never user input).
         StrictModeError: ``runtime.strict`` and an image could not be embedded (the message is its error).
         CheckpointError: The model reference cannot be resolved.
         StorageError: ``output.dir`` cannot be written (missing bucket, wrong credentials, unreachable endpoint):
             checked before any work, the message names the location.
     """
-    from msnoop.core.runtime import init_ray
-
     t0 = time.perf_counter()
     run = cfg.run_dir
     if cfg.cells is not None and cfg.cells.save_masks and run.is_uri:
         raise ConfigError(f"cells.save_masks writes TIFF masks to a local folder; output.dir is {run}")
     run.check_writable()  # before any work: a missing bucket or wrong credentials fail here
+    with run.writer_lock("msnoop embed") as lock:
+        return _run_embed_locked(cfg, run, lock, t0)
+
+
+def _run_embed_locked(cfg: EmbedJob, run: RunDir, lock: WriterLock, t0: float) -> EmbedResult:
+    """:func:`run_embed` once the folder's writer lock is held."""
+    from msnoop.core.runtime import init_ray
+    from msnoop.embed.totals import repair_repeats
+
     model, spec = prepare_model(cfg)
     mask_col = cfg.cells.segmentation.mask_column if cfg.cells is not None else None
     # The manifest is planned from its header (one schema for the run, before any work) and its ids are checked
@@ -549,6 +570,7 @@ def run_embed(cfg: EmbedJob) -> EmbedResult:
     source = plan_image_table(cfg.input, storage=run.storage, mask_column=mask_col)
     wanted, n_input = scan_ids(source)
     info = run_info(cfg, model, spec)
+    info["ignored_files"] = source.ignored_files
     info["metadata_schema"] = parts.schema_to_json(source.schema)
     meta_schema = _run_schema(cfg, run, info, source.schema)
     info["metadata_schema"] = parts.schema_to_json(meta_schema)
@@ -566,7 +588,8 @@ def run_embed(cfg: EmbedJob) -> EmbedResult:
             foreign,
         )
     _log_start(cfg, run, model, (n_input, n_skipped, n_todo))
-    run.save_config(cfg)
+    info["status"] = RunDir.RUNNING
+    run.save_config(cfg)  # only now: the folder's identity check has passed
     run.write_info(info)
 
     n_ok = n_err = n_cells = 0
@@ -591,8 +614,11 @@ def run_embed(cfg: EmbedJob) -> EmbedResult:
     info["last_run"] = {"embedded": n_ok, "errors": n_err, "seconds": time.perf_counter() - t0}
     if cfg.cells is not None:
         info["last_run"]["cells"] = n_cells
-    run.write_info(info)
+    lock.check()  # still this folder's only writer
+    repair_repeats(run, cells=cfg.cells is not None)
     n_total, n_err_total = check_totals(run, wanted, names=lambda hashes: ids_of(source, hashes))
+    info["status"] = RunDir.COMPLETE
+    run.write_info(info)
     preview = error_preview(run, wanted) if n_err_total else []
     return EmbedResult(
         out_dir=cfg.output.dir,

@@ -6,6 +6,7 @@ own check, :meth:`msnoop.core.rundir.RunDir.check_resumable`.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -18,9 +19,29 @@ from msnoop.core.idset import HASH_DTYPE, IdSet, hash_ids
 from msnoop.core.parts import ID_COLUMN
 from msnoop.core.rundir import RunDir
 
+logger = logging.getLogger(__name__)
+
 
 class TotalsError(RuntimeError):
     """The outputs do not account for every row of the manifest exactly once (a bug, never a user error)."""
+
+
+def repair_repeats(run: RunDir, *, cells: bool = False) -> int:
+    """Keep one row per image (and per cell) in an output folder; returns rows removed.
+
+    Two writers of one image (a Ray task retried with other block boundaries, a writer that lost its lock) leave
+    the same image in two parts, with the same values: the later copy goes (:func:`msnoop.core.parts.drop_repeats`),
+    and error rows of an image that a part embedded go too. Run before :func:`check_totals`, so every id is in the
+    folder once whatever the block sizes, order, retries and interruptions of the runs that wrote it.
+    """
+    n = parts.drop_repeats(run.embeddings, storage=run.storage)
+    embedded = IdSet.from_parts(run.embeddings, ID_COLUMN, storage=run.storage)
+    n += parts.drop_repeats(run.errors, also_in=embedded, storage=run.storage)
+    if cells:
+        n += parts.drop_repeats(run.cells, [ID_COLUMN, "Metadata_CellID"], storage=run.storage)
+    if n:
+        logger.warning("%s: removed %d repeated row(s) (the same image written twice)", run, n)
+    return n
 
 
 def check_totals(

@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
+from msnoop.core import storage as st
 from msnoop.core.config import StrictModel as _Strict
 from msnoop.core.config import read_yaml, validate_config
 from msnoop.core.rundir import RunDir
@@ -245,9 +246,9 @@ def run_bench(job: BenchJob) -> dict[str, Any]:
         "rows": rows,
     }
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
-    pd.DataFrame(rows).to_csv(out / "results.csv", index=False)
-    (out / "results.md").write_text(markdown(record) + "\n")
+    st.write_text(out / "results.json", json.dumps(record, indent=2, default=str) + "\n")  # each complete or absent
+    st.write_text(out / "results.csv", pd.DataFrame(rows).to_csv(index=False))
+    st.write_text(out / "results.md", markdown(record) + "\n")
     return record
 
 

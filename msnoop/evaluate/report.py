@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from msnoop.core import storage as st
 from msnoop.core.plotting import save, subplots
 from msnoop.core.tables import read_table
 from msnoop.evaluate.features import table_features, table_postprocess
@@ -910,7 +911,7 @@ def _build(
         "channels": channel_legend(pcols) if pcols else "",
     }
     page = out / "report.html"
-    page.write_text(_html_page(ctx), encoding="utf-8")
+    st.write_text(page, _html_page(ctx))  # complete or absent
     summary = {
         k_: ctx[k_]
         for k_ in (
@@ -930,7 +931,7 @@ def _build(
     summary |= {"metrics": metrics, "galleries": records, "gallery_note": gallery_note or None}
     summary["segmentation"] = seg_records
     summary["unreadable_images"] = unreadable
-    (out / "report.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    st.write_text(out / "report.json", json.dumps(summary, indent=2, default=str) + "\n")
     logger.info("report for %s written to %s", source, page)
     return page
 

@@ -36,6 +36,8 @@ class TableInfo:
         correction: A profile table's sphering: method, controls and features it was fitted on; else None.
         n_errors: Images recorded in the output folder's ``errors/``, or None (not an embed output).
         errors: That folder, or None.
+        state: Why the output folder is not complete (being written, unfinished), or None
+            (:meth:`msnoop.core.rundir.RunDir.state`).
     """
 
     source: str
@@ -50,10 +52,12 @@ class TableInfo:
     correction: dict[str, Any] | None = None
     n_errors: int | None = None
     errors: str | None = None
+    state: str | None = None
 
     def lines(self) -> list[str]:
         """The description as ``msnoop info`` prints it: one ``name  value`` line per fact."""
-        rows = [("table", self.source), ("kind", self.kind), ("rows", f"{self.n_rows:,}")]
+        rows = [("state", self.state)] if self.state else []
+        rows += [("table", self.source), ("kind", self.kind), ("rows", f"{self.n_rows:,}")]
         if self.channels:
             per = self.n_features // max(len(self.channels), 1)
             rows.append(("dimensions", f"{self.n_features} = {len(self.channels)} channels x {per}"))
@@ -188,10 +192,12 @@ def describe(target: str | Path, table: str | None = None) -> TableInfo:
     from msnoop.query.search import open_results
 
     try:
-        ref = open_results(target, table)
+        ref = open_results(target, table, complete=False)  # describing a partial folder says so instead
     except ValueError:
         if table is not None:
             raise
         return _from_table(target)
     run = RunDir(target)
-    return _from_lance(ref, run if run.exists() else None)
+    described = _from_lance(ref, run if run.exists() else None)
+    described.state = run.state()
+    return described

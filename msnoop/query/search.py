@@ -41,15 +41,20 @@ class TableRef:
     name: str
 
 
-def open_results(target: str | Path, table: str | None = None, *, storage: StorageConfig | None = None) -> TableRef:
+def open_results(
+    target: str | Path, table: str | None = None, *, storage: StorageConfig | None = None, complete: bool = True
+) -> TableRef:
     """Open the LanceDB table of a job output folder, or ``table`` in the LanceDB at ``target``.
 
     ``target`` may be a local folder or an object storage URI (``s3://bucket/run1``): ``run.json`` is read
     through :mod:`msnoop.core.storage` and LanceDB is connected with the same endpoint settings (``storage``,
-    default the environment: ``AWS_ENDPOINT_URL``...; credentials from the environment).
+    default the environment: ``AWS_ENDPOINT_URL``...; credentials from the environment). With ``complete``
+    (default) an output folder that is being written or was left unfinished is refused
+    (:meth:`msnoop.core.rundir.RunDir.check_complete`) instead of searched as a partial snapshot.
 
     Raises:
         ValueError: ``target`` is not an output folder and no ``table`` is given, or its table is not written yet.
+        RunStateError: The folder is being written by another process or was left unfinished (``complete``).
         KeyError: The LanceDB has no such table.
     """
     run = RunDir(target, storage)
@@ -64,12 +69,16 @@ def open_results(target: str | Path, table: str | None = None, *, storage: Stora
                 f"{target} is not an msnoop output folder (no {RunDir.RUN_FILE}) nor a LanceDB table (.lance); give "
                 "an output folder, or a LanceDB URI with --table NAME"
             )
+        if inside is not None and complete and RunDir(Path(target).parent).exists():
+            RunDir(Path(target).parent).check_complete("search")  # a folder inside an output folder
         uri, name = inside or (str(target), str(table))
         try:
             tbl = open_table(uri, name, storage_options=st.storage_options(uri, storage) or None)
         except KeyError:
             raise ValueError(f"{target}: LanceDB {uri} has no table {name!r}") from None
         return TableRef(table=tbl, info=table_info(tbl), uri=uri, name=name)
+    if complete:
+        run.check_complete("search")
     info = run.read_info()
     uri, name = run.recorded_lancedb_uri(info), table or info.get("table")
     try:

@@ -40,6 +40,7 @@ import numpy as np
 import pandas as pd
 from pydantic import Field, field_validator
 
+from msnoop.core import storage as st
 from msnoop.core.config import StrictModel as _Strict
 from msnoop.core.rundir import RunDir
 from msnoop.core.runtime_env import RuntimeEnvConfig, runtime_env_field
@@ -237,7 +238,7 @@ def run_screen(job: ScreenJob) -> dict[str, Any]:
     run.save_config(job)
     write_table(table, run.wells)
     record["plot"] = str(plot_screen(table, record, run.screen_plot))
-    run.screen.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    st.write_text(run.screen, json.dumps(record, indent=2, default=str) + "\n")  # complete or absent
     logger.info("screen %s: Z' %.3f over %d wells", job.name, record["z_prime"], n)
     return record
 

@@ -30,6 +30,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
+from msnoop.core import storage as st
 from msnoop.core.config import StrictModel as _Strict
 from msnoop.core.rundir import RunDir
 from msnoop.core.runtime import UseGpu
@@ -331,14 +332,14 @@ def run_segtrain(job: SegTrainJob) -> dict[str, Any]:
         rec["shipped"] = "no: it does not beat the built-in backend on the held-out images"
     else:
         rec["shipped"] = f"yes, copied to `{ship_to}`"
-    (out / "segtrain.json").write_text(json.dumps(rec, indent=2) + "\n")
+    st.write_text(out / "segtrain.json", json.dumps(rec, indent=2) + "\n")  # complete or absent
     card = _card(job, rec)
-    (out / "SEGMENTATION_CARD.md").write_text(card)
+    st.write_text(out / "SEGMENTATION_CARD.md", card)
     if ship_to is not None:
         ship_to.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(weights, ship_to)
         # the card travels with the weights, so whoever finds the file finds how it was made and scored
-        ship_to.with_name(ship_to.name + ".md").write_text(card)
+        st.write_text(ship_to.with_name(ship_to.name + ".md"), card)
     logger.info("segtrain %s: %s", job.name, json.dumps(holdout))
     return rec
 

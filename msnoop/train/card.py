@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from msnoop.core.plotting import new_figure, save
+from msnoop.core.storage import atomic_path
 from msnoop.core.runtime import uses_bf16
 from msnoop.preprocess.presets import Preprocessing
 from msnoop.train.config import PretrainJob
@@ -302,5 +303,6 @@ small data set listed above rather than Microsnoop's corpus. Its embeddings are 
 Microsnoop checkpoint.
 """
     path = Path(path)
-    path.write_text(text)
+    with atomic_path(path) as tmp:  # complete or absent
+        tmp.write_text(text)
     return path

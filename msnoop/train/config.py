@@ -30,6 +30,8 @@ class SourceConfig(_Strict):
 
 
 class AugmentConfig(_Strict):
+    """Random augmentation of every training crop (applied in this order: window, flips, rot90, jitter)."""
+
     flips: bool = Field(True, description="random horizontal/vertical flips")
     rot90: bool = Field(True, description="random multiples of 90 degrees")
     rotate: bool = Field(True, description="free rotation by a uniform angle (corners become zero)")
@@ -50,6 +52,8 @@ class FilterConfig(_Strict):
 
 
 class DataConfig(_Strict):
+    """The training pool: sources, their weighting, crop geometry, preloading, augmentation, filters."""
+
     sources: list[SourceConfig] = Field(..., min_length=1)
     weighting: Literal["equal", "sqrt", "size"] = Field(
         "sqrt", description="source probability ∝ 1, sqrt(n samples) or n samples, times the source weight"
@@ -77,6 +81,8 @@ class DataConfig(_Strict):
 
 
 class ModelConfig(_Strict):
+    """The trained architecture and its starting weights."""
+
     arch: str = Field("microsnoop_cnn", description="registered architecture (msnoop.models.registry)")
     arch_kwargs: dict[str, Any] = Field(default_factory=dict)
     init: str | None = Field(
@@ -87,6 +93,8 @@ class ModelConfig(_Strict):
 
 
 class MaskConfig(_Strict):
+    """Microsnoop's masked reconstruction: patch masking and the reconstruction loss."""
+
     weight: float = Field(
         1.0,
         ge=0,
@@ -172,6 +180,7 @@ class DistillConfig(_Strict):
 
     @property
     def enabled(self) -> bool:
+        """Whether any distillation term is on (and so a teacher is needed)."""
         return self.weight > 0 or self.spatial > 0
 
 
@@ -187,6 +196,8 @@ class SpreadConfig(_Strict):
 
 
 class OptimConfig(_Strict):
+    """AdamW with linear warm-up and cosine decay."""
+
     lr: float = Field(1e-3, gt=0, description="peak learning rate (after warm-up)")
     weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay (not applied to norms and biases)")
     betas: tuple[float, float] = (0.9, 0.95)
@@ -196,6 +207,8 @@ class OptimConfig(_Strict):
 
 
 class TrainConfig(_Strict):
+    """Schedule length, batch, seed, logging, checkpoints, budgets, precision, BatchNorm mode."""
+
     steps: int = Field(..., ge=1, description="optimiser steps (the schedule's length)")
     batch_size: int = Field(16, ge=1, description="crops per worker per step (Microsnoop: 16)")
     seed: int = 0
@@ -234,6 +247,8 @@ class TrainConfig(_Strict):
 
 
 class PretrainOutputConfig(_Strict):
+    """Where and how the trained model and its card are written."""
+
     dir: Path = Field(
         ..., description="model.pt, MODEL_CARD.md, figures, train_log.jsonl, resolved config, Ray run dir"
     )
@@ -249,6 +264,8 @@ class PretrainOutputConfig(_Strict):
 
 
 class PretrainRuntimeConfig(_Strict):
+    """Ray Train workers, devices and failure handling."""
+
     address: str | None = Field(None, description="Ray address; None = RAY_ADDRESS or a local cluster")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a local cluster; default all")
     object_store_mb: int | None = Field(None, ge=100)
@@ -299,6 +316,7 @@ class PretrainJob(_Strict):
 
     @property
     def warmup_steps(self) -> int:
+        """``optim.warmup_steps``, or 5 % of ``train.steps`` when unset."""
         if self.optim.warmup_steps is not None:
             return min(self.optim.warmup_steps, self.train.steps)
         return int(round(0.05 * self.train.steps))

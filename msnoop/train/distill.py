@@ -54,6 +54,7 @@ class TargetNorm(nn.Module):
         self.seen += 1
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
+        """Standardise ``[B, D]`` targets with the running statistics."""
         return (t.float() - self.mean) / self.var.sqrt()
 
 
@@ -86,12 +87,15 @@ class DistillStudent(nn.Module):
 
     @property
     def embed_dim(self) -> int:
+        """The network's embedding length (the heads do not change it)."""
         return self.net.embed_dim
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The network's own embedding: ``[N, 1, H, W] -> [N, embed_dim]``."""
         return self.net.embed(x)
 
     def forward(self, x: torch.Tensor, *, decode: bool = True) -> dict[str, torch.Tensor | dict | None]:
+        """Encoder, optionally the decoder, and the heads in one call (see the class docstring for shapes)."""
         maps = self.net.encoder(x)
         deepest = maps[-1]
         z = deepest.mean(dim=(-2, -1))

@@ -153,6 +153,7 @@ class TrainState:
 
 
     def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs, as tensors and plain values (``torch.save``-able)."""
         return {
             "model": unwrap(self.net).state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -163,6 +164,7 @@ class TrainState:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict` (network, optimiser, schedule, step, history, CPU seconds)."""
         unwrap(self.net).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

@@ -29,6 +29,7 @@ import torch
 
 from msnoop.core.config import save_resolved
 from msnoop.core.progress import progress_bar
+from msnoop.core.storage import atomic_path
 from msnoop.models.checkpoint import file_sha256, save_checkpoint
 from msnoop.models.registry import create_model
 from msnoop.preprocess.presets import Preprocessing
@@ -86,6 +87,7 @@ def latest_checkpoint_dir(job: PretrainJob) -> Path | None:
 
 
 def load_state_file(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """A checkpoint's ``state.pt`` (tensors only, ``weights_only``) mapped to ``device``."""
     return torch.load(path, map_location=device, weights_only=True)
 
 
@@ -207,8 +209,8 @@ def train_func(config: dict[str, Any]) -> None:
         if local_mode:  # local mode does not persist reported checkpoints: write them in place
             target = run_dir(job) / name
             target.mkdir(parents=True, exist_ok=True)
-            torch.save(payload, target / (STATE_FILE + ".tmp"))
-            (target / (STATE_FILE + ".tmp")).replace(target / STATE_FILE)  # atomic: a kill never leaves half a file
+            with atomic_path(target / STATE_FILE) as tmp:  # a kill never leaves half a file
+                torch.save(payload, tmp)
             for old in sorted(run_dir(job).glob("checkpoint_[0-9]*"))[: -job.output.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(target)))
