@@ -391,7 +391,7 @@ COLOURS: dict[str, tuple[float, float, float]] = {
 }
 #: A channel's colour by its name (a regular expression on the lower-cased name, first match wins).
 CHANNEL_COLOURS: tuple[tuple[str, str], ...] = (
-    (r"dna|dapi|hoechst|nucle|h2b|draq", "blue"),
+    (r"dna|dapi|hoechst|nucle|h2b|draq|blue", "blue"),
     (r"gfp|fitc|488|green|venus|yfp", "green"),
     (r"rfp|mcherry|tomato|tritc|cy3|568|594|red|scarlet", "magenta"),
 )
