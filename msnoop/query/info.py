@@ -73,13 +73,18 @@ class TableInfo:
             rows.append(("preprocess", json.dumps(self.preprocess)))
         if self.correction:
             c = self.correction
-            rows.append(
-                (
-                    "correction",
-                    f"{c.get('method')} sphering fitted on {c.get('n_controls')} control rows "
-                    f"({c.get('control_query')}), {c.get('n_features')} features",
+            method = c.get("method") or "none"
+            fitted = " ".join(
+                part
+                for part in (
+                    f"fitted on {c['n_controls']} control rows" if c.get("n_controls") is not None else "",
+                    f"({c['control_query']})" if c.get("control_query") else "",
                 )
+                if part
             )
+            features = f"{c['n_features']} features" if c.get("n_features") is not None else ""
+            text = ", ".join(p for p in (f"{method} sphering {fitted}".strip(), features) if p)
+            rows.append(("correction", text if method != "none" else "none (the rows are not sphered)"))
         if self.vectors:
             method = self.vectors.get("method", "raw")
             fitted = f" (fitted on {self.vectors['n']} rows, no labels)" if "n" in self.vectors else ""
