@@ -86,6 +86,7 @@ SAME = {
     "runtime.batch_size": 3,
     "runtime.images_per_block": 1,
     "runtime.actors": 2,
+    "runtime.ray_min_images": 0,
     "output.table": "other",
     "output.index": "none",
     "input.limit": 5,

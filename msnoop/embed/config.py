@@ -63,7 +63,9 @@ class RuntimeConfig(_Strict):
         "RAY_ADDRESS, no running `msnoop cluster`), runs in this process without starting Ray: the same stages and "
         "outputs without Ray's 5-15 s of start-up; 0 = always Ray",
     )
-    num_cpus: int | None = Field(None, ge=1, description="CPUs for a local cluster; default all")
+    num_cpus: int | None = Field(
+        None, ge=1, description="CPUs for a local cluster (torch threads for a job run in this process); default all"
+    )
     object_store_mb: int | None = Field(None, ge=100)
     batch_size: int = Field(64, ge=1, description="one-channel tiles per forward pass")
     images_per_block: int = Field(64, ge=1, description="images per Ray Data block (read/preprocess task)")

@@ -406,6 +406,7 @@ def run_in_process(
 
     Blocks hold about one forward batch of tiles (``runtime.batch_size`` / channels images, at most
     ``runtime.images_per_block``), so ``bar`` (a :func:`msnoop.core.progress.progress_bar`) moves once per batch.
+    torch uses ``runtime.num_cpus`` threads when it is set (else its default, one per core).
 
     Returns:
         ``(embedded, errors, cells)`` of this run.
@@ -415,7 +416,7 @@ def run_in_process(
     mask_col = cfg.cells.segmentation.mask_column if cfg.cells is not None else None
     read_args = _read_args(cfg, spec, run)
     write_args = _write_args(cfg, run, info, schemas)
-    actor = EmbedActor(**_actor_args(cfg, model, device=_local_device(cfg), threads=None))
+    actor = EmbedActor(**_actor_args(cfg, model, device=_local_device(cfg), threads=cfg.runtime.num_cpus))
     n_ok = n_err = n_cells = 0
     for block in read_blocks(source, schema=schemas[0], done=done, block_rows=block_rows, mask_column=mask_col):
         counts = write_block(actor(read_and_prepare(block.to_pandas(), **read_args)), **write_args)
