@@ -18,16 +18,14 @@ tables) and ``results/bench_all.json``, then regenerates the README's results ta
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import subprocess
 import sys
-import time
 from datetime import date
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("MSNOOP_SHARED_DATA", ROOT.parent / "shared" / "data"))
+from harness import RESULTS, ROOT, Stopwatch, data_dir, run_record, write_results
+
+DATA = data_dir()
 PY = sys.executable
 MSNOOP = [PY, "-m", "msnoop"]
 
@@ -123,27 +121,25 @@ def update_readme(readme: Path, sha: str) -> None:
     """Rewrite the README's results table from the result files under results/."""
     from headline import headline_rows, markdown, replace_section, write_csv
 
-    rows, today = headline_rows(ROOT / "results"), date.today().isoformat()
+    rows, today = headline_rows(RESULTS), date.today().isoformat()
     readme.write_text(replace_section(readme.read_text(), markdown(rows, commit=sha, date=today)))
-    csv_path = write_csv(rows, ROOT / "results" / "headline.csv", commit=sha, date=today)
+    csv_path = write_csv(rows, RESULTS / "headline.csv", commit=sha, date=today)
     print(f"rewrote the results table in {readme} and {csv_path}")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--perf", action="store_true", help="also run the speed and memory benchmarks")
-    ap.add_argument("--out", type=Path, default=ROOT / "results" / "BENCHMARKS.md")
+    ap.add_argument("--out", type=Path, default=RESULTS / "BENCHMARKS.md")
     ap.add_argument("--readme", type=Path, default=ROOT / "README.md", help="README whose results table is rewritten")
     ap.add_argument("--no-readme", action="store_true", help="do not touch the README")
     ap.add_argument("--readme-only", action="store_true", help="only regenerate the README table from results/")
     args = ap.parse_args()
-    sha = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], check=False, cwd=ROOT, capture_output=True, text=True
-    ).stdout.strip()
+    record: dict = {**run_record(), "data": str(DATA), "steps": []}
+    sha = record["commit"] or ""
     if args.readme_only:
         update_readme(args.readme, sha)
         return 0
-    record: dict = {"date": date.today().isoformat(), "commit": sha, "data": str(DATA), "steps": []}
     md = [f"# msnoop benchmarks, {record['date']}, commit {sha}", ""]
     for name, needs, commands, perf in STEPS:
         if perf and not args.perf:
@@ -157,15 +153,17 @@ def main() -> int:
             md += [step["status"], ""]
             record["steps"].append(step)
             continue
-        t0, outputs, status = time.perf_counter(), [], "ok"
-        for cmd in commands:
-            print(f"$ {' '.join(cmd)}", flush=True)
-            res = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True)
-            outputs.append(res.stdout)
-            if res.returncode != 0:
-                status = f"failed (exit {res.returncode}): {res.stderr.strip().splitlines()[-1] if res.stderr.strip() else ''}"
-                break
-        step |= {"status": status, "wall_s": round(time.perf_counter() - t0, 1)}
+        outputs, status = [], "ok"
+        with Stopwatch() as clock:
+            for cmd in commands:
+                print(f"$ {' '.join(cmd)}", flush=True)
+                res = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True)
+                outputs.append(res.stdout)
+                if res.returncode != 0:
+                    last = res.stderr.strip().splitlines()[-1] if res.stderr.strip() else ""
+                    status = f"failed (exit {res.returncode}): {last}"
+                    break
+        step |= {"status": status, "wall_s": round(clock.wall, 1)}
         print(f"{name}: {status} in {step['wall_s']} s", flush=True)
         md += [f"`{'`; `'.join(step['commands'])}`: {status}, {step['wall_s']:.0f} s", ""]
         text = "\n".join(outputs)
@@ -177,7 +175,7 @@ def main() -> int:
         record["steps"].append(step)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(md) + "\n")
-    args.out.with_name("bench_all.json").write_text(json.dumps(record, indent=2) + "\n")
+    write_results(args.out.with_name("bench_all.json"), record)
     print(f"wrote {args.out}")
     if not args.no_readme:
         update_readme(args.readme, sha)

@@ -50,7 +50,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -58,13 +57,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from harness import data_dir, write_results
 
 from msnoop.correct.sphering import spherize_profiles
 from msnoop.screen.readout import cell_classifier_readout, control_axis_readout, dose_response, z_prime
 from msnoop.core.tables import feature_columns, read_table, split_table
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "bbbc013"
+DATA = data_dir("bbbc013")
 N_WELLS = 96
 SERIES = {"A-D": tuple("ABCD"), "E-H": tuple("EFGH")}
 NEG_QUERY = "Metadata_SBS_Controls == -1"
@@ -601,7 +600,6 @@ def main() -> None:
         "cells_curve": curves,
         "per_well_readout": wells,
     }
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2))
     if curves:
         nc_z = next(
             (r["z_prime"] for r in rows if r["features"] == "N/C GFP ratio" and r["readout"] == "raw value"), None
@@ -648,7 +646,7 @@ def main() -> None:
             f"N/C baseline: built-in segmentation of the DNA channel, ring {args.ring} px; median "
             f"{baseline['median_nuclei_per_well']:.0f} nuclei per well. Data README floor: Z' 0.70, rho 0.90 / 0.92."
         )
-    out.with_suffix(".md").write_text("\n".join(lines + notes) + "\n")
+    write_results(out, report, "\n".join(lines + notes))
     print("\n".join(lines))
 
 

@@ -23,15 +23,14 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from harness import RESULTS, data_dir, write_results
 
 from msnoop.aggregate.profiles import aggregate_profiles
 from msnoop.correct.sphering import spherize_profiles
@@ -41,7 +40,6 @@ from msnoop.core.tables import feature_columns
 
 logger = logging.getLogger("bench_bbbc021_profiles")
 
-REPO = Path(__file__).resolve().parents[1]
 PROFILES = "morpheus_exercise/BBBC021_feature_selected_mad_robustize.csv"
 MOA_FILE = "BBBC021_v1_moa.csv"
 DMSO = "Metadata_Compound == 'DMSO'"
@@ -52,13 +50,6 @@ CONDITIONS: dict[str, dict[str, Any] | None] = {
     "zca-cor-eps0.1-global": {"method": "ZCA-cor", "epsilon": 0.1, "per_batch": False},
     "zca-cor-knee-per-plate": {"method": "ZCA-cor", "epsilon": "knee", "per_batch": True},
 }
-
-
-def default_data_dir() -> Path:
-    """``$MSNOOP_SHARED_DATA/bbbc021_profiles``, else ``../shared/data/bbbc021_profiles`` next to the repo."""
-    env = os.environ.get("MSNOOP_SHARED_DATA")
-    base = Path(env) if env else REPO.parent / "shared" / "data"
-    return base / "bbbc021_profiles"
 
 
 def load_wells(folder: Path) -> pd.DataFrame:
@@ -133,11 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--data", type=Path, default=None, help="bbbc021_profiles folder (default ../shared/data/bbbc021_profiles)"
     )
-    parser.add_argument("--out", type=Path, default=REPO / "results" / "bench_bbbc021_profiles.json")
+    parser.add_argument("--out", type=Path, default=RESULTS / "bench_bbbc021_profiles.json")
     parser.add_argument("--null-size", type=int, default=10000, help="random rankings per mAP null configuration")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    folder = args.data or default_data_dir()
+    folder = args.data or data_dir("bbbc021_profiles")
     if not (folder / PROFILES).exists() or not (folder / MOA_FILE).exists():
         print(
             f"error: BBBC021 profiles not found: expected {folder / PROFILES} and {folder / MOA_FILE}; "
@@ -157,8 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         },
     }
     results["seconds"] = round(time.perf_counter() - t0, 2)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    write_results(args.out, results)
 
     header = (
         f"{'sphering':<34} {'NSC':>7} {'NSCB plate':>11} {'NSCB week':>10}"

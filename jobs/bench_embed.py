@@ -24,48 +24,12 @@ import logging
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-class PeakRSS:
-    """Samples the summed RSS of this process tree every ``interval`` seconds."""
-
-    def __init__(self, interval: float = 0.2) -> None:
-        import psutil
-
-        self.proc = psutil.Process()
-        self.interval = interval
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _sample(self) -> int:
-        total = 0
-        for p in [self.proc, *self.proc.children(recursive=True)]:
-            try:
-                total += p.memory_info().rss
-            except Exception:
-                pass
-        return total
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._sample())
-            time.sleep(self.interval)
-
-    def __enter__(self) -> PeakRSS:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+from harness import PeakRSS, write_results
 
 
 def make_data(root: Path, n: int) -> Path:
@@ -106,8 +70,8 @@ def bare_loop(manifest: Path, arch: str, batch_size: int, out: Path, amp: str = 
 def ray_pipeline(
     manifest: Path, arch: str, batch_size: int, out: Path, num_cpus: int | None, amp: str = "cuda"
 ) -> dict:
-    from msnoop.jobs import build_config
-    from msnoop.jobs import run_embed_job as run_embed
+    from msnoop.job_kinds import build_config
+    from msnoop.job_kinds import run_embed_job as run_embed
     from msnoop.core.runtime import init_ray, shutdown_ray
 
     t0 = time.perf_counter()
@@ -298,8 +262,7 @@ def main() -> None:
         }
     else:
         result["memory"] = previous.get("memory")  # absent when --out is a new file
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    write_results(args.out, result)
     t, m = result["throughput"], result["memory"]
     print("\n| measure | value |\n|---|---|")
     reps = f"median of {t['repeats']}" if "repeats" in t else "one run"

@@ -22,45 +22,16 @@ import platform
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
-from typing import Self
 
 import numpy as np
 import pandas as pd
-import psutil
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from harness import RESULTS, PeakRSS, write_results
 
 from msnoop.core import parts, storage
 from msnoop.core.storage import StorageConfig
-
-
-class PeakRSS:
-    """Peak resident memory of this process above its level at start (sampled every 20 ms)."""
-
-    def __enter__(self) -> Self:
-        self.proc = psutil.Process()
-        self.base = self.proc.memory_info().rss
-        self.peak = self.base
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-        return self
-
-    def _run(self) -> None:
-        while not self.stop.wait(0.02):
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join()
-
-    @property
-    def mib(self) -> float:
-        return round((self.peak - self.base) / 2**20, 1)
 
 
 def write_parts(folder: str, rows: int, dim: int, n_parts: int, cfg: StorageConfig | None) -> None:
@@ -84,7 +55,7 @@ def main() -> None:
     ap.add_argument("--num-cpus", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=3, help="builds per method; the median is reported")
     ap.add_argument("--s3", action="store_true", help="parts and tables on a moto S3 server on 127.0.0.1")
-    ap.add_argument("--out", default=str(ROOT / "results" / "bench_lance_commit.json"))
+    ap.add_argument("--out", default=str(RESULTS / "bench_lance_commit.json"))
     args = ap.parse_args()
 
     import lancedb
@@ -127,7 +98,7 @@ def main() -> None:
         else:
             times, mems = [], []
             for _ in range(args.repeat):
-                with PeakRSS() as mem:
+                with PeakRSS(0.02, children=False) as mem:
                     t0 = time.perf_counter()
                     n = build_table(db_driver, "images", emb, dim=args.dim, info=info)
                     times.append(round(time.perf_counter() - t0, 2))
@@ -146,7 +117,7 @@ def main() -> None:
         )
         times, mems = [], []
         for _ in range(args.repeat):
-            with PeakRSS() as mem:
+            with PeakRSS(0.02, children=False) as mem:
                 t0 = time.perf_counter()
                 n = build_table_ray(db_ray, "images", emb, dim=args.dim, info=info, storage=cfg, ray_remote_args=remote)
                 times.append(round(time.perf_counter() - t0, 2))
@@ -188,7 +159,7 @@ def main() -> None:
     path = Path(args.out)
     runs = json.loads(path.read_text()) if path.is_file() else {}
     runs[f"{'s3' if args.s3 else 'local'}_{args.rows}x{args.dim}"] = out
-    path.write_text(json.dumps(runs, indent=2) + "\n")
+    write_results(path, runs)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 What is measured (per manifest size and format):
 
 * **driver peak RSS**: the resident memory of the driver process only (the Python process that calls
-  :func:`msnoop.embed.job.run_embed`; Ray's raylet, GCS, object store and workers are other processes and are not
+  :func:`msnoop.embed.pipeline.run_embed`; Ray's raylet, GCS, object store and workers are other processes and are not
   counted), sampled by this script every 50 ms with psutil, and the kernel's high-water mark
   (``getrusage(RUSAGE_SELF).ru_maxrss``) reported by the driver itself when it stops. The window is the driver's
   whole life: imports, model set-up, manifest planning, Ray start, and the first ``--after-first`` seconds of
@@ -36,10 +36,9 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from harness import ROOT, data_dir, write_results
 
-DATA = Path(os.environ.get("MSNOOP_DATA", "/work/shared/data"))
+DATA = data_dir()
 
 
 def make_manifest(folder: Path, n: int, fmt: str, n_files: int = 16) -> Path:
@@ -109,8 +108,8 @@ def child(manifest: str, out: str, status: str, block: int) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("msnoop").addHandler(Planned())
 
-    from msnoop.embed.job import run_embed
-    from msnoop.jobs import build_config
+    from msnoop.embed.pipeline import run_embed
+    from msnoop.job_kinds import build_config
 
     record("imported", since_start=time.time() - t0)
     cfg = build_config(
@@ -229,7 +228,9 @@ def main() -> None:
         child(manifest, out, status, int(block))
         return
     if args.report_only:
-        write_report(json.loads(args.out.read_text()), args)
+        record = json.loads(args.out.read_text())
+        write_results(args.out, record, report_markdown(record, args))
+        print(report_markdown(record, args))
         return
     runs = []
     for fmt in args.formats:
@@ -254,17 +255,17 @@ def main() -> None:
         "runs": runs,
         "peak_rss_ratio": ratios(runs),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
-    write_report(record, args)
+    md = report_markdown(record, args)
+    write_results(args.out, record, md)
+    print(md)
 
 
 def _relative(arg: str) -> str:
     return os.path.relpath(arg, Path.cwd()) if arg.startswith("/") and Path(arg).parent.exists() else arg
 
 
-def write_report(record: dict, args: argparse.Namespace) -> None:
-    """``<out>.md``: what is measured, then a table per result file (this one, then ``--before`` files)."""
+def report_markdown(record: dict, args: argparse.Namespace) -> str:
+    """The ``.md`` report: what is measured, then a table per result file (this one, then ``--before`` files)."""
     lines = [
         "# Embed driver: peak memory and time to the first part vs manifest size",
         "",
@@ -281,9 +282,7 @@ def write_report(record: dict, args: argparse.Namespace) -> None:
     lines += report(record, args.timeout)
     for path in args.before or []:
         lines += ["", *report(json.loads(path.read_text()), args.timeout)]
-    md = args.out.with_suffix(".md")
-    md.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    return "\n".join(lines)
 
 
 def ratios(runs: list[dict]) -> dict:

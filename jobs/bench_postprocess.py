@@ -1,4 +1,4 @@
-"""How should an embedding be post-processed before any distance? Declared arms, measured on every dev set (issue 19).
+"""How should an embedding be post-processed before any distance? Declared arms, measured on every dev set.
 
     python jobs/bench_postprocess.py                       # embed (cached) + evaluate every dataset
     python jobs/bench_postprocess.py --stage embed         # only fill the cache of raw vectors
@@ -39,18 +39,16 @@ Writes ``<out>.json`` and ``<out>.md``.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from harness import bootstrap_rows, data_dir, write_results
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = data_dir()
 MODELS = ["default", "random:microsnoop_cnn:0"]
 DATASETS = ["hpa_toy", "yeast", "malaria_nih"]
 ARMS = ["A", "B0", "B", "C", "D"]
@@ -135,15 +133,11 @@ def pool_sample(data: Path, n: int, seed: int = 0) -> pd.DataFrame:
 
 # ----------------------------------------------------------------------------------------------- embedding
 def load_embedder(model: str):
+    """An in-process embedder of ``model`` with the preprocessing an embedding job's default section gives it."""
     from msnoop.embed.embedder import Embedder
-    from msnoop.models.checkpoint import resolve_model
-    from msnoop.preprocess.presets import Preprocessing
+    from msnoop.models.loading import load_for_embedding
 
-    loaded = resolve_model(model)
-    # as msnoop.embed.pipeline.prepare_model with the default preprocess section: a checkpoint's stored
-    # preprocessing, else the default (microsnoop preset, native, 224)
-    if not loaded.sha256:
-        loaded.preprocess = Preprocessing()
+    loaded, _ = load_for_embedding(model)
     return Embedder(loaded, batch_size=64)
 
 
@@ -276,10 +270,6 @@ def nn_cosine(X: np.ndarray, k: int = 10) -> dict[str, float]:
     nn = np.sort(D, axis=1)[:, :k]
     iu = np.triu_indices(len(X), 1)
     return {"median_nn10_cosdist": float(np.median(nn)), "median_pair_cosdist": float(np.median(D[iu]))}
-
-
-def bootstrap_rows(n: int, n_boot: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
 
 
 # ----------------------------------------------------------------------------------------------- main
@@ -440,10 +430,7 @@ def main() -> None:
     from msnoop.core.runtime import provenance
 
     record["provenance"] = provenance()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(record, indent=2, default=str) + "\n")
-    out.with_suffix(".md").write_text(markdown(record) + "\n")
+    write_results(args.out, record, markdown(record))
     print(markdown(record))
 
 
@@ -453,7 +440,7 @@ def _fmt(x: float | None) -> str:
 
 def markdown(record: dict) -> str:
     lines = [
-        "# Post-processing of embeddings before the distance (issue 19)",
+        "# Post-processing of embeddings before the distance",
         "",
         "Arms: " + "; ".join(f"**{k}** = {v}" for k, v in record["arms"].items()) + ".",
         (

@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from harness import write_results
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -102,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from msnoop.jobs import build_config
+    from msnoop.job_kinds import build_config
     from msnoop.core.runtime import init_ray, provenance, shutdown_ray
     from msnoop.train.config import PretrainJob
     from msnoop.train.data import ChannelPool
@@ -181,8 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         "provenance": provenance(),
         "note": "bare, Ray, bare on a shared machine; steady-state rates exclude start-up, wall times include it",
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_results(args.out, result)
     shutil.rmtree(tmp, ignore_errors=True)
     print(
         json.dumps(

@@ -1,4 +1,4 @@
-"""Pretraining recipes compared at an equal CPU budget on the broad pool, then on every dev set (issue 19).
+"""Pretraining recipes compared at an equal CPU budget on the broad pool, then on every dev set.
 
     python jobs/bench_pretrain_arms.py --stage train     # each arm: continued pretraining, runs/arms/<arm>/model.pt
     python jobs/bench_pretrain_arms.py --stage probe     # does the deepest map carry the reconstruction?
@@ -69,7 +69,7 @@ def arm_job(arm: str, cpu_minutes: float, steps: int, runs: Path):
     """The validated job of one arm: ``configs/pretrain_broad.yaml`` with the arm's declared overrides."""
     import yaml
 
-    from msnoop.jobs import build_config
+    from msnoop.job_kinds import build_config
 
     raw = yaml.safe_load((REPO / "configs/pretrain_broad.yaml").read_text())
     for section, values in ARMS[arm].items():
@@ -136,7 +136,7 @@ def probe_batch(n: int = 16, seed: int = 0):
     """A fixed batch of ``n`` 224 px crops from the broad pool, the masked inputs and the masks."""
     import torch
 
-    from msnoop.jobs import load_config
+    from msnoop.job_kinds import load_config
     from msnoop.train.data import ChannelPool, batch_rng
     from msnoop.train.masking import mask_images
 
@@ -290,7 +290,7 @@ def stage_eval(args: argparse.Namespace) -> dict[str, Any]:
 
 def markdown(record: dict[str, Any]) -> str:
     lines = [
-        "# Pretraining recipes at an equal CPU budget (issue 19)",
+        "# Pretraining recipes at an equal CPU budget",
         "",
         f"Every arm continued the shipped `default` for {record['cpu_minutes']} CPU-minutes (training process, all "
         "threads) on the broad pool of `configs/pretrain_broad.yaml` (22 sources). Command: "

@@ -7,7 +7,7 @@ The S3 endpoint is moto's standalone server on 127.0.0.1 (``tests/s3_server.py``
 end), running in this process; the job runs in a child process with one Ray session on loopback, so the endpoint
 and the job do not share an interpreter (nor its GIL). Arms, each a full ``run_embed_job`` (embed to Parquet
 parts, run.json, totals check, LanceDB table; on S3 the table is written by Ray tasks, see
-:func:`msnoop.jobs.run_embed_job`):
+:func:`msnoop.job_kinds.run_embed_job`):
 
 * ``local``: manifest and images on local disk, output.dir a fresh local folder;
 * ``s3``: manifest and images on local disk, output.dir a fresh ``s3://bench/...`` prefix;
@@ -53,10 +53,9 @@ from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from harness import RESULTS, ROOT, bootstrap_ratio, data_dir, write_results
 
-YEAST = Path("/work/shared/data/yeast")
+YEAST = data_dir("yeast")
 BUCKET_PREFIX = "bench"
 
 
@@ -191,8 +190,8 @@ def child(args: argparse.Namespace) -> None:
 
     from msnoop.core import storage as st
     from msnoop.core.runtime import init_ray, shutdown_ray
-    from msnoop.embed import job as embed_job
-    from msnoop.jobs import build_config, run_embed_job
+    from msnoop.embed import pipeline as embed_job
+    from msnoop.job_kinds import build_config, run_embed_job
 
     logging.basicConfig(level=logging.WARNING)
     s3cfg = st.StorageConfig(endpoint_url=args.endpoint, region="us-east-1")
@@ -252,15 +251,6 @@ def child(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------------------- parent process
 
 
-def _bootstrap_ratio(a: np.ndarray, b: np.ndarray, n_boot: int = 10_000, seed: int = 0) -> tuple[float, float]:
-    """95 % interval of median(a) / median(b), resampling the (a_i, b_i) pairs (adjacent runs) with replacement."""
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(a), size=(n_boot, len(a)))
-    ratios = np.median(a[idx], axis=1) / np.median(b[idx], axis=1)
-    lo, hi = np.percentile(ratios, [2.5, 97.5])
-    return float(lo), float(hi)
-
-
 def summarise(runs: list[dict[str, Any]], arms: list[str]) -> dict[str, Any]:
     counted = {arm: [r for r in runs if r["arm"] == arm and not r["warmup"]] for arm in arms}
     rate = {arm: np.array([r["images_per_s"] for r in rs]) for arm, rs in counted.items()}
@@ -287,7 +277,7 @@ def summarise(runs: list[dict[str, Any]], arms: list[str]) -> dict[str, Any]:
         for kind, values in (("", rate), ("_per_cpu_s", per_cpu)):
             a, b = values[arm], values["local"]
             pair = a / b
-            lo, hi = _bootstrap_ratio(a, b)
+            lo, hi = bootstrap_ratio(a, b)
             out[f"ratio{kind}_{arm}_over_local"] = {
                 "median_ratio": float(np.median(a) / np.median(b)),
                 "bootstrap_95": [round(lo, 3), round(hi, 3)],
@@ -364,9 +354,8 @@ def render(path: Path) -> None:
         )
     arms = list(dict.fromkeys(r["arm"] for r in runs))
     result["summary"] = summarise(runs, arms)
-    path.write_text(json.dumps(result, indent=2) + "\n")
     md = markdown(result)
-    path.with_suffix(".md").write_text(md)
+    write_results(path, result, md)
     print(md)
 
 
@@ -379,7 +368,7 @@ def main() -> None:
     ap.add_argument("--num-cpus", type=int, default=2)
     ap.add_argument("--s3-input", action="store_true", help="add the arm with the manifest and images in the bucket")
     ap.add_argument("--work", default=None, help="scratch folder (default: a new temporary folder)")
-    ap.add_argument("--out", default=str(ROOT / "results" / "bench_s3.json"))
+    ap.add_argument("--out", default=str(RESULTS / "bench_s3.json"))
     ap.add_argument("--render", metavar="JSON", help="rewrite the summary and the .md of an earlier result file")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--endpoint", help=argparse.SUPPRESS)
@@ -479,9 +468,8 @@ def main() -> None:
         "summary": summary,
         "runs": runs,
     }
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     md = markdown(result)
-    Path(args.out).with_suffix(".md").write_text(md)
+    write_results(args.out, result, md)
     print(md)
 
 

@@ -52,6 +52,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+from harness import write_results
 
 from msnoop.query.ann import search_vector_ann
 from msnoop.store.index import ensure_index
@@ -378,8 +379,7 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.rmtree(workdir, ignore_errors=True)
     if args.knn_n > 0:
         results["knn_loo"] = bench_knn(args, gen) | {"data": data, "command": command, "machine": machine}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    write_results(args.out, results)
     print(markdown(results))
     print(f"\nwrote {args.out}")
     return 0

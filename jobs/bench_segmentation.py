@@ -21,7 +21,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform
@@ -31,22 +30,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from harness import RESULTS, data_dir, write_results
 
+from msnoop.core.progress import progress_bar
 from msnoop.segment.metrics import match_instances, read_pair, summarize_ap
 from msnoop.segment.builtin import segment_nuclei
 
 logger = logging.getLogger("bench_segmentation")
 
-REPO = Path(__file__).resolve().parents[1]
 SETS = ("gnf", "ic100")
 THRESHOLDS = (0.5, 0.75, 0.9)
-
-
-def default_data_dir() -> Path:
-    """``$MSNOOP_SHARED_DATA/coelho2009_nuclei``, else ``../shared/data/coelho2009_nuclei`` next to the repo."""
-    env = os.environ.get("MSNOOP_SHARED_DATA")
-    base = Path(env) if env else REPO.parent / "shared" / "data"
-    return base / "coelho2009_nuclei"
 
 
 def run_set(folder: Path, name: str, limit: int | None) -> dict[str, Any]:
@@ -56,7 +49,7 @@ def run_set(folder: Path, name: str, limit: int | None) -> dict[str, Any]:
     if limit is not None:
         with_mask = with_mask[:limit]
     rows = []
-    for pos, path in enumerate(with_mask):
+    for pos, path in enumerate(progress_bar(with_mask, f"segmentation ({name})", unit="img")):
         img, gt = read_pair(path, folder / "masks" / name / path.name)
         w0, c0 = time.perf_counter(), time.process_time()
         pred = segment_nuclei(img)
@@ -77,7 +70,7 @@ def run_set(folder: Path, name: str, limit: int | None) -> dict[str, Any]:
                 "ms_cpu": round(1000 * cpu, 1),
             }
         )
-        logger.info(
+        logger.debug(
             "%s: AP@0.5 %.3f (tp %d fp %d fn %d) %.0f ms",
             rows[-1]["image"],
             r.ap[0],
@@ -109,14 +102,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--data", type=Path, default=None, help="coelho2009_nuclei folder (default ../shared/data/coelho2009_nuclei)"
     )
-    parser.add_argument("--out", type=Path, default=REPO / "results" / "bench_segmentation.json")
+    parser.add_argument("--out", type=Path, default=RESULTS / "bench_segmentation.json")
     parser.add_argument("--limit", type=int, default=None, help="first N images per set (smoke runs)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every image")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
-    folder = args.data or default_data_dir()
+    folder = args.data or data_dir("coelho2009_nuclei")
     missing = [folder / sub / s for sub in ("images", "masks") for s in SETS if not (folder / sub / s).is_dir()]
     if missing:
         print(
@@ -149,8 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     if hasattr(os, "getloadavg"):
         results["machine"]["load_avg_1min_at_end"] = round(os.getloadavg()[0], 2)
     results["seconds"] = round(time.perf_counter() - t0, 1)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    write_results(args.out, results)
 
     header = (
         f"{'set':<16} {'images':>6} {'AP@0.5':>7} {'pooled':>7} {'AP@0.75':>8} {'min AP':>7}"

@@ -11,13 +11,11 @@ fields (no neighbour from the query's own field). Writes results/bench_yeast.{js
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from harness import data_dir, write_results
 
 from msnoop.io.config import InputConfig
 from msnoop.evaluate.baselines import intensity_features, pixels_pca
@@ -25,7 +23,7 @@ from msnoop.evaluate.knn import knn_evaluate
 from msnoop.core.tables import read_table, split_table
 from msnoop.io.manifest import load_image_table
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "yeast"
+DATA = data_dir("yeast")
 TASKS = {"protein": "Metadata_protein", "localisation": "Metadata_localization_yeastgfp"}
 
 
@@ -68,11 +66,6 @@ def main() -> None:
         rows.append(evaluate("pixels PCA32 (gfp)", pixels_pca(table, ["gfp"]), table, args.k))
         rows.append(evaluate("pixels PCA32 (gfp+rfp)", pixels_pca(table, ["gfp", "rfp"]), table, args.k))
         rows.append(evaluate("intensity statistics", intensity_features(table, ["gfp", "rfp"]), table, args.k))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(
-        json.dumps({"protocol": f"{args.k}-NN cosine, leave-one-field-out, Microsnoop vote", "rows": rows}, indent=2)
-    )
     lines = [
         "| features | dim | protein bal. acc. | protein macro-F1 | localisation bal. acc. | localisation macro-F1 |",
         "|---|---|---|---|---|---|",
@@ -82,7 +75,8 @@ def main() -> None:
             f"| {r['features']} | {r['dim']} | {r['protein_balanced_accuracy']:.3f} | {r['protein_macro_f1']:.3f} | "
             f"{r['localisation_balanced_accuracy']:.3f} | {r['localisation_macro_f1']:.3f} |"
         )
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    record = {"protocol": f"{args.k}-NN cosine, leave-one-field-out, Microsnoop vote", "rows": rows}
+    write_results(args.out, record, "\n".join(lines))
     print("\n".join(lines))
 
 

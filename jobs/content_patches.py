@@ -12,13 +12,10 @@ Writes results/content_patches.json and prints a Markdown table.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from harness import write_results
 
 
 def main() -> None:
@@ -32,7 +29,7 @@ def main() -> None:
     import torch
 
     import msnoop.train.config  # noqa: F401  (registers job: pretrain)
-    from msnoop.jobs import load_config
+    from msnoop.job_kinds import load_config
     from msnoop.core.runtime import provenance
     from msnoop.train.data import ChannelPool
     from msnoop.train.masking import content_patches, n_masked, patchify
@@ -64,8 +61,7 @@ def main() -> None:
             }
         )
     rec = {"config": args.config, "crops": args.crops, "seed": args.seed, "rows": rows, "git": provenance()["git"]}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(rec, indent=2))
+    write_results(args.out, rec)
     print(
         f"| source | crops | content patches (median, min-max) of {length} | Microsnoop masks on canvas "
         "| content masks |"

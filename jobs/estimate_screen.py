@@ -12,7 +12,8 @@ No GPU was available for this project, so the GPU side is derived, and every num
   CPU seconds (``time.process_time``, the least of 7 runs, so other load on the machine counts little) to decode and preprocess
   tiles and cell crops, on a real BBBC013 field;
 * **measured here earlier**: read from the result files under ``results/`` (named in each row);
-* **cited**: the screen's size (issue 18: 10^8 cells, about 1.5 million five-channel fields), the field size
+* **cited**: the screen's size (the question this estimate answers: 10^8 cells, about 1.5 million five-channel
+  fields, the scale of the JUMP Cell Painting screens), the field size
   (Cell Painting plates in the IDR are 1080x1080x5), GPU peak throughput and memory bandwidth (NVIDIA
   datasheets), S3 request latency (AWS's S3 performance guide);
 * **assumed**: the fraction ``--eta`` of the roofline bound a GPU reaches on this network (default 0.5), the
@@ -26,23 +27,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from harness import RESULTS, data_dir, write_results
 
-BBBC013_FIELD = Path("/work/shared/data/bbbc013/images/Channel2-01-A-01.tif")  # DNA channel of well A01
+BBBC013_FIELD = data_dir("bbbc013") / "images" / "Channel2-01-A-01.tif"  # DNA channel of well A01
 
 #: cited inputs: value, source
 SCREEN = {
-    "cells": (1e8, "issue 18 (a 10^8-cell screen)"),
-    "fields": (1.5e6, "issue 18 (JUMP scale: about 1.5 million five-channel fields)"),
-    "channels": (5, "Cell Painting: DNA, RNA, ER, AGP, Mito (ANCHORS.md 4.4, LoadData columns)"),
+    "cells": (1e8, "the screen this estimate is for (10^8 cells)"),
+    "fields": (1.5e6, "JUMP scale: about 1.5 million five-channel fields"),
+    "channels": (5, "Cell Painting: DNA, RNA, ER, AGP, Mito (the LoadData columns of its pipelines)"),
     "field_px": (
         1080,
         (
@@ -141,7 +139,7 @@ def cpu_costs(field_px: int, reps: int = 7) -> dict[str, float]:
 
 
 def load(name: str) -> dict[str, Any]:
-    path = ROOT / "results" / name
+    path = RESULTS / name
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
@@ -389,7 +387,7 @@ def estimate(args: argparse.Namespace) -> dict[str, Any]:
     row(
         "driver: standardisation pass over the cells table's vectors (streamed, O(dim) memory)",
         f"{cells * row_bytes / (args.driver_gb_s * 1e9) / 60:,.0f} min at {args.driver_gb_s:g} GB/s",
-        "msnoop.store.publish._postprocessing reads every vector once on the driver; read rate assumed "
+        "msnoop.store.publish.fit_postprocessing reads every vector once on the driver; read rate assumed "
         "(--driver-gb-s); output.postprocess: raw skips it",
     )
     pass_min = n_parts * 3 * lat / 16 / 60  # one driver pass over one folder's parts (footers or ids)
@@ -441,12 +439,11 @@ def main() -> None:
     ap.add_argument("--images-per-block", type=int, default=8, help="runtime.images_per_block (fields per block)")
     ap.add_argument("--s3-latency-ms", type=float, default=30.0, help="per-request latency for driver reads")
     ap.add_argument("--driver-gb-s", type=float, default=1.0, help="driver's read rate from S3 (assumed)")
-    ap.add_argument("--out", default=str(ROOT / "results" / "estimate_screen.json"))
+    ap.add_argument("--out", default=str(RESULTS / "estimate_screen.json"))
     args = ap.parse_args()
     result = estimate(args)
-    Path(args.out).write_text(json.dumps(result, indent=2, default=float) + "\n")
     md = markdown(result)
-    Path(args.out).with_suffix(".md").write_text(md)
+    write_results(args.out, result, md)
     print(md)
 
 

@@ -12,14 +12,11 @@ Writes results/profile_embed.json and prints a Markdown table.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import write_results
 
 
 def cpu_seconds() -> dict[int, tuple[str, float]]:
@@ -48,8 +45,8 @@ def main() -> None:
 
     from bench_embed import make_data
 
-    from msnoop.jobs import build_config
-    from msnoop.jobs import run_embed_job as run_embed
+    from msnoop.job_kinds import build_config
+    from msnoop.job_kinds import run_embed_job as run_embed
     from msnoop.core.runtime import init_ray, provenance, shutdown_ray
 
     manifest = make_data(Path(args.work), args.n)
@@ -86,8 +83,7 @@ def main() -> None:
         "processes": [{"command": cmd, "cpu_s": round(s, 2)} for s, cmd in used if s >= 0.1],
         "git": provenance()["git"],
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(rec, indent=2))
+    write_results(args.out, rec)
     print(f"\n{rec['images']} images in {wall:.1f} s ({rec['images_per_s']} images/s), amp {args.amp}\n")
     print("| process | CPU s |\n|---|---|")
     for p in rec["processes"]:

@@ -13,14 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import harness  # noqa: F401  (puts the checkout's msnoop first on sys.path)
 
-from msnoop.models.checkpoint import file_sha256  # noqa: E402
-from msnoop.cli.training import load_pretrain_job  # noqa: E402
-from msnoop.train.recalibrate import recalibrate_checkpoint  # noqa: E402
+from msnoop.models.checkpoint import file_sha256
+from msnoop.cli.training import load_pretrain_job
+from msnoop.train.recalibrate import recalibrate_checkpoint
 
 
 def main() -> None:

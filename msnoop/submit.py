@@ -39,6 +39,8 @@ CONFIG_NAME = "msnoop_job.yaml"
 
 @dataclass
 class Submission:
+    """A job sent to a Ray cluster: its id, the address, what runs there, and the equivalent ``ray job submit``."""
+
     job_id: str
     address: str
     entrypoint: str
@@ -53,10 +55,14 @@ def job_runtime_env(cfg: BaseModel, options: RuntimeEnvOptions | None = None) ->
 
 
 def dashboard_address(address: str | None) -> str:
-    """The Jobs API address: ``--address``, else ``RAY_API_SERVER_ADDRESS``/``RAY_ADDRESS`` if HTTP, else local."""
+    """The Jobs API address: ``--address``, else ``RAY_API_SERVER_ADDRESS``/``RAY_ADDRESS`` if HTTP, else the
+    dashboard of a running ``msnoop cluster`` (:mod:`msnoop.core.local_cluster`), else ``http://127.0.0.1:8265``."""
     addr = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
     if not addr or addr == "auto":
-        return DEFAULT_DASHBOARD
+        from msnoop.core.local_cluster import recorded_cluster
+
+        running = recorded_cluster()
+        return running.dashboard if running is not None else DEFAULT_DASHBOARD
     if addr.startswith("ray://"):
         raise ValueError(
             f"{addr} is a Ray Client address; the Jobs API needs the dashboard address, e.g. http://HEAD:8265"
@@ -74,11 +80,16 @@ def _client(address: str):  # type: ignore[no-untyped-def]
         os.environ.setdefault("RAY_AUTH_MODE", "token")
     from ray.job_submission import JobSubmissionClient
 
+    from msnoop.core.runtime import quiet_ray_loggers
+
+    if not logging.getLogger("msnoop").isEnabledFor(logging.DEBUG):  # quiet unless `msnoop -v`
+        quiet_ray_loggers()
+
     try:
         return JobSubmissionClient(address)
     except Exception as exc:
         raise ConnectionError(
-            f"cannot reach a Ray cluster's Jobs API at {address} ({exc}); start one with `ray start --head` "
+            f"cannot reach a Ray cluster's Jobs API at {address} ({exc}); start one here with `msnoop cluster start` "
             "or pass --address http://HEAD:8265"
         ) from None
 
@@ -155,5 +166,6 @@ def follow_job(address: str, job_id: str, *, out: Any = None, poll_s: float = 1.
 
 
 def job_status(address: str, job_id: str) -> str:
+    """The Ray Jobs status of ``job_id`` at ``address`` (``PENDING``, ``RUNNING``, ``SUCCEEDED``, ``FAILED``, ...)."""
     status = _client(address).get_job_status(job_id)
     return str(status.value if hasattr(status, "value") else status)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 import os
 from pathlib import Path
 from types import ModuleType
@@ -26,7 +27,10 @@ def shared_data():
 
 
 def _load_job_script(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "jobs" / f"{name}.py")
+    jobs = Path(__file__).resolve().parents[1] / "jobs"
+    if str(jobs) not in sys.path:  # as when run as `python jobs/<name>.py`: the scripts import their harness
+        sys.path.insert(0, str(jobs))
+    spec = importlib.util.spec_from_file_location(name, jobs / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

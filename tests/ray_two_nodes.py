@@ -5,7 +5,7 @@ Head: ``ray start --head --node-ip-address=127.0.0.1 --port=<free> --num-cpus=1`
 forced onto it with ``resources={"worker_node": ...}``. Both get:
 
 - ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``: without it Ray replaces ``--node-ip-address=127.0.0.1``
-  by the machine's interface address and binds to 0.0.0.0 (see ENVIRONMENT.md); but with it a
+  by the machine's interface address and binds to 0.0.0.0; but with it a
   joining ``ray start`` refuses to run, so the joining node's CLI runs through ``_JOIN`` below.
   :meth:`TwoNodeCluster.listeners` checks with ``ss -ltnp`` that every socket listens on 127.0.0.1;
 - ``RAY_AUTH_MODE=disabled``: a ``~/.ray/auth_token`` left by an earlier local ``ray.init`` would

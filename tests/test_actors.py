@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
+from msnoop.core.rundir import RunDir
 from msnoop.core.actors import ActorRange, actor_pool, parse_actors, pool_bounds
 
 
@@ -83,7 +84,7 @@ def _generated_settings(n: int = 300) -> list:
 
 
 def _embed(actors, **runtime):
-    from msnoop.jobs import build_config
+    from msnoop.job_kinds import build_config
 
     data = {
         "job": "embed",
@@ -164,7 +165,7 @@ def test_auto_bounds_fit_the_cluster_property():
 
 def test_embed_actor_pool_bounds_from_config():
     """The embed job's pool: its per-actor request and the reserve for read/write tasks go into ``auto``."""
-    from msnoop.embed.job import actor_pool_bounds
+    from msnoop.embed.pipeline import actor_pool_bounds
 
     cpu = {"num_cpus": 0.5}
     assert actor_pool_bounds(_embed("auto"), cpu, {"CPU": 2.0}, 0.25) == (1, 3)  # 4 would leave no CPU to write
@@ -195,7 +196,7 @@ def test_local_run_with_an_autoscaling_pool(tmp_path, ray_cluster):
     from ray._private import state
 
     from msnoop.core import parts
-    from msnoop.jobs import build_config, run_embed_job
+    from msnoop.job_kinds import build_config, run_embed_job
 
     rng = np.random.default_rng(3)
     rows = []
@@ -218,7 +219,7 @@ def test_local_run_with_an_autoscaling_pool(tmp_path, ray_cluster):
     result = run_embed_job(cfg)
     assert (result.n_embedded, result.n_errors) == (16, 1)
     assert (result.n_rows_total + result.n_errors_total) == result.n_input == 17
-    emb = parts.read_frame(tmp_path / "out" / parts.EMBEDDINGS)
+    emb = parts.read_frame(tmp_path / "out" / RunDir.EMBEDDINGS)
     assert emb["Metadata_ImageID"].is_unique and len(emb) == 16
     pool = [a for k, a in state.actors().items() if k not in before and "EmbedActor" in a["ActorClassName"]]
     # the pool grew from 1 to its max, and not beyond

@@ -11,6 +11,7 @@ import msnoop
 from msnoop.core import parts
 from msnoop.core.config import ConfigError
 from msnoop.core.filters import FilterError, filter_mask
+from msnoop.core.rundir import RunDir
 from msnoop.data.synthetic import write_dataset
 
 
@@ -50,9 +51,9 @@ def test_embed_images_refuses_bad_input_with_a_message():
     model = msnoop.load_model("random:test_cnn:0")
     with pytest.raises(ValueError, match="constant"):
         msnoop.embed_images(np.zeros((1, 1, 16, 16)), channel_axis=1, model=model)
-    with pytest.raises(ValueError, match="channel_axis 0"):
+    with pytest.raises(ValueError, match="channel_axis=0 is the image axis"):
         msnoop.embed_images(_images(), channel_axis=0, model=model)
-    with pytest.raises(ValueError, match="2-D"):
+    with pytest.raises(ValueError, match=r"found shape \(2, 3, 8, 8\), expected 3 axes"):
         msnoop.embed_images([np.ones((2, 3, 8, 8))], channel_axis=0, model=model)
 
 
@@ -88,8 +89,8 @@ def embedded(tmp_path_factory, ray_cluster):
 def test_run_embeds_any_config_and_parts_carry_their_provenance(embedded):
     out, result = embedded
     assert result.n_rows_total == 12 and result.table == "api"
-    run = parts.read_run_info(out)
-    for f in parts.part_files(out / parts.EMBEDDINGS):
+    run = RunDir(out).read_info()
+    for f in parts.part_files(out / RunDir.EMBEDDINGS):
         prov = parts.read_part_provenance(f)
         assert prov["model"] == "random:test_cnn:0" and prov["channels"] == ["dna", "protein"]
         assert prov["preprocess"] == run["preprocess"] and prov["embed_dim"] == run["embed_dim"]
@@ -103,7 +104,7 @@ def test_anndata_round_trip_keeps_metadata_vectors_and_provenance(embedded, tmp_
     path = tmp_path / "x" / "api.h5ad"
     msnoop.to_anndata(out, path)
     back = ad.read_h5ad(path)
-    df = parts.read_frame(out / parts.EMBEDDINGS).set_index("Metadata_ImageID").loc[back.obs_names]
+    df = parts.read_frame(out / RunDir.EMBEDDINGS).set_index("Metadata_ImageID").loc[back.obs_names]
     emb = [c for c in df.columns if c.startswith("emb_")]
     np.testing.assert_array_equal(back.X, df[emb].to_numpy(np.float32))
     assert list(back.var_names) == emb
@@ -167,12 +168,12 @@ def test_sql_filter_errors_name_the_filter_and_hint_at_sql():
 @pytest.mark.parametrize("seed", range(4))
 def test_standardizer_from_streamed_sums_equals_a_direct_fit(seed):
     """Property: the publish step's one-pass moments give the same standardisation as fitting on all rows."""
-    from msnoop.correct.normalize import Standardizer
+    from msnoop.vectors.postprocess import Standardizer
 
     rng = np.random.default_rng(seed)
     X = rng.random((int(rng.integers(2, 300)), 16)) * rng.random(16) * 10 + rng.random(16)
     X[:, 3] = 0.5  # a constant dimension is only centred
-    direct = Standardizer.fit(X)
+    direct = Standardizer().fit(X)
     blocks = np.array_split(X, int(rng.integers(1, 7)))
     streamed = Standardizer.from_moments(len(X), sum(b.sum(0) for b in blocks), sum((b**2).sum(0) for b in blocks))
     np.testing.assert_allclose(streamed.transform(X), direct.transform(X), rtol=1e-4, atol=1e-4)
@@ -193,7 +194,7 @@ def test_lancedb_vectors_are_standardised_parts_stay_raw_and_distances_vary(embe
     assert post["method"] == "standardize" and post["n"] == 12
     vec = np.stack(ref.table.to_arrow().column("vector").to_numpy(zero_copy_only=False))
     np.testing.assert_allclose(vec.mean(0), 0, atol=1e-4)
-    raw = parts.read_frame(out / parts.EMBEDDINGS)
+    raw = parts.read_frame(out / RunDir.EMBEDDINGS)
     emb = raw[[c for c in raw.columns if c.startswith("emb_")]].to_numpy()
     np.testing.assert_allclose(np.linalg.norm(emb[:, :32], axis=1), 1, rtol=1e-4)  # parts: Microsnoop's readout
     hits = search_by_id(ref, raw["Metadata_ImageID"].iloc[0], k=5)
@@ -218,11 +219,11 @@ def test_sql_filter_on_a_wide_fragmented_table_keeps_row_order_and_does_not_copy
 
 
 def test_post_processing_choices_agree_between_the_embed_config_and_msnoop_correct():
-    """embed (a lower layer) cannot import msnoop.correct, so its config spells the choices out: keep them in step."""
+    """The embed config takes its post-processing choices and default from the one registry of msnoop.vectors."""
     import typing
 
-    from msnoop.correct.normalize import DEFAULT_POSTPROCESS, POSTPROCESS_CHOICES
     from msnoop.embed.config import OutputConfig
+    from msnoop.vectors.postprocess import DEFAULT_POSTPROCESS, POSTPROCESS_CHOICES
 
     field = OutputConfig.model_fields["postprocess"]
     assert typing.get_args(field.annotation) == POSTPROCESS_CHOICES and field.default == DEFAULT_POSTPROCESS

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from msnoop.cli import app
 from msnoop.core.config import ConfigError
-from msnoop.jobs import load_config
+from msnoop.job_kinds import load_config
 from msnoop.data.synthetic import CHANNELS, write_dataset
 from msnoop.evaluate.bench import BenchJob, dataset_job, run_bench, slug
 from msnoop.core import parts
@@ -96,7 +96,7 @@ def test_bench_embeds_evaluates_and_writes_the_table(tmp_path, ray_cluster) -> N
 
 @pytest.mark.ray
 def test_bench_embeds_again_when_its_cached_embeddings_come_from_another_model(tmp_path, ray_cluster) -> None:
-    from msnoop.jobs import run_embed_job as run_embed
+    from msnoop.job_kinds import run_embed_job as run_embed
 
     manifest = write_dataset(tmp_path / "data", n_per_class=6, seed=0)
     _, bench = _configs(tmp_path, manifest)

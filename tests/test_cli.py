@@ -261,7 +261,7 @@ def test_embed_summary_keeps_slow_rates_readable(capsys):
     from dataclasses import replace
 
     from msnoop.cli.embed import print_embed_result as _print_embed_result
-    from msnoop.embed.job import EmbedResult
+    from msnoop.embed.pipeline import EmbedResult
 
     res = EmbedResult(
         out_dir=Path("out"),

@@ -10,7 +10,7 @@ import tifffile
 from msnoop.core.config import ConfigError, config_hash, parse_overrides
 from msnoop.embed.config import EmbedJob
 from msnoop.io.config import InputConfig
-from msnoop.jobs import load_config
+from msnoop.job_kinds import load_config
 from msnoop.io.manifest import load_image_table, pattern_regex
 
 GOOD = """

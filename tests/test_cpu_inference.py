@@ -207,7 +207,7 @@ def test_onnxruntime_backend_missing_says_how_to_install(monkeypatch):
 @pytest.mark.parametrize("native_bf16", [True, False])
 def test_amp_settings_are_one_run_exactly_when_they_give_the_same_precision(monkeypatch, native_bf16):
     import msnoop.core.runtime
-    from msnoop.embed.resume import amp_precision
+    from msnoop.embed.identity import amp_precision
 
     monkeypatch.setattr(msnoop.core.runtime, "cpu_has_native_bf16", lambda: native_bf16)
     cuda, auto, off = amp_precision("cuda"), amp_precision("auto"), amp_precision("off")

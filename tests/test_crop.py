@@ -1,4 +1,4 @@
-"""Cell-region crops (Microsnoop ``crop_inst`` with ``rsc_crop=True``, ``mode='bbox'``; ANCHORS 1.6)."""
+"""Cell-region crops (Microsnoop ``crop_inst`` with ``rsc_crop=True``, ``mode='bbox'``, microsnoop-publish)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Full-field "cells" mode: segment the nucleus channel, crop every cell, embed, mean per image (ANCHORS 1.6)."""
+"""Full-field "cells" mode: segment the nucleus channel, crop every cell, embed, mean per image (Microsnoop's cell-region pipeline)."""
 
 from __future__ import annotations
 
@@ -7,14 +7,15 @@ import pandas as pd
 import pytest
 import tifffile
 
+from msnoop.core.rundir import RunDir
 from msnoop.core.config import ConfigError
-from msnoop.jobs import build_config
+from msnoop.job_kinds import build_config
 from msnoop.embed.embedder import Embedder
-from msnoop.embed.cells import CELL_COLUMNS, CELLS
+from msnoop.embed.cells import CELL_COLUMNS
 from msnoop.embed.cells import cells_spec as _cells_spec
 from msnoop.embed.dataset import read_and_prepare
-from msnoop.embed.job import prepare_model
-from msnoop.jobs import run_embed_job as run_embed
+from msnoop.embed.pipeline import prepare_model
+from msnoop.job_kinds import run_embed_job as run_embed
 from msnoop.io.manifest import load_image_table
 from msnoop.preprocess.crop import crop_cells, crop_windows
 from msnoop.preprocess.presets import prepare_channel
@@ -85,7 +86,7 @@ def first_run(dataset, tmp_path_factory, ray_cluster):
 
 def _frames(cfg):
     images = parts.read_frame(cfg.output.dir / "embeddings").set_index("Metadata_ImageID").sort_index()
-    cells = parts.read_frame(cfg.output.dir / CELLS)
+    cells = parts.read_frame(cfg.output.dir / RunDir.CELLS)
     return images, cells, [c for c in images.columns if c.startswith("emb_")]
 
 
@@ -169,7 +170,7 @@ def test_masks_run_info_and_lancedb(first_run, dataset):
     out = cfg.output.dir
     np.testing.assert_array_equal(tifffile.imread(out / "masks" / "img0_dna.tif"), _labels(dataset, "img0"))
     assert (out / "masks" / "empty_dna.tif").is_file()  # written before the image was found empty
-    info = parts.read_run_info(out)
+    info = RunDir(out).read_info()
     assert info["cells"]["nucleus_channel"] == "dna" and info["cells"]["ratio"] == 2.0
     assert info["cells"]["segmentation"]["diameter"] == 16 and info["last_run"]["cells"] == 13
     assert open_table(str(out / "lancedb"), "ff").count_rows() == 3

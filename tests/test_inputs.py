@@ -15,6 +15,7 @@ import pyarrow as pa
 import pytest
 from hostile_inputs import sparse_text_manifest, written_text
 
+from msnoop.core.rundir import RunDir
 from msnoop.core.config import ConfigError
 from msnoop.io.config import InputConfig
 from msnoop.io.manifest import ID_COLUMN, image_id, load_image_table, metadata_arrow, resolve_path, table_schema
@@ -280,32 +281,31 @@ def test_drop_ids_rewrites_error_parts_without_those_rows(tmp_path, seed):
 
 
 def test_totals_that_do_not_add_up_are_errors(tmp_path):
-    from msnoop.embed.resume import TotalsError, check_totals
+    from msnoop.embed.totals import TotalsError, check_totals
 
     _part(tmp_path / "embeddings", ["a", "b"])
     _part(tmp_path / "errors", ["c"])
     _part(tmp_path / "errors", ["other-manifest"])
-    assert check_totals(tmp_path, pd.Series(["a", "b", "c"])) == (2, 1)
+    assert check_totals(RunDir(tmp_path), pd.Series(["a", "b", "c"])) == (2, 1)
     with pytest.raises(TotalsError, match=r"2 embedded \+ 1 errors != 4 input images: 1 id\(s\) have no output row"):
-        check_totals(tmp_path, pd.Series(["a", "b", "c", "d"]))
+        check_totals(RunDir(tmp_path), pd.Series(["a", "b", "c", "d"]))
     _part(tmp_path / "errors", ["a"])
     with pytest.raises(TotalsError, match="both embedded and in errors"):
-        check_totals(tmp_path, pd.Series(["a", "b", "c"]))
+        check_totals(RunDir(tmp_path), pd.Series(["a", "b", "c"]))
 
 
 def test_resuming_with_other_metadata_types_is_refused(tmp_path):
-    from msnoop.embed.resume import OutputMismatchError
-    from msnoop.embed.resume import resumed_schema as _resumed_schema
+    from msnoop.core.rundir import OutputMismatchError
     from msnoop.core import parts
 
     before = pa.schema([(ID, pa.string()), ("Metadata_Dose", pa.string()), ("Metadata_Old", pa.int64())])
-    parts.write_run_info(tmp_path, {"metadata_schema": parts.schema_to_json(before)})
+    RunDir(tmp_path).write_info({"metadata_schema": parts.schema_to_json(before)})
     _part(tmp_path / "errors", ["a"])
     grown = pa.schema([(ID, pa.string()), ("Metadata_Dose", pa.string()), ("Metadata_New", pa.string())])
-    assert _resumed_schema(tmp_path, grown).names == [ID, "Metadata_Dose", "Metadata_Old", "Metadata_New"]
+    assert RunDir(tmp_path).resumed_schema(grown).names == [ID, "Metadata_Dose", "Metadata_Old", "Metadata_New"]
     declared = pa.schema([(ID, pa.string()), ("Metadata_Dose", pa.float64())])
     with pytest.raises(OutputMismatchError, match="Metadata_Dose: string there, double now"):
-        _resumed_schema(tmp_path, declared)
+        RunDir(tmp_path).resumed_schema(declared)
 
 
 def test_retry_errors_option_and_hint(tmp_path, capsys):

@@ -19,9 +19,10 @@ from hostile_inputs import image, sparse_text_manifest, write_ome_zarr_plate, wr
 from typer.testing import CliRunner
 
 from msnoop.cli import app
-from msnoop.jobs import build_config
-from msnoop.embed.resume import check_totals
-from msnoop.jobs import run_embed_job as run_embed
+from msnoop.job_kinds import build_config
+from msnoop.embed.totals import check_totals
+from msnoop.job_kinds import run_embed_job as run_embed
+from msnoop.core.rundir import RunDir
 from msnoop.core import parts
 from msnoop.store.lance import open_table
 
@@ -73,7 +74,7 @@ def _cfg(manifest, out, block, **extra):
 
 
 def _outputs(out):
-    emb, err = (parts.read_frame(out / sub) for sub in (parts.EMBEDDINGS, parts.ERRORS))
+    emb, err = (parts.read_frame(out / sub) for sub in (RunDir.EMBEDDINGS, RunDir.ERRORS))
     err = err if len(err) else pd.DataFrame({ID: [], "path": [], "reason": []})
     return emb.sort_values(ID).reset_index(drop=True), err.sort_values(ID).reset_index(drop=True)
 
@@ -101,20 +102,20 @@ def test_every_row_is_embedded_or_an_error_with_its_metadata_as_written(screen, 
         out = cfg.output.dir
         assert result.n_input == len(df) == result.n_rows_total + result.n_errors_total
         assert (result.n_rows_total, result.n_errors_total) == (len(df) - 2, 2)
-        assert check_totals(out, pd.Series(expected.index)) == (len(df) - 2, 2)
+        assert check_totals(RunDir(out), pd.Series(expected.index)) == (len(df) - 2, 2)
         emb, err = _outputs(out)
         assert sorted(err[ID]) == ["images/constant", "images/missing"]
         got = emb.set_index(ID)[META]
         pd.testing.assert_frame_equal(got.astype(object), expected.loc[got.index, META].astype(object))
         assert got.loc["images/tiny"].notna().any() and np.isfinite(emb.filter(like="emb_").to_numpy()).all()
-        stored = json.loads((out / parts.RUN_FILE).read_text())["metadata_schema"]
+        stored = json.loads((out / RunDir.RUN_FILE).read_text())["metadata_schema"]
         run_schema = parts.schema_from_json(stored)
         assert all(stored["fields"][c] == "string" for c in META)
-        for f in parts.part_files(out / parts.EMBEDDINGS):
+        for f in parts.part_files(out / RunDir.EMBEDDINGS):
             schema = pq.read_schema(f).remove_metadata()
             assert schema.names[: len(run_schema)] == run_schema.names
             assert all(schema.field(n).type == run_schema.field(n).type for n in run_schema.names)
-        for f in parts.part_files(out / parts.ERRORS):
+        for f in parts.part_files(out / RunDir.ERRORS):
             assert pq.read_schema(f).remove_metadata() == parts.ERRORS_SCHEMA
         assert all(p.startswith("/") for p in emb["Metadata_Path_dna"])  # stored absolute
 

@@ -6,7 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from msnoop.core.config import ConfigError
-from msnoop.jobs import JOB_KINDS, build_config, job_kind
+from msnoop.job_kinds import JOB_KINDS, build_config, job_kind
 
 
 @pytest.mark.parametrize("name", sorted(JOB_KINDS))

@@ -8,6 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet
 import pytest
 
+from msnoop.core.rundir import RunDir
 from msnoop.core import parts, storage
 
 pytest.importorskip("lance", reason="pylance is needed for Lance fragments written by Ray tasks")
@@ -74,7 +75,7 @@ def test_build_table_ray_s3(ray_cluster, s3):
 
     rng = np.random.default_rng(3)
     base, cfg = s3.fresh(), s3.config
-    emb = storage.join(base, parts.EMBEDDINGS)
+    emb = storage.join(base, RunDir.EMBEDDINGS)
     expected = _write_parts(emb, rng, [50, 1, 120], 8, cfg).sort_values("Metadata_ImageID", ignore_index=True)
     db = storage.join(base, "lancedb")
     # the workers find credentials in their own environment, as on a cluster (here: the test's dummy keys)

@@ -1,6 +1,7 @@
 """The package's one-way design: a lower layer never imports a higher one, and no two packages import each other.
 
-Data flows read -> preprocess -> models -> (segment) -> embed -> aggregate -> correct -> store -> query; training,
+Data flows read -> preprocess -> models -> (segment) -> embed -> aggregate -> correct -> store -> query, on
+the foundations (core: the output folder, parts, tables, storage; vectors: post-processing and distances); training,
 screens and evaluation sit on top of the stages; the job registry, the Python API and job submission on top of
 those; the CLI last. Every ``import msnoop.X`` / ``from msnoop.X import`` in the package (at module level or
 inside a function: a lazy import is still a dependency) is checked against this order.
@@ -20,6 +21,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "msnoop"
 #: Layers from the bottom up; the units of one layer may import each other, but not in a cycle.
 LAYERS: list[tuple[str, ...]] = [
     ("core",),
+    ("vectors",),
     ("io",),
     ("preprocess",),
     ("models",),
@@ -30,7 +32,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("store",),
     ("query",),
     ("train", "screen", "evaluate", "data"),
-    ("jobs", "api", "submit", "demo"),
+    ("job_kinds", "api", "submit", "demo"),
     ("cli", "__main__", "__init__"),
 ]
 RANK = {unit: rank for rank, units in enumerate(LAYERS) for unit in units}
@@ -42,7 +44,7 @@ def _unit(path: Path) -> str:
 
 
 def _imports(path: Path) -> set[str]:
-    """First-level msnoop units that ``path`` imports (``msnoop.embed.job`` -> ``embed``)."""
+    """First-level msnoop units that ``path`` imports (``msnoop.embed.pipeline`` -> ``embed``)."""
     out: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
@@ -90,7 +92,7 @@ def test_no_two_units_import_each_other():
 
 @pytest.mark.parametrize(
     "unit, rank_above",
-    [("core", "io"), ("embed", "store"), ("correct", "evaluate"), ("store", "query"), ("query", "jobs")],
+    [("core", "io"), ("embed", "store"), ("correct", "evaluate"), ("store", "query"), ("query", "job_kinds")],
 )
 def test_the_check_sees_an_upward_import(tmp_path, unit, rank_above):
     """The checker itself: a synthetic upward import in a lower unit is reported (the test can fail)."""

@@ -22,11 +22,12 @@ import pyarrow.parquet as pq
 import pytest
 from hostile_inputs import sparse_text_manifest
 
+from msnoop.core.rundir import RunDir
 from msnoop.core import parts
 from msnoop.core.config import ConfigError
 from msnoop.core.idset import IdSet, hash_ids
 from msnoop.embed.dataset import ROW
-from msnoop.embed.resume import TotalsError, check_totals, error_preview
+from msnoop.embed.totals import TotalsError, check_totals, error_preview
 from msnoop.embed.source import META, conform, decode_rows, encode_rows, read_blocks
 from msnoop.io.config import ID_COLUMN, InputConfig
 from msnoop.io.manifest import image_id, load_image_table, metadata_arrow, resolve_path, table_schema
@@ -155,7 +156,7 @@ def test_paths_and_ids_in_bulk_equal_the_one_row_functions(tmp_path, monkeypatch
 
 
 def _refuse_whole_table_readers(monkeypatch, manifest: Path):
-    import msnoop.embed.job
+    import msnoop.embed.pipeline
     import msnoop.io.manifest
     import msnoop.io.table_stream
 
@@ -167,7 +168,7 @@ def _refuse_whole_table_readers(monkeypatch, manifest: Path):
         monkeypatch.setattr(target, "read_parquet", refuse)
     monkeypatch.setattr(msnoop.io.manifest, "load_image_table", refuse)
     monkeypatch.setattr(msnoop.io.table_stream, "load_image_table", refuse)
-    monkeypatch.setattr(msnoop.embed.job, "load_image_table", refuse, raising=False)
+    monkeypatch.setattr(msnoop.embed.pipeline, "load_image_table", refuse, raising=False)
     monkeypatch.setattr(pacsv, "read_csv", refuse)
     monkeypatch.setattr(parts, "read_frame", refuse)  # the error preview streams error parts too
     read_table = pq.read_table
@@ -200,8 +201,8 @@ def test_planning_never_reads_the_whole_manifest_into_pandas(tmp_path, monkeypat
 def test_the_embed_driver_never_reads_the_whole_manifest(tmp_path, monkeypatch, fmt):
     """``run_embed`` on a manifest whose rows are all done (no Ray needed): plan, id checks, resume, totals and
     the error preview all stream; a whole-table reader anywhere on the driver fails the test."""
-    from msnoop.embed.job import run_embed
-    from msnoop.jobs import build_config
+    from msnoop.embed.pipeline import run_embed
+    from msnoop.job_kinds import build_config
 
     rng = np.random.default_rng(8)
     path, opts = _manifest(tmp_path, rng, fmt)
@@ -295,11 +296,13 @@ def test_id_sets_totals_and_error_rows_agree_with_python_sets(tmp_path, seed):
     found = IdSet.from_parts(tmp_path / "embeddings", ID_COLUMN)
     assert len(found) == len(emb) + 1
     assert found.contains_ids(ids).tolist() == [i in set(emb) for i in ids]
-    assert check_totals(tmp_path, wanted) == check_totals(tmp_path, pd.Series(ids)) == (len(emb), len(err))
-    preview = error_preview(tmp_path, wanted, n=3)
+    assert (
+        check_totals(RunDir(tmp_path), wanted) == check_totals(RunDir(tmp_path), pd.Series(ids)) == (len(emb), len(err))
+    )
+    preview = error_preview(RunDir(tmp_path), wanted, n=3)
     assert len(preview) == min(3, len(err)) and {i for i, _ in preview} <= set(err)
     with pytest.raises(TotalsError, match=r"1 id\(s\) have no output row \(e.g. 'zz-missing'\)"):
-        check_totals(tmp_path, pd.Series([*ids, "zz-missing"]))
+        check_totals(RunDir(tmp_path), pd.Series([*ids, "zz-missing"]))
     if err:
         assert parts.drop_ids(tmp_path / "errors", wanted.contains_ids) == len(err)
         assert not parts.part_files(tmp_path / "errors")

@@ -14,7 +14,7 @@ def test_microsnoop_cnn_matches_published_architecture():
     net = create_model("microsnoop_cnn")
     n_params = sum(p.numel() for p in net.parameters())
     n_encoder = sum(p.numel() for p in net.encoder.parameters())
-    assert n_params == pytest.approx(6.60e6, rel=0.01)  # ANCHORS 1.2: encoder ~2.79 M, total ~6.60 M
+    assert n_params == pytest.approx(6.60e6, rel=0.01)  # Microsnoop's CNN: encoder ~2.79 M, total ~6.60 M
     assert n_encoder == pytest.approx(2.79e6, rel=0.01)
     assert net.depths == (32, 64, 128, 256) and net.embed_dim == 256
 

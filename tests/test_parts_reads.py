@@ -15,8 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 from s3_server import request_log
 
+from msnoop.core.rundir import RunDir
 from msnoop.core import parts, storage
-from msnoop.embed.resume import TotalsError, check_totals
+from msnoop.embed.totals import TotalsError, check_totals
 
 
 def _layout(seed: int) -> list[list[str]]:
@@ -44,9 +45,9 @@ def test_reads_match_whole_file_reads(where, seed, tmp_path, request):
     """Over generated layouts (part counts, sizes, names): per-part ids, id set and row count as read file by file."""
     if where == "s3":
         s3 = request.getfixturevalue("s3")
-        folder, cfg = storage.join(s3.fresh(), parts.EMBEDDINGS), s3.config
+        folder, cfg = storage.join(s3.fresh(), RunDir.EMBEDDINGS), s3.config
     else:
-        folder, cfg = tmp_path / parts.EMBEDDINGS, None
+        folder, cfg = tmp_path / RunDir.EMBEDDINGS, None
     layout = _layout(seed)
     _write(folder, layout, cfg)
     files = parts.part_files(folder, storage=cfg)
@@ -74,7 +75,7 @@ def test_s3_reads_ask_no_head_per_part(s3):
     cfg, base = s3.config, s3.fresh()
     layout = _layout(3)
     assert len(layout) == 30
-    folder = storage.join(base, parts.EMBEDDINGS)
+    folder = storage.join(base, RunDir.EMBEDDINGS)
     _write(folder, layout, cfg, dim=512)
     with request_log(base.removeprefix("s3://").split("/")[0]) as lines:
         parts.read_ids(folder, storage=cfg)
@@ -86,11 +87,11 @@ def test_s3_reads_ask_no_head_per_part(s3):
 
 def test_totals_check_still_finds_missing_and_repeated_ids(s3):
     out, cfg = s3.fresh(), s3.config
-    _write(storage.join(out, parts.EMBEDDINGS), [["a", "b"], ["c"]], cfg)
-    _write(storage.join(out, parts.ERRORS), [], cfg)
-    assert check_totals(out, pd.Series(["a", "b", "c"]), storage=cfg) == (3, 0)
+    _write(storage.join(out, RunDir.EMBEDDINGS), [["a", "b"], ["c"]], cfg)
+    _write(storage.join(out, RunDir.ERRORS), [], cfg)
+    assert check_totals(RunDir(out, cfg), pd.Series(["a", "b", "c"])) == (3, 0)
     with pytest.raises(TotalsError, match="1 id\\(s\\) have no output row"):
-        check_totals(out, pd.Series(["a", "b", "c", "d"]), storage=cfg)
-    _write(storage.join(out, parts.EMBEDDINGS), [["x"], ["a"]], cfg)  # "a" a second time, in another part
+        check_totals(RunDir(out, cfg), pd.Series(["a", "b", "c", "d"]))
+    _write(storage.join(out, RunDir.EMBEDDINGS), [["x"], ["a"]], cfg)  # "a" a second time, in another part
     with pytest.raises(TotalsError, match="1 repeated row"):
-        check_totals(out, pd.Series(["a", "b", "c"]), storage=cfg)
+        check_totals(RunDir(out, cfg), pd.Series(["a", "b", "c"]))

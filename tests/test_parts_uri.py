@@ -7,6 +7,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
+from msnoop.core.rundir import RunDir
 from msnoop.core import parts, storage
 
 
@@ -30,7 +31,7 @@ def test_parts_roundtrip_any_location(where, seed, tmp_path, request):
     """Every row written in blocks of random sizes comes back once, values and dtypes unchanged."""
     base, cfg = _location(where, tmp_path, request)
     rng = np.random.default_rng(seed)
-    emb = storage.join(base, parts.EMBEDDINGS)
+    emb = storage.join(base, RunDir.EMBEDDINGS)
     assert parts.part_files(emb, storage=cfg) == []
     assert parts.read_ids(emb, storage=cfg) == set()
     assert parts.count_rows(emb, storage=cfg) == 0
@@ -56,8 +57,8 @@ def test_parts_roundtrip_any_location(where, seed, tmp_path, request):
     assert n == start
 
     info = {"model": "m", "embed_dim": 8}
-    parts.write_run_info(base, info, storage=cfg)
-    assert parts.read_run_info(base, storage=cfg) == info
+    RunDir(base, cfg).write_info(info)
+    assert RunDir(base, cfg).read_info() == info
     # nothing but whole parts and run.json: no temporaries or probes left behind
     names = sorted(str(p).rsplit("/", 1)[-1] for p in storage.list_files(emb, "*", cfg))
     assert len(names) == len(sizes) and all(n.startswith("part-") for n in names)
@@ -67,14 +68,14 @@ def test_parts_roundtrip_any_location(where, seed, tmp_path, request):
 def test_read_run_info_missing(where, tmp_path, request):
     base, cfg = _location(where, tmp_path, request)
     with pytest.raises(FileNotFoundError, match="is not an msnoop output folder"):
-        parts.read_run_info(base, storage=cfg)
+        RunDir(base, cfg).read_info()
 
 
 def test_local_folder_keeps_path_results(tmp_path):
     out = parts.write_part(pa.table({"Metadata_ImageID": ["a"]}), tmp_path / "e")
     assert out.parent == tmp_path / "e" and out.exists()
     assert parts.part_files(str(tmp_path / "e")) == [out]
-    assert parts.write_run_info(tmp_path, {"a": 1}) == tmp_path / "run.json"
+    assert RunDir(tmp_path).write_info({"a": 1}) == tmp_path / "run.json"
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
@@ -83,7 +84,7 @@ def test_keyed_parts_make_retries_idempotent(where, seed, tmp_path, request):
     """A block written again (a retried task, rows possibly reordered) replaces its part: no duplicate rows."""
     base, cfg = _location(where, tmp_path, request)
     rng = np.random.default_rng(seed)
-    emb = storage.join(base, parts.EMBEDDINGS)
+    emb = storage.join(base, RunDir.EMBEDDINGS)
     blocks = [[f"img{seed}-{b}-{i}" for i in range(rng.integers(1, 20))] for b in range(rng.integers(2, 6))]
     for ids in blocks:
         parts.write_part(_frame(ids, 4, rng), emb, storage=cfg, key=parts.block_key(ids))

@@ -7,12 +7,13 @@ import pandas as pd
 import pytest
 import tifffile
 
-from msnoop.jobs import build_config
-from msnoop.embed.embedder import Embedder
-from msnoop.embed.job import OutputMismatchError, StrictModeError, prepare_model
-from msnoop.jobs import run_embed_job as run_embed
-from msnoop.io.readers import read_image
 from msnoop.core import parts
+from msnoop.core.rundir import RunDir
+from msnoop.embed.embedder import Embedder
+from msnoop.embed.pipeline import OutputMismatchError, StrictModeError, prepare_model
+from msnoop.io.readers import read_image
+from msnoop.job_kinds import build_config
+from msnoop.job_kinds import run_embed_job as run_embed
 from msnoop.store.lance import open_table
 
 pytestmark = pytest.mark.ray
@@ -111,7 +112,7 @@ def test_outputs_lancedb_resolved_config_and_run_info(first_run):
     cfg, _ = first_run
     out = cfg.output.dir
     assert (out / "resolved_config.yaml").is_file()
-    info = parts.read_run_info(out)
+    info = RunDir(out).read_info()
     assert (
         info["channels"] == ["dna", "gfp"] and info["embed_dim"] == 64 and info["preprocess"]["preset"] == "microsnoop"
     )
@@ -148,10 +149,10 @@ def test_another_model_or_preprocessing_is_refused_and_the_folder_kept(first_run
     info_before = (cfg.output.dir / "run.json").read_text()
     rows_before = parts.count_rows(cfg.output.dir / "embeddings")
     other_model = cfg.model_copy(update={"model": "random:test_cnn:1"})
-    with pytest.raises(OutputMismatchError, match=r"model random:test_cnn:0 there, random:test_cnn:1 now"):
+    with pytest.raises(OutputMismatchError, match=r'model: "random:test_cnn:0" there, "random:test_cnn:1" now'):
         run_embed(other_model)
     data = cfg.model_dump(mode="json") | {"preprocess": {"mode": "rescale"}}
-    with pytest.raises(OutputMismatchError, match=r"preprocess .*'native'.* there, .*'rescale'.* now"):
+    with pytest.raises(OutputMismatchError, match=r'preprocess: .*"native".* there, .*"rescale".* now'):
         run_embed(build_config(data))
     data = cfg.model_dump(mode="json")
     data["runtime"]["amp"] = "off"  # float32 on GPUs too, where the default 'auto' gives bf16: other vectors
@@ -192,7 +193,7 @@ def test_on_mismatch_replace_embeds_everything_again_with_the_new_model(dataset,
     assert again.n_embedded == len(before) == len(after) and after.index.is_unique
     emb = [c for c in after.columns if c.startswith("emb_")]
     assert not np.allclose(after[emb].to_numpy(), before[emb].to_numpy())
-    assert parts.read_run_info(first.output.dir)["model_source"] == "random:test_cnn:1"
+    assert RunDir(first.output.dir).read_info()["model_source"] == "random:test_cnn:1"
 
 
 def test_strict_mode_stops_with_the_image_message(dataset, tmp_path, ray_cluster):

@@ -1,4 +1,4 @@
-"""Preprocessing against the rules of ANCHORS 1.5 (Microsnoop's extract_embeddings)."""
+"""Preprocessing against the rules of Microsnoop's extract_embeddings (microsnoop-publish)."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ import torch
 
 import msnoop.core.runtime
 from msnoop.core.config import ConfigError
-from msnoop.jobs import build_config, load_config
+from msnoop.job_kinds import build_config, load_config
 from msnoop.models.checkpoint import file_sha256, load_checkpoint
 from msnoop.preprocess.geometry import pad_center
 from msnoop.preprocess.normalize import normalize99

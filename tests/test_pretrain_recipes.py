@@ -12,7 +12,7 @@ import tifffile
 import torch
 
 from msnoop.core.filters import FilterError
-from msnoop.jobs import build_config
+from msnoop.job_kinds import build_config
 from msnoop.models.cnn import MicrosnoopCNN, style_vector
 from msnoop.train.config import PretrainJob
 from msnoop.train.data import ChannelPool

@@ -65,7 +65,7 @@ def test_report_with_images(image_table, tmp_path):
     srcs = re.findall(r'src="([^"]+)"', text)
     assert all((tmp_path / "rep" / s).is_file() for s in srcs)
     assert "http" not in text  # self-contained apart from the PNGs beside it
-    for name in ("accuracy", "balanced accuracy", "macro-F1", "MCC", "t-SNE", "Metadata_Field", "dna = magenta"):
+    for name in ("accuracy", "balanced accuracy", "macro-F1", "MCC", "t-SNE", "Metadata_Field", "dna = blue"):
         assert name in text
     assert "leave-one-out (LOO)" in text
     import json

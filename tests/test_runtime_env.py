@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from msnoop.core.config import ConfigError, config_hash, config_to_yaml, save_resolved
 from msnoop.core.runtime_env import RuntimeEnvConfig, RuntimeEnvOptions, is_secret_name, redact_runtime_env
-from msnoop.jobs import JOB_KINDS, build_config
+from msnoop.job_kinds import JOB_KINDS, build_config
 
 SECRET = "s3cr3t-value-9f2c"  # a value that must never show up in a saved or printed file
 

@@ -10,8 +10,9 @@ import pytest
 import tifffile
 from typer.testing import CliRunner
 
+from msnoop.core.rundir import RunDir
 from msnoop.core import parts, storage
-from msnoop.jobs import build_config, run_embed_job
+from msnoop.job_kinds import build_config, run_embed_job
 
 pytest.importorskip("lance", reason="pylance writes the LanceDB table on object storage from Ray tasks")
 pytestmark = pytest.mark.ray
@@ -80,9 +81,9 @@ def test_embed_to_s3_rows_parts_and_table(s3_run, s3):
     cfgs = s3.config
     assert storage.exists(storage.join(out, "run.json"), cfgs)
     assert storage.exists(storage.join(out, "resolved_config.yaml"), cfgs)
-    emb = parts.part_files(storage.join(out, parts.EMBEDDINGS), storage=cfgs)
+    emb = parts.part_files(storage.join(out, RunDir.EMBEDDINGS), storage=cfgs)
     assert emb and all(str(f).startswith(out + "/embeddings/part-") for f in emb)
-    ids = parts.read_frame(storage.join(out, parts.EMBEDDINGS), [parts.ID_COLUMN], storage=cfgs)[parts.ID_COLUMN]
+    ids = parts.read_frame(storage.join(out, RunDir.EMBEDDINGS), [parts.ID_COLUMN], storage=cfgs)[parts.ID_COLUMN]
     assert sorted(ids) == sorted(f"img{i}_dna" for i in range(N_GOOD))
     # part names are the blocks' id keys (a retried write task replaces its part)
     for f in emb:
@@ -128,9 +129,9 @@ def test_rerun_resumes_without_duplicates(s3_run, images, s3, tmp_path):
     assert res.exit_code == 0, res.output
     assert f"Embedded 0 images (0 errors, {N_GOOD + 1} already done)" in res.output
     assert f"Output: {out}  " in res.output
-    ids = parts.read_frame(storage.join(out, parts.EMBEDDINGS), [parts.ID_COLUMN], storage=s3.config)
+    ids = parts.read_frame(storage.join(out, RunDir.EMBEDDINGS), [parts.ID_COLUMN], storage=s3.config)
     assert len(ids) == N_GOOD == ids[parts.ID_COLUMN].nunique()
-    assert parts.count_rows(storage.join(out, parts.ERRORS), storage=s3.config) == 1
+    assert parts.count_rows(storage.join(out, RunDir.ERRORS), storage=s3.config) == 1
 
 
 def test_missing_bucket_fails_before_any_work(images, s3, tmp_path, monkeypatch):
@@ -142,7 +143,7 @@ def test_missing_bucket_fails_before_any_work(images, s3, tmp_path, monkeypatch)
 
     path.write_text(config_to_yaml(cfg))
     calls = []
-    from msnoop.embed import job
+    from msnoop.embed import pipeline as job
 
     monkeypatch.setattr(job, "prepare_model", lambda c: calls.append(c) or (_ for _ in ()).throw(AssertionError))
     res = runner.invoke(app, ["embed", str(path)])
@@ -166,12 +167,12 @@ def test_images_in_the_bucket(images, s3, s3_run, tmp_path):
     cfg = make_cfg(tmp_path, storage.join(base, "out"), s3)
     result = run_embed_job(cfg)
     assert (result.n_embedded, result.n_errors) == (3, 1)
-    err = parts.read_frame(storage.join(base, "out", parts.ERRORS), storage=cfgs)
+    err = parts.read_frame(storage.join(base, "out", RunDir.ERRORS), storage=cfgs)
     assert err["reason"].str.contains("file not found").all() and err["path"].str.contains("im3_dna.tif").all()
-    got = parts.read_frame(storage.join(base, "out", parts.EMBEDDINGS), storage=cfgs)
+    got = parts.read_frame(storage.join(base, "out", RunDir.EMBEDDINGS), storage=cfgs)
     assert sorted(got[parts.ID_COLUMN]) == [storage.join(base, "img", f"im{i}_dna") for i in range(3)]
     # the same vectors as the local copies of these files got in the first run
-    before = parts.read_frame(storage.join(s3_run[0], parts.EMBEDDINGS), storage=cfgs).set_index(parts.ID_COLUMN)
+    before = parts.read_frame(storage.join(s3_run[0], RunDir.EMBEDDINGS), storage=cfgs).set_index(parts.ID_COLUMN)
     emb = [c for c in got.columns if c.startswith(parts.EMB_PREFIX)]
     np.testing.assert_array_equal(
         got.sort_values(parts.ID_COLUMN)[emb].to_numpy(), before.loc[[f"img{i}_dna" for i in range(3)], emb].to_numpy()
@@ -195,9 +196,9 @@ def test_manifest_and_images_in_the_bucket(images, s3, s3_run):
     )
     result = run_embed_job(cfg)
     assert (result.n_embedded, result.n_errors) == (3, 0)
-    got = parts.read_frame(storage.join(base, "out", parts.EMBEDDINGS), storage=cfgs).set_index(parts.ID_COLUMN)
+    got = parts.read_frame(storage.join(base, "out", RunDir.EMBEDDINGS), storage=cfgs).set_index(parts.ID_COLUMN)
     assert sorted(got.index) == [f"img/img{i}_dna" for i in range(3)]
-    before = parts.read_frame(storage.join(s3_run[0], parts.EMBEDDINGS), storage=cfgs).set_index(parts.ID_COLUMN)
+    before = parts.read_frame(storage.join(s3_run[0], RunDir.EMBEDDINGS), storage=cfgs).set_index(parts.ID_COLUMN)
     emb = [c for c in got.columns if c.startswith(parts.EMB_PREFIX)]
     np.testing.assert_array_equal(
         got.loc[[f"img/img{i}_dna" for i in range(3)], emb].to_numpy(),

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from s3_server import request_log
 
+from msnoop.core.rundir import RunDir
 from msnoop.core import parts, storage
 
 
@@ -52,8 +53,8 @@ def test_parquet_part_and_run_json_are_one_put(s3, rows, dim):
     emb = np.random.default_rng(rows).standard_normal((rows, dim)).astype(np.float32)
     table = parts.embeddings_frame(meta, emb)
     with request_log(base.removeprefix("s3://")) as lines:
-        path = parts.write_part(table, storage.join(base, parts.EMBEDDINGS), storage=cfg, key=f"k{rows}")
-        parts.write_run_info(base, {"rows": rows}, storage=cfg)
+        path = parts.write_part(table, storage.join(base, RunDir.EMBEDDINGS), storage=cfg, key=f"k{rows}")
+        RunDir(base, cfg).write_info({"rows": rows})
     assert _methods(lines) == Counter({"PUT": 2}), lines
     fs, p = storage.resolve(path, cfg)
     assert pq.read_table(p, filesystem=fs).equals(table)

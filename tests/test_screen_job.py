@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 from msnoop.cli import app
 from msnoop.core.config import ConfigError
-from msnoop.jobs import build_config
-from msnoop.screen.job import ScreenJob, read_cells_table, run_screen
+from msnoop.job_kinds import build_config
+from msnoop.screen.plate import ScreenJob, read_cells_table, run_screen
 
 
 def _plate(tmp_path: Path, cells: int = 20) -> tuple[Path, Path]:

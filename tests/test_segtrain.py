@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from msnoop.core.config import ConfigError
-from msnoop.jobs import build_config
+from msnoop.job_kinds import build_config
 from msnoop.segment.segtrain import SegTrainJob, find_pairs, split_pairs
 
 

@@ -14,7 +14,8 @@ from kneed import KneeLocator
 from typer.testing import CliRunner
 
 from msnoop.cli.profiles import profile_command
-from msnoop.correct.sphering import Spherize, knee_regulariser, spherize_profiles
+from msnoop.correct.sphering import spherize_profiles
+from msnoop.vectors.sphering import Spherize, knee_regulariser
 
 
 def _correlated(n: int, d: int, seed: int = 0, scale: float = 1.0) -> np.ndarray:
@@ -70,7 +71,7 @@ def test_pca_is_a_rotation_of_zca() -> None:
 
 
 def _microsnoop_zca_corr(X: np.ndarray, Xq: np.ndarray) -> tuple[np.ndarray, float]:
-    """ANCHORS 1.9 item 3, written out as in microsnoop-publish postprocess/spherize.ZCA_corr."""
+    """Microsnoop's ZCA-cor sphering, written out as in microsnoop-publish postprocess/spherize.ZCA_corr."""
     mean_ = X.mean(axis=0)
     V = np.diag(np.cov(X, rowvar=False))
     corr = np.nan_to_num(pd.DataFrame(X - mean_).corr().to_numpy())
@@ -296,9 +297,9 @@ def test_profile_job_config_matches_options_and_is_saved(tmp_path) -> None:
     import yaml
 
     from msnoop.core.config import ConfigError
-    from msnoop.jobs import load_config
+    from msnoop.job_kinds import load_config
     from msnoop.correct.profile import ProfileJob
-    from msnoop.jobs import run_profile_job as run_profile
+    from msnoop.job_kinds import run_profile_job as run_profile
 
     df = _table()
     src = tmp_path / "wells.parquet"
@@ -340,7 +341,7 @@ def test_profile_job_config_matches_options_and_is_saved(tmp_path) -> None:
 def test_profile_job_joins_a_plate_map(tmp_path) -> None:
     """Embeddings carry only well ids: the plate map adds controls and doses (as text keys, '01' stays '01')."""
     from msnoop.correct.profile import ProfileJob
-    from msnoop.jobs import run_profile_job as run_profile
+    from msnoop.job_kinds import run_profile_job as run_profile
 
     rng = np.random.default_rng(3)
     wells = [(r, f"{c:02d}") for r in "AB" for c in range(1, 13)]
@@ -383,7 +384,7 @@ def test_profile_job_joins_a_plate_map(tmp_path) -> None:
 def test_run_job_dispatches_profile_jobs(tmp_path) -> None:
     """``msnoop run`` / ``msnoop submit`` entrypoint: a profile job runs and summarises itself."""
     from msnoop.correct.profile import ProfileJob
-    from msnoop.jobs import run_job
+    from msnoop.job_kinds import run_job
 
     src = tmp_path / "wells.parquet"
     _table().to_parquet(src)

@@ -64,7 +64,7 @@ def test_kuberay_example_config_validates(tmp_path):
     """The RayJob example's embedded job config is a valid msnoop config and its entrypoint reads it."""
     import yaml
 
-    from msnoop.jobs import load_config
+    from msnoop.job_kinds import load_config
 
     docs = list(yaml.safe_load_all((Path(__file__).parents[1] / "configs/kuberay/rayjob_embed.yaml").read_text()))
     configmap, rayjob = docs

@@ -10,6 +10,7 @@ import json
 import numpy as np
 import pytest
 
+from msnoop.core.rundir import RunDir
 from msnoop.core import parts, storage
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
@@ -56,7 +57,7 @@ def test_cluster_listens_on_loopback_only(ray_two_nodes):
 
 def test_worker_node_writes_parts_to_s3_driver_sees_them(ray_two_nodes, s3):
     base = s3.fresh()
-    emb, db = storage.join(base, parts.EMBEDDINGS), storage.join(base, "lancedb")
+    emb, db = storage.join(base, RunDir.EMBEDDINGS), storage.join(base, "lancedb")
     rows, blocks = 500, 6
     args = {"storage": s3.config.model_dump(), "emb": emb, "db": db, "rows": rows, "blocks": blocks}
     out = ray_two_nodes.run_driver(DRIVER.format(args=json.dumps(args)))
@@ -88,7 +89,7 @@ EMBED_DRIVER = """
 import json, time
 import ray
 from ray._private import state
-from msnoop.jobs import build_config, run_embed_job
+from msnoop.job_kinds import build_config, run_embed_job
 
 cfg = build_config(json.loads({cfg!r}))
 t0 = time.perf_counter()
@@ -150,8 +151,8 @@ def embed_config(manifest: str, out: str, s3, limit: int | None = None) -> dict:
 
 def assert_each_row_once(out: str, s3, n_input: int) -> None:
     """Every manifest row is in embeddings/ or errors/ exactly once, read back from S3 by this process."""
-    emb = parts.read_frame(storage.join(out, parts.EMBEDDINGS), columns=[parts.ID_COLUMN], storage=s3.config)
-    err = parts.read_frame(storage.join(out, parts.ERRORS), columns=[parts.ID_COLUMN], storage=s3.config)
+    emb = parts.read_frame(storage.join(out, RunDir.EMBEDDINGS), columns=[parts.ID_COLUMN], storage=s3.config)
+    err = parts.read_frame(storage.join(out, RunDir.ERRORS), columns=[parts.ID_COLUMN], storage=s3.config)
     emb_ids, err_ids = emb[parts.ID_COLUMN], err[parts.ID_COLUMN]
     assert emb_ids.is_unique, emb_ids[emb_ids.duplicated()].tolist()
     assert err_ids.is_unique, err_ids[err_ids.duplicated()].tolist()
@@ -187,7 +188,7 @@ def test_second_node_lost_mid_run_then_rerun_completes_once(ray_two_nodes, s3, s
     cfg = embed_config(s3_images, out, s3)
     cfg["output"]["write_lance"] = False  # the parts are what a lost node can corrupt; LanceDB is built from them
     code = EMBED_DRIVER.format(cfg=json.dumps(cfg))
-    done_folder = storage.join(out, parts.EMBEDDINGS)
+    done_folder = storage.join(out, RunDir.EMBEDDINGS)
     t0 = time.perf_counter()
 
     def phase(what: str) -> None:  # shown by pytest when the test fails
@@ -209,7 +210,7 @@ def test_second_node_lost_mid_run_then_rerun_completes_once(ray_two_nodes, s3, s
             ray_two_nodes.start_second_node()  # the node comes back (also when an assertion above failed)
             phase("second node back")
     done = parts.count_rows(done_folder, storage=s3.config) + parts.count_rows(
-        storage.join(out, parts.ERRORS), storage=s3.config
+        storage.join(out, RunDir.ERRORS), storage=s3.config
     )
     assert 0 < done < N_IMAGES, f"the kill came too late to interrupt the run ({done} of {N_IMAGES} done)"
 

@@ -6,6 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from msnoop.core.rundir import RunDir
 from msnoop.core import parts, storage
 from msnoop.core.parts import ID_COLUMN
 from msnoop.embed.cells import output_schemas
@@ -48,7 +49,7 @@ def test_retried_blocks_write_each_row_once_local(tmp_path, seed):
     rng = np.random.default_rng(seed)
     n, block = int(rng.integers(1, 60)), int(rng.integers(1, 20))
     n_ok, n_err = _write_with_retries(rng, tmp_path, n, block)
-    emb, err = storage.join(tmp_path, parts.EMBEDDINGS), storage.join(tmp_path, parts.ERRORS)
+    emb, err = storage.join(tmp_path, RunDir.EMBEDDINGS), storage.join(tmp_path, RunDir.ERRORS)
     assert parts.count_rows(emb) == len(parts.read_ids(emb)) == n_ok
     assert parts.count_rows(err) == len(parts.read_ids(err)) == n_err
     assert parts.read_ids(emb) | parts.read_ids(err) == {f"im{i:04d}" for i in range(n)}
@@ -58,7 +59,7 @@ def test_retried_blocks_write_each_row_once_s3(s3):
     rng = np.random.default_rng(9)
     base = s3.fresh()
     n_ok, n_err = _write_with_retries(rng, base, 40, 7, s3.config)
-    emb = storage.join(base, parts.EMBEDDINGS)
+    emb = storage.join(base, RunDir.EMBEDDINGS)
     assert parts.count_rows(emb, storage=s3.config) == len(parts.read_ids(emb, storage=s3.config)) == n_ok
-    err = storage.join(base, parts.ERRORS)
+    err = storage.join(base, RunDir.ERRORS)
     assert parts.count_rows(err, storage=s3.config) == n_err

@@ -30,6 +30,8 @@ def _flag_type_hidden() -> None:
 
 _flag_type_hidden()
 
+__all__ = ["app", "main"]
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -52,6 +54,13 @@ EMBED, QUERY, EVALUATE, PROFILES, TRAINING = (
 _NOISY = ("ray", "lancedb", "faiss", "urllib3", "filelock", "asyncio", "numexpr", "matplotlib", "PIL", "botocore")
 
 
+def _sleeping_openmp_threads() -> None:
+    """OpenMP threads that spin while they wait lose their core to every other process on a small, shared machine:
+    they sleep instead (libgomp reads this when torch loads, so before any command imports it). An embedding run in
+    this process (a small job) went from 80 to 45 s on 2 busy cores; the Ray actors set the same."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(
         level=logging.WARNING,
@@ -59,7 +68,8 @@ def _setup_logging(verbose: bool) -> None:
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
-    logging.getLogger("msnoop").setLevel(logging.DEBUG if verbose else logging.INFO)
+    # Commands print their own summary; msnoop's INFO lines (what a run is about to do, where it wrote) are for -v.
+    logging.getLogger("msnoop").setLevel(logging.DEBUG if verbose else logging.WARNING)
     for noisy in _NOISY:
         logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.WARNING)
     if not verbose:
@@ -74,15 +84,57 @@ def _setup_logging(verbose: bool) -> None:
         os.environ.setdefault("LANCEDB_LOG", "error")
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from msnoop import __version__
+
+        typer.echo(f"msnoop {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="more logging (debug)")] = False) -> None:
+def main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="more logging (debug)")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="print the version and exit")
+    ] = False,
+) -> None:
+    """Microscopy image embeddings at scale: the options every command shares (logging, version)."""
     _setup_logging(verbose)
+    _sleeping_openmp_threads()
+
+
+#: One example per command, shown at the end of its ``--help`` (commands run from the repository root, as in the
+#: README).
+EXAMPLES: dict[str, str] = {
+    "embed": "msnoop embed --manifest ../shared/data/hpa_toy/hpa_labels.csv --channels green,blue,red --out "
+    "results/hpa   (or: msnoop embed configs/yeast.yaml)",
+    "submit": "msnoop cluster start; msnoop submit configs/yeast.yaml --follow   (a remote cluster: --address "
+    "http://HEAD:8265)",
+    "cluster": "msnoop cluster start --num-cpus 2; msnoop submit configs/yeast.yaml --follow; msnoop cluster stop",
+    "run": "msnoop run configs/bbbc021_profiles.yaml",
+    "validate": "msnoop validate configs/yeast.yaml --set runtime.actors=4",
+    "demo": "msnoop demo --out demo_output",
+    "search": 'msnoop search results/yeast --id images/AAC1/AAC1_1_rfp_10_gfp --k 5 --where "Metadata_field = 2"',
+    "info": "msnoop info results/yeast",
+    "export": 'msnoop export results/yeast --out yeast.h5ad   then scanpy.pp.neighbors(adata, use_rep="X_msnoop")',
+    "knn": "msnoop knn results/yeast --label Metadata_protein --cv group:Metadata_field",
+    "nsc": "msnoop nsc results/bbbc021_profiles --batch Metadata_Week --batch-map configs/bbbc021_platemap.csv",
+    "map": "msnoop map results/bbbc021_profiles --positive Metadata_moa --pos-diff Metadata_Compound",
+    "report": "msnoop report results/yeast --label Metadata_localization_yeastgfp --out reports/yeast",
+    "bench": "msnoop bench configs/benchmarks/hpa_toy.yaml --summary results/benchmarks.md",
+    "profile": "msnoop profile configs/bbbc021_profiles.yaml",
+    "screen": "msnoop screen configs/bbbc013_screen.yaml --set input=results/bbbc013_cells",
+    "pretrain": "msnoop pretrain configs/pretrain_smoke.yaml",
+    "segtrain": "msnoop segtrain configs/segtrain_coelho.yaml",
+}
 
 
 def _register() -> None:
-    """Add every command under its task's panel; a job kind's verb takes its help line from the job registry."""
+    """Add every command under its task's panel, with its example; a job kind's verb takes its help line from the
+    job registry."""
     from msnoop.cli import embed, evaluate, profiles, query, training
-    from msnoop.jobs import JOB_KINDS
+    from msnoop.job_kinds import JOB_KINDS
 
     job_help = {kind.verb: kind.help for kind in JOB_KINDS.values()}
 
@@ -94,7 +146,9 @@ def _register() -> None:
         (training, TRAINING),
     ):
         for name, fn, help_ in module.COMMANDS:
-            app.command(name, help=job_help.get(name, help_), rich_help_panel=panel)(fn)
+            app.command(
+                name, help=job_help.get(name, help_), epilog=f"Example: {EXAMPLES[name]}", rich_help_panel=panel
+            )(fn)
 
 
 _register()

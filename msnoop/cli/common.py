@@ -41,7 +41,7 @@ def split_list(values: list[str] | None) -> list[str]:
 
 
 def load_job(
-    config: Path | None,
+    config: str | Path | None,
     set_: list[str] | None = None,
     *,
     job: str | None = None,
@@ -52,7 +52,7 @@ def load_job(
     ``job`` names the kind the command expects: a config of another kind is refused with the command to use.
     """
     from msnoop.core.config import ConfigError, parse_overrides
-    from msnoop.jobs import JOB_KINDS, load_config
+    from msnoop.job_kinds import JOB_KINDS, load_config
 
     try:
         cfg = load_config(
@@ -66,12 +66,14 @@ def load_job(
     return cfg
 
 
-def write_json(obj: dict[str, Any], path: Path | None) -> None:
-    """Write ``obj`` as indented JSON to ``path`` (creating folders) and say so; nothing when ``path`` is None."""
+def write_json(obj: dict[str, Any], path: str | Path | None) -> None:
+    """Write ``obj`` as indented JSON to ``path`` (a path or a URI; folders are created; the file is complete or
+    absent) and say so; nothing when ``path`` is None."""
     import json
+
+    from msnoop.core import storage as st
 
     if path is None:
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
-    typer.echo(f"wrote {path.resolve()}")
+    st.write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")  # complete or absent
+    typer.echo(f"wrote {path if st.is_uri(path) else Path(path).resolve()}")

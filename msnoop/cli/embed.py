@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 
@@ -52,41 +52,46 @@ def _actors_option(text: str) -> Any:
 
 
 def print_embed_result(result: Any) -> None:
-    from msnoop.core import storage
+    """Print what an embedding run did: counts, rates, where its outputs are, the first errors and how to retry."""
+    from msnoop.core.rundir import RunDir
 
-    out = result.out_dir if storage.is_uri(result.out_dir) else storage.local_path(result.out_dir).resolve()
+    run = RunDir(result.out_dir)
+    out = run.absolute()
     typer.echo(
         f"\nEmbedded {result.n_embedded} images ({result.n_errors} errors, {result.n_skipped} already done) "
         f"in {result.seconds:.1f} s ({result.images_per_s:.3g} images/s"
         + (f", {result.cells_per_s:.3g} cells/s)." if result.n_cells else ").")
     )
-    typer.echo(f"Output: {out}  (Parquet: embeddings/, errors: errors/)")
+    typer.echo(f"Output: {out}  (Parquet: {run.EMBEDDINGS}/, errors: {run.ERRORS}/)")
     typer.echo(
         f"Totals: {result.n_rows_total} embedded + {result.n_errors_total} errors = {result.n_input} input images"
     )
     if getattr(result, "n_cells_total", 0):
         typer.echo(
-            f"Cells: {result.n_cells} embedded in this run, {result.n_cells_total} in total (single-cell table: cells/)"
+            f"Cells: {result.n_cells} embedded in this run, {result.n_cells_total} in total "
+            f"(single-cell table: {run.CELLS}/)"
         )
     if result.table:
-        typer.echo(f"LanceDB table: {result.table!r} in {storage.join(out, 'lancedb')}")
+        typer.echo(f"LanceDB table: {result.table!r} in {result.lancedb or run.lancedb_uri()}")
     if result.errors_preview:
         typer.echo(f"\n{result.n_errors_total} images could not be embedded, e.g.:")
         for image_id, reason in result.errors_preview:
             typer.echo(f"  {image_id}: {reason}")
         typer.echo(
             f"Fix them and run again with --retry-errors (or --set runtime.retry_errors=true) to embed them again; "
-            f"the list is in {storage.join(out, 'errors')}"
+            f"the list is in {RunDir(out).errors}"
         )
 
 
 def embed(
     config: Annotated[
-        Path | None, typer.Argument(help="job YAML (optional when every field is given as an option)")
+        str | None, typer.Argument(help="job YAML, a path or a URI (optional when every field is given as an option)")
     ] = None,
-    manifest: Annotated[Path | None, typer.Option(help="CSV/Parquet manifest: one path column per channel")] = None,
-    loaddata: Annotated[Path | None, typer.Option(help="CellProfiler LoadData CSV")] = None,
-    folder: Annotated[Path | None, typer.Option(help="image folder (with --pattern)")] = None,
+    manifest: Annotated[
+        str | None, typer.Option(help="CSV/Parquet manifest (a path or s3://...): one path column per channel")
+    ] = None,
+    loaddata: Annotated[str | None, typer.Option(help="CellProfiler LoadData CSV (a path or s3://...)")] = None,
+    folder: Annotated[str | None, typer.Option(help="image folder or s3://... prefix (with --pattern)")] = None,
     pattern: Annotated[str | None, typer.Option(help="filename pattern, e.g. '{Metadata_Well}_{channel}.tif'")] = None,
     channels: Annotated[str | None, typer.Option(help="comma-separated channel names, in embedding order")] = None,
     model: Annotated[str | None, typer.Option(help="checkpoint path, 'default' or 'random:<arch>[:seed]'")] = None,
@@ -111,8 +116,8 @@ def embed(
 ) -> None:
     """Embed images (one vector per image) into Parquet and a LanceDB table; re-runs resume."""
     from msnoop.core.config import ConfigError
-    from msnoop.embed.job import StrictModeError, TotalsError
-    from msnoop.jobs import run_embed_job
+    from msnoop.embed.pipeline import StrictModeError, TotalsError
+    from msnoop.job_kinds import run_embed_job
 
     overrides = _embed_overrides(
         manifest=manifest,
@@ -147,12 +152,14 @@ def embed(
 
 
 def run(
-    config: Annotated[Path, typer.Argument(help="any msnoop job YAML (job: embed | pretrain | profile | ...)")],
+    config: Annotated[
+        str, typer.Argument(help="any msnoop job YAML, a path or a URI (job: embed | pretrain | profile | ...)")
+    ],
     set_: SetOpt = None,
 ) -> None:
     """Run any job config in this process (the entrypoint that `msnoop submit` uses on the cluster)."""
     from msnoop.core.config import ConfigError
-    from msnoop.jobs import run_job
+    from msnoop.job_kinds import run_job
 
     cfg = load_job(config, set_)
     try:
@@ -165,7 +172,7 @@ def run(
         typer.echo(summary)
 
 
-def validate(config: Annotated[Path, typer.Argument()], set_: SetOpt = None) -> None:
+def validate(config: Annotated[str, typer.Argument(help="job YAML, a path or a URI")], set_: SetOpt = None) -> None:
     """Validate a job config and print it resolved (no work is done)."""
     from msnoop.core.config import config_hash, config_to_yaml
 
@@ -175,7 +182,7 @@ def validate(config: Annotated[Path, typer.Argument()], set_: SetOpt = None) -> 
 
 
 def submit(
-    config: Annotated[Path, typer.Argument(help="job YAML")],
+    config: Annotated[str, typer.Argument(help="job YAML, a path or a URI")],
     address: Annotated[str | None, typer.Option(help="Ray dashboard/Jobs address, e.g. http://HEAD:8265")] = None,
     follow: Annotated[
         bool, typer.Option("--follow", help="stream logs until the job ends; exit 1 if it failed")
@@ -215,12 +222,51 @@ def submit(
         typer.echo(f"Follow with: ray job logs --address {sub.address} --follow {sub.job_id}")
 
 
+ClusterAction = Literal["start", "status", "stop"]
+
+
+def cluster(
+    action: Annotated[ClusterAction, typer.Argument(help="start | status | stop")],
+    num_cpus: Annotated[int | None, typer.Option(help="CPUs the cluster offers (start; default all)")] = None,
+    port: Annotated[int | None, typer.Option(help="GCS port (start; default a free one)")] = None,
+    dashboard_port: Annotated[
+        int | None, typer.Option(help="dashboard / Jobs API port (start; default 8265, or a free one)")
+    ] = None,
+) -> None:
+    """A Ray cluster on this machine, on 127.0.0.1 only: msnoop commands and `msnoop submit` use it while it runs."""
+    from msnoop.core.local_cluster import ClusterError, recorded_cluster, start_local_cluster, stop_local_cluster
+
+    if action == "stop":
+        n = stop_local_cluster()
+        typer.echo(f"stopped the local cluster ({n} processes)" if n else "no local cluster was running")
+        return
+    if action == "status":
+        running = recorded_cluster()
+        if running is None:
+            fail("no local cluster is running; start one with `msnoop cluster start`", EXIT_FAILED)
+        _describe_cluster(running, "running")
+        return
+    try:
+        local, started = start_local_cluster(num_cpus=num_cpus, port=port, dashboard_port=dashboard_port)
+    except ClusterError as exc:
+        fail(str(exc), EXIT_FAILED)
+    _describe_cluster(local, "started" if started else "already running")
+
+
+def _describe_cluster(local: Any, state: str) -> None:
+    typer.echo(f"Local Ray cluster {state}, listening on 127.0.0.1 only")
+    typer.echo(f"  address    {local.address}   (msnoop commands here join it; ray.init(address=...) in Python)")
+    typer.echo(f"  dashboard  {local.dashboard}   (the Jobs API: msnoop submit JOB.yaml sends jobs there)")
+    typer.echo(f"  started as {local.command}")
+    typer.echo("Stop it with: msnoop cluster stop")
+
+
 def demo(
     out: Annotated[Path, typer.Option(help="folder for the synthetic data and results")] = Path("demo_output"),
-    n_per_class: Annotated[int, typer.Option(help="cells per class (4 classes)")] = 25,
+    n_per_class: Annotated[int, typer.Option(help="cells per class (4 classes)")] = 12,
     model: Annotated[str | None, typer.Option(help="model reference (default: the shipped model)")] = None,
 ) -> None:
-    """Generate synthetic cells, embed them with Ray into LanceDB, and search."""
+    """Generate synthetic cells, embed them into Parquet and LanceDB, and search: msnoop end to end in a minute."""
     from msnoop.demo import run_demo
     from msnoop.query.search import open_results, search_by_id
 
@@ -240,6 +286,7 @@ def demo(
 COMMANDS = [
     ("embed", embed, None),
     ("submit", submit, None),
+    ("cluster", cluster, None),
     ("run", run, None),
     ("validate", validate, None),
     ("demo", demo, None),

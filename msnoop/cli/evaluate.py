@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from msnoop.cli.common import EXIT_FAILED, SetOpt, fail, load_job, split_list, write_json
+from msnoop.vectors.postprocess import DEFAULT_POSTPROCESS, POSTPROCESS_CHOICES
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -17,11 +18,23 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def _load(table: str | Path, exclude: str | None = None) -> pd.DataFrame:
-    from msnoop.core.tables import read_table
+#: The ``--postprocess`` option of every evaluation.
+PostprocessOpt = Annotated[
+    str | None,
+    typer.Option(
+        help=f"One of {', '.join(POSTPROCESS_CHOICES)} (standardize: z-score each feature over the table, no "
+        "labels; raw: the features as stored); default: the table's own (an embed output's output.postprocess; "
+        f"raw for sphered profiles and LanceDB tables; else {DEFAULT_POSTPROCESS})."
+    ),
+]
+
+
+def _load(table: str | Path, exclude: str | None = None, postprocess: str | None = None) -> tuple[pd.DataFrame, str]:
+    """The table's rows (those ``exclude`` leaves) and the post-processing to apply; bad input exits with code 2."""
+    from msnoop.evaluate.features import read_features
 
     try:
-        df = read_table(table)
+        df, method = read_features(table, postprocess_method=postprocess)
     except (ValueError, FileNotFoundError, OSError) as exc:
         fail(str(exc))
     if exclude:
@@ -34,7 +47,7 @@ def _load(table: str | Path, exclude: str | None = None) -> pd.DataFrame:
         df = df[~drop].reset_index(drop=True)
         if df.empty:
             fail(f"--exclude {exclude!r} leaves no row of {table}")
-    return df
+    return df, method
 
 
 def knn_command(
@@ -59,68 +72,37 @@ def knn_command(
     index: Annotated[
         str, typer.Option(help="'auto' (IVF for large CPU runs, else exact), 'exact' or 'ivf' (approximate).")
     ] = "auto",
-    postprocess: Annotated[
-        str,
-        typer.Option(
-            help="'standardize' (z-score each feature over the table, no labels) or 'raw' (the features as stored)."
-        ),
-    ] = "standardize",
+    postprocess: PostprocessOpt = None,
 ) -> None:
     """kNN classification of profiles (FAISS, Microsnoop vote): accuracy, balanced accuracy, MCC, macro-F1."""
-    from msnoop.core.tables import feature_columns, split_table
-    from msnoop.correct.normalize import postprocess as apply_postprocess
-    from msnoop.evaluate.knn import knn_evaluate, parse_cv
+    from msnoop.evaluate.knn import knn_table
 
-    df = _load(table, exclude)
-    if label not in df.columns:
-        fail(
-            f"label column {label!r} is not in {table}; "
-            f"metadata columns: {[c for c in df.columns if str(c).startswith('Metadata_')]}"
-        )
-    if df[label].isna().any():
-        fail(f"label column {label!r} has {int(df[label].isna().sum())} missing value(s); drop them with --exclude")
     try:
-        kind, arg = parse_cv(cv)
-        groups = None
-        if kind == "group":
-            if not arg or arg not in df.columns:
-                fail(f"cv={cv!r}: expected 'group:<column>' naming a column of the table")
-            groups = df[arg].astype(str).to_numpy()
-        feats = [f for f in feature_columns(df) if f != label]
-        _, X = split_table(df, feats)
-        X, post = apply_postprocess(X, postprocess)
-        res = knn_evaluate(X, df[label].to_numpy(), k=k, cv=cv, groups=groups, metric=metric, seed=seed, index=index)  # type: ignore[arg-type]
-    except ValueError as exc:
+        res = knn_table(
+            table, label, k=k, cv=cv, metric=metric, seed=seed, exclude=exclude, index=index, postprocess=postprocess
+        )  # type: ignore[arg-type]
+    except (ValueError, FileNotFoundError, OSError) as exc:
         fail(str(exc))
-    res["table"] = str(table)
-    res["label"] = label
-    res["n_features"] = int(X.shape[1])
-    res["postprocess"] = post
-    typer.echo(
-        f"kNN on {posixpath.basename(table.rstrip('/'))}: n={res['n']}  features={res['n_features']}  label={label}  classes={res['n_classes']}"
-        f" (chance {res['chance']:.3f})  k={k}  cv={cv}  metric={metric}  postprocess={postprocess}"
-    )
-    for key, name in [
-        ("accuracy", "accuracy"),
-        ("balanced_accuracy", "balanced accuracy"),
-        ("mcc", "MCC"),
-        ("macro_f1", "macro-F1"),
-    ]:
-        typer.echo(f"  {name:<18} {res[key]:.4f}")
-    typer.echo("  per-class accuracy:")
-    counts = df[label].astype(str).value_counts()
-    for name, acc in res["per_class_accuracy"].items():
-        typer.echo(f"    {name:<30} {acc:.4f}  (n={int(counts.get(name, 0))})")
-    write_json(res, json_path)
+    typer.echo(str(res))
+    write_json(res.metrics, json_path)
 
 
 def nsc_command(
-    table: Annotated[Path, typer.Argument(help="Treatment-level table (one row per compound-concentration).")],
+    table: Annotated[
+        str, typer.Argument(help="Treatment-level table (one row per compound-concentration); a path or s3://...")
+    ],
     moa: Annotated[str, typer.Option(help="MOA column.")] = "Metadata_moa",
     compound: Annotated[str, typer.Option(help="Compound column.")] = "Metadata_Compound",
     batch: Annotated[
         list[str] | None,
         typer.Option(help="Batch column(s) for NSCB, repeated or comma-separated (e.g. Metadata_Plate,Metadata_Week)."),
+    ] = None,
+    batch_map: Annotated[
+        Path | None,
+        typer.Option(
+            help="Plate map (CSV/Parquet) giving batch columns the table lacks: one key column the table also has "
+            "(e.g. Metadata_Plate) and the batch column(s) named by --batch (e.g. Metadata_Week)."
+        ),
     ] = None,
     batch_match: Annotated[str, typer.Option(help="'equal' (batch strings equal, Microsnoop) or 'overlap'.")] = "equal",
     drop_moas: Annotated[
@@ -134,19 +116,32 @@ def nsc_command(
         str | None, typer.Option(help="SQL condition of rows to leave out, e.g. \"Metadata_Compound = 'DMSO'\".")
     ] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON here.")] = None,
+    postprocess: PostprocessOpt = None,
 ) -> None:
     """NSC / NSCB: 1-NN cosine MOA matching excluding the same compound (and the same batch)."""
-    from msnoop.evaluate.nsc import nsc, nscb
+    from msnoop.core.tables import read_table
+    from msnoop.evaluate.features import postprocessed_table
+    from msnoop.evaluate.nsc import BATCH_MATCHES, apply_batch_map, nsc, nscb
 
-    df = _load(table, exclude)
+    df, method = _load(table, exclude, postprocess)
     batches = split_list(batch)
-    if batch_match not in ("equal", "overlap"):
+    if batch_match not in BATCH_MATCHES:
         fail(f"expected --batch-match 'equal' or 'overlap', found {batch_match!r}")
     drop = [m.strip() for m in drop_moas.split(",")] if drop_moas else None
     try:
+        if batch_map is not None:
+            df = apply_batch_map(df, read_table(batch_map), batches)
+        missing = [b for b in batches if b not in df.columns]
+        if missing:
+            raise ValueError(
+                f"batch column(s) {missing} are not in {table}; name one of its columns or give a plate map with "
+                "--batch-map"
+            )
+        df, post = postprocessed_table(df, method=method)
         results: dict[str, Any] = {
             "table": str(table),
             "n_treatments": len(df),
+            "postprocess": post,
             "NSC": nsc(df, moa_column=moa, compound_column=compound),
         }
         for b in batches:
@@ -158,14 +153,18 @@ def nsc_command(
                 drop_moas=drop,
                 batch_match=batch_match,  # type: ignore[arg-type]
             )
-    except ValueError as exc:
+    except (ValueError, FileNotFoundError) as exc:
         fail(str(exc))
-    typer.echo(f"MOA matching on {table.name}: {len(df)} treatments, 1-NN cosine")
+    typer.echo(
+        f"MOA matching on {posixpath.basename(table.rstrip('/'))}: {len(df)} treatments, 1-NN cosine, "
+        f"postprocess={method}"
+    )
     for name, r in results.items():
-        if not isinstance(r, dict):
+        if not isinstance(r, dict) or "accuracy" not in r:
             continue
         extra = (
-            f"  (dropped MOAs: {', '.join(r['dropped_moas']) or 'none'}; batch {r['batch_match']})"
+            f"  (dropped MOAs: {', '.join(r['dropped_moas']) or 'none'}; batch {r['batch_match']}; "
+            f"{r['batch_excluded_pairs']} cross-compound pairs share a batch)"
             if "dropped_moas" in r
             else ""
         )
@@ -175,7 +174,10 @@ def nsc_command(
 
 def map_command(
     table: Annotated[
-        Path, typer.Argument(help="Profile/embedding table: msnoop output folder, .parquet, .csv, .lance.")
+        str,
+        typer.Argument(
+            help="Profile/embedding table: msnoop output folder, .parquet, .csv, .lance; a path or s3://..."
+        ),
     ],
     positive: Annotated[
         list[str], typer.Option("--positive", help="Positives share these columns, e.g. Metadata_moa.")
@@ -196,12 +198,13 @@ def map_command(
     threshold: Annotated[float, typer.Option(help="Significance threshold (after BH correction).")] = 0.05,
     seed: Annotated[int, typer.Option(help="Seed of the null distributions.")] = 0,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the summary as JSON here.")] = None,
+    postprocess: PostprocessOpt = None,
 ) -> None:
     """Mean average precision of retrieval (copairs rules), permutation p-values, BH, fraction retrieved."""
-    from msnoop.core.tables import split_table
+    from msnoop.evaluate.features import table_features
     from msnoop.evaluate.map import average_precision, mean_average_precision, retrieval_summary
 
-    df = _load(table, exclude)
+    df, method = _load(table, exclude, postprocess)
     pos = split_list(positive)
     rules = {
         "pos_sameby": pos,
@@ -215,13 +218,21 @@ def map_command(
             f"columns {missing} not in {table}; metadata columns: {[c for c in df.columns if c.startswith('Metadata_')]}"
         )
     try:
-        meta, X = split_table(df)
-        ap = average_precision(meta, X, **rules)
+        feats = table_features(df, method=method)
+        ap = average_precision(feats.meta, feats.X, **rules)
         scores = mean_average_precision(ap, sameby=pos, null_size=null_size, threshold=threshold, seed=seed)
         summary = retrieval_summary(ap, scores)
     except ValueError as exc:  # no positive/negative pairs, no features, non-finite values
         fail(f"mAP on {table}: {exc}")
-    summary.update({"table": str(table), "rules": rules, "null_size": null_size, "threshold": threshold})
+    summary.update(
+        {
+            "table": str(table),
+            "rules": rules,
+            "null_size": null_size,
+            "threshold": threshold,
+            "postprocess": feats.postprocess,
+        }
+    )
     typer.echo(
         f"mAP on {table}: {summary['n_profiles']} profiles, {summary['n_groups']} groups by {', '.join(pos)}\n"
         f"  mean AP            {summary['mean_ap']:.4f}\n"
@@ -249,9 +260,7 @@ def report_command(
             "--map", help="2-D map: 'auto' (t-SNE to 5,000 rows, UMAP to 100,000, else PCA), 'tsne', 'umap', 'pca'."
         ),
     ] = "auto",
-    postprocess: Annotated[
-        str, typer.Option(help="'standardize' (z-score each feature over the table, no labels) or 'raw'.")
-    ] = "standardize",
+    postprocess: PostprocessOpt = None,
 ) -> None:
     """HTML report: 2-D map, kNN metrics and confusion matrix, nearest-neighbour image galleries."""
     from msnoop.evaluate.report import build_report
@@ -307,7 +316,9 @@ def bench(
         sections.append(f"### {job.name}\n\n{table}\n")
     if summary is not None:
         summary.parent.mkdir(parents=True, exist_ok=True)
-        summary.write_text("\n".join(sections))
+        from msnoop.core import storage as st
+
+        st.write_text(summary, "\n".join(sections))  # complete or absent
         typer.echo(f"wrote {summary}")
 
 

@@ -15,7 +15,7 @@ import typer
 from pydantic import ValidationError
 
 from msnoop.cli.common import SetOpt, fail, load_job, split_list
-from msnoop.correct import METHODS
+from msnoop.vectors.postprocess import SPHERIZE_METHODS
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def profile_command(
             "--per-batch/--global", help="Fit one sphering per batch (default: one on all controls, Microsnoop)."
         ),
     ] = False,
-    method: Annotated[str, typer.Option(help=f"Sphering: {', '.join(METHODS)} or 'none'.")] = "ZCA-cor",
+    method: Annotated[str, typer.Option(help=f"Sphering: {', '.join(SPHERIZE_METHODS)} or 'none'.")] = "ZCA-cor",
     epsilon: Annotated[str, typer.Option(help="'knee' (Microsnoop's eigenvalue floor) or a positive number.")] = "knee",
     variance_floor: Annotated[
         float, typer.Option(help="-cor methods: variances are clipped at this (Microsnoop 1e-3).")
@@ -98,7 +98,7 @@ def profile_command(
     """
     from msnoop.core.config import ConfigError
     from msnoop.correct.profile import ProfileJob, summary
-    from msnoop.jobs import run_profile_job
+    from msnoop.job_kinds import run_profile_job
 
     try:
         if table.suffix in (".yaml", ".yml"):
@@ -108,8 +108,8 @@ def profile_command(
                 fail("with a table argument, --control and --out are required (or pass a job: profile YAML)")
             if aggregate_method not in ("mean", "median"):
                 fail(f"expected --aggregate-method 'mean' or 'median', found {aggregate_method!r}")
-            if method != "none" and method not in METHODS:
-                fail(f"expected --method in {', '.join(METHODS)} or 'none', found {method!r}")
+            if method != "none" and method not in SPHERIZE_METHODS:
+                fail(f"expected --method in {', '.join(SPHERIZE_METHODS)} or 'none', found {method!r}")
             job = ProfileJob.model_validate(
                 {
                     "input": table,
@@ -148,7 +148,7 @@ def screen(
     set_: SetOpt = None,
 ) -> None:
     """Read a plate out per well from its cells with a classifier trained on the control wells."""
-    from msnoop.screen.job import run_screen, summary
+    from msnoop.screen.plate import run_screen, summary
 
     job = load_job(config, set_, job="screen")
     try:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -15,7 +14,8 @@ def search(
     table: Annotated[str, typer.Argument(help="job output folder, or a LanceDB URI with --table")],
     image_id: Annotated[str | None, typer.Option("--id", help="query by an image id in the table")] = None,
     image: Annotated[
-        list[Path] | None, typer.Option("--image", help="query image: one file per channel, in the table's order")
+        list[str] | None,
+        typer.Option("--image", help="query image (a path or s3://...): one file per channel, in the table's order"),
     ] = None,
     match: Annotated[
         str | None,
@@ -32,11 +32,7 @@ def search(
         bool | None, typer.Option("--exact/--ann", help="force exact or index search (default: automatic)")
     ] = None,
 ) -> None:
-    """Nearest rows (cosine distance) to an image in the table, a new image, or a group of rows.
-
-    A group (--match) is, for example, a treatment in the batch-corrected table that `msnoop profile` writes:
-    msnoop search results/bbbc021_profiles --match "Metadata_compound = 'taxol'" --k 5
-    """
+    """Nearest rows (cosine distance) to an image of the table, a new image, or the mean of the rows --match selects."""
     import pandas as pd
 
     from msnoop.query.search import open_results, search_by_id, search_by_match, search_image
@@ -70,51 +66,54 @@ def search(
 
 
 def info(
-    table: Annotated[str, typer.Argument(help="job output folder, or a LanceDB URI with --table")],
-    table_name: Annotated[str | None, typer.Option("--table")] = None,
+    table: Annotated[
+        str,
+        typer.Argument(
+            help="any table msnoop writes: an output folder, its embeddings/, cells/ or lancedb/, a .lance table, "
+            "Parquet/CSV; or a LanceDB URI with --table"
+        ),
+    ],
+    table_name: Annotated[str | None, typer.Option("--table", help="table name inside a LanceDB URI")] = None,
 ) -> None:
-    """Describe a table: rows, dimensions, channels, model, preprocessing, errors."""
-    from msnoop.core import parts, storage
-    from msnoop.query.search import open_results
+    """Describe a table: rows, dimensions, channels, model, preprocessing, correction, errors."""
+    from msnoop.query.info import describe
 
     try:
-        ref = open_results(table, table_name)
+        described = describe(table, table_name)
     except (KeyError, ValueError, FileNotFoundError) as exc:
         fail(message(exc))
-    meta = ref.info
-    typer.echo(f"table      {ref.name} ({ref.uri})")
-    typer.echo(f"rows       {ref.table.count_rows()}")
-    typer.echo(
-        f"dimensions {meta.get('embed_dim')} = {len(meta.get('channels', []))} channels x {meta.get('embed_dim_per_channel')}"
-    )
-    typer.echo(f"channels   {', '.join(meta.get('channels', []))}")
-    typer.echo(f"model      {meta.get('model')} ({meta.get('arch')}, sha256 {str(meta.get('model_sha256'))[:12]})")
-    typer.echo(f"preprocess {json.dumps(meta.get('preprocess'))}")
-    post = meta.get("postprocess") or {"method": "raw"}
-    typer.echo(f"vectors    {post['method']}" + (f" (fitted on {post['n']} rows, no labels)" if "n" in post else ""))
-    cols = [
-        f.name for f in ref.table.schema if f.name.startswith("Metadata_") and not f.name.startswith("Metadata_Path_")
-    ]
-    typer.echo(f"metadata   {', '.join(cols)}")
-    errors = storage.join(table, parts.ERRORS)
-    if parts.part_files(errors):
-        typer.echo(f"errors     {parts.count_rows(errors)} (see {errors})")
+    typer.echo(str(described))
 
 
 def export(
     table: Annotated[
-        Path, typer.Argument(help="embed output folder, profile Parquet, any Parquet/CSV table, or .lance")
+        str,
+        typer.Argument(
+            help="any table msnoop writes (output folder, cells/, .lance, profile Parquet) or Parquet/CSV; paths or "
+            "s3://..."
+        ),
     ],
-    out: Annotated[Path, typer.Option("--out", help="file to write: .h5ad (AnnData, for scanpy)")],
+    out: Annotated[str, typer.Option("--out", help="file to write (a path or s3://...): .h5ad (AnnData, for scanpy)")],
 ) -> None:
-    """Export an embedding or profile table as AnnData (.h5ad): obs = metadata, X = vectors, uns = provenance."""
-    from msnoop.store.anndata import to_anndata
+    """Export a table as AnnData (.h5ad): obs metadata, X vectors as stored, obsm["X_msnoop"] the ones msnoop compares.
+
+    The file is complete or absent: a metadata column that .h5ad cannot store is refused before anything is written.
+    """
+    import json
+
+    from msnoop.core import storage as st
+    from msnoop.store.anndata import OBSM_KEY, UNS_KEY, to_anndata
 
     try:
         adata = to_anndata(table, out)
     except (ValueError, FileNotFoundError, OSError) as exc:
-        fail(str(exc))
-    typer.echo(f"wrote {out.resolve()}: {adata.n_obs} rows x {adata.n_vars} features")
+        fail(message(exc))
+    where = out if st.is_uri(out) else Path(out).resolve()
+    method = json.loads(adata.uns[UNS_KEY]["postprocess"]).get("method")
+    typer.echo(
+        f"wrote {where}: {adata.n_obs} rows x {adata.n_vars} features; X as stored, "
+        f'obsm["{OBSM_KEY}"] {method} (what msnoop compares: scanpy.pp.neighbors(adata, use_rep="{OBSM_KEY}"))'
+    )
 
 
 COMMANDS = [("search", search, None), ("info", info, None), ("export", export, None)]

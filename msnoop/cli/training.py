@@ -17,7 +17,7 @@ def load_pretrain_job(config: Path | None, overrides: list[str] | None = None) -
         ConfigError: The file or an override is invalid, or the config is not a pretrain job.
     """
     from msnoop.core.config import ConfigError, parse_overrides
-    from msnoop.jobs import load_config
+    from msnoop.job_kinds import load_config
 
     job = load_config(config, overrides=parse_overrides(overrides or []), job="pretrain")
     if job.job != "pretrain":

@@ -5,7 +5,7 @@ time with a message naming the key and the file. Any field can be overridden fro
 with ``--set section.key=value`` (values are parsed as YAML), and the resolved config is saved beside
 the job's outputs. Each stage keeps its own config sections beside its code (``msnoop.io.config``,
 ``msnoop.embed.config``, ...); which ``job:`` kind maps to which config class is declared once, in
-:mod:`msnoop.jobs`.
+:mod:`msnoop.job_kinds`.
 """
 
 from __future__ import annotations
@@ -64,14 +64,66 @@ def set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a mapping that names a key twice (plain YAML keeps the last one silently).
+
+    Keys brought in by a merge (``<<: *defaults``) may be overridden, as YAML intends; keys written out twice
+    in one mapping may not.
+    """
+
+    source = "<string>"
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: the base class reports it
+                continue
+            seen[key] = line
+            if first is not None:
+                raise ConfigError(
+                    f"config {self.source}: key {key!r} is written twice in one section (lines {first} and {line}); "
+                    "YAML would keep only the last one: remove or merge one of them"
+                )
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml_text(text: str, source: str = "<string>") -> Any:
+    """Parse YAML ``text`` like ``yaml.safe_load``, but refuse duplicate keys.
+
+    Raises:
+        ConfigError: A key is written twice in one mapping (the message names the key, both lines and ``source``).
+        yaml.YAMLError: The text is not YAML.
+    """
+    loader = _UniqueKeyLoader(text)
+    loader.source = source
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
-    """Parse ``key.sub=value`` strings (value as YAML) into pairs."""
+    """Parse ``key.sub=value`` strings (value as YAML) into pairs.
+
+    Raises:
+        ConfigError: An item has no ``=``, or its value is not YAML (or names a key twice).
+    """
     out = []
     for item in items:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. runtime.batch_size=32")
         key, raw = item.split("=", 1)
-        out.append((key.strip(), yaml.safe_load(raw)))
+        try:
+            value = load_yaml_text(raw, f"--set {item}")
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: the value is not YAML ({' '.join(str(exc).split())})") from None
+        out.append((key.strip(), value))
     return out
 
 
@@ -84,18 +136,27 @@ def validate_config(model: type[T], data: dict[str, Any], *, source: str = "<com
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a config file as a mapping of sections.
+    """Read a config file (a local path or an object storage URI) as a mapping of sections.
 
     Raises:
-        ConfigError: The file is missing, is not YAML, or is not a mapping.
+        ConfigError: The file is missing, is not YAML, names a key twice in one section, or is not a mapping.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+    from msnoop.core import storage as st
+
+    if st.is_uri(path):
+        try:
+            text = st.read_text(path)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"config file {path} cannot be read: {exc}") from None
+    else:
+        path = st.local_path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        text = path.read_text()
     try:
-        loaded = yaml.safe_load(path.read_text())
+        loaded = load_yaml_text(text, str(path))
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(exc).split())}") from None
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
@@ -137,6 +198,7 @@ def absolutize(cfg: T) -> T:
 
 
 def config_to_yaml(cfg: BaseModel) -> str:
+    """``cfg`` as YAML text, sections in declaration order, paths as strings (what ``resolved_config.yaml`` holds)."""
     return yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False)
 
 
@@ -153,21 +215,18 @@ def config_hash(cfg: BaseModel) -> str:
         for key, default in new_input.items():
             if data.get("input", {}).get(key, default) == default:
                 data.get("input", {}).pop(key, None)
-        if data.get("output", {}).get("postprocess") == "standardize":  # LanceDB vectors only: parts unchanged
+        # the LanceDB vectors' post-processing, at the default it had when this key was added, leaves the hash alone
+        if data.get("output", {}).get("postprocess") == "standardize":
             data["output"].pop("postprocess")
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def save_resolved(
-    cfg: BaseModel, out_dir: str | Path, name: str = "resolved_config.yaml", *, storage: Any = None
-) -> Path | str:
-    """Write ``cfg`` as YAML to ``out_dir/name`` (a folder or an object storage URI, atomically); returns where.
+def save_resolved(cfg: BaseModel, out_dir: str | Path, *, storage: Any = None) -> Path | str:
+    """Write ``cfg`` as YAML beside a job's outputs in ``out_dir`` (a folder or a URI, atomically); returns where.
 
-    ``storage`` is a :class:`msnoop.core.storage.StorageConfig` for URIs (default: the environment).
+    The file's name and place are :class:`msnoop.core.rundir.RunDir`'s; ``storage`` is a
+    :class:`msnoop.core.storage.StorageConfig` for URIs (default: the environment).
     """
-    from msnoop.core import storage as st
+    from msnoop.core.rundir import RunDir
 
-    path = st.join(out_dir, name)
-    st.makedirs(out_dir)
-    st.write_text(path, config_to_yaml(cfg), storage)
-    return path
+    return RunDir(out_dir, storage).save_config(cfg)

@@ -15,6 +15,7 @@ two agree on syntax, NULL handling (a NULL comparison selects nothing) and opera
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -26,12 +27,53 @@ class FilterError(ValueError):
 
 def _hint(where: str, message: str) -> str:
     hint = ""
-    if '"' in where and re.search(r"Referenced column", message):
+    if '"' in where and re.search(r"Referenced column|No field named", message):
         hint = "; strings take single quotes in SQL, e.g. Metadata_Compound = 'DMSO'"
     elif re.search(r"[&|]", where):
         hint = "; combine conditions with AND / OR, not & / |"
     first = message.strip().splitlines()[0] if message.strip() else message
     return f"filter {where!r} is not a valid SQL condition on this table: {first}{hint}"
+
+
+#: A source location that LanceDB's Rust core appends to its messages (``, /root/.cargo/.../logical_expr.rs:23:88``).
+_RUST_SOURCE = re.compile(r",?\s*/\S+\.rs:\d+:\d+")
+
+
+def _text_columns(where: str, schema: Any) -> list[str]:
+    """The string-typed columns of ``schema`` (a ``pyarrow.Schema``) that ``where`` names, longest name first."""
+    import pyarrow as pa
+
+    def is_text(t: Any) -> bool:
+        t = t.value_type if pa.types.is_dictionary(t) else t
+        return bool(pa.types.is_string(t) or pa.types.is_large_string(t))
+
+    names = sorted((f.name for f in schema if is_text(f.type)), key=len, reverse=True)
+    return [n for n in names if re.search(rf"\b{re.escape(n)}\b", where)]
+
+
+def table_filter_error(where: str, schema: Any, exc: BaseException, *, what: str = "filter") -> FilterError:
+    """One line for a filter a LanceDB table refused: what is wrong and how to write it.
+
+    A number compared with a text column (CSV metadata stays text unless ``input.dtypes`` says otherwise) is the
+    usual case: the message names the column and shows the quoted value. Otherwise the first line of LanceDB's
+    message, without its Rust source location, and the hints of :func:`filter_mask`'s errors.
+
+    Args:
+        where: The filter.
+        schema: The table's ``pyarrow.Schema``.
+        exc: What LanceDB raised.
+        what: The option's name for the message (``--where``, ``--match``).
+    """
+    message = _RUST_SOURCE.sub("", str(exc)).strip()
+    for col in _text_columns(where, schema):
+        literal = re.search(rf"\b{re.escape(col)}\s*(=|!=|<>|<=|>=|<|>)\s*(-?[0-9][0-9.eE+-]*)\b", where)
+        if literal and ("Utf8" in message or "convert" in message.lower()):
+            op, value = literal.groups()
+            return FilterError(
+                f"{what} {where!r}: {col} is a text column, so compare it with text: {col} {op} '{value}' (to "
+                f"store it as a number, embed with input.dtypes: {{{col}: int}} or float)"
+            )
+    return FilterError(_hint(where, message).replace("filter", what, 1))
 
 
 def filter_mask(df: pd.DataFrame, where: str) -> np.ndarray:

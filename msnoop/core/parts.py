@@ -1,22 +1,13 @@
 """Parquet part files: the source of truth for a job's outputs.
 
-Layout of a job's output folder::
-
-    <dir>/embeddings/part-<key>.parquet    one row per image: Metadata_* + emb_0000 ... emb_<D-1>
-    <dir>/errors/part-<key>.parquet        one row per bad image: Metadata_ImageID, path, reason
-
-(``<key>``: :func:`block_key` of the part's image ids, written by the embed job; a uuid otherwise.)
-    <dir>/run.json                         model, preprocessing, channels, embed dim, provenance
-    <dir>/resolved_config.yaml             the validated job config
-    <dir>/lancedb/                         embedded LanceDB database built from the parts
-
-Parts are written to a hidden temporary name and renamed, so a killed run leaves only whole parts;
-a re-run reads the ids already present and skips them.
+A part folder (``<dir>/embeddings``, ``<dir>/errors``, ``<dir>/cells``: see :class:`msnoop.core.rundir.RunDir` for
+the layout) holds ``part-<key>.parquet`` files. Parts are written to a hidden temporary name and renamed, so a
+killed run leaves only whole parts; a re-run reads the ids already present and skips them.
 
 Every folder may be a local path or a URI (``s3://bucket/run1/embeddings``, ``gs://...``): the
 functions go through :mod:`msnoop.core.storage`. On object storage a part is uploaded whole to its
 final key (an upload becomes visible atomically; object stores have no rename). Local folders give
-:class:`~pathlib.Path` results as before, URIs give ``str`` URIs. ``storage`` (a
+:class:`~pathlib.Path` results, URIs give ``str`` URIs. ``storage`` (a
 :class:`~msnoop.core.storage.StorageConfig`) defaults to the environment (``AWS_ENDPOINT_URL``...).
 """
 
@@ -24,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -42,12 +32,10 @@ from msnoop.core.storage import StorageConfig
 
 ID_COLUMN = "Metadata_ImageID"
 EMB_PREFIX = "emb_"
-EMBEDDINGS = "embeddings"
-ERRORS = "errors"
-RUN_FILE = "run.json"
 
 
 def emb_columns(dim: int) -> list[str]:
+    """Names of the ``dim`` embedding columns: ``emb_0000``, ``emb_0001``, ... (four digits, zero-padded)."""
     return [f"{EMB_PREFIX}{i:04d}" for i in range(dim)]
 
 
@@ -82,7 +70,7 @@ def write_part(
     key-value metadata under ``msnoop``, so a part copied elsewhere still says how it was made
     (:func:`read_part_provenance`).
 
-    Local: written to a hidden ``.part-*.tmp`` beside it, then ``os.replace`` (streams to disk).
+    Local: written to a hidden temporary file beside it, then ``os.replace`` (streams to disk).
     URI: serialised in memory, then one upload of the final key (memory = the part's size).
     ``key`` (e.g. :func:`block_key` of the block's ids) names the part deterministically, so writing
     the same block again (a retried task) replaces it; without it every call adds a new part.
@@ -96,12 +84,9 @@ def write_part(
         final = st.join(folder, name)
         st.write_with(final, lambda out: pq.write_table(table, out), storage)
         return final
-    folder = st.local_path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{name}.tmp"
-    pq.write_table(table, tmp)
-    final = folder / name
-    os.replace(tmp, final)
+    final = st.local_path(folder) / name
+    with st.atomic_path(final) as tmp:  # a unique temporary name: two tasks writing one key never share it
+        pq.write_table(table, tmp)
     return final
 
 
@@ -260,10 +245,75 @@ def drop_ids(
             kept = table.filter(pa.array(keep))
             st.write_with(f, lambda out, kept=kept: pq.write_table(kept, out), storage)
         else:
-            tmp = f.with_name(f".{f.name}.tmp")
-            pq.write_table(table.filter(pa.array(keep)), tmp)
-            os.replace(tmp, f)
+            with st.atomic_path(f) as tmp:
+                pq.write_table(table.filter(pa.array(keep)), tmp)
     return removed
+
+
+def _row_keys(folder: str | Path, columns: list[str], storage: StorageConfig | None) -> list[np.ndarray]:
+    """Per part (in :func:`part_files` order), the 16-byte hash of each row's key (``columns`` joined)."""
+    from msnoop.core.idset import hash_ids
+
+    def key(table: pa.Table) -> np.ndarray:
+        values = [table.column(c).to_pylist() for c in columns]
+        return hash_ids(["\0".join(str(v) for v in row) for row in zip(*values, strict=True)])
+
+    frags = _fragments(folder, storage)
+    if not frags:
+        return []
+    with ThreadPoolExecutor(max_workers=min(READ_THREADS, len(frags))) as pool:
+        return list(pool.map(lambda frag: key(frag.to_table(columns=columns)), frags))
+
+
+def drop_repeats(
+    folder: str | Path,
+    columns: list[str] | None = None,
+    *,
+    also_in: Any = None,
+    storage: StorageConfig | None = None,
+) -> int:
+    """Keep one row per key in a part folder: rows whose key an earlier part (by name) already holds are removed.
+
+    A key is the row's ``columns`` (default the image id). Rows with the same key come from writers that each
+    wrote the same images (a task retried with other block boundaries, a writer that lost its lock); they hold
+    the same values, so which copy stays does not matter. ``also_in`` (an :class:`~msnoop.core.idset.IdSet` of
+    keys) removes those keys here altogether (e.g. error rows of images that another part embedded). Parts are
+    rewritten atomically (:func:`drop_ids`' way); a part left empty is deleted.
+
+    Returns:
+        Rows removed.
+    """
+    columns = columns or [ID_COLUMN]
+    keys = _row_keys(folder, columns, storage)
+    if not keys:
+        return 0
+    flat = np.concatenate(keys)
+    order = np.argsort(flat, kind="stable")  # stable: the first part (by name) keeps its row
+    ordered = flat[order]
+    repeat = np.zeros(len(flat), dtype=bool)
+    repeat[order[1:][ordered[1:] == ordered[:-1]]] = True
+    if also_in is not None:
+        repeat |= also_in.contains(flat)
+    if not repeat.any():
+        return 0
+    files = part_files(folder, storage=storage)
+    bounds = np.cumsum([0, *[len(k) for k in keys]])
+    for f, lo, hi in zip(files, bounds[:-1], bounds[1:], strict=True):
+        drop = repeat[lo:hi]
+        if not drop.any():
+            continue
+        if drop.all():
+            st.remove(f, storage)
+            continue
+        fs, path = st.resolve(f, storage)
+        table = pq.read_table(path, filesystem=fs)
+        kept = table.filter(pa.array(~drop))
+        if st.is_uri(f):
+            st.write_with(f, lambda out, kept=kept: pq.write_table(kept, out), storage)
+        else:
+            with st.atomic_path(f) as tmp:
+                pq.write_table(kept, tmp)
+    return int(repeat.sum())
 
 
 def count_rows(folder: str | Path, *, storage: StorageConfig | None = None) -> int:
@@ -283,19 +333,3 @@ def read_frame(
     if not files:
         return pd.DataFrame()
     return _dataset(files, storage).to_table(columns=columns).to_pandas()
-
-
-def write_run_info(out_dir: str | Path, info: dict[str, Any], *, storage: StorageConfig | None = None) -> Path | str:
-    """Write ``<out_dir>/run.json`` atomically; returns its path or URI."""
-    path = st.join(out_dir, RUN_FILE)
-    st.write_text(path, json.dumps(info, indent=2, default=str), storage)
-    return path
-
-
-def read_run_info(out_dir: str | Path, *, storage: StorageConfig | None = None) -> dict[str, Any]:
-    """``<out_dir>/run.json``. Raises FileNotFoundError when ``out_dir`` is not an msnoop output folder."""
-    path = st.join(out_dir, RUN_FILE)
-    try:
-        return json.loads(st.read_text(path, storage))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path} not found: {out_dir} is not an msnoop output folder (no run.json)") from None

@@ -30,7 +30,10 @@ def subplots(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float], **
 
 def save(fig: Any, path: str | Path, dpi: int | None = None) -> Path:
     """Lay out ``fig`` tightly and write it to ``path`` (format from the suffix)."""
+    from msnoop.core.storage import atomic_path
+
     path = Path(path)
     fig.tight_layout()
-    fig.savefig(path, dpi=dpi if dpi is not None else fig.dpi)
+    with atomic_path(path) as tmp:  # complete or absent
+        fig.savefig(tmp, dpi=dpi if dpi is not None else fig.dpi)
     return path

@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import platform
 import re
 import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 logger = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
+
+#: ``runtime.use_gpu``: GPUs when the cluster has them, always (an error without), or never.
+UseGpu = Literal["auto", "yes", "no"]
+#: ``runtime.amp``: where bf16 autocast runs (see :data:`AMP_HELP`).
+Amp = Literal["cuda", "auto", "off"]
 
 AMP_HELP = (
     "bf16 autocast: 'cuda' on GPUs only; 'auto' also on CPUs with native bf16 (AVX512-BF16 or AMX), "
@@ -155,12 +164,34 @@ def _loopback_env() -> None:
     announce a routable address.
     """
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage report thread at start
     from ray._private import ray_constants
 
     ray_constants.ENABLE_RAY_CLUSTER = False
     # Ray starts workers at niceness 15; the embedding actors are this job's main work, so on a shared
     # machine they should not yield to every other process.
     os.environ.setdefault("RAY_worker_niceness", "0")
+
+
+def ray_session_here() -> bool:
+    """Whether this process is already connected to Ray (without importing Ray when it is not loaded)."""
+    return "ray" in sys.modules and bool(sys.modules["ray"].is_initialized())
+
+
+def cluster_to_join(address: str | None = None) -> str | None:
+    """The Ray cluster a job of this process runs on, or None when msnoop would start a local one for it.
+
+    In order: a Ray session already open in this process (``"session"``), ``address``, ``RAY_ADDRESS``, the
+    cluster that ``msnoop cluster start`` recorded if it is running (:mod:`msnoop.core.local_cluster`).
+    """
+    if ray_session_here():
+        return "session"
+    if address or os.environ.get("RAY_ADDRESS"):
+        return address or os.environ["RAY_ADDRESS"]
+    from msnoop.core.local_cluster import recorded_cluster
+
+    running = recorded_cluster()
+    return running.address if running is not None else None
 
 
 def init_ray(
@@ -170,25 +201,52 @@ def init_ray(
     object_store_memory: int | None = None,
     quiet: bool = False,
 ) -> dict[str, Any]:
-    """Connect to ``address`` (or ``RAY_ADDRESS``), else start a local cluster bound to loopback.
+    """Connect to the cluster of :func:`cluster_to_join`, else start a local cluster bound to loopback.
+
+    A local cluster is lean: no dashboard, no usage statistics, workers not niced, and ``num_cpus`` and
+    ``object_store_memory`` as given (Ray's defaults otherwise).
 
     Returns:
         ``ray.cluster_resources()``.
     """
+    address = cluster_to_join(address)
+    if address and "ray" not in sys.modules and (Path.home() / ".ray" / "auth_token").is_file():
+        # a `ray start` cluster (token authentication on) wants the token; Ray reads the mode when it is imported
+        # (once imported, it turns token authentication on by itself when the token file exists and the variable
+        # is unset, so the variable is only set here, before the import)
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     import ray
 
     if ray.is_initialized():
         return ray.cluster_resources()
-    address = address or os.environ.get("RAY_ADDRESS") or None
     routine = not logging.getLogger("msnoop").isEnabledFor(logging.DEBUG)  # quiet unless `msnoop -v`
     if routine:
         quiet_ray_loggers()  # the token notice is printed inside ray.init
         _drop_forwarded_lines(_RAY_LEVEL_NOTICE)
     kwargs: dict[str, Any] = {"log_to_driver": not quiet, "configure_logging": True, "logging_level": logging.WARNING}
+    with _stderr_without(_RAY_LEVEL_NOTICE) if routine else contextlib.nullcontext():
+        _start_or_join(ray, address, kwargs, num_cpus=num_cpus, object_store_memory=object_store_memory)
+    from ray.data import DataContext
+
+    if quiet:
+        ctx = DataContext.get_current()
+        ctx.enable_progress_bars = False
+    if routine:
+        quiet_ray_loggers()  # again: importing ray.data installs its own logging configuration
+    return ray.cluster_resources()
+
+
+def _start_or_join(
+    ray: Any, address: str | None, kwargs: dict[str, Any], *, num_cpus: int | None, object_store_memory: int | None
+) -> None:
+    """``ray.init``: join ``address``, or (None) start a lean local cluster on loopback."""
     if address:
         logger.info("connecting to Ray cluster at %s", address)
-        if (Path.home() / ".ray" / "auth_token").is_file():
-            os.environ.setdefault("RAY_AUTH_MODE", "token")  # a `ray start` cluster after a local ray.init wants it
+        if address.split("://")[-1].split(":")[0] in (LOOPBACK, "localhost"):
+            # a cluster on this machine's loopback (`msnoop cluster start`): this driver stays on loopback too, or
+            # Ray rewrites the address to the network interface's, where that cluster does not listen
+            _loopback_env()
+            kwargs["_node_ip_address"] = LOOPBACK
         ray.init(address=address, **kwargs)
     else:
         _loopback_env()
@@ -200,21 +258,47 @@ def init_ray(
             _node_ip_address=LOOPBACK,
             **kwargs,
         )
-    from ray.data import DataContext
 
-    if quiet:
-        ctx = DataContext.get_current()
-        ctx.enable_progress_bars = False
-    if routine:
-        quiet_ray_loggers()  # again: importing ray.data installs its own logging configuration
-    return ray.cluster_resources()
+
+@contextlib.contextmanager
+def _stderr_without(pattern: re.Pattern[str]) -> Iterator[None]:
+    """Hold back this process's stderr (file descriptor 2: C++ and Python alike) and write it out afterwards, less
+    the lines matching ``pattern``. Around ``ray.init``: the driver's own C++ core prints its 'Set ray log level'
+    notice there, straight to the descriptor. Does nothing where stderr has no descriptor (captured by a test)."""
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, ValueError, OSError):
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(fd)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), fd)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, fd)
+            os.close(saved)
+            held.seek(0)
+            lines = held.read().decode(errors="replace").splitlines(keepends=True)
+            kept = "".join(line for line in lines if not pattern.search(line))
+            if kept:
+                sys.stderr.write(kept)
+                sys.stderr.flush()
 
 
 #: Ray's Python loggers that report routine events at INFO/WARNING on every run: Ray Data's executor
 #: ("Starting execution of Dataset ...", "Progress bars disabled", "execution finished"), which has its own
-#: console handler at INFO (``ray/data/_internal/logging.py``) and ignores the ``ray`` logger's level, and the
-#: token-authentication notice that every local ``ray.init`` prints.
-RAY_ROUTINE_LOGGERS = ("ray.data", "ray._private.authentication.authentication_token_setup")
+#: console handler at INFO (``ray/data/_internal/logging.py``) and ignores the ``ray`` logger's level, the
+#: token-authentication notice that every local ``ray.init`` prints, and the Jobs client's notes on each submission.
+RAY_ROUTINE_LOGGERS = (
+    "ray.data",
+    "ray._private.authentication.authentication_token_setup",
+    "ray.dashboard.modules.dashboard_sdk",  # `msnoop submit`: "Uploading package ..."
+    "ray._private.runtime_env.packaging",  # "Creating a file package for local module ..."
+    "ray.dashboard.modules.job.sdk",  # "WebSocket closed for job ..."
+)
 
 
 def quiet_ray_loggers(level: int = logging.ERROR) -> None:
@@ -280,6 +364,7 @@ def _drop_forwarded_lines(pattern: re.Pattern[str]) -> None:
 
 
 def shutdown_ray() -> None:
+    """Stop this process's Ray session, if one is running (a no-op otherwise)."""
     import ray
 
     if ray.is_initialized():
@@ -287,6 +372,7 @@ def shutdown_ray() -> None:
 
 
 def git_sha() -> str | None:
+    """The short commit of the msnoop checkout, or None when msnoop is not run from a git checkout."""
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
@@ -303,8 +389,9 @@ def git_sha() -> str | None:
 
 def provenance() -> dict[str, Any]:
     """Versions and device of this process, for logs and output metadata."""
+    from importlib.metadata import version
+
     import numpy
-    import ray
     import torch
 
     from msnoop import __version__
@@ -314,7 +401,7 @@ def provenance() -> dict[str, Any]:
         "git": git_sha(),
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "ray": ray.__version__,
+        "ray": version("ray"),  # not `import ray`: a job without Ray (small, local) never loads it
         "numpy": numpy.__version__,
         "cuda": torch.version.cuda if torch.cuda.is_available() else None,
         "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],

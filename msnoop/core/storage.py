@@ -20,6 +20,7 @@ and ``allow_http``/``anonymous`` switches are configuration.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import fnmatch
 import functools
@@ -27,6 +28,7 @@ import io
 import os
 import posixpath
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlparse
@@ -83,6 +85,7 @@ class StorageConfig(BaseModel):
 
     @property
     def http(self) -> bool:
+        """Whether requests may use plain http: ``allow_http``, else true for an ``http://`` endpoint."""
         if self.allow_http is not None:
             return self.allow_http
         return bool(self.endpoint_url and self.endpoint_url.startswith("http://"))
@@ -124,7 +127,7 @@ def _as_location(value: Any) -> Any:
 
 
 #: a config field that may hold a local path or a URI: local values become ``Path`` (so
-#: ``msnoop.config.absolutize`` makes them absolute), URIs stay ``str`` exactly as given
+#: ``msnoop.core.config.absolutize`` makes them absolute), URIs stay ``str`` exactly as given
 #: (pydantic's ``Path`` would turn ``s3://b/x`` into ``s3:/b/x``)
 Location = Annotated[str | Path, BeforeValidator(_as_location)]
 
@@ -137,8 +140,9 @@ def join(base: str | Path, *names: str) -> str | Path:
 
 
 def _s3_path(location: str) -> str:
-    parsed = urlparse(location)
-    return (parsed.netloc + parsed.path).rstrip("/")
+    """``bucket/key`` of an object storage URI, the key taken literally: ``#``, ``?``, ``%`` and ``;`` are
+    characters of the key (object stores allow them), not a URL's fragment, query or escapes."""
+    return location.split("://", 1)[1].rstrip("/")
 
 
 @functools.lru_cache(maxsize=32)
@@ -232,6 +236,11 @@ def storage_options(location: str | Path, config: StorageConfig | None = None) -
 
 
 def exists(location: str | Path, config: StorageConfig | None = None) -> bool:
+    """Whether a file or folder (on object storage: an object or a prefix) exists at ``location``.
+
+    Raises:
+        StorageError: The location's scheme has no filesystem here.
+    """
     fs, path = resolve(location, config)
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
@@ -274,6 +283,17 @@ def list_files(location: str | Path, pattern: str = "*", config: StorageConfig |
     return [join(location, posixpath.basename(i.path)) for i in infos]
 
 
+def walk_files(location: str | Path, config: StorageConfig | None = None) -> list[str]:
+    """Every file below folder/prefix ``location`` (recursively), as ``/``-separated paths relative to it, sorted.
+
+    Hidden names are included (callers decide what to skip). ``[]`` when nothing is there.
+    """
+    fs, path = resolve(location, config)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=True))
+    base = path.rstrip("/") + "/"
+    return sorted(i.path[len(base) :] for i in infos if i.type == pafs.FileType.File and i.path.startswith(base))
+
+
 def open_input(location: str | Path, config: StorageConfig | None = None) -> Any:
     """A seekable binary file (``pyarrow.NativeFile``) for reading ``location``."""
     fs, path = resolve(location, config)
@@ -291,6 +311,7 @@ def read_bytes(location: str | Path, config: StorageConfig | None = None) -> byt
 
 
 def read_text(location: str | Path, config: StorageConfig | None = None) -> str:
+    """Whole content of a UTF-8 text file. Raises FileNotFoundError naming the location."""
     return read_bytes(location, config).decode("utf-8")
 
 
@@ -324,6 +345,7 @@ def write_bytes(location: str | Path, data: bytes | memoryview, config: StorageC
 
 
 def write_text(location: str | Path, text: str, config: StorageConfig | None = None) -> None:
+    """Write ``text`` as UTF-8 to ``location`` atomically (see :func:`write_bytes`)."""
     write_bytes(location, text.encode("utf-8"), config)
 
 
@@ -336,6 +358,48 @@ def write_with(location: str | Path, writer: Any, config: StorageConfig | None =
     buf = io.BytesIO()
     writer(buf)
     write_bytes(location, buf.getbuffer(), config)
+
+
+def _tmp_suffix(name: str) -> str:
+    """The suffix a writer may read a format from (``.h5ad``, ``.png``, ``.csv.gz``): kept on temporary names."""
+    suffixes = Path(name).suffixes
+    if len(suffixes) >= 2 and suffixes[-1].lower() in (".gz", ".bz2", ".xz", ".zip", ".zst"):
+        return "".join(suffixes[-2:])
+    return suffixes[-1] if suffixes else ""
+
+
+@contextlib.contextmanager
+def atomic_path(location: str | Path, config: StorageConfig | None = None) -> Iterator[Path]:
+    """A local path to write ``location`` through, so that the file is complete or absent.
+
+    Local: a hidden temporary file beside the final one (same suffix, so writers that read the format from the
+    name still do), renamed over it with ``os.replace`` when the block ends without an exception, removed
+    otherwise. Object storage: a temporary local file uploaded to the final key in one request when the block
+    ends (an upload becomes visible whole or not at all); nothing is uploaded after an exception. Parent folders of
+    a local ``location`` are created.
+
+    Example::
+
+        with atomic_path(out / "cells.h5ad") as tmp:
+            adata.write_h5ad(tmp)
+    """
+    if not is_uri(location):
+        final = local_path(location)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.tmp{_tmp_suffix(final.name)}")
+        try:
+            yield tmp
+            os.replace(tmp, final)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return
+    import tempfile
+
+    name = str(location).rstrip("/").rsplit("/", 1)[-1]
+    with tempfile.TemporaryDirectory(prefix="msnoop-") as folder:
+        tmp = Path(folder) / f"upload{_tmp_suffix(name)}"
+        yield tmp
+        write_bytes(location, tmp.read_bytes(), config)
 
 
 def remove(location: str | Path, config: StorageConfig | None = None, *, missing_ok: bool = True) -> None:
@@ -458,6 +522,7 @@ __all__ = [
     "Location",
     "StorageConfig",
     "StorageError",
+    "atomic_path",
     "check_readable",
     "check_writable",
     "exists",
@@ -475,6 +540,7 @@ __all__ = [
     "resolve",
     "scheme",
     "storage_options",
+    "walk_files",
     "write_bytes",
     "write_text",
     "write_with",

@@ -4,18 +4,26 @@ This is the table convention used everywhere in msnoop. Metadata columns start w
 every other numeric column is a feature (msnoop embeddings are ``emb_0000``, ``emb_0001``, ...;
 CellProfiler profiles have names such as ``Cells_AreaShape_Area``). Boolean columns are not features.
 
-``read_table`` loads Parquet and CSV, an ``msnoop embed`` output folder and a LanceDB table folder. Other formats (LanceDB tables) are added by registering a loader
-in :data:`TABLE_READERS`; any other suffix raises a ``ValueError`` that lists what is supported.
+``read_table`` loads Parquet and CSV files and every folder msnoop writes (:func:`resolve_table`): an output folder
+(an embed run's image-level parts, a profile run's treatment table, a screen's wells), a parts folder (``embeddings/``,
+``cells/``), a LanceDB database (``lancedb/``) or one of its tables (``<name>.lance``). Other file formats are added
+by registering a loader in :data:`TABLE_READERS`; any other suffix raises a ``ValueError`` that lists what is
+supported.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
+
+if TYPE_CHECKING:
+    from msnoop.core.rundir import RunDir
 
 logger = logging.getLogger(__name__)
 
@@ -42,16 +50,113 @@ TABLE_READERS: dict[str, Callable[[Path], pd.DataFrame]] = {
 }
 
 
-def _read_msnoop_output(path: str | Path) -> pd.DataFrame:
-    """An ``msnoop embed`` output folder (a path or a URI): its Parquet parts (the source of truth)."""
-    from msnoop.core import parts
-    from msnoop.core.storage import join
+@dataclass(frozen=True)
+class TableSource:
+    """What a path given as a table stands for (:func:`resolve_table`).
 
-    folder = join(path, parts.EMBEDDINGS)
-    df = parts.read_frame(folder)
-    if df.empty:
-        raise ValueError(f"msnoop output folder {path} has no embeddings yet (no parts in {folder})")
-    return df
+    Attributes:
+        location: What is read: a table file, a folder of Parquet parts, or a LanceDB table folder (``.lance``);
+            a local :class:`~pathlib.Path` or an object storage URI.
+        kind: ``"file"``, ``"parts"`` or ``"lance"``.
+        run: The output folder the table belongs to (its ``run.json`` records how it was made), or None.
+    """
+
+    location: str | Path
+    kind: Literal["file", "parts", "lance"]
+    run: RunDir | None = None
+
+    @property
+    def job(self) -> str | None:
+        """The ``job`` of :attr:`run`'s record (``embed``, ``profile``, ...), or None."""
+        if self.run is None:
+            return None
+        try:
+            return self.run.read_info().get("job") or "embed"
+        except (OSError, ValueError):
+            return None
+
+
+def _run_of(folder: Path) -> RunDir | None:
+    from msnoop.core.rundir import RunDir
+
+    run = RunDir(folder)
+    return run if run.exists() else None
+
+
+def _database_table(db: Path) -> Path:
+    """The table of a LanceDB database folder: the one its run recorded, else its only table."""
+    tables = sorted(p for p in db.iterdir() if p.is_dir() and p.suffix == ".lance")
+    run = _run_of(db.parent)
+    recorded = (run.read_info().get("table") if run is not None else None) or None
+    if recorded and (db / f"{recorded}.lance").is_dir():
+        return db / f"{recorded}.lance"
+    if len(tables) == 1:
+        return tables[0]
+    names = ", ".join(t.name for t in tables) or "none"
+    raise ValueError(f"{db} is a LanceDB database with tables {names}: give one of them, e.g. {db / 'NAME.lance'}")
+
+
+def resolve_table(path: str | Path) -> TableSource:
+    """What a table argument stands for: a file as it is, or the table inside a folder msnoop wrote.
+
+    * an output folder (``run.json``): an embed run's image-level parts (``embeddings/``), a profile run's
+      ``treatments.parquet`` (else ``profiles.parquet``);
+    * a folder of Parquet parts (``embeddings/``, ``cells/``);
+    * a screen's output folder: ``wells.parquet``;
+    * a LanceDB database folder (``lancedb/``): the table its run recorded, or its only table;
+    * a LanceDB table folder (``<name>.lance``);
+    * an object storage URI of an output folder or of a table file.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: A folder that holds none of these (or several tables: the message lists them).
+    """
+    from msnoop.core import storage
+    from msnoop.core.rundir import RunDir
+
+    if storage.is_uri(path):
+        run = RunDir(path)
+        if run.exists():
+            return TableSource(str(run.embeddings), "parts", run)
+        if _suffix_key(Path(str(path).rstrip("/").rsplit("/", 1)[-1])) is None:
+            raise FileNotFoundError(
+                f"{path} is not an msnoop output folder (no {RunDir.RUN_FILE} there) nor a table file "
+                f"(expected one of the suffixes {sorted(TABLE_READERS)})"
+            )
+        return TableSource(str(path), "file")
+    path = storage.local_path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"table {path} does not exist")
+    if path.is_file():
+        return TableSource(path, "file", _run_of(path.parent))
+    if path.suffix == ".lance":
+        return TableSource(path, "lance", _run_of(path.parent.parent))
+    run = _run_of(path)
+    if run is not None:
+        if run.read_info().get("job") == "profile":
+            table = run.treatments if run.treatments.is_file() else run.profiles
+            if not table.is_file():
+                raise ValueError(f"profile output folder {path} has no {RunDir.PROFILES} yet: the run did not finish")
+            return TableSource(table, "file", run)
+        return TableSource(run.embeddings, "parts", run)
+    if any(path.glob("part-*.parquet")):
+        return TableSource(path, "parts", _run_of(path.parent))
+    if (path / RunDir.WELLS).is_file():
+        return TableSource(path / RunDir.WELLS, "file")
+    if any(p.suffix == ".lance" for p in path.iterdir()):
+        db_table = _database_table(path)
+        return TableSource(db_table, "lance", _run_of(path.parent))
+    runs = sorted(p.parent.name for p in path.glob(f"{RunDir.EMBEDDINGS}/*/{RunDir.RUN_FILE}"))
+    if runs:
+        raise ValueError(
+            f"{path} holds one embedding run per model ({', '.join(runs)}): give one, e.g. "
+            f"{path / RunDir.EMBEDDINGS / runs[0]}"
+        )
+    raise ValueError(
+        f"cannot read a table from folder {path}: expected an msnoop output folder ({RunDir.RUN_FILE}), a folder of "
+        "part-*.parquet files, a LanceDB database or table (.lance), or a file with one of the suffixes "
+        f"{sorted(TABLE_READERS)}"
+    )
 
 
 def _read_lance(path: Path) -> pd.DataFrame:
@@ -67,6 +172,22 @@ def _read_lance(path: Path) -> pd.DataFrame:
     vectors = np.asarray(table.column(VECTOR).combine_chunks().flatten()).reshape(table.num_rows, -1)
     emb = pd.DataFrame(vectors, columns=[f"emb_{i:04d}" for i in range(vectors.shape[1])])
     return pd.concat([meta, emb], axis=1)
+
+
+def _read_uri_table(uri: str, key: str) -> pd.DataFrame:
+    """A Parquet or CSV table on object storage (endpoint and credentials from the environment)."""
+    import io
+
+    from msnoop.core import storage
+
+    if not storage.exists(uri):
+        raise FileNotFoundError(f"table {uri} does not exist")
+    if key in (".parquet", ".pq"):
+        import pyarrow.parquet as pq
+
+        fs, path = storage.resolve(uri)
+        return pq.read_table(path, filesystem=fs).to_pandas()
+    return pd.read_csv(io.BytesIO(storage.read_bytes(uri)), compression="gzip" if key.endswith(".gz") else None)
 
 
 def metadata_columns(df: pd.DataFrame) -> list[str]:
@@ -169,33 +290,37 @@ def _suffix_key(path: Path) -> str | None:
 
 
 def read_table(path: str | Path) -> pd.DataFrame:
-    """Read a feature table from ``.parquet``/``.pq``, ``.csv`` or ``.csv.gz``.
+    """Read a feature table: a ``.parquet``/``.pq``, ``.csv`` or ``.csv.gz`` file, or any folder msnoop writes.
 
     Args:
-        path: Table file (a Parquet dataset folder ending in ``.parquet`` also works), or an ``msnoop embed``
-            output folder: a local path or an object storage URI (``s3://bucket/run1``; endpoint and
-            credentials from the environment, see :mod:`msnoop.core.storage`).
+        path: A table file (a Parquet dataset folder ending in ``.parquet`` also works), or a folder that
+            :func:`resolve_table` understands (an output folder, a parts folder, a LanceDB database or table):
+            a local path or an object storage URI of an output folder or a table file (``s3://bucket/run1``,
+            ``s3://bucket/profiles.parquet``; endpoint and credentials from the environment, see
+            :mod:`msnoop.core.storage`).
 
     Returns:
-        The table as a DataFrame.
+        The table as a DataFrame; a LanceDB table's ``vector`` column comes back as ``emb_*`` columns.
 
     Raises:
         FileNotFoundError: If ``path`` does not exist.
-        ValueError: If the suffix has no registered loader.
+        ValueError: If the suffix has no registered loader, the folder holds no table, or a parts folder is empty.
     """
-    from msnoop.core import storage
+    from msnoop.core import parts, storage
 
-    if storage.is_uri(path):
-        if storage.exists(storage.join(path, "run.json")):
-            return _read_msnoop_output(str(path))
-        raise FileNotFoundError(f"{path} is not an msnoop output folder (no run.json there)")
-    path = storage.local_path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"table {path} does not exist")
-    if path.is_dir() and (path / "run.json").is_file():
-        return _read_msnoop_output(path)
-    if path.is_dir() and path.suffix == ".lance":
-        return _read_lance(path)
+    source = resolve_table(path)
+    if source.kind == "parts":
+        if source.run is not None:
+            source.run.check_complete("read")  # never a partial snapshot of a folder being written or unfinished
+        df = parts.read_frame(source.location, storage=source.run.storage if source.run is not None else None)
+        if df.empty:
+            raise ValueError(f"{path} has no embeddings yet (no parts in {source.location})")
+        return df
+    if source.kind == "lance":
+        return _read_lance(Path(source.location))
+    if storage.is_uri(source.location):
+        return _read_uri_table(str(source.location), str(_suffix_key(Path(str(source.location).rsplit("/", 1)[-1]))))
+    path = Path(source.location)
     key = _suffix_key(path)
     if key is None:
         raise ValueError(
@@ -208,7 +333,8 @@ def read_table(path: str | Path) -> pd.DataFrame:
 
 
 def write_table(df: pd.DataFrame, path: str | Path) -> Path:
-    """Write a table as Parquet (``.parquet``) or CSV (``.csv``/``.csv.gz``), creating parent folders.
+    """Write a table as Parquet (``.parquet``) or CSV (``.csv``/``.csv.gz``), creating parent folders; the file is
+    complete or absent (written to a temporary name and renamed).
 
     Args:
         df: Table to write; the index is not written.
@@ -220,13 +346,15 @@ def write_table(df: pd.DataFrame, path: str | Path) -> Path:
     Raises:
         ValueError: If the suffix is neither Parquet nor CSV.
     """
+    from msnoop.core import storage
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     name = path.name.lower()
-    if name.endswith((".parquet", ".pq")):
-        df.to_parquet(path, index=False)
-    elif name.endswith((".csv", ".csv.gz")):
-        df.to_csv(path, index=False)
-    else:
+    if not name.endswith((".parquet", ".pq", ".csv", ".csv.gz")):
         raise ValueError(f"cannot write {path}: expected a .parquet, .csv or .csv.gz suffix")
+    with storage.atomic_path(path) as tmp:  # complete or absent
+        if name.endswith((".parquet", ".pq")):
+            df.to_parquet(tmp, index=False)
+        else:
+            df.to_csv(tmp, index=False)
     return path

@@ -29,9 +29,11 @@ from typing import Any, Literal
 import pandas as pd
 from pydantic import Field, field_validator
 
+from msnoop.core import storage as st
 from msnoop.core.config import StrictModel as _Strict
-from msnoop.core.config import save_resolved
+from msnoop.core.rundir import RunDir
 from msnoop.core.runtime_env import RuntimeEnvConfig, runtime_env_field
+from msnoop.vectors.postprocess import SpherizeMethod
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +41,9 @@ __all__ = ["ProfileJob", "join_metadata", "run_profile", "summary"]
 
 
 class SpheringConfig(_Strict):
-    method: Literal["ZCA", "ZCA-cor", "PCA", "PCA-cor", "none"] = Field(
+    """How the profiles are sphered on their controls (:class:`msnoop.vectors.sphering.Spherize`)."""
+
+    method: SpherizeMethod | Literal["none"] = Field(
         "ZCA-cor", description="whitening of the controls' covariance (ZCA-cor: Microsnoop); 'none' skips it"
     )
     epsilon: float | Literal["knee"] = Field(
@@ -59,6 +63,8 @@ class SpheringConfig(_Strict):
 
 
 class AggregateConfig(_Strict):
+    """Rows aggregated before sphering (e.g. cells to wells) and the statistic used for every aggregation."""
+
     before: list[str] = Field(
         default_factory=list, description="aggregate rows BEFORE sphering by these columns (e.g. cells -> wells)"
     )
@@ -66,6 +72,8 @@ class AggregateConfig(_Strict):
 
 
 class TreatmentConfig(_Strict):
+    """The treatment table: sphered rows aggregated after sphering by the treatment columns."""
+
     columns: list[str] = Field(
         default_factory=list, description="aggregate sphered rows AFTER sphering into treatments by these columns"
     )
@@ -86,6 +94,8 @@ class MetadataJoin(_Strict):
 
 
 class ProfileOutput(_Strict):
+    """Where a profile job writes (its :class:`~msnoop.core.rundir.RunDir`) and whether it builds LanceDB tables."""
+
     dir: Path
     write_lance: bool = True
 
@@ -196,16 +206,17 @@ def run_profile(job: ProfileJob) -> dict[str, Any]:
             variance_floor=sph.variance_floor,
         )
     record["sphering"] = info
-    out = job.output.dir
-    out.mkdir(parents=True, exist_ok=True)
-    save_resolved(job, out)
-    write_table(sphered, out / "profiles.parquet")
+    run = RunDir(job.output.dir)
+    run.save_config(job)
+    # the rows are sphered on their controls: evaluations and searches use them as they are
+    run.write_info({"job": "profile", "name": job.name, "postprocess": {"method": "raw"}})
+    write_table(sphered, run.profiles)
     frames: dict[str, pd.DataFrame] = {"profiles": sphered}
     if job.treatments.columns:
         rows = sphered if job.treatments.keep_controls else sphered[~filter_mask(sphered, job.control)]
         join = list(dict.fromkeys(([batch] if batch else []) + job.treatments.join))
         treatments = aggregate_profiles(rows, job.treatments.columns, job.aggregate.method, join=join)
-        write_table(treatments, out / "treatments.parquet")
+        write_table(treatments, run.treatments)
         frames["treatments"] = treatments
         record["treatments"] = {
             "columns": job.treatments.columns,
@@ -215,18 +226,18 @@ def run_profile(job: ProfileJob) -> dict[str, Any]:
             "n_rows": len(treatments),
         }
     record["n_features"] = len(feature_columns(sphered))
-    (out / "correction.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    st.write_text(run.correction, json.dumps(record, indent=2, default=str) + "\n")  # complete or absent
     logger.info("profile job %s: %s", job.name, {k: len(v) for k, v in frames.items()})
     return record
 
 
 def summary(job: ProfileJob, record: dict[str, Any]) -> str:
     """Human-readable lines about a finished profile job."""
-    out = job.output.dir
-    lines = [f"wrote {(out / 'profiles.parquet').resolve()}  ({record['n_rows_in']} rows in)"]
+    run = RunDir(job.output.dir)
+    lines = [f"wrote {run.profiles.resolve()}  ({record['n_rows_in']} rows in)"]
     if "treatments" in record:
-        lines.append(f"wrote {(out / 'treatments.parquet').resolve()}  ({record['treatments']['n_rows']} treatments)")
-    lines.append(f"wrote {(out / 'correction.json').resolve()}")
+        lines.append(f"wrote {run.treatments.resolve()}  ({record['treatments']['n_rows']} treatments)")
+    lines.append(f"wrote {run.correction.resolve()}")
     info = record["sphering"]
     if info.get("method") != "none":
         dropped = info.get("dropped_features") or []
@@ -236,7 +247,7 @@ def summary(job: ProfileJob, record: dict[str, Any]) -> str:
         )
     if "tables" in record:
         lines.append(
-            f"LanceDB {out / 'lancedb'}: tables {', '.join(record['tables'])}; "
-            f'query with: msnoop search {out} --match "..."'
+            f"LanceDB {run.lancedb_uri()}: tables {', '.join(record['tables'])}; "
+            f'query with: msnoop search {run} --match "..."'
         )
     return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""Cells mode (Microsnoop's full-field pipeline, ANCHORS 1.6): segment, crop every cell, one row per cell.
+"""Cells mode (Microsnoop's full-field pipeline): segment, crop every cell, one row per cell.
 
 The read stage segments the nucleus channel, crops every cell with the same window in all channels
 (:func:`msnoop.preprocess.crop.crop_cells`, zero-padded to the input size) and normalises each crop
@@ -28,7 +28,7 @@ from msnoop.core import parts
 from msnoop.core import storage as st
 from msnoop.core.idset import IdSet
 from msnoop.core.parts import ID_COLUMN
-from msnoop.core.storage import StorageConfig
+from msnoop.core.rundir import RunDir
 from msnoop.io.readers import ImageReadError, read_labels
 from msnoop.preprocess.presets import Preprocessing, prepare_channel
 
@@ -37,10 +37,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-CELLS = "cells"  # <out>/cells/part-*.parquet: one row per cell (cells mode)
-
-MASKS = "masks"  # <out>/masks/<image id>.tif: label masks (cells.save_masks)
-
 CELL_COLUMNS = ["Metadata_CellID", "Metadata_CentroidY", "Metadata_CentroidX", "Metadata_Area"]
 
 CELL_COUNT = "Metadata_CellCount"  # cells averaged into the image vector
@@ -48,7 +44,7 @@ CELL_COUNT = "Metadata_CellCount"  # cells averaged into the image vector
 CELLS_FOUND = "Metadata_CellsFound"  # cells kept by cropping (before max_cells_per_image)
 
 
-def _mask_path(masks_dir: str | Path, image_id: str) -> Path:
+def mask_path(masks_dir: str | Path, image_id: str) -> Path:
     """``<masks_dir>/<image id>.tif``; the id's folders are kept, odd characters become ``_``."""
     parts_ = [re.sub(r"[^A-Za-z0-9._-]+", "_", p) for p in str(image_id).replace("\\", "/").split("/")]
     parts_ = [p for p in parts_ if p not in ("", ".", "..")] or ["image"]
@@ -78,6 +74,7 @@ def prepare_cells(
     path: str,
     masks_dir: str | None = None,
     mask_path: str | None = None,
+    storage: Any = None,
 ) -> tuple[np.ndarray, pd.DataFrame, int]:
     """Cells mode for one image: segment, crop every cell in all channels, normalise each crop channel.
 
@@ -88,7 +85,9 @@ def prepare_cells(
         pre: The job's preprocessing (``native`` mode): crop side and normalisation.
         path: The nucleus channel's file, for messages.
         masks_dir: Where to write the label mask, or None.
-        mask_path: The image's existing label mask (segmentation backend ``mask``): read instead of segmenting.
+        mask_path: The image's existing label mask (segmentation backend ``mask``): read instead of segmenting
+            (a local path or a URI; ``storage``: its settings). A binary mask is split into its objects
+            (:func:`~msnoop.io.readers.read_labels`).
 
     Returns:
         ``(tiles [N * C, S, S] float32`` (cell-major, channel-major), the crop table of the N embedded cells
@@ -106,10 +105,13 @@ def prepare_cells(
     nuc_index = list(cells["channels"]).index(nucleus)
     size = pre.input_size
     if seg.backend == "mask":
-        if not mask_path:
-            raise ImageReadError(path, f"no mask file in column {seg.column!r} (segmentation backend 'mask')")
-        labels = read_labels(mask_path)
-        path = mask_path if labels.shape != images[nuc_index].shape else path
+        if not isinstance(mask_path, str) or not mask_path.strip():
+            raise ImageReadError(path, f"no mask file: column {seg.column!r} is blank for this image")
+        labels = read_labels(mask_path, storage=storage)
+        if labels.shape != images[nuc_index].shape:
+            raise ImageReadError(
+                mask_path, f"mask has shape {labels.shape} but its image {path} is {images[nuc_index].shape}"
+            )
     else:
         try:
             labels = np.asarray(seg.run(images[nuc_index]))
@@ -124,7 +126,7 @@ def prepare_cells(
             path, f"segmentation returned a {labels.ndim}-D {labels.dtype} array, not an integer label image"
         )
     if masks_dir:
-        _save_mask(labels, _mask_path(masks_dir, image_id))
+        _save_mask(labels, mask_path(masks_dir, image_id))
     stack = np.stack(images)
     opts = {"ratio": cells["ratio"], "size": size, "skip_border": cells["skip_border"]}
     windows = crop_windows(labels, **opts)
@@ -182,7 +184,8 @@ def output_schemas(meta: pa.Schema, dim: int, cells: bool) -> tuple[pa.Schema, p
 
 def with_embeddings(meta: pa.Table, extra: dict[str, np.ndarray], emb: np.ndarray, schema: pa.Schema) -> pa.Table:
     """``meta`` + ``extra`` columns + embedding columns, as exactly ``schema``."""
-    arrays = [meta.column(f.name) for f in schema if f.name in meta.column_names]
+    have = set(meta.column_names)  # once: a wide manifest's thousands of columns stay linear
+    arrays = [meta.column(f.name) for f in schema if f.name in have]
     arrays += [pa.array(extra[f.name], type=f.type) for f in schema if f.name in extra]
     arrays += [pa.array(emb[:, i].astype(np.float32, copy=False)) for i in range(emb.shape[1])]
     return pa.Table.from_arrays(arrays, schema=schema)
@@ -213,28 +216,28 @@ def cells_table(
     return with_embeddings(meta.take(pa.array(take)), extra, np.concatenate(embs), schema)
 
 
-def drop_orphan_cells(out_dir: Path | str, finished: set[str] | IdSet, *, storage: StorageConfig | None = None) -> int:
-    """Remove cells parts holding an image whose mean was never written (a run killed mid-block).
+def drop_orphan_cells(run: RunDir, finished: set[str] | IdSet) -> int:
+    """Remove cells parts holding an image whose mean was never written (a run killed mid-block); returns how many.
 
     Each block writes its cells part before its embeddings part, with the same image ids, so such a
     part's images are all redone by this run; keeping the part would duplicate their cells.
-    ``out_dir`` may be a URI (``storage``: its :class:`~msnoop.core.storage.StorageConfig`).
     """
     removed = 0
-    for f in parts.part_files(st.join(out_dir, CELLS), storage=storage):
-        fs, path = st.resolve(f, storage)
+    for f in parts.part_files(run.cells, storage=run.storage):
+        fs, path = st.resolve(f, run.storage)
         col = pq.read_table(path, columns=[ID_COLUMN], filesystem=fs).column(ID_COLUMN).to_pylist()
         whole = (
             bool(finished.contains_ids(col).all()) if isinstance(finished, IdSet) else {str(i) for i in col} <= finished
         )
         if not whole:
             logger.warning("removing %s: its images have no image-level row yet and will be embedded again", f)
-            st.remove(f, storage)
+            st.remove(f, run.storage)
             removed += 1
     return removed
 
 
 def cells_spec(cfg: EmbedJob) -> dict[str, Any] | None:
+    """What the read stage needs of the ``cells:`` section (JSON-serialisable), or ``None`` for whole images."""
     if cfg.cells is None:
         return None
     spec = cfg.cells.model_dump(mode="json")

@@ -6,18 +6,22 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from msnoop.core import storage as st
 from msnoop.core.actors import ActorsSetting, parse_actors
 from msnoop.core.config import StrictModel as _Strict
-from msnoop.core.runtime import AMP_HELP
+from msnoop.core.rundir import RunDir
+from msnoop.core.runtime import AMP_HELP, Amp, UseGpu
 from msnoop.core.runtime_env import RuntimeEnvConfig, runtime_env_field
 from msnoop.core.storage import Location, StorageConfig
 from msnoop.io.config import InputConfig
 from msnoop.preprocess.config import PreprocessConfig
 from msnoop.segment.config import SegmentationConfig
+from msnoop.vectors.distance import IndexKind
+from msnoop.vectors.postprocess import DEFAULT_POSTPROCESS, PostprocessMethod
 
 
 class OutputConfig(_Strict):
+    """Where an embedding job writes (its :class:`~msnoop.core.rundir.RunDir`) and how its LanceDB table is built."""
+
     dir: Location = Field(
         ...,
         description="folder or object storage URI (s3://bucket/prefix, gs://...) for Parquet parts, errors, "
@@ -26,7 +30,7 @@ class OutputConfig(_Strict):
     table: str | None = Field(None, description="LanceDB table name; default the job name")
     lancedb: str | None = Field(None, description="LanceDB URI (a folder or s3://...); default <dir>/lancedb")
     write_lance: bool = True
-    index: Literal["auto", "none", "ivf_sq", "ivf_pq", "hnsw"] = Field(
+    index: IndexKind = Field(
         "auto",
         description="LanceDB vector index: auto builds one (IVF_SQ) from index_threshold rows on; smaller tables are searched exactly",
     )
@@ -36,19 +40,32 @@ class OutputConfig(_Strict):
         description="dir holds embeddings of another model, preprocessing, channel list or mode: "
         "stop with an error, or replace them (their parts are removed and every image is embedded again)",
     )
-    postprocess: Literal["standardize", "raw"] = Field(
-        "standardize",
+    postprocess: PostprocessMethod = Field(
+        DEFAULT_POSTPROCESS,
         description="vectors in the LanceDB table: 'standardize' = z-scored per dimension over the table (fitted "
-        "without labels; see msnoop.correct.normalize) so cosine distances mean something; 'raw' = Microsnoop's "
+        "without labels; see msnoop.vectors.postprocess) so cosine distances mean something; 'raw' = Microsnoop's "
         "readout. The Parquet parts always hold the raw readout",
     )
 
 
 class RuntimeConfig(_Strict):
+    """How the job runs on Ray: the cluster, block and batch sizes, the actor pool, GPUs, error handling."""
+
     address: str | None = Field(
-        None, description="Ray address; None = RAY_ADDRESS or a local cluster started on demand"
+        None,
+        description="Ray address; None = RAY_ADDRESS, else a running `msnoop cluster`, else a local cluster started "
+        "on demand (or none at all for a job smaller than ray_min_images)",
     )
-    num_cpus: int | None = Field(None, ge=1, description="CPUs for a local cluster; default all")
+    ray_min_images: int = Field(
+        64,
+        ge=0,
+        description="a job with fewer images left to embed than this, and no Ray cluster to join (no address, no "
+        "RAY_ADDRESS, no running `msnoop cluster`), runs in this process without starting Ray: the same stages and "
+        "outputs without Ray's 5-15 s of start-up; 0 = always Ray",
+    )
+    num_cpus: int | None = Field(
+        None, ge=1, description="CPUs for a local cluster (torch threads for a job run in this process); default all"
+    )
     object_store_mb: int | None = Field(None, ge=100)
     batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         "auto",
@@ -72,8 +89,8 @@ class RuntimeConfig(_Strict):
         "fused into the actors)",
     )
     actor_cpus: float | None = Field(None, gt=0, description="CPUs per embedding actor; default 1 with GPUs, else 0.5")
-    use_gpu: Literal["auto", "yes", "no"] = "auto"
-    amp: Literal["cuda", "auto", "off"] = Field(
+    use_gpu: UseGpu = "auto"
+    amp: Amp = Field(
         "auto",
         description=AMP_HELP + ". Default 'auto' for embedding: on the dev sets bf16 left kNN balanced accuracy within "
         "the paired bootstrap intervals of float32 (yeast, hpa_toy, malaria; jobs/bench_cpu.py). Vectors differ from "
@@ -97,7 +114,9 @@ class RuntimeConfig(_Strict):
     retry_errors: bool = Field(
         False, description="embed again the images recorded in errors/ (their error rows are removed first)"
     )
-    progress: bool = True
+    progress: bool = Field(
+        True, description="a progress bar on stderr when it is a terminal (see msnoop.core.progress)"
+    )
     worker_env: list[str] = Field(
         [],
         description="names of environment variables whose values are copied from the driver to the Ray tasks that "
@@ -128,7 +147,7 @@ class RuntimeConfig(_Strict):
 
 
 class CellsConfig(_Strict):
-    """Full-field "cells" mode (Microsnoop's cell-region pipeline, ANCHORS 1.6 / 1.8).
+    """Full-field "cells" mode (Microsnoop's cell-region pipeline).
 
     Every image is segmented on its nucleus channel; each cell is cropped with the same window in all
     channels (half-size ``ratio`` x the nucleus' larger bbox extent, capped at ``input_size // 2``,
@@ -171,7 +190,9 @@ class EmbedJob(_Strict):
     job: Literal["embed"] = "embed"
     name: str = Field("embeddings", pattern=r"^[A-Za-z0-9_\-]+$")
     input: InputConfig
-    model: str = Field(..., description="checkpoint path, 'default', or 'random:<arch>[:seed]'")
+    model: str = Field(
+        "default", description="'default' (the model shipped with msnoop), a checkpoint path, or 'random:<arch>[:seed]'"
+    )
     preprocess: PreprocessConfig = PreprocessConfig()
     output: OutputConfig
     runtime: RuntimeConfig = RuntimeConfig()
@@ -220,11 +241,18 @@ class EmbedJob(_Strict):
 
     @property
     def table_name(self) -> str:
+        """The LanceDB table: ``output.table``, else the job's name."""
         return self.output.table or self.name
 
     @property
+    def run_dir(self) -> RunDir:
+        """The output folder (``output.dir``) with this job's storage settings."""
+        return RunDir(self.output.dir, self.storage_config)
+
+    @property
     def lancedb_uri(self) -> str:
-        return self.output.lancedb or str(st.join(self.output.dir, "lancedb"))
+        """The LanceDB database: ``output.lancedb``, else the output folder's own (:meth:`RunDir.lancedb_uri`)."""
+        return self.run_dir.lancedb_uri(self.output.lancedb)
 
     @property
     def storage_config(self) -> StorageConfig:

@@ -125,7 +125,8 @@ def read_and_prepare(
                     pre=pre,
                     path=nuc_path,
                     masks_dir=masks_dir,
-                    mask_path=(row[mask_col] or None) if mask_col else None,
+                    mask_path=row[mask_col] if mask_col and isinstance(row[mask_col], str) else None,
+                    storage=storage,
                 )
                 tiles.append(cell_tiles)
                 counts.append(np.full(len(channels), len(table), dtype=np.int64))

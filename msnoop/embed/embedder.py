@@ -73,10 +73,12 @@ class Embedder:
 
     @property
     def preprocess(self) -> Preprocessing:
+        """The preprocessing images get before the network (the model's)."""
         return self.model.preprocess
 
     @property
     def embed_dim(self) -> int:
+        """Length of one channel's embedding (an image's vector is ``channels x embed_dim``)."""
         return int(self.net.embed_dim)  # type: ignore[arg-type]
 
     @torch.inference_mode()

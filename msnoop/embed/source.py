@@ -17,7 +17,6 @@ the manifest's whatever the block. Encoding cost 35-70 us and 1.2-1.9 KB per row
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -74,7 +73,8 @@ def decode_rows(values: Any, schema: pa.Schema) -> pa.Table:
 def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     """``table`` with exactly ``schema``'s columns: columns only an earlier run had are nulls (resume)."""
     n = table.num_rows
-    cols = [table.column(f.name) if f.name in table.column_names else pa.nulls(n, f.type) for f in schema]
+    have = dict(zip(table.column_names, table.columns, strict=True))  # by name once: wide tables stay linear
+    cols = [have[f.name] if f.name in have else pa.nulls(n, f.type) for f in schema]
     return pa.Table.from_arrays(cols, schema=schema)
 
 
@@ -125,6 +125,7 @@ def manifest_dataset(source: ImageTableSource, n_rows: int, *, ray_remote_args: 
     embed) is only Ray Data's estimate for progress; ``ray_remote_args`` are the read task's Ray options
     (``num_cpus``, ``runtime_env``: named arguments of :func:`ray.data.read_datasource`).
     """
+    import ray
     import ray.data
     from ray.data.block import BlockMetadata
     from ray.data.datasource import Datasource, ReadTask
@@ -145,7 +146,15 @@ def manifest_dataset(source: ImageTableSource, n_rows: int, *, ray_remote_args: 
             self, parallelism: int, per_task_row_limit: int | None = None, data_context: Any = None
         ) -> list[ReadTask]:
             meta = BlockMetadata(num_rows=n_rows, size_bytes=None, exec_stats=None, input_files=None)
-            read = functools.partial(read_blocks, source, **kwargs)
-            return [ReadTask(read, meta, per_task_row_limit=per_task_row_limit)]
+            # The plan and the run's schema grow with the manifest's width (thousands of columns: megabytes), so
+            # they travel through the object store and the task holds a reference only; Ray Data also names the
+            # read function in its messages, so it is a plain function, not a partial.
+            plan = ray.put((source, kwargs))
+
+            def read_manifest() -> Iterator[pa.Table]:
+                planned, options = ray.get(plan)
+                yield from read_blocks(planned, **options)
+
+            return [ReadTask(read_manifest, meta, per_task_row_limit=per_task_row_limit)]
 
     return ray.data.read_datasource(ManifestDatasource(), **ray_remote_args)  # num_cpus, runtime_env

@@ -8,10 +8,10 @@ import numpy as np
 import pyarrow as pa
 
 from msnoop.core import parts
-from msnoop.core import storage as st
 from msnoop.core.parts import ID_COLUMN, block_key
+from msnoop.core.rundir import RunDir
 from msnoop.core.storage import StorageConfig
-from msnoop.embed.cells import CELL_COUNT, CELLS, CELLS_FOUND, cells_table, with_embeddings
+from msnoop.embed.cells import CELL_COUNT, CELLS_FOUND, cells_table, with_embeddings
 from msnoop.embed.source import META, decode_rows
 from msnoop.io.manifest import PATH_PREFIX
 
@@ -43,6 +43,7 @@ def write_block(
     come from the task's environment). Each part is named by :func:`msnoop.core.parts.block_key` of the image ids
     it holds, so a retried task replaces its parts instead of adding a second copy of the rows.
     """
+    run = RunDir(out_dir, storage)
     meta = decode_rows(batch[META], meta_schema)
     error = batch["error"]
     ok = np.array([e == "" for e in error], dtype=bool)
@@ -53,14 +54,13 @@ def write_block(
         cell_table = cells_table(meta, rows, batch, ok, cells_schema)
         if cell_table is not None:
             key = block_key(cell_table.column(ID_COLUMN).to_pylist())
-            parts.write_part(cell_table, st.join(out_dir, CELLS), provenance=provenance, storage=storage, key=key)
+            parts.write_part(cell_table, run.cells, provenance=provenance, storage=storage, key=key)
             n_cells = cell_table.num_rows
     if ok.any():
         extra = {c: np.asarray(batch[c], dtype=np.int64)[ok] for c in (CELL_COUNT, CELLS_FOUND)} if cells else {}
         table = with_embeddings(meta.take(pa.array(rows[ok])), extra, np.asarray(batch["embedding"])[ok], schema)
         key = block_key(table.column(ID_COLUMN).to_pylist())
-        out = st.join(out_dir, parts.EMBEDDINGS)
-        parts.write_part(table, out, provenance=provenance, storage=storage, key=key)
+        parts.write_part(table, run.embeddings, provenance=provenance, storage=storage, key=key)
     if (~ok).any():
         bad = meta.take(pa.array(rows[~ok])).to_pydict()
         paths = [
@@ -74,7 +74,7 @@ def write_block(
             schema=parts.ERRORS_SCHEMA,
         )
         key = block_key(err.column(ID_COLUMN).to_pylist())
-        parts.write_part(err, st.join(out_dir, parts.ERRORS), storage=storage, key=key)
+        parts.write_part(err, run.errors, storage=storage, key=key)
     return {"n_ok": np.array([int(ok.sum())]), "n_err": np.array([int((~ok).sum())]), "n_cells": np.array([n_cells])}
 
 

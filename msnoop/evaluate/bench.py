@@ -31,11 +31,15 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
+from msnoop.core import storage as st
 from msnoop.core.config import StrictModel as _Strict
-from msnoop.core.config import read_yaml, save_resolved, validate_config
+from msnoop.core.config import read_yaml, validate_config
+from msnoop.core.rundir import RunDir
 from msnoop.core.runtime_env import RuntimeEnvConfig, runtime_env_field
-from msnoop.correct.normalize import DEFAULT_POSTPROCESS, Postprocess
 from msnoop.embed.config import EmbedJob
+from msnoop.vectors.distance import Metric
+from msnoop.vectors.postprocess import DEFAULT_POSTPROCESS, PostprocessMethod
+from msnoop.vectors.postprocess import postprocess as apply_postprocess
 
 logger = logging.getLogger(__name__)
 
@@ -43,27 +47,36 @@ Baseline = Literal["pixels_pca", "intensity"]
 
 
 class BenchTask(_Strict):
+    """One kNN task of a bench: the label, the neighbours, the protocol and the distance."""
+
     label: str = Field(..., description="label column, e.g. Metadata_protein")
     k: int = Field(11, ge=1)
     cv: str = Field("loo", description="'loo', 'kfold:<n>' or 'group:<column>'")
-    metric: Literal["cosine", "l2"] = "cosine"
+    metric: Metric = "cosine"
     name: str | None = Field(None, description="short name in the table (default: the label without Metadata_)")
 
     @property
     def title(self) -> str:
+        """The task's short name in the results table."""
         return self.name or self.label.removeprefix("Metadata_")
 
 
 class BenchOutput(_Strict):
+    """Where a bench writes its results and each model's embeddings."""
+
     dir: Path
 
 
 class BenchRuntime(_Strict):
+    """The Ray cluster the bench's embeddings run on."""
+
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray cluster for the embeddings")
     address: str | None = None
 
 
 class BenchJob(_Strict):
+    """``job: bench``: one dataset embedded by several models and compared with baselines by kNN tasks."""
+
     job: Literal["bench"] = "bench"
     name: str
     dataset: Path = Field(
@@ -74,7 +87,7 @@ class BenchJob(_Strict):
     pixel_channels: list[str] | None = Field(None, description="channels for pixels_pca (default: all)")
     pca_components: int = Field(32, ge=1)
     tasks: list[BenchTask] = Field(..., min_length=1)
-    postprocess: Postprocess = Field(
+    postprocess: PostprocessMethod = Field(
         DEFAULT_POSTPROCESS,
         description="applied to every row's features (embeddings and baselines alike) before the kNN: "
         "'standardize' as msnoop knn / search do by default, 'raw' as stored",
@@ -87,6 +100,11 @@ class BenchJob(_Strict):
 def slug(model: str) -> str:
     """A folder name for a model reference (``random:microsnoop_cnn:0`` -> ``random_microsnoop_cnn_0``)."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(model).stem if model.endswith(".pt") else model).strip("_")
+
+
+def model_run(job: BenchJob, model: str) -> RunDir:
+    """The output folder of one model's embeddings inside the bench output: ``embeddings/<slug>``."""
+    return RunDir(job.output.dir).sub(RunDir.EMBEDDINGS, slug(model))
 
 
 def dataset_job(job: BenchJob, model: str) -> EmbedJob:
@@ -102,7 +120,7 @@ def dataset_job(job: BenchJob, model: str) -> EmbedJob:
     )
     # the bench's own cache: embeddings of an older model (e.g. a retrained `default`) are made again
     out = base.output.model_copy(
-        update={"dir": job.output.dir / "embeddings" / slug(model), "lancedb": None, "on_mismatch": "replace"}
+        update={"dir": model_run(job, model).location, "lancedb": None, "on_mismatch": "replace"}
     )
     return base.model_copy(
         update={"model": model, "output": out, "runtime": runtime, "name": f"{job.name}_{slug(model)}"}
@@ -122,9 +140,8 @@ def _evaluate(
     meta: pd.DataFrame,
     tasks: list[BenchTask],
     seconds: float,
-    postprocess: str = "standardize",
+    postprocess: str = DEFAULT_POSTPROCESS,
 ) -> dict[str, Any]:
-    from msnoop.correct.normalize import postprocess as apply_postprocess
     from msnoop.evaluate.knn import knn_evaluate, parse_cv
 
     X, _ = apply_postprocess(X, postprocess)  # the same for every row: embeddings and baselines
@@ -171,9 +188,10 @@ def run_bench(job: BenchJob) -> dict[str, Any]:
     Returns:
         The results record (also in ``results.json``); ``{"skipped": reason}`` when the dataset is absent.
     """
+    from msnoop.core.progress import progress_bar
     from msnoop.core.runtime import provenance
     from msnoop.core.tables import read_table, split_table
-    from msnoop.embed.job import run_embed
+    from msnoop.embed.pipeline import run_embed
     from msnoop.io.manifest import load_image_table
 
     first = dataset_job(job, job.models[0] if job.models else "random:microsnoop_cnn:0")
@@ -183,21 +201,25 @@ def run_bench(job: BenchJob) -> dict[str, Any]:
         logger.warning("skipping: %s", reason)
         return {"name": job.name, "skipped": reason}
     out = job.output.dir
-    save_resolved(job, out)
+    RunDir(out).save_config(job)
     rows: list[dict[str, Any]] = []
+    bar = progress_bar(len(job.models) + len(job.baselines), f"bench {job.name}", unit="arm")
     for model in job.models:
+        bar.set_postfix_str(model, refresh=True)
         cfg = dataset_job(job, model)
         t0 = time.perf_counter()
         res = run_embed(cfg)
         if res.n_rows_total == 0:
-            raise ValueError(f"bench {job.name!r}: model {model!r} embedded no image (see {cfg.output.dir}/errors)")
+            raise ValueError(f"bench {job.name!r}: model {model!r} embedded no image (see {cfg.run_dir.errors})")
         meta, X = split_table(read_table(cfg.output.dir))
         rows.append(_evaluate(model, "embedding", X, meta, job.tasks, time.perf_counter() - t0, job.postprocess))
         logger.info("bench %s: %s done", job.name, model)
+        bar.update()
     if job.baselines:
         table = load_image_table(first.input)
         channels = list(first.input.channels)
         for kind in job.baselines:
+            bar.set_postfix_str(kind, refresh=True)
             t0 = time.perf_counter()
             X = _baseline(job, kind, table, channels)
             rows.append(
@@ -212,6 +234,8 @@ def run_bench(job: BenchJob) -> dict[str, Any]:
                 )
             )
             logger.info("bench %s: baseline %s done", job.name, kind)
+            bar.update()
+    bar.close()
     record = {
         "name": job.name,
         "date": date.today().isoformat(),
@@ -222,9 +246,9 @@ def run_bench(job: BenchJob) -> dict[str, Any]:
         "rows": rows,
     }
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
-    pd.DataFrame(rows).to_csv(out / "results.csv", index=False)
-    (out / "results.md").write_text(markdown(record) + "\n")
+    st.write_text(out / "results.json", json.dumps(record, indent=2, default=str) + "\n")  # each complete or absent
+    st.write_text(out / "results.csv", pd.DataFrame(rows).to_csv(index=False))
+    st.write_text(out / "results.md", markdown(record) + "\n")
     return record
 
 
@@ -261,4 +285,14 @@ def summary(job: BenchJob, record: dict[str, Any]) -> str:
     return f"bench {job.name}: results in {job.output.dir.resolve()}\n" + markdown(record)
 
 
-__all__ = ["BenchJob", "BenchTask", "dataset_job", "markdown", "missing_inputs", "run_bench", "slug", "summary"]
+__all__ = [
+    "BenchJob",
+    "BenchTask",
+    "dataset_job",
+    "markdown",
+    "missing_inputs",
+    "model_run",
+    "run_bench",
+    "slug",
+    "summary",
+]

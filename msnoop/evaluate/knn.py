@@ -36,15 +36,19 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 
+from msnoop.vectors.distance import Metric, check_metric, normalize_rows
+
 logger = logging.getLogger(__name__)
 
-Metric = Literal["cosine", "l2"]
-IndexKind = Literal["auto", "exact", "ivf"]
+#: kNN search kinds: exact (a FAISS flat index), IVF, or chosen by problem size.
+SearchKind = Literal["auto", "exact", "ivf"]
+SEARCH_KINDS: tuple[str, ...] = get_args(SearchKind)
 COARSE_DIM = 64  # dimensions of the PCA space in which the IVF lists are built
 
 IVF_WORK_THRESHOLD = 1e12
@@ -156,26 +160,20 @@ def _use_gpu() -> bool:
 
 def _prepare(X: np.ndarray, metric: str) -> np.ndarray:
     """float32, C-contiguous copy; rows L2-normalised for cosine (zero rows stay zero)."""
-    if metric not in ("cosine", "l2"):
-        raise ValueError(f"expected metric 'cosine' or 'l2', found {metric!r}")
+    check_metric(metric)
     X = np.array(X, dtype=np.float32, order="C", copy=True)
     if X.ndim != 2:
         raise ValueError(f"expected a 2-D [N, D] array, found shape {X.shape}")
     if not np.isfinite(X).all():
         raise ValueError("expected finite vectors, found NaN/inf; clean the features before kNN")
     if metric == "cosine":
-        norms = np.linalg.norm(X, axis=1, keepdims=True)
-        zero = norms[:, 0] == 0
-        if zero.any():
-            logger.warning("%d zero vector(s): cosine similarity 0 to every other vector", int(zero.sum()))
-        norms[zero] = 1.0
-        X /= norms
+        X = np.ascontiguousarray(normalize_rows(X, warn_zero=True))
     return X
 
 
 def choose_index(n_indexed: int, n_queries: int, dim: int, index: str = "auto") -> str:
     """``"exact"`` or ``"ivf"`` for a search of ``n_queries`` against ``n_indexed`` vectors of ``dim``."""
-    if index not in ("auto", "exact", "ivf"):
+    if index not in SEARCH_KINDS:
         raise ValueError(f"expected index 'auto', 'exact' or 'ivf', found {index!r}")
     if index != "auto":
         return index
@@ -260,7 +258,7 @@ def knn_search(
     k: int,
     *,
     metric: Metric = "cosine",
-    index: IndexKind = "auto",
+    index: SearchKind = "auto",
     nlist: int | None = None,
     nprobe: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -372,7 +370,7 @@ def knn_predict(
     k: int,
     metric: Metric = "cosine",
     n_classes: int | None = None,
-    index: IndexKind = "auto",
+    index: SearchKind = "auto",
 ) -> np.ndarray:
     """Predict label codes of queries from a labelled training set.
 
@@ -393,7 +391,7 @@ def knn_predict(
 
 
 def _loo_neighbors(
-    X: np.ndarray, k: int, metric: Metric, index: IndexKind = "auto", rows: np.ndarray | None = None
+    X: np.ndarray, k: int, metric: Metric, index: SearchKind = "auto", rows: np.ndarray | None = None
 ) -> np.ndarray:
     """The ``k`` nearest other rows of each row of ``X`` (of the given ``rows`` only, if set)."""
     n = len(X)
@@ -436,7 +434,7 @@ def knn_cross_predict(
     groups: Sequence[Any] | np.ndarray | None = None,
     metric: Metric = "cosine",
     seed: int = 0,
-    index: IndexKind = "auto",
+    index: SearchKind = "auto",
 ) -> np.ndarray:
     """Out-of-sample kNN predictions for every row under a cross-validation protocol.
 
@@ -553,7 +551,7 @@ def knn_evaluate(
     groups: Sequence[Any] | np.ndarray | None = None,
     metric: Metric = "cosine",
     seed: int = 0,
-    index: IndexKind = "auto",
+    index: SearchKind = "auto",
 ) -> dict[str, Any]:
     """kNN classification metrics under a cross-validation protocol (Microsnoop vote).
 
@@ -590,3 +588,145 @@ def knn_evaluate(
         "kNN k=%d cv=%s metric=%s: accuracy %.4f, macro-F1 %.4f", k, cv, metric, res["accuracy"], res["macro_f1"]
     )
     return res
+
+
+# --- a table's kNN evaluation (msnoop knn, msnoop.knn) -------------------------------------------------------------
+
+
+@dataclass
+class KnnResult:
+    """kNN classification of a table's rows by a label column (:func:`knn_table`).
+
+    Attributes:
+        table: The table evaluated (a path, or ``"DataFrame"``).
+        label: The label column.
+        metrics: Everything :func:`knn_evaluate` returns (JSON-serialisable), plus ``table``, ``label``,
+            ``n_features`` and ``postprocess``.
+    """
+
+    table: str
+    label: str
+    metrics: dict[str, Any]
+
+    @property
+    def accuracy(self) -> float:
+        """Fraction of rows whose predicted label is their own."""
+        return float(self.metrics["accuracy"])
+
+    @property
+    def balanced_accuracy(self) -> float:
+        """Mean of the per-class accuracies (chance: 1 / classes)."""
+        return float(self.metrics["balanced_accuracy"])
+
+    @property
+    def per_class(self) -> Any:
+        """A ``pandas.DataFrame`` with one row per class: ``label``, ``n``, ``accuracy``, ``f1``."""
+        import pandas as pd
+
+        m = self.metrics
+        return pd.DataFrame(
+            {
+                "label": list(m["per_class_accuracy"]),
+                "n": [m["class_counts"][c] for c in m["per_class_accuracy"]],
+                "accuracy": list(m["per_class_accuracy"].values()),
+                "f1": [m["per_class_f1"].get(c, 0.0) for c in m["per_class_accuracy"]],
+            }
+        )
+
+    def lines(self) -> list[str]:
+        """The summary ``msnoop knn`` prints."""
+        m = self.metrics
+        out = [
+            f"kNN on {self.table}: n={m['n']}  features={m['n_features']}  label={self.label}  "
+            f"classes={m['n_classes']} (chance {m['chance']:.3f})  k={m['k']}  cv={m['cv']}  metric={m['metric']}  "
+            f"postprocess={m['postprocess']['method']}"
+        ]
+        for key, name in (
+            ("accuracy", "accuracy"),
+            ("balanced_accuracy", "balanced accuracy"),
+            ("mcc", "MCC"),
+            ("macro_f1", "macro-F1"),
+        ):
+            out.append(f"  {name:<18} {m[key]:.4f}")
+        out.append("  per-class accuracy:")
+        for name, acc in m["per_class_accuracy"].items():
+            out.append(f"    {name:<30} {acc:.4f}  (n={m['class_counts'][name]})")
+        return out
+
+    def __str__(self) -> str:
+        return "\n".join(self.lines())
+
+
+def knn_table(
+    table: Any,
+    label: str,
+    *,
+    k: int = 11,
+    cv: str = "loo",
+    metric: Metric = "cosine",
+    seed: int = 0,
+    exclude: str | None = None,
+    index: SearchKind = "auto",
+    postprocess: str | None = None,
+) -> KnnResult:
+    """kNN classification of any table's rows by ``label`` (Microsnoop vote), after the table's post-processing.
+
+    Args:
+        table: Anything :func:`msnoop.core.tables.read_table` reads (an output folder, ``cells/``, a ``.lance``
+            table, Parquet/CSV; local or a URI), or a ``pandas.DataFrame`` (``Metadata_*`` + feature columns).
+        label: The class column, e.g. ``Metadata_protein``.
+        k, cv, metric, seed, index: As :func:`knn_evaluate` (``cv="group:<column>"`` names a column of the table).
+        exclude: SQL condition of rows to leave out first, e.g. ``"Metadata_Compound = 'DMSO'"``.
+        postprocess: ``"standardize"`` or ``"raw"``; None: the table's own
+            (:func:`msnoop.vectors.postprocess.table_postprocess`).
+
+    Returns:
+        A :class:`KnnResult` (``str()`` of it is what ``msnoop knn`` prints).
+
+    Raises:
+        FileNotFoundError: ``table`` does not exist.
+        ValueError: Unreadable table, a missing label or group column, missing labels, an invalid ``exclude``
+            filter or one that leaves no row, no features, or bad ``cv``.
+    """
+    import pandas as pd
+
+    from msnoop.core.filters import filter_mask
+    from msnoop.evaluate.features import read_features, table_features
+
+    if isinstance(table, pd.DataFrame):
+        from msnoop.vectors.postprocess import DEFAULT_POSTPROCESS
+
+        df, method, name = table.reset_index(drop=True), postprocess or DEFAULT_POSTPROCESS, "DataFrame"
+    else:
+        df, method = read_features(table, postprocess_method=postprocess)
+        name = str(table).rstrip("/").rsplit("/", 1)[-1]
+    if exclude:
+        df = df[~filter_mask(df, exclude)].reset_index(drop=True)  # FilterError is a ValueError
+        if df.empty:
+            raise ValueError(f"--exclude {exclude!r} leaves no row of {table}")
+    if label not in df.columns:
+        meta = [c for c in df.columns if str(c).startswith("Metadata_")]
+        raise ValueError(f"label column {label!r} is not in {name}; metadata columns: {meta}")
+    if df[label].isna().any():
+        raise ValueError(
+            f"label column {label!r} has {int(df[label].isna().sum())} missing value(s); drop them with --exclude"
+        )
+    kind, arg = parse_cv(cv)
+    groups = None
+    if kind == "group":
+        if not arg or arg not in df.columns:
+            raise ValueError(f"cv={cv!r}: expected 'group:<column>' naming a column of the table")
+        groups = df[arg].astype(str).to_numpy()
+    feats = table_features(df, method=method, drop=[label])
+    res = knn_evaluate(feats.X, df[label].to_numpy(), k=k, cv=cv, groups=groups, metric=metric, seed=seed, index=index)
+    counts = df[label].astype(str).value_counts()
+    res.update(
+        {
+            "table": str(table) if name != "DataFrame" else name,
+            "label": label,
+            "n_features": int(feats.X.shape[1]),
+            "postprocess": feats.postprocess,
+            "class_counts": {c: int(counts.get(c, 0)) for c in res["per_class_accuracy"]},
+        }
+    )
+    return KnnResult(table=name, label=label, metrics=res)

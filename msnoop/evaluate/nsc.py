@@ -13,7 +13,8 @@ The batch of a treatment is a string such as ``"Week1_22123,Week1_22141"`` (the 
 of its images/wells joined by commas, see :func:`msnoop.aggregate.profiles.aggregate_profiles` ``join``).
 Microsnoop compares these strings for **equality** with plate ids (``batch_match="equal"``, a weak
 exclusion); the DeepProfiler notebook uses weeks. ``batch_match="overlap"`` excludes a candidate
-sharing any batch id with the query. Exact similarity ties go to the candidate with the lowest row
+sharing any batch id with the query. A coarser batch (the week of each plate) comes from a plate map
+(:func:`apply_batch_map`); :func:`nscb` warns when its batch rule excludes no pair that NSC keeps, i.e. NSCB = NSC. Exact similarity ties go to the candidate with the lowest row
 position. This reproduces sklearn ``KNeighborsClassifier(n_neighbors=1, algorithm="brute",
 metric="cosine")`` fitted on the allowed candidates, as Microsnoop does.
 """
@@ -22,16 +23,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 import pandas as pd
 
 from msnoop.core.tables import check_finite, feature_columns
+from msnoop.vectors.distance import cosine_similarity
 
 logger = logging.getLogger(__name__)
 
 BatchMatch = Literal["equal", "overlap"]
+BATCH_MATCHES: tuple[str, ...] = get_args(BatchMatch)
 
 #: The MOAs Microsnoop drops for NSCB (single-batch MOAs of BBBC021).
 BBBC021_SINGLE_BATCH_MOAS: tuple[str, ...] = ("Cholesterol-lowering", "Kinase inhibitors")
@@ -64,6 +67,67 @@ def single_batch_moas(df: pd.DataFrame, *, moa_column: str, batch_column: str, s
         if len(ids) <= 1:
             out.append(str(moa))
     return out
+
+
+def apply_batch_map(
+    df: pd.DataFrame, batch_map: pd.DataFrame, batch_columns: Sequence[str], *, sep: str = ","
+) -> pd.DataFrame:
+    """``df`` with batch columns taken from a plate map, for the batch columns it lacks.
+
+    A treatment row lists the plates of its wells in one joined string (``"Week1_22123,Week1_22141"``): each id
+    is looked up in the plate map and the row gets the sorted unique values joined the same way (``"Week1"``).
+
+    Args:
+        df: Treatment table.
+        batch_map: A plate map: one key column that ``df`` also has (e.g. ``Metadata_Plate``) and the batch
+            columns (e.g. ``Metadata_Week``), one row per key.
+        batch_columns: The batch columns wanted; those already in ``df`` are left as they are.
+        sep: Separator of joined ids.
+
+    Returns:
+        A copy of ``df`` with the missing batch columns added.
+
+    Raises:
+        ValueError: The map has no key column in common with ``df`` (or several), lacks a wanted column, repeats a
+            key with different values, or misses an id of ``df`` (the message names a few).
+    """
+    wanted = [c for c in batch_columns if c not in df.columns]
+    if not wanted:
+        return df
+    missing = [c for c in wanted if c not in batch_map.columns]
+    if missing:
+        raise ValueError(
+            f"batch column(s) {missing} are neither in the treatment table nor in the plate map "
+            f"(its columns: {list(batch_map.columns)})"
+        )
+    keys = [c for c in batch_map.columns if c in df.columns and c not in batch_columns]
+    if len(keys) != 1:
+        raise ValueError(
+            f"a plate map needs exactly one column that the treatment table also has (the key, e.g. "
+            f"Metadata_Plate), found {keys or 'none'} among {list(batch_map.columns)}"
+        )
+    key = keys[0]
+    table = batch_map[[key, *wanted]].astype(str).drop_duplicates()
+    if table[key].duplicated().any():
+        dup = table.loc[table[key].duplicated(), key].iloc[0]
+        raise ValueError(f"the plate map gives {key} {dup!r} more than one batch")
+    out = df.copy()
+    for col in wanted:
+        lookup = dict(zip(table[key], table[col], strict=True))
+        ids = df[key].astype(str).str.split(sep)
+        unknown = sorted({i for row in ids for i in row if i not in lookup})
+        if unknown:
+            raise ValueError(f"the plate map has no row for {key} {unknown[:5]} ({len(unknown)} value(s) in all)")
+        out[col] = ids.map(lambda row, lookup=lookup: sep.join(sorted({lookup[i] for i in row})))
+    return out
+
+
+def _same_batch(batches: np.ndarray, batch_match: BatchMatch, sep: str) -> np.ndarray:
+    """``[T, T]`` bool: treatments ``i`` and ``j`` share a batch (``equal`` strings, or any ``overlap``ping id)."""
+    if batch_match == "equal":
+        return batches[:, None] == batches[None, :]
+    sets = [frozenset(v.split(sep)) for v in batches]
+    return np.array([[not si.isdisjoint(sj) for sj in sets] for si in sets], dtype=bool)
 
 
 def _require(df: pd.DataFrame, cols: Sequence[str]) -> None:
@@ -102,27 +166,18 @@ def nearest_treatment(
         ``n_candidates``.
     """
     _require(df, [moa_column, compound_column] + ([batch_column] if batch_column else []))
-    if batch_match not in ("equal", "overlap"):
+    if batch_match not in BATCH_MATCHES:
         raise ValueError(f"expected batch_match 'equal' or 'overlap', found {batch_match!r}")
     feats = list(features) if features is not None else feature_columns(df)
     X = df[feats].to_numpy(dtype=np.float64)
     check_finite(X, feats)
     if df[moa_column].isna().any():
         raise ValueError(f"expected an MOA for every treatment, found {int(df[moa_column].isna().sum())} missing")
-    norms = np.linalg.norm(X, axis=1, keepdims=True)
-    norms[norms == 0] = 1.0
-    Xn = X / norms
-    S = Xn @ Xn.T
+    S = cosine_similarity(X)
     comp = df[compound_column].astype(str).to_numpy()
     allowed = comp[:, None] != comp[None, :]
     if batch_column is not None:
-        b = df[batch_column].astype(str).to_numpy()
-        if batch_match == "equal":
-            allowed &= b[:, None] != b[None, :]
-        else:
-            sets = [frozenset(v.split(sep)) for v in b]
-            same = np.array([[not si.isdisjoint(sj) for sj in sets] for si in sets], dtype=bool)
-            allowed &= ~same
+        allowed &= ~_same_batch(df[batch_column].astype(str).to_numpy(), batch_match, sep)
     masked = np.where(allowed, S, -np.inf)
     nb = masked.argmax(axis=1)
     n_cand = allowed.sum(axis=1)
@@ -235,5 +290,26 @@ def nscb(
         sep=sep,
     )
     out = _summary("NSCB", kept, res, compound_column)
-    out.update({"batch_column": batch_column, "batch_match": batch_match, "dropped_moas": drop_moas})
+    # pairs of treatments of different compounds that the batch rule excludes: none means NSCB is NSC again
+    comp = kept[compound_column].astype(str).to_numpy()
+    same = _same_batch(kept[batch_column].astype(str).to_numpy(), batch_match, sep)
+    n_pairs = int((same & (comp[:, None] != comp[None, :])).sum())
+    out.update(
+        {
+            "batch_column": batch_column,
+            "batch_match": batch_match,
+            "dropped_moas": drop_moas,
+            "batch_excluded_pairs": n_pairs,
+        }
+    )
+    if n_pairs == 0:
+        logger.warning(
+            "NSCB by %s excludes nothing that NSC does not: no two treatments of different compounds share a %s "
+            "value (batch match %r), so NSCB equals NSC. A treatment table joins the plates of each treatment into "
+            "one string, which is unique per treatment; name a coarser batch with a plate map (msnoop nsc "
+            "--batch Metadata_Week --batch-map plates.csv) or use --batch-match overlap",
+            batch_column,
+            batch_column,
+            batch_match,
+        )
     return out

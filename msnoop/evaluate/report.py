@@ -6,7 +6,10 @@
 * **Map**: rows L2-normalised (``metric="cosine"``), then ``map_method``: ``"tsne"`` (PCA to 50 dimensions,
   then scikit-learn's t-SNE), ``"umap"`` (umap-learn, cosine metric on the normalised rows, PCA to 50
   dimensions first), ``"pca"`` (first two principal components, their share of the variance on the axes) or
-  ``"auto"``: t-SNE up to :data:`TSNE_MAX_ROWS` rows, UMAP up to :data:`UMAP_MAX_ROWS`, PCA beyond. Axes
+  ``"auto"``: t-SNE up to :data:`TSNE_MAX_ROWS` rows, UMAP (when umap-learn is installed; else t-SNE to 5,000
+  rows) up to :data:`UMAP_MAX_ROWS`, PCA beyond. Below :data:`TSNE_MAX_ROWS` rows t-SNE is kept because UMAP's
+  first fit in a process compiles its code (measured on 2 busy cores: 7 s import and 25 s for 60 rows, against
+  0.1 s for t-SNE); ``--map umap`` asks for it anyway. Axes
   are named after the method ("UMAP 1", "PCA 1 (12.3 % var)"); coloured by ``label``, and in a second panel
   by ``batch`` when given.
 * **kNN**: :func:`msnoop.evaluate.knn.knn_cross_predict` (Microsnoop vote) +
@@ -14,10 +17,15 @@
   matrix (its title names k and the protocol: leave-one-out, stratified k-fold, leave-group-out by a
   column) and the per-class accuracy.
 * **Galleries**: for ``n_queries`` random rows, the query image and its ``n_neighbours`` nearest rows
-  (same metric, the query itself excluded), read from the ``Metadata_Path_<channel>`` columns: one
-  channel in grey, two as magenta/green, three as red/green/blue, each channel scaled between its 1st
-  and 99.8th percentiles. Rows of a cell table (``Metadata_CentroidY``/``X``) show a window around
-  the cell. Tables without path columns (CellProfiler profiles) get a note instead.
+  (same metric, the query itself excluded), read from the ``Metadata_Path_<channel>`` columns, each channel
+  scaled between its 1st and 99.8th percentiles and coloured by its name (:func:`channel_colours`: DNA, DAPI,
+  Hoechst blue; GFP, FITC green; RFP, mCherry magenta; a single channel grey), with the colour key drawn on
+  the figure. A neighbour whose label matches the query's is marked with a tick and a solid frame, a
+  different one with a cross and a dashed frame (Okabe-Ito blue and vermillion: not told apart by red/green
+  alone). Rows of a cell table (``Metadata_CentroidY``/``X``) show a window around the cell. Tables without
+  path columns (CellProfiler profiles) get a note instead.
+* **Segmentation** (cells-mode embed outputs): a few images' nucleus channel with the outlines of the nuclei
+  found (the run's saved masks, else its segmentation run again) and the cells that were embedded marked.
 
 Figures are drawn on their own Agg canvases (:mod:`msnoop.core.plotting`), so pyplot's backend is left alone.
 """
@@ -36,15 +44,20 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from msnoop.core import storage as st
 from msnoop.core.plotting import save, subplots
-from msnoop.core.tables import feature_columns, read_table, split_table
-from msnoop.correct.normalize import postprocess as apply_postprocess
+from msnoop.core.tables import read_table
+from msnoop.evaluate.features import table_features, table_postprocess
 from msnoop.evaluate.knn import classification_metrics, knn_cross_predict, knn_search, parse_cv
+from msnoop.vectors.distance import normalize_rows, similarity_to_distance
 
 logger = logging.getLogger(__name__)
 
 PATH_PREFIX = "Metadata_Path_"
-TSNE_MAX_ROWS = 5000
+#: ``map_method="auto"`` uses t-SNE up to this many rows (UMAP's start-up costs more than it saves below).
+TSNE_MAX_ROWS = 2000
+#: Without umap-learn, ``"auto"`` keeps t-SNE up to this many rows.
+TSNE_FALLBACK_ROWS = 5000
 #: ``map_method="auto"`` uses UMAP from :data:`TSNE_MAX_ROWS` up to this many rows, PCA beyond.
 UMAP_MAX_ROWS = 100_000
 MAP_METHODS = ("auto", "tsne", "umap", "pca")
@@ -72,20 +85,22 @@ def _threads_for(n_rows: int) -> Any:
     return threadpool_limits(limits=1)
 
 
+#: Okabe & Ito's colour-blind-safe palette (black left out: the map's background is white).
+OKABE_ITO = ("#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7", "#999999")
+#: Marker shapes cycled with the colours, so classes differ in shape too.
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
+#: Gallery marks: a neighbour with the query's label, and one with another label.
+SAME, DIFFERENT = ("\u2713", OKABE_ITO[4], "solid"), ("\u2717", OKABE_ITO[5], "dashed")
+
+
 def _colours(n: int) -> list[Any]:
     from matplotlib import colormaps
 
-    if n <= 10:
-        return [colormaps["tab10"](i) for i in range(n)]
+    if n <= len(OKABE_ITO):
+        return list(OKABE_ITO[:n])
     if n <= 20:
         return [colormaps["tab20"](i) for i in range(n)]
     return [colormaps["turbo"](x) for x in np.linspace(0.05, 0.95, n)]
-
-
-def _normalise_rows(X: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(X, axis=1, keepdims=True)
-    norms[norms == 0] = 1.0
-    return X / norms
 
 
 @dataclass(frozen=True)
@@ -125,7 +140,7 @@ def map_2d(X: np.ndarray, *, seed: int = 0, metric: str = "cosine", method: str 
 
     if method not in MAP_METHODS:
         raise ValueError(f"expected map method one of {MAP_METHODS}, found {method!r}")
-    Z = _normalise_rows(X) if metric == "cosine" else np.asarray(X, dtype=np.float32)
+    Z = normalize_rows(X) if metric == "cosine" else np.asarray(X, dtype=np.float32)
     prefix = "rows L2-normalised, " if metric == "cosine" else ""
     n, d = Z.shape
     if n < 3 or d < 2:
@@ -136,6 +151,8 @@ def map_2d(X: np.ndarray, *, seed: int = 0, metric: str = "cosine", method: str 
         )
     if method == "auto":
         method = "tsne" if n <= TSNE_MAX_ROWS else "umap" if n <= UMAP_MAX_ROWS else "pca"
+        if method == "umap" and not _umap_installed():
+            method = "tsne" if n <= TSNE_FALLBACK_ROWS else "pca"
         why = (
             f"; auto: t-SNE up to {TSNE_MAX_ROWS:,} rows, UMAP up to {UMAP_MAX_ROWS:,}, PCA beyond"
             if method != "tsne"
@@ -174,6 +191,12 @@ def map_2d(X: np.ndarray, *, seed: int = 0, metric: str = "cosine", method: str 
     return Map2D(np.asarray(xy), "UMAP", ("UMAP 1", "UMAP 2"), f"{prefix}{how}{why}")
 
 
+def _umap_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("umap") is not None
+
+
 def embed_2d(X: np.ndarray, *, seed: int = 0, metric: str = "cosine", method: str = "auto") -> tuple[np.ndarray, str]:
     """``(xy, caption)`` of :func:`map_2d`: ``[N, 2]`` coordinates and how they were computed."""
     m = map_2d(X, seed=seed, metric=metric, method=method)
@@ -188,7 +211,14 @@ def _scatter(ax: Any, xy: np.ndarray, values: pd.Series, title: str, axes: tuple
     for i, name in enumerate(names):
         sel = codes == i
         ax.scatter(
-            xy[sel, 0], xy[sel, 1], s=size, color=cols[i], label=f"{name} ({int(sel.sum())})", alpha=0.8, linewidths=0
+            xy[sel, 0],
+            xy[sel, 1],
+            s=size,
+            color=cols[i],
+            marker=MARKERS[i % len(MARKERS)],
+            label=f"{name} ({int(sel.sum())})",
+            alpha=0.8,
+            linewidths=0,
         )
     ax.set_title(title)
     ax.set_xlabel(axes[0])
@@ -350,23 +380,49 @@ def _window(img: np.ndarray, row: pd.Series) -> np.ndarray:
     return img[max(cy - half, 0) : cy + half, max(cx - half, 0) : cx + half]
 
 
-#: Colours of the channels of a composite, by number of channels (RGB weights per channel).
-_COMPOSITE = {
-    1: [(1.0, 1.0, 1.0)],
-    2: [(1.0, 0.0, 1.0), (0.0, 1.0, 0.0)],
-    3: [(1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)],
+#: Composite colours (RGB weights) by name.
+COLOURS: dict[str, tuple[float, float, float]] = {
+    "blue": (0.0, 0.45, 1.0),  # a lighter blue than (0, 0, 1), which is too dark on black
+    "green": (0.0, 1.0, 0.0),
+    "magenta": (1.0, 0.0, 1.0),
+    "cyan": (0.0, 1.0, 1.0),
+    "yellow": (1.0, 1.0, 0.0),
+    "grey": (1.0, 1.0, 1.0),
 }
-_COLOUR_NAMES = {
-    (1.0, 1.0, 1.0): "grey",
-    (1.0, 0.0, 1.0): "magenta",
-    (0.0, 1.0, 0.0): "green",
-    (1.0, 0.0, 0.0): "red",
-    (0.0, 0.0, 1.0): "blue",
-}
+#: A channel's colour by its name (a regular expression on the lower-cased name, first match wins).
+CHANNEL_COLOURS: tuple[tuple[str, str], ...] = (
+    (r"dna|dapi|hoechst|nucle|h2b|draq|blue", "blue"),
+    (r"gfp|fitc|488|green|venus|yfp", "green"),
+    (r"rfp|mcherry|tomato|tritc|cy3|568|594|red|scarlet", "magenta"),
+)
+#: Colours of the channels that no name rule matches, in order (distinct on black, colour-blind safe together).
+_FREE_COLOURS = ("green", "magenta", "cyan", "yellow", "blue")
+
+
+def channel_colours(channels: Sequence[str]) -> list[str]:
+    """Colour names (keys of :data:`COLOURS`) for up to three channels, chosen by their names.
+
+    A single channel is grey. Otherwise each channel whose name matches a rule of :data:`CHANNEL_COLOURS` gets
+    that colour (DNA/DAPI/Hoechst blue, GFP/FITC green, RFP/mCherry magenta) unless an earlier channel took it;
+    the others take the first free colour of green, magenta, cyan, yellow, blue. Channels are named as in the
+    table's ``Metadata_Path_<channel>`` columns (with or without the prefix).
+    """
+    import re
+
+    names = [str(c)[len(PATH_PREFIX) :] if str(c).startswith(PATH_PREFIX) else str(c) for c in channels]
+    if len(names) == 1:
+        return ["grey"]
+    taken: list[str | None] = []
+    for name in names:
+        match = next((c for pattern, c in CHANNEL_COLOURS if re.search(pattern, name.lower())), None)
+        taken.append(match if match not in taken else None)
+    free = iter(c for c in _FREE_COLOURS if c not in taken)
+    return [c if c is not None else next(free) for c in taken]
 
 
 def thumbnail(row: pd.Series, columns: Sequence[str], *, root: Path | None = None) -> np.ndarray:
-    """``[H, W, 3]`` float image of one row: up to 3 channels composited, each percentile-scaled.
+    """``[H, W, 3]`` float image of one row: up to 3 channels composited in the colours of
+    :func:`channel_colours`, each percentile-scaled.
 
     Raises:
         msnoop.io.readers.ImageReadError: A file is missing or unreadable.
@@ -374,7 +430,7 @@ def thumbnail(row: pd.Series, columns: Sequence[str], *, root: Path | None = Non
     from msnoop.io.readers import read_image
 
     cols = list(columns)[:3]
-    weights = _COMPOSITE[len(cols)]
+    weights = [COLOURS[c] for c in channel_colours(cols)]
     planes = []
     for col in cols:
         p = Path(str(row[col]))
@@ -390,10 +446,27 @@ def thumbnail(row: pd.Series, columns: Sequence[str], *, root: Path | None = Non
 
 
 def channel_legend(columns: Sequence[str]) -> str:
+    """How a gallery composites the channels of ``columns`` (``Metadata_Path_<channel>``), e.g. ``"dna = blue,
+    gfp = green"``; at most three channels are shown."""
     cols = list(columns)[:3]
-    return ", ".join(
-        f"{c[len(PATH_PREFIX) :]} = {_COLOUR_NAMES[w]}" for c, w in zip(cols, _COMPOSITE[len(cols)], strict=True)
-    )
+    return ", ".join(f"{c[len(PATH_PREFIX) :]} = {name}" for c, name in zip(cols, channel_colours(cols), strict=True))
+
+
+def _gallery_key(fig: Any, columns: Sequence[str], label: str) -> None:
+    """The colour key of the channels and the meaning of the marks, drawn above the gallery."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    cols = list(columns)[:3]
+    handles = [
+        Patch(facecolor=COLOURS[c], edgecolor="black", label=f"{name[len(PATH_PREFIX) :]} ({c})")
+        for name, c in zip(cols, channel_colours(cols), strict=True)
+    ]
+    handles += [
+        Line2D([], [], color=colour, ls=style, lw=2, label=f"{mark} {what} {label}")
+        for (mark, colour, style), what in ((SAME, "same"), (DIFFERENT, "other"))
+    ]
+    fig.legend(handles=handles, loc="upper center", ncol=len(handles), fontsize=8, frameon=False)
 
 
 def plot_galleries(
@@ -427,7 +500,7 @@ def plot_galleries(
     unreadable: list[str] = []
     for r, q in enumerate(queries):
         keep = [(int(j), float(s)) for j, s in zip(idx[r], scores[r], strict=True) if j != q][:nn]
-        cells = [(int(q), None)] + [(j, (1.0 - s) if metric == "cosine" else s) for j, s in keep]
+        cells = [(int(q), None)] + [(j, similarity_to_distance(s, metric)) for j, s in keep]
         shown = dict(zip(range(1, len(cells)), format_distances([c[1] for c in cells[1:]]), strict=True))
         rec = {"query": str(df[id_col].iloc[q]) if id_col else int(q), "label": labels[q], "neighbours": []}
         for c, (j, dist) in enumerate(cells):
@@ -447,17 +520,133 @@ def plot_galleries(
                     spine.set_edgecolor("black")
                     spine.set_linewidth(2.5)
             else:
-                same = labels[j] == labels[q]
-                colour = "#1a7f37" if same else "#c0392b"
-                ax.set_title(f"#{c} {labels[j]}\nd={shown[c]}", fontsize=8, color=colour)
+                mark, colour, style = SAME if labels[j] == labels[q] else DIFFERENT
+                ax.set_title(f"#{c} {mark} {labels[j]}\nd={shown[c]}", fontsize=8, color=colour)
+                for spine in ax.spines.values():
+                    spine.set_edgecolor(colour)
+                    spine.set_linestyle(style)
+                    spine.set_linewidth(2)
                 rec["neighbours"].append(
                     {"row": str(df[id_col].iloc[j]) if id_col else j, "label": labels[j], "distance": float(dist)}
                 )
         records.append(rec)
-    save(fig, path, dpi=100)
+    _gallery_key(fig, columns, label)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))  # room for the key above the rows
+    fig.savefig(path, dpi=100)
     if unreadable:
         records.append({"unreadable": unreadable})
     return path, records
+
+
+#: Colours of the segmentation overlay: nucleus outlines, and the centres of the cells that were embedded.
+OUTLINE, EMBEDDED = OKABE_ITO[1], OKABE_ITO[0]
+
+
+def _labels_of(row: pd.Series, image: np.ndarray, cells_info: dict[str, Any], masks_dir: Path | None) -> np.ndarray:
+    """An image's nucleus labels: its saved mask, its mask file (backend ``mask``), else its segmentation again."""
+    from msnoop.embed.cells import mask_path
+    from msnoop.io.readers import read_labels
+    from msnoop.segment.config import SegmentationConfig
+
+    seg = SegmentationConfig(**cells_info["segmentation"])
+    saved = mask_path(masks_dir, str(row["Metadata_ImageID"])) if masks_dir is not None else None
+    if saved is not None and saved.is_file():
+        return read_labels(saved)
+    if seg.backend == "mask":
+        return read_labels(str(row[seg.mask_column]))
+    return np.asarray(seg.run(image))
+
+
+def plot_segmentation(
+    images: pd.DataFrame,
+    cells: pd.DataFrame,
+    cells_info: dict[str, Any],
+    path: Path,
+    *,
+    masks_dir: Path | None = None,
+    n_images: int = 3,
+    seed: int = 0,
+) -> tuple[Path, list[dict[str, Any]]]:
+    """One panel per image of a cells-mode run: the nucleus channel (grey), the nuclei outlines, the cells embedded.
+
+    Args:
+        images: The run's image rows (``Metadata_ImageID``, ``Metadata_Path_<channel>``).
+        cells: The run's cell rows (``Metadata_ImageID``, ``Metadata_CentroidY``/``X``).
+        cells_info: The run record's ``cells`` entry (segmentation settings, ``nucleus_channel``).
+        path: The PNG to write.
+        masks_dir: The run's saved masks, if it saved them (else the segmentation is run again).
+        n_images: Panels (random images, ``seed``).
+
+    Returns:
+        ``(path, records)``: per image its id, the nuclei found and the cells embedded.
+
+    Raises:
+        msnoop.io.readers.ImageReadError: An image or mask cannot be read.
+        ValueError: The segmentation fails.
+    """
+    from matplotlib.colors import to_rgb
+    from skimage.segmentation import find_boundaries
+
+    from msnoop.io.readers import read_image
+
+    column = f"{PATH_PREFIX}{cells_info['nucleus_channel']}"
+    n = min(n_images, len(images))
+    picked = np.sort(np.random.default_rng(seed).choice(len(images), n, replace=False))
+    fig, axes = subplots(1, n, figsize=(4.2 * n, 4.6), squeeze=False)
+    records = []
+    for ax, i in zip(axes[0], picked, strict=True):
+        row = images.iloc[int(i)]
+        image = read_image(Path(str(row[column])))
+        labels = _labels_of(row, image, cells_info, masks_dir)
+        rgb = np.repeat(_percentile_scale(image)[..., None], 3, axis=2)
+        rgb[find_boundaries(labels, mode="outer")] = np.asarray(to_rgb(OUTLINE))
+        ax.imshow(rgb, interpolation="nearest")
+        mine = cells[cells["Metadata_ImageID"] == row["Metadata_ImageID"]]
+        ax.scatter(mine[_CENTROID[1]], mine[_CENTROID[0]], marker="+", s=60, color=EMBEDDED, linewidths=1.5)
+        n_nuclei = int(np.count_nonzero(np.unique(labels)))
+        ax.set_title(f"{row['Metadata_ImageID']}\n{n_nuclei} nuclei, {len(mine)} embedded", fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        records.append({"image": str(row["Metadata_ImageID"]), "nuclei": n_nuclei, "embedded": len(mine)})
+    from matplotlib.lines import Line2D
+
+    key = [
+        Line2D([], [], color=OUTLINE, lw=2, label=f"nucleus outline ({cells_info['nucleus_channel']})"),
+        Line2D([], [], color=EMBEDDED, marker="+", ls="", markersize=9, label="cell embedded"),
+    ]
+    fig.legend(handles=key, loc="upper center", ncol=2, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / fig.get_figheight()))
+    fig.savefig(path, dpi=100)
+    return path, records
+
+
+def _segmentation_section(source: Any, out: Path, seed: int) -> tuple[str | None, str, list[dict[str, Any]]]:
+    """``(figure name or None, note, records)`` of the segmentation overlay of a cells-mode run's table."""
+    from msnoop.core import parts
+    from msnoop.core.tables import resolve_table
+
+    if isinstance(source, pd.DataFrame):
+        return None, "", []
+    try:
+        run = resolve_table(source).run
+        info = run.read_info() if run is not None else {}
+    except (OSError, ValueError):
+        return None, "", []
+    if run is None or "cells" not in info or info.get("job", "embed") != "embed":
+        return None, "", []
+    images = parts.read_frame(run.embeddings)
+    cells = parts.read_frame(run.cells, columns=["Metadata_ImageID", *_CENTROID])
+    if images.empty:
+        return None, "", []
+    masks = Path(run.masks) if not run.is_uri else None
+    try:
+        fig, records = plot_segmentation(
+            images, cells, info["cells"], out / "segmentation.png", masks_dir=masks, seed=seed
+        )
+    except (OSError, ValueError, ImportError) as exc:  # ImageReadError is a ValueError
+        logger.warning("segmentation overlay: %s", exc)
+        return None, f"No segmentation overlay: {exc}", []
+    return fig.name, "", records
 
 
 def _fmt(x: float) -> str:
@@ -488,7 +677,8 @@ def _html_page(ctx: dict[str, Any]) -> str:
             f'<figure><img src="{e(ctx["gallery"])}" alt="nearest-neighbour galleries">'
             f"<figcaption>{ctx['n_queries']} random query rows (bold frame) and their {ctx['n_neighbours']} nearest "
             f"neighbours ({e(ctx['metric'])} distance d, the query excluded); titles give the neighbour's "
-            f"{e(ctx['label'])} (green: same as the query, red: different). Channels: {e(ctx['channels'])}, each "
+            f"{e(ctx['label'])}: a tick and a solid blue frame where it is the query's, a cross and a dashed "
+            f"vermillion frame where it is not. Channels: {e(ctx['channels'])} (the key is on the figure), each "
             "scaled between its 1st and 99.8th percentiles.</figcaption></figure>"
         )
         if ctx["gallery_note"]:
@@ -496,6 +686,16 @@ def _html_page(ctx: dict[str, Any]) -> str:
     else:
         gallery = f"<p class=note>{e(ctx['gallery_note'])}</p>"
     batch = f", batch column <code>{e(ctx['batch'])}</code>" if ctx["batch"] else ""
+    segmentation = ""
+    if ctx["segmentation"] or ctx["segmentation_note"]:
+        segmentation = "<h2>Segmentation</h2>\n" + (
+            f'<figure><img src="{e(ctx["segmentation"])}" alt="segmentation overlay"><figcaption>Random images of '
+            "this cells-mode run: the nucleus channel, the outline of every nucleus found and a cross on each cell "
+            "that was embedded (nuclei touching the border, or beyond max_cells_per_image, are not).</figcaption>"
+            "</figure>"
+            if ctx["segmentation"]
+            else f"<p class=note>{e(ctx['segmentation_note'])}</p>"
+        )
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>msnoop report: {e(ctx["title"])}</title>
 <style>
@@ -524,6 +724,7 @@ Microsnoop vote
 <figcaption>{e(ctx["map_caption"])}.</figcaption></figure>
 <h2>Nearest neighbours</h2>
 {gallery}
+{segmentation}
 </body></html>
 """
 
@@ -542,7 +743,7 @@ def build_report(
     metric: str = "cosine",
     image_root: str | Path | None = None,
     map_method: str = "auto",
-    postprocess: str = "standardize",
+    postprocess: str | None = None,
 ) -> Path:
     """Write ``out_dir/report.html`` with its figures (PNG) and ``report.json``; returns the HTML path.
 
@@ -559,8 +760,9 @@ def build_report(
         metric: ``"cosine"`` or ``"l2"``.
         image_root: Folder that relative image paths are relative to (default: the table's folder).
         map_method: ``"auto"``, ``"tsne"``, ``"umap"`` or ``"pca"`` (see :func:`map_2d`).
-        postprocess: ``"standardize"`` (features z-scored over the table, no labels; as ``msnoop knn``) or
-            ``"raw"``; applies to the kNN, the map and the galleries' distances alike.
+        postprocess: ``"standardize"`` (features z-scored over the table, no labels) or ``"raw"``; ``None`` takes
+            the table's own (:func:`msnoop.evaluate.features.table_postprocess`, as ``msnoop knn`` does). It
+            applies to the kNN, the map and the galleries' distances alike.
 
     Raises:
         ValueError: Missing label/batch column, missing labels, no features, bad ``cv``, unknown
@@ -569,10 +771,10 @@ def build_report(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if isinstance(table, pd.DataFrame):
-        df, source = table.reset_index(drop=True), "DataFrame"
+        df = table.reset_index(drop=True)
         root = Path(image_root) if image_root else None
     else:
-        df, source = read_table(table).reset_index(drop=True), str(table)
+        df = read_table(table).reset_index(drop=True)
         tp = Path(table)
         root = Path(image_root) if image_root else (tp if tp.is_dir() else tp.parent)
     for col, what in [(label, "label"), (batch, "batch")]:
@@ -583,9 +785,9 @@ def build_report(
         raise ValueError(
             f"label column {label!r} has {int(df[label].isna().sum())} missing value(s); drop those rows first"
         )
-    feats = [f for f in feature_columns(df) if f not in (label, batch)]
-    _, X = split_table(df, feats)
-    X, post = apply_postprocess(X, postprocess)
+    method = postprocess or table_postprocess(table)
+    feats = table_features(df, method=method, drop=[label, batch])
+    X, post = feats.X, feats.postprocess
     labels = df[label].to_numpy()
     if map_method not in MAP_METHODS:
         raise ValueError(f"expected map method one of {MAP_METHODS}, found {map_method!r}")
@@ -602,7 +804,7 @@ def build_report(
             X,
             labels,
             groups,
-            source,
+            table,
             root,
             out,
             label=label,
@@ -623,7 +825,7 @@ def _build(
     X: np.ndarray,
     labels: np.ndarray,
     groups: np.ndarray | None,
-    source: str,
+    table: str | Path | pd.DataFrame,
     root: Path | None,
     out: Path,
     *,
@@ -638,6 +840,7 @@ def _build(
     map_method: str = "auto",
     post: dict[str, Any] | None = None,
 ) -> Path:
+    source = "DataFrame" if isinstance(table, pd.DataFrame) else str(table)
     pred = knn_cross_predict(X, labels, k=k, cv=cv, groups=groups, metric=metric, seed=seed)  # type: ignore[arg-type]
     metrics = classification_metrics(labels, pred)
     n_classes = len(metrics["per_class_accuracy"])
@@ -680,7 +883,10 @@ def _build(
             unreadable = records.pop()["unreadable"]
             gallery_note = f"{len(unreadable)} gallery image(s) could not be read (shown grey), e.g. {unreadable[0]}"
 
+    seg_figure, seg_note, seg_records = _segmentation_section(table, out, seed)
     ctx = {
+        "segmentation": seg_figure,
+        "segmentation_note": seg_note,
         "title": Path(source).name if source != "DataFrame" else "DataFrame",
         "source": source,
         "n_rows": len(df),
@@ -705,7 +911,7 @@ def _build(
         "channels": channel_legend(pcols) if pcols else "",
     }
     page = out / "report.html"
-    page.write_text(_html_page(ctx), encoding="utf-8")
+    st.write_text(page, _html_page(ctx))  # complete or absent
     summary = {
         k_: ctx[k_]
         for k_ in (
@@ -723,19 +929,23 @@ def _build(
         )
     }
     summary |= {"metrics": metrics, "galleries": records, "gallery_note": gallery_note or None}
+    summary["segmentation"] = seg_records
     summary["unreadable_images"] = unreadable
-    (out / "report.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    st.write_text(out / "report.json", json.dumps(summary, indent=2, default=str) + "\n")
     logger.info("report for %s written to %s", source, page)
     return page
 
 
 __all__ = [
+    "CHANNEL_COLOURS",
     "Map2D",
     "build_report",
+    "channel_colours",
     "describe_cv",
     "embed_2d",
     "format_distances",
     "map_2d",
     "path_columns",
+    "plot_segmentation",
     "thumbnail",
 ]

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
 
 from msnoop.core.config import StrictModel as _Strict
 from msnoop.core.storage import Location
+
+#: z-stacks and time series: refuse them (an error naming the shape), take the maximum projection, or one z-plane.
+ZPolicy = Literal["refuse", "max"] | int
 
 
 #: The image table's id column and the prefix of its per-channel path columns (``Metadata_Path_<channel>``).
@@ -32,12 +34,16 @@ class InputConfig(_Strict):
     """
 
     manifest: Location | None = Field(None, description="CSV/Parquet manifest: a path or a URI (s3://bucket/m.csv)")
-    loaddata: Path | None = None
-    folder: Path | None = None
-    ome_zarr: Path | None = Field(
+    loaddata: Location | None = Field(None, description="CellProfiler LoadData CSV: a path or a URI")
+    folder: Location | None = Field(
+        None, description="folder (or URI prefix) of images named by input.pattern; hidden and system files are ignored"
+    )
+    ome_zarr: Location | None = Field(
         None,
-        description="an OME-Zarr (NGFF) image or HCS plate: one row per image (plate: per field, with "
-        "Metadata_Plate, Metadata_Well, Metadata_Site); channels are picked by OME-Zarr channel label or input.channel_index",
+        description="an OME-Zarr (NGFF) image or HCS plate, a path or a URI, recognised by its metadata whatever its "
+        "name: one row per image (plate: per field, with Metadata_Plate, Metadata_Well, Metadata_Site; wells or "
+        "fields listed but missing are error rows); channels are picked by OME-Zarr channel label or "
+        "input.channel_index",
     )
     pattern: str | None = Field(None, description="filename pattern for folder inputs, relative to the folder")
     channels: list[str] = Field(..., min_length=1, description="channel names, in the order they are embedded")
@@ -63,7 +69,7 @@ class InputConfig(_Strict):
         description="multi-channel OME-TIFF files: pick each channel by its OME channel Name "
         "(the name in input.channels) instead of by index",
     )
-    z: Literal["refuse", "max"] | int = Field(
+    z: ZPolicy = Field(
         "refuse",
         description="z-stacks / time series: 'refuse' (an error naming the shape), 'max' (maximum projection "
         "over Z and T) or a plane index (Z plane; the first time point)",

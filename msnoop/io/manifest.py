@@ -29,6 +29,7 @@ import pyarrow as pa
 from msnoop.core import storage as st
 from msnoop.core.config import ConfigError
 from msnoop.io.config import ID_COLUMN, PATH_PREFIX, InputConfig, path_column
+from msnoop.io.readers import COMPOUND_SUFFIXES
 
 logger = logging.getLogger(__name__)
 
@@ -210,10 +211,10 @@ def _loaddata_path(name: object, folder: object, url: object, root: Path) -> str
     return resolve_path(str(Path(folder) / name), root)
 
 
-def _from_loaddata(cfg: InputConfig) -> pd.DataFrame:
+def _from_loaddata(cfg: InputConfig, storage: Any = None) -> pd.DataFrame:
     assert cfg.loaddata is not None
-    df = _read_table(cfg.loaddata, cfg.dtypes)
-    root = cfg.root or cfg.loaddata.parent
+    df = _read_table(cfg.loaddata, cfg.dtypes, storage)
+    root = source_root(cfg)
     used: set[str] = set()
     paths = {}
     for ch in cfg.channels:
@@ -253,21 +254,75 @@ def pattern_regex(pattern: str) -> re.Pattern[str]:
     return re.compile(rx + r"\Z")
 
 
-def _from_folder(cfg: InputConfig) -> pd.DataFrame:
+#: Names of files and folders that operating systems and tools leave beside data (never images):
+#: macOS (``.DS_Store``, ``._*`` AppleDouble files, ``__MACOSX`` in zip archives, ``Icon\r``), Windows
+#: (``Thumbs.db``, ``desktop.ini``, ``$RECYCLE.BIN``, ``System Volume Information``), Office lock files (``~$*``).
+SYSTEM_NAMES = frozenset(
+    {
+        "__MACOSX",
+        "Thumbs.db",
+        "ehthumbs.db",
+        "desktop.ini",
+        "Desktop.ini",
+        "$RECYCLE.BIN",
+        "System Volume Information",
+        "Icon\r",
+    }
+)
+
+
+def is_hidden_or_system(relpath: str) -> bool:
+    """Whether a path (``/``-separated, relative to an input folder) is, or lies in, a hidden or system entry:
+    a name starting with ``.`` (``.DS_Store``, macOS ``._*`` files, ``.ipynb_checkpoints``), ``~$``, or one of
+    :data:`SYSTEM_NAMES`."""
+    return any(p.startswith((".", "~$")) or p in SYSTEM_NAMES for p in relpath.split("/") if p)
+
+
+def list_folder(folder: str | Path, storage: Any = None) -> tuple[list[str], list[str]]:
+    """``(files, ignored)``: the files below an input folder (a path or a URI prefix), relative and
+    ``/``-separated, and the hidden or system files left out (:func:`is_hidden_or_system`).
+
+    Raises:
+        ConfigError: ``folder`` is not a folder (or, on object storage, no object has that prefix).
+    """
+    if st.is_uri(folder):
+        files = st.walk_files(folder, storage)
+        if not files:
+            raise ConfigError(f"input.folder {folder}: no object under this prefix")
+    else:
+        root = Path(folder)
+        if not root.is_dir():
+            raise ConfigError(f"input.folder {folder} is not a folder")
+        files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    keep, ignored = [], []
+    for rel in files:
+        (ignored if is_hidden_or_system(rel) else keep).append(rel)
+    return keep, ignored
+
+
+def _from_folder(cfg: InputConfig, storage: Any = None) -> pd.DataFrame:
+    """The image table of a folder input; ``.attrs["ignored_files"]`` counts the hidden/system files left out."""
     assert cfg.folder is not None and cfg.pattern is not None
     folder = cfg.folder
-    if not folder.is_dir():
-        raise ConfigError(f"input.folder {folder} is not a folder")
+    files, ignored = list_folder(folder, storage)
+    if ignored:
+        logger.warning(
+            "input.folder %s: ignored %d hidden or system file(s) (e.g. %s)",
+            folder,
+            len(ignored),
+            ", ".join(repr(f) for f in ignored[:3]),
+        )
     rx = pattern_regex(cfg.pattern)
     values = {ch: (cfg.channel_values or {}).get(ch, ch) for ch in cfg.channels}
     by_value = {v: ch for ch, v in values.items()}
+    base = str(folder).rstrip("/") if st.is_uri(folder) else os.path.normpath(Path(folder).absolute())
     groups: dict[tuple[tuple[str, str], ...], dict[str, str]] = {}
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        m = rx.match(path.relative_to(folder).as_posix())
+    for rel in files:
+        m = rx.match(rel)
         if not m or m.group("channel") not in by_value:
             continue
         fields = tuple(sorted((k, v) for k, v in m.groupdict().items() if k != "channel"))
-        groups.setdefault(fields, {})[by_value[m.group("channel")]] = os.path.normpath(path.absolute())
+        groups.setdefault(fields, {})[by_value[m.group("channel")]] = f"{base}/{rel}"
     if not groups:
         raise ConfigError(
             f"input.folder {folder}: no file matches pattern {cfg.pattern!r} with channel values {sorted(by_value)}"
@@ -278,7 +333,9 @@ def _from_folder(cfg: InputConfig) -> pd.DataFrame:
         for ch in cfg.channels:
             row[path_column(ch)] = chans.get(ch, "")
         rows.append(row)
-    return pd.DataFrame(rows)
+    df = pd.DataFrame(rows)
+    df.attrs["ignored_files"] = len(ignored)
+    return df
 
 
 def image_id(path: str | None, root: Path | str) -> str | None:
@@ -300,7 +357,7 @@ def image_id(path: str | None, root: Path | str) -> str | None:
         rel = os.path.relpath(path, base)
         p = Path(path if rel == os.pardir or rel.startswith(os.pardir + os.sep) else rel)
     name = p.name
-    for suffix in (".ome.tiff", ".ome.tif", ".ome.zarr"):
+    for suffix in COMPOUND_SUFFIXES:
         if name.lower().endswith(suffix):
             return p.with_name(name[: -len(suffix)]).as_posix()
     return p.with_suffix("").as_posix() if p.suffix else p.as_posix()
@@ -310,12 +367,13 @@ def source_root(cfg: InputConfig) -> Path | str:
     """Base of relative paths and ids: ``input.root``, else the manifest's folder (a URI for a manifest URI)."""
     if cfg.root is not None:
         return cfg.root
-    src = cfg.manifest or cfg.loaddata
-    if isinstance(src, str):
-        return src.rsplit("/", 1)[0]
-    if src is not None:
-        return src.parent
-    return cfg.folder if cfg.folder is not None else Path(cfg.ome_zarr).parent  # type: ignore[arg-type]
+    if cfg.folder is not None:
+        return cfg.folder
+    src = cfg.manifest or cfg.loaddata or cfg.ome_zarr
+    assert src is not None
+    if st.is_uri(src):
+        return str(src).rstrip("/").rsplit("/", 1)[0]
+    return Path(src).parent
 
 
 def load_image_table(cfg: InputConfig, *, storage: Any = None) -> pd.DataFrame:
@@ -323,7 +381,9 @@ def load_image_table(cfg: InputConfig, *, storage: Any = None) -> pd.DataFrame:
 
     Metadata values are kept as written (CSV text stays text, blanks are None; Parquet types kept);
     every path is resolved once against the manifest's folder (or ``input.root``) and stored absolute,
-    URIs (``s3://...``) as given. The id of a row depends on that row alone (:func:`image_id`).
+    URIs (``s3://...``) as given. The id of a row depends on that row alone (:func:`image_id`). Every source may
+    be on object storage (``storage``: its settings). A folder input leaves hidden and system files out
+    (:func:`list_folder`); ``.attrs["ignored_files"]`` of the result counts them.
 
     Raises:
         ConfigError: The source is missing or malformed, a channel has no column, two columns collide, or
@@ -332,13 +392,14 @@ def load_image_table(cfg: InputConfig, *, storage: Any = None) -> pd.DataFrame:
     if cfg.manifest is not None:
         df = _from_manifest(cfg, storage)
     elif cfg.loaddata is not None:
-        df = _from_loaddata(cfg)
+        df = _from_loaddata(cfg, storage)
     elif getattr(cfg, "ome_zarr", None) is not None:
         from msnoop.io.omezarr import ome_zarr_table
 
-        df = ome_zarr_table(cfg)
+        df = ome_zarr_table(cfg, storage=storage)
     else:
-        df = _from_folder(cfg)
+        df = _from_folder(cfg, storage)
+    ignored = df.attrs.get("ignored_files", 0)
     df = df.reset_index(drop=True)
     if cfg.id_column:
         col = _metadata_name(cfg.id_column)
@@ -363,7 +424,9 @@ def load_image_table(cfg: InputConfig, *, storage: Any = None) -> pd.DataFrame:
     if cfg.limit is not None:
         df = df.iloc[: cfg.limit].reset_index(drop=True)
     meta = [c for c in df.columns if c != ID_COLUMN and not c.startswith(PATH_PREFIX)]
-    return df[[ID_COLUMN, *meta, *[path_column(ch) for ch in cfg.channels]]]
+    out = df[[ID_COLUMN, *meta, *[path_column(ch) for ch in cfg.channels]]]
+    out.attrs["ignored_files"] = ignored
+    return out
 
 
 def table_schema(table: pd.DataFrame) -> pa.Schema:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
+import pandas as pd  # noqa: F401  (never used to read a manifest; the streaming tests patch its readers to prove it)
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
@@ -51,14 +51,26 @@ from msnoop.io.manifest import (
     source_root,
     table_schema,
 )
+from msnoop.io.readers import COMPOUND_SUFFIXES
 
 #: Rows per batch read from a manifest (the unit of work and of memory while streaming).
 BATCH_ROWS = 16_384
 
 #: Bytes per CSV block: the CSV reader reads ahead a number of blocks, so this bounds its buffers. With
 #: pyarrow 26 a 10^6-row manifest (150 MB) peaked at 41 MB of Arrow memory with 1 MB blocks and at 21 MB with
-#: 256 KB blocks, read in the same time (0.9 s); a single CSV row must fit in one block.
+#: 256 KB blocks, read in the same time (0.9 s). A row (the header too) must fit in one block: a file with a
+#: longer one is read again with blocks 4x larger (:func:`_is_block_error`), up to :data:`CSV_MAX_BLOCK_BYTES`.
 CSV_BLOCK_BYTES = 256 << 10
+
+#: The largest CSV block tried: a manifest row (or header) longer than this is refused, naming the file.
+CSV_MAX_BLOCK_BYTES = 1 << 30
+
+
+def _is_block_error(exc: BaseException) -> bool:
+    """Whether pyarrow's CSV reader failed because a row (or the header) is longer than its block."""
+    text = str(exc)
+    return "straddl" in text or "Empty CSV file or block" in text
+
 
 #: Bytes a Parquet manifest is read in (pages are streamed; without it a row group is buffered whole).
 PARQUET_BUFFER_BYTES = 1 << 20
@@ -93,6 +105,7 @@ class ImageTableSource:
     csv_names: list[str] = field(default_factory=list)  # column names of a CSV (pandas' names for repeats/blanks)
     delimiter: str = ","
     table: pa.Table | None = None  # kind "table": the whole image table
+    ignored_files: int = 0  # folder inputs: hidden and system files left out of the listing
 
     # ------------------------------------------------------------------------------------------- reading
 
@@ -130,34 +143,54 @@ class ImageTableSource:
                     for b in pf.iter_batches(batch_size=rows, columns=self._used_columns()):
                         yield pa.Table.from_batches([b])
                 return
-            with _open(self.location, self.storage) as fh:
-                reader = pacsv.open_csv(
-                    fh,
-                    read_options=pacsv.ReadOptions(
-                        column_names=self.csv_names, skip_rows=1, block_size=CSV_BLOCK_BYTES
-                    ),
-                    parse_options=_parse_options(self.delimiter),
-                    convert_options=pacsv.ConvertOptions(
-                        column_types=dict.fromkeys(self.csv_names, pa.string()),
-                        null_values=[""],
-                        strings_can_be_null=True,
-                        quoted_strings_can_be_null=True,
-                    ),
-                )
-                pending: list[pa.RecordBatch] = []
-                n = 0
-                for b in reader:
-                    pending.append(b)
-                    n += b.num_rows
-                    while n >= rows:
-                        table = pa.Table.from_batches(pending)
-                        yield table.slice(0, rows)
-                        rest = table.slice(rows)
-                        pending, n = rest.to_batches(), rest.num_rows
-                if n:
-                    yield pa.Table.from_batches(pending)
+            yield from self._csv_batches(rows)
         except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"manifest {self.location} cannot be read: {_short(exc)}") from None
+
+    def _csv_batches(self, rows: int) -> Iterator[pa.Table]:
+        """The CSV's rows in tables of ``rows``; a row longer than the block makes the file be read again with
+        larger blocks, from the first row not yet yielded (the result does not depend on the block size)."""
+        block, sent = CSV_BLOCK_BYTES, 0
+        while True:
+            seen = 0
+            try:
+                for table in self._csv_pass(rows, block):
+                    end = seen + table.num_rows
+                    if end > sent:  # rows a pass with smaller blocks yielded already are skipped
+                        yield table.slice(max(sent - seen, 0))
+                        sent = end
+                    seen = end
+                return
+            except pa.ArrowInvalid as exc:
+                if not _is_block_error(exc) or block >= CSV_MAX_BLOCK_BYTES:
+                    raise
+                block *= 4
+
+    def _csv_pass(self, rows: int, block: int) -> Iterator[pa.Table]:
+        with _open(self.location, self.storage) as fh:
+            reader = pacsv.open_csv(
+                fh,
+                read_options=pacsv.ReadOptions(column_names=self.csv_names, skip_rows=1, block_size=block),
+                parse_options=_parse_options(self.delimiter),
+                convert_options=pacsv.ConvertOptions(
+                    column_types=dict.fromkeys(self.csv_names, pa.string()),
+                    null_values=[""],
+                    strings_can_be_null=True,
+                    quoted_strings_can_be_null=True,
+                ),
+            )
+            pending: list[pa.RecordBatch] = []
+            n = 0
+            for b in reader:
+                pending.append(b)
+                n += b.num_rows
+                while n >= rows:
+                    table = pa.Table.from_batches(pending)
+                    yield table.slice(0, rows)
+                    rest = table.slice(rows)
+                    pending, n = rest.to_batches(), rest.num_rows
+            if n:
+                yield pa.Table.from_batches(pending)
 
     def _used_columns(self) -> list[str]:
         used = [src for src, _ in self.meta]
@@ -258,7 +291,7 @@ def image_ids(paths: list[str | None], root: Path | str) -> list[str | None]:
         rel = p[len(prefix) :]
         name = rel.rsplit("/", 1)[-1]
         low = name.lower()
-        ome = next((s for s in (".ome.tiff", ".ome.tif", ".ome.zarr") if low.endswith(s)), None)
+        ome = next((s for s in COMPOUND_SUFFIXES if low.endswith(s)), None)
         if ome is not None:
             out.append(rel[: -len(ome)])
             continue
@@ -290,7 +323,7 @@ def plan_image_table(cfg: InputConfig, *, storage: Any = None, mask_column: str 
     if cfg.manifest is not None:
         src = _plan_manifest(cfg, storage)
     elif cfg.loaddata is not None:
-        src = _plan_loaddata(cfg)
+        src = _plan_loaddata(cfg, storage)
     else:  # folder / OME-Zarr sources are listings: built whole (their size is the number of files listed)
         df = load_image_table(cfg, storage=storage)
         if mask_column is not None:
@@ -308,6 +341,7 @@ def plan_image_table(cfg: InputConfig, *, storage: Any = None, mask_column: str 
             channels=list(cfg.channels),
             schema=schema,
             table=metadata_arrow(df, schema),
+            ignored_files=int(df.attrs.get("ignored_files", 0)),
         )
     names = [n for _, n in src.meta] + [path_column(ch) for ch in cfg.channels]
     if cfg.id_column:
@@ -387,10 +421,10 @@ def _source(
     )
 
 
-def _plan_loaddata(cfg: InputConfig) -> ImageTableSource:
+def _plan_loaddata(cfg: InputConfig, storage: Any = None) -> ImageTableSource:
     assert cfg.loaddata is not None
     location = str(cfg.loaddata)
-    kind, columns, types, delimiter = _read_header(location, cfg.dtypes, None)
+    kind, columns, types, delimiter = _read_header(location, cfg.dtypes, storage)
     if kind != "csv":
         raise ConfigError(f"LoadData file {location}: expected a CSV file")
     paths: dict[str, tuple[str | None, str | None, str | None]] = {}
@@ -404,7 +438,18 @@ def _plan_loaddata(cfg: InputConfig) -> ImageTableSource:
         cols = [f"FileName_{key}", f"PathName_{key}", f"URL_{key}"]
         paths[ch] = tuple(c if c in columns else None for c in cols)  # type: ignore[assignment]
     meta_cols = [c for c in columns if not c.startswith(("FileName_", "PathName_", "URL_"))]
-    return _source(cfg, "loaddata", location, columns, types, meta_cols, paths, csv_names=columns, delimiter=delimiter)
+    return _source(
+        cfg,
+        "loaddata",
+        location,
+        columns,
+        types,
+        meta_cols,
+        paths,
+        storage=storage,
+        csv_names=columns,
+        delimiter=delimiter,
+    )
 
 
 def _declared(dtypes: dict[str, str] | None, columns: list[str], location: str) -> dict[str, str]:
@@ -449,18 +494,32 @@ def _read_header(
             f"manifest {location}: expected a .csv, .csv.gz or .parquet file, found {Path(name).suffix!r}"
         )
     delimiter = "\t" if suffixes.endswith(".tsv") else ","
-    try:
-        with _open(location, storage) as fh:
-            header = pacsv.open_csv(
-                fh,
-                read_options=pacsv.ReadOptions(block_size=1 << 16),
-                parse_options=_parse_options(delimiter),
-                convert_options=pacsv.ConvertOptions(include_columns=[]),
-            ).schema.names
-    except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"manifest {location} cannot be read: {_short(exc)}") from None
+    block = 1 << 16
+    while True:  # a header longer than the block is read again with larger blocks (no width limit)
+        try:
+            with _open(location, storage) as fh:
+                header = pacsv.open_csv(
+                    fh,
+                    read_options=pacsv.ReadOptions(block_size=block),
+                    parse_options=_parse_options(delimiter),
+                    convert_options=pacsv.ConvertOptions(include_columns=[]),
+                ).schema.names
+            break
+        except pa.ArrowInvalid as exc:
+            if _is_block_error(exc) and block < CSV_MAX_BLOCK_BYTES and _longer_than(location, storage, block):
+                block *= 4
+                continue
+            raise ConfigError(f"manifest {location} cannot be read: {_short(exc)}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"manifest {location} cannot be read: {_short(exc)}") from None
     columns = _pandas_names(header)
     return "csv", columns, dict.fromkeys(columns, pa.string()), delimiter
+
+
+def _longer_than(location: str, storage: Any, size: int) -> bool:
+    """Whether the (decompressed) file holds more than ``size`` bytes: a larger block can then still help."""
+    with _open(location, storage) as fh:
+        return len(fh.read(size + 1)) > size
 
 
 def _pandas_names(header: list[str]) -> list[str]:
@@ -590,8 +649,3 @@ def ids_of(source: ImageTableSource, hashes: np.ndarray, rows: int = BATCH_ROWS,
         if len(out) >= at_most:
             break
     return out[:at_most]
-
-
-def image_table_frame(source: ImageTableSource) -> pd.DataFrame:
-    """The whole streamed table as a DataFrame (small tables and tests only: memory grows with the table)."""
-    return pa.concat_tables([b for _, b in source.batches()] or [source.schema.empty_table()]).to_pandas()

@@ -75,14 +75,13 @@ def save_checkpoint(
         "meta": dict(meta or {}),
     }
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    with st.atomic_path(path) as tmp:  # complete or absent
+        torch.save(payload, tmp)
     return path
 
 
 def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB chunks (the identity of a checkpoint in run records)."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):

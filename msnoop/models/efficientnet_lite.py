@@ -49,6 +49,7 @@ class SameConv2d(nn.Conv2d):
     """``nn.Conv2d`` with TensorFlow's "same" padding (asymmetric for even excess), computed per input size."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[N, C, H, W] -> [N, C', ceil(H / s), ceil(W / s)]``, padded as TensorFlow's ``padding="SAME"``."""
         pads = []
         for size, k, s in zip(x.shape[-2:][::-1], self.kernel_size[::-1], self.stride[::-1], strict=True):
             out = math.ceil(size / s)
@@ -78,6 +79,7 @@ class MBConv(nn.Module):
         self.residual = stride == 1 and cin == cout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Expand (1x1), depthwise conv, project (1x1), plus the input when the shape allows."""
         y = F.relu6(self._bn0(self._expand_conv(x))) if self.expand else x
         y = F.relu6(self._bn1(self._depthwise_conv(y)))
         y = self._bn2(self._project_conv(y))
@@ -139,6 +141,7 @@ class EfficientNetLite(nn.Module):
         return [got[t] for t in taps]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """ImageNet-1k logits: ``[N, 3, H, W] -> [N, 1000]``."""
         return self._fc(self.features(x, ("final",))[0].mean(dim=(-2, -1)))
 
 
@@ -210,6 +213,7 @@ class ImageNetTeacher(nn.Module):
 
     @property
     def embed_dim(self) -> int:
+        """Length of one channel's embedding: the summed widths of the taps."""
         return sum(TAP_CHANNELS[t] for t in self.taps)
 
     def train(self, mode: bool = True) -> ImageNetTeacher:
@@ -223,5 +227,6 @@ class ImageNetTeacher(nn.Module):
         return [m.mean(dim=(-2, -1)) for m in maps]
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """``[N, 1, H, W]`` tiles -> ``[N, embed_dim]``: per tap the L2-normalised global average, concatenated."""
         parts = [F.normalize(p, dim=1) for p in self.pooled(x)]
         return torch.cat(parts, dim=1)

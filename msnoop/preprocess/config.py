@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import Field
 
 from msnoop.core.config import StrictModel as _Strict
-from msnoop.preprocess.presets import Preprocessing
+from msnoop.preprocess.presets import Mode, Preprocessing, Preset
 
 
 class PreprocessConfig(_Strict):
     """Overrides of the checkpoint's preprocessing; ``None`` keeps the checkpoint's value."""
 
-    preset: Literal["microsnoop", "cytoimagenet"] | None = None
-    mode: Literal["native", "rescale", "tile", "tight"] = Field(
+    preset: Preset | None = None
+    mode: Mode = Field(
         "native",
         description="native: zero-pad to the input size (tile images larger than it); tight: zero-pad to the "
         "smallest multiple of 16 px (at least 64) that holds the image, about 12x fewer FLOPs for a 64 px cell "
@@ -24,6 +22,7 @@ class PreprocessConfig(_Strict):
     tile_overlap: float = Field(0.1, ge=0.05, le=0.5)
 
     def resolve(self, stored: Preprocessing | None = None) -> Preprocessing:
+        """The preprocessing to use: these overrides on top of ``stored`` (a checkpoint's), else the defaults."""
         base = stored or Preprocessing()
         return Preprocessing(
             preset=self.preset or base.preset,

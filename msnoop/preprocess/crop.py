@@ -1,7 +1,7 @@
 """Cell-region crops around segmented instances (Microsnoop's full-field pipeline).
 
 A port of ``microsnoop/preprocess/crop.py::crop_inst`` with ``rsc_crop=True`` and ``mode='bbox'``
-(see ANCHORS 1.6), which is how Microsnoop crops BBBC021 (``rsc_crop_ratio=2``) and TissueNet / LIVECell
+in microsnoop-publish, which is how Microsnoop crops BBBC021 (``rsc_crop_ratio=2``) and TissueNet / LIVECell
 (ratio 1). For every instance, in increasing label order:
 
 * bounding box ``min_row, min_col, max_row, max_col`` (**inclusive** maxima, as ``find_inst_bbox``);

@@ -1,6 +1,6 @@
 """Preprocessing presets: how one channel of one image becomes model input tiles.
 
-``microsnoop`` follows Microsnoop's ``extract_embeddings`` exactly (ANCHORS 1.5):
+``microsnoop`` follows Microsnoop's ``extract_embeddings`` (microsnoop-publish) exactly:
 
 * ``native`` mode: an image whose sides fit the input size is zero-padded (centred) to it; a larger
   image is cut into input-size tiles with 10 % overlap (tile mode switches on automatically).
@@ -30,12 +30,16 @@ from pydantic import BaseModel, ConfigDict, Field
 from msnoop.preprocess.geometry import make_tiles, pad_center, pad_to_square, resize
 from msnoop.preprocess.normalize import normalize99
 
+#: Normalisation presets: ``microsnoop`` (Microsnoop's ``normalize99``), ``cytoimagenet`` (wider, clipped).
+Preset = Literal["microsnoop", "cytoimagenet"]
+#: How an image becomes model inputs: pad (tile when larger), pad to square and resize, always tile, or pad to the
+#: smallest canvas that holds the image.
+Mode = Literal["native", "rescale", "tile", "tight"]
+
 PRESETS: dict[str, dict[str, float | bool]] = {
     "microsnoop": {"lower": 1.0, "upper": 99.0, "clip": False},
     "cytoimagenet": {"lower": 0.1, "upper": 99.9, "clip": True},
 }
-
-Mode = Literal["native", "rescale", "tile", "tight"]
 
 #: Sides of ``tight`` canvases are multiples of this many pixels (the encoder pools three times: 8 would do;
 #: 16 keeps the deepest map's sides even).
@@ -49,7 +53,7 @@ class Preprocessing(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    preset: Literal["microsnoop", "cytoimagenet"] = "microsnoop"
+    preset: Preset = "microsnoop"
     mode: Mode = Field(
         "native",
         description="native: pad to the input size, tile if larger; rescale: pad to square + resize; tile: always "
@@ -59,6 +63,7 @@ class Preprocessing(BaseModel):
     tile_overlap: float = Field(0.1, ge=0.05, le=0.5)
 
     def model_post_init(self, __context: object) -> None:
+        """Refuse an input size the U-Net cannot pool (not a multiple of 8) with a ValueError."""
         if self.input_size % 8:
             raise ValueError(
                 f"input_size must be a multiple of 8 (the U-Net pools three times), found {self.input_size}"

@@ -14,9 +14,9 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from msnoop.core.filters import table_filter_error
 from msnoop.core.parts import ID_COLUMN
 from msnoop.store.index import (
-    ANN_KINDS,
     DISTANCE,
     EXACT_FILTER_ROWS,
     _table,
@@ -25,22 +25,9 @@ from msnoop.store.index import (
     vector_index,
 )
 from msnoop.store.lance import VECTOR
+from msnoop.vectors.distance import ANN_KINDS, distances
 
 logger = logging.getLogger(__name__)
-
-
-def _distances(X: np.ndarray, q: np.ndarray, metric: str) -> np.ndarray:
-    """LanceDB's distances: cosine ``1 - cos``, ``l2`` squared Euclidean, ``dot`` ``1 - x.q``."""
-    if metric == "cosine":
-        norms = np.linalg.norm(X, axis=1) * float(np.linalg.norm(q))
-        with np.errstate(divide="ignore", invalid="ignore"):
-            cos = np.where(norms > 0, X @ q / norms, 0.0)
-        return (1.0 - cos).astype(np.float32)
-    if metric == "l2":
-        return ((X - q) ** 2).sum(axis=1).astype(np.float32)
-    if metric == "dot":
-        return (1.0 - X @ q).astype(np.float32)
-    raise ValueError(f"expected metric 'cosine', 'l2' or 'dot', found {metric!r}")
 
 
 def _exact_filtered(tbl: Any, vector: np.ndarray, where: str, limit: int, metric: str) -> pd.DataFrame:
@@ -48,7 +35,7 @@ def _exact_filtered(tbl: Any, vector: np.ndarray, where: str, limit: int, metric
     rows = tbl.search().where(where).limit(None).to_arrow()
     col = rows.column(VECTOR).combine_chunks()
     X = np.asarray(col.flatten(), dtype=np.float32).reshape(rows.num_rows, -1)
-    dist = _distances(X, np.asarray(vector, dtype=np.float32).ravel(), metric)
+    dist = distances(X, np.asarray(vector, dtype=np.float32).ravel(), metric)
     order = np.argsort(dist, kind="stable")[:limit]
     df = rows.take(pa.array(order)).to_pandas()
     df[DISTANCE] = dist[order]
@@ -91,6 +78,7 @@ def search_vector_ann(
 
     Raises:
         ValueError: ``exact=False`` on a table without a vector index.
+        FilterError: ``where`` is not a filter this table can use (the message says how to write it).
     """
     tbl = _table(ref)
     info = vector_index(tbl)
@@ -98,7 +86,10 @@ def search_vector_ann(
     n_rows = info["num_indexed_rows"] + info["num_unindexed_rows"] if info else None
     matches = None
     if where:
-        matches = int(tbl.count_rows(where))
+        try:
+            matches = int(tbl.count_rows(where))
+        except Exception as exc:  # LanceDB raises several types for a filter it cannot use
+            raise table_filter_error(where, tbl.schema, exc, what="--where") from None
     if exact is False and info is None:
         raise ValueError("exact=False but the table has no vector index; build one with ensure_index()")
     if exact is None:

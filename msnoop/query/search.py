@@ -14,66 +14,106 @@ import numpy as np
 import pandas as pd
 
 from msnoop.core import storage as st
-from msnoop.core.parts import ID_COLUMN, RUN_FILE
+from msnoop.core.filters import table_filter_error
+from msnoop.core.parts import ID_COLUMN
+from msnoop.core.rundir import RunDir
 from msnoop.core.storage import StorageConfig
 from msnoop.io.readers import check_image, read_image
-from msnoop.models.checkpoint import CheckpointError, resolve_model
-from msnoop.preprocess.presets import Preprocessing
+from msnoop.models.loading import load_recorded
 from msnoop.store.lance import VECTOR, open_table, table_info
+from msnoop.vectors.postprocess import load_postprocessor
 
 
 @dataclass
 class TableRef:
+    """An open LanceDB table with what it records about itself.
+
+    Attributes:
+        table: The LanceDB table.
+        info: Its ``msnoop`` schema metadata (model, preprocessing, channels, post-processing).
+        uri: The LanceDB database.
+        name: The table's name.
+    """
+
     table: Any
     info: dict[str, Any]
     uri: str
     name: str
 
 
-def open_results(target: str | Path, table: str | None = None, *, storage: StorageConfig | None = None) -> TableRef:
+def open_results(
+    target: str | Path, table: str | None = None, *, storage: StorageConfig | None = None, complete: bool = True
+) -> TableRef:
     """Open the LanceDB table of a job output folder, or ``table`` in the LanceDB at ``target``.
 
     ``target`` may be a local folder or an object storage URI (``s3://bucket/run1``): ``run.json`` is read
     through :mod:`msnoop.core.storage` and LanceDB is connected with the same endpoint settings (``storage``,
-    default the environment: ``AWS_ENDPOINT_URL``...; credentials from the environment).
+    default the environment: ``AWS_ENDPOINT_URL``...; credentials from the environment). With ``complete``
+    (default) an output folder that is being written or was left unfinished is refused
+    (:meth:`msnoop.core.rundir.RunDir.check_complete`) instead of searched as a partial snapshot.
 
     Raises:
         ValueError: ``target`` is not an output folder and no ``table`` is given, or its table is not written yet.
+        RunStateError: The folder is being written by another process or was left unfinished (``complete``).
         KeyError: The LanceDB has no such table.
     """
-    import json
-
-    run_dir: str | Path | None = None
-    run_file = st.join(target, RUN_FILE)
+    run = RunDir(target, storage)
     try:
-        is_run = st.exists(run_file, storage)
+        is_run = run.exists()
     except st.StorageError:  # a LanceDB-only scheme (db://, LanceDB Cloud): not a folder msnoop reads itself
         is_run = False
-    if is_run:
-        run = json.loads(st.read_text(run_file, storage))
-        uri, name = run["lancedb"], table or run["table"]
-        if not st.is_uri(uri) and not Path(uri).is_absolute() and not Path(uri).exists():
-            uri = str(st.join(target, "lancedb"))
-        run_dir = target
-    else:
-        if table is None:
+    if not is_run:
+        inside = _inside_output(target, table)
+        if inside is None and table is None:
             raise ValueError(
-                f"{target} is not an msnoop output folder (no {RUN_FILE}); give a LanceDB URI with --table NAME"
+                f"{target} is not an msnoop output folder (no {RunDir.RUN_FILE}) nor a LanceDB table (.lance); give "
+                "an output folder, or a LanceDB URI with --table NAME"
             )
-        uri, name = str(target), table
-    options = st.storage_options(uri, storage) or None
-    if run_dir is not None:
+        if inside is not None and complete and RunDir(Path(target).parent).exists():
+            RunDir(Path(target).parent).check_complete("search")  # a folder inside an output folder
+        uri, name = inside or (str(target), str(table))
         try:
-            tbl = open_table(uri, name, storage_options=options)
+            tbl = open_table(uri, name, storage_options=st.storage_options(uri, storage) or None)
         except KeyError:
-            raise ValueError(
-                f"{target}: the LanceDB table {name!r} has not been written yet (the embed run that writes it did "
-                f"not finish, or ran with output.write_lance: false). Re-run `msnoop embed "
-                f"{st.join(run_dir, 'resolved_config.yaml')}` to finish it: images already embedded are kept and skipped"
-            ) from None
+            raise ValueError(f"{target}: LanceDB {uri} has no table {name!r}") from None
         return TableRef(table=tbl, info=table_info(tbl), uri=uri, name=name)
-    tbl = open_table(uri, name, storage_options=options)
+    if complete:
+        run.check_complete("search")
+    info = run.read_info()
+    uri, name = run.recorded_lancedb_uri(info), table or info.get("table")
+    try:
+        if name is None:
+            raise KeyError(name)
+        tbl = open_table(uri, name, storage_options=st.storage_options(uri, storage) or None)
+    except KeyError:
+        verb = info.get("job") or "embed"
+        raise ValueError(
+            f"{target}: the LanceDB table {name!r} has not been written yet (the {verb} run that writes it did "
+            f"not finish, or ran with output.write_lance: false). Re-run `msnoop {verb} {run.config_file}` to finish "
+            "it" + (": images already embedded are kept and skipped" if verb == "embed" else "")
+        ) from None
     return TableRef(table=tbl, info=table_info(tbl), uri=uri, name=name)
+
+
+def _inside_output(target: str | Path, table: str | None) -> tuple[str, str] | None:
+    """``(LanceDB URI, table name)`` of a local folder that stands for a LanceDB table: a ``.lance`` folder, or a
+    folder inside an output folder: ``embeddings/`` (the run's table), ``cells/`` (``<table>_cells``),
+    ``lancedb/`` (the run's table). None otherwise."""
+    if st.is_uri(target):
+        return None
+    path = st.local_path(target)
+    if path.suffix == ".lance" and path.is_dir():
+        return str(path.parent), table or path.stem
+    parent = RunDir(path.parent)
+    if path.name not in (RunDir.EMBEDDINGS, RunDir.CELLS, RunDir.LANCEDB) or not parent.exists():
+        return None
+    info = parent.read_info()
+    name = table or info.get("table")
+    if not name:
+        return None
+    if path.name == RunDir.CELLS and table is None:
+        name = f"{name}_cells"
+    return parent.recorded_lancedb_uri(info), str(name)
 
 
 def _vector_of(ref: TableRef, image_id: str) -> np.ndarray:
@@ -114,7 +154,7 @@ def search_by_match(
     try:
         rows = ref.table.search().where(match).select([VECTOR]).limit(None).to_arrow()
     except Exception as exc:  # LanceDB raises several types for a bad SQL filter
-        raise ValueError(f"--match {match!r} is not a valid filter on table {ref.name!r}: {exc}") from exc
+        raise table_filter_error(match, ref.table.schema, exc, what="--match") from None
     if rows.num_rows == 0:
         raise KeyError(f"no row of table {ref.name!r} ({ref.uri}) matches {match!r}")
     query = np.asarray(rows.column(VECTOR).to_pylist(), dtype=np.float32).mean(axis=0)
@@ -141,26 +181,15 @@ def embed_query(ref: TableRef, paths: list[str | Path]) -> np.ndarray:
         raise ValueError(
             f"table {ref.name!r} has channels {channels}: give one --image per channel in that order, found {len(paths)}"
         )
-    spec = Preprocessing(**info["preprocess"])
-    model = resolve_model(info["model"], preprocess=spec)
-    if info.get("model_sha256") and model.sha256 != info["model_sha256"]:
-        raise CheckpointError(
-            f"the checkpoint {model.source} has changed since table {ref.name!r} was built "
-            f"(sha256 {model.sha256[:12] if model.sha256 else None} != {info['model_sha256'][:12]}); re-embed the table"
-        )
-    model.preprocess = spec
+    model = load_recorded(info, what=f"table {ref.name!r}")
     images = []
     for p in paths:
         img = read_image(p)
         check_image(img, p)
         images.append(img)
     vector = Embedder(model).embed_images([images])[0]
-    post = info.get("postprocess") or {"method": "raw"}
-    if post.get("method") == "standardize":  # the table stores standardised vectors: transform the query alike
-        from msnoop.correct.normalize import Standardizer
-
-        vector = Standardizer.from_dict(post).transform(vector[None])[0]
-    return vector
+    # the table stores post-processed vectors (its fitted transform is in its metadata): transform the query alike
+    return load_postprocessor(info.get("postprocess")).transform(vector[None])[0]
 
 
 def search_image(

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import inspect
 import logging
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, get_args
+
+from msnoop.segment.config import Backend
 
 if TYPE_CHECKING:
     import numpy as np
@@ -44,7 +46,7 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-BACKENDS = ("builtin", "cellpose", "mask")
+BACKENDS: tuple[str, ...] = get_args(Backend)
 
 
 def _backend_fn(backend: str):
@@ -66,7 +68,7 @@ def _keyword_params(backend: str) -> set[str]:
     return {name for name, p in sig.parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
-def segment(image: np.ndarray, *, backend: Literal["builtin", "cellpose"] = "builtin", **params: Any) -> np.ndarray:
+def segment(image: np.ndarray, *, backend: Backend = "builtin", **params: Any) -> np.ndarray:
     """Segment nuclei in one channel with the chosen backend.
 
     Args:

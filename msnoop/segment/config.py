@@ -15,6 +15,10 @@ if TYPE_CHECKING:
     import numpy as np
 
 
+#: Segmentation backends: scikit-image's pipeline, cellpose 3.1 with local weights, or existing label masks.
+Backend = Literal["builtin", "cellpose", "mask"]
+
+
 class SegmentationConfig(BaseModel):
     """How to segment nuclei before cell-region cropping (a section of a job config).
 
@@ -24,7 +28,7 @@ class SegmentationConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    backend: Literal["builtin", "cellpose", "mask"] = "builtin"
+    backend: Backend = "builtin"
     column: str | None = Field(
         None, description="mask only: manifest column with each image's label-mask file (relative to the manifest)"
     )

@@ -30,25 +30,31 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
+from msnoop.core import storage as st
 from msnoop.core.config import StrictModel as _Strict
-from msnoop.core.config import save_resolved
+from msnoop.core.rundir import RunDir
+from msnoop.core.runtime import UseGpu
 from msnoop.core.runtime_env import RuntimeEnvConfig, runtime_env_field
+from msnoop.io.readers import readable_suffixes
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["SegTrainJob", "find_pairs", "run_segtrain", "split_pairs"]
 
 THRESHOLDS = (0.5, 0.75, 0.9)
-IMAGE_SUFFIXES = (".png", ".tif", ".tiff")
 
 
 class SegTrainData(_Strict):
+    """The image/mask pairs to train and score on."""
+
     images: Path = Field(..., description="folder of nucleus images (sub-folders allowed)")
     masks: Path = Field(..., description="folder of instance label images with the same relative paths")
     limit: int | None = Field(None, ge=2, description="first N pairs per sub-folder (smoke runs)")
 
 
 class SegTrainParams(_Strict):
+    """cellpose 3.1's training settings."""
+
     epochs: int = Field(100, ge=1, description="passes over the training images (one random crop each)")
     batch_size: int = Field(8, ge=1)
     learning_rate: float = Field(0.005, gt=0, description="AdamW learning rate (cellpose 3.1 default)")
@@ -60,6 +66,8 @@ class SegTrainParams(_Strict):
 
 
 class SegTrainOutput(_Strict):
+    """Where the run writes (its :class:`~msnoop.core.rundir.RunDir`) and where winning weights are shipped."""
+
     dir: Path
     ship_to: Path | None = Field(
         None, description="copy the weights here if they beat the built-in backend on the held-out images"
@@ -68,12 +76,14 @@ class SegTrainOutput(_Strict):
 
 
 class SegTrainJob(_Strict):
+    """``job: segtrain``: train a cellpose nucleus model offline, score it against the built-in backend."""
+
     job: Literal["segtrain"] = "segtrain"
     name: str = "msnoop_nuclei"
     data: SegTrainData
     train: SegTrainParams = Field(default_factory=SegTrainParams)
     output: SegTrainOutput
-    use_gpu: Literal["auto", "yes", "no"] = "auto"
+    use_gpu: UseGpu = "auto"
     runtime_env: RuntimeEnvConfig | None = runtime_env_field()
 
 
@@ -86,7 +96,8 @@ def find_pairs(images: Path, masks: Path, *, limit: int | None = None) -> tuple[
     for folder, what in ((images, "images"), (masks, "masks")):
         if not folder.is_dir():
             raise FileNotFoundError(f"segtrain: {what} folder {folder} does not exist")
-    files = sorted(p for p in images.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    suffixes = readable_suffixes()
+    files = sorted(p for p in images.rglob("*") if p.suffix.lower() in suffixes and p.is_file())
     pairs, unmatched = [], []
     per_folder: dict[Path, int] = {}
     for p in files:
@@ -104,7 +115,7 @@ def find_pairs(images: Path, masks: Path, *, limit: int | None = None) -> tuple[
             f"segtrain: none of the {len(files)} images under {images} has a mask with the same relative path "
             f"under {masks} (expected e.g. {masks / files[0].relative_to(images)})"
             if files
-            else f"segtrain: no image ({', '.join(IMAGE_SUFFIXES)}) under {images}"
+            else f"segtrain: no image ({', '.join(suffixes)}) under {images}"
         )
     return pairs, unmatched
 
@@ -134,8 +145,10 @@ def _score(pairs: list[tuple[Path, Path]], root: Path, backends: dict[str, Any])
     """Per-image AP of every backend (``name -> image -> labels``); each pair is read once."""
     from msnoop.segment.metrics import match_instances, read_pair
 
+    from msnoop.core.progress import progress_bar
+
     rows: dict[str, list[dict[str, Any]]] = {name: [] for name in backends}
-    for img_path, mask_path in pairs:
+    for img_path, mask_path in progress_bar(pairs, "segmentation (held-out images)", unit="img"):
         img, gt = read_pair(img_path, mask_path)
         for name, segment_fn in backends.items():
             t0 = time.perf_counter()
@@ -151,7 +164,7 @@ def _score(pairs: list[tuple[Path, Path]], root: Path, backends: dict[str, Any])
                 "ms": round(ms, 1),
             }
             rows[name].append(row)
-            logger.info("%s %s: AP@0.5 %.3f (%d true, %d predicted)", name, row["image"], r.ap[0], r.n_true, r.n_pred)
+            logger.debug("%s %s: AP@0.5 %.3f (%d true, %d predicted)", name, row["image"], r.ap[0], r.n_true, r.n_pred)
     return rows
 
 
@@ -245,7 +258,7 @@ def run_segtrain(job: SegTrainJob) -> dict[str, Any]:
     labels = [y for _, y in train_data]
     out = job.output.dir
     out.mkdir(parents=True, exist_ok=True)
-    save_resolved(job, out)
+    RunDir(out).save_config(job)
 
     gpu = _use_gpu(job.use_gpu)
     torch.manual_seed(job.train.seed)
@@ -319,14 +332,14 @@ def run_segtrain(job: SegTrainJob) -> dict[str, Any]:
         rec["shipped"] = "no: it does not beat the built-in backend on the held-out images"
     else:
         rec["shipped"] = f"yes, copied to `{ship_to}`"
-    (out / "segtrain.json").write_text(json.dumps(rec, indent=2) + "\n")
+    st.write_text(out / "segtrain.json", json.dumps(rec, indent=2) + "\n")  # complete or absent
     card = _card(job, rec)
-    (out / "SEGMENTATION_CARD.md").write_text(card)
+    st.write_text(out / "SEGMENTATION_CARD.md", card)
     if ship_to is not None:
         ship_to.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(weights, ship_to)
         # the card travels with the weights, so whoever finds the file finds how it was made and scored
-        ship_to.with_name(ship_to.name + ".md").write_text(card)
+        st.write_text(ship_to.with_name(ship_to.name + ".md"), card)
     logger.info("segtrain %s: %s", job.name, json.dumps(holdout))
     return rec
 

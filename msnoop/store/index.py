@@ -11,8 +11,8 @@ of :func:`search_params`. Quantised distances are approximate (PQ alone: recall@
 full vectors, which is what brings recall@10 to >= 0.95.
 
 Filters: an IVF index probes a few partitions, so with a selective ``where`` most matching rows are
-never looked at (recall@10 0.5-0.7 in ENVIRONMENT.md). :func:`search_vector_ann` counts the matching
-rows first; when they are few (at most ``exact_filter_rows``, default 20,000) it reads just those rows
+never looked at (recall@10 0.5-0.7, measured with ``jobs/bench_search.py``). :func:`search_vector_ann` counts
+the matching rows first; when they are few (at most ``exact_filter_rows``, default 20,000) it reads just those rows
 and ranks them exactly in NumPy, otherwise it pre-filters the ANN search and widens ``nprobes`` in
 proportion to ``N / matches``. (LanceDB's own exact path, ``bypass_vector_index()`` with a prefilter,
 decodes the vector column of every row: 2-5 s per query on 200k x 768 for a filter matching 2,000 rows,
@@ -28,15 +28,13 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Any, Literal
+from typing import Any
 
 from msnoop.store.lance import VECTOR
+from msnoop.vectors.distance import ANN_KINDS, IndexKind, SearchMetric
 
 logger = logging.getLogger(__name__)
 
-IndexKind = Literal["auto", "none", "ivf_pq", "ivf_sq", "hnsw"]
-#: Index types this module builds and tunes.
-ANN_KINDS = ("ivf_pq", "ivf_sq", "hnsw")
 #: What ``kind="auto"`` builds (see the module docstring for the measurements behind it).
 AUTO_KIND = "ivf_sq"
 DISTANCE = "_distance"
@@ -153,7 +151,7 @@ def ensure_index(
     *,
     kind: IndexKind = "auto",
     threshold_rows: int = THRESHOLD_ROWS,
-    metric: Literal["cosine", "l2", "dot"] = "cosine",
+    metric: SearchMetric = "cosine",
     num_partitions: int | None = None,
     num_sub_vectors: int | None = None,
     sample_rate: int = 256,

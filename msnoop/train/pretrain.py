@@ -28,11 +28,14 @@ from typing import Any
 import torch
 
 from msnoop.core.config import save_resolved
+from msnoop.core.progress import progress_bar
+from msnoop.core.storage import atomic_path
 from msnoop.models.checkpoint import file_sha256, save_checkpoint
 from msnoop.models.registry import create_model
 from msnoop.preprocess.presets import Preprocessing
 from msnoop.train.config import PretrainJob, absolutize
 from msnoop.train.data import ChannelPool
+from msnoop.train.distill import network_state
 from msnoop.train.loop import TrainState, build_state, train_steps
 
 logger = logging.getLogger(__name__)
@@ -66,7 +69,14 @@ def run_dir(job: PretrainJob) -> Path:
 
 def _identity(job_data: dict[str, Any]) -> dict[str, Any]:
     """The settings a checkpoint must share with the job that resumes it."""
-    return {"model": job_data["model"], "crop_size": job_data["data"]["crop_size"], "mask": job_data["mask"]}
+    return {
+        "model": job_data["model"],
+        "crop_size": job_data["data"]["crop_size"],
+        "crop_sizes": job_data["data"].get("crop_sizes"),
+        "mask": job_data["mask"],
+        "distill": job_data.get("distill"),
+        "spread": job_data.get("spread"),
+    }
 
 
 def latest_checkpoint_dir(job: PretrainJob) -> Path | None:
@@ -77,6 +87,7 @@ def latest_checkpoint_dir(job: PretrainJob) -> Path | None:
 
 
 def load_state_file(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """A checkpoint's ``state.pt`` (tensors only, ``weights_only``) mapped to ``device``."""
     return torch.load(path, map_location=device, weights_only=True)
 
 
@@ -134,7 +145,9 @@ def train_func(config: dict[str, Any]) -> None:
     pool = ChannelPool.from_config(job.data)
     state = build_state(job)
     _restore(state, job, torch.device("cpu"))
-    state.net = ray.train.torch.prepare_model(state.net)  # moves to the device; DDP when world > 1
+    # moves to the device; DDP when world > 1 (without the decoder pass its parameters get no gradient)
+    unused = {"find_unused_parameters": True} if job.mask.weight == 0 else None
+    state.net = ray.train.torch.prepare_model(state.net, parallel_strategy_kwargs=unused)
     for opt_state in state.optimizer.state.values():  # optimiser moments follow the parameters
         for k, v in opt_state.items():
             if torch.is_tensor(v) and k != "step":
@@ -146,23 +159,33 @@ def train_func(config: dict[str, Any]) -> None:
     t_start = time.time()
 
     cpu_budget = job.train.max_cpu_minutes * 60 if job.train.max_cpu_minutes is not None else None
-    cpu0 = time.process_time()  # this process, all threads: a budget that other jobs on the machine do not eat
+    # this process, all threads: a budget that other jobs on the machine do not eat, summed over the stretches
+    # of a resumed run (the checkpoint carries the CPU seconds spent before)
+    cpu0, cpu_before = time.process_time(), state.cpu_s
 
-    def should_stop(_: TrainState) -> bool:
+    def should_stop(st: TrainState) -> bool:
+        st.cpu_s = cpu_before + time.process_time() - cpu0
         late = deadline is not None and time.time() > deadline
-        spent = cpu_budget is not None and time.process_time() - cpu0 > cpu_budget
+        spent = cpu_budget is not None and st.cpu_s > cpu_budget
         flag = torch.tensor([1.0 if late or spent else 0.0], device=device)
         if world > 1 and dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops at the same step
         return bool(flag.item() > 0)
 
+    # rank 0 draws the bar where its stderr is a terminal (local mode); Ray workers' logs get none
+    bar = progress_bar(
+        job.train.steps, "pretraining", unit="step", initial=state.step, enabled=None if rank == 0 else False
+    )
+
     def on_log(record: dict[str, float]) -> None:
         if rank != 0:
             return
+        bar.update(int(record["step"]) - bar.n)
+        bar.set_postfix_str(f"loss {record['loss']:.4g}", refresh=False)
         line = {
             "time": time.time(),
             "elapsed_s": round(time.time() - t_start, 3),
-            "cpu_s": round(time.process_time() - cpu0, 2),
+            "cpu_s": round(cpu_before + time.process_time() - cpu0, 2),
             "world_size": world,
             **record,
         }
@@ -186,8 +209,8 @@ def train_func(config: dict[str, Any]) -> None:
         if local_mode:  # local mode does not persist reported checkpoints: write them in place
             target = run_dir(job) / name
             target.mkdir(parents=True, exist_ok=True)
-            torch.save(payload, target / (STATE_FILE + ".tmp"))
-            (target / (STATE_FILE + ".tmp")).replace(target / STATE_FILE)  # atomic: a kill never leaves half a file
+            with atomic_path(target / STATE_FILE) as tmp:  # a kill never leaves half a file
+                torch.save(payload, tmp)
             for old in sorted(run_dir(job).glob("checkpoint_[0-9]*"))[: -job.output.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(target)))
@@ -207,6 +230,7 @@ def train_func(config: dict[str, Any]) -> None:
         on_log=on_log,
         on_checkpoint=on_checkpoint,
     )
+    bar.close()
     if rank == 0:
         logger.info("run %s ended at step %d (%s)", job.name, state.step, reason)
 
@@ -251,7 +275,8 @@ def finalize(job: PretrainJob, payload: dict[str, Any], *, stop_reason: str, ela
 
     out = Path(job.output.dir)
     net = create_model(job.model.arch, **job.model.arch_kwargs)
-    net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in payload["model"].items()})
+    weights = network_state(payload["model"])  # without the distillation heads
+    net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in weights.items()})
     net.eval()
     history = payload.get("history", [])
     final_loss = history[-1]["loss"] if history else None
@@ -270,6 +295,11 @@ def finalize(job: PretrainJob, payload: dict[str, Any], *, stop_reason: str, ela
         "loss": job.mask.loss,
         "mask_select": job.mask.select,
         "loss_average": job.mask.average,
+        "reconstruction_weight": job.mask.weight,
+        "distill": job.distill.model_dump() if job.distill.enabled else None,
+        "spread": job.spread.model_dump() if job.spread.variance or job.spread.covariance else None,
+        "crop_sizes": job.data.crop_sizes,
+        "batchnorm": job.train.batchnorm,
         "final_loss": final_loss,
         "stop_reason": stop_reason,
         "data": payload.get("pool"),

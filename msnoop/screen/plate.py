@@ -40,8 +40,9 @@ import numpy as np
 import pandas as pd
 from pydantic import Field, field_validator
 
+from msnoop.core import storage as st
 from msnoop.core.config import StrictModel as _Strict
-from msnoop.core.config import save_resolved
+from msnoop.core.rundir import RunDir
 from msnoop.core.runtime_env import RuntimeEnvConfig, runtime_env_field
 from msnoop.correct.profile import MetadataJoin
 
@@ -51,6 +52,8 @@ __all__ = ["ScreenJob", "plot_screen", "read_cells_table", "run_screen", "summar
 
 
 class ScreenReadout(_Strict):
+    """How a well is read from its cells: the classifier's regularisation and the per-well statistic."""
+
     aggregate: Literal["probability", "logit"] = Field(
         "probability", description="per well: mean P(positive) over its cells (share responding) or mean logit"
     )
@@ -67,6 +70,8 @@ class ScreenReadout(_Strict):
 
 
 class ScreenOutput(_Strict):
+    """Where a screen job writes (its :class:`~msnoop.core.rundir.RunDir`)."""
+
     dir: Path
 
 
@@ -101,13 +106,14 @@ def read_cells_table(path: Path) -> pd.DataFrame:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"cell table {path} does not exist")
-    if path.is_dir() and (path / "run.json").is_file():
-        if not (path / "cells").is_dir():
+    run = RunDir(path)
+    if path.is_dir() and run.exists():
+        if not Path(run.cells).is_dir():
             raise ValueError(
-                f"{path} is an msnoop embed output without a cells/ folder: expected a cells-mode run "
+                f"{path} is an msnoop embed output without a {RunDir.CELLS}/ folder: expected a cells-mode run "
                 "(a `cells:` section in its config), found one row per image"
             )
-        return pd.read_parquet(path / "cells")
+        return pd.read_parquet(run.cells)
     if path.is_dir() and not path.suffix:
         return pd.read_parquet(path)  # a folder of Parquet parts, e.g. <embed output>/cells
     return read_table(path)
@@ -228,12 +234,11 @@ def run_screen(job: ScreenJob) -> dict[str, Any]:
         record["dose_column"] = job.dose
         record["rho"] = dose_response(readout[sample], dose[sample], table["Metadata_Screen_Series"].to_numpy()[sample])
 
-    out = job.output.dir
-    out.mkdir(parents=True, exist_ok=True)
-    save_resolved(job, out)
-    write_table(table, out / "wells.parquet")
-    record["plot"] = str(plot_screen(table, record, out / "screen.png"))
-    (out / "screen.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    run = RunDir(job.output.dir)
+    run.save_config(job)
+    write_table(table, run.wells)
+    record["plot"] = str(plot_screen(table, record, run.screen_plot))
+    st.write_text(run.screen, json.dumps(record, indent=2, default=str) + "\n")  # complete or absent
     logger.info("screen %s: Z' %.3f over %d wells", job.name, record["z_prime"], n)
     return record
 
@@ -272,10 +277,10 @@ def plot_screen(table: pd.DataFrame, record: dict[str, Any], path: Path) -> Path
 
 def summary(job: ScreenJob, record: dict[str, Any]) -> str:
     """Human-readable lines about a finished screen job."""
-    out = job.output.dir
+    run = RunDir(job.output.dir)
     w = record["wells"]
     lines = [
-        f"wrote {(out / 'wells.parquet').resolve()}  ({w['total']} wells from {record['n_cells']} cells: "
+        f"wrote {run.wells.resolve()}  ({w['total']} wells from {record['n_cells']} cells: "
         f"{w['positive']} positive, {w['negative']} negative controls, {w['sample']} samples)",
         f"readout: per-cell classifier (C {record['readout']['C']:g}), mean {record['readout']['aggregate']} per well; "
         f"Z' {record['z_prime']:.3f} (positive {record['mean_readout']['positive']:.3f}, "
@@ -283,5 +288,5 @@ def summary(job: ScreenJob, record: dict[str, Any]) -> str:
     ]
     if "rho" in record:
         lines.append("dose response, Spearman rho: " + ", ".join(f"{s}: {r:.3f}" for s, r in record["rho"].items()))
-    lines.append(f"plot {Path(record['plot']).resolve()}; record {(out / 'screen.json').resolve()}")
+    lines.append(f"plot {Path(record['plot']).resolve()}; record {run.screen.resolve()}")
     return "\n".join(lines)

@@ -43,12 +43,15 @@ class JobKind:
     help: str
 
     def config_class(self) -> type[BaseModel]:
+        """The config model (imported on first use)."""
         return _resolve(self.config)
 
     def runner(self) -> Any:
+        """The function that runs a validated config (imported on first use)."""
         return _resolve(self.run)
 
     def summarizer(self) -> Any:
+        """The function ``(config, result) -> str`` that describes a finished run (imported on first use)."""
         return _resolve(self.summary)
 
 
@@ -63,8 +66,8 @@ JOB_KINDS: dict[str, JobKind] = {
         JobKind(
             "embed",
             "msnoop.embed.config:EmbedJob",
-            "msnoop.jobs:run_embed_job",
-            "msnoop.jobs:embed_summary",
+            "msnoop.job_kinds:run_embed_job",
+            "msnoop.job_kinds:embed_summary",
             "embed",
             "Embed images (one vector per image, or per cell) into Parquet and a LanceDB table; re-runs resume.",
         ),
@@ -79,16 +82,16 @@ JOB_KINDS: dict[str, JobKind] = {
         JobKind(
             "profile",
             "msnoop.correct.profile:ProfileJob",
-            "msnoop.jobs:run_profile_job",
+            "msnoop.job_kinds:run_profile_job",
             "msnoop.correct.profile:summary",
             "profile",
             "Sphere a profile table on its controls and aggregate it to wells/treatments.",
         ),
         JobKind(
             "screen",
-            "msnoop.screen.job:ScreenJob",
-            "msnoop.screen.job:run_screen",
-            "msnoop.screen.job:summary",
+            "msnoop.screen.plate:ScreenJob",
+            "msnoop.screen.plate:run_screen",
+            "msnoop.screen.plate:summary",
             "screen",
             "Read a plate out per well from its cells (classifier on the controls): Z', dose response.",
         ),
@@ -175,27 +178,37 @@ def run_job(cfg: Any) -> tuple[Any, str]:
 
 
 def run_embed_job(cfg: Any) -> Any:
-    """``job: embed``: embed to Parquet parts (:func:`msnoop.embed.job.run_embed`), then publish them to LanceDB.
+    """``job: embed``: embed to Parquet parts (:func:`msnoop.embed.pipeline.run_embed`), then publish them to LanceDB.
 
     On object storage (``output.dir`` or ``output.lancedb`` an ``s3://...`` URI) the LanceDB table is written by
     Ray tasks straight from the parts (:func:`msnoop.store.lance_ray.build_table_ray`).
 
+    The folder's writer lock is held from before the embedding starts until the table is written, so readers
+    never see the parts and the table of two different moments without being told.
+
     Returns:
-        The :class:`~msnoop.embed.job.EmbedResult`, with ``table`` set when a LanceDB table was written.
+        The :class:`~msnoop.embed.pipeline.EmbedResult`, with ``table`` set when a LanceDB table was written.
     """
+    run = cfg.run_dir
+    run.check_writable()  # before the lock's claim is written: one line naming the location
+    with run.writer_lock("msnoop embed"):  # embedding and publishing: one writer from start to end
+        return _embed_and_publish(cfg, run)
+
+
+def _embed_and_publish(cfg: Any, run: Any) -> Any:
     from msnoop.core import parts
     from msnoop.core import storage as st
-    from msnoop.embed.cells import CELLS, output_schemas
-    from msnoop.embed.job import run_embed, worker_env_args
+    from msnoop.embed.cells import output_schemas
+    from msnoop.embed.pipeline import run_embed, worker_env_args
     from msnoop.store.publish import publish_embeddings
 
     result = run_embed(cfg)
     if cfg.output.write_lance:
-        out, store = cfg.output.dir, cfg.storage_config
-        info = parts.read_run_info(out, storage=store)
+        info = run.read_info()
+        run.write_info({**info, "status": run.RUNNING})  # until the table is written too
         meta = parts.schema_from_json(info["metadata_schema"])
         schema, cells_schema = output_schemas(meta, info["embed_dim"], cfg.cells is not None)
-        if st.is_uri(out) or st.is_uri(cfg.lancedb_uri):
+        if run.is_uri or st.is_uri(cfg.lancedb_uri):
             from msnoop.core.runtime import init_ray
 
             init_ray(  # the table is written by Ray tasks (a no-op when the embed run started the session)
@@ -205,24 +218,26 @@ def run_embed_job(cfg: Any) -> Any:
                 quiet=not cfg.runtime.progress,
             )
         publish_embeddings(
+            run,
             cfg.lancedb_uri,
             cfg.table_name,
-            st.join(out, parts.EMBEDDINGS),
             info=info,
             schema=schema,
             cells_schema=cells_schema,
             postprocess=cfg.output.postprocess,
             index=cfg.output.index,
             index_threshold=cfg.output.index_threshold,
-            cells_folder=st.join(out, CELLS) if cfg.cells is not None and cfg.cells.lance_cells_table else None,
-            storage=store,
+            cells=cfg.cells is not None and cfg.cells.lance_cells_table,
             ray_remote_args=worker_env_args(cfg) or None,
         )
+        run.write_info({**run.read_info(), "status": run.COMPLETE})
         result.table = cfg.table_name
+        result.lancedb = cfg.lancedb_uri
     return result
 
 
 def embed_summary(cfg: Any, r: Any) -> str:
+    """One paragraph about a finished embedding run: counts of this run, the folder's totals, where it is."""
     out = r.out_dir if isinstance(r.out_dir, str) else Path(r.out_dir).resolve()
     return (
         f"embedded {r.n_embedded} images ({r.n_errors} errors, {r.n_skipped} already done) in {r.seconds:.1f} s; "
@@ -236,10 +251,11 @@ def run_profile_job(cfg: Any) -> dict[str, Any]:
     Returns:
         The correction record; ``record["tables"]`` names the LanceDB tables when ``output.write_lance``.
     """
+    from msnoop.core.rundir import RunDir
     from msnoop.correct.profile import run_profile
     from msnoop.store.publish import publish_profiles
 
     record = run_profile(cfg)
     if cfg.output.write_lance:
-        record["tables"] = publish_profiles(cfg.output.dir, record)
+        record["tables"] = publish_profiles(RunDir(cfg.output.dir), record)
     return record

@@ -1,0 +1,567 @@
+"""Masked feature distillation: declared arms at an equal CPU budget, the chosen recipe trained for hours,
+and every dev set against the baselines a user would try instead.
+
+    python jobs/bench_distill.py --stage arms                 # each arm: runs/distill_arms/<arm>/model.pt
+    python jobs/bench_distill.py --stage eval --tag arms      # dev sets: arms, default, random, teacher, pixels, ...
+    python jobs/bench_distill.py --stage long --arm taps      # the chosen arm for --cpu-minutes (resumable)
+    python jobs/bench_distill.py --stage eval --tag long --models long   # the long run against the baselines
+
+Arms (declared before any result). Every arm starts from the shipped ``default`` weights and runs
+``configs/pretrain_distill.yaml`` (the 16 public sources of ``../shared/data/pretrain`` only, 96 px crops,
+16 per step, a quarter of the content patches masked, BatchNorm statistics frozen, bf16 autocast, teacher
+EfficientNet-Lite0 on the whole crop) with these overrides, and stops at the same CPU-time budget
+(``--cpu-minutes`` of the training process, all threads):
+
+* ``final``: only the teacher's final 1280-d features, no reconstruction term: the measured lead (a U-Net
+  encoder trained to predict the teacher's pooled features from a masked input).
+* ``taps``: the recipe as configured: early (stride 8), middle (stride 16) and final teacher features, and
+  Microsnoop's masked reconstruction kept in the loss (weight 1).
+* ``taps_spatial``: ``taps`` plus spatial targets: the deepest map predicts the teacher's stride-8 map at the
+  masked positions (weight 1).
+* ``taps_spread``: ``taps`` on 64 px crops, 36 per step (the same pixels per step), plus VICReg's variance
+  (weight 1) and covariance (0.04, VICReg's 25:1 ratio) terms on the pooled deepest map.
+* ``taps_mixed``: ``taps`` with mixed canvases: each step draws its side from 64, 96, 128, 160 and 224 px,
+  with 36 to 3 crops (the same pixels per step).
+
+The arm with the highest mean balanced accuracy over the dev-set tasks (yeast protein and localisation,
+hpa_toy, malaria, BBBC013 control cells) is the recipe of the long run. The schedule length of every run
+comes from a calibration of its CPU seconds per step, so that the cosine schedule ends at the budget.
+
+Evaluation: msnoop's default post-processing for every row (each feature set standardised per dimension,
+cosine k-NN, balanced accuracy): yeast (``--yeast-n`` cells, 11-NN leave-one-field-out), hpa_toy (5-NN,
+5-fold), malaria_nih (``--malaria-n`` cells, 11-NN, 5 folds grouped by patient), BBBC013 cells of the 24
+control wells (``--per-well`` per well, 11-NN, 5 folds grouped by well). Rows: the candidates, the shipped
+``default``, the random network, the ImageNet teacher (final features, and early+middle+final), pixels
+(PCA 32) and intensity statistics. Intervals: 95 % bootstrap over cells, and paired bootstrap intervals of
+each candidate's difference to every other row. Embeddings are cached under ``--cache``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+CONFIG = REPO / "configs" / "pretrain_distill.yaml"
+ARMS: dict[str, dict[str, Any]] = {
+    "final": {"distill": {"taps": ["final"]}, "mask": {"weight": 0.0}},
+    "taps": {},
+    "taps_spatial": {"distill": {"spatial": 1.0}},
+    "taps_spread": {
+        "data": {"crop_size": 64},
+        "train": {"batch_size": 36},
+        "spread": {"variance": 1.0, "covariance": 0.04},
+    },
+    "taps_mixed": {"data": {"crop_sizes": [64, 96, 128, 160, 224]}},
+}
+BASELINES = {
+    "default": "default",
+    "random": "random:microsnoop_cnn:0",
+    "teacher": "imagenet:efficientnet_lite0",
+    "teacher 3 taps": "imagenet:efficientnet_lite0:early+middle+final",
+}
+FEATURE_BASELINES = ("pixels PCA32", "intensity statistics")
+
+
+def recipe_job(arm: str, *, name: str, out: Path, cpu_minutes: float, steps: int):
+    """The validated job of an arm: ``configs/pretrain_distill.yaml`` with the arm's declared overrides."""
+    import yaml
+
+    from msnoop.job_kinds import build_config
+
+    raw = yaml.safe_load(CONFIG.read_text())
+    for section, values in ARMS[arm].items():
+        raw[section] = {**raw.get(section, {}), **values}
+    raw["name"] = name
+    raw["train"].update(steps=steps, max_cpu_minutes=cpu_minutes, checkpoint_every=max(10, min(100, steps // 10)))
+    raw["optim"]["warmup_steps"] = max(1, steps // 20)
+    raw["output"]["dir"] = str(out)
+    return build_config(raw, source=str(CONFIG))
+
+
+def calibrate(job, n: int = 4) -> float:
+    """CPU seconds per optimiser step of ``job`` (median of ``n`` steps after one warm-up step; twice as many
+    steps with mixed canvases, whose steps vary)."""
+    from msnoop.train.data import ChannelPool
+    from msnoop.train.loop import build_state, build_teacher, freeze_batchnorm, make_batch, train_step
+
+    pool = ChannelPool.from_config(job.data.model_copy(update={"preload_mb": 0}))
+    state = build_state(job)
+    state.net.train()
+    if job.train.batchnorm == "frozen":
+        freeze_batchnorm(state.net)
+    teacher = build_teacher(job) if job.distill.enabled else None
+    times = []
+    n = 2 * n if job.data.crop_sizes else n
+    for step in range(n + 1):
+        crops, gen = make_batch(pool, job, rank=0, step=10_000 + step)
+        t = time.process_time()
+        train_step(state, crops, job, generator=gen, teacher=teacher)
+        times.append(time.process_time() - t)
+    return float(np.median(times[1:]))
+
+
+def train_recipe(arm: str, *, name: str, out: Path, cpu_minutes: float) -> dict[str, Any]:
+    """Calibrate (once: the plan is kept in ``<out>/plan.json`` so that a resumed run keeps its schedule) and
+    train; returns the run's record."""
+    from msnoop.train.pretrain import run_pretrain
+
+    plan_path = out / "plan.json"
+    if plan_path.exists():
+        plan = json.loads(plan_path.read_text())
+    else:
+        per_step = calibrate(recipe_job(arm, name=name, out=out, cpu_minutes=cpu_minutes, steps=100))
+        plan = {
+            "arm": arm,
+            "overrides": ARMS[arm],
+            "cpu_minutes": cpu_minutes,
+            "calibrated_cpu_s_per_step": per_step,
+            "steps": max(10, int(cpu_minutes * 60 / per_step)),
+        }
+        out.mkdir(parents=True, exist_ok=True)
+        plan_path.write_text(json.dumps(plan, indent=2) + "\n")
+    print(f"{name}: {plan['calibrated_cpu_s_per_step']:.2f} CPU-s per step -> {plan['steps']} steps", flush=True)
+    job = recipe_job(arm, name=name, out=out, cpu_minutes=plan["cpu_minutes"], steps=plan["steps"])
+    t0 = time.perf_counter()
+    res = run_pretrain(job)
+    record = {
+        **plan,
+        "steps_done": res.steps,
+        "stop_reason": res.stop_reason,
+        "final_loss": res.final_loss,
+        "wall_s_last_stretch": round(time.perf_counter() - t0, 1),
+        "model": str(res.model_path),
+    }
+    (out / "run.json").write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def stage_arms(args: argparse.Namespace) -> dict[str, Any]:
+    record = {}
+    for arm in args.arms:
+        out = args.runs / "distill_arms" / arm
+        if (out / "run.json").exists():
+            record[arm] = json.loads((out / "run.json").read_text())
+            print(f"{arm}: done ({record[arm]['model']})", flush=True)
+            continue
+        record[arm] = train_recipe(arm, name=f"distill_{arm}", out=out, cpu_minutes=args.cpu_minutes)
+    return record
+
+
+def stage_long(args: argparse.Namespace) -> dict[str, Any]:
+    out = args.runs / "distill_long"
+    return train_recipe(args.arm, name="distill_long", out=out, cpu_minutes=args.cpu_minutes)
+
+
+# ------------------------------------------------------------------------------------------------- eval
+def candidate_models(args: argparse.Namespace) -> dict[str, str]:
+    """Label -> model reference of the candidates named by ``--models`` (arms, ``long``, or file paths)."""
+    models: dict[str, str] = {}
+    for m in args.models:
+        if m == "arms":
+            for arm in ARMS:
+                path = args.runs / "distill_arms" / arm / "model.pt"
+                if path.exists():
+                    models[f"arm:{arm}"] = str(path)
+        elif m == "long":
+            models["distilled"] = str(args.runs / "distill_long" / "model.pt")
+        else:
+            models[Path(m).stem if Path(m).exists() else m] = m
+    return models
+
+
+def cache_key(model: str) -> str:
+    """A cache name that changes when a checkpoint file changes (its sha256), else the reference itself."""
+    from msnoop.models.checkpoint import BUILTIN, file_sha256
+
+    path = BUILTIN.get(model, Path(model))
+    if path.is_file():
+        return f"{model if model in BUILTIN else path.parent.name}_{file_sha256(path)[:12]}"
+    return model.replace(":", "_").replace("+", "-")
+
+
+def embed_fast(model: str, key: str, images: list[list[str]], cache: Path) -> np.ndarray:
+    """``bench_postprocess.embed_cached`` with 8-tile batches in channels-last memory: the same vectors up to
+    float rounding, about 2.5x faster on this CPU than 64-tile batches (224 px tiles fall out of the caches)."""
+    import torch
+
+    import bench_postprocess as bp
+
+    original = bp.load_embedder
+
+    def fast(ref: str):
+        emb = original(ref)
+        emb.batch_size = 8
+        emb.net = emb.net.to(memory_format=torch.channels_last)
+        return emb
+
+    bp.load_embedder = fast
+    try:
+        return bp.embed_cached(model, key, images, cache)
+    finally:
+        bp.load_embedder = original
+
+
+def eval_tables(args: argparse.Namespace) -> dict[str, tuple[Any, list[str], dict]]:
+    """The dev sets: image table, channels and protocol of each."""
+    import bench_postprocess as bp
+    from bench_pretrain_arms import bbbc013_cells_table
+
+    tables = {d: bp.dataset_table(d, args.data, args.malaria_n, args.yeast_n) for d in ("hpa_toy", "yeast", "malaria_nih")}
+    cells = bbbc013_cells_table(args.data, args.cache / f"bbbc013_{args.per_well}", per_well=args.per_well)
+    tables["bbbc013_cells"] = (
+        cells,
+        ["gfp", "dna"],
+        {"tasks": [("control", "Metadata_control", 11, "sgkfold:5:Metadata_Well")], "pixel_channels": None},
+    )
+    return tables
+
+
+def score(d: str, table, proto: dict, feats: dict[str, np.ndarray], candidates: list[str], args) -> list[dict]:
+    """Rows of balanced accuracy per feature set and task, with paired differences for the candidates."""
+    import bench_postprocess as bp
+    from sklearn.preprocessing import StandardScaler
+
+    feats = {k: StandardScaler().fit_transform(X.astype(np.float64)) for k, X in feats.items()}  # msnoop's default
+    rows = []
+    for tname, col, k, cv in proto["tasks"]:
+        y = table[col].astype(str).to_numpy()
+        boots = bp.bootstrap_rows(len(y), args.bootstrap, seed=0)
+        preds = {name: bp.cross_predict(X.astype(np.float32), y, k, cv, table)[0] for name, X in feats.items()}
+        boot = {name: np.array([bp.balanced_accuracy(y[b], p[b]) for b in boots]) for name, p in preds.items()}
+        for name, p in preds.items():
+            ba = bp.balanced_accuracy(y, p)
+            row = {
+                "dataset": d,
+                "task": tname,
+                "protocol": f"{k}-NN cosine, cv {cv}, n={len(y)}, standardised",
+                "features": name,
+                "balanced_accuracy": ba,
+                "ci95": [float(np.percentile(boot[name], 2.5)), float(np.percentile(boot[name], 97.5))],
+            }
+            if name in candidates:  # paired differences to every other row
+                row["diff"] = {
+                    other: {
+                        "diff": ba - bp.balanced_accuracy(y, preds[other]),
+                        "ci95": [
+                            float(np.percentile(boot[name] - boot[other], 2.5)),
+                            float(np.percentile(boot[name] - boot[other], 97.5)),
+                        ],
+                    }
+                    for other in preds
+                    if other != name
+                }
+            rows.append(row)
+            print(f"{d:14s} {tname:13s} {name:28s} {ba:.3f} [{row['ci95'][0]:.3f}, {row['ci95'][1]:.3f}]", flush=True)
+    return rows
+
+
+def selection(d: str, table, proto: dict, fraction: float) -> np.ndarray:
+    """Rows of a dev set used for choosing among arms: a seeded subset of ``fraction`` of the rows, stratified by
+    label and CV group (so every fold keeps its classes), or every row when ``fraction`` is 1 or the set is small
+    (up to 100 rows)."""
+    import bench_postprocess as bp
+
+    if fraction >= 1 or len(table) <= 100:
+        return np.arange(len(table))
+    _, col, _, cv = proto["tasks"][0]
+    strata = table[col].astype(str).to_numpy()
+    group = cv.split(":")[-1] if cv.startswith(("group:", "sgkfold:")) else None
+    if group:
+        strata = strata + "/" + table[group].astype(str).to_numpy()
+    return bp.stratified_subset(strata, max(1, round(fraction * len(table))), seed=1)
+
+
+def stage_eval(args: argparse.Namespace) -> dict[str, Any]:
+    import bench_postprocess as bp
+
+    from msnoop.evaluate.baselines import intensity_features, pixels_pca
+
+    tables = eval_tables(args)
+    models = {**candidate_models(args), **BASELINES}
+    candidates = [m for m in models if m not in BASELINES]
+    rows, embed_s = [], {}
+    for d, (full, channels, proto) in tables.items():
+        rows_kept = selection(d, full, proto, args.select)
+        table = full.iloc[rows_kept].reset_index(drop=True)
+        tables[d] = (table, channels, proto)
+        feats: dict[str, np.ndarray] = {}
+        for label, model in models.items():
+            t = time.perf_counter()
+            whole = args.cache / f"{d}_{len(full)}_{cache_key(model)}.npy"
+            if len(table) < len(full) and whole.exists():  # a baseline embedded on the whole set: its rows
+                feats[label] = np.load(whole)[rows_kept]
+            else:
+                suffix = f"_select{len(table)}" if len(table) < len(full) else ""
+                key = f"{d}_{len(full)}{suffix}_{cache_key(model)}"
+                feats[label] = embed_fast(model, key, bp.dataset_images(table, channels), args.cache)
+            embed_s[f"{d}/{label}"] = round(time.perf_counter() - t, 1)
+        feats["pixels PCA32"] = pixels_pca(table, proto["pixel_channels"] or channels)
+        feats["intensity statistics"] = intensity_features(table, channels)
+        rows += score(d, table, proto, feats, candidates, args)
+    return {
+        "rows": rows,
+        "n": {d: len(t[0]) for d, t in tables.items()},
+        "candidates": candidates,
+        "embed_s": embed_s,
+        "verdict": verdict(rows, candidates),
+    }
+
+
+READOUT_CANVAS = {"hpa_toy": 128, "yeast": 64, "malaria_nih": 128, "bbbc013_cells": 224}
+"""The tight canvas of each dev set: the smallest multiple of 16 that holds its cells (floor 64)."""
+
+
+def chroma(image_channels: list[np.ndarray]) -> np.ndarray:
+    """Per-pixel colour saturation of RGB planes, ``max - min`` over the planes: ``3 x [H, W] -> [H, W]``."""
+    stack = np.stack([c.astype(np.float32) for c in image_channels])
+    return stack.max(0) - stack.min(0)
+
+
+def readout_features(model: str, images: list[list[str]], size: int, cache: Path, key: str, extra_chroma: bool = False):
+    """Per image: ``deepest`` (global average of the deepest map, as shipped) and ``levels34`` (global averages of
+    the two deepest maps, each L2-normalised, concatenated) at canvas ``size``; channels concatenated.
+
+    Returns:
+        ``{"deepest": [N, C * 256], "levels34": [N, C * 384]}`` float32 (``C`` + 1 with ``extra_chroma``).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from msnoop.embed.embedder import combine_tiles
+    from msnoop.io.readers import read_image
+    from msnoop.models.checkpoint import resolve_model
+    from msnoop.preprocess.presets import Preprocessing, prepare_channel
+
+    path = cache / f"{key}.npz"
+    if path.exists():
+        return dict(np.load(path))
+    net = resolve_model(model).net.eval().to(memory_format=torch.channels_last)
+    spec = Preprocessing(input_size=size)
+    out: dict[str, list[np.ndarray]] = {"deepest": [], "levels34": []}
+    for start in range(0, len(images), 16):
+        chunk = []
+        for files in images[start : start + 16]:
+            planes = [read_image(f) for f in files]
+            chunk.append(planes + ([chroma(planes)] if extra_chroma else []))
+        per = [[prepare_channel(ch, spec) for ch in img] for img in chunk]
+        tiles = np.concatenate([t for img in per for t in img])
+        counts = [np.array([len(t) for t in img]) for img in per]
+        got: dict[str, list[np.ndarray]] = {"deepest": [], "levels34": []}
+        with torch.inference_mode():
+            for b in range(0, len(tiles), 8):
+                x = torch.from_numpy(np.ascontiguousarray(tiles[b : b + 8]))[:, None]
+                maps = net.encoder(x)
+                g3, g4 = (F.normalize(m.mean(dim=(-2, -1)), dim=1) for m in maps[-2:])
+                got["deepest"].append(g4.numpy())
+                got["levels34"].append(torch.cat([g3, g4], dim=1).numpy())
+        for name, parts in got.items():
+            out[name].append(combine_tiles(np.concatenate(parts), counts))
+    result = {name: np.concatenate(parts).astype(np.float32) for name, parts in out.items()}
+    cache.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **result)
+    return result
+
+
+def stage_readout(args: argparse.Namespace) -> dict[str, Any]:
+    """Readouts of one model (``--models``, the first), declared: the deepest map or levels 3 and 4, at the
+    224 px canvas or the tight one; on malaria (RGB planes as channels) also a fourth, colour-aware channel
+    (per-pixel saturation). Candidates are compared with the shipped readout (deepest at 224)."""
+    import bench_postprocess as bp
+
+    tables = eval_tables(args)
+    label, model = next(iter(candidate_models(args).items()))
+    rows = []
+    for d, (table, channels, proto) in tables.items():
+        images = bp.dataset_images(table, channels)
+        feats: dict[str, np.ndarray] = {}
+        sizes = sorted({224, READOUT_CANVAS[d]})
+        for size in sizes:
+            key = f"readout_{d}_{len(table)}_{cache_key(model)}_{size}"
+            for name, X in readout_features(model, images, size, args.cache, key).items():
+                feats[f"{name}@{'tight' if size != 224 else 224}"] = X
+        if d == "malaria_nih":
+            key = f"readout_{d}_{len(table)}_{cache_key(model)}_224_chroma"
+            feats["deepest@224+chroma"] = readout_features(model, images, 224, args.cache, key, extra_chroma=True)["deepest"]
+        reference = "deepest@224"
+        rows += score(d, table, proto, feats, [f for f in feats if f != reference], args)
+    return {"model": label, "rows": rows, "n": {d: len(t[0]) for d, t in tables.items()}}
+
+
+def verdict(rows: list[dict[str, Any]], candidates: list[str]) -> dict[str, Any]:
+    """Per candidate: mean balanced accuracy over tasks, and whether it passes the shipping rule.
+
+    Rule: above pixels, intensity statistics and the random network on every task with the paired 95 %
+    interval of the difference above 0, and above the shipped ``default`` on average over the tasks.
+    """
+    out: dict[str, Any] = {}
+    tasks = sorted({(r["dataset"], r["task"]) for r in rows})
+    for c in candidates:
+        mine = {(r["dataset"], r["task"]): r for r in rows if r["features"] == c}
+        base = {(r["dataset"], r["task"]): r for r in rows if r["features"] == "default"}
+        fails = [
+            f"{d}/{t} vs {other} {mine[(d, t)]['diff'][other]['diff']:+.3f} "
+            f"[{mine[(d, t)]['diff'][other]['ci95'][0]:+.3f}, {mine[(d, t)]['diff'][other]['ci95'][1]:+.3f}]"
+            for d, t in tasks
+            for other in ("random", *FEATURE_BASELINES)
+            if mine[(d, t)]["diff"][other]["ci95"][0] <= 0
+        ]
+        mean = float(np.mean([mine[k]["balanced_accuracy"] for k in tasks]))
+        mean_default = float(np.mean([base[k]["balanced_accuracy"] for k in tasks]))
+        out[c] = {
+            "mean_balanced_accuracy": mean,
+            "mean_default": mean_default,
+            "not_above": fails,
+            "passes": not fails and mean > mean_default,
+        }
+    return out
+
+
+def markdown(record: dict[str, Any]) -> str:
+    ev = record["eval"]
+    lines = [
+        f"# Masked feature distillation: {record['tag']}",
+        "",
+        f"Command: `{record['command']}`. Dev sets with msnoop's default post-processing (every feature set "
+        "standardised per dimension, cosine k-NN); balanced accuracy [95 % bootstrap over cells].",
+        "",
+    ]
+    if record.get("train"):
+        lines += ["| run | overrides | CPU-s / step | steps planned / done | stop | final loss |", "|---|---|---:|---:|---|---:|"]
+        for name, t in record["train"].items():
+            lines.append(
+                f"| {name} | `{json.dumps(t['overrides'])}` | {t['calibrated_cpu_s_per_step']:.2f} | "
+                f"{t['steps']} / {t['steps_done']} | {t['stop_reason']} | {t['final_loss']:.4f} |"
+            )
+        lines.append("")
+    features = list(dict.fromkeys(r["features"] for r in ev["rows"]))
+    tasks = list(dict.fromkeys((r["dataset"], r["task"]) for r in ev["rows"]))
+    by = {(r["dataset"], r["task"], r["features"]): r for r in ev["rows"]}
+    lines += ["| features | " + " | ".join(f"{d} {t} (n={ev['n'][d]})" for d, t in tasks) + " |"]
+    lines += ["|---|" + "---|" * len(tasks)]
+    for f in features:
+        cells = []
+        for d, t in tasks:
+            r = by[(d, t, f)]
+            cells.append(f"{r['balanced_accuracy']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]")
+        lines.append(f"| {f} | " + " | ".join(cells) + " |")
+    lines += ["", "Paired differences of each candidate (95 % bootstrap interval):", ""]
+    others = ["default", "random", "teacher", "teacher 3 taps", *FEATURE_BASELINES]
+    lines += ["| candidate | task | " + " | ".join(f"vs {o}" for o in others) + " |", "|---|---|" + "---|" * len(others)]
+    for c in ev["candidates"]:
+        for d, t in tasks:
+            diff = by[(d, t, c)]["diff"]
+            cells = [f"{diff[o]['diff']:+.3f} [{diff[o]['ci95'][0]:+.3f}, {diff[o]['ci95'][1]:+.3f}]" for o in others]
+            lines.append(f"| {c} | {d} {t} | " + " | ".join(cells) + " |")
+    lines += ["", "Shipping rule (above pixels, intensity statistics and random on every task, paired interval above 0; "
+              "above default on average):", ""]
+    for c, v in ev["verdict"].items():
+        state = "passes" if v["passes"] else "does not pass"
+        lines.append(
+            f"- **{c}** {state}: mean {v['mean_balanced_accuracy']:.3f} (default {v['mean_default']:.3f})"
+            + (f"; not above: {'; '.join(v['not_above'])}" if v["not_above"] else "")
+        )
+    return "\n".join(lines) + "\n"
+
+
+def readout_markdown(record: dict[str, Any]) -> str:
+    ro = record["readout"]
+    lines = [
+        f"# Readouts of `{ro['model']}`",
+        "",
+        f"Command: `{record['command']}`. Balanced accuracy [95 % bootstrap]; difference to the shipped readout "
+        "(deepest map at the 224 px canvas) with a paired interval.",
+        "",
+        "| dataset | task | readout | bal. acc. [95 % CI] | vs deepest@224 |",
+        "|---|---|---|---|---|",
+    ]
+    for r in ro["rows"]:
+        vs = ""
+        if "diff" in r:
+            dd = r["diff"]["deepest@224"]
+            vs = f"{dd['diff']:+.3f} [{dd['ci95'][0]:+.3f}, {dd['ci95'][1]:+.3f}]"
+        lines.append(
+            f"| {r['dataset']} | {r['task']} | {r['features']} | {r['balanced_accuracy']:.3f} "
+            f"[{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] | {vs} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--stage", choices=["arms", "long", "eval", "readout"], required=True)
+    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    ap.add_argument("--arm", choices=list(ARMS), help="the recipe of the long run")
+    ap.add_argument("--cpu-minutes", type=float, default=8.0)
+    ap.add_argument("--models", nargs="*", default=["arms"], help="candidates: arms, long, or checkpoint paths")
+    ap.add_argument("--tag", default="arms", help="names the result files results/bench_distill_<tag>.{json,md}")
+    ap.add_argument("--runs", type=Path, default=REPO / "runs")
+    ap.add_argument("--data", type=Path, default=DATA)
+    ap.add_argument("--malaria-n", type=int, default=600)
+    ap.add_argument("--yeast-n", type=int, default=600)
+    ap.add_argument("--per-well", type=int, default=32)
+    ap.add_argument("--bootstrap", type=int, default=1000)
+    ap.add_argument(
+        "--select",
+        type=float,
+        default=1.0,
+        help="evaluate on this fraction of each dev set (stratified by label and CV group; baselines embedded on the "
+        "whole set are reused): a cheaper first pass for choosing among arms",
+    )
+    ap.add_argument("--cache", type=Path, default=Path("/tmp/msnoop_postproc_cache"))
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    if args.stage == "arms":
+        print(json.dumps(stage_arms(args), indent=2))
+        return
+    if args.stage == "long":
+        if args.arm is None:
+            ap.error("--stage long needs --arm")
+        print(json.dumps(stage_long(args), indent=2))
+        return
+    from msnoop.core.runtime import provenance
+
+    if args.stage == "readout":
+        record = {"command": "python jobs/bench_distill.py " + " ".join(sys.argv[1:]), "readout": stage_readout(args)}
+        record["provenance"] = provenance()
+        out = REPO / "results" / f"bench_distill_readout_{args.tag}"
+        out.with_suffix(".json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+        out.with_suffix(".md").write_text(readout_markdown(record))
+        print(readout_markdown(record))
+        return
+    train = {}
+    for name, label in (("distill_arms", "arms"), ("distill_long", "long")):
+        if label in args.models:
+            for f in sorted((args.runs / name).glob("**/run.json")):
+                train[f.parent.name] = json.loads(f.read_text())
+    record = {
+        "tag": args.tag,
+        "command": "python jobs/bench_distill.py " + " ".join(sys.argv[1:]),
+        "train": train,
+        "eval": stage_eval(args),
+        "seconds": round(time.perf_counter() - t0, 1),
+        "provenance": provenance(),
+    }
+    out = REPO / "results" / f"bench_distill_{args.tag}"
+    out.with_suffix(".json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    out.with_suffix(".md").write_text(markdown(record))
+    print(markdown(record))
+
+
+if __name__ == "__main__":
+    main()
