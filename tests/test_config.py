@@ -47,9 +47,13 @@ def test_unknown_key_names_key_and_file(tmp_path):
 
 
 def test_missing_key_names_key_and_file(tmp_path):
-    path = write(tmp_path, GOOD.replace("model: random:test_cnn\n", ""))
-    with pytest.raises(ConfigError, match=r"job.yaml(.|\n)*missing key 'model'"):
+    path = write(tmp_path, GOOD.replace("output:\n  dir: out\n", ""))
+    with pytest.raises(ConfigError, match=r"job.yaml(.|\n)*missing key 'output'"):
         load_config(path)
+
+
+def test_a_job_without_a_model_embeds_with_the_shipped_default(tmp_path):
+    assert load_config(write(tmp_path, GOOD.replace("model: random:test_cnn\n", ""))).model == "default"
 
 
 def test_bad_values_and_sources(tmp_path):
