@@ -156,7 +156,10 @@ def test_another_model_or_preprocessing_is_refused_and_the_folder_kept(first_run
         run_embed(build_config(data))
     data = cfg.model_dump(mode="json")
     data["runtime"]["amp"] = "off"  # float32 on GPUs too, where the default 'auto' gives bf16: other vectors
-    with pytest.raises(OutputMismatchError, match=r"amp auto there \(\w+ on this CPU, bf16 on GPUs\), off now"):
+    with pytest.raises(
+        OutputMismatchError,
+        match=r'precision: \{"cpu": "\w+", "gpu": "bf16"\} there, \{"cpu": "float32", "gpu": "float32"\} now',
+    ):
         run_embed(build_config(data))
     assert (cfg.output.dir / "run.json").read_text() == info_before
     assert parts.count_rows(cfg.output.dir / "embeddings") == rows_before
@@ -168,7 +171,7 @@ def test_tight_canvas_blocks_mixing_canvases_give_the_embedder_vectors(dataset, 
     cfg = build_config(data | {"preprocess": {"mode": "tight"}})
     result = run_embed(cfg)
     assert (result.n_embedded, result.n_errors) == (N_GOOD, 7)
-    assert parts.read_run_info(cfg.output.dir)["preprocess"]["mode"] == "tight"
+    assert RunDir(cfg.output.dir).read_info()["preprocess"]["mode"] == "tight"
     df = parts.read_frame(cfg.output.dir / "embeddings").set_index("Metadata_ImageID").sort_index()
     emb_cols = [c for c in df.columns if c.startswith("emb_")]
     model, spec = prepare_model(cfg)

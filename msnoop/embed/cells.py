@@ -44,7 +44,7 @@ CELL_COUNT = "Metadata_CellCount"  # cells averaged into the image vector
 CELLS_FOUND = "Metadata_CellsFound"  # cells kept by cropping (before max_cells_per_image)
 
 
-def mask_path(masks_dir: str | Path, image_id: str) -> Path:
+def saved_mask_path(masks_dir: str | Path, image_id: str) -> Path:
     """``<masks_dir>/<image id>.tif``; the id's folders are kept, odd characters become ``_``."""
     parts_ = [re.sub(r"[^A-Za-z0-9._-]+", "_", p) for p in str(image_id).replace("\\", "/").split("/")]
     parts_ = [p for p in parts_ if p not in ("", ".", "..")] or ["image"]
@@ -126,7 +126,7 @@ def prepare_cells(
             path, f"segmentation returned a {labels.ndim}-D {labels.dtype} array, not an integer label image"
         )
     if masks_dir:
-        _save_mask(labels, mask_path(masks_dir, image_id))
+        _save_mask(labels, saved_mask_path(masks_dir, image_id))
     stack = np.stack(images)
     opts = {"ratio": cells["ratio"], "size": size, "skip_border": cells["skip_border"]}
     windows = crop_windows(labels, **opts)

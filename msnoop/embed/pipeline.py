@@ -394,6 +394,11 @@ def _local_device(cfg: EmbedJob) -> str:
     return "cuda" if has_gpu and cfg.runtime.use_gpu != "no" else "cpu"
 
 
+#: Fewest images per block of a job run in this process: on a CPU a forward batch of 224 px tiles holds one or two
+#: images, and every block is a part file.
+IN_PROCESS_MIN_BLOCK = 8
+
+
 def run_in_process(
     cfg: EmbedJob,
     source: ImageTableSource,
@@ -407,19 +412,20 @@ def run_in_process(
 ) -> tuple[int, int, int]:
     """The pipeline's stages (read, embed, write) one block after another in this process, without Ray.
 
-    Blocks hold about one forward batch of tiles (``runtime.batch_size`` / channels images, at most
-    ``runtime.images_per_block``), so ``bar`` (a :func:`msnoop.core.progress.progress_bar`) moves once per batch.
+    Blocks hold about one forward batch of input-size tiles (tiles per batch / channels images, at least
+    :data:`IN_PROCESS_MIN_BLOCK` and at most ``runtime.images_per_block``), so ``bar`` (a
+    :func:`msnoop.core.progress.progress_bar`) moves every few seconds and a block is one part file.
     torch uses ``runtime.num_cpus`` threads when it is set (else its default, one per core).
 
     Returns:
         ``(embedded, errors, cells)`` of this run.
     """
-    n_channels = len(cfg.input.channels)
-    block_rows = max(1, min(cfg.runtime.images_per_block, cfg.runtime.batch_size // n_channels))
+    actor = EmbedActor(**_actor_args(cfg, model, device=_local_device(cfg), threads=cfg.runtime.num_cpus))
+    per_batch = actor.embedder.settings.tiles_per_batch(spec.input_size) // len(cfg.input.channels)
+    block_rows = min(cfg.runtime.images_per_block, max(IN_PROCESS_MIN_BLOCK, per_batch))
     mask_col = cfg.cells.segmentation.mask_column if cfg.cells is not None else None
     read_args = _read_args(cfg, spec, run)
     write_args = _write_args(cfg, run, info, schemas)
-    actor = EmbedActor(**_actor_args(cfg, model, device=_local_device(cfg), threads=cfg.runtime.num_cpus))
     n_ok = n_err = n_cells = 0
     for block in read_blocks(source, schema=schemas[0], done=done, block_rows=block_rows, mask_column=mask_col):
         counts = write_block(actor(read_and_prepare(block.to_pandas(), **read_args)), **write_args)

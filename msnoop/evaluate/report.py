@@ -544,12 +544,12 @@ OUTLINE, EMBEDDED = OKABE_ITO[1], OKABE_ITO[0]
 
 def _labels_of(row: pd.Series, image: np.ndarray, cells_info: dict[str, Any], masks_dir: Path | None) -> np.ndarray:
     """An image's nucleus labels: its saved mask, its mask file (backend ``mask``), else its segmentation again."""
-    from msnoop.embed.cells import mask_path
+    from msnoop.embed.cells import saved_mask_path
     from msnoop.io.readers import read_labels
     from msnoop.segment.config import SegmentationConfig
 
     seg = SegmentationConfig(**cells_info["segmentation"])
-    saved = mask_path(masks_dir, str(row["Metadata_ImageID"])) if masks_dir is not None else None
+    saved = saved_mask_path(masks_dir, str(row["Metadata_ImageID"])) if masks_dir is not None else None
     if saved is not None and saved.is_file():
         return read_labels(saved)
     if seg.backend == "mask":
