@@ -38,11 +38,14 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
 
 from msnoop.vectors.distance import Metric, check_metric, normalize_rows
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 logger = logging.getLogger(__name__)
 
@@ -425,6 +428,20 @@ def parse_cv(cv: str) -> tuple[str, int | str | None]:
     raise ValueError(f"expected cv 'loo', 'kfold:<n>' or 'group:<column>', found {cv!r}")
 
 
+def cv_groups(df: pd.DataFrame, cv: str) -> np.ndarray | None:
+    """The group of every row for ``cv="group:<column>"`` (the column as text), else None.
+
+    Raises:
+        ValueError: ``cv`` is not a protocol :func:`parse_cv` accepts, or names no column of ``df``.
+    """
+    kind, arg = parse_cv(cv)
+    if kind != "group":
+        return None
+    if not arg or arg not in df.columns:
+        raise ValueError(f"cv={cv!r}: expected 'group:<column>' naming a column of the table")
+    return df[arg].astype(str).to_numpy()
+
+
 def knn_cross_predict(
     X: np.ndarray,
     labels: Sequence[Any] | np.ndarray,
@@ -711,12 +728,7 @@ def knn_table(
         raise ValueError(
             f"label column {label!r} has {int(df[label].isna().sum())} missing value(s); drop them with --exclude"
         )
-    kind, arg = parse_cv(cv)
-    groups = None
-    if kind == "group":
-        if not arg or arg not in df.columns:
-            raise ValueError(f"cv={cv!r}: expected 'group:<column>' naming a column of the table")
-        groups = df[arg].astype(str).to_numpy()
+    groups = cv_groups(df, cv)
     feats = table_features(df, method=method, drop=[label])
     res = knn_evaluate(feats.X, df[label].to_numpy(), k=k, cv=cv, groups=groups, metric=metric, seed=seed, index=index)
     counts = df[label].astype(str).value_counts()

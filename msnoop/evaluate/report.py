@@ -48,7 +48,7 @@ from msnoop.core import storage as st
 from msnoop.core.plotting import save, subplots
 from msnoop.core.tables import read_table
 from msnoop.evaluate.features import table_features, table_postprocess
-from msnoop.evaluate.knn import classification_metrics, knn_cross_predict, knn_search, parse_cv
+from msnoop.evaluate.knn import classification_metrics, cv_groups, knn_cross_predict, knn_search, parse_cv
 from msnoop.vectors.distance import normalize_rows, similarity_to_distance
 
 logger = logging.getLogger(__name__)
@@ -791,12 +791,7 @@ def build_report(
     labels = df[label].to_numpy()
     if map_method not in MAP_METHODS:
         raise ValueError(f"expected map method one of {MAP_METHODS}, found {map_method!r}")
-    kind, arg = parse_cv(cv)
-    groups = None
-    if kind == "group":
-        if not arg or arg not in df.columns:
-            raise ValueError(f"cv={cv!r}: expected 'group:<column>' naming a column of the table")
-        groups = df[arg].astype(str).to_numpy()
+    groups = cv_groups(df, cv)
 
     with _threads_for(len(df)):
         return _build(
