@@ -5,6 +5,7 @@ and every dev set against the baselines a user would try instead.
     python jobs/bench_distill.py --stage eval --tag arms      # dev sets: arms, default, random, teacher, pixels, ...
     python jobs/bench_distill.py --stage long --arm taps      # the chosen arm for --cpu-minutes (resumable)
     python jobs/bench_distill.py --stage eval --tag long --models long   # the long run against the baselines
+    python jobs/bench_distill.py --stage progress             # where the long run stands: results/..._long_progress
 
 Arms (declared before any result). Every arm starts from the shipped ``default`` weights and runs
 ``configs/pretrain_distill.yaml`` (the 16 public sources of ``../shared/data/pretrain`` only, 96 px crops,
@@ -193,9 +194,8 @@ def cache_key(model: str) -> str:
 def embed_fast(model: str, key: str, images: list[list[str]], cache: Path) -> np.ndarray:
     """``bench_postprocess.embed_cached`` with 8-tile batches in channels-last memory: the same vectors up to
     float rounding, about 2.5x faster on this CPU than 64-tile batches (224 px tiles fall out of the caches)."""
-    import torch
-
     import bench_postprocess as bp
+    import torch
 
     original = bp.load_embedder
 
@@ -217,7 +217,9 @@ def eval_tables(args: argparse.Namespace) -> dict[str, tuple[Any, list[str], dic
     import bench_postprocess as bp
     from bench_pretrain_arms import bbbc013_cells_table
 
-    tables = {d: bp.dataset_table(d, args.data, args.malaria_n, args.yeast_n) for d in ("hpa_toy", "yeast", "malaria_nih")}
+    tables = {
+        d: bp.dataset_table(d, args.data, args.malaria_n, args.yeast_n) for d in ("hpa_toy", "yeast", "malaria_nih")
+    }
     cells = bbbc013_cells_table(args.data, args.cache / f"bbbc013_{args.per_well}", per_well=args.per_well)
     tables["bbbc013_cells"] = (
         cells,
@@ -373,6 +375,51 @@ def readout_features(model: str, images: list[list[str]], size: int, cache: Path
     return result
 
 
+def stage_progress(args: argparse.Namespace) -> dict[str, Any]:
+    """Where the long run stands, from its plan and training log: steps and CPU time done and planned, and the
+    loss terms (median over blocks of about a tenth of the steps logged), so a later session knows what it resumes."""
+    out = args.runs / "distill_long"
+    plan = json.loads((out / "plan.json").read_text())
+    rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines() if line.strip()]
+    if not rows:
+        raise SystemExit(f"{out / 'train_log.jsonl'}: no steps logged yet")
+    keys = [k for k in ("loss", "loss_reconstruction", "loss_distill", "loss_spatial") if k in rows[-1]]
+    size = max(1, len(rows) // 10)
+    blocks = [rows[i : i + size] for i in range(0, len(rows), size)]
+    return {
+        "plan": plan,
+        "steps_done": int(rows[-1]["step"]),
+        "cpu_minutes_done": round(float(rows[-1]["cpu_s"]) / 60, 1),
+        "loss_by_block": [
+            {"last_step": int(b[-1]["step"]), **{k: float(np.median([r[k] for r in b if k in r])) for k in keys}}
+            for b in blocks
+        ],
+    }
+
+
+def progress_markdown(record: dict[str, Any]) -> str:
+    pr = record["progress"]
+    plan = pr["plan"]
+    keys = [k for k in pr["loss_by_block"][0] if k != "last_step"]
+    lines = [
+        "# Long distillation run: progress",
+        "",
+        f"Command: `{record['command']}` ({record['date']}). Arm `{plan['arm']}`, "
+        f"overrides `{json.dumps(plan['overrides'])}`; "
+        f"{pr['steps_done']} of {plan['steps']} planned steps, {pr['cpu_minutes_done']} of {plan['cpu_minutes']} "
+        "CPU-minutes (training process, all threads). Resume with `python jobs/bench_distill.py --stage long --arm "
+        f"{plan['arm']} --cpu-minutes {plan['cpu_minutes']}` (the plan in `runs/distill_long/plan.json` keeps the "
+        "schedule).",
+        "",
+        "Median loss terms over blocks of logged steps:",
+        "",
+        "| up to step | " + " | ".join(keys) + " |",
+        "|---:|" + "---:|" * len(keys),
+    ]
+    lines += [f"| {b['last_step']} | " + " | ".join(f"{b[k]:.4f}" for k in keys) + " |" for b in pr["loss_by_block"]]
+    return "\n".join(lines) + "\n"
+
+
 def stage_readout(args: argparse.Namespace) -> dict[str, Any]:
     """Readouts of one model (``--models``, the first), declared: the deepest map or levels 3 and 4, at the
     224 px canvas or the tight one; on malaria (RGB planes as channels) also a fourth, colour-aware channel
@@ -392,7 +439,9 @@ def stage_readout(args: argparse.Namespace) -> dict[str, Any]:
                 feats[f"{name}@{'tight' if size != 224 else 224}"] = X
         if d == "malaria_nih":
             key = f"readout_{d}_{len(table)}_{cache_key(model)}_224_chroma"
-            feats["deepest@224+chroma"] = readout_features(model, images, 224, args.cache, key, extra_chroma=True)["deepest"]
+            feats["deepest@224+chroma"] = readout_features(model, images, 224, args.cache, key, extra_chroma=True)[
+                "deepest"
+            ]
         reference = "deepest@224"
         rows += score(d, table, proto, feats, [f for f in feats if f != reference], args)
     return {"model": label, "rows": rows, "n": {d: len(t[0]) for d, t in tables.items()}}
@@ -437,7 +486,10 @@ def markdown(record: dict[str, Any]) -> str:
         "",
     ]
     if record.get("train"):
-        lines += ["| run | overrides | CPU-s / step | steps planned / done | stop | final loss |", "|---|---|---:|---:|---|---:|"]
+        lines += [
+            "| run | overrides | CPU-s / step | steps planned / done | stop | final loss |",
+            "|---|---|---:|---:|---|---:|",
+        ]
         for name, t in record["train"].items():
             lines.append(
                 f"| {name} | `{json.dumps(t['overrides'])}` | {t['calibrated_cpu_s_per_step']:.2f} | "
@@ -457,14 +509,21 @@ def markdown(record: dict[str, Any]) -> str:
         lines.append(f"| {f} | " + " | ".join(cells) + " |")
     lines += ["", "Paired differences of each candidate (95 % bootstrap interval):", ""]
     others = ["default", "random", "teacher", "teacher 3 taps", *FEATURE_BASELINES]
-    lines += ["| candidate | task | " + " | ".join(f"vs {o}" for o in others) + " |", "|---|---|" + "---|" * len(others)]
+    lines += [
+        "| candidate | task | " + " | ".join(f"vs {o}" for o in others) + " |",
+        "|---|---|" + "---|" * len(others),
+    ]
     for c in ev["candidates"]:
         for d, t in tasks:
             diff = by[(d, t, c)]["diff"]
             cells = [f"{diff[o]['diff']:+.3f} [{diff[o]['ci95'][0]:+.3f}, {diff[o]['ci95'][1]:+.3f}]" for o in others]
             lines.append(f"| {c} | {d} {t} | " + " | ".join(cells) + " |")
-    lines += ["", "Shipping rule (above pixels, intensity statistics and random on every task, paired interval above 0; "
-              "above default on average):", ""]
+    lines += [
+        "",
+        "Shipping rule (above pixels, intensity statistics and random on every task, paired interval above 0; "
+        "above default on average):",
+        "",
+    ]
     for c, v in ev["verdict"].items():
         state = "passes" if v["passes"] else "does not pass"
         lines.append(
@@ -499,7 +558,7 @@ def readout_markdown(record: dict[str, Any]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--stage", choices=["arms", "long", "eval", "readout"], required=True)
+    ap.add_argument("--stage", choices=["arms", "long", "eval", "readout", "progress"], required=True)
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     ap.add_argument("--arm", choices=list(ARMS), help="the recipe of the long run")
     ap.add_argument("--cpu-minutes", type=float, default=8.0)
@@ -536,6 +595,17 @@ def main() -> None:
         return
     from msnoop.core.runtime import provenance
 
+    if args.stage == "progress":
+        record = {
+            "command": "python jobs/bench_distill.py " + " ".join(sys.argv[1:]),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "progress": stage_progress(args),
+        }
+        out = REPO / "results" / "bench_distill_long_progress"
+        out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+        out.with_suffix(".md").write_text(progress_markdown(record))
+        print(progress_markdown(record))
+        return
     if args.stage == "readout":
         record = {"command": "python jobs/bench_distill.py " + " ".join(sys.argv[1:]), "readout": stage_readout(args)}
         record["provenance"] = provenance()
