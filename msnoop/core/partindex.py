@@ -189,6 +189,7 @@ class PartIndex:
         self.files = list(files)
         self._pending: list[PartEntry] = []
         self._last_flush = time.monotonic()
+        self._scans: dict[str, FolderScan] = {}  # the last scan of each folder, until the index hears of a change
         for e in entries:
             self.entries[(e.folder, e.name)] = e
 
@@ -215,11 +216,18 @@ class PartIndex:
         for e in decode_entries(entries) if isinstance(entries, bytes) else entries:
             self.entries[(e.folder, e.name)] = e
             self._pending.append(e)
+            self._scans.pop(e.folder, None)
 
     def forget(self, folder: str, names: Iterable[str]) -> None:
         """Drop the entries of parts that were rewritten or removed (a later :meth:`scan` reads them again)."""
+        self._scans.pop(folder, None)
         for n in names:
             self.entries.pop((folder, posixpath.basename(str(n))), None)
+
+    def relist(self) -> None:
+        """Forget the kept scans: the next :meth:`scan` of each folder lists it again (after other processes, such as
+        a run's write tasks, may have written parts the index has not heard of)."""
+        self._scans.clear()
 
     def flush(self, *, every_s: float | None = None) -> Any:
         """Write the entries added since the last flush as one new index file; returns it (None if nothing to do).
@@ -253,16 +261,21 @@ class PartIndex:
             st.remove(f, self.run.storage)
         self._last_flush = time.monotonic()
 
-    def scan(self, folder: str) -> FolderScan:
+    def scan(self, folder: str, *, again: bool = False) -> FolderScan:
         """The parts of run folder ``folder`` (``RunDir.EMBEDDINGS``, ``ERRORS`` or ``CELLS``) and their ids.
 
         One listing of the folder; each part the index describes (same size and modification time) is taken from
         it, every other part is read (its ``Metadata_ImageID`` column, :data:`~msnoop.core.parts.READ_THREADS` at
         a time) and added to the index. Entries of parts that are gone are dropped.
 
+        The result is kept until the index hears of a change to the folder (:meth:`add`, :meth:`forget`): a second
+        scan then lists nothing. ``again`` lists the folder anyway (it was changed behind the index's back).
+
         Raises:
             KeyError: A part that had to be read lacks ``Metadata_ImageID``.
         """
+        if not again and folder in self._scans:
+            return self._scans[folder]
         location = self.run.path(folder)
         fs, infos = st.list_file_infos(location, "part-*.parquet", self.run.storage)
         remote = self.run.is_uri
@@ -294,4 +307,6 @@ class PartIndex:
                         [PartEntry(folder, posixpath.basename(info.path), int(info.size), _mtime_ns(info) or 0, h)]
                     )
             logger.debug("%s: %d of %d part(s) read (not in the part index)", location, len(todo), len(infos))
-        return FolderScan(files, [h for h in ids if h is not None], n_read=len(todo))
+        out = FolderScan(files, [h for h in ids if h is not None], n_read=len(todo))
+        self._scans[folder] = out
+        return out

@@ -638,6 +638,8 @@ def _run_embed_locked(cfg: EmbedJob, run: RunDir, lock: WriterLock, t0: float) -
     if cfg.cells is not None:
         info["last_run"]["cells"] = n_cells
     index.flush()
+    if n_todo:
+        index.relist()  # a write task that failed and was retried may have left a part the index never heard of
     lock.check()  # still this folder's only writer
     repair_repeats(run, cells=cfg.cells is not None, index=index)
     n_total, n_err_total = check_totals(run, wanted, names=lambda hashes: ids_of(source, hashes), index=index)
