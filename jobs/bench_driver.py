@@ -21,12 +21,13 @@ Then times every pass the driver makes over the parts, two ways:
   and the row counts for the LanceDB build and ``info`` (each loading the index and listing again, as they do).
 
 Both must give the same ids and totals (checked). Wall seconds of each pass; ``--skip-scan`` times the index only.
-Writes ``results/bench_driver.{json,md}``.
+Writes ``results/bench_driver.{json,md}``: one entry per storage and folder size, kept across runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shutil
@@ -36,6 +37,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -81,13 +83,18 @@ def start_moto() -> tuple[subprocess.Popen[bytes], str]:
     raise RuntimeError(f"moto server on {endpoint} did not start")
 
 
+def image_ids(k: int, rows: int) -> list[str]:
+    """The ids of part ``k``: unique across parts (384 wells x 10 sites per plate, one part per site)."""
+    return [f"plate{k // 3840:03d}/w{k // 10 % 384:03d}_s{k % 10}_{j}" for j in range(rows)]
+
+
 def build_folder(run: RunDir, n_parts: int, rows: int, dim: int, error_every: int, threads: int) -> IdSet:
     """Write the synthetic folder and its part index; returns the ids of all rows."""
     rng = np.random.default_rng(0)
     emb = rng.standard_normal((rows, dim), dtype=np.float32)
 
     def one(k: int) -> Any:
-        ids = [f"plate{k // 3840:03d}/w{k % 384:03d}_s{k % 10}_{j}" for j in range(rows)]
+        ids = image_ids(k, rows)
         key = parts.block_key(ids)
         if error_every and k % error_every == error_every - 1:
             table = pd.DataFrame({"Metadata_ImageID": ids, "path": "x.tif", "reason": "unreadable"})
@@ -111,7 +118,7 @@ def build_folder(run: RunDir, n_parts: int, rows: int, dim: int, error_every: in
             if (k + 1) % 10_000 == 0:
                 index.flush()
     index.flush()
-    return IdSet.of([f"plate{k // 3840:03d}/w{k % 384:03d}_s{k % 10}_{j}" for k in range(n_parts) for j in range(rows)])
+    return IdSet.of([i for k in range(n_parts) for i in image_ids(k, rows)])
 
 
 def footers(run: RunDir) -> int:
@@ -166,44 +173,54 @@ def time_passes(run: RunDir, wanted: IdSet, use_index: bool) -> dict[str, Any]:
     return {"seconds": out, "found": found, "done_hash": done.hashes.tobytes().hex()[:32]}
 
 
-def markdown(record: dict[str, Any]) -> str:
-    a = record["args"]
-    lines = [
-        "# The driver's passes over an output folder of many small parts",
-        "",
-        (
-            f"`python jobs/bench_driver.py --parts {a['parts']}{' --local' if a['local'] else ''}` "
-            f"({record['date']}, commit {record['commit']}, {record['machine']}): {a['parts']:,} parts of {a['rows']} "
-            f"rows ({record['rows']:,} rows, every {a['error_every']}th part in errors/) on "
-            f"{'local disk' if a['local'] else 'a local S3 server (moto, its own process)'}; folder written in "
-            f"{record['build_s']:.0f} s by {a['threads']} threads. Wall seconds of each pass:"
-        ),
-        "",
-        "| pass | read from every part | part index | speed-up |",
-        "|---|---|---|---|",
-    ]
-    scan = record.get("scan", {}).get("seconds", {})
-    idx = record["index"]["seconds"]
-    for k in (
-        "load_index",
-        "resume_ids",
-        "repair_repeats",
-        "check_totals",
-        "compact_index",
-        "lance_part_rows",
-        "info_error_count",
-        "total",
-    ):
-        s, i = scan.get(k), idx.get(k)
-        ratio = f"{s / i:.0f}x" if s and i else ""
-        lines.append(f"| {k} | {'' if s is None else f'{s:.2f}'} | {'' if i is None else f'{i:.2f}'} | {ratio} |")
-    lines += [
-        "",
-        "The index column lists the folder for every pass (one LIST request per 1000 parts) and reads the index "
-        "files; the scan column reads each part's footer and id column (the resume scan one part at a time, the "
-        "others 16 at a time). Both found the same ids and totals: " + str(record.get("same")),
-    ]
+def markdown(runs: dict[str, Any]) -> str:
+    """One table per run (folder size and storage), smallest folder first."""
+    lines = ["# The driver's passes over an output folder of many small parts", ""]
+    for record in sorted(runs.values(), key=lambda r: (r["args"]["local"], r["args"]["parts"])):
+        a = record["args"]
+        where = "local disk" if a["local"] else "a local S3 server (moto, its own process)"
+        lines += [
+            f"## {a['parts']:,} parts on {'local disk' if a['local'] else 'S3 (moto)'}",
+            "",
+            (
+                f"`python jobs/bench_driver.py --parts {a['parts']}{' --local' if a['local'] else ''}"
+                f"{' --skip-scan' if a['skip_scan'] else ''}` ({record['date']}, commit {record['commit']}, "
+                f"{record['machine']}, load average {record['load_average']}): {a['parts']:,} parts of {a['rows']} "
+                f"rows ({record['rows']:,} rows, every {a['error_every']}th part in errors/) on {where}; folder "
+                f"written in {record['build_s']:.0f} s by {a['threads']} threads. Wall seconds of each pass:"
+            ),
+            "",
+            "| pass | read from every part | part index | speed-up |",
+            "|---|---|---|---|",
+        ]
+        scan = record.get("scan", {}).get("seconds", {})
+        idx = record["index"]["seconds"]
+        for k in PASSES:
+            sv, iv = scan.get(k), idx.get(k)
+            ratio = f"{sv / iv:.0f}x" if sv and iv else ""
+            lines.append(
+                f"| {k} | {'' if sv is None else f'{sv:.2f}'} | {'' if iv is None else f'{iv:.2f}'} | {ratio} |"
+            )
+        same = record.get("same")
+        lines += ["", "Both ways found the same ids, repairs and totals." if same else "Index passes only.", ""]
+    lines.append(
+        "The index column lists each folder (one LIST request per 1000 parts) at the start of a run and again at its "
+        "end, and reads the few index files; the scan column reads each part's footer and id column (the resume "
+        "scan one part at a time, the others 16 at a time)."
+    )
     return "\n".join(lines)
+
+
+PASSES = (
+    "load_index",
+    "resume_ids",
+    "repair_repeats",
+    "check_totals",
+    "compact_index",
+    "lance_part_rows",
+    "info_error_count",
+    "total",
+)
 
 
 def main() -> None:
@@ -238,6 +255,7 @@ def main() -> None:
             "args": vars(args),
             "rows": len(wanted),
             "build_s": round(sw.wall, 1),
+            "load_average": " ".join(f"{x:.1f}" for x in os.getloadavg()),
         }
         print("index:", flush=True)
         record["index"] = time_passes(run, wanted, use_index=True)
@@ -250,8 +268,11 @@ def main() -> None:
             record["speedup_total"] = round(record["scan"]["seconds"]["total"] / record["index"]["seconds"]["total"], 1)
             if not record["same"]:
                 raise SystemExit(f"the two ways disagree: {record['scan']['found']} vs {record['index']['found']}")
-        files = write_results(args.out, record, markdown(record))
-        print(markdown(record))
+        out = Path(args.out).with_suffix(".json")
+        runs = json.loads(out.read_text()) if out.is_file() else {}
+        runs[f"{'local' if args.local else 's3'}_{args.parts}"] = record
+        files = write_results(out, runs, markdown(runs))
+        print(markdown({"this": record}))
         print("wrote", *files)
     finally:
         if proc is not None:
