@@ -70,14 +70,14 @@ def publish_embeddings(
             logger.debug("LanceDB table %r is up to date with the parts in %s: not rebuilt", table, run)
             return int(built.get("rows", 0))
 
-    index = PartIndex.load(run) if remote else None
+    part_index = PartIndex.load(run) if remote else None
 
     def build(name: str, folder: str | Path, **kw: Any) -> int:
         if remote:
             from msnoop.store.lance_ray import build_table_ray
 
-            assert index is not None
-            scan = index.scan(RunDir.CELLS if folder == run.cells else RunDir.EMBEDDINGS)
+            assert part_index is not None
+            scan = part_index.scan(RunDir.CELLS if folder == run.cells else RunDir.EMBEDDINGS)
             return build_table_ray(
                 uri,
                 name,
