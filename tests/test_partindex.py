@@ -164,3 +164,21 @@ def test_an_embedding_run_indexes_its_parts_and_resumes_a_folder_without_an_inde
     again = run_embed(cfg)
     assert (again.n_skipped, again.n_embedded, again.n_rows_total, again.n_errors_total) == (7, 0, 6, 1)
     assert PartIndex.load(run).scan(RunDir.EMBEDDINGS).n_read == 0  # the re-run indexed the old parts
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_orphan_cells_found_through_the_index_are_those_found_by_reading(tmp_path, seed):
+    from msnoop.embed.cells import drop_orphan_cells
+
+    rng = np.random.default_rng(seed)
+    runs = [RunDir(tmp_path / "fast"), RunDir(tmp_path / "slow")]
+    index = PartIndex(runs[0])
+    for k in range(int(rng.integers(1, 8))):
+        ids = [f"img{k}_{j}" for j in range(int(rng.integers(1, 4)))]
+        path, _ = (_write(run, RunDir.CELLS, ids) for run in runs)
+        if rng.random() < 0.7:  # else written by a run killed before it could index it
+            index.add([describe_part(path, RunDir.CELLS, ids)])
+    finished = IdSet.of([f"img{k}_{j}" for k in range(8) for j in range(3) if rng.random() < 0.8])
+    assert drop_orphan_cells(runs[0], finished, index=index) == drop_orphan_cells(runs[1], finished)
+    names = [[str(f).rsplit("/", 1)[-1] for f in parts.part_files(run.cells)] for run in runs]
+    assert names[0] == names[1] == [str(f).rsplit("/", 1)[-1] for f in index.scan(RunDir.CELLS).files]
