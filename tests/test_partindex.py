@@ -21,7 +21,7 @@ from msnoop.core.rundir import RunDir
 from msnoop.embed.totals import TotalsError, check_totals, repair_repeats
 
 
-def _write(run: RunDir, folder: str, ids: list[str]) -> str:
+def _write(run: RunDir, folder: str, ids: list[str], key: str | None = None) -> str:
     if folder == RunDir.ERRORS:
         table = pa.Table.from_pydict(
             {"Metadata_ImageID": ids, "path": ["x.tif"] * len(ids), "reason": ["bad"] * len(ids)},
@@ -29,8 +29,10 @@ def _write(run: RunDir, folder: str, ids: list[str]) -> str:
         )
     else:
         meta = pd.DataFrame({"Metadata_ImageID": ids, "Metadata_Well": ["A01"] * len(ids)})
+        if folder == RunDir.CELLS:  # one row per cell: its image's id and the cell's number within the image
+            meta["Metadata_CellID"] = meta.groupby("Metadata_ImageID").cumcount() + 1
         table = parts.embeddings_frame(meta, np.ones((len(ids), 3), np.float32))
-    return parts.write_part(table, run.path(folder), storage=run.storage, key=parts.block_key(ids))
+    return parts.write_part(table, run.path(folder), storage=run.storage, key=key or parts.block_key(ids))
 
 
 def random_folder(run: RunDir, seed: int) -> IdSet:
@@ -166,19 +168,39 @@ def test_an_embedding_run_indexes_its_parts_and_resumes_a_folder_without_an_inde
     assert PartIndex.load(run).scan(RunDir.EMBEDDINGS).n_read == 0  # the re-run indexed the old parts
 
 
-@pytest.mark.parametrize("seed", range(5))
-def test_orphan_cells_found_through_the_index_are_those_found_by_reading(tmp_path, seed):
+@pytest.mark.parametrize("seed", range(8))
+def test_cells_checks_through_the_index_are_those_made_by_reading(tmp_path, seed):
     from msnoop.embed.cells import drop_orphan_cells
 
     rng = np.random.default_rng(seed)
     runs = [RunDir(tmp_path / "fast"), RunDir(tmp_path / "slow")]
     index = PartIndex(runs[0])
     for k in range(int(rng.integers(1, 8))):
-        ids = [f"img{k}_{j}" for j in range(int(rng.integers(1, 4)))]
-        path, _ = (_write(run, RunDir.CELLS, ids) for run in runs)
+        images = [f"img{k}_{j}" for j in range(int(rng.integers(1, 4)))]
+        ids = [i for i in images for _ in range(int(rng.integers(1, 4)))]  # a few cells per image
+        key = f"{k}" if rng.random() < 0.2 else None  # the same cells again under another name: repeated rows
+        path = _write(runs[0], RunDir.CELLS, ids, key)
+        _write(runs[1], RunDir.CELLS, ids, key)
         if rng.random() < 0.7:  # else written by a run killed before it could index it
-            index.add([describe_part(path, RunDir.CELLS, ids)])
+            index.add([describe_part(path, RunDir.CELLS, ids, keys=_cell_keys(path))])
+        if key is not None:
+            _write(runs[0], RunDir.CELLS, ids)
+            _write(runs[1], RunDir.CELLS, ids)
     finished = IdSet.of([f"img{k}_{j}" for k in range(8) for j in range(3) if rng.random() < 0.8])
     assert drop_orphan_cells(runs[0], finished, index=index) == drop_orphan_cells(runs[1], finished)
-    names = [[str(f).rsplit("/", 1)[-1] for f in parts.part_files(run.cells)] for run in runs]
-    assert names[0] == names[1] == [str(f).rsplit("/", 1)[-1] for f in index.scan(RunDir.CELLS).files]
+    assert repair_repeats(runs[0], cells=True, index=index) == repair_repeats(runs[1], cells=True)
+    scans = [PartIndex(run).scan(RunDir.CELLS) for run in runs]
+    assert [len(k) for k in scans[0].keys] == [len(k) for k in scans[1].keys]
+    assert np.array_equal(
+        np.sort(np.concatenate([np.zeros(0, "S16"), *scans[0].keys])),
+        np.sort(np.concatenate([np.zeros(0, "S16"), *scans[1].keys])),
+    )
+    assert [str(f).rsplit("/", 1)[-1] for f in index.scan(RunDir.CELLS).files] == [
+        str(f).rsplit("/", 1)[-1] for f in scans[1].files
+    ]
+
+
+def _cell_keys(path) -> np.ndarray:
+    import pyarrow.parquet as pq
+
+    return parts.key_hashes(pq.read_table(path), parts.CELL_KEY)

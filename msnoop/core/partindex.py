@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 
 from msnoop.core import storage as st
 from msnoop.core.idset import HASH_DTYPE, IdSet, hash_ids
-from msnoop.core.parts import ID_COLUMN, READ_THREADS
+from msnoop.core.parts import CELL_KEY, ID_COLUMN, READ_THREADS, key_hashes
 from msnoop.core.rundir import RunDir
 from msnoop.core.storage import StorageConfig
 
@@ -54,6 +54,7 @@ INDEX_SCHEMA = pa.schema(
         ("size", pa.int64()),  # bytes
         ("mtime_ns", pa.int64()),  # the storage's modification time, nanoseconds since the epoch
         ("ids", pa.large_binary()),  # the rows' id hashes (hash_ids), 16 bytes each, in row order
+        ("keys", pa.large_binary()),  # cells parts: the rows' key hashes (image id and cell id); else null
     ]
 )
 
@@ -71,6 +72,8 @@ class PartEntry:
         size: Its size in bytes.
         mtime_ns: Its modification time (nanoseconds since the epoch), as the storage reports it.
         ids: ``[rows]`` dtype :data:`~msnoop.core.idset.HASH_DTYPE`: the hash of each row's ``Metadata_ImageID``.
+        keys: Cells parts: ``[rows]`` hashes of each row's key (:data:`~msnoop.core.parts.CELL_KEY`, see
+            :func:`~msnoop.core.parts.key_hashes`); ``None`` for other folders.
     """
 
     folder: str
@@ -78,12 +81,13 @@ class PartEntry:
     size: int
     mtime_ns: int
     ids: np.ndarray
+    keys: np.ndarray | None = None
 
     def matches(self, info: pafs.FileInfo, remote: bool) -> bool:
         """Whether the listed file ``info`` is the part this entry describes (same size and modification time;
         on object storage, whose listings give whole seconds, the same second)."""
         mtime = _mtime_ns(info)
-        if info.size != self.size or mtime is None:
+        if info.size != self.size or mtime is None or (self.folder == RunDir.CELLS and self.keys is None):
             return False
         if remote:
             return mtime // 1_000_000_000 == self.mtime_ns // 1_000_000_000
@@ -98,9 +102,16 @@ def _mtime_ns(info: pafs.FileInfo) -> int | None:
 
 
 def describe_part(
-    path: str | Path, folder: str, ids: Iterable[Any] | pa.ChunkedArray, storage: StorageConfig | None = None
+    path: str | Path,
+    folder: str,
+    ids: Iterable[Any] | pa.ChunkedArray,
+    storage: StorageConfig | None = None,
+    *,
+    keys: np.ndarray | None = None,
 ) -> PartEntry:
-    """The index entry of a part just written at ``path`` (in run folder ``folder``) holding ``ids`` in row order.
+    """The index entry of a part just written at ``path`` (in run folder ``folder``) holding ``ids`` in row order
+    (``keys``: a cells part's row key hashes, :func:`msnoop.core.parts.key_hashes` of its
+    :data:`~msnoop.core.parts.CELL_KEY` columns).
 
     Asks the storage for the file's size and modification time (a ``stat``; one HEAD request on object storage).
 
@@ -111,7 +122,8 @@ def describe_part(
     info = fs.get_file_info(where)
     if info.type != pafs.FileType.File:
         raise FileNotFoundError(f"{path}: no such part")
-    return PartEntry(folder, posixpath.basename(where), int(info.size), int(_mtime_ns(info) or 0), hash_ids(ids))
+    mtime = int(_mtime_ns(info) or 0)
+    return PartEntry(folder, posixpath.basename(where), int(info.size), mtime, hash_ids(ids), keys)
 
 
 def _table(entries: list[PartEntry]) -> pa.Table:
@@ -122,6 +134,7 @@ def _table(entries: list[PartEntry]) -> pa.Table:
             "size": [e.size for e in entries],
             "mtime_ns": [e.mtime_ns for e in entries],
             "ids": [e.ids.tobytes() for e in entries],
+            "keys": [None if e.keys is None else e.keys.tobytes() for e in entries],
         },
         schema=INDEX_SCHEMA,
     )
@@ -130,8 +143,15 @@ def _table(entries: list[PartEntry]) -> pa.Table:
 def _entries(table: pa.Table) -> list[PartEntry]:
     cols = {c: table.column(c).to_pylist() for c in INDEX_SCHEMA.names}
     return [
-        PartEntry(f, n, int(s), int(m), np.frombuffer(i, dtype=HASH_DTYPE))
-        for f, n, s, m, i in zip(*(cols[c] for c in INDEX_SCHEMA.names), strict=True)
+        PartEntry(
+            f,
+            n,
+            int(s),
+            int(m),
+            np.frombuffer(i, dtype=HASH_DTYPE),
+            None if k is None else np.frombuffer(k, HASH_DTYPE),
+        )
+        for f, n, s, m, i, k in zip(*(cols[c] for c in INDEX_SCHEMA.names), strict=True)
     ]
 
 
@@ -158,11 +178,13 @@ class FolderScan:
         files: The parts (paths or URIs) in name order, as :func:`msnoop.core.parts.part_files` gives them.
         ids: Per part, ``[rows]`` id hashes (dtype :data:`~msnoop.core.idset.HASH_DTYPE`) in row order.
         n_read: Parts that were read because the index did not describe them.
+        keys: ``cells/``: per part, ``[rows]`` row key hashes (:data:`~msnoop.core.parts.CELL_KEY`); else ``None``.
     """
 
     files: list[Any]
     ids: list[np.ndarray]
     n_read: int = 0
+    keys: list[np.ndarray] | None = None
 
     @property
     def rows(self) -> list[int]:
@@ -280,14 +302,18 @@ class PartIndex:
         fs, infos = st.list_file_infos(location, "part-*.parquet", self.run.storage)
         remote = self.run.is_uri
         files = [st.join(location, posixpath.basename(i.path)) for i in infos]
+        cells = folder == RunDir.CELLS
         ids: list[np.ndarray | None] = []
+        keys: list[np.ndarray | None] = []
         todo = []
         for k, info in enumerate(infos):
             e = self.entries.get((folder, posixpath.basename(info.path)))
             if e is not None and e.matches(info, remote):
                 ids.append(e.ids)
+                keys.append(e.keys)
             else:
                 ids.append(None)
+                keys.append(None)
                 todo.append(k)
         listed = {posixpath.basename(i.path) for i in infos}
         for key in [k for k in self.entries if k[0] == folder and k[1] not in listed]:
@@ -295,18 +321,23 @@ class PartIndex:
         if todo:
             fmt = pads.ParquetFileFormat()
 
-            def read(k: int) -> np.ndarray:
+            def read(k: int) -> tuple[np.ndarray, np.ndarray | None]:
                 frag = fmt.make_fragment(infos[k].path, filesystem=fs, file_size=infos[k].size)
-                return hash_ids(frag.to_table(columns=[ID_COLUMN]).column(ID_COLUMN))
+                table = frag.to_table(columns=CELL_KEY if cells else [ID_COLUMN])
+                return hash_ids(table.column(ID_COLUMN)), key_hashes(table, CELL_KEY) if cells else None
 
             with ThreadPoolExecutor(max_workers=min(READ_THREADS, len(todo))) as pool:
-                for k, h in zip(todo, pool.map(read, todo), strict=True):
-                    ids[k] = h
+                for k, (h, key) in zip(todo, pool.map(read, todo), strict=True):
+                    ids[k], keys[k] = h, key
                     info = infos[k]
-                    self.add(
-                        [PartEntry(folder, posixpath.basename(info.path), int(info.size), _mtime_ns(info) or 0, h)]
-                    )
+                    name = posixpath.basename(info.path)
+                    self.add([PartEntry(folder, name, int(info.size), _mtime_ns(info) or 0, h, key)])
             logger.debug("%s: %d of %d part(s) read (not in the part index)", location, len(todo), len(infos))
-        out = FolderScan(files, [h for h in ids if h is not None], n_read=len(todo))
+        out = FolderScan(
+            files,
+            [h for h in ids if h is not None],
+            n_read=len(todo),
+            keys=[h for h in keys if h is not None] if cells else None,
+        )
         self._scans[folder] = out
         return out

@@ -252,13 +252,24 @@ def drop_ids(
     return removed
 
 
-def _row_keys(folder: str | Path, columns: list[str], storage: StorageConfig | None) -> list[np.ndarray]:
-    """Per part (in :func:`part_files` order), the 16-byte hash of each row's key (``columns`` joined)."""
+#: The columns that key a cells part's rows (one row per cell of an image).
+CELL_KEY = [ID_COLUMN, "Metadata_CellID"]
+
+
+def key_hashes(table: pa.Table, columns: list[str]) -> np.ndarray:
+    """``[rows]`` dtype ``S16``: the hash (:func:`msnoop.core.idset.hash_ids`) of each row's key, its ``columns``
+    joined by NUL; for the image id alone the same as the id's hash."""
     from msnoop.core.idset import hash_ids
 
+    values = [table.column(c).to_pylist() for c in columns]
+    return hash_ids(["\0".join(str(v) for v in row) for row in zip(*values, strict=True)])
+
+
+def _row_keys(folder: str | Path, columns: list[str], storage: StorageConfig | None) -> list[np.ndarray]:
+    """Per part (in :func:`part_files` order), the 16-byte hash of each row's key (``columns`` joined)."""
+
     def key(table: pa.Table) -> np.ndarray:
-        values = [table.column(c).to_pylist() for c in columns]
-        return hash_ids(["\0".join(str(v) for v in row) for row in zip(*values, strict=True)])
+        return key_hashes(table, columns)
 
     frags = _fragments(folder, storage)
     if not frags:

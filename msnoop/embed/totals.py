@@ -58,8 +58,13 @@ def repair_repeats(run: RunDir, *, cells: bool = False, index: PartIndex | None 
         index.forget(run.ERRORS, changed)
     if cells:
         rewritten: list[Any] = []
-        n += parts.drop_repeats(run.cells, [ID_COLUMN, "Metadata_CellID"], storage=run.storage, changed=rewritten)
-        if index is not None:
+        if index is None:
+            n += parts.drop_repeats(run.cells, parts.CELL_KEY, storage=run.storage, changed=rewritten)
+        else:
+            scan = index.scan(run.CELLS)
+            assert scan.keys is not None
+            known = (scan.files, scan.keys)
+            n += parts.drop_repeats(run.cells, parts.CELL_KEY, storage=run.storage, known=known, changed=rewritten)
             index.forget(run.CELLS, rewritten)
     if n:
         logger.warning("%s: removed %d repeated row(s) (the same image written twice)", run, n)

@@ -65,7 +65,8 @@ def write_block(
         if cell_table is not None:
             ids = cell_table.column(ID_COLUMN).to_pylist()
             path = parts.write_part(cell_table, run.cells, provenance=provenance, storage=storage, key=block_key(ids))
-            written.append(describe_part(path, run.CELLS, ids, storage))
+            keys = parts.key_hashes(cell_table, parts.CELL_KEY)
+            written.append(describe_part(path, run.CELLS, ids, storage, keys=keys))
             n_cells = cell_table.num_rows
     if ok.any():
         extra = {c: np.asarray(batch[c], dtype=np.int64)[ok] for c in (CELL_COUNT, CELLS_FOUND)} if cells else {}
