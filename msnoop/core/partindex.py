@@ -6,7 +6,7 @@ are written twice (to repair), that every input id is there once (the totals che
 parts on object storage spends tens of minutes on them. Instead, each write task describes the parts it wrote
 (:func:`describe_part`: name, size, modification time, the 16-byte hash of each row's id) and returns that
 description with its counts; the driver collects them in a :class:`PartIndex` and writes them as index files
-(``<dir>/partindex/``, see :class:`msnoop.core.rundir.RunDir`), a new file every minute or so and one compacted
+(``<dir>/part-index/``, see :class:`msnoop.core.rundir.RunDir`), a new file every minute or so and one compacted
 file at the end of a run.
 
 An index entry is only believed for a part that the folder's listing shows with the same size and modification
@@ -217,7 +217,7 @@ class PartIndex:
 
     @classmethod
     def load(cls, run: RunDir) -> PartIndex:
-        """The folder's index (one listing of ``partindex/`` and one read per index file); empty when it has none
+        """The folder's index (one listing of ``part-index/`` and one read per index file); empty when it has none
         (a folder written before part indexes, or a new one). An index file that cannot be read is skipped."""
         _, infos = st.list_file_infos(run.part_index, "*.parquet", run.storage)
         files = [st.join(run.part_index, posixpath.basename(i.path)) for i in infos]
@@ -242,7 +242,9 @@ class PartIndex:
 
     def forget(self, folder: str, names: Iterable[str]) -> None:
         """Drop the entries of parts that were rewritten or removed (a later :meth:`scan` reads them again)."""
-        self._scans.pop(folder, None)
+        names = list(names)
+        if names:  # nothing changed: the kept scan still holds
+            self._scans.pop(folder, None)
         for n in names:
             self.entries.pop((folder, posixpath.basename(str(n))), None)
 

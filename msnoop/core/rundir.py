@@ -12,7 +12,7 @@ the names below. The layout::
     <dir>/lancedb/                         the embedded LanceDB database built from the parts (unless output.lancedb)
     <dir>/published.json                   what the LanceDB tables were last built from (a re-run with nothing new
                                            skips rebuilding them)
-    <dir>/partindex/<n>.parquet            what each part of embeddings/, errors/, cells/ holds (its ids, size and
+    <dir>/part-index/<n>.parquet           what each part of embeddings/, errors/, cells/ holds (its ids, size and
                                            modification time), so the driver's checks read a few index files
                                            instead of every part (:mod:`msnoop.core.partindex`)
     <dir>/profiles.parquet                 profile job: sphered rows
@@ -223,7 +223,7 @@ class RunDir:
     CONFIG_FILE: ClassVar[str] = "resolved_config.yaml"
     LANCEDB: ClassVar[str] = "lancedb"
     PUBLISHED: ClassVar[str] = "published.json"
-    PART_INDEX: ClassVar[str] = "partindex"
+    PART_INDEX: ClassVar[str] = "part-index"
     PROFILES: ClassVar[str] = "profiles.parquet"
     TREATMENTS: ClassVar[str] = "treatments.parquet"
     CORRECTION: ClassVar[str] = "correction.json"
