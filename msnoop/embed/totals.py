@@ -111,7 +111,7 @@ def check_totals(
         per_part = (
             parts.map_column_per_part(folder, hash_ids, ID_COLUMN, storage=run.storage)
             if index is None
-            else index.scan(name).ids
+            else [np.concatenate([np.zeros(0, dtype=HASH_DTYPE), *index.scan(name).ids])]  # one lookup, not one a part
         )
         for h in per_part:
             chunks.append(h[wanted.contains(h)])
