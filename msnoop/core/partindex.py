@@ -16,6 +16,10 @@ index; an entry whose part is gone is ignored. Entries are written only after th
 returns after its upload or rename; each index file is written whole, see :mod:`msnoop.core.storage`), so a run
 killed at any point leaves an index that claims no row the folder lacks. Checks made from the index and from the
 parts agree exactly (``tests/test_partindex.py`` compares them over many random folders).
+
+msnoop's own rewrites of a part (the repair of repeated rows, ``runtime.retry_errors``, orphan cells) drop its
+entry. Object storage lists modification times in whole seconds, so a part rewritten to the very same size within
+the second of its indexed write by a program that does not know the index would still be taken from its entry.
 """
 
 from __future__ import annotations
