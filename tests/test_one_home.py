@@ -31,6 +31,7 @@ LAYOUT_NAMES = {
     RunDir.RUN_FILE,
     RunDir.CONFIG_FILE,
     RunDir.LANCEDB,
+    RunDir.PART_INDEX,
     RunDir.PROFILES,
     RunDir.TREATMENTS,
     RunDir.CORRECTION,

@@ -1,5 +1,6 @@
 """Foundations every stage builds on: the output folder (:class:`RunDir`), Parquet parts, feature tables,
-storage (local or object storage), config base, SQL filters, id sets, the Ray runtime, plotting, progress bars.
+storage (local or object storage), config base, SQL filters, id sets, the part index (what each part holds), the
+Ray runtime, plotting, progress bars.
 
 Public names are imported on first use (:mod:`msnoop.core.lazy`).
 """
@@ -13,6 +14,7 @@ _EXPORTS = {
     "IdSet": "idset",
     "Location": "storage",
     "OutputMismatchError": "rundir",
+    "PartIndex": "partindex",
     "RunDir": "rundir",
     "StorageConfig": "storage",
     "StorageError": "storage",

@@ -214,6 +214,7 @@ def drop_ids(
     column: str = ID_COLUMN,
     *,
     storage: StorageConfig | None = None,
+    files: list[Any] | None = None,
 ) -> int:
     """Remove the rows whose id is in ``ids`` from every part of ``folder``; returns rows removed.
 
@@ -222,12 +223,13 @@ def drop_ids(
 
     Each affected part is rewritten to a temporary name and renamed over itself (atomic per part; on
     object storage the part is uploaded whole over its key), so a killed run leaves every part either
-    as it was or without those rows; a part left empty is deleted.
+    as it was or without those rows; a part left empty is deleted. ``files`` limits the parts looked at (those
+    known to hold some of ``ids``, e.g. from :class:`msnoop.core.partindex.PartIndex`); default every part.
     """
     removed = 0
     if not callable(ids) and not ids:
         return 0
-    for f in part_files(folder, storage=storage):
+    for f in part_files(folder, storage=storage) if files is None else files:
         fs, path = st.resolve(f, storage)
         table = pq.read_table(path, filesystem=fs)
         values = table.column(column).to_pylist()
@@ -250,13 +252,24 @@ def drop_ids(
     return removed
 
 
-def _row_keys(folder: str | Path, columns: list[str], storage: StorageConfig | None) -> list[np.ndarray]:
-    """Per part (in :func:`part_files` order), the 16-byte hash of each row's key (``columns`` joined)."""
+#: The columns that key a cells part's rows (one row per cell of an image).
+CELL_KEY = [ID_COLUMN, "Metadata_CellID"]
+
+
+def key_hashes(table: pa.Table, columns: list[str]) -> np.ndarray:
+    """``[rows]`` dtype ``S16``: the hash (:func:`msnoop.core.idset.hash_ids`) of each row's key, its ``columns``
+    joined by NUL; for the image id alone the same as the id's hash."""
     from msnoop.core.idset import hash_ids
 
+    values = [table.column(c).to_pylist() for c in columns]
+    return hash_ids(["\0".join(str(v) for v in row) for row in zip(*values, strict=True)])
+
+
+def _row_keys(folder: str | Path, columns: list[str], storage: StorageConfig | None) -> list[np.ndarray]:
+    """Per part (in :func:`part_files` order), the 16-byte hash of each row's key (``columns`` joined)."""
+
     def key(table: pa.Table) -> np.ndarray:
-        values = [table.column(c).to_pylist() for c in columns]
-        return hash_ids(["\0".join(str(v) for v in row) for row in zip(*values, strict=True)])
+        return key_hashes(table, columns)
 
     frags = _fragments(folder, storage)
     if not frags:
@@ -271,6 +284,8 @@ def drop_repeats(
     *,
     also_in: Any = None,
     storage: StorageConfig | None = None,
+    known: tuple[list[Any], list[np.ndarray]] | None = None,
+    changed: list[Any] | None = None,
 ) -> int:
     """Keep one row per key in a part folder: rows whose key an earlier part (by name) already holds are removed.
 
@@ -280,11 +295,16 @@ def drop_repeats(
     keys) removes those keys here altogether (e.g. error rows of images that another part embedded). Parts are
     rewritten atomically (:func:`drop_ids`' way); a part left empty is deleted.
 
+    ``known`` gives the folder's parts (in :func:`part_files` order) and each part's ``[rows]`` key hashes
+    (:func:`msnoop.core.idset.hash_ids` of the image ids, for the default ``columns``) when they are already known,
+    e.g. from :meth:`msnoop.core.partindex.PartIndex.scan`: then only the parts that change are read. ``changed``
+    receives every part rewritten or removed.
+
     Returns:
         Rows removed.
     """
     columns = columns or [ID_COLUMN]
-    keys = _row_keys(folder, columns, storage)
+    keys = _row_keys(folder, columns, storage) if known is None else known[1]
     if not keys:
         return 0
     flat = np.concatenate(keys)
@@ -296,12 +316,14 @@ def drop_repeats(
         repeat |= also_in.contains(flat)
     if not repeat.any():
         return 0
-    files = part_files(folder, storage=storage)
+    files = part_files(folder, storage=storage) if known is None else known[0]
     bounds = np.cumsum([0, *[len(k) for k in keys]])
     for f, lo, hi in zip(files, bounds[:-1], bounds[1:], strict=True):
         drop = repeat[lo:hi]
         if not drop.any():
             continue
+        if changed is not None:
+            changed.append(f)
         if drop.all():
             st.remove(f, storage)
             continue

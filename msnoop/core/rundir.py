@@ -12,6 +12,9 @@ the names below. The layout::
     <dir>/lancedb/                         the embedded LanceDB database built from the parts (unless output.lancedb)
     <dir>/published.json                   what the LanceDB tables were last built from (a re-run with nothing new
                                            skips rebuilding them)
+    <dir>/part-index/<n>.parquet           what each part of embeddings/, errors/, cells/ holds (its ids, size and
+                                           modification time), so the driver's checks read a few index files
+                                           instead of every part (:mod:`msnoop.core.partindex`)
     <dir>/profiles.parquet                 profile job: sphered rows
     <dir>/treatments.parquet               profile job: sphered rows aggregated per treatment
     <dir>/correction.json                  profile job: what was fitted on how many controls
@@ -220,6 +223,7 @@ class RunDir:
     CONFIG_FILE: ClassVar[str] = "resolved_config.yaml"
     LANCEDB: ClassVar[str] = "lancedb"
     PUBLISHED: ClassVar[str] = "published.json"
+    PART_INDEX: ClassVar[str] = "part-index"
     PROFILES: ClassVar[str] = "profiles.parquet"
     TREATMENTS: ClassVar[str] = "treatments.parquet"
     CORRECTION: ClassVar[str] = "correction.json"
@@ -275,6 +279,11 @@ class RunDir:
     def masks(self) -> str | Path:
         """Folder of the saved label masks (cells mode with ``cells.save_masks``)."""
         return self.path(self.MASKS)
+
+    @property
+    def part_index(self) -> str | Path:
+        """Folder of the part index files (:class:`msnoop.core.partindex.PartIndex`)."""
+        return self.path(self.PART_INDEX)
 
     @property
     def run_file(self) -> str | Path:
@@ -394,8 +403,9 @@ class RunDir:
 
     def remove_rows(self) -> None:
         """Remove every row of an embedding run (embeddings, errors, cells, masks) and the folder's own LanceDB
-        database (``<dir>/lancedb``; an ``output.lancedb`` elsewhere is left alone); ``run.json`` stays."""
-        for sub in (*self.ROW_FOLDERS, self.LANCEDB):
+        database (``<dir>/lancedb``; an ``output.lancedb`` elsewhere is left alone) and the part index;
+        ``run.json`` stays."""
+        for sub in (*self.ROW_FOLDERS, self.PART_INDEX, self.LANCEDB):
             st.remove(self.path(sub), self.storage)
 
     # --- identity: what a resume must not mix -------------------------------------------------------------------

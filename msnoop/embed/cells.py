@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 from msnoop.core import parts
 from msnoop.core import storage as st
 from msnoop.core.idset import IdSet
+from msnoop.core.partindex import PartIndex
 from msnoop.core.parts import ID_COLUMN
 from msnoop.core.rundir import RunDir
 from msnoop.io.readers import ImageReadError, read_labels
@@ -216,13 +217,22 @@ def cells_table(
     return with_embeddings(meta.take(pa.array(take)), extra, np.concatenate(embs), schema)
 
 
-def drop_orphan_cells(run: RunDir, finished: set[str] | IdSet) -> int:
+def drop_orphan_cells(run: RunDir, finished: set[str] | IdSet, *, index: PartIndex | None = None) -> int:
     """Remove cells parts holding an image whose mean was never written (a run killed mid-block); returns how many.
 
     Each block writes its cells part before its embeddings part, with the same image ids, so such a
-    part's images are all redone by this run; keeping the part would duplicate their cells.
+    part's images are all redone by this run; keeping the part would duplicate their cells. With ``index`` (the
+    folder's :class:`~msnoop.core.partindex.PartIndex`) and an :class:`IdSet`, the parts' ids come from it.
     """
     removed = 0
+    if index is not None and isinstance(finished, IdSet):
+        scan = index.scan(run.CELLS)
+        gone = [f for f, h in zip(scan.files, scan.ids, strict=True) if not finished.contains(h).all()]
+        for f in gone:
+            logger.warning("removing %s: its images have no image-level row yet and will be embedded again", f)
+            st.remove(f, run.storage)
+        index.forget(run.CELLS, gone)
+        return len(gone)
     for f in parts.part_files(run.cells, storage=run.storage):
         fs, path = st.resolve(f, run.storage)
         col = pq.read_table(path, columns=[ID_COLUMN], filesystem=fs).column(ID_COLUMN).to_pylist()

@@ -29,7 +29,7 @@ from msnoop.core import parts
 from msnoop.core import storage as st
 from msnoop.core.config import ConfigError, config_hash
 from msnoop.core.idset import IdSet
-from msnoop.core.parts import ID_COLUMN
+from msnoop.core.partindex import FLUSH_EVERY_S, PartIndex
 from msnoop.core.progress import progress_bar
 from msnoop.core.rundir import FolderBusyError, OutputMismatchError, RunDir, WriterLock
 from msnoop.embed.actor import EmbedActor
@@ -38,7 +38,7 @@ from msnoop.embed.config import EmbedJob
 from msnoop.embed.dataset import StrictModeError, channel_selectors, read_and_prepare
 from msnoop.embed.source import manifest_dataset, read_blocks
 from msnoop.embed.totals import TotalsError, check_totals, error_preview
-from msnoop.embed.write import provenance_record, write_block
+from msnoop.embed.write import PARTS, provenance_record, write_block
 from msnoop.io.config import path_column
 from msnoop.io.table_stream import ImageTableSource, ids_of, plan_image_table, scan_ids
 from msnoop.models.loading import load_for_embedding
@@ -409,13 +409,15 @@ def run_in_process(
     info: dict[str, Any],
     schemas: tuple[pa.Schema, pa.Schema, pa.Schema | None],
     bar: Any,
+    index: PartIndex | None = None,
 ) -> tuple[int, int, int]:
     """The pipeline's stages (read, embed, write) one block after another in this process, without Ray.
 
     Blocks hold about one forward batch of input-size tiles (tiles per batch / channels images, at least
     :data:`IN_PROCESS_MIN_BLOCK` and at most ``runtime.images_per_block``), so ``bar`` (a
     :func:`msnoop.core.progress.progress_bar`) moves every few seconds and a block is one part file.
-    torch uses ``runtime.num_cpus`` threads when it is set (else its default, one per core).
+    torch uses ``runtime.num_cpus`` threads when it is set (else its default, one per core). The parts written are
+    added to ``index`` (the folder's :class:`~msnoop.core.partindex.PartIndex`) when given.
 
     Returns:
         ``(embedded, errors, cells)`` of this run.
@@ -431,6 +433,9 @@ def run_in_process(
         counts = write_block(actor(read_and_prepare(block.to_pandas(), **read_args)), **write_args)
         ok, err, cells = (int(counts[k][0]) for k in ("n_ok", "n_err", "n_cells"))
         n_ok, n_err, n_cells = n_ok + ok, n_err + err, n_cells + cells
+        if index is not None:
+            index.add(counts[PARTS][0])
+            index.flush(every_s=FLUSH_EVERY_S)
         bar.update(ok + err)
     return n_ok, n_err, n_cells
 
@@ -445,9 +450,12 @@ def worker_env_args(cfg: EmbedJob) -> dict[str, Any]:
     return {"runtime_env": {"env_vars": env}} if env else {}
 
 
-def _stream_counts(ds: ray.data.Dataset, n_todo: int, *, t0: float, bar: Any, cells: bool) -> tuple[int, int, int]:
+def _stream_counts(
+    ds: ray.data.Dataset, n_todo: int, *, t0: float, bar: Any, cells: bool, index: PartIndex | None = None
+) -> tuple[int, int, int]:
     """Run the pipeline, moving ``bar`` as blocks are written (and a debug log line every 5 s, for logs);
-    returns ``(embedded, errors, cells)`` of this run."""
+    returns ``(embedded, errors, cells)`` of this run. The parts each block wrote are added to ``index`` (written
+    out every :data:`~msnoop.core.partindex.FLUSH_EVERY_S`)."""
     n_ok = n_err = n_cells = 0
     last = time.perf_counter()
     try:
@@ -456,6 +464,9 @@ def _stream_counts(ds: ray.data.Dataset, n_todo: int, *, t0: float, bar: Any, ce
             n_err += int(row["n_err"])
             n_cells += int(row["n_cells"])
             bar.update(int(row["n_ok"]) + int(row["n_err"]))
+            if index is not None:
+                index.add(row[PARTS])
+                index.flush(every_s=FLUSH_EVERY_S)
             now = time.perf_counter()
             if now - last > 5:
                 done_n = n_ok + n_err
@@ -493,20 +504,25 @@ def _run_schema(cfg: EmbedJob, run: RunDir, info: dict[str, Any], schema: pa.Sch
         return schema
 
 
-def _done_ids(cfg: EmbedJob, run: RunDir, wanted: IdSet) -> tuple[IdSet, IdSet]:
+def _done_ids(cfg: EmbedJob, run: RunDir, wanted: IdSet, index: PartIndex) -> tuple[IdSet, IdSet]:
     """``(embedded, done)``: ids already in ``embeddings/``, and those plus the ids recorded in ``errors/``.
 
-    With ``runtime.retry_errors`` this run's ids are first removed from ``errors/``; in cells mode the cells parts
-    of images without an image-level row are removed (:func:`msnoop.embed.cells.drop_orphan_cells`).
+    The ids come from the folder's part index (``index``; parts it does not describe are read and added to it).
+    With ``runtime.retry_errors`` this run's ids are first removed from ``errors/`` (only the parts holding some
+    are rewritten); in cells mode the cells parts of images without an image-level row are removed
+    (:func:`msnoop.embed.cells.drop_orphan_cells`).
     """
     if cfg.runtime.retry_errors:
-        n = parts.drop_ids(run.errors, wanted.contains_ids, storage=run.storage)
+        scan = index.scan(run.ERRORS)
+        hit = [f for f, h in zip(scan.files, scan.ids, strict=True) if wanted.contains(h).any()]
+        n = parts.drop_ids(run.errors, wanted.contains_ids, storage=run.storage, files=hit) if hit else 0
+        index.forget(run.ERRORS, hit)
         if n:
             logger.info("runtime.retry_errors: %d image(s) recorded in errors/ will be embedded again", n)
-    embedded = IdSet.from_parts(run.embeddings, ID_COLUMN, storage=run.storage)
-    done = embedded | IdSet.from_parts(run.errors, ID_COLUMN, storage=run.storage)
+    embedded = index.scan(run.EMBEDDINGS).id_set()
+    done = embedded | index.scan(run.ERRORS).id_set()
     if cfg.cells is not None:
-        drop_orphan_cells(run, embedded)
+        drop_orphan_cells(run, embedded, index=index)
     return embedded, done
 
 
@@ -585,7 +601,8 @@ def _run_embed_locked(cfg: EmbedJob, run: RunDir, lock: WriterLock, t0: float) -
     meta_schema = _run_schema(cfg, run, info, source.schema)
     info["metadata_schema"] = parts.schema_to_json(meta_schema)
     schema, cells_schema = output_schemas(meta_schema, info["embed_dim"], cfg.cells is not None)
-    embedded, done = _done_ids(cfg, run, wanted)
+    index = PartIndex.load(run)  # after the identity check: a replaced folder's index went with its rows
+    embedded, done = _done_ids(cfg, run, wanted, index)
     n_skipped = int(done.contains(wanted.hashes).sum())
     n_todo = n_input - n_skipped
     foreign = len(done) - n_skipped
@@ -608,7 +625,7 @@ def _run_embed_locked(cfg: EmbedJob, run: RunDir, lock: WriterLock, t0: float) -
         with progress_bar(n_todo, "embedding", unit="img", enabled=None if cfg.runtime.progress else False) as bar:
             if in_process(cfg, n_todo):
                 logger.debug("%d image(s) to embed: in this process, without Ray", n_todo)
-                n_ok, n_err, n_cells = run_in_process(cfg, source, done, model, spec, run, info, schemas, bar)
+                n_ok, n_err, n_cells = run_in_process(cfg, source, done, model, spec, run, info, schemas, bar, index)
             else:
                 bar.set_postfix_str("starting Ray", refresh=True)
                 init_ray(
@@ -620,13 +637,20 @@ def _run_embed_locked(cfg: EmbedJob, run: RunDir, lock: WriterLock, t0: float) -
                 ds = build_dataset(cfg, source, done, n_todo, model, spec, run, info, schemas)
                 del done, embedded  # in the object store now; the driver keeps only the run's ids (for the totals)
                 bar.set_postfix_str("", refresh=True)
-                n_ok, n_err, n_cells = _stream_counts(ds, n_todo, t0=t0, bar=bar, cells=cfg.cells is not None)
+                n_ok, n_err, n_cells = _stream_counts(
+                    ds, n_todo, t0=t0, bar=bar, cells=cfg.cells is not None, index=index
+                )
     info["last_run"] = {"embedded": n_ok, "errors": n_err, "seconds": time.perf_counter() - t0}
     if cfg.cells is not None:
         info["last_run"]["cells"] = n_cells
+    index.flush()
+    if n_todo:
+        index.relist()  # a write task that failed and was retried may have left a part the index never heard of
     lock.check()  # still this folder's only writer
-    repair_repeats(run, cells=cfg.cells is not None)
-    n_total, n_err_total = check_totals(run, wanted, names=lambda hashes: ids_of(source, hashes))
+    repair_repeats(run, cells=cfg.cells is not None, index=index)
+    n_total, n_err_total = check_totals(run, wanted, names=lambda hashes: ids_of(source, hashes), index=index)
+    n_cells_total = sum(index.scan(RunDir.CELLS).rows) if cfg.cells is not None else 0
+    index.compact()
     info["status"] = RunDir.COMPLETE
     run.write_info(info)
     preview = error_preview(run, wanted) if n_err_total else []
@@ -642,7 +666,7 @@ def _run_embed_locked(cfg: EmbedJob, run: RunDir, lock: WriterLock, t0: float) -
         table=None,
         errors_preview=preview,
         n_cells=n_cells,
-        n_cells_total=parts.count_rows(run.cells, storage=run.storage) if cfg.cells is not None else 0,
+        n_cells_total=n_cells_total,
     )
 
 

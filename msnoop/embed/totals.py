@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 from msnoop.core import parts
 from msnoop.core import storage as st
 from msnoop.core.idset import HASH_DTYPE, IdSet, hash_ids
+from msnoop.core.partindex import PartIndex
 from msnoop.core.parts import ID_COLUMN
 from msnoop.core.rundir import RunDir
 
@@ -26,19 +27,45 @@ class TotalsError(RuntimeError):
     """The outputs do not account for every row of the manifest exactly once (a bug, never a user error)."""
 
 
-def repair_repeats(run: RunDir, *, cells: bool = False) -> int:
+def repair_repeats(run: RunDir, *, cells: bool = False, index: PartIndex | None = None) -> int:
     """Keep one row per image (and per cell) in an output folder; returns rows removed.
 
     Two writers of one image (a Ray task retried with other block boundaries, a writer that lost its lock) leave
     the same image in two parts, with the same values: the later copy goes (:func:`msnoop.core.parts.drop_repeats`),
     and error rows of an image that a part embedded go too. Run before :func:`check_totals`, so every id is in the
     folder once whatever the block sizes, order, retries and interruptions of the runs that wrote it.
+
+    With ``index`` (the folder's :class:`~msnoop.core.partindex.PartIndex`) the ids of ``embeddings/`` and
+    ``errors/`` come from it, and only the parts it does not describe and those that change are read; the index
+    forgets the parts rewritten or removed.
     """
-    n = parts.drop_repeats(run.embeddings, storage=run.storage)
-    embedded = IdSet.from_parts(run.embeddings, ID_COLUMN, storage=run.storage)
-    n += parts.drop_repeats(run.errors, also_in=embedded, storage=run.storage)
+    if index is None:
+        n = parts.drop_repeats(run.embeddings, storage=run.storage)
+        embedded = IdSet.from_parts(run.embeddings, ID_COLUMN, storage=run.storage)
+        n += parts.drop_repeats(run.errors, also_in=embedded, storage=run.storage)
+    else:
+        n = 0
+        scan = index.scan(run.EMBEDDINGS)
+        changed: list[Any] = []
+        n += parts.drop_repeats(run.embeddings, storage=run.storage, known=(scan.files, scan.ids), changed=changed)
+        index.forget(run.EMBEDDINGS, changed)
+        embedded = (index.scan(run.EMBEDDINGS) if changed else scan).id_set()
+        scan = index.scan(run.ERRORS)
+        changed = []
+        n += parts.drop_repeats(
+            run.errors, also_in=embedded, storage=run.storage, known=(scan.files, scan.ids), changed=changed
+        )
+        index.forget(run.ERRORS, changed)
     if cells:
-        n += parts.drop_repeats(run.cells, [ID_COLUMN, "Metadata_CellID"], storage=run.storage)
+        rewritten: list[Any] = []
+        if index is None:
+            n += parts.drop_repeats(run.cells, parts.CELL_KEY, storage=run.storage, changed=rewritten)
+        else:
+            scan = index.scan(run.CELLS)
+            assert scan.keys is not None
+            known = (scan.files, scan.keys)
+            n += parts.drop_repeats(run.cells, parts.CELL_KEY, storage=run.storage, known=known, changed=rewritten)
+            index.forget(run.CELLS, rewritten)
     if n:
         logger.warning("%s: removed %d repeated row(s) (the same image written twice)", run, n)
     return n
@@ -49,6 +76,7 @@ def check_totals(
     ids: IdSet | Iterable[Any],
     *,
     names: Callable[[np.ndarray], list[str]] | None = None,
+    index: PartIndex | None = None,
 ) -> tuple[int, int]:
     """Check that every id of this run's table is in ``embeddings/`` or ``errors/``, exactly once.
 
@@ -57,6 +85,8 @@ def check_totals(
         ids: The run's ids: an :class:`~msnoop.core.idset.IdSet`, or the ids themselves.
         names: For messages: the ids (strings) of some of the given hashes (default: looked up in ``ids`` when
             they are strings; with an ``IdSet``, examples of missing ids are then left out).
+        index: The folder's :class:`~msnoop.core.partindex.PartIndex`: the parts' ids come from it (only parts it
+            does not describe are read); default: read from every part.
 
     Memory: 16 bytes per id of the table and per row of the parts that belong to it (hashes, one part file in
     memory at a time), not the ids themselves.
@@ -76,9 +106,14 @@ def check_totals(
     else:
         wanted = ids
     found: list[np.ndarray] = []
-    for folder in (run.embeddings, run.errors):
+    for folder, name in ((run.embeddings, run.EMBEDDINGS), (run.errors, run.ERRORS)):
         chunks = [np.zeros(0, dtype=HASH_DTYPE)]
-        for h in parts.map_column_per_part(folder, hash_ids, ID_COLUMN, storage=run.storage):
+        per_part = (
+            parts.map_column_per_part(folder, hash_ids, ID_COLUMN, storage=run.storage)
+            if index is None
+            else [np.concatenate([np.zeros(0, dtype=HASH_DTYPE), *index.scan(name).ids])]  # one lookup, not one a part
+        )
+        for h in per_part:
             chunks.append(h[wanted.contains(h)])
         found.append(np.concatenate(chunks))
     n_emb, n_err = len(found[0]), len(found[1])

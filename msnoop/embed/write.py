@@ -1,4 +1,5 @@
-"""The write stage: each block's embeddings, cells and errors become new Parquet parts; only counts return."""
+"""The write stage: each block's embeddings, cells and errors become new Parquet parts; counts and a description of
+each part (for the driver's part index) return."""
 
 from __future__ import annotations
 
@@ -8,12 +9,16 @@ import numpy as np
 import pyarrow as pa
 
 from msnoop.core import parts
+from msnoop.core.partindex import PartEntry, describe_part, encode_entries
 from msnoop.core.parts import ID_COLUMN, block_key
 from msnoop.core.rundir import RunDir
 from msnoop.core.storage import StorageConfig
 from msnoop.embed.cells import CELL_COUNT, CELLS_FOUND, cells_table, with_embeddings
 from msnoop.embed.source import META, decode_rows
 from msnoop.io.manifest import PATH_PREFIX
+
+#: Key of the part descriptions in :func:`write_block`'s result.
+PARTS = "parts"
 
 
 def write_block(
@@ -28,7 +33,11 @@ def write_block(
     provenance: dict[str, Any] | None = None,
     storage: StorageConfig | None = None,
 ) -> dict[str, Any]:
-    """Stage 3: write the block's embeddings and errors as Parquet parts; return counts only.
+    """Stage 3: write the block's embeddings and errors as Parquet parts; return counts and what each part holds.
+
+    Returns ``{"n_ok": [1], "n_err": [1], "n_cells": [1]}`` int64 counts and ``{PARTS: [1]}``, the
+    :func:`msnoop.core.partindex.encode_entries` bytes describing every part written (name, size, modification
+    time, id hashes: 16 bytes per row), which the driver adds to the folder's part index.
 
     Metadata comes from each row's :data:`~msnoop.embed.source.META` bytes, decoded with ``meta_schema`` (the
     run's metadata schema; :func:`~msnoop.embed.source.decode_rows`): values and types are the manifest's,
@@ -49,18 +58,22 @@ def write_block(
     ok = np.array([e == "" for e in error], dtype=bool)
     rows = np.arange(meta.num_rows, dtype=np.int64)  # positions in ``meta``
     n_cells = 0
+    written: list[PartEntry] = []  # described after each part exists: the driver's index never runs ahead
     if cells and ok.any():
         assert cells_schema is not None
         cell_table = cells_table(meta, rows, batch, ok, cells_schema)
         if cell_table is not None:
-            key = block_key(cell_table.column(ID_COLUMN).to_pylist())
-            parts.write_part(cell_table, run.cells, provenance=provenance, storage=storage, key=key)
+            ids = cell_table.column(ID_COLUMN).to_pylist()
+            path = parts.write_part(cell_table, run.cells, provenance=provenance, storage=storage, key=block_key(ids))
+            keys = parts.key_hashes(cell_table, parts.CELL_KEY)
+            written.append(describe_part(path, run.CELLS, ids, storage, keys=keys))
             n_cells = cell_table.num_rows
     if ok.any():
         extra = {c: np.asarray(batch[c], dtype=np.int64)[ok] for c in (CELL_COUNT, CELLS_FOUND)} if cells else {}
         table = with_embeddings(meta.take(pa.array(rows[ok])), extra, np.asarray(batch["embedding"])[ok], schema)
-        key = block_key(table.column(ID_COLUMN).to_pylist())
-        parts.write_part(table, run.embeddings, provenance=provenance, storage=storage, key=key)
+        ids = table.column(ID_COLUMN).to_pylist()
+        path = parts.write_part(table, run.embeddings, provenance=provenance, storage=storage, key=block_key(ids))
+        written.append(describe_part(path, run.EMBEDDINGS, ids, storage))
     if (~ok).any():
         bad = meta.take(pa.array(rows[~ok])).to_pydict()
         paths = [
@@ -73,9 +86,15 @@ def write_block(
             {ID_COLUMN: [str(v) for v in bad[ID_COLUMN]], "path": paths, "reason": [str(e) for e in error[~ok]]},
             schema=parts.ERRORS_SCHEMA,
         )
-        key = block_key(err.column(ID_COLUMN).to_pylist())
-        parts.write_part(err, run.errors, storage=storage, key=key)
-    return {"n_ok": np.array([int(ok.sum())]), "n_err": np.array([int((~ok).sum())]), "n_cells": np.array([n_cells])}
+        ids = err.column(ID_COLUMN).to_pylist()
+        path = parts.write_part(err, run.errors, storage=storage, key=block_key(ids))
+        written.append(describe_part(path, run.ERRORS, ids, storage))
+    return {
+        "n_ok": np.array([int(ok.sum())]),
+        "n_err": np.array([int((~ok).sum())]),
+        "n_cells": np.array([n_cells]),
+        PARTS: np.array([encode_entries(written)], dtype=object),
+    }
 
 
 #: Keys of ``run.json`` that travel in every part file (what a copied part needs to say how it was made).

@@ -104,10 +104,12 @@ def _metadata(names: list[str]) -> list[str]:
 
 def _errors(run: Any) -> tuple[int | None, str | None]:
     from msnoop.core import parts
+    from msnoop.core.partindex import PartIndex
 
     if run is None or not parts.part_files(run.errors, storage=run.storage):
         return None, None
-    return parts.count_rows(run.errors, storage=run.storage), str(run.errors)
+    # from the run's part index (parts it does not describe are read): no request per part on object storage
+    return sum(PartIndex.load(run).scan(RunDir.ERRORS).rows), str(run.errors)
 
 
 def _from_lance(ref: Any, run: Any) -> TableInfo:

@@ -154,6 +154,7 @@ def build_table_ray(
     ray_remote_args: dict[str, Any] | None = None,
     schema: pa.Schema | None = None,
     transform: Callable[[np.ndarray], np.ndarray] | None = None,
+    known: tuple[list[Any], list[int]] | None = None,
 ) -> int:
     """(Re)build LanceDB table ``name`` at database ``uri`` from the parts in ``parts_folder`` with Ray tasks.
 
@@ -172,6 +173,9 @@ def build_table_ray(
             (post-processing, e.g. standardisation); must be picklable.
         ray_remote_args: options of the write tasks (``num_cpus``, ``memory``, ``resources``,
             ``runtime_env``, ``max_retries``), e.g. ``{"resources": {"worker_node": 0.01}}``.
+        known: the parts of ``parts_folder`` (name order) and their row counts when already known (from the
+            run's part index, :meth:`msnoop.core.partindex.PartIndex.scan`); with ``schema`` too, the driver
+            reads no footer at all.
 
     Returns:
         The table's row count.
@@ -187,16 +191,21 @@ def build_table_ray(
         import lance
     except ImportError:
         raise ImportError("building LanceDB tables with Ray tasks needs pylance: pip install 'msnoop[lance]'") from None
-    files = part_files(parts_folder, storage=storage)
+    files = part_files(parts_folder, storage=storage) if known is None else list(known[0])
     if not files:
         logger.warning("no embeddings in %s; LanceDB table %s not written", parts_folder, name)
         return 0
     st.check_writable(uri, storage)
-    with ThreadPoolExecutor(max_workers=16) as pool:  # footers only: a few KB each, latency-bound on S3
-        footers = list(pool.map(lambda f: _footer(f, storage), files))
-    given = [schema] if schema is not None else []
-    schema = target_schema([*given, *(s for s, _ in footers)][: 1 if given else None], dim, info, str(parts_folder))
-    total = sum(n for _, n in footers)
+    if known is not None and schema is not None:
+        rows = list(known[1])
+        schema = target_schema([schema], dim, info, str(parts_folder))
+    else:
+        with ThreadPoolExecutor(max_workers=16) as pool:  # footers only: a few KB each, latency-bound on S3
+            footers = list(pool.map(lambda f: _footer(f, storage), files))
+        given = [schema] if schema is not None else []
+        schema = target_schema([*given, *(s for s, _ in footers)][: 1 if given else None], dim, info, str(parts_folder))
+        rows = [n for _, n in footers]
+    total = sum(rows)
     cpus = int(ray.cluster_resources().get("CPU", 1))
     per_fragment = min(MAX_ROWS_PER_FRAGMENT, max(MIN_ROWS_PER_FRAGMENT, -(-total // (write_tasks or cpus))))
 
@@ -209,7 +218,7 @@ def build_table_ray(
         task.remote(
             [paths[i] for i in group], fs, dest=dest, schema=schema, storage_options=options, transform=transform
         )
-        for group in group_parts([n for _, n in footers], per_fragment)
+        for group in group_parts(rows, per_fragment)
     ]
     # the only data the driver receives: the fragments' metadata (a few hundred bytes each)
     fragments = [pickle.loads(blob) for blobs in ray.get(refs) for blob in blobs]

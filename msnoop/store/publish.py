@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from msnoop.core import storage as st
+from msnoop.core.partindex import PartIndex
 from msnoop.core.parts import emb_columns, iter_batches
 from msnoop.core.rundir import RunDir
 from msnoop.store.index import ensure_index
@@ -38,7 +39,8 @@ def publish_embeddings(
 
     When the database or the parts are on object storage (``s3://...``), the tables are written by Ray tasks
     (:func:`msnoop.store.lance_ray.build_table_ray`: needs a Ray session) so rows never pass through the driver;
-    local ones are streamed by the driver (:func:`msnoop.store.lance.build_table`).
+    the parts' row counts come from the run's part index (:class:`msnoop.core.partindex.PartIndex`), not from
+    their footers. Local ones are streamed by the driver (:func:`msnoop.store.lance.build_table`).
 
     Args:
         run: The output folder whose parts (``embeddings/``, and ``cells/`` with ``cells``) are published; its
@@ -68,11 +70,23 @@ def publish_embeddings(
             logger.debug("LanceDB table %r is up to date with the parts in %s: not rebuilt", table, run)
             return int(built.get("rows", 0))
 
+    part_index = PartIndex.load(run) if remote else None
+
     def build(name: str, folder: str | Path, **kw: Any) -> int:
         if remote:
             from msnoop.store.lance_ray import build_table_ray
 
-            return build_table_ray(uri, name, folder, storage=run.storage, ray_remote_args=ray_remote_args, **kw)
+            assert part_index is not None
+            scan = part_index.scan(RunDir.CELLS if folder == run.cells else RunDir.EMBEDDINGS)
+            return build_table_ray(
+                uri,
+                name,
+                folder,
+                storage=run.storage,
+                ray_remote_args=ray_remote_args,
+                known=(scan.files, scan.rows),
+                **kw,
+            )
         return build_table(uri, name, folder, **kw)
 
     info_table, transform = fit_postprocessing(run.embeddings, info, postprocess, run)
