@@ -208,6 +208,10 @@ def _bbbc013(res: Path) -> list[Row]:
     ]
 
 
+#: Ray Data's whole embedding job against a bare PyTorch loop over the same images: Ray may cost at most 5 %.
+RAY_OVER_BARE_GOAL = 0.95
+
+
 def _perf(res: Path) -> list[Row]:
     rows = []
     e = _load(res / "bench_embed.json")
@@ -217,7 +221,7 @@ def _perf(res: Path) -> list[Row]:
             Row(
                 "performance",
                 f"embedding, Ray Data / bare PyTorch loop ({e.get('device', '?')})",
-                f"{_vs_goal(t['ratio_ray_over_bare'], 0.9)} ({t['ray_images_per_s']:.2f} vs "
+                f"{_vs_goal(t['ratio_ray_over_bare'], RAY_OVER_BARE_GOAL)} ({t['ray_images_per_s']:.2f} vs "
                 f"{t['bare_images_per_s']:.2f} img/s)"
                 + (
                     f"; {t['ratio_ray_over_bare_steady']:.3f} from the first part written to the last"
@@ -225,8 +229,8 @@ def _perf(res: Path) -> list[Row]:
                     else ""
                 ),
                 "",
-                ">= 0.9",
-                t["ratio_ray_over_bare"] >= 0.9,
+                f">= {RAY_OVER_BARE_GOAL}",
+                t["ratio_ray_over_bare"] >= RAY_OVER_BARE_GOAL,
                 "results/bench_embed.json",
             )
         )

@@ -86,8 +86,8 @@ def test_a_ratio_just_under_its_goal_does_not_print_as_the_goal(tmp_path: Path) 
         _write(tmp_path / "bench_embed.json", {"device": "cpu", "throughput": throughput, "memory": memory})
         return next(r for r in headline_rows(tmp_path) if "Ray Data" in r.measure)
 
-    assert (row(0.8998).msnoop.split()[0], row(0.8998).met) == ("0.8998", False)
-    assert (row(0.9004).msnoop.split()[0], row(0.9004).met) == ("0.90", True)
+    assert (row(0.9498).msnoop.split()[0], row(0.9498).met) == ("0.9498", False)
+    assert (row(0.9504).msnoop.split()[0], row(0.9504).met) == ("0.95", True)
     assert row(0.81).msnoop.split()[0] == "0.81"
 
 
