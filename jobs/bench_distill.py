@@ -6,6 +6,7 @@ and every dev set against the baselines a user would try instead.
     python jobs/bench_distill.py --stage long --arm taps      # the chosen arm for --cpu-minutes (resumable)
     python jobs/bench_distill.py --stage eval --tag long --models long   # the long run against the baselines
     python jobs/bench_distill.py --stage progress             # where the long run stands: results/..._long_progress
+    python jobs/bench_distill.py --stage snapshot             # its latest checkpoint as a model file, to evaluate
 
 Arms (declared before any result). Every arm starts from the shipped ``default`` weights and runs
 ``configs/pretrain_distill.yaml`` (the 16 public sources of ``../shared/data/pretrain`` only, 96 px crops,
@@ -397,6 +398,38 @@ def stage_progress(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def stage_snapshot(args: argparse.Namespace) -> Path:
+    """The long run's latest checkpoint as a model file (``runs/distill_long/snapshot_step<N>.pt``, the format and
+    float16 weights of ``model.pt``), so that a run of hours can be evaluated before it ends (``--models PATH``).
+
+    Raises:
+        SystemExit: The long run has no checkpoint yet.
+    """
+    from msnoop.models.checkpoint import save_checkpoint
+    from msnoop.preprocess.presets import Preprocessing
+    from msnoop.train.pretrain import STATE_FILE, latest_checkpoint_dir, load_state_file, trained_network
+
+    out = args.runs / "distill_long"
+    plan = json.loads((out / "plan.json").read_text())
+    job = recipe_job(plan["arm"], name="distill_long", out=out, cpu_minutes=plan["cpu_minutes"], steps=plan["steps"])
+    found = latest_checkpoint_dir(job)
+    if found is None:
+        raise SystemExit(f"{out}: no checkpoint yet")
+    payload = load_state_file(found / STATE_FILE)
+    step = int(payload["step"])
+    meta = {"trained_by": "msnoop pretrain (snapshot of a run in progress)", "name": job.name, "steps": step}
+    meta |= {"planned_steps": job.train.steps, "arm": plan["arm"], "checkpoint": str(found)}
+    return save_checkpoint(
+        out / f"snapshot_step{step}.pt",
+        trained_network(job, payload),
+        arch=job.model.arch,
+        preprocess=Preprocessing(preset="microsnoop", mode="native", input_size=job.output.input_size),
+        arch_kwargs=job.model.arch_kwargs,
+        meta=meta,
+        half=job.output.half,
+    )
+
+
 def progress_markdown(record: dict[str, Any]) -> str:
     pr = record["progress"]
     plan = pr["plan"]
@@ -558,7 +591,7 @@ def readout_markdown(record: dict[str, Any]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--stage", choices=["arms", "long", "eval", "readout", "progress"], required=True)
+    ap.add_argument("--stage", choices=["arms", "long", "eval", "readout", "progress", "snapshot"], required=True)
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     ap.add_argument("--arm", choices=list(ARMS), help="the recipe of the long run")
     ap.add_argument("--cpu-minutes", type=float, default=8.0)
@@ -595,6 +628,9 @@ def main() -> None:
         return
     from msnoop.core.runtime import provenance
 
+    if args.stage == "snapshot":
+        print(stage_snapshot(args))
+        return
     if args.stage == "progress":
         record = {
             "command": "python jobs/bench_distill.py " + " ".join(sys.argv[1:]),

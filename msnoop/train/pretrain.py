@@ -268,16 +268,22 @@ def build_trainer(job: PretrainJob, *, deadline: float | None = None) -> Any:
     return TorchTrainer(train_func, train_loop_config=loop_config, scaling_config=scaling, run_config=run)
 
 
+def trained_network(job: PretrainJob, payload: dict[str, Any]) -> torch.nn.Module:
+    """The network of a training state (a checkpoint's ``state.pt`` payload) in eval mode, float32, without the
+    distillation heads: what ``model.pt`` holds (before any BatchNorm recalibration)."""
+    net = create_model(job.model.arch, **job.model.arch_kwargs)
+    weights = network_state(payload["model"])
+    net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in weights.items()})
+    return net.eval()
+
+
 def finalize(job: PretrainJob, payload: dict[str, Any], *, stop_reason: str, elapsed_s: float) -> PretrainResult:
     """Write ``model.pt`` (``save_checkpoint`` format), the loss curve, the figure and the model card."""
     from msnoop.core.runtime import provenance
     from msnoop.train.card import loss_curve_figure, reconstruction_figure, write_model_card
 
     out = Path(job.output.dir)
-    net = create_model(job.model.arch, **job.model.arch_kwargs)
-    weights = network_state(payload["model"])  # without the distillation heads
-    net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in weights.items()})
-    net.eval()
+    net = trained_network(job, payload)
     history = payload.get("history", [])
     final_loss = history[-1]["loss"] if history else None
     preprocess = Preprocessing(preset="microsnoop", mode="native", input_size=job.output.input_size)
@@ -409,6 +415,7 @@ __all__ = [
     "run_pretrain",
     "train_bare",
     "train_func",
+    "trained_network",
 ]
 
 
