@@ -41,12 +41,13 @@ def cpu_has_native_bf16() -> bool:
     return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
 
 
-def uses_bf16(amp: str, device: Any) -> bool:
+def uses_bf16(amp: str, device: Any, backend: str = "torch") -> bool:
     """Whether the network runs under bf16 autocast on ``device`` (a ``torch.device``) for an ``amp`` setting.
 
-    ``amp`` is ``cuda`` (GPUs only), ``auto`` (also CPUs with native bf16) or ``off``.
+    ``amp`` is ``cuda`` (GPUs only), ``auto`` (also CPUs with native bf16) or ``off``; the ``onnxruntime`` backend
+    runs float32 whatever ``amp`` says.
     """
-    if amp == "off":
+    if amp == "off" or backend != "torch":
         return False
     if device.type == "cuda":
         return True
@@ -150,7 +151,7 @@ def inference_settings(
         raise ValueError(f"backend must be 'torch' or 'onnxruntime'; found {backend!r}")
     if backend == "onnxruntime" and dev.type != "cpu":
         raise ValueError(f"backend 'onnxruntime' runs on CPUs only; here the network runs on {dev}: set backend torch")
-    bf16 = uses_bf16(amp, dev) and backend == "torch"
+    bf16 = uses_bf16(amp, dev, backend)
     return InferenceSettings(device=str(dev), batch_size=fixed, channels_last=channels_last, bf16=bf16, backend=backend)
 
 

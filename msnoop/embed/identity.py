@@ -204,5 +204,6 @@ def amp_precision(amp: str, backend: str = "torch") -> dict[str, str]:
 
     from msnoop.core.runtime import uses_bf16
 
-    cpu = uses_bf16(amp, torch.device("cpu")) and backend == "torch"
-    return {"cpu": "bf16" if cpu else "float32", "gpu": "bf16" if uses_bf16(amp, torch.device("cuda")) else "float32"}
+    cpu = uses_bf16(amp, torch.device("cpu"), backend)
+    gpu = uses_bf16(amp, torch.device("cuda"))  # onnxruntime is refused on GPUs: there the network is torch's
+    return {"cpu": "bf16" if cpu else "float32", "gpu": "bf16" if gpu else "float32"}
