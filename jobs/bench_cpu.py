@@ -513,19 +513,25 @@ def stage_knn(args: argparse.Namespace) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------------------------- end to end
 E2E_ARMS = {
-    "today (batch 64, contiguous, float32, 224 canvas)": [
+    "today (batch 64, contiguous, float32, 224 canvas, on Ray)": [
         "runtime.batch_size=64",
         "runtime.memory_format=contiguous",
         "runtime.amp=cuda",
+        "runtime.ray_min_images=64",
     ],
     "new defaults (224 canvas)": [],
     "new defaults + tight canvas": ["preprocess.mode=tight"],
+    "new defaults + tight canvas, on Ray": ["preprocess.mode=tight", "runtime.ray_min_images=0"],
     "new defaults + tight canvas, onnxruntime (float32)": [
         "preprocess.mode=tight",
         "runtime.backend=onnxruntime",
         "runtime.amp=cuda",
     ],
-    "new defaults + tight canvas, 2 actors x 1 thread": ["preprocess.mode=tight", "runtime.actors=2"],
+    "new defaults + tight canvas, 2 actors x 1 thread (Ray)": [
+        "preprocess.mode=tight",
+        "runtime.actors=2",
+        "runtime.ray_min_images=0",
+    ],
 }
 
 

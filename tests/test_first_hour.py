@@ -153,13 +153,15 @@ def test_embed_without_a_model_uses_the_shipped_one(tmp_path):
 
 def test_in_process_is_for_small_jobs_without_a_cluster_to_join(monkeypatch, tmp_path):
     from msnoop.core import local_cluster, runtime
+    from msnoop.embed import pipeline
     from msnoop.embed.pipeline import in_process
 
     monkeypatch.setattr(runtime, "ray_session_here", lambda: False)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setenv("MSNOOP_HOME", str(tmp_path))
     cfg = _embed_cfg(Path("m.csv"), tmp_path / "o", ["a"])
-    assert in_process(cfg, 10) and not in_process(cfg, cfg.runtime.ray_min_images)
+    limit = pipeline.ray_min_images(cfg, remote_inputs=False)
+    assert in_process(cfg, limit - 1) and not in_process(cfg, limit)
     assert not in_process(cfg.model_copy(update={"runtime": cfg.runtime.model_copy(update={"address": "x:1"})}), 10)
     assert not in_process(cfg.model_copy(update={"runtime": cfg.runtime.model_copy(update={"ray_min_images": 0})}), 0)
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
@@ -168,6 +170,58 @@ def test_in_process_is_for_small_jobs_without_a_cluster_to_join(monkeypatch, tmp
     fake = local_cluster.LocalCluster("127.0.0.1:1", "http://127.0.0.1:2", "/tmp/x", None, "ray start")
     monkeypatch.setattr(local_cluster, "recorded_cluster", lambda: fake)
     assert not in_process(cfg, 10)  # a running `msnoop cluster` is used
+
+
+def test_ray_min_images_auto_starts_ray_sooner_for_a_gpu_or_remote_images(monkeypatch, tmp_path):
+    import torch
+
+    from msnoop.embed import pipeline
+
+    cfg = _embed_cfg(Path("m.csv"), tmp_path / "o", ["a"])
+    assert cfg.runtime.ray_min_images == "auto"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pipeline.ray_min_images(cfg, remote_inputs=False) == pipeline.RAY_MIN_IMAGES_CPU
+    assert pipeline.ray_min_images(cfg, remote_inputs=True) == pipeline.RAY_MIN_IMAGES_PARALLEL_READS
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert pipeline.ray_min_images(cfg, remote_inputs=False) == pipeline.RAY_MIN_IMAGES_PARALLEL_READS
+    no_gpu = cfg.model_copy(update={"runtime": cfg.runtime.model_copy(update={"use_gpu": "no"})})
+    assert pipeline.ray_min_images(no_gpu, remote_inputs=False) == pipeline.RAY_MIN_IMAGES_CPU
+    fixed = cfg.model_copy(update={"runtime": cfg.runtime.model_copy(update={"ray_min_images": 7})})
+    assert pipeline.ray_min_images(fixed, remote_inputs=True) == 7
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_read_ahead_yields_every_block_once_in_order_and_raises_at_the_failing_block(seed):
+    import threading
+
+    from msnoop.embed.pipeline import read_ahead
+
+    rng = np.random.default_rng(seed)
+    blocks = list(rng.integers(0, 1000, size=int(rng.integers(0, 12))))
+    fail_at = int(rng.integers(0, len(blocks))) if blocks and rng.random() < 0.5 else None
+    main = threading.get_ident()
+    in_flight = []  # blocks read but not yet handed out: never more than two (this one and the next)
+
+    def read(b):
+        assert threading.get_ident() != main  # reading happens beside the caller
+        if fail_at is not None and b is blocks[fail_at]:
+            raise ValueError(f"unreadable {b}")
+        in_flight.append(b)
+        return int(b) * 2
+
+    got = []
+    if fail_at is None:
+        for x in read_ahead(iter(blocks), read):
+            assert len(in_flight) <= 2
+            in_flight.pop(0)
+            got.append(x)
+        assert got == [int(b) * 2 for b in blocks]
+    else:
+        with pytest.raises(ValueError, match="unreadable"):
+            for x in read_ahead(iter(blocks), read):
+                in_flight.pop(0)
+                got.append(x)
+        assert got == [int(b) * 2 for b in blocks[:fail_at]]
 
 
 @pytest.mark.ray

@@ -23,7 +23,9 @@ class EmbedActor:
 
     With ``cells=True`` every ``C`` consecutive tiles of an image are one cell: the output also has
     ``cell_embedding`` (per image ``[N, C * D]``) and ``embedding`` is the mean over the image's cells
-    (zeros for an image without cells).
+    (zeros for an image without cells). With ``write`` (the keyword arguments of
+    :func:`msnoop.embed.write.write_block`) the actor also writes each block's parts and returns the block's
+    counts instead of its vectors.
     """
 
     def __init__(
@@ -37,6 +39,7 @@ class EmbedActor:
         amp: str = "auto",
         memory_format: str = "auto",
         backend: str = "torch",
+        write: dict[str, Any] | None = None,
     ) -> None:
         if device == "cpu" and "torch" not in sys.modules:
             # OpenMP threads that spin while they wait lose their core to every other process on a small
@@ -48,6 +51,7 @@ class EmbedActor:
         from msnoop.embed.embedder import Embedder
 
         self.cells = cells
+        self.write = write
 
         if torch_threads:
             torch.set_num_threads(torch_threads)
@@ -57,6 +61,14 @@ class EmbedActor:
         )
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        if self.write is None:
+            return self.embed(batch)
+        from msnoop.embed.write import write_block
+
+        return write_block(self.embed(batch), **self.write)
+
+    def embed(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The block with ``embedding`` (and ``cell_embedding`` in cells mode) added; ``tiles`` removed."""
         tiles = batch.pop("tiles")
         counts = batch["counts"]
         ok = np.array([e == "" for e in batch["error"]], dtype=bool)

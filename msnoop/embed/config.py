@@ -56,12 +56,13 @@ class RuntimeConfig(_Strict):
         description="Ray address; None = RAY_ADDRESS, else a running `msnoop cluster`, else a local cluster started "
         "on demand (or none at all for a job smaller than ray_min_images)",
     )
-    ray_min_images: int = Field(
-        64,
-        ge=0,
+    ray_min_images: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
+        "auto",
         description="a job with fewer images left to embed than this, and no Ray cluster to join (no address, no "
         "RAY_ADDRESS, no running `msnoop cluster`), runs in this process without starting Ray: the same stages and "
-        "outputs without Ray's 5-15 s of start-up; 0 = always Ray",
+        "outputs without Ray's 5-15 s of start-up; 0 = always Ray; 'auto' = 1000 on a CPU with images on local "
+        "disk (there Ray's parallel reads gain nothing over a read-ahead thread: same cells/s, measured with "
+        "jobs/bench_cpu.py), 64 with a GPU or images on object storage (parallel reads keep a GPU or the network busy)",
     )
     num_cpus: int | None = Field(
         None, ge=1, description="CPUs for a local cluster (torch threads for a job run in this process); default all"

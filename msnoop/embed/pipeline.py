@@ -21,9 +21,11 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from msnoop.core import parts
 from msnoop.core import storage as st
@@ -51,6 +53,9 @@ if TYPE_CHECKING:
     from msnoop.models.checkpoint import LoadedModel
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 __all__ = [
     "EmbedResult",
@@ -284,6 +289,12 @@ def build_dataset(
     # (On CPUs the read tasks also ask for the actors' custom resources, or the two would not fuse.)
     read_cpus = task_cpus if use_gpu else float(res["num_cpus"])
     read_custom = {"resources": res["resources"]} if not use_gpu and "resources" in res else {}
+    # Without GPUs the actor also writes its blocks' parts: one worker process fewer to start (Ray / bare over the
+    # whole job in jobs/bench_embed.py, 2 cores: see results/bench_embed.json) and the vectors never leave the
+    # actor. The read, embed and write stages then share the storage credentials (a fused stage has one set of
+    # options). With GPUs, CPU tasks write so that the GPU actors only embed.
+    write_in_actor = not use_gpu
+    read_env = worker_env_args(cfg) if remote_inputs or write_in_actor else {}
     logger.info("embedding actor pool: %d to %d actor(s), each %s", lo, hi, res)
     # The manifest reader asks for no CPU (it is light and waits on backpressure most of the time); the request
     # also differs from the image reader's, so Ray Data never fuses the two: one task reading every image
@@ -303,16 +314,22 @@ def build_dataset(
         batch_size=None,
         num_cpus=read_cpus,
         **read_custom,
-        **(worker_env_args(cfg) if remote_inputs else {}),  # tasks reading s3://... images need the credentials
+        **read_env,  # tasks reading s3://... images need the credentials
         fn_kwargs=_read_args(cfg, spec, run),
     )
+    actor_args = _actor_args(cfg, ray.put(model), device="cuda" if use_gpu else "cpu", threads=threads)
+    if write_in_actor:
+        actor_args["write"] = _write_args(cfg, run, info, schemas)
     ds = ds.map_batches(
         EmbedActor,
         batch_size=block,
         compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
-        fn_constructor_kwargs=_actor_args(cfg, ray.put(model), device="cuda" if use_gpu else "cpu", threads=threads),
+        fn_constructor_kwargs=actor_args,
         **res,
+        **(read_env if not use_gpu else {}),
     )
+    if write_in_actor:
+        return ds
     return ds.map_batches(
         write_block,
         batch_size=None,
@@ -367,17 +384,44 @@ def _write_args(
     }
 
 
-def in_process(cfg: EmbedJob, n_todo: int) -> bool:
+#: ``runtime.ray_min_images: auto`` on a CPU with images on local disk: there the job run in this process (reading one
+#: block ahead in a thread) embeds as many cells/s as a local Ray cluster once both run, 80 yeast cells/s on 2 cores
+#: for either, and saves Ray's start-up (14 s on 2 cores); from 1000 images on that start-up is a tenth of the job
+#: or less, and Ray's actor pool can use more cores than one process's torch threads do.
+RAY_MIN_IMAGES_CPU = 1000
+#: ``runtime.ray_min_images: auto`` with a GPU or images on object storage: Ray's read tasks, many at once, keep a
+#: GPU or the network busy where one read-ahead thread cannot.
+RAY_MIN_IMAGES_PARALLEL_READS = 64
+
+
+def ray_min_images(cfg: EmbedJob, remote_inputs: bool) -> int:
+    """``runtime.ray_min_images`` with ``auto`` resolved for this machine and these inputs (see the constants above)."""
+    if cfg.runtime.ray_min_images != "auto":
+        return cfg.runtime.ray_min_images
+    if remote_inputs or cfg.runtime.use_gpu == "yes":
+        return RAY_MIN_IMAGES_PARALLEL_READS
+    if cfg.runtime.use_gpu == "auto":
+        import torch
+
+        if torch.cuda.is_available():
+            return RAY_MIN_IMAGES_PARALLEL_READS
+    return RAY_MIN_IMAGES_CPU
+
+
+def in_process(cfg: EmbedJob, n_todo: int, remote_inputs: bool = False) -> bool:
     """Whether a job with ``n_todo`` images left runs in this process instead of on Ray.
 
-    It does when it is small (fewer than ``runtime.ray_min_images``) and msnoop would otherwise have to start a
+    It does when it is small (fewer than :func:`ray_min_images`) and msnoop would otherwise have to start a
     Ray cluster of its own for it: no ``runtime.address``, no ``RAY_ADDRESS``, no Ray session in this process and
     no running ``msnoop cluster``. Starting Ray costs 5-15 s on a small machine, more than such a job's work; the
     stages and the parts written are the same (:func:`run_in_process`).
+
+    Args:
+        remote_inputs: Whether the images are on object storage (``auto`` then starts Ray sooner).
     """
     from msnoop.core.runtime import cluster_to_join
 
-    return n_todo < cfg.runtime.ray_min_images and cluster_to_join(cfg.runtime.address) is None
+    return n_todo < ray_min_images(cfg, remote_inputs) and cluster_to_join(cfg.runtime.address) is None
 
 
 def _local_device(cfg: EmbedJob) -> str:
@@ -394,9 +438,10 @@ def _local_device(cfg: EmbedJob) -> str:
     return "cuda" if has_gpu and cfg.runtime.use_gpu != "no" else "cpu"
 
 
-#: Fewest images per block of a job run in this process: on a CPU a forward batch of 224 px tiles holds one or two
-#: images, and every block is a part file.
-IN_PROCESS_MIN_BLOCK = 8
+#: Fewest images per block of a job run in this process. A CPU forward batch holds one or two 224 px images but
+#: 16 cells of two channels at a tight canvas, and every block is a part file: 300 yeast cells at a tight canvas took
+#: 11.4 s end to end in blocks of 8, 7.3 s in blocks of 32 and 8.5 s in blocks of 64 (2 cores, one run each).
+IN_PROCESS_MIN_BLOCK = 32
 
 
 def run_in_process(
@@ -429,8 +474,9 @@ def run_in_process(
     read_args = _read_args(cfg, spec, run)
     write_args = _write_args(cfg, run, info, schemas)
     n_ok = n_err = n_cells = 0
-    for block in read_blocks(source, schema=schemas[0], done=done, block_rows=block_rows, mask_column=mask_col):
-        counts = write_block(actor(read_and_prepare(block.to_pandas(), **read_args)), **write_args)
+    blocks = read_blocks(source, schema=schemas[0], done=done, block_rows=block_rows, mask_column=mask_col)
+    for prepared in read_ahead(blocks, lambda block: read_and_prepare(block.to_pandas(), **read_args)):
+        counts = write_block(actor(prepared), **write_args)
         ok, err, cells = (int(counts[k][0]) for k in ("n_ok", "n_err", "n_cells"))
         n_ok, n_err, n_cells = n_ok + ok, n_err + err, n_cells + cells
         if index is not None:
@@ -438,6 +484,25 @@ def run_in_process(
             index.flush(every_s=FLUSH_EVERY_S)
         bar.update(ok + err)
     return n_ok, n_err, n_cells
+
+
+def read_ahead(blocks: Iterable[T], read: Callable[[T], R]) -> Iterator[R]:
+    """``read(block)`` for each block in order, the next block read in a background thread while the caller works on
+    the current one.
+
+    Reading (file I/O, TIFF decoding, cell crops, resizing: work that releases the GIL) then overlaps with the
+    forward pass, as the read stage of the Ray pipeline does; one block ahead keeps at most two in memory. An
+    exception of ``read`` is raised here, at its block's turn.
+    """
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="msnoop-read") as pool:
+        pending: Future[R] | None = None
+        for block in blocks:
+            ahead = pool.submit(read, block)
+            if pending is not None:
+                yield pending.result()
+            pending = ahead
+        if pending is not None:
+            yield pending.result()
 
 
 def worker_env_args(cfg: EmbedJob) -> dict[str, Any]:
@@ -623,7 +688,7 @@ def _run_embed_locked(cfg: EmbedJob, run: RunDir, lock: WriterLock, t0: float) -
     schemas = (meta_schema, schema, cells_schema)
     if n_todo:
         with progress_bar(n_todo, "embedding", unit="img", enabled=None if cfg.runtime.progress else False) as bar:
-            if in_process(cfg, n_todo):
+            if in_process(cfg, n_todo, _images_are_remote(source, list(cfg.input.channels))):
                 logger.debug("%d image(s) to embed: in this process, without Ray", n_todo)
                 n_ok, n_err, n_cells = run_in_process(cfg, source, done, model, spec, run, info, schemas, bar, index)
             else:
