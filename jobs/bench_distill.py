@@ -7,6 +7,10 @@ and every dev set against the baselines a user would try instead.
     python jobs/bench_distill.py --stage eval --tag long --models long   # the long run against the baselines
     python jobs/bench_distill.py --stage progress             # where the long run stands: results/..._long_progress
     python jobs/bench_distill.py --stage snapshot             # its latest checkpoint as a model file, to evaluate
+    python jobs/bench_distill.py --stage keep                 # its latest state, compact, into checkpoints/ (commit)
+
+A fresh clone continues the long run from what ``--stage keep`` left in ``checkpoints/distill_long/`` (its plan
+and a float16 training state without optimiser moments; ``train.resume_from``) when ``runs/`` holds no checkpoint.
 
 Arms (declared before any result). Every arm starts from the shipped ``default`` weights and runs
 ``configs/pretrain_distill.yaml`` (the 16 public sources of ``../shared/data/pretrain`` only, 96 px crops,
@@ -55,6 +59,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 CONFIG = REPO / "configs" / "pretrain_distill.yaml"
+#: What a fresh clone needs to continue the long run: ``plan.json`` and ``resume.pt`` (``--stage keep``).
+KEPT = REPO / "checkpoints" / "distill_long"
 ARMS: dict[str, dict[str, Any]] = {
     "final": {"distill": {"taps": ["final"]}, "mask": {"weight": 0.0}},
     "taps": {},
@@ -75,8 +81,9 @@ BASELINES = {
 FEATURE_BASELINES = ("pixels PCA32", "intensity statistics")
 
 
-def recipe_job(arm: str, *, name: str, out: Path, cpu_minutes: float, steps: int):
-    """The validated job of an arm: ``configs/pretrain_distill.yaml`` with the arm's declared overrides."""
+def recipe_job(arm: str, *, name: str, out: Path, cpu_minutes: float, steps: int, resume_from: Path | None = None):
+    """The validated job of an arm: ``configs/pretrain_distill.yaml`` with the arm's declared overrides
+    (``resume_from``: a compact state to continue from when ``out`` holds no checkpoint)."""
     import yaml
 
     from msnoop.job_kinds import build_config
@@ -88,6 +95,8 @@ def recipe_job(arm: str, *, name: str, out: Path, cpu_minutes: float, steps: int
     raw["train"].update(steps=steps, max_cpu_minutes=cpu_minutes, checkpoint_every=max(10, min(100, steps // 10)))
     raw["optim"]["warmup_steps"] = max(1, steps // 20)
     raw["output"]["dir"] = str(out)
+    if resume_from is not None:
+        raw["train"]["resume_from"] = str(resume_from)
     return build_config(raw, source=str(CONFIG))
 
 
@@ -113,12 +122,17 @@ def calibrate(job, n: int = 4) -> float:
     return float(np.median(times[1:]))
 
 
-def train_recipe(arm: str, *, name: str, out: Path, cpu_minutes: float) -> dict[str, Any]:
+def train_recipe(arm: str, *, name: str, out: Path, cpu_minutes: float, kept: Path | None = None) -> dict[str, Any]:
     """Calibrate (once: the plan is kept in ``<out>/plan.json`` so that a resumed run keeps its schedule) and
-    train; returns the run's record."""
+    train; returns the run's record. ``kept``: a folder of ``--stage keep`` whose plan and compact state a run
+    without its own continues from."""
     from msnoop.train.pretrain import run_pretrain
 
     plan_path = out / "plan.json"
+    resume_from = kept / "resume.pt" if kept is not None and (kept / "resume.pt").is_file() else None
+    if not plan_path.exists() and resume_from is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        plan_path.write_text((kept / "plan.json").read_text())  # type: ignore[operator]
     if plan_path.exists():
         plan = json.loads(plan_path.read_text())
     else:
@@ -133,7 +147,9 @@ def train_recipe(arm: str, *, name: str, out: Path, cpu_minutes: float) -> dict[
         out.mkdir(parents=True, exist_ok=True)
         plan_path.write_text(json.dumps(plan, indent=2) + "\n")
     print(f"{name}: {plan['calibrated_cpu_s_per_step']:.2f} CPU-s per step -> {plan['steps']} steps", flush=True)
-    job = recipe_job(arm, name=name, out=out, cpu_minutes=plan["cpu_minutes"], steps=plan["steps"])
+    job = recipe_job(
+        arm, name=name, out=out, cpu_minutes=plan["cpu_minutes"], steps=plan["steps"], resume_from=resume_from
+    )
     t0 = time.perf_counter()
     res = run_pretrain(job)
     record = {
@@ -162,7 +178,27 @@ def stage_arms(args: argparse.Namespace) -> dict[str, Any]:
 
 def stage_long(args: argparse.Namespace) -> dict[str, Any]:
     out = args.runs / "distill_long"
-    return train_recipe(args.arm, name="distill_long", out=out, cpu_minutes=args.cpu_minutes)
+    return train_recipe(args.arm, name="distill_long", out=out, cpu_minutes=args.cpu_minutes, kept=KEPT)
+
+
+def stage_keep(args: argparse.Namespace) -> Path:
+    """The long run's latest checkpoint as a compact state (float16 weights, no optimiser moments) and its plan in
+    :data:`KEPT`, small enough to commit, so that a fresh clone continues the run (``--stage long``).
+
+    Raises:
+        SystemExit: The long run has no checkpoint yet.
+    """
+    from msnoop.train.pretrain import latest_checkpoint_dir, write_compact_state
+
+    out = args.runs / "distill_long"
+    plan = json.loads((out / "plan.json").read_text())
+    job = recipe_job(plan["arm"], name="distill_long", out=out, cpu_minutes=plan["cpu_minutes"], steps=plan["steps"])
+    found = latest_checkpoint_dir(job)
+    if found is None:
+        raise SystemExit(f"{out}: no checkpoint yet")
+    KEPT.mkdir(parents=True, exist_ok=True)
+    (KEPT / "plan.json").write_text(json.dumps(plan, indent=2) + "\n")
+    return write_compact_state(found, KEPT / "resume.pt")
 
 
 # ------------------------------------------------------------------------------------------------- eval
@@ -591,7 +627,9 @@ def readout_markdown(record: dict[str, Any]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--stage", choices=["arms", "long", "eval", "readout", "progress", "snapshot"], required=True)
+    ap.add_argument(
+        "--stage", choices=["arms", "long", "eval", "readout", "progress", "snapshot", "keep"], required=True
+    )
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     ap.add_argument("--arm", choices=list(ARMS), help="the recipe of the long run")
     ap.add_argument("--cpu-minutes", type=float, default=8.0)
@@ -630,6 +668,9 @@ def main() -> None:
 
     if args.stage == "snapshot":
         print(stage_snapshot(args))
+        return
+    if args.stage == "keep":
+        print(stage_keep(args))
         return
     if args.stage == "progress":
         record = {

@@ -333,6 +333,43 @@ def test_driver_resumes_a_run_with_the_same_name(synthetic: dict[str, Path], tmp
         run_pretrain(other)
 
 
+def test_a_compact_state_continues_a_run_in_a_fresh_folder(synthetic: dict[str, Path], tmp_path: Path) -> None:
+    """A run resumed from its float16 state (no optimiser moments) in an empty folder goes on from that step, with
+    the weights of the checkpoint up to float16 rounding, the schedule where it was and a learning-rate ramp."""
+    from msnoop.train.loop import build_state
+    from msnoop.train.pretrain import latest_checkpoint_dir, load_state_file, run_pretrain, write_compact_state
+
+    job = _local(_job(synthetic, tmp_path / "a"), steps=4, log_every=2, checkpoint_every=2)
+    run_pretrain(job)
+    ckpt = latest_checkpoint_dir(job)
+    assert ckpt is not None
+    full = load_state_file(ckpt / "state.pt")
+    compact_path = write_compact_state(ckpt, tmp_path / "kept" / "resume.pt")
+    compact = load_state_file(compact_path)
+    assert "optimizer" not in compact and compact["step"] == 4
+    assert compact_path.stat().st_size < (ckpt / "state.pt").stat().st_size / 3
+    for name, tensor in full["model"].items():
+        if torch.is_floating_point(tensor):
+            assert compact["model"][name].dtype == torch.float16
+            torch.testing.assert_close(compact["model"][name].float(), tensor, rtol=1e-3, atol=1e-3)
+
+    # the state loaded: weights, step and schedule; the rate ramps from 1/n of the schedule's over n steps
+    fresh = _local(_job(synthetic, tmp_path / "b"), steps=8, log_every=2, checkpoint_every=2, resume_from=compact_path)
+    state = build_state(fresh)
+    state.load_state_dict(compact, rewarm_steps=4)
+    assert state.step == 4 and state.rewarm == (4, 4)
+    scheduled = state.scheduler.get_last_lr()[0]
+    assert state.optimizer.param_groups[0]["lr"] == pytest.approx(scheduled / 4)
+
+    second = run_pretrain(fresh)  # an empty folder: continues from the compact state's step 4
+    assert second.steps == 8
+    payload = load_state_file(latest_checkpoint_dir(fresh) / "state.pt")  # type: ignore[operator]
+    assert [h["step"] for h in payload["history"]] == [2, 4, 6, 8]
+    assert payload["cpu_s"] > full["cpu_s"]
+    with pytest.raises(FileNotFoundError, match="no compact training state"):
+        run_pretrain(_local(_job(synthetic, tmp_path / "c"), resume_from=tmp_path / "missing.pt"))
+
+
 def test_time_budget_stops_cleanly_and_writes_outputs(synthetic: dict[str, Path], tmp_path: Path) -> None:
     from msnoop.train.pretrain import run_pretrain
 

@@ -228,6 +228,16 @@ class TrainConfig(_Strict):
         "cuda",
         description=AMP_HELP + "; true/false mean 'cuda'/'off'",
     )
+    resume_from: Path | None = Field(
+        None,
+        description="a compact training state (msnoop.train.pretrain.write_compact_state: float16 weights, step, "
+        "schedule, CPU seconds, no optimiser moments) to continue from when the run folder holds no checkpoint, "
+        "e.g. on a fresh machine; the optimiser restarts with zero moments and the learning rate ramps up again "
+        "over resume_warmup_steps",
+    )
+    resume_warmup_steps: int = Field(
+        50, ge=1, description="steps over which the learning rate ramps up after resuming from resume_from"
+    )
 
     @field_validator("amp", mode="before")
     @classmethod
@@ -340,6 +350,15 @@ def absolutize(job: PretrainJob, base: Path | None = None) -> PretrainJob:
         sources.append(src.model_copy(update={"input": inp}))
     data = job.data.model_copy(update={"sources": sources})
     output = job.output.model_copy(update={"dir": fix(job.output.dir)})
+    train = job.train
+    if train.resume_from is not None:
+        resume = fix(train.resume_from)
+        if resume is None or not resume.is_file():
+            raise FileNotFoundError(
+                f"train.resume_from {str(train.resume_from)!r}: no compact training state at {resume} "
+                f"(relative to {base})"
+            )
+        train = train.model_copy(update={"resume_from": resume})
     model = job.model
     init = model.init
     if init and init != "default" and not init.startswith("random:"):
@@ -349,4 +368,4 @@ def absolutize(job: PretrainJob, base: Path | None = None) -> PretrainJob:
                 f"model.init {init!r}: no checkpoint at {path}; give a checkpoint file (relative to {base}) or 'default'"
             )
         model = model.model_copy(update={"init": str(path)})
-    return job.model_copy(update={"data": data, "output": output, "model": model})
+    return job.model_copy(update={"data": data, "output": output, "model": model, "train": train})

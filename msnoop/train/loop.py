@@ -150,7 +150,8 @@ class TrainState:
     history: list[dict[str, float]] = field(default_factory=list)
     terms: dict[str, float] = field(default_factory=dict)  # the last step's loss terms (not saved)
     cpu_s: float = 0.0  # CPU seconds of training so far, over every stretch of a resumed run
-
+    # (step resumed at, steps) of the learning-rate ramp after a resume without optimiser moments (not saved)
+    rewarm: tuple[int, int] | None = None
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs, as tensors and plain values (``torch.save``-able)."""
@@ -163,14 +164,39 @@ class TrainState:
             "cpu_s": self.cpu_s,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict` (network, optimiser, schedule, step, history, CPU seconds)."""
+    def load_state_dict(self, state: dict[str, Any], *, rewarm_steps: int = 50) -> None:
+        """Restore a :meth:`state_dict` (network, optimiser, schedule, step, history, CPU seconds).
+
+        A compact state (no ``optimizer``: :func:`msnoop.train.pretrain.write_compact_state`) keeps this state's
+        fresh optimiser, whose moments start at zero; its learning rate then ramps linearly from ``1 /
+        rewarm_steps`` of the schedule's to the schedule's over ``rewarm_steps`` steps (:meth:`ramp_lr`), as
+        Adam's first steps at full rate would be as large as at the start of training, without its warm-up.
+        Float16 weights are cast to the network's dtype.
+        """
         unwrap(self.net).load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
         self.history = list(state.get("history", []))
         self.cpu_s = float(state.get("cpu_s", 0.0))
+        if "optimizer" in state:
+            self.optimizer.load_state_dict(state["optimizer"])
+            return
+        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr(), strict=True):
+            group["lr"] = lr  # a fresh optimiser holds the schedule's first rate
+        self.rewarm = (self.step, rewarm_steps)
+        self.ramp_lr()
+
+    def ramp_lr(self) -> None:
+        """Scale the rate of the next step during the ramp after a compact resume (see :meth:`load_state_dict`)."""
+        if self.rewarm is None:
+            return
+        start, steps = self.rewarm
+        done = self.step - start  # steps taken since the resume
+        if done >= steps:
+            self.rewarm = None
+            return
+        for group in self.optimizer.param_groups:
+            group["lr"] *= (done + 1) / steps
 
 
 def init_weights(net: torch.nn.Module, job: PretrainJob) -> None:
@@ -373,6 +399,7 @@ def _optimise(state: TrainState, loss: torch.Tensor, job: PretrainJob) -> float:
     state.optimizer.step()
     state.scheduler.step()
     state.step += 1
+    state.ramp_lr()
     return float(loss.detach())
 
 

@@ -104,6 +104,9 @@ def _restore(state: TrainState, job: PretrainJob, device: torch.device) -> None:
     elif (path := latest_checkpoint_dir(job)) is not None:
         payload = load_state_file(path / STATE_FILE, device)
         source = str(path)
+    elif job.train.resume_from is not None:
+        payload = load_state_file(Path(job.train.resume_from), device)
+        source = f"compact state {job.train.resume_from}"
     if payload is None:
         return
     stored, wanted = _identity(payload["config"]), _identity(json.loads(job.model_dump_json()))
@@ -112,8 +115,37 @@ def _restore(state: TrainState, job: PretrainJob, device: torch.device) -> None:
             f"run {job.name!r} in {run_dir(job)} has a checkpoint trained with {stored}, but the job asks for "
             f"{wanted}; give the job a new name or delete that folder"
         )
-    state.load_state_dict(payload)
+    state.load_state_dict(payload, rewarm_steps=job.train.resume_warmup_steps)
     logger.info("resumed run %s from step %d (%s)", job.name, state.step, source)
+
+
+def write_compact_state(checkpoint: Path, dest: Path) -> Path:
+    """A checkpoint's training state, small enough to keep in a repository: ``train.resume_from`` continues from it.
+
+    Keeps the network (and distillation heads) in float16, the schedule, step, loss history, CPU seconds and the
+    job's settings; drops the optimiser's moments (twice the weights' size in float32), which a resumed run
+    rebuilds over a short learning-rate ramp (:meth:`msnoop.train.loop.TrainState.load_state_dict`).
+
+    Args:
+        checkpoint: A ``checkpoint_*`` folder or its ``state.pt``.
+        dest: The file to write (atomically).
+
+    Returns:
+        ``dest``.
+
+    Raises:
+        FileNotFoundError: ``checkpoint`` holds no state file.
+    """
+    src = checkpoint / STATE_FILE if checkpoint.is_dir() else checkpoint
+    if not src.is_file():
+        raise FileNotFoundError(f"{checkpoint}: no {STATE_FILE} (expected a checkpoint folder or its state file)")
+    payload = load_state_file(src)
+    payload.pop("optimizer", None)
+    payload["model"] = {k: v.half() if torch.is_floating_point(v) else v for k, v in payload["model"].items()}
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(dest) as tmp:
+        torch.save(payload, tmp)
+    return dest
 
 
 def _save_payload(state: TrainState, job: PretrainJob, pool: ChannelPool, world_size: int) -> dict[str, Any]:
@@ -416,6 +448,7 @@ __all__ = [
     "train_bare",
     "train_func",
     "trained_network",
+    "write_compact_state",
 ]
 
 
