@@ -366,6 +366,11 @@ def test_a_compact_state_continues_a_run_in_a_fresh_folder(synthetic: dict[str, 
     payload = load_state_file(latest_checkpoint_dir(fresh) / "state.pt")  # type: ignore[operator]
     assert [h["step"] for h in payload["history"]] == [2, 4, 6, 8]
     assert payload["cpu_s"] > full["cpu_s"]
+    logged = [json.loads(line) for line in (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()]
+    scheduled = [float(WarmupCosine(fresh.warmup_steps, 8, fresh.optim.min_lr_ratio)(r["step"])) * 3e-3 for r in logged]
+    assert [r["step"] for r in logged] == [6, 8]
+    assert logged[0]["lr"] == pytest.approx(scheduled[0] * 3 / 50)  # two steps into a 50-step ramp: 3/50
+    assert logged[1]["lr"] == pytest.approx(scheduled[1] * 5 / 50)
     with pytest.raises(FileNotFoundError, match="no compact training state"):
         run_pretrain(_local(_job(synthetic, tmp_path / "c"), resume_from=tmp_path / "missing.pt"))
 

@@ -466,7 +466,7 @@ def train_steps(
                 record = {
                     "step": state.step,
                     "loss": float(np.mean(losses)),
-                    "lr": float(state.scheduler.get_last_lr()[0]),
+                    "lr": float(state.optimizer.param_groups[0]["lr"]),  # the rate of the next step, ramp included
                     "samples_per_s": seen * world_size / max(dt, 1e-9),
                     **{f"loss_{k}": v / len(losses) for k, v in term_sums.items()},
                 }
