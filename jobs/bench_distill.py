@@ -181,14 +181,13 @@ def stage_long(args: argparse.Namespace) -> dict[str, Any]:
     return train_recipe(args.arm, name="distill_long", out=out, cpu_minutes=args.cpu_minutes, kept=KEPT)
 
 
-def stage_keep(args: argparse.Namespace) -> Path:
-    """The long run's latest checkpoint as a compact state (float16 weights, no optimiser moments) and its plan in
-    :data:`KEPT`, small enough to commit, so that a fresh clone continues the run (``--stage long``).
+def long_run_checkpoint(args: argparse.Namespace) -> tuple[dict[str, Any], Any, Path]:
+    """``(plan, job, latest checkpoint folder)`` of the long run under ``--runs``.
 
     Raises:
         SystemExit: The long run has no checkpoint yet.
     """
-    from msnoop.train.pretrain import latest_checkpoint_dir, write_compact_state
+    from msnoop.train.pretrain import latest_checkpoint_dir
 
     out = args.runs / "distill_long"
     plan = json.loads((out / "plan.json").read_text())
@@ -196,6 +195,19 @@ def stage_keep(args: argparse.Namespace) -> Path:
     found = latest_checkpoint_dir(job)
     if found is None:
         raise SystemExit(f"{out}: no checkpoint yet")
+    return plan, job, found
+
+
+def stage_keep(args: argparse.Namespace) -> Path:
+    """The long run's latest checkpoint as a compact state (float16 weights, no optimiser moments) and its plan in
+    :data:`KEPT`, small enough to commit, so that a fresh clone continues the run (``--stage long``).
+
+    Raises:
+        SystemExit: The long run has no checkpoint yet.
+    """
+    from msnoop.train.pretrain import write_compact_state
+
+    plan, _, found = long_run_checkpoint(args)
     KEPT.mkdir(parents=True, exist_ok=True)
     (KEPT / "plan.json").write_text(json.dumps(plan, indent=2) + "\n")
     return write_compact_state(found, KEPT / "resume.pt")
@@ -443,14 +455,10 @@ def stage_snapshot(args: argparse.Namespace) -> Path:
     """
     from msnoop.models.checkpoint import save_checkpoint
     from msnoop.preprocess.presets import Preprocessing
-    from msnoop.train.pretrain import STATE_FILE, latest_checkpoint_dir, load_state_file, trained_network
+    from msnoop.train.pretrain import STATE_FILE, load_state_file, trained_network
 
+    plan, job, found = long_run_checkpoint(args)
     out = args.runs / "distill_long"
-    plan = json.loads((out / "plan.json").read_text())
-    job = recipe_job(plan["arm"], name="distill_long", out=out, cpu_minutes=plan["cpu_minutes"], steps=plan["steps"])
-    found = latest_checkpoint_dir(job)
-    if found is None:
-        raise SystemExit(f"{out}: no checkpoint yet")
     payload = load_state_file(found / STATE_FILE)
     step = int(payload["step"])
     meta = {"trained_by": "msnoop pretrain (snapshot of a run in progress)", "name": job.name, "steps": step}
