@@ -190,6 +190,28 @@ def test_ray_min_images_auto_starts_ray_sooner_for_a_gpu_or_remote_images(monkey
     assert pipeline.ray_min_images(fixed, remote_inputs=True) == 7
 
 
+@pytest.mark.parametrize("n", [5, 33, 70])
+def test_in_process_blocks_hold_at_least_32_images_and_every_row_once(tmp_path, monkeypatch, n):
+    import pyarrow.parquet as pq
+
+    from msnoop.core import runtime
+    from msnoop.embed import pipeline
+
+    monkeypatch.setattr(runtime, "ray_session_here", lambda: False)  # the suite's Ray session may be open
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("MSNOOP_HOME", str(tmp_path))  # no recorded `msnoop cluster`
+
+    manifest = write_dataset(tmp_path / "data", n_per_class=(n + 3) // 4, size=24, seed=n)
+    pd.read_csv(manifest).head(n).to_csv(manifest, index=False)
+    cfg = _embed_cfg(manifest, tmp_path / "out", ["dna", "protein"], runtime={"images_per_block": 64, "batch_size": 4})
+    assert pipeline.in_process(cfg, n)
+    run_embed_job(cfg)
+    parts = sorted((tmp_path / "out" / "embeddings").glob("part-*.parquet"))
+    assert len(parts) == -(-n // pipeline.IN_PROCESS_MIN_BLOCK)
+    ids = [i for p in parts for i in pq.read_table(p, columns=["Metadata_ImageID"]).column(0).to_pylist()]
+    assert len(ids) == len(set(ids)) == n
+
+
 @pytest.mark.parametrize("seed", range(20))
 def test_read_ahead_yields_every_block_once_in_order_and_raises_at_the_failing_block(seed):
     import threading

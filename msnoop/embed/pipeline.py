@@ -442,6 +442,9 @@ def _local_device(cfg: EmbedJob) -> str:
 #: 16 cells of two channels at a tight canvas, and every block is a part file: 300 yeast cells at a tight canvas took
 #: 11.4 s end to end in blocks of 8, 7.3 s in blocks of 32 and 8.5 s in blocks of 64 (2 cores, one run each).
 IN_PROCESS_MIN_BLOCK = 32
+#: The same for full fields cut into cells (``cells``): each image already holds tens of cells, so a block of 8
+#: fields is several forward batches and the progress bar still moves every few seconds.
+IN_PROCESS_MIN_BLOCK_CELLS = 8
 
 
 def run_in_process(
@@ -459,7 +462,8 @@ def run_in_process(
     """The pipeline's stages (read, embed, write) one block after another in this process, without Ray.
 
     Blocks hold about one forward batch of input-size tiles (tiles per batch / channels images, at least
-    :data:`IN_PROCESS_MIN_BLOCK` and at most ``runtime.images_per_block``), so ``bar`` (a
+    :data:`IN_PROCESS_MIN_BLOCK`, or :data:`IN_PROCESS_MIN_BLOCK_CELLS` fields in cells mode, and at most
+    ``runtime.images_per_block``), so ``bar`` (a
     :func:`msnoop.core.progress.progress_bar`) moves every few seconds and a block is one part file.
     torch uses ``runtime.num_cpus`` threads when it is set (else its default, one per core). The parts written are
     added to ``index`` (the folder's :class:`~msnoop.core.partindex.PartIndex`) when given.
@@ -469,7 +473,8 @@ def run_in_process(
     """
     actor = EmbedActor(**_actor_args(cfg, model, device=_local_device(cfg), threads=cfg.runtime.num_cpus))
     per_batch = actor.embedder.settings.tiles_per_batch(spec.input_size) // len(cfg.input.channels)
-    block_rows = min(cfg.runtime.images_per_block, max(IN_PROCESS_MIN_BLOCK, per_batch))
+    fewest = IN_PROCESS_MIN_BLOCK_CELLS if cfg.cells is not None else IN_PROCESS_MIN_BLOCK
+    block_rows = min(cfg.runtime.images_per_block, max(fewest, per_batch))
     mask_col = cfg.cells.segmentation.mask_column if cfg.cells is not None else None
     read_args = _read_args(cfg, spec, run)
     write_args = _write_args(cfg, run, info, schemas)
