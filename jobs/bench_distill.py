@@ -524,31 +524,50 @@ def stage_readout(args: argparse.Namespace) -> dict[str, Any]:
     return {"model": label, "rows": rows, "n": {d: len(t[0]) for d, t in tables.items()}}
 
 
+#: Balanced accuracy no model can exceed. A baseline whose own 95 % interval reaches it is at the set's ceiling
+#: (hpa_toy: intensity statistics 0.975 [0.935, 1.000]): nothing can be above it by more than the spread, so there
+#: the rule asks for "not below" instead: the paired interval's upper end above 0. (Fixed with the long run at
+#: step 1,900 of 11,944, before its final evaluation.)
+CEILING = 1.0
+
+
 def verdict(rows: list[dict[str, Any]], candidates: list[str]) -> dict[str, Any]:
     """Per candidate: mean balanced accuracy over tasks, and whether it passes the shipping rule.
 
     Rule: above pixels, intensity statistics and the random network on every task with the paired 95 %
-    interval of the difference above 0, and above the shipped ``default`` on average over the tasks.
+    interval of the difference above 0 (not below, the interval's upper end above 0, against a baseline at the
+    ceiling: :data:`CEILING`), and above the shipped ``default`` on average over the tasks. ``at_ceiling`` names
+    the comparisons read that way; ``passes_as_written`` applies the strict reading everywhere.
     """
     out: dict[str, Any] = {}
     tasks = sorted({(r["dataset"], r["task"]) for r in rows})
+    ceiling = {(r["dataset"], r["task"], r["features"]) for r in rows if r["ci95"][1] >= CEILING - 1e-9}
     for c in candidates:
         mine = {(r["dataset"], r["task"]): r for r in rows if r["features"] == c}
         base = {(r["dataset"], r["task"]): r for r in rows if r["features"] == "default"}
-        fails = [
-            f"{d}/{t} vs {other} {mine[(d, t)]['diff'][other]['diff']:+.3f} "
-            f"[{mine[(d, t)]['diff'][other]['ci95'][0]:+.3f}, {mine[(d, t)]['diff'][other]['ci95'][1]:+.3f}]"
-            for d, t in tasks
-            for other in ("random", *FEATURE_BASELINES)
-            if mine[(d, t)]["diff"][other]["ci95"][0] <= 0
-        ]
+        fails, strict, at_ceiling = [], [], []
+        for d, t in tasks:
+            for other in ("random", *FEATURE_BASELINES):
+                diff = mine[(d, t)]["diff"][other]
+                lo, hi = diff["ci95"]
+                text = f"{d}/{t} vs {other} {diff['diff']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+                if lo <= 0:
+                    strict.append(text)
+                if (d, t, other) in ceiling:
+                    at_ceiling.append(f"{d}/{t} vs {other}")
+                    if hi <= 0:
+                        fails.append(text)
+                elif lo <= 0:
+                    fails.append(text)
         mean = float(np.mean([mine[k]["balanced_accuracy"] for k in tasks]))
         mean_default = float(np.mean([base[k]["balanced_accuracy"] for k in tasks]))
         out[c] = {
             "mean_balanced_accuracy": mean,
             "mean_default": mean_default,
             "not_above": fails,
+            "at_ceiling": at_ceiling,
             "passes": not fails and mean > mean_default,
+            "passes_as_written": not strict and mean > mean_default,
         }
     return out
 
@@ -597,8 +616,9 @@ def markdown(record: dict[str, Any]) -> str:
             lines.append(f"| {c} | {d} {t} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        "Shipping rule (above pixels, intensity statistics and random on every task, paired interval above 0; "
-        "above default on average):",
+        "Shipping rule (above pixels, intensity statistics and random on every task, paired interval above 0, or "
+        "not below, its upper end above 0, against a baseline whose own interval reaches 1.0; above default on "
+        "average):",
         "",
     ]
     for c, v in ev["verdict"].items():
@@ -606,6 +626,7 @@ def markdown(record: dict[str, Any]) -> str:
         lines.append(
             f"- **{c}** {state}: mean {v['mean_balanced_accuracy']:.3f} (default {v['mean_default']:.3f})"
             + (f"; not above: {'; '.join(v['not_above'])}" if v["not_above"] else "")
+            + (f"; read at the ceiling: {', '.join(v['at_ceiling'])}" if v.get("at_ceiling") else "")
         )
     return "\n".join(lines) + "\n"
 

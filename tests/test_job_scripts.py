@@ -11,6 +11,7 @@ import ast
 import importlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
@@ -53,3 +54,44 @@ def test_the_check_sees_lazy_imports(tmp_path: Path) -> None:
     f = tmp_path / "s.py"
     f.write_text("def main():\n    from msnoop.config import InputConfig\n    import msnoop.runtime\n")
     assert msnoop_imports(f) == [(2, "msnoop.config", "InputConfig"), (3, "msnoop.runtime", None)]
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_shipping_rule_reads_a_baseline_at_the_ceiling_as_not_below(job_script, seed):
+    """bench_distill's verdict over generated rows: strict everywhere except against a baseline whose own interval
+    reaches 1.0, where a paired interval with its upper end above 0 is enough; and above default on average."""
+    bd = job_script("bench_distill")
+    rng = np.random.default_rng(seed)
+    tasks = [("a", "t1"), ("b", "t2"), ("c", "t3")]
+    others = ["random", *bd.FEATURE_BASELINES]
+    rows, expected_fail, strict_fail = [], False, False
+    for d, t in tasks:
+        for name in [*others, "default"]:
+            top = 1.0 if rng.random() < 0.3 else float(rng.uniform(0.6, 0.99))
+            rows.append(
+                {"dataset": d, "task": t, "features": name, "balanced_accuracy": top - 0.02, "ci95": [top - 0.05, top]}
+            )
+        diffs = {}
+        for name in [*others, "default"]:
+            lo = float(rng.uniform(-0.05, 0.05))
+            hi = lo + float(rng.uniform(0.0, 0.06))
+            diffs[name] = {"diff": (lo + hi) / 2, "ci95": [lo, hi]}
+            if name in others:
+                at_top = next(r for r in rows if r["features"] == name and r["dataset"] == d)["ci95"][1] == 1.0
+                expected_fail |= (hi <= 0) if at_top else (lo <= 0)
+                strict_fail |= lo <= 0
+        rows.append(
+            {
+                "dataset": d,
+                "task": t,
+                "features": "cand",
+                "balanced_accuracy": float(rng.uniform(0.7, 0.9)),
+                "ci95": [0.6, 0.95],
+                "diff": diffs,
+            }
+        )
+    v = bd.verdict(rows, ["cand"])["cand"]
+    above_default = v["mean_balanced_accuracy"] > v["mean_default"]
+    assert v["passes"] == (not expected_fail and above_default)
+    assert v["passes_as_written"] == (not strict_fail and above_default)
+    assert v["passes_as_written"] <= v["passes"]
