@@ -486,7 +486,8 @@ def progress_markdown(record: dict[str, Any]) -> str:
         f"{pr['steps_done']} of {plan['steps']} planned steps, {pr['cpu_minutes_done']} of {plan['cpu_minutes']} "
         "CPU-minutes (training process, all threads). Resume with `python jobs/bench_distill.py --stage long --arm "
         f"{plan['arm']} --cpu-minutes {plan['cpu_minutes']}` (the plan in `runs/distill_long/plan.json` keeps the "
-        "schedule).",
+        "schedule; a clone without `runs/` continues from the plan and compact state that `--stage keep` left in "
+        "`checkpoints/distill_long/`).",
         "",
         "Median loss terms over blocks of logged steps:",
         "",
