@@ -250,6 +250,7 @@ def build_dataset(
     run: RunDir,
     info: dict[str, Any],
     schemas: tuple[pa.Schema, pa.Schema, pa.Schema | None],
+    remote_inputs: bool,
 ) -> ray.data.Dataset:
     """The lazy Ray Data pipeline manifest -> read -> embed -> write over the rows of ``source`` not in ``done``.
 
@@ -262,6 +263,7 @@ def build_dataset(
         n_todo: Rows to embed (Ray Data's row estimate only).
         schemas: The run's metadata schema, and the ``embeddings/`` and ``cells/`` part schemas
             (:func:`msnoop.embed.cells.output_schemas`).
+        remote_inputs: Whether the images are on object storage (the read tasks then get the storage credentials).
 
     Returns:
         A dataset whose rows are per-block counts ``n_ok``, ``n_err``, ``n_cells``.
@@ -272,10 +274,8 @@ def build_dataset(
     _configure_data_context(cfg)
     cluster = ray.cluster_resources()
     n_cpus = int(cluster.get("CPU", os.cpu_count() or 1))
-    channels = list(cfg.input.channels)
     meta_schema = schemas[0]
     mask_col = cfg.cells.segmentation.mask_column if cfg.cells is not None else None
-    remote_inputs = _images_are_remote(source, channels)
     block = cfg.runtime.images_per_block
     # Read/write tasks take a fraction of a CPU on small clusters, so that they and the actor pool
     # always fit together (on 1-2 CPUs, whole-CPU tasks next to an actor would wait forever).
@@ -386,8 +386,9 @@ def _write_args(
 
 #: ``runtime.ray_min_images: auto`` on a CPU with images on local disk: there the job run in this process (reading one
 #: block ahead in a thread) embeds as many cells/s as a local Ray cluster once both run, 80 yeast cells/s on 2 cores
-#: for either, and saves Ray's start-up (14 s on 2 cores); from 1000 images on that start-up is a tenth of the job
-#: or less, and Ray's actor pool can use more cores than one process's torch threads do.
+#: for either at a tight canvas, and saves Ray's start-up (14 s on 2 cores). At the 224 px canvas (8 two-channel
+#: images/s on 2 cores) 1000 images take about two minutes, so from there on that start-up is a tenth of the job or
+#: less, and Ray's actor pool can use more cores than one process's torch threads do.
 RAY_MIN_IMAGES_CPU = 1000
 #: ``runtime.ray_min_images: auto`` with a GPU or images on object storage: Ray's read tasks, many at once, keep a
 #: GPU or the network busy where one read-ahead thread cannot.
@@ -693,7 +694,8 @@ def _run_embed_locked(cfg: EmbedJob, run: RunDir, lock: WriterLock, t0: float) -
     schemas = (meta_schema, schema, cells_schema)
     if n_todo:
         with progress_bar(n_todo, "embedding", unit="img", enabled=None if cfg.runtime.progress else False) as bar:
-            if in_process(cfg, n_todo, _images_are_remote(source, list(cfg.input.channels))):
+            remote_inputs = _images_are_remote(source, list(cfg.input.channels))  # one look at the first row
+            if in_process(cfg, n_todo, remote_inputs):
                 logger.debug("%d image(s) to embed: in this process, without Ray", n_todo)
                 n_ok, n_err, n_cells = run_in_process(cfg, source, done, model, spec, run, info, schemas, bar, index)
             else:
@@ -704,7 +706,7 @@ def _run_embed_locked(cfg: EmbedJob, run: RunDir, lock: WriterLock, t0: float) -
                     object_store_memory=cfg.runtime.object_store_mb * 1024**2 if cfg.runtime.object_store_mb else None,
                     quiet=not cfg.runtime.progress,
                 )
-                ds = build_dataset(cfg, source, done, n_todo, model, spec, run, info, schemas)
+                ds = build_dataset(cfg, source, done, n_todo, model, spec, run, info, schemas, remote_inputs)
                 del done, embedded  # in the object store now; the driver keeps only the run's ids (for the totals)
                 bar.set_postfix_str("", refresh=True)
                 n_ok, n_err, n_cells = _stream_counts(
