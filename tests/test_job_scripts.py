@@ -122,3 +122,27 @@ def test_bench_driver_times_both_ways_on_a_small_folder(job_script, tmp_path, mo
     text = out.with_suffix(".md").read_text()
     assert "Both ways found the same ids" in text
     assert ("local disk" if server == "local" else "S3 (seaweedfs)") in text
+
+
+def test_bench_driver_keeps_what_a_stopped_scan_measured(job_script, tmp_path, monkeypatch):
+    """The scan over a large folder takes hours: stopped in its fourth pass, the results hold the index passes
+    whole and the scan's first three, marked partial."""
+    import json
+    import sys
+
+    bd = job_script("bench_driver")
+
+    def stopped(run):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bd, "footers", stopped)
+    out = tmp_path / "bench_driver"
+    argv = ["bench_driver.py", "--parts", "30", "--threads", "2", "--local", "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(KeyboardInterrupt):
+        bd.main()
+    record = json.loads(out.with_suffix(".json").read_text())["local_30"]
+    assert record["scan"]["partial"]
+    assert set(record["scan"]["seconds"]) == {"resume_ids", "repair_repeats", "check_totals"}
+    assert "total" in record["index"]["seconds"] and "lance_part_rows" in record["index"]["seconds"]
+    assert "The scan was stopped" in out.with_suffix(".md").read_text()
