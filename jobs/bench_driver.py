@@ -32,6 +32,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -306,6 +307,8 @@ def main() -> None:
         ap.error("--parts and --rows must be at least 1")
 
     proc = None
+    # a stop (SIGTERM) unwinds through the finally below, so the S3 server goes with the benchmark
+    previous_handler = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     tmp = tempfile.mkdtemp(prefix="bench-driver-")
     try:
         if args.local:
@@ -355,7 +358,12 @@ def main() -> None:
     finally:
         if proc is not None:
             proc.terminate()
-            proc.wait(timeout=30)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        signal.signal(signal.SIGTERM, previous_handler)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
