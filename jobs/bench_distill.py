@@ -11,6 +11,8 @@ and every dev set against the baselines a user would try instead.
 
 A fresh clone continues the long run from what ``--stage keep`` left in ``checkpoints/distill_long/`` (its plan
 and a float16 training state without optimiser moments; ``train.resume_from``) when ``runs/`` holds no checkpoint.
+Once the run has spent its budget, ``--stage keep`` keeps its final model (float16) there instead, and ``--models
+long`` evaluates that file when ``runs/`` does not hold the run.
 
 Arms (declared before any result). Every arm starts from the shipped ``default`` weights and runs
 ``configs/pretrain_distill.yaml`` (the 16 public sources of ``../shared/data/pretrain`` only, 96 px crops,
@@ -46,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -59,7 +62,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 CONFIG = REPO / "configs" / "pretrain_distill.yaml"
-#: What a fresh clone needs to continue the long run: ``plan.json`` and ``resume.pt`` (``--stage keep``).
+#: What a fresh clone needs to continue the long run: ``plan.json`` and ``resume.pt`` (``--stage keep``); once the
+#: run is over, ``plan.json`` and its final ``model.pt``.
 KEPT = REPO / "checkpoints" / "distill_long"
 ARMS: dict[str, dict[str, Any]] = {
     "final": {"distill": {"taps": ["final"]}, "mask": {"weight": 0.0}},
@@ -200,7 +204,8 @@ def long_run_checkpoint(args: argparse.Namespace) -> tuple[dict[str, Any], Any, 
 
 def stage_keep(args: argparse.Namespace) -> Path:
     """The long run's latest checkpoint as a compact state (float16 weights, no optimiser moments) and its plan in
-    :data:`KEPT`, small enough to commit, so that a fresh clone continues the run (``--stage long``).
+    :data:`KEPT`, small enough to commit, so that a fresh clone continues the run (``--stage long``); once the run
+    is over, its final model (float16) instead of the state, so that a fresh clone evaluates it (``--models long``).
 
     Raises:
         SystemExit: The long run has no checkpoint yet.
@@ -210,6 +215,11 @@ def stage_keep(args: argparse.Namespace) -> Path:
     plan, _, found = long_run_checkpoint(args)
     KEPT.mkdir(parents=True, exist_ok=True)
     (KEPT / "plan.json").write_text(json.dumps(plan, indent=2) + "\n")
+    final = args.runs / "distill_long" / "model.pt"
+    if final.is_file():  # the run is over: its model (float16) is what evaluation and shipping need
+        shutil.copyfile(final, KEPT / "model.pt")
+        (KEPT / "resume.pt").unlink(missing_ok=True)
+        return KEPT / "model.pt"
     return write_compact_state(found, KEPT / "resume.pt")
 
 
@@ -224,7 +234,10 @@ def candidate_models(args: argparse.Namespace) -> dict[str, str]:
                 if path.exists():
                     models[f"arm:{arm}"] = str(path)
         elif m == "long":
-            models["distilled"] = str(args.runs / "distill_long" / "model.pt")
+            final = args.runs / "distill_long" / "model.pt"
+            models["distilled"] = str(
+                final if final.is_file() or not (KEPT / "model.pt").is_file() else KEPT / "model.pt"
+            )
         else:
             models[Path(m).stem if Path(m).exists() else m] = m
     return models
