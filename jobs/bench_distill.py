@@ -5,6 +5,8 @@ and every dev set against the baselines a user would try instead.
     python jobs/bench_distill.py --stage eval --tag arms      # dev sets: arms, default, random, teacher, pixels, ...
     python jobs/bench_distill.py --stage long --arm taps      # the chosen arm for --cpu-minutes (resumable)
     python jobs/bench_distill.py --stage eval --tag long --models long   # the long run against the baselines
+    python jobs/bench_distill.py --stage readout --tag long --models checkpoints/distill_long/model.pt
+                                                  # its declared readouts, each judged by the shipping rule
     python jobs/bench_distill.py --stage progress             # where the long run stands: results/..._long_progress
     python jobs/bench_distill.py --stage snapshot             # its latest checkpoint as a model file, to evaluate
     python jobs/bench_distill.py --stage keep                 # its latest state, compact, into checkpoints/ (commit)
@@ -514,28 +516,60 @@ def progress_markdown(record: dict[str, Any]) -> str:
 def stage_readout(args: argparse.Namespace) -> dict[str, Any]:
     """Readouts of one model (``--models``, the first), declared: the deepest map or levels 3 and 4, at the
     224 px canvas or the tight one; on malaria (RGB planes as channels) also a fourth, colour-aware channel
-    (per-pixel saturation). Candidates are compared with the shipped readout (deepest at 224)."""
+    (per-pixel saturation). Each readout is judged by the shipping rule (:func:`verdict`) against pixels,
+    intensity statistics, ``default`` as shipped, and the random network read out the same way (a readout that
+    lifts any network of this architecture is not the training's merit); and compared with the shipped readout
+    (deepest at 224)."""
     import bench_postprocess as bp
+
+    from msnoop.evaluate.baselines import intensity_features, pixels_pca
 
     tables = eval_tables(args)
     label, model = next(iter(candidate_models(args).items()))
+    random, reference = BASELINES["random"], "deepest@224"
     rows = []
     for d, (table, channels, proto) in tables.items():
         images = bp.dataset_images(table, channels)
-        feats: dict[str, np.ndarray] = {}
-        sizes = sorted({224, READOUT_CANVAS[d]})
-        for size in sizes:
-            key = f"readout_{d}_{len(table)}_{cache_key(model)}_{size}"
-            for name, X in readout_features(model, images, size, args.cache, key).items():
-                feats[f"{name}@{'tight' if size != 224 else 224}"] = X
-        if d == "malaria_nih":
-            key = f"readout_{d}_{len(table)}_{cache_key(model)}_224_chroma"
-            feats["deepest@224+chroma"] = readout_features(model, images, 224, args.cache, key, extra_chroma=True)[
-                "deepest"
-            ]
-        reference = "deepest@224"
-        rows += score(d, table, proto, feats, [f for f in feats if f != reference], args)
-    return {"model": label, "rows": rows, "n": {d: len(t[0]) for d, t in tables.items()}}
+        feats: dict[str, dict[str, np.ndarray]] = {label: {}, "random": {}}
+        for net, ref in ((label, model), ("random", random)):
+            for canvas, size in (("224", 224), ("tight", READOUT_CANVAS[d])):  # tight is 224 where cells fill it
+                key = f"readout_{d}_{len(table)}_{cache_key(ref)}_{size}"
+                for name, X in readout_features(ref, images, size, args.cache, key).items():
+                    feats[net][f"{name}@{canvas}"] = X
+            if d == "malaria_nih":
+                key = f"readout_{d}_{len(table)}_{cache_key(ref)}_224_chroma"
+                got = readout_features(ref, images, 224, args.cache, key, extra_chroma=True)
+                feats[net]["deepest@224+chroma"] = got["deepest"]
+        shared = {
+            "default": embed_fast("default", f"{d}_{len(table)}_{cache_key('default')}", images, args.cache),
+            "pixels PCA32": pixels_pca(table, proto["pixel_channels"] or channels),
+            "intensity statistics": intensity_features(table, channels),
+        }
+        for readout, X in feats[label].items():
+            # one scoring per readout: the bootstrap resamples are seeded, so every readout meets the same cells
+            group = {readout: X, "random": feats["random"][readout], **shared}
+            if readout != reference:
+                group[reference] = feats[label][reference]
+            rows += [r | {"readout": readout} for r in score(d, table, proto, group, [readout], args)]
+    return {
+        "model": model,
+        "rows": rows,
+        "n": {d: len(t[0]) for d, t in tables.items()},
+        "verdict": judge_readouts(rows),
+    }
+
+
+def judge_readouts(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """:func:`verdict` of each readout over its own rows (``row["readout"]``: the readout, the random network read
+    out the same way, and the shared baselines), for the readouts measured on every task (a colour channel that
+    exists only for RGB sets is compared, not judged)."""
+    tasks = {(r["dataset"], r["task"]) for r in rows}
+    judged = {}
+    for readout in dict.fromkeys(r["readout"] for r in rows):
+        mine = [r for r in rows if r["readout"] == readout]
+        if {(r["dataset"], r["task"]) for r in mine if r["features"] == readout} == tasks:
+            judged[readout] = verdict(mine, [readout])[readout]
+    return judged
 
 
 #: Balanced accuracy no model can exceed. A baseline whose own 95 % interval reaches it is at the set's ceiling
@@ -650,20 +684,30 @@ def readout_markdown(record: dict[str, Any]) -> str:
     lines = [
         f"# Readouts of `{ro['model']}`",
         "",
-        f"Command: `{record['command']}`. Balanced accuracy [95 % bootstrap]; difference to the shipped readout "
-        "(deepest map at the 224 px canvas) with a paired interval.",
+        f"Command: `{record['command']}`. Balanced accuracy [95 % bootstrap]; paired differences to the shipped "
+        "readout (deepest map at the 224 px canvas) and to the random network read out the same way.",
         "",
-        "| dataset | task | readout | bal. acc. [95 % CI] | vs deepest@224 |",
-        "|---|---|---|---|---|",
+        "| dataset | task | readout | bal. acc. [95 % CI] | vs deepest@224 | vs random, same readout |",
+        "|---|---|---|---|---|---|",
     ]
     for r in ro["rows"]:
-        vs = ""
-        if "diff" in r:
-            dd = r["diff"]["deepest@224"]
-            vs = f"{dd['diff']:+.3f} [{dd['ci95'][0]:+.3f}, {dd['ci95'][1]:+.3f}]"
+        if r["features"] != r["readout"]:
+            continue
+        cells = []
+        for other in ("deepest@224", "random"):
+            dd = r["diff"].get(other)
+            cells.append(f"{dd['diff']:+.3f} [{dd['ci95'][0]:+.3f}, {dd['ci95'][1]:+.3f}]" if dd else "")
         lines.append(
             f"| {r['dataset']} | {r['task']} | {r['features']} | {r['balanced_accuracy']:.3f} "
-            f"[{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] | {vs} |"
+            f"[{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] | " + " | ".join(cells) + " |"
+        )
+    lines += ["", "Shipping rule, each readout on every set (as in the evaluation of the model):", ""]
+    for c, v in ro["verdict"].items():
+        state = "passes" if v["passes"] else "does not pass"
+        lines.append(
+            f"- **{c}** {state}: mean {v['mean_balanced_accuracy']:.3f} (default {v['mean_default']:.3f})"
+            + (f"; not above: {'; '.join(v['not_above'])}" if v["not_above"] else "")
+            + (f"; read at the ceiling: {', '.join(v['at_ceiling'])}" if v.get("at_ceiling") else "")
         )
     return "\n".join(lines) + "\n"
 

@@ -97,6 +97,38 @@ def test_shipping_rule_reads_a_baseline_at_the_ceiling_as_not_below(job_script, 
     assert v["passes_as_written"] <= v["passes"]
 
 
+@pytest.mark.parametrize("seed", range(20))
+def test_each_readout_is_judged_against_the_random_network_read_out_the_same_way(job_script, seed):
+    """bench_distill's readouts over generated rows: a readout passes or fails on its own group of rows (its
+    random network, the shared baselines), never on another readout's random network; a readout missing on
+    some task (a colour channel for RGB sets only) is not judged."""
+    bd = job_script("bench_distill")
+    rng = np.random.default_rng(seed)
+    tasks = [("a", "t1"), ("b", "t2")]
+    readouts = ["deepest@224", "levels34@224", "deepest@224+chroma"]
+    rows, expected = [], {}
+    for readout in readouts:
+        fail = False
+        for d, t in tasks:
+            if readout.endswith("+chroma") and d != "b":
+                continue
+            diffs = {}
+            for name in ["random", *bd.FEATURE_BASELINES, "default"]:
+                lo = float(rng.uniform(-0.04, 0.04))
+                diffs[name] = {"diff": lo + 0.01, "ci95": [lo, lo + 0.02]}
+                fail |= name != "default" and lo <= 0
+                base = {"dataset": d, "task": t, "features": name, "readout": readout}
+                rows.append(base | {"balanced_accuracy": 0.5, "ci95": [0.4, 0.6]})
+            rows.append(
+                {"dataset": d, "task": t, "features": readout, "readout": readout}
+                | {"balanced_accuracy": 0.7, "ci95": [0.6, 0.8], "diff": diffs}
+            )
+        expected[readout] = not fail
+    judged = bd.judge_readouts(rows)
+    assert set(judged) == {"deepest@224", "levels34@224"}
+    assert {r: v["passes"] for r, v in judged.items()} == {r: expected[r] for r in judged}
+
+
 @pytest.mark.parametrize("server", ["local", "seaweedfs"])
 def test_bench_driver_times_both_ways_on_a_small_folder(job_script, tmp_path, monkeypatch, server):
     """bench_driver end to end on 60 parts: the scan and the part index find the same ids and totals, and the
