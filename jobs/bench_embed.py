@@ -28,7 +28,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from harness import PeakRSS, write_results
 from headline import RAY_OVER_BARE_GOAL
 
@@ -47,17 +46,20 @@ def bare_loop(manifest: Path, arch: str, batch_size: int, out: Path, amp: str = 
     """Single process: read -> preprocess -> embed in batches -> write Parquet parts."""
     import torch
 
-    from msnoop.io.config import InputConfig
-    from msnoop.embed.embedder import Embedder, combine_tiles
+    from msnoop.core import parts
     from msnoop.embed.dataset import load_image
+    from msnoop.embed.embedder import Embedder, combine_tiles
+    from msnoop.io.config import InputConfig
     from msnoop.io.manifest import load_image_table
     from msnoop.models.checkpoint import resolve_model
-    from msnoop.core import parts
 
     torch.set_num_threads(os.cpu_count() or 1)
+    # The clock starts where the Ray side's does (before the job reads its manifest and builds its model): the
+    # whole job on both sides, imports and Ray's cluster start-up left out of both.
+    t0 = time.perf_counter()
     table = load_image_table(InputConfig(manifest=manifest, channels=["dna", "protein"]))
     embedder = Embedder(resolve_model(f"random:{arch}:0"), batch_size=batch_size, device="auto", amp=amp)
-    t0 = time.perf_counter()
+    setup = time.perf_counter() - t0
     block = 64
     for start in range(0, len(table), block):
         rows = table.iloc[start : start + block]
@@ -65,18 +67,27 @@ def bare_loop(manifest: Path, arch: str, batch_size: int, out: Path, amp: str = 
         emb = combine_tiles(embedder.embed_tiles(np.concatenate([t for t, _ in prepared])), [c for _, c in prepared])
         parts.write_part(parts.embeddings_frame(rows.reset_index(drop=True), emb), out / "embeddings")
     seconds = time.perf_counter() - t0
-    return {"images": len(table), "seconds": seconds, "images_per_s": len(table) / seconds}
+    return {"images": len(table), "seconds": seconds, "images_per_s": len(table) / seconds, "setup_s": setup}
 
 
 def ray_pipeline(
-    manifest: Path, arch: str, batch_size: int, out: Path, num_cpus: int | None, amp: str = "cuda"
+    manifest: Path,
+    arch: str,
+    batch_size: int,
+    out: Path,
+    num_cpus: int | None,
+    amp: str = "cuda",
+    on_ray: bool = True,
 ) -> dict:
+    """The whole ``msnoop embed`` job: on a local Ray cluster, or (``on_ray=False``) in this process, the path
+    ``runtime.ray_min_images`` picks for small jobs on a CPU."""
+    from msnoop.core.runtime import init_ray, shutdown_ray
     from msnoop.job_kinds import build_config
     from msnoop.job_kinds import run_embed_job as run_embed
-    from msnoop.core.runtime import init_ray, shutdown_ray
 
     t0 = time.perf_counter()
-    init_ray(None, num_cpus=num_cpus, quiet=True)
+    if on_ray:
+        init_ray(None, num_cpus=num_cpus, quiet=True)
     startup = time.perf_counter() - t0
     cfg = build_config(
         {
@@ -90,14 +101,16 @@ def ray_pipeline(
                 "images_per_block": 64,
                 "progress": False,
                 "amp": amp,
-                "ray_min_images": 0,  # the Ray side runs on Ray whatever the job's size
+                # the Ray side runs on Ray whatever the job's size; the in-process side never does
+                "ray_min_images": 0 if on_ray else 10**9,
             },
         }
     )
     t1 = time.perf_counter()
     result = run_embed(cfg)
     seconds = time.perf_counter() - t1
-    shutdown_ray()
+    if on_ray:
+        shutdown_ray()
     return {
         "images": result.n_embedded,
         "seconds": seconds,
@@ -134,7 +147,8 @@ def child(args: argparse.Namespace) -> None:
         if args.mode == "bare":
             res = bare_loop(manifest, args.arch, args.batch_size, out, args.amp)
         else:
-            res = ray_pipeline(manifest, args.arch, args.batch_size, out, args.num_cpus, args.amp)
+            on_ray = args.mode == "ray"
+            res = ray_pipeline(manifest, args.arch, args.batch_size, out, args.num_cpus, args.amp, on_ray=on_ray)
     res["peak_rss_mb"] = mem.peak / 2**20
     res["steady"] = steady_rate(out / "embeddings")
     print("RESULT " + json.dumps(res))
@@ -202,6 +216,11 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/msnoop_bench_embed")
     ap.add_argument("--out", default="results/bench_embed.json")
     ap.add_argument("--only", choices=["throughput", "memory"], help="re-measure one part, keep the other from --out")
+    ap.add_argument(
+        "--in-process",
+        action="store_true",
+        help="also time the whole job in this process (the path small CPU jobs take), against the same bare loop",
+    )
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--mode", default="ray", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -216,9 +235,10 @@ def main() -> None:
     result = {"device": ", ".join(prov["gpus"]) or f"cpu ({os.cpu_count()} cores)", "git": prov["git"]}
     if args.only != "memory":
         # alternate the two sides so that a slow spell of the machine hits both; report medians
-        runs: dict[str, list[dict]] = {"bare": [], "ray": []}
+        modes = ("bare", "ray", "in_process") if args.in_process else ("bare", "ray")
+        runs: dict[str, list[dict]] = {mode: [] for mode in modes}
         for _ in range(args.repeats):
-            for mode in ("bare", "ray"):
+            for mode in modes:
                 runs[mode].append(run_child(mode, args.n, args.arch, args))
         bare_rate = float(np.median([r["images_per_s"] for r in runs["bare"]]))
         ray_rate = float(np.median([r["images_per_s"] for r in runs["ray"]]))
@@ -236,6 +256,7 @@ def main() -> None:
             "ray_images_per_s": ray_rate,
             "ratio_ray_over_bare": ray_rate / bare_rate,
             "bare_images_per_s_runs": [round(r["images_per_s"], 3) for r in runs["bare"]],
+            "bare_setup_s": float(np.median([r["setup_s"] for r in runs["bare"]])),  # manifest and model, in the clock
             "ray_images_per_s_runs": [round(r["images_per_s"], 3) for r in runs["ray"]],
             "ray_startup_s": float(np.median([r["ray_startup_s"] for r in runs["ray"]])),
             # from the first Parquet part to the last: the rate once both sides have started (steady_rate)
@@ -246,6 +267,15 @@ def main() -> None:
                 float(np.median(steady["ray"]) / np.median(steady["bare"]))
                 if steady["bare"] and steady["ray"]
                 else None
+            ),
+            **(
+                {
+                    "in_process_images_per_s_runs": [round(r["images_per_s"], 3) for r in runs["in_process"]],
+                    "ratio_in_process_over_bare": float(np.median([r["images_per_s"] for r in runs["in_process"]]))
+                    / bare_rate,
+                }
+                if args.in_process
+                else {}
             ),
             "bare_peak_rss_mb": max(r["peak_rss_mb"] for r in runs["bare"]),
             "ray_peak_rss_mb": max(r["peak_rss_mb"] for r in runs["ray"]),
@@ -284,6 +314,8 @@ def main() -> None:
             f"| ratio Ray / bare from the first part written to the last ({t['steady_images']} images) "
             f"| {t['ratio_ray_over_bare_steady']:.2f} |"
         )
+    if t.get("ratio_in_process_over_bare") is not None:
+        print(f"| ratio msnoop in process / bare (whole job) | {t['ratio_in_process_over_bare']:.2f} |")
     print(f"| Ray start-up (not in the ratio) | {t['ray_startup_s']:.1f} s |")
     if m:
         print(f"| peak RSS, {m['n_small']} images ({m['arch']}) | {m['peak_rss_mb_small']:.0f} MB |")

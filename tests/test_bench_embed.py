@@ -36,3 +36,17 @@ def test_steady_rate_needs_two_parts_at_two_times(bench, tmp_path):
     assert bench.steady_rate(tmp_path) is None
     _part(tmp_path, "b", 64, 100.0)  # two parts with one time: no interval to divide by
     assert bench.steady_rate(tmp_path) is None
+
+
+def test_the_in_process_arm_embeds_every_image_without_starting_ray(bench, tmp_path):
+    """The in-process arm is the path a small CPU job takes: the same job config as the Ray arm, no Ray cluster."""
+    import ray
+
+    manifest = bench.make_data(tmp_path / "work", 8)
+    ray_before = ray.is_initialized()  # another test of the session may hold a cluster; this arm must not start one
+    res = bench.ray_pipeline(manifest, "test_cnn", 4, tmp_path / "out", num_cpus=1, amp="off", on_ray=False)
+    assert ray.is_initialized() == ray_before
+    rows = len(pd.read_csv(manifest))
+    assert res["images"] == rows and res["ray_startup_s"] < 1.0
+    embedded = pd.concat(pd.read_parquet(p) for p in (tmp_path / "out" / "embeddings").glob("*.parquet"))
+    assert sorted(embedded["Metadata_Cell"]) == sorted(pd.read_csv(manifest, dtype=str)["Metadata_Cell"])

@@ -257,6 +257,10 @@ def _start_or_join(
             object_store_memory=object_store_memory,
             include_dashboard=False,
             _node_ip_address=LOOPBACK,
+            # No idle workers started ahead of demand: Ray Data runs its own actors and tasks start workers when
+            # they need them, while each prestarted worker imports Ray for 1-2 CPU-seconds that a small machine
+            # takes from the embedding actor (jobs/bench_embed.py, 2 cores: see results/bench_embed_1000.json).
+            _system_config={"enable_worker_prestart": False, "prestart_worker_first_driver": False},
             **kwargs,
         )
 
