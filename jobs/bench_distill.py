@@ -669,14 +669,21 @@ def markdown(record: dict[str, Any]) -> str:
         "average):",
         "",
     ]
-    for c, v in ev["verdict"].items():
+    return "\n".join(lines + verdict_lines(ev["verdict"])) + "\n"
+
+
+def verdict_lines(verdicts: dict[str, dict[str, Any]]) -> list[str]:
+    """One Markdown bullet per candidate: whether it passes the shipping rule, its mean against ``default``'s, the
+    comparisons it is not above and the sets read at the ceiling."""
+    lines = []
+    for c, v in verdicts.items():
         state = "passes" if v["passes"] else "does not pass"
         lines.append(
             f"- **{c}** {state}: mean {v['mean_balanced_accuracy']:.3f} (default {v['mean_default']:.3f})"
             + (f"; not above: {'; '.join(v['not_above'])}" if v["not_above"] else "")
             + (f"; read at the ceiling: {', '.join(v['at_ceiling'])}" if v.get("at_ceiling") else "")
         )
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def readout_markdown(record: dict[str, Any]) -> str:
@@ -702,14 +709,7 @@ def readout_markdown(record: dict[str, Any]) -> str:
             f"[{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] | " + " | ".join(cells) + " |"
         )
     lines += ["", "Shipping rule, each readout on every set (as in the evaluation of the model):", ""]
-    for c, v in ro["verdict"].items():
-        state = "passes" if v["passes"] else "does not pass"
-        lines.append(
-            f"- **{c}** {state}: mean {v['mean_balanced_accuracy']:.3f} (default {v['mean_default']:.3f})"
-            + (f"; not above: {'; '.join(v['not_above'])}" if v["not_above"] else "")
-            + (f"; read at the ceiling: {', '.join(v['at_ceiling'])}" if v.get("at_ceiling") else "")
-        )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + verdict_lines(ro["verdict"])) + "\n"
 
 
 def main() -> None:
