@@ -98,7 +98,17 @@ STEPS: list[tuple[str, list[str], list[list[str]], bool]] = [
         ],
         False,
     ),
-    ("embedding throughput and memory", [], [[PY, "jobs/bench_embed.py"]], True),
+    (
+        "embedding throughput and memory",
+        [],
+        [
+            [PY, "jobs/bench_embed.py", "--in-process"],  # 256 images: Ray Data and in process against a bare loop
+            # the smallest job a CPU runs on Ray by default (runtime.ray_min_images: auto)
+            [PY, "jobs/bench_embed.py", "--n", "1000", "--repeats", "2", "--only", "throughput"]
+            + ["--out", "results/bench_embed_1000.json"],
+        ],
+        True,
+    ),
     ("search and kNN", [], [[PY, "jobs/bench_search.py", "--n", "200000", "--knn-n", "100000"]], True),
     ("pretraining overhead", [], [[PY, "jobs/bench_pretrain.py", "--threads", "2"]], True),
 ]

@@ -208,32 +208,49 @@ def _bbbc013(res: Path) -> list[Row]:
     ]
 
 
-#: Ray Data's whole embedding job against a bare PyTorch loop over the same images: Ray may cost at most 5 %.
+#: msnoop's whole embedding job against a bare PyTorch loop over the same images: Ray may cost at most 5 %.
 RAY_OVER_BARE_GOAL = 0.95
+
+
+def _embed_row(e: dict[str, Any], large: dict[str, Any] | None) -> Row:
+    """The whole embedding job against the bare loop. With ``large`` (``bench_embed_1000.json``: a job big enough that
+    a CPU runs it on Ray by default, ``runtime.ray_min_images: auto``) and the in-process arm of ``e`` (256 images,
+    which a CPU runs in the command's process), the goal is judged on the path each size takes; Ray Data forced onto
+    the small job is shown beside them. Otherwise on Ray Data at ``e``'s size, as measured before the in-process arm."""
+    t = e["throughput"]
+    steady = t.get("ratio_ray_over_bare_steady")
+    if large is None or t.get("ratio_in_process_over_bare") is None:
+        return Row(
+            "performance",
+            f"embedding, Ray Data / bare PyTorch loop ({e.get('device', '?')})",
+            f"{_vs_goal(t['ratio_ray_over_bare'], RAY_OVER_BARE_GOAL)} ({t['ray_images_per_s']:.2f} vs "
+            f"{t['bare_images_per_s']:.2f} img/s)"
+            + (f"; {steady:.3f} from the first part written to the last" if steady is not None else ""),
+            "",
+            f">= {RAY_OVER_BARE_GOAL}",
+            t["ratio_ray_over_bare"] >= RAY_OVER_BARE_GOAL,
+            "results/bench_embed.json",
+        )
+    big, small = large["throughput"], t["ratio_in_process_over_bare"]
+    return Row(
+        "performance",
+        f"embedding, whole job / bare PyTorch loop ({e.get('device', '?')})",
+        f"Ray Data, {big['images']} images: {_vs_goal(big['ratio_ray_over_bare'], RAY_OVER_BARE_GOAL)} "
+        f"({big['ray_images_per_s']:.2f} vs {big['bare_images_per_s']:.2f} img/s); in process, {t['images']} "
+        f"images: {_vs_goal(small, RAY_OVER_BARE_GOAL)}",
+        f"Ray Data forced onto {t['images']} images: {t['ratio_ray_over_bare']:.2f}",
+        f">= {RAY_OVER_BARE_GOAL}",
+        min(big["ratio_ray_over_bare"], small) >= RAY_OVER_BARE_GOAL,
+        "results/bench_embed_1000.json, results/bench_embed.json",
+    )
 
 
 def _perf(res: Path) -> list[Row]:
     rows = []
     e = _load(res / "bench_embed.json")
     if e is not None:
-        t, m = e["throughput"], e["memory"]
-        rows.append(
-            Row(
-                "performance",
-                f"embedding, Ray Data / bare PyTorch loop ({e.get('device', '?')})",
-                f"{_vs_goal(t['ratio_ray_over_bare'], RAY_OVER_BARE_GOAL)} ({t['ray_images_per_s']:.2f} vs "
-                f"{t['bare_images_per_s']:.2f} img/s)"
-                + (
-                    f"; {t['ratio_ray_over_bare_steady']:.3f} from the first part written to the last"
-                    if t.get("ratio_ray_over_bare_steady") is not None
-                    else ""
-                ),
-                "",
-                f">= {RAY_OVER_BARE_GOAL}",
-                t["ratio_ray_over_bare"] >= RAY_OVER_BARE_GOAL,
-                "results/bench_embed.json",
-            )
-        )
+        m = e["memory"]
+        rows.append(_embed_row(e, _load(res / "bench_embed_1000.json")))
         rows.append(
             Row(
                 "performance",

@@ -104,6 +104,26 @@ def test_the_steady_state_ratio_is_shown_but_the_goal_is_judged_on_the_whole_job
     assert row.met is False and "0.970 from the first part written to the last" in row.msnoop
 
 
+@pytest.mark.parametrize(
+    ("ray_large", "in_process", "ray_small", "met"),
+    [(0.97, 1.01, 0.87, True), (0.94, 1.01, 0.99, False), (0.97, 0.9, 0.99, False), (0.9504, 0.9504, 0.5, True)],
+)
+def test_the_whole_job_is_judged_on_the_path_each_size_takes(tmp_path, ray_large, in_process, ray_small, met) -> None:
+    """With a job big enough for Ray (bench_embed_1000.json) and the in-process arm of the small one, the goal is
+    met when both paths are within 5 % of the bare loop; Ray Data forced onto the small job is shown, not judged."""
+    memory = {"n_small": 256, "n_large": 2560, "ratio_large_over_small": 1.05}
+    small = {"images": 256, "ratio_ray_over_bare": ray_small, "ray_images_per_s": 3.5, "bare_images_per_s": 4.0}
+    _write(
+        tmp_path / "bench_embed.json",
+        {"device": "cpu", "throughput": small | {"ratio_in_process_over_bare": in_process}, "memory": memory},
+    )
+    large = {"images": 1000, "ratio_ray_over_bare": ray_large, "ray_images_per_s": 4.08, "bare_images_per_s": 4.21}
+    _write(tmp_path / "bench_embed_1000.json", {"device": "cpu", "throughput": large})
+    row = next(r for r in headline_rows(tmp_path) if "whole job" in r.measure)
+    assert row.met is met
+    assert f"{ray_small:.2f}" in row.reference and "1000 images" in row.msnoop and "256 images" in row.msnoop
+
+
 def test_replace_section_needs_both_markers() -> None:
     text = f"intro\n{START}\nold\n{END}\nrest\n"
     assert replace_section(text, "new table") == f"intro\n{START}\nnew table\n{END}\nrest\n"
