@@ -11,11 +11,11 @@ import yaml
 from typer.testing import CliRunner
 
 from msnoop.cli import app
+from msnoop.core import parts
 from msnoop.core.config import ConfigError
-from msnoop.job_kinds import load_config
 from msnoop.data.synthetic import CHANNELS, write_dataset
 from msnoop.evaluate.bench import BenchJob, dataset_job, run_bench, slug
-from msnoop.core import parts
+from msnoop.job_kinds import load_config
 
 
 def _configs(tmp_path, manifest, models=("random:test_cnn:0",)):
@@ -62,6 +62,25 @@ def test_dataset_job_takes_the_model_and_a_folder_inside_the_bench(tmp_path) -> 
     assert slug("/w/models/my model.pt") == "my_model"
     with pytest.raises(ConfigError, match="tasks"):
         load_config(bench, overrides=[("tasks", [])])
+
+
+@pytest.mark.parametrize("dataset_amp", [None, "auto", "cuda", "off"])
+@pytest.mark.parametrize("bench_amp", [None, "auto", "cuda", "off"])
+def test_every_model_of_a_bench_is_embedded_in_the_bench_precision(tmp_path, dataset_amp, bench_amp) -> None:
+    """The bench's runtime.amp (float32 unless it says otherwise) replaces the dataset config's, so that every row is
+    embedded in one precision whatever the dataset config used for its own jobs."""
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("x\n")
+    dataset, bench = _configs(tmp_path, manifest)
+    if dataset_amp is not None:
+        data = yaml.safe_load(dataset.read_text())
+        data["runtime"]["amp"] = dataset_amp
+        dataset.write_text(yaml.safe_dump(data))
+    job = load_config(bench, overrides=[("runtime", {"amp": bench_amp})] if bench_amp is not None else [])
+    for model in ("default", "random:microsnoop_cnn:0"):
+        cfg = dataset_job(job, model)
+        assert cfg.runtime.amp == (bench_amp or "off")
+        assert cfg.runtime.images_per_block == 8 and cfg.runtime.batch_size == 16  # the rest of the dataset's runtime
 
 
 def test_absent_dataset_is_skipped_with_its_path(tmp_path) -> None:

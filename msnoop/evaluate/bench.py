@@ -35,6 +35,7 @@ from msnoop.core import storage as st
 from msnoop.core.config import StrictModel as _Strict
 from msnoop.core.config import read_yaml, validate_config
 from msnoop.core.rundir import RunDir
+from msnoop.core.runtime import Amp
 from msnoop.core.runtime_env import RuntimeEnvConfig, runtime_env_field
 from msnoop.embed.config import EmbedJob
 from msnoop.vectors.distance import Metric
@@ -68,10 +69,18 @@ class BenchOutput(_Strict):
 
 
 class BenchRuntime(_Strict):
-    """The Ray cluster the bench's embeddings run on."""
+    """The Ray cluster the bench's embeddings run on, and the precision every model is embedded in."""
 
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray cluster for the embeddings")
     address: str | None = None
+    amp: Amp = Field(
+        "off",
+        description="bf16 autocast for every model's embeddings, replacing the dataset config's: 'off' (float32, "
+        "the reference path) by default, because bf16 rounding moves networks unequally. On yeast it moved the shipped "
+        "model's 11-NN balanced accuracy by -0.003 to 0.000 but a random network's by +0.011 and +0.023 (paired "
+        "bootstrap interval [+0.006, +0.040]): that network's features vary between cells by about as much as bf16 "
+        "rounds them (docs/RESULTS.md)",
+    )
 
 
 class BenchJob(_Strict):
@@ -117,6 +126,7 @@ def dataset_job(job: BenchJob, model: str) -> EmbedJob:
         update={
             k: v for k, v in {"num_cpus": job.runtime.num_cpus, "address": job.runtime.address}.items() if v is not None
         }
+        | {"amp": job.runtime.amp}
     )
     # the bench's own cache: embeddings of an older model (e.g. a retrained `default`) are made again
     out = base.output.model_copy(
