@@ -93,9 +93,11 @@ class RuntimeConfig(_Strict):
     use_gpu: UseGpu = "auto"
     amp: Amp = Field(
         "auto",
-        description=AMP_HELP + ". Default 'auto' for embedding: on the dev sets bf16 left kNN balanced accuracy within "
-        "the paired bootstrap intervals of float32 (yeast, hpa_toy, malaria; jobs/bench_cpu.py). Vectors differ from "
-        "float32 ones by bf16 rounding, so an output folder keeps the precision it was made with",
+        description=AMP_HELP + ". Default 'auto' for embedding: on the dev sets bf16 left the shipped model's kNN "
+        "balanced accuracy within the paired bootstrap intervals of float32 (yeast, hpa_toy, malaria; "
+        "jobs/bench_cpu.py). A network whose features vary little between cells moves more (a random one: yeast "
+        "localisation +0.023), so msnoop bench compares models in float32. Vectors differ from float32 ones by bf16 "
+        "rounding, so an output folder keeps the precision it was made with",
     )
     backend: Literal["torch", "onnxruntime"] = Field(
         "torch",
