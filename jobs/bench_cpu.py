@@ -48,6 +48,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from harness import git_commit  # noqa: E402  (after the path set-up above)
+
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 YEAST = DATA / "yeast" / "yeast_labels.csv"
 PEAK_GFLOPS = 380.0
@@ -57,11 +59,6 @@ PEAK_GFLOPS = 380.0
 def load_avg() -> list[float]:
     """``uptime``'s 1, 5 and 15 minute load averages."""
     return [round(x, 2) for x in os.getloadavg()]
-
-
-def git_commit() -> str | None:
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
-    return out.stdout.strip() or None
 
 
 def encoder_gflops(canvas: int) -> float:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import threading
 import time
@@ -52,11 +51,11 @@ def data_dir(name: str | None = None) -> Path:
     return base / name if name else base
 
 
-def git_commit(short: bool = True) -> str | None:
-    """The checkout's commit (``git rev-parse``), or None outside a git checkout."""
-    args = ["git", "rev-parse", *(["--short"] if short else []), "HEAD"]
-    out = subprocess.run(args, check=False, cwd=ROOT, capture_output=True, text=True)
-    return out.stdout.strip() or None
+def git_commit() -> str | None:
+    """The checkout's short commit, ``-dirty`` when tracked code differs from it (``msnoop.core.runtime.git_sha``)."""
+    from msnoop.core.runtime import git_sha
+
+    return git_sha()
 
 
 def run_record() -> dict[str, Any]:

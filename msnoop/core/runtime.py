@@ -376,18 +376,29 @@ def shutdown_ray() -> None:
         ray.shutdown()
 
 
-def git_sha() -> str | None:
-    """The short commit of the msnoop checkout, or None when msnoop is not run from a git checkout."""
+def git_sha(path: Path | None = None) -> str | None:
+    """The short commit of the git checkout holding ``path`` (default: msnoop's own folder), or None outside one.
+
+    With ``-dirty`` appended (``"5ec28b3-dirty"``) when tracked files outside ``results/`` differ from that commit:
+    what ran was then not the commit alone. ``results/`` is left out because benchmarks rewrite their own result
+    files there while they run.
+    """
+    here = Path(__file__).resolve().parent if path is None else Path(path)
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5, check=False
+        ).stdout.strip()
+        if not sha:
+            return None
+        changed = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ":(top,exclude)results"],
+            cwd=here,
             capture_output=True,
             text=True,
             timeout=5,
             check=False,
-        )
-        return out.stdout.strip() or None
+        ).stdout.strip()
+        return f"{sha}-dirty" if changed else sha
     except (OSError, subprocess.SubprocessError):
         return None
 
