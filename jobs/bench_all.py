@@ -104,7 +104,7 @@ STEPS: list[tuple[str, list[str], list[list[str]], bool]] = [
         [
             [PY, "jobs/bench_embed.py", "--in-process"],  # 256 images: Ray Data and in process against a bare loop
             # the smallest job a CPU runs on Ray by default (runtime.ray_min_images: auto)
-            [PY, "jobs/bench_embed.py", "--n", "1000", "--repeats", "2", "--only", "throughput"]
+            [PY, "jobs/bench_embed.py", "--n", "1000", "--repeats", "4", "--only", "throughput"]
             + ["--out", "results/bench_embed_1000.json"],
         ],
         True,
